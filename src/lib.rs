@@ -1,1 +1,23 @@
-pub fn x() {}
+//! crypt-vfio: a userspace driver for PCIe crypto accelerators.
+//!
+//! Layers, bottom up:
+//!
+//! * [`transport`]: a PCI function as a driver sees it (config space, BARs, DMA mapping,
+//!   MSI-X), implemented by VFIO and by the emulated device.
+//! * [`dma`]: device-visible memory addressed by IOVA.
+//! * [`virtio`]: the virtio 1.x PCI transport and split virtqueues, driver side.
+//! * [`virtio_crypto`]: the virtio-crypto device family as an [`engine::Engine`].
+//! * [`engine`]: the backlog-aware submit API that every engine implements, its contract
+//!   checker, the software engine, and the async API.
+
+#![warn(missing_docs)]
+
+pub mod dma;
+pub mod engine;
+pub mod error;
+pub mod transport;
+pub mod virtio;
+pub mod virtio_crypto;
+
+pub use crypt_vfio_cores::{CoreKind, Mode};
+pub use error::{Error, Result};

@@ -1,0 +1,203 @@
+//! The backlog contract, in one place.
+//!
+//! Every engine with a bounded hardware ring routes its submissions through [`Backlog`], so the
+//! rules of the Linux crypto API's `CRYPTO_TFM_REQ_MAY_BACKLOG` hold by construction:
+//!
+//! * A request goes to the ring only when the ring has room and nothing is backlogged: once a
+//!   backlog exists, newer requests queue behind it (FIFO).
+//! * With backlog allowed and the ring full, the request is kept ([`Submitted::Backlogged`]);
+//!   past the backlog limit, or without backlog allowed, it comes back with `Busy`.
+//! * When room appears, backlogged requests move to the ring in order, each announced by exactly
+//!   one `Promoted` before anything else is said about it, including when the move fails.
+//! * When the device fails, every backlogged request is promoted and then failed, so that no
+//!   caller waiting for `Promoted` waits forever.
+//!
+//! This is the fix for the 2015 CAAM behaviour, where "busy" meant "dropped" and dm-crypt waited
+//! for a callback that never came.
+
+use std::collections::VecDeque;
+
+use super::request::Submitted;
+use crate::error::Error;
+
+/// The hardware side of a queue, as the backlog sees it.
+pub trait Ring<T> {
+    /// Whether one more request fits on the ring now.
+    fn has_space(&self) -> bool;
+    /// Places `item` on the ring; called only when [`has_space`](Self::has_space). On failure
+    /// the item comes back with the reason and is not on the ring.
+    fn push(&mut self, item: T) -> Result<(), (T, Error)>;
+}
+
+/// Where the backlog reports what happened to requests it moved or failed.
+pub trait Outbox<T> {
+    /// `item` reached the ring (or is about to fail): the `Promoted` notification.
+    fn promoted(&mut self, item: &T);
+    /// `item` is finished without reaching the device.
+    fn failed(&mut self, item: T, error: Error);
+}
+
+/// Why a submission was not accepted.
+#[derive(Debug)]
+pub enum Refused {
+    /// Ring full (or backlog non-empty) and no backlogging possible.
+    Busy,
+    /// The ring refused the request itself.
+    Rejected(Error),
+}
+
+/// The software backlog in front of a ring.
+#[derive(Debug)]
+pub struct Backlog<T> {
+    queue: VecDeque<T>,
+    limit: usize,
+}
+
+impl<T> Backlog<T> {
+    /// A backlog holding at most `limit` requests.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            queue: VecDeque::with_capacity(limit.min(4096)),
+            limit,
+        }
+    }
+
+    /// Requests waiting.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Submits `item`: to the ring, to the backlog, or back to the caller.
+    pub fn submit<R: Ring<T>>(
+        &mut self,
+        item: T,
+        may_backlog: bool,
+        ring: &mut R,
+    ) -> Result<Submitted, (T, Refused)> {
+        if self.queue.is_empty() && ring.has_space() {
+            return match ring.push(item) {
+                Ok(()) => Ok(Submitted::InProgress),
+                Err((item, e)) => Err((item, Refused::Rejected(e))),
+            };
+        }
+        if may_backlog && self.queue.len() < self.limit {
+            self.queue.push_back(item);
+            Ok(Submitted::Backlogged)
+        } else {
+            Err((item, Refused::Busy))
+        }
+    }
+
+    /// Moves backlogged requests to the ring, oldest first, while it has room. Returns how many
+    /// moved (including ones whose move failed and were reported as failed).
+    pub fn promote<R: Ring<T>, O: Outbox<T>>(&mut self, ring: &mut R, out: &mut O) -> usize {
+        let mut moved = 0;
+        while !self.queue.is_empty() && ring.has_space() {
+            let Some(item) = self.queue.pop_front() else {
+                break;
+            };
+            out.promoted(&item);
+            if let Err((item, e)) = ring.push(item) {
+                out.failed(item, e);
+            }
+            moved += 1;
+        }
+        moved
+    }
+
+    /// Fails every backlogged request (device failure): each is promoted, then failed.
+    pub fn fail_all<O: Outbox<T>>(&mut self, out: &mut O, error: impl Fn() -> Error) {
+        while let Some(item) = self.queue.pop_front() {
+            out.promoted(&item);
+            out.failed(item, error());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TestRing {
+        cap: usize,
+        items: Vec<u32>,
+        reject: Option<u32>,
+    }
+
+    impl Ring<u32> for TestRing {
+        fn has_space(&self) -> bool {
+            self.items.len() < self.cap
+        }
+        fn push(&mut self, item: u32) -> Result<(), (u32, Error)> {
+            if Some(item) == self.reject {
+                return Err((item, Error::InvalidSession));
+            }
+            self.items.push(item);
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Log(Vec<String>);
+
+    impl Outbox<u32> for Log {
+        fn promoted(&mut self, item: &u32) {
+            self.0.push(format!("P{item}"));
+        }
+        fn failed(&mut self, item: u32, _: Error) {
+            self.0.push(format!("F{item}"));
+        }
+    }
+
+    #[test]
+    fn fifo_once_a_backlog_exists() {
+        let mut ring = TestRing {
+            cap: 1,
+            items: vec![],
+            reject: None,
+        };
+        let mut b = Backlog::new(2);
+        assert_eq!(b.submit(1, true, &mut ring).unwrap(), Submitted::InProgress);
+        assert_eq!(b.submit(2, true, &mut ring).unwrap(), Submitted::Backlogged);
+        ring.items.clear(); // the device completed 1
+                            // Room on the ring, but 2 waits: 3 must queue behind it.
+        assert_eq!(b.submit(3, true, &mut ring).unwrap(), Submitted::Backlogged);
+        assert!(
+            matches!(b.submit(4, true, &mut ring), Err((4, Refused::Busy))),
+            "limit reached"
+        );
+        assert!(matches!(
+            b.submit(5, false, &mut ring),
+            Err((5, Refused::Busy))
+        ));
+        let mut log = Log::default();
+        assert_eq!(b.promote(&mut ring, &mut log), 1);
+        assert_eq!(log.0, ["P2"]);
+        assert_eq!(ring.items, [2]);
+    }
+
+    #[test]
+    fn promoted_comes_before_a_failure() {
+        let mut ring = TestRing {
+            cap: 1,
+            items: vec![1],
+            reject: Some(2),
+        };
+        let mut b = Backlog::new(8);
+        b.submit(2, true, &mut ring).unwrap();
+        b.submit(3, true, &mut ring).unwrap();
+        ring.items.clear();
+        let mut log = Log::default();
+        b.promote(&mut ring, &mut log);
+        assert_eq!(log.0, ["P2", "F2", "P3"]);
+        b.submit(4, true, &mut ring).unwrap();
+        b.fail_all(&mut log, || Error::DeviceFailed("gone".into()));
+        assert_eq!(log.0, ["P2", "F2", "P3", "P4", "F4"]);
+        assert!(b.is_empty());
+    }
+}

@@ -1,0 +1,304 @@
+//! An outside check of the backlog contract.
+//!
+//! [`ContractChecker`] watches submits and events, as a caller sees them, and reports every
+//! broken promise: a request completed twice or never, a `Promoted` for a request that was not
+//! backlogged or after its completion, a backlogged request completed without `Promoted`, and
+//! promotions out of FIFO order. Tests run every engine through it, and so does the bench in
+//! `--check` mode.
+//!
+//! Events may arrive before the submitter learns its submit result (another thread may poll and
+//! deliver in between), so the checker matches results and events per request whatever their
+//! arrival order, and it checks FIFO only between requests where one's `Backlogged` return
+//! happened before the other's submit began, which is the order the engine must respect.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use super::{Event, SubmitError, SubmitErrorKind, Submitted};
+
+#[derive(Debug, Default, Clone)]
+struct Track {
+    queue: usize,
+    submit_start: u64,
+    submit_return: Option<u64>,
+    outcome: Option<Submitted>,
+    promoted: Vec<u64>,
+    completed: Vec<u64>,
+    refused: bool,
+}
+
+/// Counts and violations seen by a [`ContractChecker`].
+#[derive(Debug, Default, Clone)]
+pub struct ContractReport {
+    /// Submits answered `InProgress`.
+    pub in_progress: u64,
+    /// Submits answered `Backlogged`.
+    pub backlogged: u64,
+    /// Submits refused (busy or rejected).
+    pub refused: u64,
+    /// `Promoted` events.
+    pub promoted: u64,
+    /// Final completions.
+    pub completed: u64,
+    /// Accepted requests without a final completion yet.
+    pub pending: u64,
+    /// Every broken rule, described.
+    pub violations: Vec<String>,
+}
+
+/// Records what callers see and checks it against the contract.
+#[derive(Debug, Default)]
+pub struct ContractChecker {
+    clock: AtomicU64,
+    tracks: Mutex<HashMap<u64, Track>>,
+    violations: Mutex<Vec<String>>,
+}
+
+impl ContractChecker {
+    /// A checker with nothing recorded.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst)
+    }
+
+    fn violation(&self, v: String) {
+        let mut list = self.violations.lock().unwrap_or_else(|e| e.into_inner());
+        if list.len() < 1000 {
+            list.push(v);
+        }
+    }
+
+    /// Call right before submitting request `user_data` to queue `queue`; pass the token to
+    /// [`submitted`](Self::submitted).
+    pub fn begin_submit(&self, queue: usize, user_data: u64) -> u64 {
+        let t = self.tick();
+        let mut tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());
+        let track = tracks.entry(user_data).or_default();
+        if track.submit_return.is_some() && !track.refused {
+            drop(tracks);
+            self.violation(format!(
+                "request {user_data} submitted again while the engine still owns it"
+            ));
+            return t;
+        }
+        track.queue = queue;
+        track.submit_start = t;
+        track.submit_return = None;
+        track.refused = false;
+        t
+    }
+
+    /// Call with the submit's result.
+    pub fn submitted<S>(&self, user_data: u64, result: &Result<Submitted, SubmitError<S>>) {
+        let t = self.tick();
+        let mut tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(track) = tracks.get_mut(&user_data) else {
+            drop(tracks);
+            self.violation(format!(
+                "request {user_data}: submit result without begin_submit"
+            ));
+            return;
+        };
+        track.submit_return = Some(t);
+        match result {
+            Ok(s) => track.outcome = Some(*s),
+            Err(e) => {
+                track.refused = true;
+                let early = !track.promoted.is_empty() || !track.completed.is_empty();
+                if e.request.user_data != user_data {
+                    drop(tracks);
+                    self.violation(format!(
+                        "request {user_data}: refused submit returned another request"
+                    ));
+                    return;
+                }
+                if early {
+                    drop(tracks);
+                    self.violation(format!(
+                        "request {user_data}: refused ({}) yet events were delivered",
+                        kind(&e.kind)
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Call for every event a sink receives.
+    pub fn event<S>(&self, event: &Event<S>) {
+        let t = self.tick();
+        let (user_data, promoted) = match event {
+            Event::Promoted { user_data } => (*user_data, true),
+            Event::Completed(c) => (c.request.user_data, false),
+        };
+        let mut tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(track) = tracks.get_mut(&user_data) else {
+            drop(tracks);
+            self.violation(format!(
+                "event for request {user_data}, which was never submitted"
+            ));
+            return;
+        };
+        let problem = if promoted {
+            track.promoted.push(t);
+            if !track.completed.is_empty() {
+                Some("Promoted after its final completion")
+            } else if track.promoted.len() > 1 {
+                Some("Promoted twice")
+            } else if track.outcome == Some(Submitted::InProgress) {
+                Some("Promoted although the submit said InProgress")
+            } else {
+                None
+            }
+        } else {
+            track.completed.push(t);
+            if track.completed.len() > 1 {
+                Some("completed twice")
+            } else if track.outcome == Some(Submitted::Backlogged) && track.promoted.is_empty() {
+                Some("backlogged but completed without Promoted")
+            } else {
+                None
+            }
+        };
+        drop(tracks);
+        if let Some(p) = problem {
+            self.violation(format!("request {user_data}: {p}"));
+        }
+    }
+
+    /// Checks everything recorded: per-request sequences, nothing pending, FIFO promotion.
+    pub fn report(&self) -> ContractReport {
+        let tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = ContractReport {
+            violations: self
+                .violations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            ..Default::default()
+        };
+        let mut by_queue: HashMap<usize, Vec<(u64, u64, u64)>> = HashMap::new();
+        for (&id, t) in tracks.iter() {
+            r.promoted += t.promoted.len() as u64;
+            r.completed += t.completed.len() as u64;
+            if t.refused {
+                r.refused += 1;
+                continue;
+            }
+            match t.outcome {
+                Some(Submitted::InProgress) => r.in_progress += 1,
+                Some(Submitted::Backlogged) => {
+                    r.backlogged += 1;
+                    if t.promoted.is_empty() {
+                        r.violations
+                            .push(format!("request {id}: backlogged and never promoted"));
+                    } else if let Some(ret) = t.submit_return {
+                        by_queue.entry(t.queue).or_default().push((
+                            t.promoted[0],
+                            t.submit_start,
+                            ret,
+                        ));
+                    }
+                }
+                None => {
+                    if t.submit_return.is_none() {
+                        r.violations
+                            .push(format!("request {id}: submit never returned"));
+                    }
+                }
+            }
+            if t.completed.is_empty() {
+                r.pending += 1;
+                r.violations
+                    .push(format!("request {id}: accepted and never completed"));
+            }
+        }
+        for (queue, mut list) in by_queue {
+            // In promotion order, a request must not have been backlogged (returned) before a
+            // request promoted ahead of it even began its submit.
+            list.sort_unstable();
+            let mut max_start = 0;
+            for &(promoted, start, ret) in &list {
+                if ret < max_start {
+                    r.violations.push(format!(
+                        "queue {queue}: FIFO broken, a request backlogged at t={ret} was promoted (t={promoted}) after one submitted later"
+                    ));
+                    break;
+                }
+                max_start = max_start.max(start);
+            }
+        }
+        r.violations.truncate(1000);
+        r
+    }
+}
+
+fn kind(k: &SubmitErrorKind) -> String {
+    k.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Buf, Completion, Direction, Iv, Request};
+
+    fn req(id: u64) -> Request<()> {
+        Request::new((), Direction::Encrypt, Iv::default(), Buf::Host(vec![]), id)
+    }
+
+    fn done(id: u64) -> Event<()> {
+        Event::Completed(Completion {
+            request: req(id),
+            result: Ok(()),
+        })
+    }
+
+    #[test]
+    fn accepts_a_correct_history_in_any_arrival_order() {
+        let c = ContractChecker::new();
+        c.begin_submit(0, 1);
+        c.submitted::<()>(1, &Ok(Submitted::InProgress));
+        c.begin_submit(0, 2);
+        // Events delivered by another thread before the submitter sees Backlogged.
+        c.event(&Event::<()>::Promoted { user_data: 2 });
+        c.submitted::<()>(2, &Ok(Submitted::Backlogged));
+        c.event(&done(1));
+        c.event(&done(2));
+        let r = c.report();
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!((r.in_progress, r.backlogged, r.completed), (1, 1, 2));
+    }
+
+    #[test]
+    fn catches_lost_double_and_unpromoted_requests_and_fifo() {
+        let c = ContractChecker::new();
+        for id in 1..=4 {
+            c.begin_submit(0, id);
+            c.submitted::<()>(id, &Ok(Submitted::Backlogged));
+        }
+        c.event(&done(1)); // no Promoted
+        c.event(&Event::<()>::Promoted { user_data: 3 });
+        c.event(&Event::<()>::Promoted { user_data: 2 }); // 2 was backlogged before 3 began
+        c.event(&done(2));
+        c.event(&done(2)); // twice
+        let r = c.report();
+        let text = r.violations.join("\n");
+        assert!(
+            text.contains("request 1: backlogged but completed without Promoted"),
+            "{text}"
+        );
+        assert!(text.contains("request 2: completed twice"), "{text}");
+        assert!(
+            text.contains("request 4: backlogged and never promoted"),
+            "{text}"
+        );
+        assert!(
+            text.contains("request 3: accepted and never completed"),
+            "{text}"
+        );
+        assert!(text.contains("FIFO broken"), "{text}");
+    }
+}

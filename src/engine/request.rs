@@ -1,0 +1,209 @@
+//! What a caller hands to an engine and what comes back.
+
+use crate::dma::DmaBuffer;
+use crate::error::Error;
+
+/// Encrypt or decrypt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Plaintext to ciphertext (and, for AEAD, a tag).
+    Encrypt,
+    /// Ciphertext to plaintext (checking the tag, for AEAD).
+    Decrypt,
+}
+
+/// The data of a request: ordinary memory (bounced through DMA memory by device engines) or a
+/// buffer already in the engine's DMA memory (zero copy).
+#[derive(Debug)]
+pub enum Buf {
+    /// Ordinary memory.
+    Host(Vec<u8>),
+    /// Device-visible memory from [`Engine::alloc_buffer`](super::Engine::alloc_buffer).
+    Dma(DmaBuffer),
+}
+
+impl Buf {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Buf::Host(v) => v,
+            Buf::Dma(d) => d.as_slice(),
+        }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Buf::Host(v) => v,
+            Buf::Dma(d) => d.as_mut_slice(),
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Buf::Host(v) => v.len(),
+            Buf::Dma(d) => d.len(),
+        }
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<u8>> for Buf {
+    fn from(v: Vec<u8>) -> Self {
+        Buf::Host(v)
+    }
+}
+
+/// An IV of up to 16 bytes, stored inline so that a request needs no allocation for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Iv {
+    bytes: [u8; 16],
+    len: u8,
+}
+
+impl Iv {
+    /// Copies `iv`; `None` if it is longer than 16 bytes.
+    pub fn new(iv: &[u8]) -> Option<Self> {
+        let mut bytes = [0u8; 16];
+        bytes.get_mut(..iv.len())?.copy_from_slice(iv);
+        Some(Self {
+            bytes,
+            len: iv.len() as u8,
+        })
+    }
+
+    /// The IV bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl From<[u8; 16]> for Iv {
+    fn from(bytes: [u8; 16]) -> Self {
+        Self { bytes, len: 16 }
+    }
+}
+
+impl From<[u8; 12]> for Iv {
+    fn from(b: [u8; 12]) -> Self {
+        let mut bytes = [0u8; 16];
+        bytes[..12].copy_from_slice(&b);
+        Self { bytes, len: 12 }
+    }
+}
+
+/// Length of the AEAD tag.
+pub const TAG_LEN: usize = 16;
+
+/// One encryption or decryption, transformed in place in `data`.
+///
+/// The engine owns the request, and with it `data`, from a successful submit until the final
+/// completion hands it back; a refused submit hands it back at once, untouched.
+#[derive(Debug)]
+pub struct Request<S> {
+    /// The session (algorithm and key).
+    pub session: S,
+    /// Encrypt or decrypt.
+    pub direction: Direction,
+    /// The IV (12 bytes for GCM, 16 for the other modes).
+    pub iv: Iv,
+    /// Additional authenticated data (AEAD only).
+    pub aad: Vec<u8>,
+    /// The data, replaced by the result.
+    pub data: Buf,
+    /// AEAD tag: written by encryption, checked by decryption.
+    pub tag: [u8; TAG_LEN],
+    /// The caller's identifier, echoed in every event about this request.
+    pub user_data: u64,
+}
+
+impl<S> Request<S> {
+    /// A request with no AAD and a zero tag.
+    pub fn new(session: S, direction: Direction, iv: Iv, data: Buf, user_data: u64) -> Self {
+        Self {
+            session,
+            direction,
+            iv,
+            aad: Vec::new(),
+            data,
+            tag: [0; TAG_LEN],
+            user_data,
+        }
+    }
+}
+
+/// What a submit did with an accepted request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submitted {
+    /// The request is on the hardware ring; one final completion follows.
+    InProgress,
+    /// The ring was full and the request waits in the software backlog (the kernel's -EBUSY):
+    /// one [`Event::Promoted`] follows when it reaches the ring, then one final completion.
+    Backlogged,
+}
+
+/// Why a submit refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitErrorKind {
+    /// The ring is full (or a backlog exists) and backlogging was not allowed or the backlog is
+    /// at its limit. Try again after a completion.
+    #[error("queue busy")]
+    Busy,
+    /// The request cannot be run: bad parameters, unknown session, failed device.
+    #[error(transparent)]
+    Rejected(Error),
+}
+
+/// A refused submit: the reason, and the request back, whole.
+#[derive(Debug)]
+pub struct SubmitError<S> {
+    /// Why.
+    pub kind: SubmitErrorKind,
+    /// The request, untouched.
+    pub request: Request<S>,
+}
+
+impl<S> SubmitError<S> {
+    /// A busy refusal.
+    pub fn busy(request: Request<S>) -> Self {
+        Self {
+            kind: SubmitErrorKind::Busy,
+            request,
+        }
+    }
+
+    /// A refusal for `error`.
+    pub fn rejected(request: Request<S>, error: Error) -> Self {
+        Self {
+            kind: SubmitErrorKind::Rejected(error),
+            request,
+        }
+    }
+}
+
+/// The final outcome of an accepted request.
+#[derive(Debug)]
+pub struct Completion<S> {
+    /// The request, with `data` (and `tag` for AEAD encryption) holding the result on success.
+    /// After an authentication failure `data` holds no plaintext.
+    pub request: Request<S>,
+    /// Success, or why it failed.
+    pub result: Result<(), Error>,
+}
+
+/// A notification about an accepted request.
+#[derive(Debug)]
+pub enum Event<S> {
+    /// A backlogged request has reached the hardware ring (the kernel's -EINPROGRESS callback).
+    Promoted {
+        /// The request's `user_data`.
+        user_data: u64,
+    },
+    /// The request is finished: its one final completion.
+    Completed(Completion<S>),
+}

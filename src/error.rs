@@ -1,0 +1,123 @@
+//! The library's error type.
+//!
+//! One enum for every layer, so a caller can match on what went wrong (a bad key, an
+//! unsupported algorithm, an authentication failure, a device that misbehaved) without knowing
+//! which layer noticed it.
+
+use crypt_vfio_cores::{CoreError, Mode};
+
+/// Everything that can go wrong in crypt-vfio.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The platform refused or failed an operation on the device (VFIO ioctl, sysfs, mmap).
+    #[error("{context}: {source}")]
+    Os {
+        /// What was being done.
+        context: String,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Device-visible memory could not be allocated or mapped.
+    #[error("DMA memory: {0}")]
+    Dma(String),
+    /// The transport (VFIO or the emulated device) refused an access or an operation.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The PCI function is not a device this driver can run.
+    #[error("unsupported device: {0}")]
+    UnsupportedDevice(String),
+    /// The device did not accept the feature set or status handshake.
+    #[error("device initialisation failed: {0}")]
+    Init(String),
+    /// The device broke the protocol: it wrote something impossible or stopped answering.
+    /// Every request in flight on it has failed; the device needs a reset.
+    #[error("device failed: {0}")]
+    DeviceFailed(String),
+    /// The device did not answer within the deadline.
+    #[error("device timed out after {0:?} waiting for {1}")]
+    Timeout(std::time::Duration, &'static str),
+    /// The key has a length the algorithm does not take.
+    #[error("{mode} does not take a {len}-byte key (expected one of {expected:?} bytes)")]
+    KeyLength {
+        /// The algorithm.
+        mode: Mode,
+        /// Bytes given.
+        len: usize,
+        /// Bytes accepted.
+        expected: &'static [usize],
+    },
+    /// The key was refused (for example an XTS key with equal halves).
+    #[error("key rejected: {0}")]
+    KeyRejected(String),
+    /// A request parameter is wrong: IV length, tag length, data length for the mode.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The request exceeds what the device accepts in one request.
+    #[error("request of {len} bytes exceeds the device's limit of {max} bytes")]
+    TooLarge {
+        /// Bytes in the request.
+        len: u64,
+        /// The device's `max_size`.
+        max: u64,
+    },
+    /// The device (or engine) does not offer this algorithm or operation.
+    #[error("not supported by the device: {0}")]
+    NotSupported(String),
+    /// The session does not exist (never created, destroyed, or lost in a device reset).
+    #[error("invalid session")]
+    InvalidSession,
+    /// The device is out of a resource (sessions).
+    #[error("device out of resources: {0}")]
+    NoSpace(String),
+    /// AEAD tag verification failed; no plaintext was released.
+    #[error("authentication failed: the data or its tag was modified")]
+    AuthFailed,
+    /// The device reported a failure for this request.
+    #[error("device reported an error (status {0})")]
+    DeviceError(u8),
+    /// The engine broke the backlog contract (for example it never promoted a backlogged
+    /// request before the deadline).
+    #[error("engine contract violation: {0}")]
+    ContractViolation(String),
+}
+
+impl Error {
+    /// Wraps an OS error with what was being attempted.
+    pub fn os(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Os {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The last OS error, with context.
+    pub fn last_os(context: impl Into<String>) -> Self {
+        Error::os(context, std::io::Error::last_os_error())
+    }
+}
+
+impl From<CoreError> for Error {
+    fn from(e: CoreError) -> Self {
+        match e {
+            CoreError::KeyLength {
+                mode,
+                len,
+                expected,
+            } => Error::KeyLength {
+                mode,
+                len,
+                expected,
+            },
+            CoreError::KeyRejected { .. } => Error::KeyRejected(e.to_string()),
+            CoreError::AuthFailed => Error::AuthFailed,
+            CoreError::IvLength { .. } | CoreError::DataLength { .. } | CoreError::TagLength(_) => {
+                Error::InvalidRequest(e.to_string())
+            }
+            CoreError::Internal { .. } => Error::DeviceError(crypt_vfio_spec::crypto::status::ERR),
+        }
+    }
+}
+
+/// Result with the library's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

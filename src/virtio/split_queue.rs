@@ -1,0 +1,218 @@
+//! The driver side of a split virtqueue (virtio 1.2 section 2.7).
+//!
+//! The driver owns the descriptor table and the available ring, the device owns the used ring.
+//! All three live in DMA memory the device reads and writes concurrently, so every access is
+//! volatile or atomic, and the orderings follow the spec: descriptors before the available index
+//! (release), the available index before reading the device's notification hint (full fence), the
+//! used index before the used elements (acquire). Nothing read from the used ring is trusted here;
+//! the caller checks ids and lengths against what it has in flight.
+
+use std::sync::atomic::{fence, Ordering};
+
+use crypt_vfio_spec::ring;
+use vm_memory::Bytes;
+
+use super::Doorbell;
+use crate::dma::{DmaBuffer, DmaPool};
+use crate::error::{Error, Result};
+
+/// One split virtqueue's rings and indices.
+pub struct SplitQueue {
+    mem: DmaBuffer,
+    size: u16,
+    avail_off: usize,
+    used_off: usize,
+    event_idx: bool,
+    /// Next available index to publish (driver's shadow copy).
+    avail_idx: u16,
+    /// Available index the device was last told about (published).
+    published: u16,
+    /// Next used element to read.
+    last_used: u16,
+    doorbell: Doorbell,
+}
+
+/// A used element as the device wrote it: not yet validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UsedElem {
+    /// Head descriptor index the device claims to have used.
+    pub id: u32,
+    /// Bytes the device claims to have written.
+    pub len: u32,
+}
+
+impl SplitQueue {
+    /// Allocates rings for a queue of `size` entries (a power of two).
+    pub fn new(
+        pool: &DmaPool,
+        size: u16,
+        event_idx: bool,
+        doorbell_for: impl FnOnce([u64; 3]) -> Result<Doorbell>,
+    ) -> Result<Self> {
+        if !size.is_power_of_two() || size > ring::MAX_QUEUE_SIZE {
+            return Err(Error::Init(format!(
+                "queue size {size} is not a power of two up to 32768"
+            )));
+        }
+        let desc_len = ring::desc_table_size(size) as usize;
+        let avail_off = desc_len;
+        // The used ring gets its own cache lines: the device writes it while the driver writes
+        // the available ring.
+        let used_off = (avail_off + ring::avail_ring_size(size) as usize).next_multiple_of(64);
+        let total = used_off + ring::used_ring_size(size) as usize;
+        let mem = pool.alloc(total)?;
+        let iova = mem.iova();
+        let doorbell = doorbell_for([iova, iova + avail_off as u64, iova + used_off as u64])?;
+        Ok(Self {
+            mem,
+            size,
+            avail_off,
+            used_off,
+            event_idx,
+            avail_idx: 0,
+            published: 0,
+            last_used: 0,
+            doorbell,
+        })
+    }
+
+    /// Number of entries.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Writes descriptor `index` of the table.
+    pub fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        write_desc(
+            &self.mem,
+            usize::from(index % self.size) * ring::DESC_SIZE as usize,
+            addr,
+            len,
+            flags,
+            next,
+        );
+    }
+
+    /// Queues head `head` in the available ring; it becomes visible at [`publish`](Self::publish).
+    pub fn push_avail(&mut self, head: u16) {
+        let slot = self.avail_off
+            + ring::AVAIL_RING as usize
+            + 2 * usize::from(self.avail_idx % self.size);
+        self.store16(slot, head, Ordering::Relaxed);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Makes every pushed head visible to the device and rings the doorbell if the device asked
+    /// to be told. Returns whether it rang.
+    pub fn publish(&mut self) -> bool {
+        if self.avail_idx == self.published {
+            return false;
+        }
+        let old = self.published;
+        let new = self.avail_idx;
+        self.store16(
+            self.avail_off + ring::AVAIL_IDX as usize,
+            new,
+            Ordering::Release,
+        );
+        self.published = new;
+        // The device may be deciding to sleep right now: order our index store before reading its
+        // notification hint, or both sides could miss each other.
+        fence(Ordering::SeqCst);
+        let notify = if self.event_idx {
+            let event = self.load16(
+                self.used_off + ring::avail_event_offset(self.size) as usize,
+                Ordering::Relaxed,
+            );
+            ring::need_event(event, new, old)
+        } else {
+            self.load16(self.used_off + ring::USED_FLAGS as usize, Ordering::Relaxed)
+                & ring::USED_F_NO_NOTIFY
+                == 0
+        };
+        if notify {
+            self.doorbell.ring();
+        }
+        notify
+    }
+
+    /// Used elements the device has published and the driver not yet taken. May exceed what is
+    /// in flight if the device misbehaves; the caller checks.
+    pub fn used_pending(&self) -> u16 {
+        let idx = self.load16(self.used_off + ring::USED_IDX as usize, Ordering::Acquire);
+        idx.wrapping_sub(self.last_used)
+    }
+
+    /// Takes the next used element; call only while [`used_pending`](Self::used_pending) is
+    /// non-zero (the acquire there orders this read).
+    pub fn take_used(&mut self) -> UsedElem {
+        let off = self.used_off
+            + ring::USED_RING as usize
+            + ring::USED_ELEM_SIZE as usize * usize::from(self.last_used % self.size);
+        let v = self.mem.volatile();
+        let id = v.read_obj::<u32>(off).unwrap_or(u32::MAX);
+        let len = v.read_obj::<u32>(off + 4).unwrap_or(0);
+        self.last_used = self.last_used.wrapping_add(1);
+        UsedElem {
+            id: u32::from_le(id),
+            len: u32::from_le(len),
+        }
+    }
+
+    /// Asks for an interrupt once `count` more elements are used (EVENT_IDX), or for every
+    /// completion without it. `count == 0` asks for none.
+    pub fn request_interrupt_after(&self, count: u16) {
+        if self.event_idx {
+            // With EVENT_IDX the device interrupts when used idx passes used_event.
+            let event = if count == 0 {
+                self.last_used.wrapping_sub(1)
+            } else {
+                self.last_used.wrapping_add(count - 1)
+            };
+            self.store16(
+                self.avail_off + ring::used_event_offset(self.size) as usize,
+                event,
+                Ordering::Relaxed,
+            );
+        } else {
+            let flags = if count == 0 {
+                ring::AVAIL_F_NO_INTERRUPT
+            } else {
+                0
+            };
+            self.store16(
+                self.avail_off + ring::AVAIL_FLAGS as usize,
+                flags,
+                Ordering::Relaxed,
+            );
+        }
+        // The request must be visible before the driver re-checks the used index.
+        fence(Ordering::SeqCst);
+    }
+
+    fn store16(&self, off: usize, v: u16, order: Ordering) {
+        // Offsets are computed from the queue size the ring was allocated for, so they are in
+        // bounds; an error would be a bug here, not device input.
+        let r = self.mem.volatile().store(v.to_le(), off, order);
+        debug_assert!(r.is_ok());
+    }
+
+    fn load16(&self, off: usize, order: Ordering) -> u16 {
+        u16::from_le(self.mem.volatile().load::<u16>(off, order).unwrap_or(0))
+    }
+}
+
+/// Writes one descriptor at byte offset `off` of `table` (a ring or an indirect table).
+pub fn write_desc(table: &DmaBuffer, off: usize, addr: u64, len: u32, flags: u16, next: u16) {
+    let v = table.volatile();
+    let ok = v
+        .write_obj(addr.to_le(), off + ring::DESC_ADDR as usize)
+        .is_ok()
+        && v.write_obj(len.to_le(), off + ring::DESC_LEN as usize)
+            .is_ok()
+        && v.write_obj(flags.to_le(), off + ring::DESC_FLAGS as usize)
+            .is_ok()
+        && v.write_obj(next.to_le(), off + ring::DESC_NEXT as usize)
+            .is_ok();
+    debug_assert!(ok, "descriptor write out of bounds");
+}

@@ -1,0 +1,696 @@
+//! A data queue: requests to the ring, completions back, the backlog in front.
+//!
+//! Each data virtqueue has one lock, taken by its submitters and pollers; different queues share
+//! nothing on the hot path, so one submitting thread per queue never contends. Submissions go
+//! through [`Backlog`], which is where the contract is kept. Everything the device writes (used
+//! ids, lengths, status bytes) is checked before it is believed; a device that writes something
+//! impossible, stops answering, or flags DEVICE_NEEDS_RESET is reset and every request on it is
+//! failed, promoted first where it was backlogged, so no caller is left waiting.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crypt_vfio_cores::Mode;
+use crypt_vfio_spec::crypto::status;
+use crypt_vfio_spec::ring::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE};
+use vm_memory::Bytes;
+
+use super::layout::{
+    self, Lengths, AAD, AAD_INLINE_MAX, HDR, INDIRECT, IV, MAX_DESCS, SLOT_STRIDE, STATUS, TAG_IN,
+    TAG_OUT,
+};
+use super::session::DeviceSession;
+use crate::dma::{DmaBuffer, DmaPool};
+use crate::engine::backlog::{self, Backlog, Refused, Ring};
+use crate::engine::{
+    validate_request, Buf, Completion, Delivery, Direction, Event, EventSink, Outbox, Queue,
+    Request, SubmitError, Submitted, TAG_LEN,
+};
+use crate::error::{Error, Result};
+use crate::transport::EventNotifier;
+use crate::virtio::{SplitQueue, VirtioPci};
+
+type Session = DeviceSession;
+
+/// A request the engine owns, with the callback its events go to.
+pub(crate) struct Pending {
+    req: Request<Session>,
+    sink: EventSink<Session>,
+}
+
+#[derive(Default)]
+struct Slot {
+    pending: Option<Pending>,
+    bounce: Option<DmaBuffer>,
+    aad_bounce: Option<DmaBuffer>,
+    bounced: bool,
+    expect: u32,
+}
+
+/// The device-facing half of a queue: rings, slots, bounce buffers.
+struct RingState {
+    vq: SplitQueue,
+    slot_mem: DmaBuffer,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    indirect: bool,
+    pool: DmaPool,
+    in_flight: usize,
+}
+
+/// Whether the device failed: shared by all queues of one device, so that a failure seen on
+/// one queue fails them all (the reset that stops the device's DMA stops every queue).
+pub(crate) struct DeviceHealth {
+    failed: AtomicBool,
+    reason: Mutex<String>,
+    pci: Arc<VirtioPci>,
+    timeout: Duration,
+}
+
+impl DeviceHealth {
+    pub(crate) fn new(pci: Arc<VirtioPci>, timeout: Duration) -> Self {
+        Self {
+            failed: AtomicBool::new(false),
+            reason: Mutex::new(String::new()),
+            pci,
+            timeout,
+        }
+    }
+
+    pub(crate) fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Marks the device failed and resets it, so that it stops touching memory before any
+    /// buffer goes back to its owner.
+    pub(crate) fn fail(&self, reason: String) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        if reason == "the engine was closed" {
+            log::debug!("virtio-crypto device closed");
+        } else {
+            log::error!(
+                "virtio-crypto device failed: {reason}; resetting it and failing every request"
+            );
+        }
+        *r = reason;
+        if let Err(e) = self.pci.reset() {
+            log::error!("reset after failure: {e}");
+        }
+        self.pci.fail();
+        self.failed.store(true, Ordering::Release);
+    }
+}
+
+struct QueueState {
+    ring: RingState,
+    backlog: Backlog<Pending>,
+    outbox: Outbox<Session>,
+    failed: bool,
+    last_progress: Instant,
+    idle_polls: u32,
+}
+
+/// One data queue, shared by its handles and its interrupt thread.
+pub(crate) struct DataQueueShared {
+    index: u16,
+    state: Mutex<QueueState>,
+    delivery: Delivery,
+    outstanding: AtomicUsize,
+    health: Arc<DeviceHealth>,
+    max_size: usize,
+    irq: Option<EventNotifier>,
+    stop: AtomicBool,
+}
+
+/// Where the backlog's promotions and failures go: the queue's outbox.
+struct ToOutbox<'a> {
+    outbox: &'a mut Outbox<Session>,
+    outstanding: &'a AtomicUsize,
+}
+
+impl backlog::Outbox<Pending> for ToOutbox<'_> {
+    fn promoted(&mut self, item: &Pending) {
+        self.outbox.push((
+            item.sink.clone(),
+            Event::Promoted {
+                user_data: item.req.user_data,
+            },
+        ));
+    }
+
+    fn failed(&mut self, item: Pending, error: Error) {
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.outbox.push((
+            item.sink,
+            Event::Completed(Completion {
+                request: item.req,
+                result: Err(error),
+            }),
+        ));
+    }
+}
+
+/// Set-up parameters of a data queue.
+pub(crate) struct QueueSetup {
+    pub index: u16,
+    pub size: u16,
+    pub event_idx: bool,
+    pub indirect: bool,
+    pub backlog_limit: usize,
+    pub max_size: usize,
+    pub msix_vector: u16,
+    pub irq: Option<EventNotifier>,
+}
+
+impl DataQueueShared {
+    pub(crate) fn new(
+        pci: &VirtioPci,
+        pool: &DmaPool,
+        health: Arc<DeviceHealth>,
+        s: QueueSetup,
+    ) -> Result<Self> {
+        let vq = SplitQueue::new(pool, s.size, s.event_idx, |rings| {
+            pci.setup_queue(s.index, s.size, rings, s.msix_vector)
+        })?;
+        let nslots = if s.indirect {
+            usize::from(s.size)
+        } else {
+            (usize::from(s.size) / MAX_DESCS).max(1)
+        };
+        if !s.indirect && usize::from(s.size) < MAX_DESCS {
+            return Err(Error::Init(format!(
+                "data queue {}: {} descriptors cannot hold one request ({MAX_DESCS} needed) without indirect descriptors",
+                s.index, s.size
+            )));
+        }
+        let slot_mem = pool.alloc(nslots * SLOT_STRIDE)?;
+        let ring = RingState {
+            vq,
+            slot_mem,
+            slots: (0..nslots).map(|_| Slot::default()).collect(),
+            free: (0..nslots as u16).rev().collect(),
+            indirect: s.indirect,
+            pool: pool.clone(),
+            in_flight: 0,
+        };
+        let state = QueueState {
+            ring,
+            backlog: Backlog::new(s.backlog_limit),
+            outbox: Vec::with_capacity(nslots * 2),
+            failed: false,
+            last_progress: Instant::now(),
+            idle_polls: 0,
+        };
+        Ok(Self {
+            index: s.index,
+            state: Mutex::new(state),
+            delivery: Delivery::default(),
+            outstanding: AtomicUsize::new(0),
+            health,
+            max_size: s.max_size,
+            irq: s.irq,
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requests on the ring plus those in the backlog.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Ring slots (requests the ring holds at most).
+    pub(crate) fn capacity(&self) -> usize {
+        self.lock().ring.slots.len()
+    }
+
+    fn submit(
+        &self,
+        req: Request<Session>,
+        sink: &EventSink<Session>,
+        may_backlog: bool,
+    ) -> Result<Submitted, SubmitError<Session>> {
+        let mode = req.session.mode;
+        if let Err(e) = validate_request(
+            mode,
+            req.iv.as_slice(),
+            req.aad.len(),
+            req.data.len(),
+            self.max_size,
+        ) {
+            return Err(SubmitError::rejected(req, e));
+        }
+        if self.health.is_failed() {
+            return Err(SubmitError::rejected(
+                req,
+                Error::DeviceFailed(self.health.reason()),
+            ));
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.failed {
+            drop(guard);
+            return Err(SubmitError::rejected(
+                req,
+                Error::DeviceFailed(self.health.reason()),
+            ));
+        }
+        let pending = Pending {
+            req,
+            sink: sink.clone(),
+        };
+        match st.backlog.submit(pending, may_backlog, &mut st.ring) {
+            Ok(s) => {
+                self.outstanding.fetch_add(1, Ordering::Relaxed);
+                if s == Submitted::InProgress {
+                    st.ring.vq.publish();
+                }
+                Ok(s)
+            }
+            Err((p, Refused::Busy)) => Err(SubmitError::busy(p.req)),
+            Err((p, Refused::Rejected(e))) => Err(SubmitError::rejected(p.req, e)),
+        }
+    }
+
+    /// Reaps, promotes and delivers. Returns the number of events this call delivered.
+    pub(crate) fn poll(&self, scratch: &mut Outbox<Session>) -> usize {
+        {
+            let mut guard = self.lock();
+            self.reap(&mut guard);
+        }
+        self.delivery
+            .run(scratch, |s| std::mem::swap(&mut self.lock().outbox, s))
+    }
+
+    fn reap(&self, st: &mut QueueState) {
+        if st.failed {
+            return;
+        }
+        if self.health.is_failed() {
+            return self.fail_locked(st);
+        }
+        let n = st.ring.vq.used_pending();
+        if usize::from(n) > st.ring.in_flight {
+            self.health.fail(format!(
+                "data queue {}: device published {n} used elements with {} requests in flight",
+                self.index, st.ring.in_flight
+            ));
+            return self.fail_locked(st);
+        }
+        for _ in 0..n {
+            let used = st.ring.vq.take_used();
+            let Some(i) = st.ring.slot_of(used.id) else {
+                self.health.fail(format!(
+                    "data queue {}: device returned descriptor {} which is not a request in flight",
+                    self.index, used.id
+                ));
+                return self.fail_locked(st);
+            };
+            let (p, result) = st.ring.finish(i, used.len);
+            self.outstanding.fetch_sub(1, Ordering::Relaxed);
+            st.outbox.push((
+                p.sink,
+                Event::Completed(Completion {
+                    request: p.req,
+                    result,
+                }),
+            ));
+        }
+        if n > 0 {
+            st.last_progress = Instant::now();
+            st.idle_polls = 0;
+        } else if st.ring.in_flight > 0 {
+            st.idle_polls = st.idle_polls.wrapping_add(1);
+            if st.idle_polls % 1024 == 0 && !self.check_device(st) {
+                return self.fail_locked(st);
+            }
+        }
+        let moved = st.backlog.promote(
+            &mut st.ring,
+            &mut ToOutbox {
+                outbox: &mut st.outbox,
+                outstanding: &self.outstanding,
+            },
+        );
+        if moved > 0 {
+            st.ring.vq.publish();
+        }
+        if !st.outbox.is_empty() {
+            self.delivery.mark_pending();
+        }
+    }
+
+    /// Whether the device is still healthy while requests wait; marks it failed if not.
+    fn check_device(&self, st: &QueueState) -> bool {
+        if self.health.pci.needs_reset() {
+            self.health.fail(format!(
+                "data queue {}: the device set DEVICE_NEEDS_RESET",
+                self.index
+            ));
+            return false;
+        }
+        let waited = st.last_progress.elapsed();
+        if waited > self.health.timeout {
+            self.health.fail(format!(
+                "data queue {}: no completion for {waited:?} with {} requests in flight",
+                self.index, st.ring.in_flight
+            ));
+            return false;
+        }
+        true
+    }
+
+    /// Fails everything this queue owns: the device is failed (and reset).
+    fn fail_locked(&self, st: &mut QueueState) {
+        st.failed = true;
+        let reason = self.health.reason();
+        for slot in &mut st.ring.slots {
+            if let Some(p) = slot.pending.take() {
+                self.outstanding.fetch_sub(1, Ordering::Relaxed);
+                let result = Err(Error::DeviceFailed(reason.clone()));
+                st.outbox.push((
+                    p.sink,
+                    Event::Completed(Completion {
+                        request: p.req,
+                        result,
+                    }),
+                ));
+            }
+        }
+        st.ring.in_flight = 0;
+        st.backlog.fail_all(
+            &mut ToOutbox {
+                outbox: &mut st.outbox,
+                outstanding: &self.outstanding,
+            },
+            || Error::DeviceFailed(reason.clone()),
+        );
+        self.delivery.mark_pending();
+    }
+
+    /// Fails the queue because the engine is closing.
+    pub(crate) fn close(&self, scratch: &mut Outbox<Session>) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(irq) = &self.irq {
+            let _ = irq.signal();
+        }
+        {
+            let mut st = self.lock();
+            if !st.failed {
+                self.fail_locked(&mut st);
+            }
+        }
+        self.delivery
+            .run(scratch, |s| std::mem::swap(&mut self.lock().outbox, s));
+    }
+
+    /// The interrupt-mode completion loop: spin while completions come, then arm the interrupt
+    /// (coalesced to half of what is in flight) and sleep on the eventfd.
+    pub(crate) fn interrupt_loop(&self) {
+        let Some(irq) = &self.irq else { return };
+        let mut scratch = Vec::new();
+        let mut idle = 0u32;
+        while !self.stop.load(Ordering::Acquire) {
+            if self.poll(&mut scratch) > 0 {
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle < 256 {
+                std::hint::spin_loop();
+                continue;
+            }
+            {
+                let st = self.lock();
+                let batch = (st.ring.in_flight / 2).clamp(1, 32) as u16;
+                st.ring.vq.request_interrupt_after(batch);
+                if st.ring.vq.used_pending() > 0 {
+                    st.ring.vq.request_interrupt_after(0);
+                    continue;
+                }
+            }
+            let _ = irq.wait(Duration::from_millis(10));
+            self.lock().ring.vq.request_interrupt_after(0);
+            idle = 0;
+        }
+    }
+}
+
+impl RingState {
+    fn slot_of(&self, id: u32) -> Option<usize> {
+        let id = usize::try_from(id).ok()?;
+        let i = if self.indirect {
+            id
+        } else {
+            if id % MAX_DESCS != 0 {
+                return None;
+            }
+            id / MAX_DESCS
+        };
+        self.slots.get(i).filter(|s| s.pending.is_some()).map(|_| i)
+    }
+
+    /// Takes slot `i`'s request back and decides its outcome from what the device wrote.
+    fn finish(&mut self, i: usize, written: u32) -> (Pending, Result<()>) {
+        let slot = &mut self.slots[i];
+        let Some(mut p) = slot.pending.take() else {
+            unreachable!("slot_of only returns slots with a request");
+        };
+        self.free.push(i as u16);
+        self.in_flight -= 1;
+        let base = i * SLOT_STRIDE;
+        let v = self.slot_mem.volatile();
+        let code = v.read_obj::<u8>(base + STATUS).unwrap_or(status::ERR);
+        let result = match code {
+            status::OK if written >= slot.expect => Ok(()),
+            status::OK => Err(Error::DeviceFailed(format!(
+                "device reported success but wrote {written} of {} bytes",
+                slot.expect
+            ))),
+            status::BADMSG => Err(Error::AuthFailed),
+            status::NOTSUPP => Err(Error::NotSupported(format!(
+                "{} request",
+                p.req.session.mode
+            ))),
+            status::INVSESS => Err(Error::InvalidSession),
+            status::NOSPC => Err(Error::NoSpace(
+                "device out of resources for the request".into(),
+            )),
+            0xff => Err(Error::DeviceFailed(
+                "device completed a request without writing its status".into(),
+            )),
+            s => Err(Error::DeviceError(s)),
+        };
+        let req = &mut p.req;
+        match &result {
+            Ok(()) => {
+                if slot.bounced {
+                    if let (Buf::Host(out), Some(b)) = (&mut req.data, &slot.bounce) {
+                        let n = out.len();
+                        out.copy_from_slice(&b.as_slice()[..n]);
+                    }
+                }
+                if req.session.mode == Mode::Gcm && req.direction == Direction::Encrypt {
+                    let _ = v.read_slice(&mut req.tag, base + TAG_OUT);
+                }
+            }
+            Err(Error::AuthFailed) => req.data.as_mut_slice().fill(0),
+            Err(_) => {}
+        }
+        (p, result)
+    }
+}
+
+impl Ring<Pending> for RingState {
+    fn has_space(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    fn push(&mut self, p: Pending) -> Result<(), (Pending, Error)> {
+        let Some(i) = self.free.pop() else {
+            return Err((p, Error::InvalidRequest("ring full".into())));
+        };
+        match self.place(usize::from(i), &p.req) {
+            Ok((head, expect, bounced)) => {
+                let slot = &mut self.slots[usize::from(i)];
+                slot.pending = Some(p);
+                slot.expect = expect;
+                slot.bounced = bounced;
+                self.vq.push_avail(head);
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.free.push(i);
+                Err((p, e))
+            }
+        }
+    }
+}
+
+/// Takes `buf`, or a new buffer of at least `len` bytes from the pool.
+fn ensure_buffer<'a>(
+    buf: &'a mut Option<DmaBuffer>,
+    pool: &DmaPool,
+    len: usize,
+) -> Result<&'a mut DmaBuffer> {
+    if buf.as_ref().is_none_or(|b| b.capacity() < len) {
+        *buf = Some(pool.alloc(len)?);
+    }
+    let b = buf.as_mut().expect("just set");
+    b.set_len(len);
+    Ok(b)
+}
+
+impl RingState {
+    /// Writes request `req` into slot `i`: payload, header, descriptors. Returns the head
+    /// descriptor, the bytes the device must write, and whether the payload was bounced.
+    fn place(&mut self, i: usize, req: &Request<Session>) -> Result<(u16, u32, bool)> {
+        let n = req.data.len();
+        let slot = &mut self.slots[i];
+        let (data_iova, bounced) = match &req.data {
+            Buf::Dma(b) => {
+                if !b.belongs_to(&self.pool) {
+                    return Err(Error::Dma(
+                        "the buffer is not mapped for this device (it comes from another DMA pool)"
+                            .into(),
+                    ));
+                }
+                (b.iova(), false)
+            }
+            Buf::Host(v) if n > 0 => {
+                let b = ensure_buffer(&mut slot.bounce, &self.pool, n)?;
+                b.as_mut_slice().copy_from_slice(v);
+                (b.iova(), true)
+            }
+            Buf::Host(_) => (0, false),
+        };
+        let aad_ext = if req.aad.len() > AAD_INLINE_MAX {
+            let b = ensure_buffer(&mut slot.aad_bounce, &self.pool, req.aad.len())?;
+            b.as_mut_slice().copy_from_slice(&req.aad);
+            Some(b.iova())
+        } else {
+            None
+        };
+        let base = i * SLOT_STRIDE;
+        let slot_iova = self.slot_mem.iova() + base as u64;
+        let lens = Lengths {
+            iv: req.iv.as_slice().len(),
+            aad: req.aad.len(),
+            data: n,
+        };
+        let plan = layout::plan(
+            &req.session,
+            req.direction,
+            lens,
+            slot_iova,
+            data_iova,
+            aad_ext,
+        );
+        let v = self.slot_mem.volatile();
+        let mut ok = v.write_slice(&plan.header, base + HDR).is_ok()
+            && v.write_slice(req.iv.as_slice(), base + IV).is_ok()
+            && v.write_obj(0xffu8, base + STATUS).is_ok();
+        if req.session.mode == Mode::Gcm {
+            ok &= v.write_slice(&req.tag, base + TAG_IN).is_ok();
+            if aad_ext.is_none() {
+                ok &= v.write_slice(&req.aad, base + AAD).is_ok();
+            }
+        }
+        if !ok {
+            return Err(Error::Dma("slot memory write out of bounds".into()));
+        }
+        let segs = plan.segments.as_slice();
+        let head = if self.indirect {
+            for (k, s) in segs.iter().enumerate() {
+                let last = k + 1 == segs.len();
+                let flags =
+                    if s.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+                let off = base + INDIRECT + k * DESC_SIZE as usize;
+                crate::virtio::split_queue::write_desc(
+                    &self.slot_mem,
+                    off,
+                    s.addr,
+                    s.len,
+                    flags,
+                    (k + 1) as u16,
+                );
+            }
+            let table = slot_iova + INDIRECT as u64;
+            self.vq.write_desc(
+                i as u16,
+                table,
+                (segs.len() * DESC_SIZE as usize) as u32,
+                DESC_F_INDIRECT,
+                0,
+            );
+            i as u16
+        } else {
+            let head = (i * MAX_DESCS) as u16;
+            for (k, s) in segs.iter().enumerate() {
+                let last = k + 1 == segs.len();
+                let flags =
+                    if s.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+                self.vq
+                    .write_desc(head + k as u16, s.addr, s.len, flags, head + k as u16 + 1);
+            }
+            head
+        };
+        Ok((head, plan.expect_written, bounced))
+    }
+}
+
+/// A submitter's handle on a data queue.
+pub struct DeviceQueue {
+    shared: Arc<DataQueueShared>,
+    sink: EventSink<Session>,
+    scratch: Outbox<Session>,
+}
+
+impl DeviceQueue {
+    pub(crate) fn new(shared: Arc<DataQueueShared>, sink: EventSink<Session>) -> Self {
+        Self {
+            shared,
+            sink,
+            scratch: Vec::new(),
+        }
+    }
+}
+
+impl Queue<Session> for DeviceQueue {
+    fn submit(
+        &mut self,
+        request: Request<Session>,
+        may_backlog: bool,
+    ) -> Result<Submitted, SubmitError<Session>> {
+        self.shared.submit(request, &self.sink, may_backlog)
+    }
+
+    fn poll(&mut self) -> usize {
+        self.shared.poll(&mut self.scratch)
+    }
+
+    fn outstanding(&self) -> usize {
+        self.shared.outstanding()
+    }
+}
+
+const _: () = assert!(
+    TAG_IN + TAG_LEN == AAD
+        && TAG_OUT + TAG_LEN == STATUS
+        && INDIRECT + MAX_DESCS * 16 <= SLOT_STRIDE
+);

@@ -1,0 +1,193 @@
+//! How one data request is laid out in DMA memory and descriptors.
+//!
+//! Every ring slot owns a fixed block of DMA memory for the parts of a request that are not the
+//! payload: the request header and IV, the input tag and short AAD, the output tag and the
+//! status byte, and (with indirect descriptors) the descriptor table. The payload is the
+//! caller's DMA buffer or the slot's bounce buffer. The device sees the bytes in the order of
+//! the layout documented in `crypt_vfio_spec::crypto`.
+
+use crypt_vfio_cores::Mode;
+use crypt_vfio_spec::crypto::{self, op, DataParams, DataRequest};
+
+use super::config::wire_algo;
+use super::session::DeviceSession;
+use crate::engine::{Direction, TAG_LEN};
+
+/// Bytes of slot memory per ring slot.
+pub const SLOT_STRIDE: usize = 768;
+/// Request header, followed by the IV.
+pub const HDR: usize = 0;
+/// IV, right after the 72-byte header.
+pub const IV: usize = crypto::DATA_REQ_SIZE;
+/// AEAD decryption: the tag to check, followed by inline AAD.
+pub const TAG_IN: usize = 128;
+/// Inline AAD.
+pub const AAD: usize = TAG_IN + TAG_LEN;
+/// Longest AAD kept inline; longer AAD is bounced through its own buffer.
+pub const AAD_INLINE_MAX: usize = 512 - AAD;
+/// AEAD encryption: the tag the device produces, followed by the status byte.
+pub const TAG_OUT: usize = 512;
+/// The status byte.
+pub const STATUS: usize = TAG_OUT + TAG_LEN;
+/// The indirect descriptor table.
+pub const INDIRECT: usize = 576;
+/// Most descriptors one request needs.
+pub const MAX_DESCS: usize = 6;
+
+/// One descriptor's worth of a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    /// IOVA.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable.
+    pub write: bool,
+}
+
+/// The descriptors of one request, in order: readable ones first.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Segments {
+    /// The segments.
+    pub items: [Segment; MAX_DESCS],
+    /// How many are used.
+    pub len: usize,
+}
+
+impl Segments {
+    fn push(&mut self, addr: u64, len: usize, write: bool) {
+        if len > 0 {
+            self.items[self.len] = Segment {
+                addr,
+                len: len as u32,
+                write,
+            };
+            self.len += 1;
+        }
+    }
+
+    /// The used segments.
+    pub fn as_slice(&self) -> &[Segment] {
+        &self.items[..self.len]
+    }
+}
+
+/// Everything the device needs to know about a request, computed once.
+pub struct Plan {
+    /// The 72-byte header.
+    pub header: [u8; crypto::DATA_REQ_SIZE],
+    /// The descriptors.
+    pub segments: Segments,
+    /// Bytes the device must report written for a successful request.
+    pub expect_written: u32,
+}
+
+/// The lengths of a request's parts.
+#[derive(Clone, Copy, Debug)]
+pub struct Lengths {
+    /// IV bytes.
+    pub iv: usize,
+    /// AAD bytes.
+    pub aad: usize,
+    /// Payload bytes.
+    pub data: usize,
+}
+
+/// Lays out a request; `slot` and `data` are the IOVAs of the slot memory and the payload,
+/// `aad_ext` of bounced AAD (when too long to inline).
+pub fn plan(
+    session: &DeviceSession,
+    direction: Direction,
+    lens: Lengths,
+    slot: u64,
+    data: u64,
+    aad_ext: Option<u64>,
+) -> Plan {
+    let Lengths {
+        iv: iv_len,
+        aad: aad_len,
+        data: data_len,
+    } = lens;
+    let aead = session.mode == Mode::Gcm;
+    let (_, algo) = wire_algo(session.mode);
+    let n = data_len as u32;
+    let t = TAG_LEN as u32;
+    let (opcode, params, dst_len) = match (aead, direction) {
+        (false, dir) => {
+            let opcode = if dir == Direction::Encrypt {
+                op::CIPHER_ENCRYPT
+            } else {
+                op::CIPHER_DECRYPT
+            };
+            (
+                opcode,
+                DataParams::Cipher {
+                    iv_len: iv_len as u32,
+                    src_len: n,
+                    dst_len: n,
+                },
+                n,
+            )
+        }
+        (true, Direction::Encrypt) => {
+            let p = DataParams::Aead {
+                iv_len: iv_len as u32,
+                aad_len: aad_len as u32,
+                src_len: n,
+                dst_len: n + t,
+            };
+            (op::AEAD_ENCRYPT, p, n + t)
+        }
+        (true, Direction::Decrypt) => {
+            let p = DataParams::Aead {
+                iv_len: iv_len as u32,
+                aad_len: aad_len as u32,
+                src_len: n + t,
+                dst_len: n,
+            };
+            (op::AEAD_DECRYPT, p, n)
+        }
+    };
+    let session_id = match direction {
+        Direction::Encrypt => session.encrypt_id,
+        Direction::Decrypt => session.decrypt_id,
+    };
+    let header = DataRequest {
+        opcode,
+        algo,
+        session_id,
+        flag: 0,
+        params,
+    }
+    .encode();
+    let mut s = Segments::default();
+    let at = |off: usize| slot + off as u64;
+    s.push(at(HDR), crypto::DATA_REQ_SIZE + iv_len, false);
+    s.push(data, data_len, false);
+    let aad_inline = aad_ext.is_none();
+    match (aead, direction) {
+        (true, Direction::Decrypt) => {
+            s.push(
+                at(TAG_IN),
+                TAG_LEN + if aad_inline { aad_len } else { 0 },
+                false,
+            );
+        }
+        (true, Direction::Encrypt) if aad_inline => s.push(at(AAD), aad_len, false),
+        _ => {}
+    }
+    if let Some(a) = aad_ext {
+        s.push(a, aad_len, false);
+    }
+    s.push(data, data_len, true);
+    if aead && direction == Direction::Encrypt {
+        s.push(at(TAG_OUT), TAG_LEN + 1, true);
+    } else {
+        s.push(at(STATUS), 1, true);
+    }
+    Plan {
+        header,
+        segments: s,
+        expect_written: dst_len + 1,
+    }
+}

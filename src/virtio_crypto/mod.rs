@@ -1,0 +1,369 @@
+//! The virtio-crypto device family (virtio 1.2 section 5.9) as an [`Engine`].
+//!
+//! Everything specific to virtio-crypto lives here: its configuration, sessions on the control
+//! queue, and the layout of data requests. It reaches the device only through
+//! [`crate::virtio`] and [`crate::transport`], so a second device family would sit beside this
+//! module without touching the layers under it.
+
+mod config;
+mod control;
+mod data_queue;
+mod layout;
+mod session;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crypt_vfio_cores::Mode;
+use crypt_vfio_spec::pci::{feature, VIRTIO_CRYPTO_DEVICE_ID, VIRTIO_MSI_NO_VECTOR};
+
+pub use config::DeviceInfo;
+pub use data_queue::DeviceQueue;
+pub use session::DeviceSession;
+
+use control::ControlQueue;
+use data_queue::{DataQueueShared, DeviceHealth, QueueSetup};
+
+use crate::dma::DmaPool;
+use crate::engine::{Buf, Direction, Engine, EventSink, Queue};
+use crate::error::{Error, Result};
+use crate::transport::{EventNotifier, Transport};
+use crate::virtio::VirtioPci;
+
+/// How completions are noticed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CompletionMode {
+    /// Callers' [`Queue::poll`] reaps completions (lowest latency, burns the caller's CPU).
+    #[default]
+    Poll,
+    /// A thread per data queue spins briefly, then sleeps on the queue's MSI-X eventfd, and
+    /// delivers events itself.
+    Interrupt,
+}
+
+/// Driver settings.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    /// Data queues to use (0: all the device has).
+    pub data_queues: usize,
+    /// Entries per data queue (0: the device's maximum). A power of two.
+    pub queue_size: u16,
+    /// Requests each data queue may hold in its software backlog.
+    pub backlog_limit: usize,
+    /// Polling or interrupts.
+    pub completion: CompletionMode,
+    /// How long requests may wait for the device before it is declared failed.
+    pub request_timeout: Duration,
+    /// Use indirect descriptors when the device offers them.
+    pub indirect: bool,
+    /// Use EVENT_IDX notification suppression when the device offers it.
+    pub event_idx: bool,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        Self {
+            data_queues: 0,
+            queue_size: 0,
+            backlog_limit: 4096,
+            completion: CompletionMode::Poll,
+            request_timeout: Duration::from_secs(10),
+            indirect: true,
+            event_idx: true,
+        }
+    }
+}
+
+/// A virtio-crypto device, driven through a [`Transport`].
+pub struct VirtioCrypto {
+    pci: Arc<VirtioPci>,
+    pool: DmaPool,
+    info: DeviceInfo,
+    features: u64,
+    control: Mutex<ControlQueue>,
+    queues: Vec<Arc<DataQueueShared>>,
+    health: Arc<DeviceHealth>,
+    threads: Vec<JoinHandle<()>>,
+    _config_irq: Option<EventNotifier>,
+}
+
+impl VirtioCrypto {
+    /// Brings up the virtio-crypto device behind `transport`.
+    pub fn open(transport: Arc<dyn Transport>, options: &DeviceOptions) -> Result<Self> {
+        let pci = Arc::new(VirtioPci::probe(transport.clone())?);
+        if pci.device_id() != VIRTIO_CRYPTO_DEVICE_ID {
+            return Err(Error::UnsupportedDevice(format!(
+                "{}: virtio device {:#06x} is not virtio-crypto ({VIRTIO_CRYPTO_DEVICE_ID:#06x})",
+                transport.name(),
+                pci.device_id()
+            )));
+        }
+        pci.enable_bus_master()?;
+        let mut wanted = 1u64 << feature::ACCESS_PLATFORM;
+        if options.event_idx {
+            wanted |= 1 << feature::RING_EVENT_IDX;
+        }
+        if options.indirect {
+            wanted |= 1 << feature::RING_INDIRECT_DESC;
+        }
+        let features = pci.negotiate(1 << feature::VERSION_1, wanted)?;
+        let info = DeviceInfo::read(&pci);
+        if !info.ready() {
+            pci.fail();
+            return Err(Error::Init(format!(
+                "{}: the device says it is not ready (status {})",
+                transport.name(),
+                info.status
+            )));
+        }
+        let available = info.max_dataqueues as usize;
+        let ctrl_index = u16::try_from(info.max_dataqueues)
+            .ok()
+            .filter(|&i| i >= 1 && i < pci.num_queues())
+            .ok_or_else(|| {
+                Error::Init(format!(
+                    "device reports {} data queues but {} virtqueues in all",
+                    info.max_dataqueues,
+                    pci.num_queues()
+                ))
+            })?;
+        let nqueues = if options.data_queues == 0 {
+            available
+        } else {
+            options.data_queues.min(available)
+        };
+        if options.data_queues > available {
+            log::warn!(
+                "{} data queues asked, the device has {available}",
+                options.data_queues
+            );
+        }
+        let event_idx = features & (1 << feature::RING_EVENT_IDX) != 0;
+        let indirect = features & (1 << feature::RING_INDIRECT_DESC) != 0;
+        let pool = DmaPool::new(transport.clone());
+        let health = Arc::new(DeviceHealth::new(pci.clone(), options.request_timeout));
+
+        // Interrupts: vector 0 for configuration changes, vector 1 + q for data queue q.
+        let interrupts = options.completion == CompletionMode::Interrupt;
+        let mut notifiers: Vec<Option<EventNotifier>> = Vec::new();
+        if interrupts {
+            let need = nqueues + 1;
+            let have = usize::from(transport.msix_vectors());
+            if have < need {
+                return Err(Error::Init(format!(
+                    "interrupt mode needs {need} MSI-X vectors, the device has {have}; use polling"
+                )));
+            }
+            for _ in 0..need {
+                notifiers.push(Some(EventNotifier::new()?));
+            }
+            let refs: Vec<Option<&EventNotifier>> = notifiers.iter().map(|n| n.as_ref()).collect();
+            transport.enable_msix(&refs)?;
+            pci.set_config_vector(0);
+        }
+
+        let control =
+            ControlQueue::new(&pci, &pool, ctrl_index, event_idx, options.request_timeout)?;
+        let mut queues = Vec::with_capacity(nqueues);
+        for q in 0..nqueues {
+            let index = q as u16;
+            let max = pci.queue_max_size(index);
+            let size = if options.queue_size == 0 {
+                max
+            } else {
+                options.queue_size
+            };
+            if size == 0 || size > max || !size.is_power_of_two() {
+                return Err(Error::Init(format!(
+                    "data queue {q}: size {size} is not a power of two up to the device's maximum of {max}"
+                )));
+            }
+            let setup = QueueSetup {
+                index,
+                size,
+                event_idx,
+                indirect,
+                backlog_limit: options.backlog_limit,
+                max_size: usize::try_from(info.max_size).unwrap_or(usize::MAX),
+                msix_vector: if interrupts {
+                    index + 1
+                } else {
+                    VIRTIO_MSI_NO_VECTOR
+                },
+                irq: notifiers.get_mut(q + 1).and_then(Option::take),
+            };
+            queues.push(Arc::new(DataQueueShared::new(
+                &pci,
+                &pool,
+                health.clone(),
+                setup,
+            )?));
+        }
+        pci.driver_ok();
+        let threads = if interrupts {
+            queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    let q = q.clone();
+                    std::thread::Builder::new()
+                        .name(format!("crypt-vfio-irq{i}"))
+                        .spawn(move || q.interrupt_loop())
+                        .map_err(|e| Error::os("spawning the interrupt thread", e))
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        log::info!(
+            "{}: virtio-crypto up, {} data queue(s) of {} slots, features {features:#x} ({})",
+            transport.name(),
+            queues.len(),
+            queues.first().map_or(0, |q| q.capacity()),
+            info
+        );
+        let config_irq = notifiers.first_mut().and_then(Option::take);
+        Ok(Self {
+            pci,
+            pool,
+            info,
+            features,
+            control: Mutex::new(control),
+            queues,
+            health,
+            threads,
+            _config_irq: config_irq,
+        })
+    }
+
+    /// The device configuration read at start-up.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// The negotiated feature bits.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// The DMA pool of this device (for zero-copy buffers).
+    pub fn pool(&self) -> &DmaPool {
+        &self.pool
+    }
+
+    /// Whether the device has been declared failed, and why.
+    pub fn failure(&self) -> Option<String> {
+        self.health.is_failed().then(|| self.health.reason())
+    }
+
+    /// Whether the device accepts a session of `mode` with a key of `key_len` bytes, found by
+    /// creating and destroying one (devices accept more than they advertise, or less).
+    pub fn probe(&self, mode: Mode, key_len: usize) -> Result<bool> {
+        let key: Vec<u8> = (0..key_len).map(|i| i as u8 ^ 0x5c).collect();
+        match self.create_session(mode, &key) {
+            Ok(s) => {
+                self.destroy_session(&s)?;
+                Ok(true)
+            }
+            Err(
+                Error::NotSupported(_)
+                | Error::KeyLength { .. }
+                | Error::KeyRejected(_)
+                | Error::DeviceError(_),
+            ) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn control(&self) -> std::sync::MutexGuard<'_, ControlQueue> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Engine for VirtioCrypto {
+    type Session = DeviceSession;
+
+    fn describe(&self) -> String {
+        format!("virtio-crypto on {}", self.pci.transport().name())
+    }
+
+    fn create_session(&self, mode: Mode, key: &[u8]) -> Result<DeviceSession> {
+        // The same key checks as the software cores, so both engines refuse the same keys with
+        // the same typed errors before the device sees them.
+        let expected = mode.key_lengths();
+        if !expected.contains(&key.len()) {
+            return Err(Error::KeyLength {
+                mode,
+                len: key.len(),
+                expected,
+            });
+        }
+        if mode == Mode::Xts && key[..key.len() / 2] == key[key.len() / 2..] {
+            return Err(Error::KeyRejected(format!(
+                "{mode} key rejected: the two key halves are equal"
+            )));
+        }
+        if let Some(reason) = self.failure() {
+            return Err(Error::DeviceFailed(reason));
+        }
+        let mut ctl = self.control();
+        let encrypt_id = ctl.create(mode, Direction::Encrypt, key)?;
+        let decrypt_id = match ctl.create(mode, Direction::Decrypt, key) {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = ctl.destroy(mode, encrypt_id);
+                return Err(e);
+            }
+        };
+        Ok(DeviceSession {
+            mode,
+            encrypt_id,
+            decrypt_id,
+        })
+    }
+
+    fn destroy_session(&self, session: &DeviceSession) -> Result<()> {
+        let mut ctl = self.control();
+        let a = ctl.destroy(session.mode, session.encrypt_id);
+        let b = ctl.destroy(session.mode, session.decrypt_id);
+        a.and(b)
+    }
+
+    fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn open_queue(
+        &self,
+        index: usize,
+        sink: EventSink<DeviceSession>,
+    ) -> Result<Box<dyn Queue<DeviceSession>>> {
+        let shared = self.queues[index % self.queues.len()].clone();
+        Ok(Box::new(DeviceQueue::new(shared, sink)))
+    }
+
+    fn max_request_len(&self) -> usize {
+        usize::try_from(self.info.max_size).unwrap_or(usize::MAX)
+    }
+
+    fn alloc_buffer(&self, len: usize) -> Result<Buf> {
+        Ok(Buf::Dma(self.pool.alloc(len)?))
+    }
+}
+
+impl Drop for VirtioCrypto {
+    fn drop(&mut self) {
+        // Stop the device (the failure path resets it) before anything it may touch goes away,
+        // then hand every request back.
+        self.health.fail("the engine was closed".into());
+        let mut scratch = Vec::new();
+        for q in &self.queues {
+            q.close(&mut scratch);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = self.pci.transport().disable_msix();
+    }
+}
