@@ -1,1 +1,19 @@
-fn main() {}
+//! The `crypt-vfio` command: measure throughput, inspect devices.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("crypt-vfio: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -72,8 +72,7 @@ impl ContractChecker {
         }
     }
 
-    /// Call right before submitting request `user_data` to queue `queue`; pass the token to
-    /// [`submitted`](Self::submitted).
+
     pub fn begin_submit(&self, queue: usize, user_data: u64) -> u64 {
         let t = self.tick();
         let mut tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,0 +1,127 @@
+//! Opening a device from command-line arguments, and `crypt-vfio info`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedTransport};
+use crypt_vfio::transport::Transport;
+use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
+use crypt_vfio::{CoreKind, Mode};
+
+/// Which device to open and how.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// `emulated` (the software device model) or a PCI address bound to vfio-pci.
+    #[arg(long, default_value = "emulated")]
+    pub device: String,
+    /// Completion by polling or by MSI-X interrupts.
+    #[arg(long, default_value = "poll", value_parser = ["poll", "irq"])]
+    pub mode: String,
+    /// Emulated device: latency added to every request (e.g. 20us, 1ms).
+    #[arg(long, default_value = "0us", value_parser = parse_duration)]
+    pub device_latency: Duration,
+    /// Emulated device: worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub device_workers: usize,
+    /// Emulated device: maximum queue size.
+    #[arg(long, default_value_t = 256)]
+    pub device_queue_size: u16,
+    /// Emulated device: number of data queues.
+    #[arg(long, default_value_t = 4)]
+    pub device_queues: u16,
+    /// Emulated device: complete requests without doing AES (measures the driver alone).
+    #[arg(long)]
+    pub device_null: bool,
+    /// AES core of the emulated device and of the software engine: aws-lc or rustcrypto.
+    #[arg(long, default_value = "aws-lc")]
+    pub core: CoreKind,
+}
+
+/// Parses `20us`, `1.5ms`, `2s`, or a bare number of microseconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "us"),
+    };
+    let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (try 20us, 1ms, 2s)"))?;
+    let secs = match unit {
+        "ns" => v / 1e9,
+        "us" | "µs" => v / 1e6,
+        "ms" => v / 1e3,
+        "s" => v,
+        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use ns, us, ms or s)")),
+    };
+    if !(0.0..=3600.0).contains(&secs) {
+        return Err(format!("duration `{s}` out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl DeviceArgs {
+    /// The transport the arguments name.
+    pub fn transport(&self) -> anyhow::Result<Arc<dyn Transport>> {
+        if self.device != "emulated" {
+            bail!(
+                "device `{}`: only the emulated device is built into this version; the VFIO transport for real \
+                 PCI functions is not available yet",
+                self.device
+            );
+        }
+        let config = EmulatedConfig {
+            data_queues: self.device_queues,
+            max_queue_size: self.device_queue_size,
+            workers: self.device_workers,
+            latency: self.device_latency,
+            null_crypto: self.device_null,
+            core: self.core,
+            ..EmulatedConfig::default()
+        };
+        Ok(Arc::new(EmulatedTransport::new(config).context("creating the emulated device")?))
+    }
+
+    /// Driver options from the arguments.
+    pub fn options(&self) -> DeviceOptions {
+        DeviceOptions {
+            completion: if self.mode == "irq" { CompletionMode::Interrupt } else { CompletionMode::Poll },
+            ..DeviceOptions::default()
+        }
+    }
+
+    /// Opens the device.
+    pub fn open(&self, options: &DeviceOptions) -> anyhow::Result<VirtioCrypto> {
+        let t = self.transport()?;
+        let name = t.name();
+        VirtioCrypto::open(t, options).with_context(|| format!("opening {name}"))
+    }
+}
+
+/// `crypt-vfio info`.
+pub fn info(args: DeviceArgs) -> anyhow::Result<()> {
+    let dev = args.open(&args.options())?;
+    let info = dev.info();
+    println!("device:        {}", crypt_vfio::engine::Engine::describe(&dev));
+    println!("features:      {:#x}", dev.features());
+    println!("ready:         {}", info.ready());
+    println!("services:      {}", info.service_names().join(", "));
+    println!("advertised:    {}", info.algorithm_names().join(", "));
+    println!("data queues:   {} (using {})", info.max_dataqueues, crypt_vfio::engine::Engine::queue_count(&dev));
+    println!("max key:       {} bytes", info.max_cipher_key_len);
+    println!("max request:   {} bytes", info.max_size);
+    println!("usable (probed by creating a session):");
+    for (mode, keys) in
+        [(Mode::Gcm, &[16usize, 32][..]), (Mode::Xts, &[32, 64]), (Mode::Cbc, &[16, 24, 32]), (Mode::Ctr, &[16, 24, 32])]
+    {
+        let ok: Vec<String> = keys
+            .iter()
+            .filter(|&&k| dev.probe(mode, k).unwrap_or(false))
+            .map(|k| format!("{}-bit", k * 8))
+            .collect();
+        let adv = if info.advertises(mode) { "advertised" } else { "not advertised" };
+        let usable = if ok.is_empty() { "not usable".to_string() } else { ok.join(" ") };
+        println!("  {:<8} {usable:<24} ({adv})", mode.to_string());
+    }
+    Ok(())
+}
