@@ -98,7 +98,7 @@ impl Mode {
             Mode::Xts if len < BLOCK_LEN => {
                 Err(CoreError::DataLength { mode: self, len, rule: "at least one 16-byte block" })
             }
-            Mode::Cbc if len % BLOCK_LEN != 0 => {
+            Mode::Cbc if !len.is_multiple_of(BLOCK_LEN) => {
                 Err(CoreError::DataLength { mode: self, len, rule: "a multiple of 16 bytes" })
             }
             _ => Ok(()),

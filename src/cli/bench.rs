@@ -102,6 +102,63 @@ pub struct BenchArgs {
     /// Print one JSON object per run instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run a series: `qd=1,2,4,...` or `size=512,4096,...`.
+    #[arg(long)]
+    sweep: Option<Sweep>,
+    /// Draw the sweep's throughput to this SVG file.
+    #[arg(long, requires = "sweep")]
+    plot: Option<std::path::PathBuf>,
+}
+
+/// A series of runs over one parameter.
+#[derive(Clone, Debug)]
+pub struct Sweep {
+    /// `qd` or `size`.
+    pub param: SweepParam,
+    /// The values, in order.
+    pub values: Vec<usize>,
+}
+
+/// The parameter a sweep varies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SweepParam {
+    /// Requests in flight per queue.
+    Qd,
+    /// Bytes per request.
+    Size,
+}
+
+impl FromStr for Sweep {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, list) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: expected qd=1,2,4 or size=512,4096"))?;
+        let param = match name {
+            "qd" => SweepParam::Qd,
+            "size" => SweepParam::Size,
+            _ => return Err(format!("cannot sweep `{name}` (qd or size)")),
+        };
+        let values = list
+            .split(',')
+            .map(|v| {
+                v.trim()
+                    .parse::<usize>()
+                    .map_err(|_| format!("`{v}` is not a number"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if values.is_empty() || values.contains(&0) {
+            return Err("sweep values must be positive".into());
+        }
+        Ok(Self { param, values })
+    }
+}
+
+/// The size and queue depth of one run.
+#[derive(Clone, Copy, Debug)]
+struct Point {
+    size: usize,
+    qd: usize,
 }
 
 /// The outcome of one run.
@@ -158,7 +215,11 @@ impl RunResult {
             self.engine,
             self.alg.to_string(),
             self.size,
-            if self.wait_each { "1*".to_string() } else { self.qd.to_string() },
+            if self.wait_each {
+                "1*".to_string()
+            } else {
+                self.qd.to_string()
+            },
             self.queues,
             self.gbps(),
             self.mops(),
@@ -177,33 +238,110 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.size == 0 || args.qd == 0 || args.queues == 0 || args.repeat == 0 {
         bail!("--size, --qd, --queues and --repeat must be at least 1");
     }
-    if let Err(e) = args.alg.mode.check_data_len(args.size) {
-        bail!("--size {}: {e}", args.size);
+    let points: Vec<Point> = match &args.sweep {
+        None => vec![Point {
+            size: args.size,
+            qd: args.qd,
+        }],
+        Some(sw) => sw
+            .values
+            .iter()
+            .map(|&v| match sw.param {
+                SweepParam::Qd => Point {
+                    size: args.size,
+                    qd: v,
+                },
+                SweepParam::Size => Point {
+                    size: v,
+                    qd: args.qd,
+                },
+            })
+            .collect(),
+    };
+    for p in &points {
+        if let Err(e) = args.alg.mode.check_data_len(p.size) {
+            bail!("size {}: {e}", p.size);
+        }
     }
     if !args.json {
         println!("{HEADER}");
     }
-    let mut medians = Vec::new();
+    let mut series: Vec<(String, Vec<RunResult>)> = Vec::new();
     if args.engine == "device" || args.engine == "both" {
         let dev = args.device.open(&args.device.options())?;
-        medians.push(repeat(&args, &dev)?);
+        series.push((
+            dev.describe(),
+            points
+                .iter()
+                .map(|&p| repeat(&args, &dev, p))
+                .collect::<anyhow::Result<_>>()?,
+        ));
     }
     if args.engine == "software" || args.engine == "both" {
         let sw = SoftwareEngine::new(args.device.core);
-        medians.push(repeat(&args, &sw)?);
+        series.push((
+            sw.describe(),
+            points
+                .iter()
+                .map(|&p| repeat(&args, &sw, p))
+                .collect::<anyhow::Result<_>>()?,
+        ));
     }
-    if let [dev, sw] = &medians[..] {
+    if let [(_, dev), (_, sw)] = &series[..] {
         if !args.json {
-            println!("device / software throughput: {:.2}", dev.gbps() / sw.gbps());
+            for (d, s) in dev.iter().zip(sw) {
+                println!(
+                    "device / software throughput at size {} qd {}: {:.2}",
+                    d.size,
+                    d.qd,
+                    d.gbps() / s.gbps()
+                );
+            }
+        }
+    }
+    if let (Some(path), Some(sweep)) = (&args.plot, &args.sweep) {
+        super::plot::throughput_svg(
+            path,
+            &args.alg.to_string(),
+            sweep.param == SweepParam::Qd,
+            &series_points(&series, sweep.param),
+        )?;
+        if !args.json {
+            println!("plot written to {}", path.display());
         }
     }
     Ok(())
 }
 
-fn repeat<E: Engine>(args: &BenchArgs, engine: &E) -> anyhow::Result<RunResult> {
+fn series_points(
+    series: &[(String, Vec<RunResult>)],
+    param: SweepParam,
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    series
+        .iter()
+        .map(|(name, runs)| {
+            let pts = runs
+                .iter()
+                .map(|r| {
+                    (
+                        if param == SweepParam::Qd {
+                            r.qd
+                        } else {
+                            r.size
+                        } as f64,
+                        r.gbps(),
+                    )
+                })
+                .collect();
+            (name.clone(), pts)
+        })
+        .collect()
+}
+
+fn repeat<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Result<RunResult> {
     let mut runs = Vec::with_capacity(args.repeat);
     for _ in 0..args.repeat {
-        let r = run_once(args, engine)?;
+        let r = run_once(args, engine, point)?;
         if args.json {
             println!("{}", r.json());
         } else {
@@ -240,20 +378,24 @@ const KEY: [u8; 64] = {
     k
 };
 
-fn run_once<E: Engine>(args: &BenchArgs, engine: &E) -> anyhow::Result<RunResult> {
+fn run_once<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Result<RunResult> {
     let key = &KEY[..args.alg.key_len];
-    let session = engine.create_session(args.alg.mode, key).with_context(|| format!("creating a {} session", args.alg))?;
+    let session = engine
+        .create_session(args.alg.mode, key)
+        .with_context(|| format!("creating a {} session", args.alg))?;
     let stop = AtomicBool::new(false);
     let cpu0 = cpu_time();
     let start = Instant::now();
     let deadline = start + args.duration;
+    let progress =
+        super::progress::RunProgress::start(args.duration, args.count.is_none() && !args.json);
     let results: Vec<anyhow::Result<ThreadResult>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.queues)
             .map(|q| {
                 let session = session.clone();
                 let stop = &stop;
                 s.spawn(move || {
-                    let r = worker(engine, session, q, args, deadline, stop);
+                    let r = worker(engine, session, q, args, point, deadline, stop);
                     if r.is_err() {
                         stop.store(true, Ordering::Relaxed);
                     }
@@ -261,9 +403,16 @@ fn run_once<E: Engine>(args: &BenchArgs, engine: &E) -> anyhow::Result<RunResult
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("bench thread panicked")))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("bench thread panicked")))
+            })
+            .collect()
     });
     let seconds = start.elapsed().as_secs_f64();
+    progress.finish();
     let cpu_seconds = cpu_time() - cpu0;
     let _ = engine.destroy_session(&session);
     let mut lat = Histogram::<u64>::new(3).map_err(|e| anyhow!("histogram: {e}"))?;
@@ -277,8 +426,8 @@ fn run_once<E: Engine>(args: &BenchArgs, engine: &E) -> anyhow::Result<RunResult
     Ok(RunResult {
         engine: engine.describe(),
         alg: args.alg,
-        size: args.size,
-        qd: args.qd,
+        size: point.size,
+        qd: point.qd,
         queues: args.queues,
         ops,
         seconds,
@@ -320,25 +469,36 @@ fn worker<E: Engine>(
     session: E::Session,
     queue: usize,
     args: &BenchArgs,
+    point: Point,
     deadline: Instant,
     stop: &AtomicBool,
 ) -> anyhow::Result<ThreadResult> {
-    let inbox: Arc<Inbox<E::Session>> = Arc::new(Inbox { events: Mutex::new(Vec::new()), ready: Condvar::new() });
+    let inbox: Arc<Inbox<E::Session>> = Arc::new(Inbox {
+        events: Mutex::new(Vec::new()),
+        ready: Condvar::new(),
+    });
     let sink_inbox = inbox.clone();
     let mut q = engine.open_queue(
         queue,
         Arc::new(move |ev| {
-            sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).push(ev);
+            sink_inbox
+                .events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(ev);
             sink_inbox.ready.notify_one();
         }),
     )?;
-    let qd = if args.wait_each { 1 } else { args.qd };
+    let qd = if args.wait_each { 1 } else { point.qd };
     let mode = args.alg.mode;
     let reference = new_cipher(CoreKind::Fast, mode, &KEY[..args.alg.key_len])?;
     let mut slots: Vec<Option<Buf>> = Vec::with_capacity(qd);
     for i in 0..qd {
-        let mut b = engine.alloc_buffer(args.size)?;
-        b.as_mut_slice().iter_mut().enumerate().for_each(|(j, x)| *x = (i * 31 + j) as u8);
+        let mut b = engine.alloc_buffer(point.size)?;
+        b.as_mut_slice()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, x)| *x = (i * 31 + j) as u8);
         slots.push(Some(b));
     }
     let mut free: Vec<usize> = (0..qd).rev().collect();
@@ -355,15 +515,24 @@ fn worker<E: Engine>(
         // Submit while the pipeline allows: not waiting for a promotion, buffers free.
         while blocked.is_none() && !out_of_time && seq < limit {
             let Some(slot) = free.pop() else { break };
-            if seq % 64 == 0 && (Instant::now() >= deadline && args.count.is_none() || stop.load(Ordering::Relaxed)) {
+            if seq % 64 == 0
+                && (Instant::now() >= deadline && args.count.is_none()
+                    || stop.load(Ordering::Relaxed))
+            {
                 free.push(slot);
                 out_of_time = true;
                 break;
             }
-            let data = slots[slot].take().ok_or_else(|| anyhow!("buffer {slot} missing"))?;
+            let data = slots[slot]
+                .take()
+                .ok_or_else(|| anyhow!("buffer {slot} missing"))?;
             let iv = iv_for(mode, seq);
             if seq % 256 == 0 && sample.is_none() {
-                sample = Some(Sample { slot, input: data.as_slice().to_vec(), iv });
+                sample = Some(Sample {
+                    slot,
+                    input: data.as_slice().to_vec(),
+                    iv,
+                });
             }
             let req = Request::new(session.clone(), Direction::Encrypt, iv, data, slot as u64);
             submitted_at[slot] = Instant::now();
@@ -397,7 +566,11 @@ fn worker<E: Engine>(
         {
             let mut ev = inbox.events.lock().unwrap_or_else(|e| e.into_inner());
             if ev.is_empty() && !poll_mode {
-                ev = inbox.ready.wait_timeout(ev, Duration::from_millis(5)).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+                ev = inbox
+                    .ready
+                    .wait_timeout(ev, Duration::from_millis(5))
+                    .map(|r| r.0)
+                    .unwrap_or_else(|e| e.into_inner().0);
             }
             std::mem::swap(&mut *ev, &mut local);
         }
@@ -410,15 +583,22 @@ fn worker<E: Engine>(
                 }
                 Event::Completed(c) => {
                     let slot = c.request.user_data as usize;
-                    c.result.with_context(|| format!("request on queue {queue} failed"))?;
+                    c.result
+                        .with_context(|| format!("request on queue {queue} failed"))?;
                     let _ = lat.record(submitted_at[slot].elapsed().as_nanos() as u64);
                     if let Some(s) = sample.take_if(|s| s.slot == slot) {
                         let mut expect = s.input;
                         let mut tag = [0u8; 16];
                         let t: &mut [u8] = if mode.is_aead() { &mut tag } else { &mut [] };
                         reference.encrypt(s.iv.as_slice(), &[], &mut expect, t)?;
-                        if expect != c.request.data.as_slice() || (mode.is_aead() && tag != c.request.tag) {
-                            bail!("{}: result differs from the AES core called directly (request {})", engine.describe(), ops);
+                        if expect != c.request.data.as_slice()
+                            || (mode.is_aead() && tag != c.request.tag)
+                        {
+                            bail!(
+                                "{}: result differs from the AES core called directly (request {})",
+                                engine.describe(),
+                                ops
+                            );
                         }
                     }
                     slots[slot] = Some(c.request.data);

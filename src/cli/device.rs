@@ -46,13 +46,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => s.split_at(i),
         None => (s, "us"),
     };
-    let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (try 20us, 1ms, 2s)"))?;
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (try 20us, 1ms, 2s)"))?;
     let secs = match unit {
         "ns" => v / 1e9,
         "us" | "µs" => v / 1e6,
         "ms" => v / 1e3,
         "s" => v,
-        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use ns, us, ms or s)")),
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{s}` (use ns, us, ms or s)"
+            ))
+        }
     };
     if !(0.0..=3600.0).contains(&secs) {
         return Err(format!("duration `{s}` out of range"));
@@ -79,13 +85,19 @@ impl DeviceArgs {
             core: self.core,
             ..EmulatedConfig::default()
         };
-        Ok(Arc::new(EmulatedTransport::new(config).context("creating the emulated device")?))
+        Ok(Arc::new(
+            EmulatedTransport::new(config).context("creating the emulated device")?,
+        ))
     }
 
     /// Driver options from the arguments.
     pub fn options(&self) -> DeviceOptions {
         DeviceOptions {
-            completion: if self.mode == "irq" { CompletionMode::Interrupt } else { CompletionMode::Poll },
+            completion: if self.mode == "irq" {
+                CompletionMode::Interrupt
+            } else {
+                CompletionMode::Poll
+            },
             ..DeviceOptions::default()
         }
     }
@@ -102,25 +114,43 @@ impl DeviceArgs {
 pub fn info(args: DeviceArgs) -> anyhow::Result<()> {
     let dev = args.open(&args.options())?;
     let info = dev.info();
-    println!("device:        {}", crypt_vfio::engine::Engine::describe(&dev));
+    println!(
+        "device:        {}",
+        crypt_vfio::engine::Engine::describe(&dev)
+    );
     println!("features:      {:#x}", dev.features());
     println!("ready:         {}", info.ready());
     println!("services:      {}", info.service_names().join(", "));
     println!("advertised:    {}", info.algorithm_names().join(", "));
-    println!("data queues:   {} (using {})", info.max_dataqueues, crypt_vfio::engine::Engine::queue_count(&dev));
+    println!(
+        "data queues:   {} (using {})",
+        info.max_dataqueues,
+        crypt_vfio::engine::Engine::queue_count(&dev)
+    );
     println!("max key:       {} bytes", info.max_cipher_key_len);
     println!("max request:   {} bytes", info.max_size);
     println!("usable (probed by creating a session):");
-    for (mode, keys) in
-        [(Mode::Gcm, &[16usize, 32][..]), (Mode::Xts, &[32, 64]), (Mode::Cbc, &[16, 24, 32]), (Mode::Ctr, &[16, 24, 32])]
-    {
+    for (mode, keys) in [
+        (Mode::Gcm, &[16usize, 32][..]),
+        (Mode::Xts, &[32, 64]),
+        (Mode::Cbc, &[16, 24, 32]),
+        (Mode::Ctr, &[16, 24, 32]),
+    ] {
         let ok: Vec<String> = keys
             .iter()
             .filter(|&&k| dev.probe(mode, k).unwrap_or(false))
             .map(|k| format!("{}-bit", k * 8))
             .collect();
-        let adv = if info.advertises(mode) { "advertised" } else { "not advertised" };
-        let usable = if ok.is_empty() { "not usable".to_string() } else { ok.join(" ") };
+        let adv = if info.advertises(mode) {
+            "advertised"
+        } else {
+            "not advertised"
+        };
+        let usable = if ok.is_empty() {
+            "not usable".to_string()
+        } else {
+            ok.join(" ")
+        };
         println!("  {:<8} {usable:<24} ({adv})", mode.to_string());
     }
     Ok(())

@@ -2,6 +2,8 @@
 
 mod bench;
 mod device;
+mod plot;
+mod progress;
 
 use clap::{Parser, Subcommand};
 

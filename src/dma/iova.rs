@@ -79,7 +79,7 @@ mod tests {
 
     #[test]
     fn respects_ranges_alignment_and_floor() {
-        let mut a = IovaAllocator::new(&[0..0x30_0000, 0x1000_0000..0x1040_0000]);
+        let mut a = IovaAllocator::new(&[0..0x40_0000, 0x1000_0000..0x1040_0000]);
         let x = a.alloc(0x20_0000, 0x20_0000).unwrap();
         assert_eq!(x, 0x20_0000, "first aligned address above the 1 MiB floor");
         let y = a.alloc(0x20_0000, 0x20_0000).unwrap();

@@ -72,7 +72,9 @@ impl ContractChecker {
         }
     }
 
-
+    /// Call right before submitting request `user_data` to queue `queue`, then call
+    /// [`submitted`](Self::submitted) with the result. `user_data` must be unique per request;
+    /// a request refused earlier may be submitted again under its id.
     pub fn begin_submit(&self, queue: usize, user_data: u64) -> u64 {
         let t = self.tick();
         let mut tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());

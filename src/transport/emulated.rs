@@ -117,7 +117,7 @@ impl Transport for EmulatedTransport {
 
     fn iova_ranges(&self) -> Vec<Range<u64>> {
         // A 48-bit IOVA space, as Intel's IOMMU offers with 4-level tables.
-        vec![0..(1u64 << 48)]
+        std::iter::once(0..(1u64 << 48)).collect()
     }
 
     fn dma_map(&self, iova: u64, region: &Arc<DmaRegion>) -> Result<()> {

@@ -19,7 +19,7 @@ pub struct EventNotifier {
 impl EventNotifier {
     /// A new, non-blocking eventfd.
     pub fn new() -> Result<Self> {
-        let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::os("eventfd", e.into()))?;
+        let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::os("eventfd", e))?;
         Ok(Self { fd })
     }
 
@@ -66,6 +66,6 @@ impl EventNotifier {
     pub fn signal(&self) -> Result<()> {
         self.fd
             .write(1)
-            .map_err(|e| Error::os("eventfd write", e.into()))
+            .map_err(|e| Error::os("eventfd write", e))
     }
 }

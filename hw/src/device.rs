@@ -1,0 +1,282 @@
+//! The state of the emulated function shared by the register interface (the driver's thread),
+//! the control queue and the worker threads, and the device-wide actions they trigger: reset,
+//! doorbells, interrupts and stopping a queue that the driver broke.
+
+use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crypt_vfio_spec::crypto::config as crypto_config;
+use crypt_vfio_spec::pci::{status, ISR_CONFIG, ISR_QUEUE, VIRTIO_MSI_NO_VECTOR};
+
+use crate::bar::MsixLayout;
+use crate::common_cfg::TransportRegs;
+use crate::config::DeviceConfig;
+use crate::iommu::Iommu;
+use crate::msix::Msix;
+use crate::pci_config::PciConfig;
+use crate::quiesce::Quiesce;
+use crate::sessions::Sessions;
+use crate::stats::Counters;
+use crate::virtqueue::{Ring, RingFault};
+use crate::worker::WorkerSlot;
+
+/// Keeps a hot atomic on its own cache line(s).
+#[repr(align(128))]
+#[derive(Default)]
+pub(crate) struct Padded<T>(pub T);
+
+/// One virtqueue as the device sees it.
+pub(crate) struct Queue {
+    /// The ring while the queue is enabled. Workers only `try_lock` it.
+    ring: Mutex<Option<Ring>>,
+    /// The MSI-X vector of the queue, read on every interrupt.
+    pub vector: AtomicU16,
+}
+
+impl Queue {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Option<Ring>> {
+        self.ring.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, Option<Ring>>> {
+        match self.ring.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+/// The emulated function.
+pub(crate) struct Device {
+    pub cfg: DeviceConfig,
+    pub pci: PciConfig,
+    pub msix: Msix,
+    pub device_cfg: [u8; crypto_config::SIZE as usize],
+    regs: Mutex<TransportRegs>,
+    pub status: AtomicU8,
+    /// Features confirmed by FEATURES_OK.
+    pub negotiated: AtomicU64,
+    /// DRIVER_OK is set, FAILED is not, and bus mastering is on: queues may be processed.
+    running: AtomicBool,
+    isr: AtomicU8,
+    pub config_vector: AtomicU16,
+    pub queues: Box<[Queue]>,
+    pub iommu: Iommu,
+    pub sessions: Sessions,
+    pub counters: Counters,
+    /// Data requests taken from rings and not completed yet, device-wide.
+    pub inflight: Padded<AtomicUsize>,
+    pub quiesce: Quiesce,
+    pub workers: Box<[WorkerSlot]>,
+    pub shutdown: AtomicBool,
+}
+
+impl Device {
+    pub(crate) fn new(cfg: DeviceConfig) -> Self {
+        let layout = MsixLayout::new(cfg.msix_vectors());
+        let n = cfg.num_queues();
+        Self {
+            pci: PciConfig::new(n, layout),
+            msix: Msix::new(layout),
+            device_cfg: crate::device_cfg::image(&cfg),
+            regs: Mutex::new(TransportRegs::new(n, cfg.max_queue_size)),
+            status: AtomicU8::new(0),
+            negotiated: AtomicU64::new(0),
+            running: AtomicBool::new(false),
+            isr: AtomicU8::new(0),
+            config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
+            queues: (0..n)
+                .map(|_| Queue { ring: Mutex::new(None), vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR) })
+                .collect(),
+            iommu: Iommu::new(),
+            sessions: Sessions::new(cfg.max_sessions, cfg.core),
+            counters: Counters::default(),
+            inflight: Padded(AtomicUsize::new(0)),
+            quiesce: Quiesce::new(cfg.workers),
+            workers: (0..cfg.workers).map(|_| WorkerSlot::default()).collect(),
+            shutdown: AtomicBool::new(false),
+            cfg,
+        }
+    }
+
+    /// The common configuration registers; holding them serialises all driver-visible state
+    /// changes (status, queue setup, reset, control requests).
+    pub(crate) fn regs(&self) -> MutexGuard<'_, TransportRegs> {
+        self.regs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Recomputes whether queues may be processed, and starts processing if they now may.
+    pub(crate) fn update_running(&self) {
+        let s = self.status.load(Ordering::SeqCst);
+        let now = s & status::DRIVER_OK != 0 && s & status::FAILED == 0 && self.pci.bus_master();
+        let was = self.running.swap(now, Ordering::AcqRel);
+        if now && !was {
+            self.drain_ctrl();
+            self.wake_workers();
+        }
+    }
+
+    /// Reads and clears the ISR status.
+    pub(crate) fn take_isr(&self) -> u8 {
+        self.isr.swap(0, Ordering::AcqRel)
+    }
+
+    /// A doorbell write for queue `q`.
+    pub(crate) fn doorbell(&self, q: u16) {
+        self.counters.notifications.fetch_add(1, Ordering::Relaxed);
+        if q >= self.cfg.num_queues() {
+            log::debug!("doorbell for queue {q}, which does not exist");
+        } else if q == self.cfg.ctrl_queue() {
+            let _regs = self.regs();
+            self.drain_ctrl();
+        } else {
+            self.wake_workers();
+        }
+    }
+
+    /// Unparks workers that went to sleep waiting for a doorbell.
+    pub(crate) fn wake_workers(&self) {
+        // Pairs with the fence a worker issues between announcing it sleeps and re-checking the
+        // rings: either it sees the new buffers, or this sees it sleeping.
+        fence(Ordering::SeqCst);
+        for w in self.workers.iter() {
+            if w.sleeping.load(Ordering::SeqCst) {
+                w.unpark();
+            }
+        }
+    }
+
+    /// Unparks every worker, sleeping or not.
+    pub(crate) fn wake_all_workers(&self) {
+        for w in self.workers.iter() {
+            w.unpark();
+        }
+    }
+
+    /// Signals `vector` if it is assigned and routed; returns whether an interrupt was sent.
+    fn signal(&self, vector: u16) -> bool {
+        if vector != VIRTIO_MSI_NO_VECTOR && self.msix.signal(vector) {
+            self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Interrupts the driver for used buffers on queue `q`.
+    pub(crate) fn queue_interrupt(&self, q: u16) {
+        self.isr.fetch_or(ISR_QUEUE, Ordering::AcqRel);
+        self.signal(self.queues[usize::from(q)].vector.load(Ordering::Relaxed));
+    }
+
+    /// Interrupts the driver for a configuration change (here: DEVICE_NEEDS_RESET).
+    fn config_interrupt(&self) {
+        self.isr.fetch_or(ISR_CONFIG, Ordering::AcqRel);
+        self.signal(self.config_vector.load(Ordering::Relaxed));
+    }
+
+    /// Stops queue `q` because of `fault`: the device needs a reset, and says so.
+    pub(crate) fn break_ring(&self, q: u16, ring: &mut Ring, fault: RingFault) {
+        if ring.broken {
+            return;
+        }
+        ring.broken = true;
+        log::warn!("queue {q}: {}; stopping the queue, the device needs a reset", fault.0);
+        self.counters.rings_broken.fetch_add(1, Ordering::Relaxed);
+        self.status.fetch_or(status::DEVICE_NEEDS_RESET, Ordering::SeqCst);
+        self.config_interrupt();
+    }
+
+    /// Like [`Device::break_ring`] for a caller that does not hold the queue's lock.
+    pub(crate) fn break_queue(&self, q: u16, fault: RingFault) {
+        if let Some(ring) = self.queues[usize::from(q)].lock().as_mut() {
+            self.break_ring(q, ring, fault);
+        }
+    }
+
+    /// Device reset (status 0): every queue disabled, sessions dropped, requests in flight
+    /// dropped without completion, and no worker touching driver memory when it returns.
+    pub(crate) fn reset_locked(&self, regs: &mut TransportRegs) {
+        self.running.store(false, Ordering::SeqCst);
+        self.status.store(0, Ordering::SeqCst);
+        self.quiesce.advance_and_wait(|| self.wake_all_workers());
+        for q in self.queues.iter() {
+            *q.lock() = None;
+            q.vector.store(VIRTIO_MSI_NO_VECTOR, Ordering::Relaxed);
+        }
+        self.sessions.clear();
+        self.negotiated.store(0, Ordering::SeqCst);
+        self.config_vector.store(VIRTIO_MSI_NO_VECTOR, Ordering::Relaxed);
+        self.isr.store(0, Ordering::SeqCst);
+        *regs = TransportRegs::new(self.cfg.num_queues(), self.cfg.max_queue_size);
+        self.counters.resets.fetch_add(1, Ordering::Relaxed);
+        log::debug!("device reset");
+    }
+
+    /// Function-level reset: a device reset plus the PCI command register cleared.
+    pub(crate) fn flr(&self) {
+        let mut regs = self.regs();
+        self.pci.flr();
+        self.reset_locked(&mut regs);
+    }
+
+    /// A config space write, with its effect on bus mastering.
+    pub(crate) fn config_write(&self, offset: u16, data: &[u8]) {
+        let _regs = self.regs();
+        let (before, after) = self.pci.write(offset, data);
+        if before != after {
+            log::debug!("PCI command {before:#06x} -> {after:#06x}");
+            self.update_running();
+        }
+    }
+
+    /// Reserves room for up to `want` data requests under the in-flight limit; returns how many.
+    pub(crate) fn reserve_inflight(&self, want: usize) -> usize {
+        let limit = self.cfg.inflight_limit;
+        let counter = &self.inflight.0;
+        if limit == 0 {
+            counter.fetch_add(want, Ordering::Relaxed);
+            return want;
+        }
+        let mut cur = counter.load(Ordering::Relaxed);
+        loop {
+            let n = want.min(limit.saturating_sub(cur));
+            if n == 0 {
+                return 0;
+            }
+            match counter.compare_exchange_weak(cur, cur + n, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return n,
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    /// Keeps `used` of `reserved` places (requests actually taken) and returns the rest.
+    pub(crate) fn commit_inflight(&self, reserved: usize, used: usize) {
+        let spare = reserved - used;
+        let now = if spare == 0 {
+            self.inflight.0.load(Ordering::Relaxed)
+        } else {
+            self.inflight.0.fetch_sub(spare, Ordering::Relaxed) - spare
+        };
+        if used != 0 {
+            self.note_inflight(now);
+        }
+    }
+
+    /// Returns `n` in-flight places (requests completed or dropped).
+    pub(crate) fn release_inflight(&self, n: usize) {
+        if n != 0 {
+            self.inflight.0.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    fn note_inflight(&self, now: usize) {
+        self.counters.max_in_flight.fetch_max(now as u64, Ordering::Relaxed);
+    }
+}

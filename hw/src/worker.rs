@@ -1,0 +1,400 @@
+//! The worker threads: the device's engines, which take data requests from the rings, run
+//! them, and complete them.
+//!
+//! Every worker serves every data queue, holding a queue's lock only to take heads or to
+//! publish used elements (and only via `try_lock`, moving on to the next queue when another
+//! worker has it). A worker polls while there is work and for `idle_spin` after, because on
+//! this class of machine a sleeping thread costs tens of microseconds to wake; then it
+//! re-enables the driver's notifications, checks the rings once more so no doorbell can be
+//! lost, and parks until a doorbell unparks it.
+//!
+//! Requests are executed as soon as they are taken (the AES runs immediately), but complete
+//! only when due: at take time plus `latency` and a random jitter, in random order when
+//! `out_of_order` is set. Taken but uncompleted requests count against `inflight_limit`.
+
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use crate::chain::Chain;
+use crate::device::Device;
+use crate::iommu::Snapshot;
+use crate::prng::SplitMix64;
+use crate::request::{self, Outcome, Scratch};
+use crate::sessions::SessionCache;
+use crate::stats::LocalCounts;
+use crate::virtqueue::{RingFault, RingMem};
+
+/// Most heads a worker takes from one queue at a time (and so publishes per used-index store).
+const BATCH: usize = 32;
+
+/// What the rest of the device knows about a worker: how to wake it.
+#[derive(Default)]
+#[repr(align(128))]
+pub(crate) struct WorkerSlot {
+    thread: OnceLock<Thread>,
+    /// The worker is (about to be) parked and wants an unpark for the next doorbell.
+    pub sleeping: AtomicBool,
+}
+
+impl WorkerSlot {
+    pub(crate) fn unpark(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// A request taken and executed, waiting to be completed.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    queue: u16,
+    head: u16,
+    outcome: Outcome,
+    /// When it may complete; `None` is "now" (no latency configured).
+    due: Option<Instant>,
+}
+
+/// Starts worker `id` of `dev`.
+pub(crate) fn spawn(dev: Arc<Device>, id: usize) -> std::io::Result<JoinHandle<()>> {
+    thread::Builder::new().name(format!("crypt-hw-{id}")).spawn(move || {
+        let mut w = Worker::new(id, &dev);
+        w.run(&dev);
+        w.leave(&dev);
+    })
+}
+
+/// Spinning with growing pauses, then yielding, while a worker waits for work.
+#[derive(Default)]
+struct Backoff {
+    step: u32,
+}
+
+impl Backoff {
+    fn snooze(&mut self) {
+        if self.step < 7 {
+            for _ in 0..(1u32 << self.step) {
+                std::hint::spin_loop();
+            }
+        } else {
+            thread::yield_now();
+        }
+        self.step = (self.step + 1).min(8);
+    }
+
+    fn reset(&mut self) {
+        self.step = 0;
+    }
+}
+
+struct Worker {
+    id: usize,
+    epoch: u64,
+    snap: Arc<Snapshot>,
+    cache: SessionCache,
+    chain: Chain,
+    scratch: Scratch,
+    rng: SplitMix64,
+    pending: Vec<Pending>,
+    ready: Vec<Pending>,
+    heads: [u16; BATCH],
+    next_queue: usize,
+    counts: LocalCounts,
+    /// Latency or jitter is configured, so completions wait for due times.
+    timed: bool,
+}
+
+impl Worker {
+    fn new(id: usize, dev: &Device) -> Self {
+        let _ = dev.workers[id].thread.set(thread::current());
+        let cfg = &dev.cfg;
+        Self {
+            id,
+            epoch: dev.quiesce.epoch(),
+            snap: dev.iommu.snapshot(),
+            cache: SessionCache::new(),
+            chain: Chain::new(),
+            scratch: Scratch::default(),
+            rng: SplitMix64::new(cfg.seed ^ (id as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            pending: Vec::with_capacity(4 * BATCH),
+            ready: Vec::with_capacity(4 * BATCH),
+            heads: [0; BATCH],
+            next_queue: id % usize::from(cfg.data_queues),
+            counts: LocalCounts::default(),
+            timed: !cfg.latency.is_zero() || !cfg.latency_jitter.is_zero(),
+        }
+    }
+
+    fn run(&mut self, dev: &Device) {
+        let mut idle_since: Option<Instant> = None;
+        let mut backoff = Backoff::default();
+        while !dev.shutdown.load(Ordering::Acquire) {
+            self.enter(dev);
+            let running = dev.running();
+            let mut progress = 0;
+            if running {
+                progress += self.poll_all(dev);
+                progress += self.complete(dev);
+            }
+            if progress > 0 {
+                idle_since = None;
+                backoff.reset();
+                continue;
+            }
+            let now = Instant::now();
+            let since = *idle_since.get_or_insert(now);
+            if running && !self.pending.is_empty() {
+                // Waiting for due times: sleep through long waits, poll through short ones.
+                let wait =
+                    self.pending.iter().filter_map(|p| p.due).min().map(|d| d.saturating_duration_since(now));
+                match wait {
+                    Some(w) if w > dev.cfg.idle_spin => self.sleep(dev, running, Some(w)),
+                    _ => backoff.snooze(),
+                }
+                continue;
+            }
+            if now.duration_since(since) < dev.cfg.idle_spin {
+                backoff.snooze();
+                continue;
+            }
+            self.sleep(dev, running, None);
+            idle_since = None;
+            backoff.reset();
+        }
+    }
+
+    /// Start of a round: join the current epoch (dropping requests a reset cancelled) and pick
+    /// up changed mappings and sessions.
+    fn enter(&mut self, dev: &Device) {
+        let pending = &mut self.pending;
+        let mut dropped = 0;
+        dev.quiesce.enter(self.id, &mut self.epoch, || {
+            dropped += pending.len();
+            pending.clear();
+        });
+        if dropped > 0 {
+            dev.release_inflight(dropped);
+            dev.counters.dropped_by_reset.fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+        dev.iommu.refresh(&mut self.snap);
+        self.cache.refresh(&dev.sessions);
+    }
+
+    /// The thread is ending: give back what it held.
+    fn leave(&mut self, dev: &Device) {
+        dev.release_inflight(self.pending.len());
+        self.pending.clear();
+        dev.quiesce.idle(self.id);
+    }
+
+    fn poll_all(&mut self, dev: &Device) -> usize {
+        let nq = usize::from(dev.cfg.data_queues);
+        let start = self.next_queue;
+        self.next_queue = (start + 1) % nq;
+        (0..nq).map(|k| self.poll(dev, ((start + k) % nq) as u16)).sum()
+    }
+
+    /// Takes and executes up to a batch of requests from data queue `q`.
+    fn poll(&mut self, dev: &Device, q: u16) -> usize {
+        let reserved = dev.reserve_inflight(BATCH);
+        if reserved == 0 {
+            return 0;
+        }
+        let Some(mut guard) = dev.queues[usize::from(q)].try_lock() else {
+            dev.commit_inflight(reserved, 0);
+            return 0;
+        };
+        let Some(ring) = guard.as_mut().filter(|r| !r.broken) else {
+            dev.commit_inflight(reserved, 0);
+            return 0;
+        };
+        let heads = &mut self.heads[..reserved];
+        let taken = ring.mem(&dev.iommu).and_then(|mem| {
+            ring.disable_notifications(&mem)?;
+            let n = ring.pop(&mem, heads)?;
+            Ok((mem, n))
+        });
+        let (mem, n) = match taken {
+            Ok(t) => t,
+            Err(fault) => {
+                dev.break_ring(q, ring, fault);
+                dev.commit_inflight(reserved, 0);
+                return 0;
+            }
+        };
+        let indirect = ring.indirect;
+        drop(guard);
+        dev.commit_inflight(reserved, n);
+        let due = self.due_base(dev, n);
+        for i in 0..n {
+            let head = self.heads[i];
+            match self.execute(dev, &mem, indirect, head) {
+                Ok(outcome) => {
+                    let due = due.map(|d| d + self.jitter(dev));
+                    self.pending.push(Pending { queue: q, head, outcome, due });
+                }
+                Err(fault) => {
+                    // The rest of the batch dies with the queue.
+                    dev.break_queue(q, fault);
+                    dev.release_inflight(n - i);
+                    break;
+                }
+            }
+        }
+        n
+    }
+
+    fn execute(
+        &mut self,
+        dev: &Device,
+        mem: &RingMem,
+        indirect: bool,
+        head: u16,
+    ) -> Result<Outcome, RingFault> {
+        self.chain.walk(mem, &self.snap, indirect, head)?;
+        let status_at =
+            self.chain.writable.last_byte().ok_or(RingFault("data request without a mapped status byte"))?;
+        Ok(request::execute(
+            &dev.cfg,
+            &dev.sessions,
+            &mut self.cache,
+            &mut self.scratch,
+            &mut self.rng,
+            &self.chain,
+            status_at,
+        ))
+    }
+
+    /// When requests taken now become due, before jitter; `None` without latency.
+    fn due_base(&self, dev: &Device, n: usize) -> Option<Instant> {
+        (self.timed && n > 0).then(|| Instant::now() + dev.cfg.latency)
+    }
+
+    fn jitter(&mut self, dev: &Device) -> Duration {
+        let j = dev.cfg.latency_jitter.as_nanos().min(u128::from(u64::MAX)) as u64;
+        if j == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(self.rng.below(j))
+        }
+    }
+
+    /// Completes the requests that are due, one used-index store and at most one interrupt
+    /// per queue.
+    fn complete(&mut self, dev: &Device) -> usize {
+        if self.pending.is_empty() {
+            return 0;
+        }
+        let now = self.timed.then(Instant::now);
+        let out_of_order = dev.cfg.out_of_order;
+        let (pending, ready, rng) = (&mut self.pending, &mut self.ready, &mut self.rng);
+        pending.retain(|p| {
+            let due = match (p.due, now) {
+                (Some(d), Some(n)) => d <= n,
+                _ => true,
+            };
+            // Out of order: also hold a few ready requests back a round, so that completions
+            // overtake each other across batches, not only within one.
+            if due && !(out_of_order && rng.below(4) == 0) {
+                ready.push(*p);
+                false
+            } else {
+                true
+            }
+        });
+        if ready.is_empty() {
+            return 0;
+        }
+        if out_of_order {
+            for i in (1..ready.len()).rev() {
+                ready.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+        }
+        let mut finished = 0;
+        while let Some(first) = ready.first() {
+            let q = first.queue;
+            let Some(mut guard) = dev.queues[usize::from(q)].try_lock() else {
+                // Another worker is on this queue; try again next round.
+                pending.extend(ready.iter().filter(|p| p.queue == q));
+                ready.retain(|p| p.queue != q);
+                continue;
+            };
+            // A queue that was disabled or broke meanwhile drops its requests uncompleted.
+            if let Some(ring) = guard.as_mut().filter(|r| !r.broken) {
+                let counts = &mut self.counts;
+                let published = ring.mem(&dev.iommu).and_then(|mem| {
+                    let old = ring.next_used();
+                    for p in ready.iter().filter(|p| p.queue == q) {
+                        ring.push(&mem, p.head, p.outcome.written)?;
+                        counts.record(p.outcome.status);
+                        counts.injected += u64::from(p.outcome.injected);
+                    }
+                    ring.publish(&mem, old)
+                });
+                match published {
+                    Ok(interrupt) => {
+                        drop(guard);
+                        if interrupt {
+                            dev.queue_interrupt(q);
+                        }
+                    }
+                    Err(fault) => dev.break_ring(q, ring, fault),
+                }
+            }
+            let before = ready.len();
+            ready.retain(|p| p.queue != q);
+            finished += before - ready.len();
+        }
+        dev.release_inflight(finished);
+        dev.counters.flush(&mut self.counts);
+        finished
+    }
+
+    /// Parks until a doorbell, a reset, shutdown or `timeout`, unless work shows up while the
+    /// driver's notifications are being re-enabled.
+    fn sleep(&mut self, dev: &Device, was_running: bool, timeout: Option<Duration>) {
+        let slot = &dev.workers[self.id];
+        slot.sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let work = was_running && self.arm_notifications(dev);
+        if work
+            || dev.shutdown.load(Ordering::SeqCst)
+            || dev.running() != was_running
+            || dev.quiesce.epoch() != self.epoch
+        {
+            slot.sleeping.store(false, Ordering::SeqCst);
+            return;
+        }
+        if self.pending.is_empty() {
+            dev.quiesce.idle(self.id);
+        }
+        match timeout {
+            Some(t) => thread::park_timeout(t),
+            None => thread::park(),
+        }
+        slot.sleeping.store(false, Ordering::SeqCst);
+    }
+
+    /// Asks the driver to kick every data queue again, then checks whether any has work.
+    fn arm_notifications(&mut self, dev: &Device) -> bool {
+        let mut work = false;
+        for q in 0..dev.cfg.data_queues {
+            let mut guard = dev.queues[usize::from(q)].lock();
+            let Some(ring) = guard.as_mut().filter(|r| !r.broken) else { continue };
+            let checked = ring.mem(&dev.iommu).and_then(|mem| {
+                ring.enable_notifications(&mem)?;
+                // The driver publishes buffers and then reads our notification fields; we
+                // write the fields and then read its index. The fence keeps either side
+                // from missing the other.
+                fence(Ordering::SeqCst);
+                ring.has_work(&mem)
+            });
+            match checked {
+                Ok(w) => work |= w,
+                Err(fault) => dev.break_ring(q, ring, fault),
+            }
+        }
+        work
+    }
+}
