@@ -85,10 +85,7 @@ pub enum Error {
 impl Error {
     /// Wraps an OS error with what was being attempted.
     pub fn os(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Os {
-            context: context.into(),
-            source,
-        }
+        Error::Os { context: context.into(), source }
     }
 
     /// The last OS error, with context.
@@ -100,15 +97,7 @@ impl Error {
 impl From<CoreError> for Error {
     fn from(e: CoreError) -> Self {
         match e {
-            CoreError::KeyLength {
-                mode,
-                len,
-                expected,
-            } => Error::KeyLength {
-                mode,
-                len,
-                expected,
-            },
+            CoreError::KeyLength { mode, len, expected } => Error::KeyLength { mode, len, expected },
             CoreError::KeyRejected { .. } => Error::KeyRejected(e.to_string()),
             CoreError::AuthFailed => Error::AuthFailed,
             CoreError::IvLength { .. } | CoreError::DataLength { .. } | CoreError::TagLength(_) => {

@@ -46,19 +46,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => s.split_at(i),
         None => (s, "us"),
     };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (try 20us, 1ms, 2s)"))?;
+    let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (try 20us, 1ms, 2s)"))?;
     let secs = match unit {
         "ns" => v / 1e9,
         "us" | "µs" => v / 1e6,
         "ms" => v / 1e3,
         "s" => v,
-        _ => {
-            return Err(format!(
-                "unknown unit `{unit}` in `{s}` (use ns, us, ms or s)"
-            ))
-        }
+        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use ns, us, ms or s)")),
     };
     if !(0.0..=3600.0).contains(&secs) {
         return Err(format!("duration `{s}` out of range"));
@@ -85,19 +79,13 @@ impl DeviceArgs {
             core: self.core,
             ..EmulatedConfig::default()
         };
-        Ok(Arc::new(
-            EmulatedTransport::new(config).context("creating the emulated device")?,
-        ))
+        Ok(Arc::new(EmulatedTransport::new(config).context("creating the emulated device")?))
     }
 
     /// Driver options from the arguments.
     pub fn options(&self) -> DeviceOptions {
         DeviceOptions {
-            completion: if self.mode == "irq" {
-                CompletionMode::Interrupt
-            } else {
-                CompletionMode::Poll
-            },
+            completion: if self.mode == "irq" { CompletionMode::Interrupt } else { CompletionMode::Poll },
             ..DeviceOptions::default()
         }
     }
@@ -114,10 +102,7 @@ impl DeviceArgs {
 pub fn info(args: DeviceArgs) -> anyhow::Result<()> {
     let dev = args.open(&args.options())?;
     let info = dev.info();
-    println!(
-        "device:        {}",
-        crypt_vfio::engine::Engine::describe(&dev)
-    );
+    println!("device:        {}", crypt_vfio::engine::Engine::describe(&dev));
     println!("features:      {:#x}", dev.features());
     println!("ready:         {}", info.ready());
     println!("services:      {}", info.service_names().join(", "));
@@ -141,16 +126,8 @@ pub fn info(args: DeviceArgs) -> anyhow::Result<()> {
             .filter(|&&k| dev.probe(mode, k).unwrap_or(false))
             .map(|k| format!("{}-bit", k * 8))
             .collect();
-        let adv = if info.advertises(mode) {
-            "advertised"
-        } else {
-            "not advertised"
-        };
-        let usable = if ok.is_empty() {
-            "not usable".to_string()
-        } else {
-            ok.join(" ")
-        };
+        let adv = if info.advertises(mode) { "advertised" } else { "not advertised" };
+        let usable = if ok.is_empty() { "not usable".to_string() } else { ok.join(" ") };
         println!("  {:<8} {usable:<24} ({adv})", mode.to_string());
     }
     Ok(())

@@ -39,10 +39,7 @@ impl RunProgress {
             }
             bar.finish_and_clear();
         });
-        Self {
-            done,
-            thread: Some(thread),
-        }
+        Self { done, thread: Some(thread) }
     }
 
     /// Removes the bar.

@@ -52,9 +52,7 @@ impl IovaAllocator {
             }
             return Ok(start);
         }
-        Err(Error::Dma(format!(
-            "no free IOVA range of {len} bytes left in the IOMMU's valid ranges"
-        )))
+        Err(Error::Dma(format!("no free IOVA range of {len} bytes left in the IOMMU's valid ranges")))
     }
 
     /// Gives back a range taken by [`alloc`](Self::alloc).

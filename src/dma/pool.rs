@@ -56,12 +56,7 @@ impl DmaPool {
             free: Default::default(),
             memory: Arc::new(GuestMemoryMmap::new()),
         };
-        Self {
-            inner: Arc::new(PoolInner {
-                transport,
-                state: Mutex::new(state),
-            }),
-        }
+        Self { inner: Arc::new(PoolInner { transport, state: Mutex::new(state) }) }
     }
 
     fn state(&self) -> MutexGuard<'_, PoolState> {
@@ -71,10 +66,7 @@ impl DmaPool {
     /// A zeroed buffer of `len` bytes, aligned to at least 64 bytes (and to its size class).
     pub fn alloc(&self, len: usize) -> Result<DmaBuffer> {
         let len_nonzero = len.max(1);
-        let shift = len_nonzero
-            .next_power_of_two()
-            .trailing_zeros()
-            .max(MIN_CLASS_SHIFT);
+        let shift = len_nonzero.next_power_of_two().trailing_zeros().max(MIN_CLASS_SHIFT);
         let mut st = self.state();
         let (region_idx, offset, class) = if shift > MAX_CLASS_SHIFT {
             let idx = self.map_region(&mut st, len_nonzero)?;
@@ -88,18 +80,14 @@ impl DmaPool {
             };
             (slot.0, slot.1, Some(class as u8))
         };
-        let mapped = st.regions[region_idx]
-            .as_ref()
-            .ok_or_else(|| Error::Dma("region vanished".into()))?;
+        let mapped = st.regions[region_idx].as_ref().ok_or_else(|| Error::Dma("region vanished".into()))?;
         let buf = DmaBuffer {
             pool: self.inner.clone(),
             region: mapped.region.clone(),
             region_idx,
             offset,
             len,
-            capacity: class.map_or(mapped.region.len(), |c| {
-                1usize << (u32::from(c) + MIN_CLASS_SHIFT)
-            }),
+            capacity: class.map_or(mapped.region.len(), |c| 1usize << (u32::from(c) + MIN_CLASS_SHIFT)),
             class,
             iova: mapped.iova + offset as u64,
         };
@@ -140,15 +128,10 @@ impl DmaPool {
             st.iova.free(iova, rlen);
             return Err(e);
         }
-        log::debug!(
-            "DMA region of {rlen} bytes at IOVA {iova:#x} (huge pages: {})",
-            region.is_huge()
-        );
+        log::debug!("DMA region of {rlen} bytes at IOVA {iova:#x} (huge pages: {})", region.is_huge());
         let view = view_region(&region, iova)?;
         st.memory = Arc::new(
-            st.memory
-                .insert_region(view)
-                .map_err(|e| Error::Dma(format!("IOVA view of {iova:#x}: {e}")))?,
+            st.memory.insert_region(view).map_err(|e| Error::Dma(format!("IOVA view of {iova:#x}: {e}")))?,
         );
         let idx = match st.regions.iter().position(Option::is_none) {
             Some(i) => i,
@@ -168,12 +151,7 @@ impl DmaPool {
 
     /// Bytes of DMA memory mapped.
     pub fn mapped_bytes(&self) -> usize {
-        self.state()
-            .regions
-            .iter()
-            .flatten()
-            .map(|m| m.region.len())
-            .sum()
+        self.state().regions.iter().flatten().map(|m| m.region.len()).sum()
     }
 
     /// The transport the pool maps through.

@@ -22,10 +22,7 @@ impl DmaRegion {
         let len = len.max(1);
         let huge_len = len.div_ceil(REGION_SIZE) * REGION_SIZE;
         let huge = MmapOptions::new(huge_len)
-            .map(|o| {
-                o.with_page_size(PageSize::_2M)
-                    .with_flags(MmapFlags::HUGE_PAGES | MmapFlags::POPULATE)
-            })
+            .map(|o| o.with_page_size(PageSize::_2M).with_flags(MmapFlags::HUGE_PAGES | MmapFlags::POPULATE))
             .and_then(|o| o.map_mut());
         if let Ok(map) = huge {
             return Ok(Self { map, huge: true });
@@ -66,10 +63,7 @@ impl DmaRegion {
 
 impl std::fmt::Debug for DmaRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DmaRegion")
-            .field("len", &self.len())
-            .field("huge", &self.huge)
-            .finish()
+        f.debug_struct("DmaRegion").field("len", &self.len()).field("huge", &self.huge).finish()
     }
 }
 

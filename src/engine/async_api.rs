@@ -16,9 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
-use super::{
-    Buf, Completion, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, TAG_LEN,
-};
+use super::{Buf, Completion, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, TAG_LEN};
 use crate::error::{Error, Result};
 
 enum Slot<S> {
@@ -89,28 +87,18 @@ pub struct AsyncQueue<S> {
 
 impl<S> Clone for AsyncQueue<S> {
     fn clone(&self) -> Self {
-        Self {
-            shared: self.shared.clone(),
-        }
+        Self { shared: self.shared.clone() }
     }
 }
 
 impl<S: Clone + Send + Sync + 'static> AsyncQueue<S> {
     /// Opens queue `index` of `engine`. With `self_driven`, futures poll the queue themselves
     /// (for engines in polling mode); without, something else must deliver events.
-    pub fn new<E: Engine<Session = S>>(
-        engine: &E,
-        index: usize,
-        self_driven: bool,
-    ) -> Result<Self> {
+    pub fn new<E: Engine<Session = S>>(engine: &E, index: usize, self_driven: bool) -> Result<Self> {
         // The queue's sink needs the shared state, and the shared state holds the queue.
         let shared = Arc::new(Shared {
             queue: Mutex::new(None),
-            state: Mutex::new(State {
-                slots: HashMap::new(),
-                blocked_on: None,
-                waiters: Vec::new(),
-            }),
+            state: Mutex::new(State { slots: HashMap::new(), blocked_on: None, waiters: Vec::new() }),
             next_id: AtomicU64::new(1),
             self_driven,
         });
@@ -120,19 +108,14 @@ impl<S: Clone + Send + Sync + 'static> AsyncQueue<S> {
                 s.on_event(ev)
             }
         });
-        *shared.queue.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(engine.open_queue(index, sink)?);
+        *shared.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(engine.open_queue(index, sink)?);
         Ok(Self { shared })
     }
 
     /// Runs `request` and resolves with it and its outcome (the request's `user_data` is
     /// replaced by the queue's own identifier).
     pub fn run(&self, request: Request<S>) -> RunFuture<S> {
-        RunFuture {
-            shared: self.shared.clone(),
-            request: Some(request),
-            id: None,
-        }
+        RunFuture { shared: self.shared.clone(), request: Some(request), id: None }
     }
 
     /// Encrypts `data` with `session`; returns the ciphertext and the tag (zero for non-AEAD).
@@ -143,8 +126,7 @@ impl<S: Clone + Send + Sync + 'static> AsyncQueue<S> {
         aad: &[u8],
         data: Buf,
     ) -> Result<(Buf, [u8; TAG_LEN])> {
-        let iv =
-            Iv::new(iv).ok_or_else(|| Error::InvalidRequest(format!("{}-byte IV", iv.len())))?;
+        let iv = Iv::new(iv).ok_or_else(|| Error::InvalidRequest(format!("{}-byte IV", iv.len())))?;
         let mut req = Request::new(session, Direction::Encrypt, iv, data, 0);
         req.aad = aad.to_vec();
         let (req, result) = self.run(req).await;
@@ -160,8 +142,7 @@ impl<S: Clone + Send + Sync + 'static> AsyncQueue<S> {
         data: Buf,
         tag: [u8; TAG_LEN],
     ) -> Result<Buf> {
-        let iv =
-            Iv::new(iv).ok_or_else(|| Error::InvalidRequest(format!("{}-byte IV", iv.len())))?;
+        let iv = Iv::new(iv).ok_or_else(|| Error::InvalidRequest(format!("{}-byte IV", iv.len())))?;
         let mut req = Request::new(session, Direction::Decrypt, iv, data, 0);
         req.aad = aad.to_vec();
         req.tag = tag;
@@ -225,21 +206,10 @@ impl<S> Future for RunFuture<S> {
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         req.user_data = id;
-        shared
-            .state()
-            .slots
-            .insert(id, Slot::Waiting(Some(cx.waker().clone())));
-        let outcome = match shared
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        shared.state().slots.insert(id, Slot::Waiting(Some(cx.waker().clone())));
+        let outcome = match shared.queue.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             Some(q) => q.submit(req, true),
-            None => Err(super::SubmitError::rejected(
-                req,
-                Error::InvalidRequest("queue not open".into()),
-            )),
+            None => Err(super::SubmitError::rejected(req, Error::InvalidRequest("queue not open".into()))),
         };
         match outcome {
             Ok(s) => {

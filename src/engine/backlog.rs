@@ -56,10 +56,7 @@ pub struct Backlog<T> {
 impl<T> Backlog<T> {
     /// A backlog holding at most `limit` requests.
     pub fn new(limit: usize) -> Self {
-        Self {
-            queue: VecDeque::with_capacity(limit.min(4096)),
-            limit,
-        }
+        Self { queue: VecDeque::with_capacity(limit.min(4096)), limit }
     }
 
     /// Requests waiting.
@@ -156,25 +153,15 @@ mod tests {
 
     #[test]
     fn fifo_once_a_backlog_exists() {
-        let mut ring = TestRing {
-            cap: 1,
-            items: vec![],
-            reject: None,
-        };
+        let mut ring = TestRing { cap: 1, items: vec![], reject: None };
         let mut b = Backlog::new(2);
         assert_eq!(b.submit(1, true, &mut ring).unwrap(), Submitted::InProgress);
         assert_eq!(b.submit(2, true, &mut ring).unwrap(), Submitted::Backlogged);
         ring.items.clear(); // the device completed 1
                             // Room on the ring, but 2 waits: 3 must queue behind it.
         assert_eq!(b.submit(3, true, &mut ring).unwrap(), Submitted::Backlogged);
-        assert!(
-            matches!(b.submit(4, true, &mut ring), Err((4, Refused::Busy))),
-            "limit reached"
-        );
-        assert!(matches!(
-            b.submit(5, false, &mut ring),
-            Err((5, Refused::Busy))
-        ));
+        assert!(matches!(b.submit(4, true, &mut ring), Err((4, Refused::Busy))), "limit reached");
+        assert!(matches!(b.submit(5, false, &mut ring), Err((5, Refused::Busy))));
         let mut log = Log::default();
         assert_eq!(b.promote(&mut ring, &mut log), 1);
         assert_eq!(log.0, ["P2"]);
@@ -183,11 +170,7 @@ mod tests {
 
     #[test]
     fn promoted_comes_before_a_failure() {
-        let mut ring = TestRing {
-            cap: 1,
-            items: vec![1],
-            reject: Some(2),
-        };
+        let mut ring = TestRing { cap: 1, items: vec![1], reject: Some(2) };
         let mut b = Backlog::new(8);
         b.submit(2, true, &mut ring).unwrap();
         b.submit(3, true, &mut ring).unwrap();

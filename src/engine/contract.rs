@@ -81,9 +81,7 @@ impl ContractChecker {
         let track = tracks.entry(user_data).or_default();
         if track.submit_return.is_some() && !track.refused {
             drop(tracks);
-            self.violation(format!(
-                "request {user_data} submitted again while the engine still owns it"
-            ));
+            self.violation(format!("request {user_data} submitted again while the engine still owns it"));
             return t;
         }
         track.queue = queue;
@@ -99,9 +97,7 @@ impl ContractChecker {
         let mut tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());
         let Some(track) = tracks.get_mut(&user_data) else {
             drop(tracks);
-            self.violation(format!(
-                "request {user_data}: submit result without begin_submit"
-            ));
+            self.violation(format!("request {user_data}: submit result without begin_submit"));
             return;
         };
         track.submit_return = Some(t);
@@ -112,9 +108,7 @@ impl ContractChecker {
                 let early = !track.promoted.is_empty() || !track.completed.is_empty();
                 if e.request.user_data != user_data {
                     drop(tracks);
-                    self.violation(format!(
-                        "request {user_data}: refused submit returned another request"
-                    ));
+                    self.violation(format!("request {user_data}: refused submit returned another request"));
                     return;
                 }
                 if early {
@@ -138,9 +132,7 @@ impl ContractChecker {
         let mut tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());
         let Some(track) = tracks.get_mut(&user_data) else {
             drop(tracks);
-            self.violation(format!(
-                "event for request {user_data}, which was never submitted"
-            ));
+            self.violation(format!("event for request {user_data}, which was never submitted"));
             return;
         };
         let problem = if promoted {
@@ -174,11 +166,7 @@ impl ContractChecker {
     pub fn report(&self) -> ContractReport {
         let tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());
         let mut r = ContractReport {
-            violations: self
-                .violations
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            violations: self.violations.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             ..Default::default()
         };
         let mut by_queue: HashMap<usize, Vec<(u64, u64, u64)>> = HashMap::new();
@@ -194,27 +182,20 @@ impl ContractChecker {
                 Some(Submitted::Backlogged) => {
                     r.backlogged += 1;
                     if t.promoted.is_empty() {
-                        r.violations
-                            .push(format!("request {id}: backlogged and never promoted"));
+                        r.violations.push(format!("request {id}: backlogged and never promoted"));
                     } else if let Some(ret) = t.submit_return {
-                        by_queue.entry(t.queue).or_default().push((
-                            t.promoted[0],
-                            t.submit_start,
-                            ret,
-                        ));
+                        by_queue.entry(t.queue).or_default().push((t.promoted[0], t.submit_start, ret));
                     }
                 }
                 None => {
                     if t.submit_return.is_none() {
-                        r.violations
-                            .push(format!("request {id}: submit never returned"));
+                        r.violations.push(format!("request {id}: submit never returned"));
                     }
                 }
             }
             if t.completed.is_empty() {
                 r.pending += 1;
-                r.violations
-                    .push(format!("request {id}: accepted and never completed"));
+                r.violations.push(format!("request {id}: accepted and never completed"));
             }
         }
         for (queue, mut list) in by_queue {
@@ -251,10 +232,7 @@ mod tests {
     }
 
     fn done(id: u64) -> Event<()> {
-        Event::Completed(Completion {
-            request: req(id),
-            result: Ok(()),
-        })
+        Event::Completed(Completion { request: req(id), result: Ok(()) })
     }
 
     #[test]
@@ -287,19 +265,10 @@ mod tests {
         c.event(&done(2)); // twice
         let r = c.report();
         let text = r.violations.join("\n");
-        assert!(
-            text.contains("request 1: backlogged but completed without Promoted"),
-            "{text}"
-        );
+        assert!(text.contains("request 1: backlogged but completed without Promoted"), "{text}");
         assert!(text.contains("request 2: completed twice"), "{text}");
-        assert!(
-            text.contains("request 4: backlogged and never promoted"),
-            "{text}"
-        );
-        assert!(
-            text.contains("request 3: accepted and never completed"),
-            "{text}"
-        );
+        assert!(text.contains("request 4: backlogged and never promoted"), "{text}");
+        assert!(text.contains("request 3: accepted and never completed"), "{text}");
         assert!(text.contains("FIFO broken"), "{text}");
     }
 }

@@ -37,11 +37,7 @@ impl Delivery {
     pub fn run<S>(&self, scratch: &mut Outbox<S>, mut take: impl FnMut(&mut Outbox<S>)) -> usize {
         let mut delivered = 0;
         while self.pending.load(Ordering::Acquire) {
-            if self
-                .delivering
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-            {
+            if self.delivering.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
                 // The current deliverer re-checks `pending` after it finishes.
                 return delivered;
             }

@@ -18,8 +18,7 @@ use crypt_vfio_cores::Mode;
 
 pub use delivery::{Delivery, EventSink, Outbox};
 pub use request::{
-    Buf, Completion, Direction, Event, Iv, Request, SubmitError, SubmitErrorKind, Submitted,
-    TAG_LEN,
+    Buf, Completion, Direction, Event, Iv, Request, SubmitError, SubmitErrorKind, Submitted, TAG_LEN,
 };
 
 use crate::error::{Error, Result};
@@ -64,11 +63,7 @@ pub trait Queue<S>: Send {
     /// Submits `request`. With `may_backlog`, a full ring queues it in software
     /// ([`Submitted::Backlogged`]); without, a full ring refuses it with `Busy`. A refused
     /// request comes back whole in the error.
-    fn submit(
-        &mut self,
-        request: Request<S>,
-        may_backlog: bool,
-    ) -> Result<Submitted, SubmitError<S>>;
+    fn submit(&mut self, request: Request<S>, may_backlog: bool) -> Result<Submitted, SubmitError<S>>;
 
     /// Reaps finished requests, promotes backlogged ones and delivers the resulting events to
     /// their callbacks. Returns how many events this call delivered. Engines that complete
@@ -81,13 +76,7 @@ pub trait Queue<S>: Send {
 
 /// Checks the parts of a request that do not depend on the engine: IV length, tag use and the
 /// data length rules of the mode.
-pub fn validate_request(
-    mode: Mode,
-    iv: &[u8],
-    aad_len: usize,
-    data_len: usize,
-    max: usize,
-) -> Result<()> {
+pub fn validate_request(mode: Mode, iv: &[u8], aad_len: usize, data_len: usize, max: usize) -> Result<()> {
     if iv.len() != mode.iv_len() {
         return Err(Error::InvalidRequest(format!(
             "{mode} takes a {}-byte IV, got {} bytes",
@@ -96,15 +85,10 @@ pub fn validate_request(
         )));
     }
     if !mode.is_aead() && aad_len != 0 {
-        return Err(Error::InvalidRequest(format!(
-            "{mode} takes no additional authenticated data"
-        )));
+        return Err(Error::InvalidRequest(format!("{mode} takes no additional authenticated data")));
     }
     if data_len > max {
-        return Err(Error::TooLarge {
-            len: data_len as u64,
-            max: max as u64,
-        });
+        return Err(Error::TooLarge { len: data_len as u64, max: max as u64 });
     }
     mode.check_data_len(data_len).map_err(Error::from)
 }

@@ -71,10 +71,7 @@ impl Iv {
     pub fn new(iv: &[u8]) -> Option<Self> {
         let mut bytes = [0u8; 16];
         bytes.get_mut(..iv.len())?.copy_from_slice(iv);
-        Some(Self {
-            bytes,
-            len: iv.len() as u8,
-        })
+        Some(Self { bytes, len: iv.len() as u8 })
     }
 
     /// The IV bytes.
@@ -125,15 +122,7 @@ pub struct Request<S> {
 impl<S> Request<S> {
     /// A request with no AAD and a zero tag.
     pub fn new(session: S, direction: Direction, iv: Iv, data: Buf, user_data: u64) -> Self {
-        Self {
-            session,
-            direction,
-            iv,
-            aad: Vec::new(),
-            data,
-            tag: [0; TAG_LEN],
-            user_data,
-        }
+        Self { session, direction, iv, aad: Vec::new(), data, tag: [0; TAG_LEN], user_data }
     }
 }
 
@@ -171,18 +160,12 @@ pub struct SubmitError<S> {
 impl<S> SubmitError<S> {
     /// A busy refusal.
     pub fn busy(request: Request<S>) -> Self {
-        Self {
-            kind: SubmitErrorKind::Busy,
-            request,
-        }
+        Self { kind: SubmitErrorKind::Busy, request }
     }
 
     /// A refusal for `error`.
     pub fn rejected(request: Request<S>, error: Error) -> Self {
-        Self {
-            kind: SubmitErrorKind::Rejected(error),
-            request,
-        }
+        Self { kind: SubmitErrorKind::Rejected(error), request }
     }
 }
 

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use crypt_vfio_cores::{new_cipher, CipherCore, CoreKind, Mode};
 
 use super::{
-    validate_request, Completion, Direction, Engine, Event, EventSink, Queue, Request, SubmitError,
-    Submitted,
+    validate_request, Completion, Direction, Engine, Event, EventSink, Queue, Request, SubmitError, Submitted,
 };
 use crate::error::Result;
 
@@ -38,9 +37,7 @@ pub struct SoftwareSession {
 impl fmt::Debug for SoftwareSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the key.
-        f.debug_struct("SoftwareSession")
-            .field("mode", &self.mode)
-            .finish_non_exhaustive()
+        f.debug_struct("SoftwareSession").field("mode", &self.mode).finish_non_exhaustive()
     }
 }
 
@@ -53,19 +50,8 @@ impl SoftwareSession {
 
 /// Runs `req` through `cipher` in place.
 pub fn run_cipher<S>(cipher: &dyn CipherCore, req: &mut Request<S>) -> Result<()> {
-    let Request {
-        direction,
-        iv,
-        aad,
-        data,
-        tag,
-        ..
-    } = req;
-    let tag_slice: &mut [u8] = if cipher.mode().is_aead() {
-        tag
-    } else {
-        &mut []
-    };
+    let Request { direction, iv, aad, data, tag, .. } = req;
+    let tag_slice: &mut [u8] = if cipher.mode().is_aead() { tag } else { &mut [] };
     match direction {
         Direction::Encrypt => cipher.encrypt(iv.as_slice(), aad, data.as_mut_slice(), tag_slice)?,
         Direction::Decrypt => cipher.decrypt(iv.as_slice(), aad, data.as_mut_slice(), tag_slice)?,
@@ -84,10 +70,7 @@ impl Engine for SoftwareEngine {
     }
 
     fn create_session(&self, mode: Mode, key: &[u8]) -> Result<SoftwareSession> {
-        Ok(SoftwareSession {
-            mode,
-            cipher: Arc::from(new_cipher(self.core, mode, key)?),
-        })
+        Ok(SoftwareSession { mode, cipher: Arc::from(new_cipher(self.core, mode, key)?) })
     }
 
     fn destroy_session(&self, _session: &SoftwareSession) -> Result<()> {
@@ -103,10 +86,7 @@ impl Engine for SoftwareEngine {
         _index: usize,
         sink: EventSink<SoftwareSession>,
     ) -> Result<Box<dyn Queue<SoftwareSession>>> {
-        Ok(Box::new(SoftwareQueue {
-            sink,
-            done: Vec::new(),
-        }))
+        Ok(Box::new(SoftwareQueue { sink, done: Vec::new() }))
     }
 
     fn max_request_len(&self) -> usize {
@@ -126,13 +106,9 @@ impl Queue<SoftwareSession> for SoftwareQueue {
         _may_backlog: bool,
     ) -> Result<Submitted, SubmitError<SoftwareSession>> {
         let mode = request.session.mode;
-        if let Err(e) = validate_request(
-            mode,
-            request.iv.as_slice(),
-            request.aad.len(),
-            request.data.len(),
-            MAX_REQUEST,
-        ) {
+        if let Err(e) =
+            validate_request(mode, request.iv.as_slice(), request.aad.len(), request.data.len(), MAX_REQUEST)
+        {
             return Err(SubmitError::rejected(request, e));
         }
         let cipher = request.session.cipher.clone();

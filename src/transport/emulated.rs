@@ -23,8 +23,8 @@ pub struct EmulatedTransport {
 impl EmulatedTransport {
     /// Creates an emulated device with `config` (queues, workers, latency, faults).
     pub fn new(config: EmulatedConfig) -> Result<Self> {
-        let dev = VirtioCryptoPci::new(config)
-            .map_err(|e| Error::Transport(format!("emulated device: {e}")))?;
+        let dev =
+            VirtioCryptoPci::new(config).map_err(|e| Error::Transport(format!("emulated device: {e}")))?;
         Ok(Self { dev: Arc::new(dev) })
     }
 
@@ -43,20 +43,14 @@ struct EmulatedBar {
 impl EmulatedBar {
     fn read<const N: usize>(&self, offset: u64) -> [u8; N] {
         let mut b = [0xffu8; N];
-        if offset
-            .checked_add(N as u64)
-            .is_some_and(|end| end <= self.len)
-        {
+        if offset.checked_add(N as u64).is_some_and(|end| end <= self.len) {
             self.dev.bar_read(self.index, offset, &mut b);
         }
         b
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        if offset
-            .checked_add(data.len() as u64)
-            .is_some_and(|end| end <= self.len)
-        {
+        if offset.checked_add(data.len() as u64).is_some_and(|end| end <= self.len) {
             self.dev.bar_write(self.index, offset, data);
         }
     }
@@ -104,15 +98,9 @@ impl Transport for EmulatedTransport {
     fn bar(&self, index: u8) -> Result<Arc<dyn Bar>> {
         let len = self.dev.bar_size(index);
         if len == 0 {
-            return Err(Error::Transport(format!(
-                "the emulated device has no BAR {index}"
-            )));
+            return Err(Error::Transport(format!("the emulated device has no BAR {index}")));
         }
-        Ok(Arc::new(EmulatedBar {
-            dev: self.dev.clone(),
-            index,
-            len,
-        }))
+        Ok(Arc::new(EmulatedBar { dev: self.dev.clone(), index, len }))
     }
 
     fn iova_ranges(&self) -> Vec<Range<u64>> {
@@ -129,9 +117,7 @@ impl Transport for EmulatedTransport {
     }
 
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<()> {
-        self.dev
-            .dma_unmap(iova, len)
-            .map_err(|e| Error::Dma(format!("unmap {iova:#x}: {e}")))
+        self.dev.dma_unmap(iova, len).map_err(|e| Error::Dma(format!("unmap {iova:#x}: {e}")))
     }
 
     fn msix_vectors(&self) -> u16 {
@@ -140,21 +126,16 @@ impl Transport for EmulatedTransport {
 
     fn enable_msix(&self, notifiers: &[Option<&EventNotifier>]) -> Result<()> {
         for (v, n) in notifiers.iter().enumerate() {
-            let vector =
-                u16::try_from(v).map_err(|_| Error::Transport("too many MSI-X vectors".into()))?;
+            let vector = u16::try_from(v).map_err(|_| Error::Transport("too many MSI-X vectors".into()))?;
             let fd = n.map(|n| n.dup()).transpose()?;
-            self.dev
-                .set_irq_eventfd(vector, fd)
-                .map_err(|e| Error::Transport(format!("MSI-X {v}: {e}")))?;
+            self.dev.set_irq_eventfd(vector, fd).map_err(|e| Error::Transport(format!("MSI-X {v}: {e}")))?;
         }
         Ok(())
     }
 
     fn disable_msix(&self) -> Result<()> {
         for v in 0..self.dev.msix_vectors() {
-            self.dev
-                .set_irq_eventfd(v, None)
-                .map_err(|e| Error::Transport(format!("MSI-X {v}: {e}")))?;
+            self.dev.set_irq_eventfd(v, None).map_err(|e| Error::Transport(format!("MSI-X {v}: {e}")))?;
         }
         Ok(())
     }

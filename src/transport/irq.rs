@@ -32,18 +32,12 @@ impl EventNotifier {
     pub fn dup(&self) -> Result<OwnedFd> {
         // SAFETY: the descriptor is owned by self.fd and open for the duration of this call.
         let borrowed = unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) };
-        borrowed
-            .try_clone_to_owned()
-            .map_err(|e| Error::os("dup eventfd", e))
+        borrowed.try_clone_to_owned().map_err(|e| Error::os("dup eventfd", e))
     }
 
     /// Waits up to `timeout` for the eventfd to be signalled and clears it. Returns whether it was.
     pub fn wait(&self, timeout: Duration) -> Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: pfd is a valid pollfd for one descriptor that stays open during the call.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -64,8 +58,6 @@ impl EventNotifier {
 
     /// Signals the eventfd (used to wake a waiter on shutdown).
     pub fn signal(&self) -> Result<()> {
-        self.fd
-            .write(1)
-            .map_err(|e| Error::os("eventfd write", e))
+        self.fd.write(1).map_err(|e| Error::os("eventfd write", e))
     }
 }

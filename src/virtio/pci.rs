@@ -76,10 +76,7 @@ impl VirtioPci {
             let id = read_cfg8(&*transport, off)?;
             if id == pci::CAP_ID_MSIX {
                 let ctrl = read_cfg16(&*transport, off + pci::MSIX_MSG_CTRL)?;
-                msix = Some(MsixInfo {
-                    cap_offset: off,
-                    vectors: (ctrl & pci::MSIX_TABLE_SIZE_MASK) + 1,
-                });
+                msix = Some(MsixInfo { cap_offset: off, vectors: (ctrl & pci::MSIX_TABLE_SIZE_MASK) + 1 });
                 continue;
             }
             if id != pci::CAP_ID_VENDOR {
@@ -104,10 +101,7 @@ impl VirtioPci {
         }
         let window = |ty: u8, what: &str, min: u64| -> Result<(BarWindow, u16)> {
             let (bar, offset, length, cap_off) = found[usize::from(ty)].ok_or_else(|| {
-                Error::UnsupportedDevice(format!(
-                    "{}: no virtio {what} capability",
-                    transport.name()
-                ))
+                Error::UnsupportedDevice(format!("{}: no virtio {what} capability", transport.name()))
             })?;
             if length < min {
                 return Err(Error::UnsupportedDevice(format!(
@@ -115,26 +109,14 @@ impl VirtioPci {
                     transport.name()
                 )));
             }
-            Ok((
-                BarWindow::new(transport.bar(bar)?, offset, length)?,
-                cap_off,
-            ))
+            Ok((BarWindow::new(transport.bar(bar)?, offset, length)?, cap_off))
         };
         let (common, _) = window(cap_type::COMMON, "common configuration", common::SIZE)?;
         let (notify, notify_cap) = window(cap_type::NOTIFY, "notification", 2)?;
         let (isr, _) = window(cap_type::ISR, "ISR", 1)?;
         let (device_cfg, _) = window(cap_type::DEVICE, "device configuration", 0)?;
         let notify_multiplier = read_cfg32(&*transport, notify_cap + cap::NOTIFY_OFF_MULTIPLIER)?;
-        Ok(Self {
-            transport,
-            device_id,
-            common,
-            notify,
-            notify_multiplier,
-            isr,
-            device_cfg,
-            msix,
-        })
+        Ok(Self { transport, device_id, common, notify, notify_multiplier, isr, device_cfg, msix })
     }
 
     /// The PCI device ID (0x1040 + virtio device type).
@@ -162,8 +144,7 @@ impl VirtioPci {
     pub fn enable_bus_master(&self) -> Result<()> {
         let cmd = read_cfg16(&*self.transport, cfg::COMMAND)?;
         let want = cmd | pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER;
-        self.transport
-            .write_config(cfg::COMMAND, &want.to_le_bytes())
+        self.transport.write_config(cfg::COMMAND, &want.to_le_bytes())
     }
 
     /// The device status byte.
@@ -219,8 +200,7 @@ impl VirtioPci {
         self.common.write32(common::DRIVER_FEATURE_SELECT, 0);
         self.common.write32(common::DRIVER_FEATURE, accepted as u32);
         self.common.write32(common::DRIVER_FEATURE_SELECT, 1);
-        self.common
-            .write32(common::DRIVER_FEATURE, (accepted >> 32) as u32);
+        self.common.write32(common::DRIVER_FEATURE, (accepted >> 32) as u32);
         self.add_status(status::FEATURES_OK);
         if self.status() & status::FEATURES_OK == 0 {
             self.fail();
@@ -252,13 +232,7 @@ impl VirtioPci {
     }
 
     /// Sets up and enables queue `index` with rings at the given IOVAs; returns its doorbell.
-    pub fn setup_queue(
-        &self,
-        index: u16,
-        size: u16,
-        rings: [u64; 3],
-        msix_vector: u16,
-    ) -> Result<Doorbell> {
+    pub fn setup_queue(&self, index: u16, size: u16, rings: [u64; 3], msix_vector: u16) -> Result<Doorbell> {
         self.common.write16(common::QUEUE_SELECT, index);
         self.common.write16(common::QUEUE_SIZE, size);
         self.common.write64(common::QUEUE_DESC, rings[0]);
@@ -268,27 +242,18 @@ impl VirtioPci {
         if msix_vector != pci::VIRTIO_MSI_NO_VECTOR
             && self.common.read16(common::QUEUE_MSIX_VECTOR) != msix_vector
         {
-            return Err(Error::Init(format!(
-                "queue {index}: device refused MSI-X vector {msix_vector}"
-            )));
+            return Err(Error::Init(format!("queue {index}: device refused MSI-X vector {msix_vector}")));
         }
         let notify_off = u64::from(self.common.read16(common::QUEUE_NOTIFY_OFF));
         let offset = notify_off * u64::from(self.notify_multiplier);
-        if offset
-            .checked_add(2)
-            .is_none_or(|end| end > self.notify.len())
-        {
+        if offset.checked_add(2).is_none_or(|end| end > self.notify.len()) {
             return Err(Error::Init(format!(
                 "queue {index}: doorbell offset {offset:#x} lies outside the {}-byte notify region",
                 self.notify.len()
             )));
         }
         self.common.write16(common::QUEUE_ENABLE, 1);
-        Ok(Doorbell {
-            window: self.notify.clone(),
-            offset,
-            queue: index,
-        })
+        Ok(Doorbell { window: self.notify.clone(), offset, queue: index })
     }
 
     /// Routes configuration-change interrupts to `vector`.

@@ -50,9 +50,7 @@ impl SplitQueue {
         doorbell_for: impl FnOnce([u64; 3]) -> Result<Doorbell>,
     ) -> Result<Self> {
         if !size.is_power_of_two() || size > ring::MAX_QUEUE_SIZE {
-            return Err(Error::Init(format!(
-                "queue size {size} is not a power of two up to 32768"
-            )));
+            return Err(Error::Init(format!("queue size {size} is not a power of two up to 32768")));
         }
         let desc_len = ring::desc_table_size(size) as usize;
         let avail_off = desc_len;
@@ -95,9 +93,7 @@ impl SplitQueue {
 
     /// Queues head `head` in the available ring; it becomes visible at [`publish`](Self::publish).
     pub fn push_avail(&mut self, head: u16) {
-        let slot = self.avail_off
-            + ring::AVAIL_RING as usize
-            + 2 * usize::from(self.avail_idx % self.size);
+        let slot = self.avail_off + ring::AVAIL_RING as usize + 2 * usize::from(self.avail_idx % self.size);
         self.store16(slot, head, Ordering::Relaxed);
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
@@ -110,24 +106,17 @@ impl SplitQueue {
         }
         let old = self.published;
         let new = self.avail_idx;
-        self.store16(
-            self.avail_off + ring::AVAIL_IDX as usize,
-            new,
-            Ordering::Release,
-        );
+        self.store16(self.avail_off + ring::AVAIL_IDX as usize, new, Ordering::Release);
         self.published = new;
         // The device may be deciding to sleep right now: order our index store before reading its
         // notification hint, or both sides could miss each other.
         fence(Ordering::SeqCst);
         let notify = if self.event_idx {
-            let event = self.load16(
-                self.used_off + ring::avail_event_offset(self.size) as usize,
-                Ordering::Relaxed,
-            );
+            let event =
+                self.load16(self.used_off + ring::avail_event_offset(self.size) as usize, Ordering::Relaxed);
             ring::need_event(event, new, old)
         } else {
-            self.load16(self.used_off + ring::USED_FLAGS as usize, Ordering::Relaxed)
-                & ring::USED_F_NO_NOTIFY
+            self.load16(self.used_off + ring::USED_FLAGS as usize, Ordering::Relaxed) & ring::USED_F_NO_NOTIFY
                 == 0
         };
         if notify {
@@ -153,10 +142,7 @@ impl SplitQueue {
         let id = v.read_obj::<u32>(off).unwrap_or(u32::MAX);
         let len = v.read_obj::<u32>(off + 4).unwrap_or(0);
         self.last_used = self.last_used.wrapping_add(1);
-        UsedElem {
-            id: u32::from_le(id),
-            len: u32::from_le(len),
-        }
+        UsedElem { id: u32::from_le(id), len: u32::from_le(len) }
     }
 
     /// Asks for an interrupt once `count` more elements are used (EVENT_IDX), or for every
@@ -175,16 +161,8 @@ impl SplitQueue {
                 Ordering::Relaxed,
             );
         } else {
-            let flags = if count == 0 {
-                ring::AVAIL_F_NO_INTERRUPT
-            } else {
-                0
-            };
-            self.store16(
-                self.avail_off + ring::AVAIL_FLAGS as usize,
-                flags,
-                Ordering::Relaxed,
-            );
+            let flags = if count == 0 { ring::AVAIL_F_NO_INTERRUPT } else { 0 };
+            self.store16(self.avail_off + ring::AVAIL_FLAGS as usize, flags, Ordering::Relaxed);
         }
         // The request must be visible before the driver re-checks the used index.
         fence(Ordering::SeqCst);
@@ -205,14 +183,9 @@ impl SplitQueue {
 /// Writes one descriptor at byte offset `off` of `table` (a ring or an indirect table).
 pub fn write_desc(table: &DmaBuffer, off: usize, addr: u64, len: u32, flags: u16, next: u16) {
     let v = table.volatile();
-    let ok = v
-        .write_obj(addr.to_le(), off + ring::DESC_ADDR as usize)
-        .is_ok()
-        && v.write_obj(len.to_le(), off + ring::DESC_LEN as usize)
-            .is_ok()
-        && v.write_obj(flags.to_le(), off + ring::DESC_FLAGS as usize)
-            .is_ok()
-        && v.write_obj(next.to_le(), off + ring::DESC_NEXT as usize)
-            .is_ok();
+    let ok = v.write_obj(addr.to_le(), off + ring::DESC_ADDR as usize).is_ok()
+        && v.write_obj(len.to_le(), off + ring::DESC_LEN as usize).is_ok()
+        && v.write_obj(flags.to_le(), off + ring::DESC_FLAGS as usize).is_ok()
+        && v.write_obj(next.to_le(), off + ring::DESC_NEXT as usize).is_ok();
     debug_assert!(ok, "descriptor write out of bounds");
 }

@@ -69,31 +69,15 @@ impl DeviceInfo {
 
     /// Names of the advertised services.
     pub fn service_names(&self) -> Vec<&'static str> {
-        let names = [
-            (0, "cipher"),
-            (1, "hash"),
-            (2, "mac"),
-            (3, "aead"),
-            (4, "akcipher"),
-        ];
-        names
-            .iter()
-            .filter(|(b, _)| self.services & (1 << b) != 0)
-            .map(|(_, n)| *n)
-            .collect()
+        let names = [(0, "cipher"), (1, "hash"), (2, "mac"), (3, "aead"), (4, "akcipher")];
+        names.iter().filter(|(b, _)| self.services & (1 << b) != 0).map(|(_, n)| *n).collect()
     }
 
     /// Names of the advertised cipher and AEAD algorithms.
     pub fn algorithm_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = (0..64)
-            .filter(|b| self.cipher_algos & (1u64 << b) != 0)
-            .map(cipher_name)
-            .collect();
-        v.extend(
-            (0..32)
-                .filter(|b| self.aead_algos & (1u32 << b) != 0)
-                .map(aead_name),
-        );
+        let mut v: Vec<String> =
+            (0..64).filter(|b| self.cipher_algos & (1u64 << b) != 0).map(cipher_name).collect();
+        v.extend((0..32).filter(|b| self.aead_algos & (1u32 << b) != 0).map(aead_name));
         v
     }
 }

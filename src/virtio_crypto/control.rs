@@ -7,9 +7,7 @@
 use std::time::{Duration, Instant};
 
 use crypt_vfio_cores::Mode;
-use crypt_vfio_spec::crypto::{
-    self, op, session_op, status, CtrlPayload, CtrlRequest, SessionInput,
-};
+use crypt_vfio_spec::crypto::{self, op, session_op, status, CtrlPayload, CtrlRequest, SessionInput};
 use crypt_vfio_spec::ring::{DESC_F_NEXT, DESC_F_WRITE};
 use vm_memory::Bytes;
 
@@ -48,28 +46,15 @@ impl ControlQueue {
         }
         let size = 1 << (15 - size.leading_zeros()); // largest power of two not above it
         let vq = SplitQueue::new(pool, size, event_idx, |rings| {
-            pci.setup_queue(
-                index,
-                size,
-                rings,
-                crypt_vfio_spec::pci::VIRTIO_MSI_NO_VECTOR,
-            )
+            pci.setup_queue(index, size, rings, crypt_vfio_spec::pci::VIRTIO_MSI_NO_VECTOR)
         })?;
-        Ok(Self {
-            vq,
-            buf: pool.alloc(BUF_LEN)?,
-            timeout,
-        })
+        Ok(Self { vq, buf: pool.alloc(BUF_LEN)?, timeout })
     }
 
     /// Creates a one-direction session; returns the device's session id.
     pub fn create(&mut self, mode: Mode, direction: Direction, key: &[u8]) -> Result<u64> {
         if key.len() > MAX_KEY {
-            return Err(Error::KeyLength {
-                mode,
-                len: key.len(),
-                expected: mode.key_lengths(),
-            });
+            return Err(Error::KeyLength { mode, len: key.len(), expected: mode.key_lengths() });
         }
         let (svc, algo) = wire_algo(mode);
         let sop = match direction {
@@ -78,48 +63,19 @@ impl ControlQueue {
         };
         let key_len = key.len() as u32;
         let (opcode, payload) = if svc == crypto::service::AEAD {
-            let payload = CtrlPayload::CreateAead {
-                algo,
-                key_len,
-                tag_len: 16,
-                aad_len: MAX_AAD,
-                op: sop,
-            };
+            let payload = CtrlPayload::CreateAead { algo, key_len, tag_len: 16, aad_len: MAX_AAD, op: sop };
             (op::AEAD_CREATE_SESSION, payload)
         } else {
-            (
-                op::CIPHER_CREATE_SESSION,
-                CtrlPayload::CreateCipher {
-                    algo,
-                    key_len,
-                    op: sop,
-                },
-            )
+            (op::CIPHER_CREATE_SESSION, CtrlPayload::CreateCipher { algo, key_len, op: sop })
         };
-        let req = CtrlRequest {
-            opcode,
-            algo,
-            flag: 0,
-            queue_id: 0,
-            payload,
-        };
+        let req = CtrlRequest { opcode, algo, flag: 0, queue_id: 0, payload };
         let v = self.buf.volatile();
         let wrote = v.write_slice(&req.encode(), 0).is_ok() && v.write_slice(key, KEY_OFF).is_ok();
         // The answer area starts invalid so that a device that writes nothing cannot pass.
-        let invalid = SessionInput {
-            session_id: 0,
-            status: u32::from(status::ERR),
-        }
-        .encode();
+        let invalid = SessionInput { session_id: 0, status: u32::from(status::ERR) }.encode();
         let wrote = wrote && v.write_slice(&invalid, INPUT_OFF).is_ok();
         let result = if wrote {
-            run(
-                &mut self.vq,
-                self.buf.iova(),
-                self.timeout,
-                KEY_OFF + key.len(),
-                crypto::SESSION_INPUT_SIZE,
-            )
+            run(&mut self.vq, self.buf.iova(), self.timeout, KEY_OFF + key.len(), crypto::SESSION_INPUT_SIZE)
         } else {
             Err(Error::Dma("control buffer write failed".into()))
         };
@@ -127,8 +83,7 @@ impl ControlQueue {
         let _ = v.write_slice(&[0u8; MAX_KEY], KEY_OFF);
         result?;
         let mut input = [0u8; crypto::SESSION_INPUT_SIZE];
-        v.read_slice(&mut input, INPUT_OFF)
-            .map_err(|e| Error::Dma(e.to_string()))?;
+        v.read_slice(&mut input, INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))?;
         let input = SessionInput::decode(&input);
         match u8::try_from(input.status).unwrap_or(status::ERR) {
             status::OK => Ok(input.session_id),
@@ -139,34 +94,15 @@ impl ControlQueue {
     /// Destroys a session created by [`create`](Self::create).
     pub fn destroy(&mut self, mode: Mode, session_id: u64) -> Result<()> {
         let (svc, algo) = wire_algo(mode);
-        let opcode = if svc == crypto::service::AEAD {
-            op::AEAD_DESTROY_SESSION
-        } else {
-            op::CIPHER_DESTROY_SESSION
-        };
-        let req = CtrlRequest {
-            opcode,
-            algo,
-            flag: 0,
-            queue_id: 0,
-            payload: CtrlPayload::Destroy { session_id },
-        };
+        let opcode =
+            if svc == crypto::service::AEAD { op::AEAD_DESTROY_SESSION } else { op::CIPHER_DESTROY_SESSION };
+        let req =
+            CtrlRequest { opcode, algo, flag: 0, queue_id: 0, payload: CtrlPayload::Destroy { session_id } };
         let v = self.buf.volatile();
-        v.write_slice(&req.encode(), 0)
-            .map_err(|e| Error::Dma(e.to_string()))?;
-        v.write_obj(status::ERR, INPUT_OFF)
-            .map_err(|e| Error::Dma(e.to_string()))?;
-        run(
-            &mut self.vq,
-            self.buf.iova(),
-            self.timeout,
-            crypto::CTRL_REQ_SIZE,
-            crypto::INHDR_SIZE,
-        )?;
-        match v
-            .read_obj::<u8>(INPUT_OFF)
-            .map_err(|e| Error::Dma(e.to_string()))?
-        {
+        v.write_slice(&req.encode(), 0).map_err(|e| Error::Dma(e.to_string()))?;
+        v.write_obj(status::ERR, INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))?;
+        run(&mut self.vq, self.buf.iova(), self.timeout, crypto::CTRL_REQ_SIZE, crypto::INHDR_SIZE)?;
+        match v.read_obj::<u8>(INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))? {
             status::OK => Ok(()),
             status::INVSESS => Err(Error::InvalidSession),
             s => Err(Error::DeviceError(s)),
@@ -176,13 +112,7 @@ impl ControlQueue {
 
 /// Sends the prepared request (`out_len` readable bytes at `iova`, `in_len` writable at the
 /// answer offset) and waits for the device.
-fn run(
-    vq: &mut SplitQueue,
-    iova: u64,
-    timeout: Duration,
-    out_len: usize,
-    in_len: usize,
-) -> Result<()> {
+fn run(vq: &mut SplitQueue, iova: u64, timeout: Duration, out_len: usize, in_len: usize) -> Result<()> {
     vq.write_desc(0, iova, out_len as u32, DESC_F_NEXT, 1);
     vq.write_desc(1, iova + INPUT_OFF as u64, in_len as u32, DESC_F_WRITE, 0);
     vq.push_avail(0);
@@ -209,10 +139,7 @@ fn run(
         )));
     }
     if (used.len as usize) < in_len {
-        log::debug!(
-            "control queue: device reported {} bytes written, expected {in_len}",
-            used.len
-        );
+        log::debug!("control queue: device reported {} bytes written, expected {in_len}", used.len);
     }
     Ok(())
 }

@@ -17,15 +17,14 @@ use crypt_vfio_spec::ring::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZ
 use vm_memory::Bytes;
 
 use super::layout::{
-    self, Lengths, AAD, AAD_INLINE_MAX, HDR, INDIRECT, IV, MAX_DESCS, SLOT_STRIDE, STATUS, TAG_IN,
-    TAG_OUT,
+    self, Lengths, AAD, AAD_INLINE_MAX, HDR, INDIRECT, IV, MAX_DESCS, SLOT_STRIDE, STATUS, TAG_IN, TAG_OUT,
 };
 use super::session::DeviceSession;
 use crate::dma::{DmaBuffer, DmaPool};
 use crate::engine::backlog::{self, Backlog, Refused, Ring};
 use crate::engine::{
-    validate_request, Buf, Completion, Delivery, Direction, Event, EventSink, Outbox, Queue,
-    Request, SubmitError, Submitted, TAG_LEN,
+    validate_request, Buf, Completion, Delivery, Direction, Event, EventSink, Outbox, Queue, Request,
+    SubmitError, Submitted, TAG_LEN,
 };
 use crate::error::{Error, Result};
 use crate::transport::EventNotifier;
@@ -70,12 +69,7 @@ pub(crate) struct DeviceHealth {
 
 impl DeviceHealth {
     pub(crate) fn new(pci: Arc<VirtioPci>, timeout: Duration) -> Self {
-        Self {
-            failed: AtomicBool::new(false),
-            reason: Mutex::new(String::new()),
-            pci,
-            timeout,
-        }
+        Self { failed: AtomicBool::new(false), reason: Mutex::new(String::new()), pci, timeout }
     }
 
     pub(crate) fn is_failed(&self) -> bool {
@@ -83,10 +77,7 @@ impl DeviceHealth {
     }
 
     pub(crate) fn reason(&self) -> String {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Marks the device failed and resets it, so that it stops touching memory before any
@@ -99,9 +90,7 @@ impl DeviceHealth {
         if reason == "the engine was closed" {
             log::debug!("virtio-crypto device closed");
         } else {
-            log::error!(
-                "virtio-crypto device failed: {reason}; resetting it and failing every request"
-            );
+            log::error!("virtio-crypto device failed: {reason}; resetting it and failing every request");
         }
         *r = reason;
         if let Err(e) = self.pci.reset() {
@@ -141,23 +130,12 @@ struct ToOutbox<'a> {
 
 impl backlog::Outbox<Pending> for ToOutbox<'_> {
     fn promoted(&mut self, item: &Pending) {
-        self.outbox.push((
-            item.sink.clone(),
-            Event::Promoted {
-                user_data: item.req.user_data,
-            },
-        ));
+        self.outbox.push((item.sink.clone(), Event::Promoted { user_data: item.req.user_data }));
     }
 
     fn failed(&mut self, item: Pending, error: Error) {
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
-        self.outbox.push((
-            item.sink,
-            Event::Completed(Completion {
-                request: item.req,
-                result: Err(error),
-            }),
-        ));
+        self.outbox.push((item.sink, Event::Completed(Completion { request: item.req, result: Err(error) })));
     }
 }
 
@@ -183,11 +161,7 @@ impl DataQueueShared {
         let vq = SplitQueue::new(pool, s.size, s.event_idx, |rings| {
             pci.setup_queue(s.index, s.size, rings, s.msix_vector)
         })?;
-        let nslots = if s.indirect {
-            usize::from(s.size)
-        } else {
-            (usize::from(s.size) / MAX_DESCS).max(1)
-        };
+        let nslots = if s.indirect { usize::from(s.size) } else { (usize::from(s.size) / MAX_DESCS).max(1) };
         if !s.indirect && usize::from(s.size) < MAX_DESCS {
             return Err(Error::Init(format!(
                 "data queue {}: {} descriptors cannot hold one request ({MAX_DESCS} needed) without indirect descriptors",
@@ -245,34 +219,21 @@ impl DataQueueShared {
         may_backlog: bool,
     ) -> Result<Submitted, SubmitError<Session>> {
         let mode = req.session.mode;
-        if let Err(e) = validate_request(
-            mode,
-            req.iv.as_slice(),
-            req.aad.len(),
-            req.data.len(),
-            self.max_size,
-        ) {
+        if let Err(e) =
+            validate_request(mode, req.iv.as_slice(), req.aad.len(), req.data.len(), self.max_size)
+        {
             return Err(SubmitError::rejected(req, e));
         }
         if self.health.is_failed() {
-            return Err(SubmitError::rejected(
-                req,
-                Error::DeviceFailed(self.health.reason()),
-            ));
+            return Err(SubmitError::rejected(req, Error::DeviceFailed(self.health.reason())));
         }
         let mut guard = self.lock();
         let st = &mut *guard;
         if st.failed {
             drop(guard);
-            return Err(SubmitError::rejected(
-                req,
-                Error::DeviceFailed(self.health.reason()),
-            ));
+            return Err(SubmitError::rejected(req, Error::DeviceFailed(self.health.reason())));
         }
-        let pending = Pending {
-            req,
-            sink: sink.clone(),
-        };
+        let pending = Pending { req, sink: sink.clone() };
         match st.backlog.submit(pending, may_backlog, &mut st.ring) {
             Ok(s) => {
                 self.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -292,8 +253,7 @@ impl DataQueueShared {
             let mut guard = self.lock();
             self.reap(&mut guard);
         }
-        self.delivery
-            .run(scratch, |s| std::mem::swap(&mut self.lock().outbox, s))
+        self.delivery.run(scratch, |s| std::mem::swap(&mut self.lock().outbox, s))
     }
 
     fn reap(&self, st: &mut QueueState) {
@@ -322,13 +282,7 @@ impl DataQueueShared {
             };
             let (p, result) = st.ring.finish(i, used.len);
             self.outstanding.fetch_sub(1, Ordering::Relaxed);
-            st.outbox.push((
-                p.sink,
-                Event::Completed(Completion {
-                    request: p.req,
-                    result,
-                }),
-            ));
+            st.outbox.push((p.sink, Event::Completed(Completion { request: p.req, result })));
         }
         if n > 0 {
             st.last_progress = Instant::now();
@@ -339,13 +293,9 @@ impl DataQueueShared {
                 return self.fail_locked(st);
             }
         }
-        let moved = st.backlog.promote(
-            &mut st.ring,
-            &mut ToOutbox {
-                outbox: &mut st.outbox,
-                outstanding: &self.outstanding,
-            },
-        );
+        let moved = st
+            .backlog
+            .promote(&mut st.ring, &mut ToOutbox { outbox: &mut st.outbox, outstanding: &self.outstanding });
         if moved > 0 {
             st.ring.vq.publish();
         }
@@ -357,10 +307,7 @@ impl DataQueueShared {
     /// Whether the device is still healthy while requests wait; marks it failed if not.
     fn check_device(&self, st: &QueueState) -> bool {
         if self.health.pci.needs_reset() {
-            self.health.fail(format!(
-                "data queue {}: the device set DEVICE_NEEDS_RESET",
-                self.index
-            ));
+            self.health.fail(format!("data queue {}: the device set DEVICE_NEEDS_RESET", self.index));
             return false;
         }
         let waited = st.last_progress.elapsed();
@@ -382,23 +329,13 @@ impl DataQueueShared {
             if let Some(p) = slot.pending.take() {
                 self.outstanding.fetch_sub(1, Ordering::Relaxed);
                 let result = Err(Error::DeviceFailed(reason.clone()));
-                st.outbox.push((
-                    p.sink,
-                    Event::Completed(Completion {
-                        request: p.req,
-                        result,
-                    }),
-                ));
+                st.outbox.push((p.sink, Event::Completed(Completion { request: p.req, result })));
             }
         }
         st.ring.in_flight = 0;
-        st.backlog.fail_all(
-            &mut ToOutbox {
-                outbox: &mut st.outbox,
-                outstanding: &self.outstanding,
-            },
-            || Error::DeviceFailed(reason.clone()),
-        );
+        st.backlog.fail_all(&mut ToOutbox { outbox: &mut st.outbox, outstanding: &self.outstanding }, || {
+            Error::DeviceFailed(reason.clone())
+        });
         self.delivery.mark_pending();
     }
 
@@ -414,8 +351,7 @@ impl DataQueueShared {
                 self.fail_locked(&mut st);
             }
         }
-        self.delivery
-            .run(scratch, |s| std::mem::swap(&mut self.lock().outbox, s));
+        self.delivery.run(scratch, |s| std::mem::swap(&mut self.lock().outbox, s));
     }
 
     /// The interrupt-mode completion loop: spin while completions come, then arm the interrupt
@@ -482,17 +418,10 @@ impl RingState {
                 slot.expect
             ))),
             status::BADMSG => Err(Error::AuthFailed),
-            status::NOTSUPP => Err(Error::NotSupported(format!(
-                "{} request",
-                p.req.session.mode
-            ))),
+            status::NOTSUPP => Err(Error::NotSupported(format!("{} request", p.req.session.mode))),
             status::INVSESS => Err(Error::InvalidSession),
-            status::NOSPC => Err(Error::NoSpace(
-                "device out of resources for the request".into(),
-            )),
-            0xff => Err(Error::DeviceFailed(
-                "device completed a request without writing its status".into(),
-            )),
+            status::NOSPC => Err(Error::NoSpace("device out of resources for the request".into())),
+            0xff => Err(Error::DeviceFailed("device completed a request without writing its status".into())),
             s => Err(Error::DeviceError(s)),
         };
         let req = &mut p.req;
@@ -566,8 +495,7 @@ impl RingState {
             Buf::Dma(b) => {
                 if !b.belongs_to(&self.pool) {
                     return Err(Error::Dma(
-                        "the buffer is not mapped for this device (it comes from another DMA pool)"
-                            .into(),
+                        "the buffer is not mapped for this device (it comes from another DMA pool)".into(),
                     ));
                 }
                 (b.iova(), false)
@@ -588,19 +516,8 @@ impl RingState {
         };
         let base = i * SLOT_STRIDE;
         let slot_iova = self.slot_mem.iova() + base as u64;
-        let lens = Lengths {
-            iv: req.iv.as_slice().len(),
-            aad: req.aad.len(),
-            data: n,
-        };
-        let plan = layout::plan(
-            &req.session,
-            req.direction,
-            lens,
-            slot_iova,
-            data_iova,
-            aad_ext,
-        );
+        let lens = Lengths { iv: req.iv.as_slice().len(), aad: req.aad.len(), data: n };
+        let plan = layout::plan(&req.session, req.direction, lens, slot_iova, data_iova, aad_ext);
         let v = self.slot_mem.volatile();
         let mut ok = v.write_slice(&plan.header, base + HDR).is_ok()
             && v.write_slice(req.iv.as_slice(), base + IV).is_ok()
@@ -618,8 +535,7 @@ impl RingState {
         let head = if self.indirect {
             for (k, s) in segs.iter().enumerate() {
                 let last = k + 1 == segs.len();
-                let flags =
-                    if s.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+                let flags = if s.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
                 let off = base + INDIRECT + k * DESC_SIZE as usize;
                 crate::virtio::split_queue::write_desc(
                     &self.slot_mem,
@@ -631,22 +547,14 @@ impl RingState {
                 );
             }
             let table = slot_iova + INDIRECT as u64;
-            self.vq.write_desc(
-                i as u16,
-                table,
-                (segs.len() * DESC_SIZE as usize) as u32,
-                DESC_F_INDIRECT,
-                0,
-            );
+            self.vq.write_desc(i as u16, table, (segs.len() * DESC_SIZE as usize) as u32, DESC_F_INDIRECT, 0);
             i as u16
         } else {
             let head = (i * MAX_DESCS) as u16;
             for (k, s) in segs.iter().enumerate() {
                 let last = k + 1 == segs.len();
-                let flags =
-                    if s.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
-                self.vq
-                    .write_desc(head + k as u16, s.addr, s.len, flags, head + k as u16 + 1);
+                let flags = if s.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+                self.vq.write_desc(head + k as u16, s.addr, s.len, flags, head + k as u16 + 1);
             }
             head
         };
@@ -663,11 +571,7 @@ pub struct DeviceQueue {
 
 impl DeviceQueue {
     pub(crate) fn new(shared: Arc<DataQueueShared>, sink: EventSink<Session>) -> Self {
-        Self {
-            shared,
-            sink,
-            scratch: Vec::new(),
-        }
+        Self { shared, sink, scratch: Vec::new() }
     }
 }
 
@@ -690,7 +594,5 @@ impl Queue<Session> for DeviceQueue {
 }
 
 const _: () = assert!(
-    TAG_IN + TAG_LEN == AAD
-        && TAG_OUT + TAG_LEN == STATUS
-        && INDIRECT + MAX_DESCS * 16 <= SLOT_STRIDE
+    TAG_IN + TAG_LEN == AAD && TAG_OUT + TAG_LEN == STATUS && INDIRECT + MAX_DESCS * 16 <= SLOT_STRIDE
 );

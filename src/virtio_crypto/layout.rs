@@ -57,11 +57,7 @@ pub struct Segments {
 impl Segments {
     fn push(&mut self, addr: u64, len: usize, write: bool) {
         if len > 0 {
-            self.items[self.len] = Segment {
-                addr,
-                len: len as u32,
-                write,
-            };
+            self.items[self.len] = Segment { addr, len: len as u32, write };
             self.len += 1;
         }
     }
@@ -103,31 +99,15 @@ pub fn plan(
     data: u64,
     aad_ext: Option<u64>,
 ) -> Plan {
-    let Lengths {
-        iv: iv_len,
-        aad: aad_len,
-        data: data_len,
-    } = lens;
+    let Lengths { iv: iv_len, aad: aad_len, data: data_len } = lens;
     let aead = session.mode == Mode::Gcm;
     let (_, algo) = wire_algo(session.mode);
     let n = data_len as u32;
     let t = TAG_LEN as u32;
     let (opcode, params, dst_len) = match (aead, direction) {
         (false, dir) => {
-            let opcode = if dir == Direction::Encrypt {
-                op::CIPHER_ENCRYPT
-            } else {
-                op::CIPHER_DECRYPT
-            };
-            (
-                opcode,
-                DataParams::Cipher {
-                    iv_len: iv_len as u32,
-                    src_len: n,
-                    dst_len: n,
-                },
-                n,
-            )
+            let opcode = if dir == Direction::Encrypt { op::CIPHER_ENCRYPT } else { op::CIPHER_DECRYPT };
+            (opcode, DataParams::Cipher { iv_len: iv_len as u32, src_len: n, dst_len: n }, n)
         }
         (true, Direction::Encrypt) => {
             let p = DataParams::Aead {
@@ -152,14 +132,7 @@ pub fn plan(
         Direction::Encrypt => session.encrypt_id,
         Direction::Decrypt => session.decrypt_id,
     };
-    let header = DataRequest {
-        opcode,
-        algo,
-        session_id,
-        flag: 0,
-        params,
-    }
-    .encode();
+    let header = DataRequest { opcode, algo, session_id, flag: 0, params }.encode();
     let mut s = Segments::default();
     let at = |off: usize| slot + off as u64;
     s.push(at(HDR), crypto::DATA_REQ_SIZE + iv_len, false);
@@ -167,11 +140,7 @@ pub fn plan(
     let aad_inline = aad_ext.is_none();
     match (aead, direction) {
         (true, Direction::Decrypt) => {
-            s.push(
-                at(TAG_IN),
-                TAG_LEN + if aad_inline { aad_len } else { 0 },
-                false,
-            );
+            s.push(at(TAG_IN), TAG_LEN + if aad_inline { aad_len } else { 0 }, false);
         }
         (true, Direction::Encrypt) if aad_inline => s.push(at(AAD), aad_len, false),
         _ => {}
@@ -185,9 +154,5 @@ pub fn plan(
     } else {
         s.push(at(STATUS), 1, true);
     }
-    Plan {
-        header,
-        segments: s,
-        expect_written: dst_len + 1,
-    }
+    Plan { header, segments: s, expect_written: dst_len + 1 }
 }

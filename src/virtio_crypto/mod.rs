@@ -128,16 +128,9 @@ impl VirtioCrypto {
                     pci.num_queues()
                 ))
             })?;
-        let nqueues = if options.data_queues == 0 {
-            available
-        } else {
-            options.data_queues.min(available)
-        };
+        let nqueues = if options.data_queues == 0 { available } else { options.data_queues.min(available) };
         if options.data_queues > available {
-            log::warn!(
-                "{} data queues asked, the device has {available}",
-                options.data_queues
-            );
+            log::warn!("{} data queues asked, the device has {available}", options.data_queues);
         }
         let event_idx = features & (1 << feature::RING_EVENT_IDX) != 0;
         let indirect = features & (1 << feature::RING_INDIRECT_DESC) != 0;
@@ -163,17 +156,12 @@ impl VirtioCrypto {
             pci.set_config_vector(0);
         }
 
-        let control =
-            ControlQueue::new(&pci, &pool, ctrl_index, event_idx, options.request_timeout)?;
+        let control = ControlQueue::new(&pci, &pool, ctrl_index, event_idx, options.request_timeout)?;
         let mut queues = Vec::with_capacity(nqueues);
         for q in 0..nqueues {
             let index = q as u16;
             let max = pci.queue_max_size(index);
-            let size = if options.queue_size == 0 {
-                max
-            } else {
-                options.queue_size
-            };
+            let size = if options.queue_size == 0 { max } else { options.queue_size };
             if size == 0 || size > max || !size.is_power_of_two() {
                 return Err(Error::Init(format!(
                     "data queue {q}: size {size} is not a power of two up to the device's maximum of {max}"
@@ -186,19 +174,10 @@ impl VirtioCrypto {
                 indirect,
                 backlog_limit: options.backlog_limit,
                 max_size: usize::try_from(info.max_size).unwrap_or(usize::MAX),
-                msix_vector: if interrupts {
-                    index + 1
-                } else {
-                    VIRTIO_MSI_NO_VECTOR
-                },
+                msix_vector: if interrupts { index + 1 } else { VIRTIO_MSI_NO_VECTOR },
                 irq: notifiers.get_mut(q + 1).and_then(Option::take),
             };
-            queues.push(Arc::new(DataQueueShared::new(
-                &pci,
-                &pool,
-                health.clone(),
-                setup,
-            )?));
+            queues.push(Arc::new(DataQueueShared::new(&pci, &pool, health.clone(), setup)?));
         }
         pci.driver_ok();
         let threads = if interrupts {
@@ -293,16 +272,10 @@ impl Engine for VirtioCrypto {
         // the same typed errors before the device sees them.
         let expected = mode.key_lengths();
         if !expected.contains(&key.len()) {
-            return Err(Error::KeyLength {
-                mode,
-                len: key.len(),
-                expected,
-            });
+            return Err(Error::KeyLength { mode, len: key.len(), expected });
         }
         if mode == Mode::Xts && key[..key.len() / 2] == key[key.len() / 2..] {
-            return Err(Error::KeyRejected(format!(
-                "{mode} key rejected: the two key halves are equal"
-            )));
+            return Err(Error::KeyRejected(format!("{mode} key rejected: the two key halves are equal")));
         }
         if let Some(reason) = self.failure() {
             return Err(Error::DeviceFailed(reason));
@@ -316,11 +289,7 @@ impl Engine for VirtioCrypto {
                 return Err(e);
             }
         };
-        Ok(DeviceSession {
-            mode,
-            encrypt_id,
-            decrypt_id,
-        })
+        Ok(DeviceSession { mode, encrypt_id, decrypt_id })
     }
 
     fn destroy_session(&self, session: &DeviceSession) -> Result<()> {
