@@ -28,6 +28,12 @@ impl Chain {
         Self { readable: SegList::new(), writable: SegList::new() }
     }
 
+    /// Drops the translations of the last chain (and the mappings they kept alive).
+    pub(crate) fn release(&mut self) {
+        self.readable.release();
+        self.writable.release();
+    }
+
     /// Reads the chain starting at `head` from `ring`, translating buffers through `snap`.
     pub(crate) fn walk(
         &mut self,

@@ -51,6 +51,14 @@ impl SegList {
         }
     }
 
+    /// Empties the list and lets go of its snapshot.
+    pub(crate) fn release(&mut self) {
+        self.segs.clear();
+        self.len = 0;
+        self.unmapped = false;
+        self.snap = None;
+    }
+
     /// Appends the buffer `iova..iova + len`.
     pub(crate) fn push(&mut self, iova: u64, len: u32) {
         if len == 0 {

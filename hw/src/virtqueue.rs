@@ -9,10 +9,11 @@
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
+use crypt_vfio_spec::le::{u16_at, u32_at, u64_at};
 use crypt_vfio_spec::ring::{
     avail_event_offset, avail_ring_size, desc_table_size, need_event, used_event_offset, used_ring_size,
-    AVAIL_FLAGS, AVAIL_F_NO_INTERRUPT, AVAIL_IDX, AVAIL_RING, DESC_SIZE, USED_ELEM_SIZE, USED_FLAGS,
-    USED_F_NO_NOTIFY, USED_IDX, USED_RING,
+    AVAIL_FLAGS, AVAIL_F_NO_INTERRUPT, AVAIL_IDX, AVAIL_RING, DESC_ADDR, DESC_FLAGS, DESC_LEN, DESC_NEXT,
+    DESC_SIZE, USED_ELEM_SIZE, USED_FLAGS, USED_F_NO_NOTIFY, USED_IDX, USED_RING,
 };
 
 use crate::dma::Area;
@@ -43,21 +44,20 @@ pub(crate) struct Desc {
 
 impl Desc {
     pub(crate) fn decode(b: [u8; DESC_SIZE as usize]) -> Self {
-        let le = crypt_vfio_spec::le::u64_at;
         Self {
-            addr: le(&b, 0),
-            len: crypt_vfio_spec::le::u32_at(&b, 8),
-            flags: crypt_vfio_spec::le::u16_at(&b, 12),
-            next: crypt_vfio_spec::le::u16_at(&b, 14),
+            addr: u64_at(&b, DESC_ADDR as usize),
+            len: u32_at(&b, DESC_LEN as usize),
+            flags: u16_at(&b, DESC_FLAGS as usize),
+            next: u16_at(&b, DESC_NEXT as usize),
         }
     }
 }
 
 /// A queue's ring parts resolved to host memory in one IOMMU snapshot.
 pub(crate) struct RingMem {
-    pub snap: Arc<Snapshot>,
+    snap: Arc<Snapshot>,
     pub size: u16,
-    pub desc: Area,
+    desc: Area,
     avail: Area,
     used: Area,
 }

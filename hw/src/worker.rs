@@ -59,6 +59,14 @@ struct Pending {
 /// Starts worker `id` of `dev`.
 pub(crate) fn spawn(dev: Arc<Device>, id: usize) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new().name(format!("crypt-hw-{id}")).spawn(move || {
+        // Even if the worker died of a bug, a reset must not wait for it forever.
+        struct Idle<'a>(&'a Device, usize);
+        impl Drop for Idle<'_> {
+            fn drop(&mut self) {
+                self.0.quiesce.idle(self.1);
+            }
+        }
+        let _idle = Idle(&dev, id);
         let mut w = Worker::new(id, &dev);
         w.run(&dev);
         w.leave(&dev);
@@ -369,6 +377,9 @@ impl Worker {
         if self.pending.is_empty() {
             dev.quiesce.idle(self.id);
         }
+        // Hold no old mappings while asleep, so unmapped memory can be freed.
+        self.chain.release();
+        dev.iommu.refresh(&mut self.snap);
         match timeout {
             Some(t) => thread::park_timeout(t),
             None => thread::park(),

@@ -110,8 +110,22 @@ fn registers_read_at_any_width() {
     // Writes are refused while the queue is enabled.
     rig.cw(cc::QUEUE_DESC, 8, 0x1230);
     assert_eq!(rig.cr(cc::QUEUE_DESC, 8), rig.queues[2].desc);
+    rig.cw(cc::QUEUE_MSIX_VECTOR, 2, 100);
+    assert_eq!(rig.cr(cc::QUEUE_MSIX_VECTOR, 2), u64::from(pci::VIRTIO_MSI_NO_VECTOR), "no vector 100");
+    rig.cw(cc::CONFIG_MSIX_VECTOR, 2, 3);
+    assert_eq!(rig.cr(cc::CONFIG_MSIX_VECTOR, 2), 3);
     rig.cw(cc::QUEUE_SELECT, 2, 9);
     assert_eq!(rig.cr(cc::QUEUE_SIZE, 2), 0, "no such queue");
+    // Queue sizes: a smaller power of two is taken, anything else is not.
+    rig.set_status(0);
+    rig.cw(cc::QUEUE_SELECT, 2, 0);
+    assert_eq!(rig.cr(cc::QUEUE_SIZE, 2), 256, "max_queue_size after reset");
+    rig.cw(cc::QUEUE_SIZE, 2, 100);
+    assert_eq!(rig.cr(cc::QUEUE_SIZE, 2), 256);
+    rig.cw(cc::QUEUE_SIZE, 2, 512);
+    assert_eq!(rig.cr(cc::QUEUE_SIZE, 2), 256);
+    rig.cw(cc::QUEUE_SIZE, 2, 16);
+    assert_eq!(rig.cr(cc::QUEUE_SIZE, 2), 16);
 
     let dc = |off: u64, w: usize| rig.cr(0x2000 + off, w);
     assert_eq!(dc(crypto::config::STATUS, 4), u64::from(crypto::VIRTIO_CRYPTO_S_HW_READY));
@@ -835,4 +849,39 @@ fn null_crypto_and_injected_errors() {
     }
     let stats = rig.dev.stats();
     assert_eq!((stats.data_err, stats.data_injected_errors), (3, 3));
+}
+
+#[test]
+fn without_event_idx_the_flags_suppress_notifications() {
+    let mut rig = Rig::new(small());
+    rig.accept = !(1 << feature::RING_EVENT_IDX | 1 << feature::RING_INDIRECT_DESC);
+    rig.init();
+    let ev = EventFd::new();
+    rig.dev.set_irq_eventfd(1, Some(ev.dup())).unwrap();
+    let enc = rig.create_cipher(cipher::AES_CTR, &key(16, 1), true).session_id;
+    for i in 0..20 {
+        let (s, _, _) =
+            rig.run_data(0, &cipher_hdr(enc, true, cipher::AES_CTR, 16, 40), &[i; 16], &[i; 40], &[], 40);
+        assert_eq!(s, st::OK);
+        if i % 5 == 0 {
+            // Let the worker go to sleep, which it announces by clearing NO_NOTIFY.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    assert!(rig.wait_for(Duration::from_secs(1), |_| ev.take() > 0), "interrupts without NO_INTERRUPT");
+    // The driver turns interrupts off with the flag.
+    rig.write(rig.queues[0].avail, &crypt_vfio_spec::ring::AVAIL_F_NO_INTERRUPT.to_le_bytes());
+    std::thread::sleep(Duration::from_millis(20));
+    ev.take();
+    let before = rig.dev.stats().interrupts;
+    let (s, _, _) =
+        rig.run_data(0, &cipher_hdr(enc, true, cipher::AES_CTR, 16, 40), &[0; 16], &[0; 40], &[], 40);
+    assert_eq!(s, st::OK);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(rig.dev.stats().interrupts, before);
+    // Indirect descriptors were not negotiated.
+    rig.raw_desc(0, 0, rig.slot(0, 5), 32, DESC_F_INDIRECT, 0);
+    rig.publish_only(0, 0);
+    rig.kick(0);
+    assert!(rig.wait_for(Duration::from_secs(5), |r| r.status() & status::DEVICE_NEEDS_RESET != 0));
 }

@@ -16,8 +16,8 @@ use crypt_vfio_spec::crypto::{
 };
 use crypt_vfio_spec::pci::{cfg, common, status, COMMAND_BUS_MASTER, COMMAND_MEMORY};
 use crypt_vfio_spec::ring::{
-    avail_event_offset, need_event, used_event_offset, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_IDX,
-    USED_RING,
+    avail_event_offset, need_event, used_event_offset, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
+    USED_F_NO_NOTIFY, USED_IDX, USED_RING,
 };
 
 /// Where the test memory sits in IOVA space.
@@ -100,6 +100,8 @@ pub struct Rig {
     scratch_next: usize,
     scratch_start: usize,
     pub offered: u64,
+    /// Features the driver accepts, of those offered.
+    pub accept: u64,
 }
 
 pub const SLOT_LEN: usize = 8192;
@@ -148,6 +150,7 @@ impl Rig {
             scratch_next: scratch_start,
             scratch_start,
             offered: 0,
+            accept: !0,
         };
         rig.init();
         rig
@@ -236,7 +239,7 @@ impl Rig {
         self.set_status(status::ACKNOWLEDGE);
         self.set_status(status::ACKNOWLEDGE | status::DRIVER);
         self.offered = self.device_features();
-        self.write_driver_features(self.offered);
+        self.write_driver_features(self.offered & self.accept);
         self.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         assert_ne!(self.status() & status::FEATURES_OK, 0, "features refused");
         for q in 0..self.queues.len() {
@@ -362,10 +365,19 @@ impl Rig {
     pub fn maybe_kick(&self, q: usize, old: u16) {
         fence(Ordering::SeqCst);
         let vq = &self.queues[q];
-        let event = self.u16_at(vq.used + avail_event_offset(vq.size)).load(Ordering::Relaxed);
-        if self.always_kick || need_event(event, vq.next_avail, old) {
+        let wanted = if self.event_idx() {
+            let event = self.u16_at(vq.used + avail_event_offset(vq.size)).load(Ordering::Relaxed);
+            need_event(event, vq.next_avail, old)
+        } else {
+            self.u16_at(vq.used).load(Ordering::Relaxed) & USED_F_NO_NOTIFY == 0
+        };
+        if self.always_kick || wanted {
             self.kick(q);
         }
+    }
+
+    pub fn event_idx(&self) -> bool {
+        self.offered & self.accept & (1 << crypt_vfio_spec::pci::feature::RING_EVENT_IDX) != 0
     }
 
     pub fn kick(&self, q: usize) {
