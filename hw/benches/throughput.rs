@@ -1,9 +1,9 @@
 //! How many requests per second the device sustains, with a driver loop that does almost
-//! nothing (fixed chains republished as soon as they complete). Ignored by default because
-//! it only means something in a release build on an otherwise idle machine:
+//! nothing (fixed chains republished as soon as they complete). A measurement, so a bench:
 //!
-//! `cargo test -p crypt-vfio-hw --release --test throughput -- --ignored --nocapture`
+//! `cargo bench -p crypt-vfio-hw --bench throughput`
 
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::sync::atomic::{fence, AtomicU16, Ordering};
@@ -121,9 +121,7 @@ fn run(cfg: DeviceConfig, algo: u32, len: usize, secs: f64) -> f64 {
     rate
 }
 
-#[test]
-#[ignore = "measurement; run in release on an idle machine"]
-fn throughput() {
+fn main() {
     let base = DeviceConfig { data_queues: 1, max_queue_size: 256, ..Default::default() };
     eprintln!("null_crypto, 1 worker:");
     for len in [16, 512, 4096] {
