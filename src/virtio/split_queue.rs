@@ -81,14 +81,14 @@ impl SplitQueue {
 
     /// Writes descriptor `index` of the table.
     pub fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        write_desc(
-            &self.mem,
-            usize::from(index % self.size) * ring::DESC_SIZE as usize,
-            addr,
-            len,
-            flags,
-            next,
-        );
+        self.write_descs(index, &encode_desc(addr, len, flags, next));
+    }
+
+    /// Writes encoded descriptors into the table from `first` on; they must not wrap past the
+    /// end of the table.
+    pub fn write_descs(&self, first: u16, descs: &[u8]) {
+        debug_assert!(usize::from(first % self.size) * 16 + descs.len() <= usize::from(self.size) * 16);
+        write_descs(&self.mem, usize::from(first % self.size) * ring::DESC_SIZE as usize, descs);
     }
 
     /// Queues head `head` in the available ring; it becomes visible at [`publish`](Self::publish).
@@ -180,12 +180,19 @@ impl SplitQueue {
     }
 }
 
-/// Writes one descriptor at byte offset `off` of `table` (a ring or an indirect table).
-pub fn write_desc(table: &DmaBuffer, off: usize, addr: u64, len: u32, flags: u16, next: u16) {
-    let v = table.volatile();
-    let ok = v.write_obj(addr.to_le(), off + ring::DESC_ADDR as usize).is_ok()
-        && v.write_obj(len.to_le(), off + ring::DESC_LEN as usize).is_ok()
-        && v.write_obj(flags.to_le(), off + ring::DESC_FLAGS as usize).is_ok()
-        && v.write_obj(next.to_le(), off + ring::DESC_NEXT as usize).is_ok();
-    debug_assert!(ok, "descriptor write out of bounds");
+/// Encodes one descriptor (`struct virtq_desc`).
+pub fn encode_desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; ring::DESC_SIZE as usize] {
+    let mut d = [0u8; ring::DESC_SIZE as usize];
+    d[ring::DESC_ADDR as usize..][..8].copy_from_slice(&addr.to_le_bytes());
+    d[ring::DESC_LEN as usize..][..4].copy_from_slice(&len.to_le_bytes());
+    d[ring::DESC_FLAGS as usize..][..2].copy_from_slice(&flags.to_le_bytes());
+    d[ring::DESC_NEXT as usize..][..2].copy_from_slice(&next.to_le_bytes());
+    d
+}
+
+/// Writes encoded descriptors at byte offset `off` of `table` (a ring or an indirect table) in
+/// one volatile copy.
+pub fn write_descs(table: &DmaBuffer, off: usize, descs: &[u8]) {
+    let r = table.volatile().write_slice(descs, off);
+    debug_assert!(r.is_ok(), "descriptor write out of bounds");
 }

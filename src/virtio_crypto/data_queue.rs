@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crypt_vfio_cores::Mode;
 use crypt_vfio_spec::crypto::status;
-use crypt_vfio_spec::ring::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE};
+use crypt_vfio_spec::ring::{DESC_F_INDIRECT, DESC_SIZE};
 use vm_memory::Bytes;
 
 use super::layout::{
@@ -519,8 +519,11 @@ impl RingState {
         let lens = Lengths { iv: req.iv.as_slice().len(), aad: req.aad.len(), data: n };
         let plan = layout::plan(&req.session, req.direction, lens, slot_iova, data_iova, aad_ext);
         let v = self.slot_mem.volatile();
-        let mut ok = v.write_slice(&plan.header, base + HDR).is_ok()
-            && v.write_slice(req.iv.as_slice(), base + IV).is_ok()
+        let iv = req.iv.as_slice();
+        let mut head = [0u8; IV + 16];
+        head[..IV].copy_from_slice(&plan.header);
+        head[IV..IV + iv.len()].copy_from_slice(iv);
+        let mut ok = v.write_slice(&head[..IV + iv.len()], base + HDR).is_ok()
             && v.write_obj(0xffu8, base + STATUS).is_ok();
         if req.session.mode == Mode::Gcm {
             ok &= v.write_slice(&req.tag, base + TAG_IN).is_ok();
@@ -531,31 +534,16 @@ impl RingState {
         if !ok {
             return Err(Error::Dma("slot memory write out of bounds".into()));
         }
-        let segs = plan.segments.as_slice();
+        let mut table = [0u8; MAX_DESCS * DESC_SIZE as usize];
         let head = if self.indirect {
-            for (k, s) in segs.iter().enumerate() {
-                let last = k + 1 == segs.len();
-                let flags = if s.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
-                let off = base + INDIRECT + k * DESC_SIZE as usize;
-                crate::virtio::split_queue::write_desc(
-                    &self.slot_mem,
-                    off,
-                    s.addr,
-                    s.len,
-                    flags,
-                    (k + 1) as u16,
-                );
-            }
-            let table = slot_iova + INDIRECT as u64;
-            self.vq.write_desc(i as u16, table, (segs.len() * DESC_SIZE as usize) as u32, DESC_F_INDIRECT, 0);
+            let n = plan.segments.encode(1, &mut table);
+            crate::virtio::split_queue::write_descs(&self.slot_mem, base + INDIRECT, &table[..n]);
+            self.vq.write_desc(i as u16, slot_iova + INDIRECT as u64, n as u32, DESC_F_INDIRECT, 0);
             i as u16
         } else {
             let head = (i * MAX_DESCS) as u16;
-            for (k, s) in segs.iter().enumerate() {
-                let last = k + 1 == segs.len();
-                let flags = if s.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
-                self.vq.write_desc(head + k as u16, s.addr, s.len, flags, head + k as u16 + 1);
-            }
+            let n = plan.segments.encode(head + 1, &mut table);
+            self.vq.write_descs(head, &table[..n]);
             head
         };
         Ok((head, plan.expect_written, bounced))

@@ -8,10 +8,12 @@
 
 use crypt_vfio_cores::Mode;
 use crypt_vfio_spec::crypto::{self, op, DataParams, DataRequest};
+use crypt_vfio_spec::ring::{DESC_F_NEXT, DESC_F_WRITE};
 
 use super::config::wire_algo;
 use super::session::DeviceSession;
 use crate::engine::{Direction, TAG_LEN};
+use crate::virtio::split_queue::encode_desc;
 
 /// Bytes of slot memory per ring slot.
 pub const SLOT_STRIDE: usize = 768;
@@ -66,7 +68,21 @@ impl Segments {
     pub fn as_slice(&self) -> &[Segment] {
         &self.items[..self.len]
     }
+
+    /// Encodes the segments as a chain of descriptors whose `next` fields count up from
+    /// `first_next`; returns the bytes to write.
+    pub fn encode(&self, first_next: u16, out: &mut [u8; MAX_DESCS * DESC_SIZE]) -> usize {
+        for (k, s) in self.as_slice().iter().enumerate() {
+            let last = k + 1 == self.len;
+            let flags = if s.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            let d = encode_desc(s.addr, s.len, flags, first_next.wrapping_add(k as u16));
+            out[k * DESC_SIZE..][..DESC_SIZE].copy_from_slice(&d);
+        }
+        self.len * DESC_SIZE
+    }
 }
+
+const DESC_SIZE: usize = crypt_vfio_spec::ring::DESC_SIZE as usize;
 
 /// Everything the device needs to know about a request, computed once.
 pub struct Plan {
