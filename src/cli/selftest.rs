@@ -142,7 +142,9 @@ fn first_difference(a: &[u8], b: &[u8]) -> String {
 }
 
 /// Encrypts and decrypts `size` bytes with one session in one kind of buffer, and compares both
-/// with the software implementation.
+/// with the software implementation. Returns `Ok(false)` when the device cleanly refuses a length
+/// that is not a whole number of blocks (QEMU's device has no XTS ciphertext stealing): a
+/// limitation to report, not a wrong result.
 #[allow(clippy::too_many_arguments)]
 fn check_one(
     dev: &VirtioCrypto,
@@ -153,7 +155,7 @@ fn check_one(
     size: usize,
     dma: bool,
     tally: &mut Tally,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let alg = alg_name(mode, key.len());
     let what = format!("{alg}, {size} bytes in {} memory", if dma { "DMA" } else { "host" });
     let plain = pattern(size, (size as u64) << 8 | key.len() as u64);
@@ -173,9 +175,13 @@ fn check_one(
             Ok(Buf::Host(bytes.to_vec()))
         }
     };
-    let (out, out_tag) = q
-        .run(session, Direction::Encrypt, &iv, buf(&plain)?, [0; 16])?
-        .with_context(|| format!("{what}: encryption failed on the device"))?;
+    let (out, out_tag) = match q.run(session, Direction::Encrypt, &iv, buf(&plain)?, [0; 16])? {
+        Err(e @ (Error::DeviceError(_) | Error::NotSupported(_))) if size % 16 != 0 => {
+            println!("  {alg:<12} note: the device refuses {size} bytes (not whole blocks): {e}");
+            return Ok(false);
+        }
+        r => r.with_context(|| format!("{what}: encryption failed on the device"))?,
+    };
     let mut got = out.as_slice().to_vec();
     if tally.corrupt_pending {
         tally.corrupt_pending = false;
@@ -195,7 +201,7 @@ fn check_one(
         bail!("{what}: decryption does not give the plaintext back ({})", first_difference(back.as_slice(), &plain));
     }
     tally.requests += 2;
-    Ok(())
+    Ok(true)
 }
 
 /// Bad input that every device must refuse cleanly: each case names what it sent and what came
@@ -268,12 +274,17 @@ fn run_checks(dev: &VirtioCrypto, corrupt_one: bool) -> anyhow::Result<Tally> {
                 sizes.extend(ODD_SIZES);
             }
             sizes.retain(|&s| s <= max);
-            for &size in &sizes {
+            let mut checked = Vec::new();
+            'sizes: for &size in &sizes {
                 for dma in [false, true] {
-                    check_one(dev, &mut q, &session, mode, &k, size, dma, &mut tally)?;
+                    if !check_one(dev, &mut q, &session, mode, &k, size, dma, &mut tally)? {
+                        continue 'sizes;
+                    }
                 }
+                checked.push(size);
             }
             dev.destroy_session(&session)?;
+            let sizes = checked;
             tally.combinations += 1;
             println!(
                 "  {alg:<12} ok: {} sizes ({}..{} bytes) x host and DMA buffers, encrypt and decrypt, bit-exact",

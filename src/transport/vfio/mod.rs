@@ -21,6 +21,7 @@ mod region;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crypt_vfio_spec::pci::{cfg, COMMAND_BUS_MASTER, COMMAND_MEMORY};
@@ -51,6 +52,8 @@ pub struct VfioTransport {
     iova: Vec<Range<u64>>,
     iommu_page: u64,
     msix: u16,
+    /// Whether MSI-X is routed: the kernel refuses to disable what is not enabled.
+    msix_enabled: AtomicBool,
     /// Live DMA mappings by IOVA, holding their regions so the memory outlives the mapping.
     dma: Mutex<BTreeMap<u64, Arc<DmaRegion>>>,
 }
@@ -86,6 +89,7 @@ impl VfioTransport {
             iova,
             iommu_page,
             msix,
+            msix_enabled: AtomicBool::new(false),
             dma: Mutex::default(),
         };
         // A previous user may have left the function running (or DMAing): start from reset.
@@ -220,11 +224,13 @@ impl Transport for VfioTransport {
             )));
         }
         let fds: Vec<i32> = notifiers.iter().map(|n| n.map_or(-1, |n| n.raw_fd())).collect();
-        self.device.set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, &fds)
+        self.device.set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, &fds)?;
+        self.msix_enabled.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn disable_msix(&self) -> Result<()> {
-        if self.msix == 0 {
+        if !self.msix_enabled.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
         self.device.disable_irq(VFIO_PCI_MSIX_IRQ_INDEX)
