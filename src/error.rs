@@ -102,7 +102,9 @@ pub enum Error {
         path: String,
     },
     /// The function is bound to another driver than vfio-pci.
-    #[error("{bdf} is not bound to vfio-pci (its driver: {driver}): run `crypt-vfio bind {bdf}` (as root) first")]
+    #[error(
+        "{bdf} is not bound to vfio-pci (its driver: {driver}): run `crypt-vfio bind {bdf}` (as root) first"
+    )]
     WrongDriver {
         /// The function.
         bdf: String,

@@ -280,7 +280,9 @@ impl Sysfs {
         let device = read_hex(&dir.join("device"))?;
         let class = read_hex(&dir.join("class"))?;
         let (Ok(vendor), Ok(device)) = (u16::try_from(vendor), u16::try_from(device)) else {
-            return Err(Error::UnsupportedDevice(format!("{bdf}: impossible vendor/device {vendor:#x}:{device:#x}")));
+            return Err(Error::UnsupportedDevice(format!(
+                "{bdf}: impossible vendor/device {vendor:#x}:{device:#x}"
+            )));
         };
         let driver = link_name(&dir.join("driver"));
         let iommu_group = link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok());
@@ -329,7 +331,11 @@ impl Sysfs {
         }
         let node = self.group_node(group);
         if !node.exists() {
-            return Err(Error::NoVfio(format!("{} does not exist although vfio-pci holds {}", node.display(), f.bdf)));
+            return Err(Error::NoVfio(format!(
+                "{} does not exist although vfio-pci holds {}",
+                node.display(),
+                f.bdf
+            )));
         }
         for path in [node, self.container_node()] {
             if !accessible(&path) {
@@ -411,8 +417,9 @@ fn check_supported(f: &PciFunction) -> Result<()> {
 fn read_hex(path: &Path) -> Result<u32> {
     let text = fs::read_to_string(path).map_err(|e| Error::os(format!("reading {}", path.display()), e))?;
     let t = text.trim();
-    u32::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16)
-        .map_err(|_| Error::UnsupportedDevice(format!("{}: `{t}` is not a hexadecimal number", path.display())))
+    u32::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16).map_err(|_| {
+        Error::UnsupportedDevice(format!("{}: `{t}` is not a hexadecimal number", path.display()))
+    })
 }
 
 /// The last component of the target of the symbolic link `path` (a driver or group name).
@@ -423,7 +430,11 @@ fn link_name(path: &Path) -> Option<String> {
 
 /// Writes a sysfs attribute (which must exist: sysfs never creates files).
 fn write_attr(path: &Path, value: &str) -> Result<()> {
-    let r = fs::OpenOptions::new().write(true).truncate(true).open(path).and_then(|mut f| io::Write::write_all(&mut f, value.as_bytes()));
+    let r = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .and_then(|mut f| io::Write::write_all(&mut f, value.as_bytes()));
     r.map_err(|e| match e.kind() {
         io::ErrorKind::PermissionDenied => Error::PermissionDenied { path: path.display().to_string() },
         _ => Error::os(format!("writing `{}` to {}", value.trim(), path.display()), e),
@@ -520,7 +531,16 @@ mod tests {
         assert_eq!(bdf("0000:00:02.0").to_string(), "0000:00:02.0");
         assert_eq!(bdf("3b:1f.7").to_string(), "0000:3b:1f.7");
         assert_eq!(bdf("10000:e1:00.1").to_string(), "10000:e1:00.1");
-        for bad in ["", "00:02", "0000:00:20.0", "0000:00:02.8", "zz:00.0", "0000:000:02.0", "00:02.0.1", "1:2:3:4.0"] {
+        for bad in [
+            "",
+            "00:02",
+            "0000:00:20.0",
+            "0000:00:02.8",
+            "zz:00.0",
+            "0000:000:02.0",
+            "00:02.0.1",
+            "1:2:3:4.0",
+        ] {
             match bad.parse::<Bdf>() {
                 Err(Error::InvalidAddress(s)) => assert_eq!(s, bad),
                 other => panic!("`{bad}` parsed as {other:?}"),
@@ -542,7 +562,9 @@ mod tests {
         assert_eq!(found[0].driver.as_deref(), Some("virtio-pci"));
         assert_eq!(found[0].iommu_group, Some(2));
         assert_eq!(found[1].kind(), CryptoKind::LegacyVirtioCrypto);
-        assert!(matches!(s.check_ready(&found[1]), Err(Error::UnsupportedDevice(m)) if m.contains("disable-legacy")));
+        assert!(
+            matches!(s.check_ready(&found[1]), Err(Error::UnsupportedDevice(m)) if m.contains("disable-legacy"))
+        );
         match s.check_ready(&found[0]) {
             Err(Error::WrongDriver { driver, .. }) => assert_eq!(driver, "virtio-pci"),
             other => panic!("{other:?}"),
@@ -633,7 +655,9 @@ mod tests {
         t.function("0000:00:1f.3", AUDIO, Some("snd_hda_intel"), Some(3));
         let s = t.sysfs();
         assert!(matches!(s.bind(&bdf("0000:00:05.0")), Err(Error::NoSuchDevice(b)) if b == "0000:00:05.0"));
-        assert!(matches!(s.bind(&bdf("0000:00:1f.3")), Err(Error::UnsupportedDevice(m)) if m.contains("driverctl")));
+        assert!(
+            matches!(s.bind(&bdf("0000:00:1f.3")), Err(Error::UnsupportedDevice(m)) if m.contains("driverctl"))
+        );
         assert_eq!(t.read("sys/bus/pci/drivers_probe"), "");
     }
 }

@@ -12,6 +12,7 @@ use crypt_vfio::transport::vfio::VfioTransport;
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
 use crypt_vfio::{CoreKind, Mode};
+use crypt_vfio_spec::crypto::{aead, cipher};
 
 /// Which device to open and how.
 #[derive(Args, Debug, Clone)]
@@ -37,6 +38,10 @@ pub struct DeviceArgs {
     /// Emulated device: complete requests without doing AES (measures the driver alone).
     #[arg(long)]
     pub device_null: bool,
+    /// Emulated device: the algorithms it offers, comma-separated from gcm, xts, cbc, ctr (to
+    /// see how the driver handles a device that lacks some).
+    #[arg(long, value_delimiter = ',', default_value = "gcm,xts,cbc,ctr", value_parser = ["gcm", "xts", "cbc", "ctr"])]
+    pub device_algs: Vec<String>,
     /// AES core of the emulated device and of the software engine: aws-lc or rustcrypto.
     #[arg(long, default_value = "aws-lc")]
     pub core: CoreKind,
@@ -79,6 +84,12 @@ impl DeviceArgs {
             latency: self.device_latency,
             null_crypto: self.device_null,
             core: self.core,
+            cipher_algos: [("xts", cipher::AES_XTS), ("cbc", cipher::AES_CBC), ("ctr", cipher::AES_CTR)]
+                .into_iter()
+                .filter(|(name, _)| self.device_algs.iter().any(|a| a == name))
+                .map(|(_, id)| id)
+                .collect(),
+            aead_algos: if self.device_algs.iter().any(|a| a == "gcm") { vec![aead::GCM] } else { vec![] },
             ..EmulatedConfig::default()
         };
         Ok(Arc::new(EmulatedTransport::new(config).context("creating the emulated device")?))

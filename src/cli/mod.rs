@@ -10,7 +10,7 @@ mod selftest;
 use clap::{Parser, Subcommand};
 
 pub use bench::BenchArgs;
-pub use device::{DeviceArgs, InfoArgs};
+pub use device::InfoArgs;
 pub use selftest::SelftestArgs;
 
 /// Userspace driver for PCIe crypto accelerators (virtio-crypto over VFIO).

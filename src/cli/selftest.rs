@@ -64,7 +64,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// A key of `len` bytes whose halves differ (XTS refuses equal halves).
 fn key(len: usize, seed: u64) -> Vec<u8> {
-    pattern(len, seed ^ 0x6b65_79)
+    pattern(len, seed ^ 0x006b_6579)
 }
 
 /// One queue run synchronously: submit, then poll until that request's final completion.
@@ -78,7 +78,8 @@ impl SyncQueue {
     fn open(dev: &VirtioCrypto) -> anyhow::Result<Self> {
         let events: Arc<Mutex<Vec<Event<DeviceSession>>>> = Arc::default();
         let sink = events.clone();
-        let queue = dev.open_queue(0, Arc::new(move |e| sink.lock().unwrap_or_else(|p| p.into_inner()).push(e)))?;
+        let queue =
+            dev.open_queue(0, Arc::new(move |e| sink.lock().unwrap_or_else(|p| p.into_inner()).push(e)))?;
         Ok(Self { queue, events, next_id: 1 })
     }
 
@@ -94,7 +95,7 @@ impl SyncQueue {
         let id = self.next_id;
         self.next_id += 1;
         let iv = Iv::new(iv).ok_or_else(|| anyhow!("IV longer than 16 bytes"))?;
-        let mut req = Request::new(session.clone(), direction, iv, data, id);
+        let mut req = Request::new(*session, direction, iv, data, id);
         req.tag = tag;
         match self.queue.submit(req, true) {
             Ok(Submitted::InProgress | Submitted::Backlogged) => {}
@@ -108,7 +109,8 @@ impl SyncQueue {
             self.queue.poll();
             {
                 let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
-                let pos = ev.iter().position(|e| matches!(e, Event::Completed(c) if c.request.user_data == id));
+                let pos =
+                    ev.iter().position(|e| matches!(e, Event::Completed(c) if c.request.user_data == id));
                 if let Some(pos) = pos {
                     if let Event::Completed(c) = ev.remove(pos) {
                         return Ok(c.result.map(|()| (c.request.data, c.request.tag)));
@@ -164,7 +166,9 @@ fn check_one(
     let mut expected = plain.clone();
     let mut tag = [0u8; 16];
     let t: &mut [u8] = if mode.is_aead() { &mut tag } else { &mut [] };
-    reference.encrypt(&iv, &[], &mut expected, t).with_context(|| format!("{what}: software implementation"))?;
+    reference
+        .encrypt(&iv, &[], &mut expected, t)
+        .with_context(|| format!("{what}: software implementation"))?;
 
     let buf = |bytes: &[u8]| -> anyhow::Result<Buf> {
         if dma {
@@ -189,7 +193,10 @@ fn check_one(
         println!("  (--corrupt-one: flipped bit 0 of byte {} of the {what} ciphertext)", size / 2);
     }
     if got != expected {
-        bail!("{what}: the device's ciphertext differs from the software implementation ({})", first_difference(&got, &expected));
+        bail!(
+            "{what}: the device's ciphertext differs from the software implementation ({})",
+            first_difference(&got, &expected)
+        );
     }
     if mode.is_aead() && out_tag != tag {
         bail!("{what}: the device's tag differs from the software implementation");
@@ -198,7 +205,10 @@ fn check_one(
         .run(session, Direction::Decrypt, &iv, buf(&expected)?, tag)?
         .with_context(|| format!("{what}: decryption failed on the device"))?;
     if back.as_slice() != plain {
-        bail!("{what}: decryption does not give the plaintext back ({})", first_difference(back.as_slice(), &plain));
+        bail!(
+            "{what}: decryption does not give the plaintext back ({})",
+            first_difference(back.as_slice(), &plain)
+        );
     }
     tally.requests += 2;
     Ok(true)
@@ -206,7 +216,12 @@ fn check_one(
 
 /// Bad input that every device must refuse cleanly: each case names what it sent and what came
 /// back, and fails the run if the refusal is missing or of the wrong kind.
-fn bad_input(dev: &VirtioCrypto, q: &mut SyncQueue, unusable: &[Mode], usable: Option<(Mode, usize)>) -> anyhow::Result<()> {
+fn bad_input(
+    dev: &VirtioCrypto,
+    q: &mut SyncQueue,
+    unusable: &[Mode],
+    usable: Option<(Mode, usize)>,
+) -> anyhow::Result<()> {
     match unusable.first() {
         Some(&mode) => {
             let k = key(mode.key_lengths()[0], 99);
@@ -217,11 +232,15 @@ fn bad_input(dev: &VirtioCrypto, q: &mut SyncQueue, unusable: &[Mode], usable: O
                 Err(e) => bail!("bad input: a {mode} session was refused with the wrong error: {e}"),
                 Ok(s) => {
                     let _ = dev.destroy_session(&s);
-                    bail!("bad input: the device accepted a {mode} session although probing said it would not")
+                    bail!(
+                        "bad input: the device accepted a {mode} session although probing said it would not"
+                    )
                 }
             }
         }
-        None => println!("  bad input: unsupported algorithm: none to try, the device accepts all four modes"),
+        None => {
+            println!("  bad input: unsupported algorithm: none to try, the device accepts all four modes")
+        }
     }
     match dev.create_session(Mode::Cbc, &[7u8; 17]) {
         Err(e @ Error::KeyLength { .. }) => println!("  bad input: 17-byte aes-cbc key -> refused: {e}"),
@@ -231,7 +250,9 @@ fn bad_input(dev: &VirtioCrypto, q: &mut SyncQueue, unusable: &[Mode], usable: O
     let session = dev.create_session(mode, &key(key_len, 5))?;
     let iv = vec![0u8; mode.iv_len() - 1];
     match q.run(&session, Direction::Encrypt, &iv, Buf::Host(vec![0; 64]), [0; 16])? {
-        Err(e @ Error::InvalidRequest(_)) => println!("  bad input: {}-byte IV for {mode} -> refused: {e}", iv.len()),
+        Err(e @ Error::InvalidRequest(_)) => {
+            println!("  bad input: {}-byte IV for {mode} -> refused: {e}", iv.len())
+        }
         Err(e) => bail!("bad input: a wrong IV length was refused with the wrong error: {e}"),
         Ok(_) => bail!("bad input: a {}-byte IV for {mode} was accepted", iv.len()),
     }
@@ -268,7 +289,8 @@ fn run_checks(dev: &VirtioCrypto, corrupt_one: bool) -> anyhow::Result<Tally> {
             any = true;
             usable.get_or_insert((mode, key_len));
             let k = key(key_len, key_len as u64);
-            let session = dev.create_session(mode, &k).with_context(|| format!("creating a {alg} session"))?;
+            let session =
+                dev.create_session(mode, &k).with_context(|| format!("creating a {alg} session"))?;
             let mut sizes: Vec<usize> = SIZES.to_vec();
             if mode != Mode::Cbc {
                 sizes.extend(ODD_SIZES);

@@ -35,7 +35,12 @@ const MAX_INFO_SIZE: usize = 64 * 1024;
 /// A query whose reply is a fixed structure starting with `argsz`, followed by a capability chain
 /// when `argsz` leaves room for one: asks once with the bare structure, and again with the size
 /// the kernel asked for. Returns the structure and the whole reply.
-pub(super) fn query_with_caps<T: Copy>(fd: &File, request: libc::c_ulong, init: T, what: &str) -> Result<(T, Vec<u8>)> {
+pub(super) fn query_with_caps<T: Copy>(
+    fd: &File,
+    request: libc::c_ulong,
+    init: T,
+    what: &str,
+) -> Result<(T, Vec<u8>)> {
     let base = size_of::<T>();
     let mut size = base;
     loop {

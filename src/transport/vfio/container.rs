@@ -7,9 +7,9 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, vfio_iommu_type1_info, VFIO_API_VERSION,
-    VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_INFO_PGSIZES,
-    VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, VFIO_TYPE1v2_IOMMU,
+    vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, vfio_iommu_type1_info, VFIO_TYPE1v2_IOMMU,
+    VFIO_API_VERSION, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_IOMMU_INFO_CAPS,
+    VFIO_IOMMU_INFO_PGSIZES, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
 };
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
@@ -49,7 +49,9 @@ impl Container {
         // SAFETY: a plain ioctl without argument on a descriptor we own.
         let version = unsafe { ioctl(&fd, abi::VFIO_GET_API_VERSION()) };
         if version != VFIO_API_VERSION as i32 {
-            return Err(Error::NoVfio(format!("the kernel's VFIO API version is {version}, not {VFIO_API_VERSION}")));
+            return Err(Error::NoVfio(format!(
+                "the kernel's VFIO API version is {version}, not {VFIO_API_VERSION}"
+            )));
         }
         // SAFETY: as above, with an integer argument.
         let type1v2 = unsafe { ioctl_with_val(&fd, abi::VFIO_CHECK_EXTENSION(), VFIO_TYPE1v2_IOMMU.into()) };
@@ -79,7 +81,8 @@ impl Container {
     /// The IOVA ranges the IOMMU accepts (half-open), and the smallest IOMMU page size.
     pub fn iova_ranges(&self) -> Result<(Vec<Range<u64>>, u64)> {
         let init = vfio_iommu_type1_info::default();
-        let (info, reply) = abi::query_with_caps(&self.fd, abi::VFIO_IOMMU_GET_INFO(), init, "VFIO_IOMMU_GET_INFO")?;
+        let (info, reply) =
+            abi::query_with_caps(&self.fd, abi::VFIO_IOMMU_GET_INFO(), init, "VFIO_IOMMU_GET_INFO")?;
         let page = if info.flags & VFIO_IOMMU_INFO_PGSIZES != 0 && info.iova_pgsizes != 0 {
             1u64 << info.iova_pgsizes.trailing_zeros()
         } else {
@@ -95,7 +98,8 @@ impl Container {
                 // Header (8), nr_iovas (4), reserved (4), then {start, end} pairs, end inclusive.
                 let n = cap_u32(cap.bytes, 8).unwrap_or(0) as usize;
                 for i in 0..n {
-                    let (Some(start), Some(end)) = (cap_u64(cap.bytes, 16, 2 * i), cap_u64(cap.bytes, 16, 2 * i + 1))
+                    let (Some(start), Some(end)) =
+                        (cap_u64(cap.bytes, 16, 2 * i), cap_u64(cap.bytes, 16, 2 * i + 1))
                     else {
                         log::warn!("IOVA range capability claims {n} ranges but holds {i}");
                         break;
@@ -133,7 +137,9 @@ impl Container {
                 }
                 _ => "",
             };
-            return Err(Error::Dma(format!("VFIO_IOMMU_MAP_DMA of {len:#x} bytes at IOVA {iova:#x}: {e}{hint}")));
+            return Err(Error::Dma(format!(
+                "VFIO_IOMMU_MAP_DMA of {len:#x} bytes at IOVA {iova:#x}: {e}{hint}"
+            )));
         }
         Ok(())
     }

@@ -27,10 +27,8 @@ pub(super) struct VfioDevice {
 impl VfioDevice {
     /// Wraps a device descriptor and checks that it is a PCI device.
     pub fn new(fd: File) -> Result<Self> {
-        let mut info = vfio_device_info {
-            argsz: std::mem::size_of::<vfio_device_info>() as u32,
-            ..Default::default()
-        };
+        let mut info =
+            vfio_device_info { argsz: std::mem::size_of::<vfio_device_info>() as u32, ..Default::default() };
         // SAFETY: the kernel fills the structure, which lives across the call; argsz bounds it.
         if unsafe { ioctl_with_mut_ref(&fd, abi::VFIO_DEVICE_GET_INFO(), &mut info) } < 0 {
             return Err(Error::last_os("VFIO_DEVICE_GET_INFO"));
@@ -44,7 +42,12 @@ impl VfioDevice {
                 info.num_regions
             )));
         }
-        Ok(Self { fd: Arc::new(fd), flags: info.flags, num_regions: info.num_regions, num_irqs: info.num_irqs })
+        Ok(Self {
+            fd: Arc::new(fd),
+            flags: info.flags,
+            num_regions: info.num_regions,
+            num_irqs: info.num_irqs,
+        })
     }
 
     /// The descriptor, shared with the regions that read and map through it.
@@ -66,11 +69,8 @@ impl VfioDevice {
         if index >= self.num_irqs {
             return Ok(0);
         }
-        let mut info = vfio_irq_info {
-            argsz: std::mem::size_of::<vfio_irq_info>() as u32,
-            index,
-            ..Default::default()
-        };
+        let mut info =
+            vfio_irq_info { argsz: std::mem::size_of::<vfio_irq_info>() as u32, index, ..Default::default() };
         // SAFETY: the kernel fills the structure, which lives across the call.
         if unsafe { ioctl_with_mut_ref(&*self.fd, abi::VFIO_DEVICE_GET_IRQ_INFO(), &mut info) } < 0 {
             return Err(Error::last_os(format!("VFIO_DEVICE_GET_IRQ_INFO {index}")));
@@ -98,7 +98,11 @@ impl VfioDevice {
         // first and the descriptors right after it, inside the buffer.
         unsafe {
             std::ptr::write(p.cast::<vfio_irq_set>(), set);
-            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), p.add(header), std::mem::size_of_val(fds));
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                p.add(header),
+                std::mem::size_of_val(fds),
+            );
         }
         // SAFETY: the kernel reads argsz bytes from the buffer, which is that long.
         if unsafe { ioctl_with_ptr(&*self.fd, abi::VFIO_DEVICE_SET_IRQS(), p) } < 0 {

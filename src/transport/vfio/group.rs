@@ -35,10 +35,8 @@ impl Group {
             )),
             _ => Error::os(format!("opening {}", path.display()), e),
         })?;
-        let mut status = vfio_group_status {
-            argsz: std::mem::size_of::<vfio_group_status>() as u32,
-            flags: 0,
-        };
+        let mut status =
+            vfio_group_status { argsz: std::mem::size_of::<vfio_group_status>() as u32, flags: 0 };
         // SAFETY: the kernel fills the status structure, which lives across the call.
         if unsafe { ioctl_with_mut_ref(&fd, abi::VFIO_GROUP_GET_STATUS(), &mut status) } < 0 {
             return Err(Error::last_os(format!("VFIO_GROUP_GET_STATUS on group {id}")));
@@ -48,7 +46,10 @@ impl Group {
                 .group_members(id)
                 .map(|m| {
                     m.iter()
-                        .filter(|f| f.bdf != *bdf && f.driver.as_deref().is_some_and(|d| d != crate::pci_sysfs::VFIO_PCI))
+                        .filter(|f| {
+                            f.bdf != *bdf
+                                && f.driver.as_deref().is_some_and(|d| d != crate::pci_sysfs::VFIO_PCI)
+                        })
                         .map(|f| format!("{} ({})", f.bdf, f.driver_name()))
                         .collect::<Vec<_>>()
                         .join(", ")

@@ -182,7 +182,9 @@ impl Transport for VfioTransport {
                 "mapping {len:#x} bytes at IOVA {iova:#x}: not aligned to the IOMMU page of {page:#x} bytes"
             )));
         }
-        let fits = iova.checked_add(len).is_some_and(|end| self.iova.iter().any(|r| r.start <= iova && end <= r.end));
+        let fits = iova
+            .checked_add(len)
+            .is_some_and(|end| self.iova.iter().any(|r| r.start <= iova && end <= r.end));
         if !fits {
             return Err(Error::Dma(format!(
                 "IOVA {iova:#x}+{len:#x} lies outside the IOMMU's valid ranges {:x?}",
@@ -190,7 +192,11 @@ impl Transport for VfioTransport {
             )));
         }
         let mut dma = self.dma();
-        if dma.range(..iova.saturating_add(len)).next_back().is_some_and(|(&at, r)| at + r.len() as u64 > iova) {
+        if dma
+            .range(..iova.saturating_add(len))
+            .next_back()
+            .is_some_and(|(&at, r)| at + r.len() as u64 > iova)
+        {
             return Err(Error::Dma(format!("IOVA {iova:#x}+{len:#x} overlaps a live mapping")));
         }
         self.container.map(iova, region.as_ptr() as u64, len)?;
@@ -238,7 +244,10 @@ impl Transport for VfioTransport {
 
     fn reset(&self) -> Result<()> {
         if !self.device.reset()? {
-            log::debug!("{}: the kernel cannot reset this function; relying on the virtio status reset", self.bdf);
+            log::debug!(
+                "{}: the kernel cannot reset this function; relying on the virtio status reset",
+                self.bdf
+            );
         }
         Ok(())
     }

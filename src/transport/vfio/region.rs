@@ -6,8 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_region_info, VFIO_REGION_INFO_CAP_SPARSE_MMAP, VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    vfio_region_info, VFIO_REGION_INFO_CAP_SPARSE_MMAP, VFIO_REGION_INFO_FLAG_CAPS,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use super::abi::{self, cap_u32, cap_u64};
@@ -117,13 +117,21 @@ impl VfioBar {
         let mut maps = Vec::new();
         for &(off, len) in &info.mmap {
             let prot = if info.write { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
-            let Some(file_off) = info.offset.checked_add(off).and_then(|o| libc::off_t::try_from(o).ok()) else {
+            let Some(file_off) = info.offset.checked_add(off).and_then(|o| libc::off_t::try_from(o).ok())
+            else {
                 continue;
             };
             // SAFETY: a fresh shared mapping of the device descriptor at an offset and length the
             // kernel advertised as mappable; the result is checked before use.
             let p = unsafe {
-                libc::mmap(std::ptr::null_mut(), len as usize, prot, libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(&*device), file_off)
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len as usize,
+                    prot,
+                    libc::MAP_SHARED,
+                    std::os::fd::AsRawFd::as_raw_fd(&*device),
+                    file_off,
+                )
             };
             if p == libc::MAP_FAILED {
                 // Falling back to pread/pwrite is slower but correct.
