@@ -107,7 +107,7 @@ ldd "$BIN" 2>&1 | grep -qE "not a dynamic executable|statically linked" || fail 
 
 # --- The initramfs ----------------------------------------------------------------------------
 INITRD=$WORK/initramfs
-rm -rf "$INITRD" && mkdir -p "$INITRD"/{bin,dev,proc,sys,lib/modules}
+rm -rf "$INITRD" && mkdir -p "$INITRD"/{bin,dev,proc,sys,tmp,lib/modules}
 cp /bin/busybox "$INITRD/bin/busybox"
 cp "$BIN" "$INITRD/bin/crypt-vfio"
 cp "$KDIR"/modules/*.ko "$INITRD/lib/modules/"
@@ -132,14 +132,20 @@ failed() {
     if [ \$result = PASS ]; then reason="\$1: \$2"; fi
     result=FAIL
 }
-# step NAME COMMAND...: the command must succeed.
+# step NAME COMMAND...: the command must succeed; on failure its first error line is the reason.
 step() {
     name=\$1
     shift
     echo "=== \$name: \$*"
-    "\$@"
+    "\$@" >/tmp/out 2>&1
     rc=\$?
-    if [ \$rc = 0 ]; then echo "=== \$name: ok"; else failed "\$name" "exit status \$rc"; fi
+    cat /tmp/out
+    if [ \$rc = 0 ]; then
+        echo "=== \$name: ok"
+    else
+        why=\$(grep -E "^selftest: FAIL|^crypt-vfio: " /tmp/out | head -1)
+        failed "\$name" "\${why:-exit status \$rc}"
+    fi
 }
 # refused NAME TEXT COMMAND...: the command must fail and say TEXT.
 refused() {
@@ -184,7 +190,7 @@ else
         failed iommu "\$faults IOMMU faults: the device touched memory that was not mapped for it"
     fi
 fi
-echo "crypt-vfio-guest: \$result\${reason:+ (\$reason)}"
+echo "crypt-vfio-guest: \$result\${reason:+: \$reason}"
 poweroff -f
 EOF
 chmod +x "$INITRD/init"
@@ -216,7 +222,7 @@ case $verdict in
         say "PASS (guest $KVER, $QEMU_VERSION; guest ran ${guest_s} s, whole test ${total_s} s)"
         ;;
     "crypt-vfio-guest: FAIL"*)
-        fail "in the guest: ${verdict#crypt-vfio-guest: FAIL }"
+        fail "in the guest, ${verdict#crypt-vfio-guest: FAIL: }"
         ;;
     *)
         if [ $qemu_rc = 124 ]; then
