@@ -4,6 +4,7 @@
 //!
 //! * [`transport`]: a PCI function as a driver sees it (config space, BARs, DMA mapping,
 //!   MSI-X), implemented by VFIO and by the emulated device.
+//! * [`pci_sysfs`]: PCI functions as sysfs shows them, IOMMU groups, binding to vfio-pci.
 //! * [`dma`]: device-visible memory addressed by IOVA.
 //! * [`virtio`]: the virtio 1.x PCI transport and split virtqueues, driver side.
 //! * [`virtio_crypto`]: the virtio-crypto device family as an [`engine::Engine`].
@@ -18,6 +19,7 @@
 pub mod dma;
 pub mod engine;
 pub mod error;
+pub mod pci_sysfs;
 pub mod transport;
 pub mod virtio;
 pub mod virtio_crypto;

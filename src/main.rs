@@ -1,4 +1,4 @@
-//! The `crypt-vfio` command: measure throughput, inspect devices.
+//! The `crypt-vfio` command: measure throughput; find, bind, inspect and self-test devices.
 
 mod cli;
 

@@ -1,14 +1,18 @@
-//! Opening a device from command-line arguments, and `crypt-vfio info`.
+//! Opening a device from command-line arguments (`emulated` or a PCI address bound to vfio-pci),
+//! and `crypt-vfio info`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use crypt_vfio::pci_sysfs::Bdf;
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedTransport};
+use crypt_vfio::transport::vfio::VfioTransport;
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
 use crypt_vfio::{CoreKind, Mode};
+use crypt_vfio_spec::crypto::{aead, cipher};
 
 /// Which device to open and how.
 #[derive(Args, Debug, Clone)]
@@ -34,6 +38,10 @@ pub struct DeviceArgs {
     /// Emulated device: complete requests without doing AES (measures the driver alone).
     #[arg(long)]
     pub device_null: bool,
+    /// Emulated device: the algorithms it offers, comma-separated from gcm, xts, cbc, ctr (to
+    /// see how the driver handles a device that lacks some).
+    #[arg(long, value_delimiter = ',', default_value = "gcm,xts,cbc,ctr", value_parser = ["gcm", "xts", "cbc", "ctr"])]
+    pub device_algs: Vec<String>,
     /// AES core of the emulated device and of the software engine: aws-lc or rustcrypto.
     #[arg(long, default_value = "aws-lc")]
     pub core: CoreKind,
@@ -61,14 +69,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl DeviceArgs {
-    /// The transport the arguments name.
+    /// The transport the arguments name: the emulated device, or the function at a PCI address
+    /// through VFIO.
     pub fn transport(&self) -> anyhow::Result<Arc<dyn Transport>> {
         if self.device != "emulated" {
-            bail!(
-                "device `{}`: only the emulated device is built into this version; the VFIO transport for real \
-                 PCI functions is not available yet",
-                self.device
-            );
+            let bdf: Bdf = self.device.parse()?;
+            // The library's errors already say what to do; no context to add.
+            return Ok(Arc::new(VfioTransport::open(&bdf)?));
         }
         let config = EmulatedConfig {
             data_queues: self.device_queues,
@@ -77,6 +84,12 @@ impl DeviceArgs {
             latency: self.device_latency,
             null_crypto: self.device_null,
             core: self.core,
+            cipher_algos: [("xts", cipher::AES_XTS), ("cbc", cipher::AES_CBC), ("ctr", cipher::AES_CTR)]
+                .into_iter()
+                .filter(|(name, _)| self.device_algs.iter().any(|a| a == name))
+                .map(|(_, id)| id)
+                .collect(),
+            aead_algos: if self.device_algs.iter().any(|a| a == "gcm") { vec![aead::GCM] } else { vec![] },
             ..EmulatedConfig::default()
         };
         Ok(Arc::new(EmulatedTransport::new(config).context("creating the emulated device")?))
@@ -98,8 +111,32 @@ impl DeviceArgs {
     }
 }
 
+/// Arguments of `crypt-vfio info`: the device as a positional address or with `--device`.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// PCI address of a function bound to vfio-pci (the same as --device).
+    #[arg(value_name = "BDF")]
+    target: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+impl DeviceArgs {
+    /// Takes a positional device address into `--device`; refuses two different ones.
+    pub fn with_target(mut self, target: Option<String>) -> anyhow::Result<Self> {
+        if let Some(t) = target {
+            if self.device != "emulated" && self.device != t {
+                bail!("two devices given ({t} and --device {}): give one", self.device);
+            }
+            self.device = t;
+        }
+        Ok(self)
+    }
+}
+
 /// `crypt-vfio info`.
-pub fn info(args: DeviceArgs) -> anyhow::Result<()> {
+pub fn info(args: InfoArgs) -> anyhow::Result<()> {
+    let args = args.device.with_target(args.target)?;
     let dev = args.open(&args.options())?;
     let info = dev.info();
     println!("device:        {}", crypt_vfio::engine::Engine::describe(&dev));

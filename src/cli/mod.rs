@@ -1,14 +1,17 @@
 //! Command-line interface: argument parsing and the subcommands.
 
 mod bench;
+mod devbind;
 mod device;
 mod plot;
 mod progress;
+mod selftest;
 
 use clap::{Parser, Subcommand};
 
 pub use bench::BenchArgs;
-pub use device::DeviceArgs;
+pub use device::InfoArgs;
+pub use selftest::SelftestArgs;
 
 /// Userspace driver for PCIe crypto accelerators (virtio-crypto over VFIO).
 #[derive(Parser, Debug)]
@@ -23,7 +26,16 @@ enum Command {
     /// Measure throughput and latency of an engine.
     Bench(BenchArgs),
     /// Show a device: features, services, algorithms (advertised and usable), queues, limits.
-    Info(DeviceArgs),
+    Info(InfoArgs),
+    /// List the crypto PCI functions, their driver and IOMMU group, and whether they are ready.
+    List,
+    /// Hand a crypto PCI function to vfio-pci (driver_override, unbind, drivers_probe).
+    Bind(devbind::BdfArg),
+    /// Give a function back from vfio-pci to the host's own driver.
+    Unbind(devbind::BdfArg),
+    /// Run every algorithm and key size the device accepts against the software implementation,
+    /// and bad input that must be refused.
+    Selftest(SelftestArgs),
 }
 
 /// Runs the parsed command.
@@ -31,5 +43,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(a) => bench::run(a),
         Command::Info(a) => device::info(a),
+        Command::List => devbind::list(),
+        Command::Bind(a) => devbind::bind(a),
+        Command::Unbind(a) => devbind::unbind(a),
+        Command::Selftest(a) => selftest::run(a),
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod emulated;
 mod irq;
+pub mod vfio;
 
 use std::ops::Range;
 use std::sync::Arc;
