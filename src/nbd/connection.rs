@@ -150,12 +150,20 @@ pub(crate) fn transmission(
     let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
     let rx = Mutex::new(rx);
     std::thread::scope(|scope| {
+        let mut started = 0;
         for i in 0..limits.workers.max(1) {
             let (rx, replies, budget) = (&rx, &replies, &budget);
-            std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name(format!("nbd-worker-{i}"))
                 .spawn_scoped(scope, move || worker(rx, device, replies, budget))
-                .expect("spawning an NBD worker thread");
+            {
+                Ok(_) => started += 1,
+                // Fewer workers only means less parallelism for this client.
+                Err(e) => warn!("{peer}: cannot start worker thread {i}: {e}"),
+            }
+        }
+        if started == 0 {
+            return End::Dropped;
         }
         let end = read_requests(reader, device, limits, &replies, &budget, |job| {
             tx.send(job).is_ok()
