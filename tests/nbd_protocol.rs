@@ -695,3 +695,74 @@ fn a_unix_socket_serves_the_same_protocol() {
     f.stop();
     assert!(!sock.exists(), "the socket file is removed on stop");
 }
+
+#[test]
+fn random_requests_each_get_one_reply_and_garbage_harms_no_one() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6e6264);
+    let mut f = Fixture::start(false, false);
+
+    // Well-framed requests with random commands, flags, ranges and lengths (some over the
+    // limit, some past the end): each gets exactly one reply and the stream stays in step.
+    let mut c = f.transmission();
+    let mut expected = std::collections::HashMap::new();
+    for handle in 0..320u64 {
+        let kind = match rng.random_range(0..10u16) {
+            cmd::DISC => cmd::READ,
+            k => k,
+        };
+        let flags = match rng.random_range(0..4) {
+            0 => 0,
+            1 => cmd_flag::FUA,
+            2 => cmd_flag::NO_HOLE,
+            _ => rng.random(),
+        };
+        let offset = if rng.random_bool(0.1) {
+            rng.random()
+        } else {
+            rng.random_range(0..SIZE + 8192)
+        };
+        let length = rng.random_range(0..MAX_PAYLOAD + 8192);
+        let payload = if kind == cmd::WRITE {
+            vec![handle as u8; length as usize]
+        } else {
+            Vec::new()
+        };
+        c.send(kind, flags, handle, offset, length, &payload);
+        expected.insert(handle, (kind, length));
+        // Read the replies in batches so neither side's buffers fill up.
+        if handle % 8 == 7 {
+            for _ in 0..8 {
+                let (error, h) = c.reply();
+                let (kind, length) = expected.remove(&h).expect("a reply to a request that was sent");
+                if kind == cmd::READ && error == 0 {
+                    c.read_n(length as usize);
+                }
+            }
+        }
+    }
+    assert!(expected.is_empty(), "one reply per request");
+
+    // Unframed garbage, in the handshake and in transmission, from short-lived clients.
+    let mut good = f.transmission();
+    for round in 0..40 {
+        let mut bad = f.connect();
+        if round % 2 == 0 {
+            bad.handshake(proto::client::FIXED_NEWSTYLE);
+            bad.go("disk", &[]).unwrap();
+        }
+        let mut junk = vec![0u8; rng.random_range(1..2000)];
+        rng.fill(&mut junk[..]);
+        if round % 4 == 2 && junk.len() >= 4 {
+            junk[..4].copy_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+        }
+        let _ = bad.s.write_all(&junk);
+        drop(bad);
+        let data = pattern(512, round as u8);
+        assert_eq!(good.write(round * 512, &data, 0), 0);
+        assert_eq!(good.read(round * 512, 512).unwrap(), data);
+    }
+    c.disconnect();
+    good.disconnect();
+    f.stop();
+}
