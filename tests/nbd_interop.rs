@@ -69,13 +69,7 @@ fn run(dir: &Path, program: &str, args: &[&str]) -> Run {
         stdout: std::fs::read_to_string(out).unwrap(),
         stderr: std::fs::read_to_string(err).unwrap(),
     };
-    assert!(
-        r.status.success(),
-        "{program} {args:?} failed ({}):\n{}\n{}",
-        r.status,
-        r.stdout,
-        r.stderr
-    );
+    assert!(r.status.success(), "{program} {args:?} failed ({}):\n{}\n{}", r.status, r.stdout, r.stderr);
     r
 }
 
@@ -108,11 +102,7 @@ impl Served {
         let image = dir.path().join("disk.img");
         std::fs::write(&image, pattern(IMAGE_SIZE, 1)).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_crypt-vfio"));
-        cmd.arg("serve")
-            .arg("--raw")
-            .arg(&image)
-            .args(["--export", "disk"])
-            .args(extra);
+        cmd.arg("serve").arg("--raw").arg(&image).args(["--export", "disk"]).args(extra);
         if unix {
             cmd.arg("--socket").arg(dir.path().join("nbd.sock"));
         } else {
@@ -132,20 +122,13 @@ impl Served {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx
-            .recv_timeout(SERVER_TIMEOUT)
-            .expect("the server prints its address");
+        let line = rx.recv_timeout(SERVER_TIMEOUT).expect("the server prints its address");
         let uri = line
             .strip_prefix("listening on ")
             .and_then(|l| l.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        Served {
-            child,
-            uri,
-            image,
-            dir,
-        }
+        Served { child, uri, image, dir }
     }
 
     fn path(&self, name: &str) -> String {
@@ -177,11 +160,7 @@ fn qemu_img_convert_copies_the_whole_export() {
     }
     let s = Served::start(false, &[]);
     let out = s.path("out.raw");
-    run(
-        s.dir.path(),
-        "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", &s.uri, &out],
-    );
+    run(s.dir.path(), "qemu-img", &["convert", "-f", "raw", "-O", "raw", &s.uri, &out]);
     assert_eq!(std::fs::read(&out).unwrap(), pattern(IMAGE_SIZE, 1));
     let (status, _) = s.stop("-TERM");
     assert!(status.success());
@@ -218,11 +197,7 @@ fn qemu_io_writes_and_reads_back_patterns() {
         ],
     );
     assert!(!r.stdout.contains("Pattern verification failed"), "{}", r.stdout);
-    assert!(
-        r.stdout.contains("read 4096/4096 bytes at offset 0"),
-        "{}",
-        r.stdout
-    );
+    assert!(r.stdout.contains("read 4096/4096 bytes at offset 0"), "{}", r.stdout);
     let disk = std::fs::read(&s.image).unwrap();
     let orig = pattern(IMAGE_SIZE, 1);
     assert!(disk[..4096].iter().all(|&b| b == 0xab));
@@ -242,11 +217,7 @@ fn nbdcopy_in_and_out_over_several_connections() {
     let src = s.path("src.raw");
     std::fs::write(&src, pattern(IMAGE_SIZE, 2)).unwrap();
     // Several connections at once: only safe because the server offers multi-conn.
-    run(
-        s.dir.path(),
-        "nbdcopy",
-        &["--connections=4", "--requests=16", &src, &s.uri],
-    );
+    run(s.dir.path(), "nbdcopy", &["--connections=4", "--requests=16", &src, &s.uri]);
     assert_eq!(std::fs::read(&s.image).unwrap(), pattern(IMAGE_SIZE, 2));
     let out = s.path("out.raw");
     run(s.dir.path(), "nbdcopy", &["--connections=2", &s.uri, &out]);
@@ -302,15 +273,7 @@ fn unix_socket_serves_qemu_io_and_nbdinfo() {
     let r = run(
         s.dir.path(),
         "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x5a 1M 64k",
-            "-c",
-            "read -P 0x5a 1M 64k",
-            &s.uri,
-        ],
+        &["-f", "raw", "-c", "write -P 0x5a 1M 64k", "-c", "read -P 0x5a 1M 64k", &s.uri],
     );
     assert!(!r.stdout.contains("Pattern verification failed"), "{}", r.stdout);
     let disk = std::fs::read(&s.image).unwrap();
@@ -330,13 +293,7 @@ fn a_signal_stops_the_server_with_exit_status_zero() {
     assert!(log.contains("stopped after 0 connection(s)"), "{log}");
 
     let s = Served::start(false, &[]);
-    let addr = s
-        .uri
-        .trim_start_matches("nbd://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = s.uri.trim_start_matches("nbd://").split('/').next().unwrap().to_string();
     // A client idle in the handshake must not hold the stop up.
     let _client = std::net::TcpStream::connect(addr).unwrap();
     std::thread::sleep(Duration::from_millis(100));

@@ -31,9 +31,7 @@ struct Fixture {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
 impl Fixture {
@@ -60,14 +58,7 @@ impl Fixture {
         let addr = listener.local_addr();
         let s = Arc::clone(&server);
         let thread = Some(std::thread::spawn(move || s.serve(listener)));
-        Fixture {
-            server,
-            thread,
-            addr,
-            socket,
-            image,
-            _dir: dir,
-        }
+        Fixture { server, thread, addr, socket, image, _dir: dir }
     }
 
     fn connect(&self) -> Client {
@@ -190,12 +181,7 @@ impl Client {
     /// Sends `NBD_OPT_GO` (or `INFO`) and collects the replies; `Err(reply type)` on error.
     fn info_or_go(&mut self, option: u32, name: &str, infos: &[u16]) -> Result<Go, u32> {
         self.option(option, &Self::info_data(name, infos));
-        let mut go = Go {
-            size: 0,
-            flags: 0,
-            name: None,
-            block: None,
-        };
+        let mut go = Go { size: 0, flags: 0, name: None, block: None };
         let mut saw_export = false;
         loop {
             let (kind, d) = self.option_reply(option);
@@ -231,15 +217,7 @@ impl Client {
     }
 
     fn send(&mut self, kind: u16, flags: u16, handle: u64, offset: u64, length: u32, payload: &[u8]) {
-        let mut b = Request {
-            flags,
-            kind,
-            handle,
-            offset,
-            length,
-        }
-        .encode()
-        .to_vec();
+        let mut b = Request { flags, kind, handle, offset, length }.encode().to_vec();
         b.extend_from_slice(payload);
         self.s.write_all(&b).unwrap();
     }
@@ -320,13 +298,8 @@ fn options_are_answered_and_refusals_keep_the_handshake_going() {
     let i = c.info_or_go(opt::INFO, "", &[]).unwrap();
     assert_eq!((i.size, i.block), (SIZE, Some((1, 4096, MAX_PAYLOAD))));
 
-    for refused in [
-        opt::STRUCTURED_REPLY,
-        opt::STARTTLS,
-        opt::SET_META_CONTEXT,
-        opt::EXTENDED_HEADERS,
-        4242,
-    ] {
+    for refused in [opt::STRUCTURED_REPLY, opt::STARTTLS, opt::SET_META_CONTEXT, opt::EXTENDED_HEADERS, 4242]
+    {
         c.option(refused, &[]);
         let (kind, msg) = c.option_reply(refused);
         assert_eq!(kind, rep::ERR_UNSUP, "option {refused}");
@@ -344,10 +317,7 @@ fn options_are_answered_and_refusals_keep_the_handshake_going() {
     // After all that, the default export is still there.
     let go = c.go("", &[]).unwrap();
     assert_eq!(go.size, SIZE);
-    assert_eq!(
-        c.read(SIZE - 4096, 4096).unwrap(),
-        pattern(SIZE as usize, 1)[(SIZE - 4096) as usize..]
-    );
+    assert_eq!(c.read(SIZE - 4096, 4096).unwrap(), pattern(SIZE as usize, 1)[(SIZE - 4096) as usize..]);
     c.disconnect();
     f.stop();
 }
@@ -420,16 +390,7 @@ fn commands_read_write_flush_trim_and_write_zeroes() {
     assert_eq!(c.read(4096, 8192).unwrap(), data);
     assert_eq!(c.call(cmd::FLUSH, 0, 0, 0, &[]), 0);
     assert_eq!(c.call(cmd::WRITE_ZEROES, 0, 8192, 4096, &[]), 0);
-    assert_eq!(
-        c.call(
-            cmd::WRITE_ZEROES,
-            cmd_flag::NO_HOLE | cmd_flag::FUA,
-            131072,
-            300_000,
-            &[]
-        ),
-        0
-    );
+    assert_eq!(c.call(cmd::WRITE_ZEROES, cmd_flag::NO_HOLE | cmd_flag::FUA, 131072, 300_000, &[]), 0);
     assert_eq!(c.call(cmd::TRIM, 0, 0, 4096, &[]), 0);
     assert_eq!(c.call(cmd::TRIM, cmd_flag::FUA, 4096, 4096, &[]), 0);
     // Zero-length transfers are legal and harmless.
@@ -437,10 +398,7 @@ fn commands_read_write_flush_trim_and_write_zeroes() {
     assert_eq!(c.write(0, &[], 0), 0);
     // Unaligned access works: the device is byte-addressed.
     assert_eq!(c.write(1001, b"xyz", 0), 0);
-    assert_eq!(
-        c.read(1000, 5).unwrap(),
-        [pattern(1001, 1)[1000], b'x', b'y', b'z', pattern(1005, 1)[1004]]
-    );
+    assert_eq!(c.read(1000, 5).unwrap(), [pattern(1001, 1)[1000], b'x', b'y', b'z', pattern(1005, 1)[1004]]);
     assert_eq!(c.call(cmd::FLUSH, cmd_flag::FUA, 0, 0, &[]), 0);
     c.disconnect();
 
@@ -449,10 +407,7 @@ fn commands_read_write_flush_trim_and_write_zeroes() {
     assert!(disk[8192..12288].iter().all(|&b| b == 0));
     assert_eq!(&disk[65536..69632], &data[..4096]);
     assert!(disk[131072..131072 + 300_000].iter().all(|&b| b == 0));
-    assert_eq!(
-        disk[131072 + 300_000],
-        pattern(SIZE as usize, 1)[131072 + 300_000]
-    );
+    assert_eq!(disk[131072 + 300_000], pattern(SIZE as usize, 1)[131072 + 300_000]);
     assert_eq!(&disk[1001..1004], b"xyz");
     f.stop();
 }
@@ -464,50 +419,22 @@ fn bad_requests_get_errors_and_the_connection_stays_usable() {
     let before = f.on_disk();
 
     assert_eq!(c.read(SIZE - 10, 11), Err(errno::EINVAL), "read past the end");
-    assert_eq!(
-        c.read(u64::MAX - 1, 4),
-        Err(errno::EINVAL),
-        "offset + length overflows"
-    );
-    assert_eq!(
-        c.read(0, MAX_PAYLOAD + 1),
-        Err(errno::EINVAL),
-        "read over the maximum payload"
-    );
+    assert_eq!(c.read(u64::MAX - 1, 4), Err(errno::EINVAL), "offset + length overflows");
+    assert_eq!(c.read(0, MAX_PAYLOAD + 1), Err(errno::EINVAL), "read over the maximum payload");
     assert_eq!(c.write(SIZE - 2, b"abc", 0), errno::ENOSPC, "write past the end");
     assert_eq!(c.write(u64::MAX, b"a", 0), errno::ENOSPC);
     assert_eq!(c.call(cmd::WRITE_ZEROES, 0, SIZE, 1, &[]), errno::ENOSPC);
     assert_eq!(c.call(cmd::TRIM, 0, SIZE - 1, 2, &[]), errno::EINVAL);
-    assert_eq!(
-        c.call(cmd::FLUSH, 0, 0, 512, &[]),
-        errno::EINVAL,
-        "flush with a length"
-    );
-    assert_eq!(
-        c.call(cmd::READ, cmd_flag::DF, 0, 512, &[]),
-        errno::EINVAL,
-        "DF without structured replies"
-    );
-    assert_eq!(
-        c.call(cmd::WRITE, cmd_flag::NO_HOLE, 0, 3, b"bad"),
-        errno::EINVAL,
-        "NO_HOLE on a write"
-    );
+    assert_eq!(c.call(cmd::FLUSH, 0, 0, 512, &[]), errno::EINVAL, "flush with a length");
+    assert_eq!(c.call(cmd::READ, cmd_flag::DF, 0, 512, &[]), errno::EINVAL, "DF without structured replies");
+    assert_eq!(c.call(cmd::WRITE, cmd_flag::NO_HOLE, 0, 3, b"bad"), errno::EINVAL, "NO_HOLE on a write");
     assert_eq!(
         c.call(cmd::WRITE_ZEROES, cmd_flag::FAST_ZERO, 0, 512, &[]),
         errno::EINVAL,
         "FAST_ZERO not offered"
     );
-    assert_eq!(
-        c.call(cmd::WRITE, 1 << 9, 0, 3, b"bad"),
-        errno::EINVAL,
-        "unknown flag"
-    );
-    assert_eq!(
-        c.call(cmd::BLOCK_STATUS, 0, 0, 512, &[]),
-        errno::EINVAL,
-        "block status without contexts"
-    );
+    assert_eq!(c.call(cmd::WRITE, 1 << 9, 0, 3, b"bad"), errno::EINVAL, "unknown flag");
+    assert_eq!(c.call(cmd::BLOCK_STATUS, 0, 0, 512, &[]), errno::EINVAL, "block status without contexts");
     assert_eq!(c.call(cmd::CACHE, 0, 0, 512, &[]), errno::EINVAL);
     assert_eq!(c.call(77, 0, 0, 512, &[]), errno::EINVAL, "unknown command");
 
@@ -651,14 +578,7 @@ fn stop_answers_requests_in_flight_then_closes_every_client() {
 
     let data = pattern(MAX_PAYLOAD as usize, 9);
     for i in 0..4u64 {
-        busy.send(
-            cmd::WRITE,
-            cmd_flag::FUA,
-            i,
-            i * u64::from(MAX_PAYLOAD),
-            MAX_PAYLOAD,
-            &data,
-        );
+        busy.send(cmd::WRITE, cmd_flag::FUA, i, i * u64::from(MAX_PAYLOAD), MAX_PAYLOAD, &data);
     }
     let report = f.stop();
     assert_eq!(report.connections, 3);
@@ -670,17 +590,10 @@ fn stop_answers_requests_in_flight_then_closes_every_client() {
         })
         .collect();
     handles.sort_unstable();
-    assert_eq!(
-        handles,
-        [0, 1, 2, 3],
-        "every write read before the stop is answered"
-    );
+    assert_eq!(handles, [0, 1, 2, 3], "every write read before the stop is answered");
     assert!(busy.closed() && idle.closed() && haggling.closed());
     let disk = f.on_disk();
-    assert_eq!(
-        &disk[3 * MAX_PAYLOAD as usize..4 * MAX_PAYLOAD as usize],
-        &data[..]
-    );
+    assert_eq!(&disk[3 * MAX_PAYLOAD as usize..4 * MAX_PAYLOAD as usize], &data[..]);
 }
 
 #[test]
@@ -717,17 +630,9 @@ fn random_requests_each_get_one_reply_and_garbage_harms_no_one() {
             2 => cmd_flag::NO_HOLE,
             _ => rng.random(),
         };
-        let offset = if rng.random_bool(0.1) {
-            rng.random()
-        } else {
-            rng.random_range(0..SIZE + 8192)
-        };
+        let offset = if rng.random_bool(0.1) { rng.random() } else { rng.random_range(0..SIZE + 8192) };
         let length = rng.random_range(0..MAX_PAYLOAD + 8192);
-        let payload = if kind == cmd::WRITE {
-            vec![handle as u8; length as usize]
-        } else {
-            Vec::new()
-        };
+        let payload = if kind == cmd::WRITE { vec![handle as u8; length as usize] } else { Vec::new() };
         c.send(kind, flags, handle, offset, length, &payload);
         expected.insert(handle, (kind, length));
         // Read the replies in batches so neither side's buffers fill up.

@@ -24,23 +24,13 @@ pub struct ServeArgs {
     #[arg(value_name = "IMG")]
     pub image: PathBuf,
     /// File holding the key that unlocks the volume.
-    #[arg(
-        long,
-        value_name = "F",
-        required_unless_present = "raw",
-        conflicts_with = "raw"
-    )]
+    #[arg(long, value_name = "F", required_unless_present = "raw", conflicts_with = "raw")]
     pub key_file: Option<PathBuf>,
     /// Export IMG as it is, unencrypted (serves a plain image; tests the NBD server alone).
     #[arg(long)]
     pub raw: bool,
     /// TCP address to listen on (port 0 picks a free port; the address is printed).
-    #[arg(
-        long,
-        value_name = "ADDR",
-        default_value = "127.0.0.1:10809",
-        conflicts_with = "socket"
-    )]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10809", conflicts_with = "socket")]
     pub listen: String,
     /// Listen on a Unix socket at PATH instead of TCP (PATH must not exist).
     #[arg(long, value_name = "PATH")]
@@ -68,11 +58,7 @@ pub fn open_export(args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice>> {
             .with_context(|| format!("opening {} to export it raw", args.image.display()))?;
         return Ok(Arc::new(dev));
     }
-    let key = args
-        .key_file
-        .as_deref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    let key = args.key_file.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
     bail!(
         "encrypted volumes need the volume layer, which this build does not have yet (cannot unlock {} with {} \
          on device `{}`); use --raw to export an unencrypted image",
@@ -88,11 +74,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let size = device.size();
     let config = ServerConfig {
         export_name: args.export.clone(),
-        description: format!(
-            "{} ({})",
-            args.image.display(),
-            if args.raw { "raw" } else { "decrypted" }
-        ),
+        description: format!("{} ({})", args.image.display(), if args.raw { "raw" } else { "decrypted" }),
         workers_per_connection: args.workers,
         max_connections: args.max_connections,
         ..ServerConfig::default()
@@ -117,9 +99,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     std::io::stdout().flush().context("writing to stdout")?;
 
     let report = server.serve(listener).context("serving")?;
-    eprintln!(
-        "crypt-vfio: stopped after {} connection(s); the device is flushed",
-        report.connections
-    );
+    eprintln!("crypt-vfio: stopped after {} connection(s); the device is flushed", report.connections);
     Ok(())
 }

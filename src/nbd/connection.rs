@@ -64,10 +64,7 @@ struct Budget {
 
 impl Budget {
     fn new(total: u64) -> Self {
-        Budget {
-            available: Mutex::new(total),
-            freed: Condvar::new(),
-        }
+        Budget { available: Mutex::new(total), freed: Condvar::new() }
     }
 
     fn acquire(&self, n: u64) {
@@ -98,16 +95,10 @@ impl Replies {
             return;
         }
         let mut s = self.socket.lock().unwrap_or_else(|p| p.into_inner());
-        let r = s
-            .write_all(header)
-            .and_then(|_| s.write_all(payload))
-            .and_then(|_| s.flush());
+        let r = s.write_all(header).and_then(|_| s.write_all(payload)).and_then(|_| s.flush());
         if let Err(e) = r {
             if !self.broken.swap(true, Ordering::Relaxed) {
-                info!(
-                    "{}: cannot send replies ({e}); dropping the connection",
-                    self.peer
-                );
+                info!("{}: cannot send replies ({e}); dropping the connection", self.peer);
                 // Wakes the reader so the connection winds down.
                 s.shutdown();
             }
@@ -141,11 +132,8 @@ pub(crate) fn transmission(
     limits: &Limits,
     peer: &str,
 ) -> End {
-    let replies = Replies {
-        socket: Mutex::new(writer),
-        broken: AtomicBool::new(false),
-        peer: peer.to_string(),
-    };
+    let replies =
+        Replies { socket: Mutex::new(writer), broken: AtomicBool::new(false), peer: peer.to_string() };
     let budget = Budget::new(limits.inflight_bytes.max(u64::from(limits.max_payload)));
     let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
     let rx = Mutex::new(rx);
@@ -165,9 +153,7 @@ pub(crate) fn transmission(
         if started == 0 {
             return End::Dropped;
         }
-        let end = read_requests(reader, device, limits, &replies, &budget, |job| {
-            tx.send(job).is_ok()
-        });
+        let end = read_requests(reader, device, limits, &replies, &budget, |job| tx.send(job).is_ok());
         // Closing the queue lets the workers finish what was read, then leave.
         drop(tx);
         end
@@ -263,10 +249,7 @@ fn read_requests(
                 if let Err(e) = reader.discard(len) {
                     return fail("skipping an oversized write", e);
                 }
-                debug!(
-                    "{peer}: write of {len} bytes refused (limit {})",
-                    limits.max_payload
-                );
+                debug!("{peer}: write of {len} bytes refused (limit {})", limits.max_payload);
                 replies.error(req.handle, errno::EINVAL);
                 continue;
             }
@@ -292,11 +275,7 @@ fn read_requests(
             }
             if !submit(Job {
                 handle: req.handle,
-                op: Op::Write {
-                    offset: req.offset,
-                    data,
-                    fua,
-                },
+                op: Op::Write { offset: req.offset, data, fua },
                 charge: len,
             }) {
                 return End::Dropped;
@@ -311,13 +290,7 @@ fn read_requests(
                     replies.error(req.handle, errno::EINVAL);
                     continue;
                 }
-                (
-                    Op::Read {
-                        offset: req.offset,
-                        len: req.length,
-                    },
-                    len,
-                )
+                (Op::Read { offset: req.offset, len: req.length }, len)
             }
             cmd::FLUSH => {
                 if req.flags & !cmd_flag::FUA != 0 || req.offset != 0 || req.length != 0 {
@@ -340,14 +313,7 @@ fn read_requests(
                     replies.error(req.handle, error);
                     continue;
                 }
-                (
-                    Op::Trim {
-                        offset: req.offset,
-                        len,
-                        fua,
-                    },
-                    0,
-                )
+                (Op::Trim { offset: req.offset, len, fua }, 0)
             }
             cmd::WRITE_ZEROES => {
                 let allowed = cmd_flag::FUA | cmd_flag::NO_HOLE;
@@ -365,14 +331,7 @@ fn read_requests(
                     continue;
                 }
                 // The device always writes real zeroes, so NO_HOLE is satisfied as it is.
-                (
-                    Op::WriteZeroes {
-                        offset: req.offset,
-                        len,
-                        fua,
-                    },
-                    0,
-                )
+                (Op::WriteZeroes { offset: req.offset, len, fua }, 0)
             }
             other => {
                 // Not advertised (cache, block status, ...); none of them carries a payload
@@ -383,11 +342,7 @@ fn read_requests(
             }
         };
         budget.acquire(charge);
-        if !submit(Job {
-            handle: req.handle,
-            op,
-            charge,
-        }) {
+        if !submit(Job { handle: req.handle, op, charge }) {
             return End::Dropped;
         }
     }

@@ -48,11 +48,7 @@ impl ExportInfo {
     pub(crate) fn block_sizes(&self, client_asked: bool) -> (u32, u32, u32) {
         let bs = self.block_size;
         let usable = bs.is_power_of_two() && bs <= 65536;
-        let min = if client_asked && usable && self.size % u64::from(bs) == 0 {
-            bs
-        } else {
-            1
-        };
+        let min = if client_asked && usable && self.size % u64::from(bs) == 0 { bs } else { 1 };
         let preferred = if usable { bs.max(4096) } else { 4096 };
         let max = self.max_payload / min * min;
         (min, preferred, max)
@@ -94,11 +90,7 @@ pub(crate) fn negotiate<R: Read, W: Write>(
     send(w, &hello)?;
 
     let mut flags = [0u8; 4];
-    if reader
-        .next_message(&mut flags)
-        .map_err(io("reading client flags"))?
-        != Next::Message
-    {
+    if reader.next_message(&mut flags).map_err(io("reading client flags"))? != Next::Message {
         return Ok(Outcome::Ended);
     }
     let client_flags = be_u32(&flags);
@@ -110,11 +102,7 @@ pub(crate) fn negotiate<R: Read, W: Write>(
 
     for _ in 0..MAX_OPTIONS {
         let mut header = [0u8; proto::OPTION_HEADER_LEN];
-        if reader
-            .next_message(&mut header)
-            .map_err(io("reading an option"))?
-            != Next::Message
-        {
+        if reader.next_message(&mut header).map_err(io("reading an option"))? != Next::Message {
             return Ok(Outcome::Ended);
         }
         if proto::be_u64(&header) != proto::IHAVEOPT {
@@ -123,16 +111,12 @@ pub(crate) fn negotiate<R: Read, W: Write>(
         let option = be_u32(&header[8..]);
         let len = be_u32(&header[12..]);
         if len > MAX_OPTION_DATA {
-            return Err(Error::Protocol(format!(
-                "option {option} carries {len} bytes of data"
-            )));
+            return Err(Error::Protocol(format!("option {option} carries {len} bytes of data")));
         }
         let mut data = vec![0u8; len as usize];
         reader.read_exact(&mut data).map_err(io("reading option data"))?;
         if !fixed && option != opt::EXPORT_NAME {
-            return Err(Error::Protocol(format!(
-                "option {option} from a client without fixed newstyle"
-            )));
+            return Err(Error::Protocol(format!("option {option} from a client without fixed newstyle")));
         }
         if stop.load(Ordering::Relaxed) {
             if option == opt::EXPORT_NAME {
@@ -190,28 +174,16 @@ pub(crate) fn negotiate<R: Read, W: Write>(
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 reply(w, option, rep::ERR_UNSUP, b"metadata contexts are not supported")?;
             }
-            _ => reply(
-                w,
-                option,
-                rep::ERR_UNSUP,
-                format!("option {option} is not supported").as_bytes(),
-            )?,
+            _ => reply(w, option, rep::ERR_UNSUP, format!("option {option} is not supported").as_bytes())?,
         }
     }
-    Err(Error::Protocol(format!(
-        "more than {MAX_OPTIONS} options without choosing an export"
-    )))
+    Err(Error::Protocol(format!("more than {MAX_OPTIONS} options without choosing an export")))
 }
 
 /// Answers `NBD_OPT_INFO` or `NBD_OPT_GO`; true when it ended with `NBD_REP_ACK`.
 fn info_or_go<W: Write>(w: &mut W, option: u32, data: &[u8], export: &ExportInfo) -> Result<bool> {
     let Some((name, requests)) = parse_info_request(data) else {
-        reply(
-            w,
-            option,
-            rep::ERR_INVALID,
-            b"malformed export name or information request list",
-        )?;
+        reply(w, option, rep::ERR_INVALID, b"malformed export name or information request list")?;
         return Ok(false);
     };
     if !export.matches(name) {
@@ -319,10 +291,7 @@ mod tests {
     fn read_only_exports_do_not_offer_writes() {
         let ro = transmission_flags(true);
         assert_ne!(ro & tflags::READ_ONLY, 0);
-        assert_eq!(
-            ro & (tflags::SEND_TRIM | tflags::SEND_WRITE_ZEROES | tflags::SEND_FUA),
-            0
-        );
+        assert_eq!(ro & (tflags::SEND_TRIM | tflags::SEND_WRITE_ZEROES | tflags::SEND_FUA), 0);
         let rw = transmission_flags(false);
         assert_eq!(rw & tflags::READ_ONLY, 0);
         assert_ne!(rw & tflags::SEND_WRITE_ZEROES, 0);

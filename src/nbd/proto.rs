@@ -302,10 +302,7 @@ mod tests {
     #[test]
     fn replies_have_the_documented_layout() {
         let b = simple_reply(errno::EINVAL, 7);
-        assert_eq!(
-            &b[..],
-            &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 7]
-        );
+        assert_eq!(&b[..], &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 7]);
         let o = option_reply(opt::GO, rep::ERR_UNKNOWN, b"x");
         assert_eq!(&o[0..8], &[0, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9]);
         assert_eq!(be_u32(&o[8..]), 7);
@@ -323,14 +320,7 @@ mod tests {
         assert_eq!(errno_of(&os(libc::EROFS)), errno::EPERM);
         assert_eq!(errno_of(&os(libc::EIO)), errno::EIO);
         assert_eq!(errno_of(&crate::Error::ReadOnly), errno::EPERM);
-        assert_eq!(
-            errno_of(&crate::Error::OutOfRange {
-                offset: 1,
-                len: 1,
-                size: 1
-            }),
-            errno::EINVAL
-        );
+        assert_eq!(errno_of(&crate::Error::OutOfRange { offset: 1, len: 1, size: 1 }), errno::EINVAL);
         assert_eq!(errno_of(&crate::Error::AuthFailed), errno::EIO);
     }
 }

@@ -114,12 +114,10 @@ impl Listener {
 
     fn accept(&self, n: u64) -> io::Result<(Stream, String)> {
         match self {
-            Listener::Tcp(l) => l
-                .accept()
-                .map(|(s, a)| (Stream::Tcp(s), format!("client {n} ({a})"))),
-            Listener::Unix { listener, .. } => listener
-                .accept()
-                .map(|(s, _)| (Stream::Unix(s), format!("client {n} (unix)"))),
+            Listener::Tcp(l) => l.accept().map(|(s, a)| (Stream::Tcp(s), format!("client {n} ({a})"))),
+            Listener::Unix { listener, .. } => {
+                listener.accept().map(|(s, _)| (Stream::Unix(s), format!("client {n} (unix)")))
+            }
         }
     }
 }
@@ -172,11 +170,7 @@ impl Server {
                 "workers per connection and connections must be at least 1".into(),
             ));
         }
-        Ok(Server {
-            device,
-            config,
-            stop: Arc::new(AtomicBool::new(false)),
-        })
+        Ok(Server { device, config, stop: Arc::new(AtomicBool::new(false)) })
     }
 
     /// The flag that stops [`Server::serve`]; setting it is safe from a signal handler.
@@ -192,9 +186,7 @@ impl Server {
     /// Serves clients on `listener` until stopped, then waits for every connection to finish
     /// its requests and flushes the device.
     pub fn serve(&self, listener: Listener) -> Result<ServeReport> {
-        listener
-            .set_nonblocking()
-            .map_err(|e| Error::os("making the listener non-blocking", e))?;
+        listener.set_nonblocking().map_err(|e| Error::os("making the listener non-blocking", e))?;
         let export = Arc::new(ExportInfo {
             name: self.config.export_name.clone(),
             description: self.config.description.clone(),
@@ -248,16 +240,11 @@ impl Server {
             }
         }
         drop(listener);
-        info!(
-            "stopping: waiting for {} connection(s) to finish their requests",
-            clients.len()
-        );
+        info!("stopping: waiting for {} connection(s) to finish their requests", clients.len());
         clients.into_iter().for_each(join_client);
         self.device.flush()?;
         info!("stopped after {accepted} connection(s); device flushed");
-        Ok(ServeReport {
-            connections: accepted,
-        })
+        Ok(ServeReport { connections: accepted })
     }
 }
 

@@ -162,11 +162,7 @@ impl<R: Read> ClientReader<R> {
                     last_progress = Instant::now();
                 }
                 Err(e) if timed_out(&e) => {
-                    let limit = if self.stopping() {
-                        STALL_LIMIT_STOPPING
-                    } else {
-                        STALL_LIMIT
-                    };
+                    let limit = if self.stopping() { STALL_LIMIT_STOPPING } else { STALL_LIMIT };
                     if last_progress.elapsed() >= limit {
                         return Err(io::Error::new(
                             ErrorKind::TimedOut,
@@ -217,10 +213,7 @@ mod tests {
         let data: &[u8] = &[1, 2];
         let mut r = ClientReader::new(data, Arc::new(AtomicBool::new(false)));
         let mut buf = [0u8; 4];
-        assert_eq!(
-            r.next_message(&mut buf).unwrap_err().kind(),
-            ErrorKind::UnexpectedEof
-        );
+        assert_eq!(r.next_message(&mut buf).unwrap_err().kind(), ErrorKind::UnexpectedEof);
     }
 
     #[test]

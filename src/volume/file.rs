@@ -43,13 +43,7 @@ impl FileBlockDevice {
         let size = (&file)
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::os(format!("finding the size of {}", path.display()), e))?;
-        Ok(FileBlockDevice {
-            file,
-            path,
-            size,
-            block_size: DEFAULT_BLOCK_SIZE,
-            read_only,
-        })
+        Ok(FileBlockDevice { file, path, size, block_size: DEFAULT_BLOCK_SIZE, read_only })
     }
 
     /// Reports `block_size` as the preferred granularity: a power of two from 512 to 65536
@@ -72,11 +66,7 @@ impl FileBlockDevice {
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            }),
+            _ => Err(Error::OutOfRange { offset, len, size: self.size }),
         }
     }
 
@@ -88,10 +78,7 @@ impl FileBlockDevice {
     }
 
     fn io_error(&self, what: &str, offset: u64, len: u64, e: std::io::Error) -> Error {
-        Error::os(
-            format!("{what} {len} bytes at {offset} in {}", self.path.display()),
-            e,
-        )
+        Error::os(format!("{what} {len} bytes at {offset} in {}", self.path.display()), e)
     }
 }
 
@@ -119,9 +106,7 @@ impl BlockDevice for FileBlockDevice {
         if self.read_only {
             return Ok(());
         }
-        self.file
-            .sync_data()
-            .map_err(|e| Error::os(format!("syncing {}", self.path.display()), e))
+        self.file.sync_data().map_err(|e| Error::os(format!("syncing {}", self.path.display()), e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -188,14 +173,8 @@ mod tests {
         let (_dir, path) = image(4096);
         let dev = FileBlockDevice::open(&path, false).unwrap();
         let mut buf = [0u8; 2];
-        assert!(matches!(
-            dev.read_at(4095, &mut buf),
-            Err(Error::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            dev.write_at(u64::MAX, b"x"),
-            Err(Error::OutOfRange { .. })
-        ));
+        assert!(matches!(dev.read_at(4095, &mut buf), Err(Error::OutOfRange { .. })));
+        assert!(matches!(dev.write_at(u64::MAX, b"x"), Err(Error::OutOfRange { .. })));
         assert!(matches!(dev.write_zeroes(1, 4096), Err(Error::OutOfRange { .. })));
         assert!(matches!(dev.trim(4096, 1), Err(Error::OutOfRange { .. })));
         dev.read_at(4094, &mut buf).unwrap();
@@ -214,20 +193,10 @@ mod tests {
     #[test]
     fn block_size_must_be_a_power_of_two_nbd_accepts() {
         let (_dir, path) = image(4096);
-        assert!(FileBlockDevice::open(&path, false)
-            .unwrap()
-            .with_block_size(1000)
-            .is_err());
-        assert!(FileBlockDevice::open(&path, false)
-            .unwrap()
-            .with_block_size(256)
-            .is_err());
+        assert!(FileBlockDevice::open(&path, false).unwrap().with_block_size(1000).is_err());
+        assert!(FileBlockDevice::open(&path, false).unwrap().with_block_size(256).is_err());
         assert_eq!(
-            FileBlockDevice::open(&path, false)
-                .unwrap()
-                .with_block_size(4096)
-                .unwrap()
-                .block_size(),
+            FileBlockDevice::open(&path, false).unwrap().with_block_size(4096).unwrap().block_size(),
             4096
         );
     }
