@@ -47,6 +47,7 @@ impl Fixture {
             workers_per_connection: 3,
             inflight_bytes_per_connection: 4 * u64::from(MAX_PAYLOAD),
             max_connections: 8,
+            handshake_timeout: Duration::from_secs(2),
         };
         let server = Arc::new(Server::new(device, config).unwrap());
         let (listener, socket) = if unix {
@@ -669,5 +670,21 @@ fn random_requests_each_get_one_reply_and_garbage_harms_no_one() {
     }
     c.disconnect();
     good.disconnect();
+    f.stop();
+}
+
+#[test]
+fn a_client_that_never_chooses_an_export_is_dropped() {
+    let mut f = Fixture::start(false, false);
+    let mut idle = f.connect();
+    idle.handshake(proto::client::FIXED_NEWSTYLE);
+    let t = Instant::now();
+    assert!(idle.closed(), "the handshake deadline closes the connection");
+    assert!(t.elapsed() >= Duration::from_millis(1500), "not before the deadline: {:?}", t.elapsed());
+    // Once in transmission, idling is fine.
+    let mut c = f.transmission();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(c.read(0, 4).unwrap(), pattern(4, 1));
+    c.disconnect();
     f.stop();
 }

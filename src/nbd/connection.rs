@@ -27,7 +27,7 @@ const DISCARD_LIMIT: u64 = 128 << 20;
 /// Requests waiting for a worker, per connection.
 const QUEUE_DEPTH: usize = 64;
 
-/// How a connection runs its transmission phase.
+/// How a connection runs: its handshake deadline and its transmission limits.
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
     /// Largest read or write payload.
@@ -38,6 +38,8 @@ pub(crate) struct Limits {
     pub inflight_bytes: u64,
     /// Transmission flags sent to the client (read-only or not).
     pub flags: u16,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: std::time::Duration,
 }
 
 /// A checked request ready for the device.

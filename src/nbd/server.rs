@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
@@ -40,6 +40,9 @@ pub struct ServerConfig {
     pub inflight_bytes_per_connection: u64,
     /// Connections served at once; more are closed right after accept.
     pub max_connections: usize,
+    /// A client must choose an export within this time of connecting, so that idle or
+    /// dawdling clients cannot hold every connection slot.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +55,7 @@ impl Default for ServerConfig {
             workers_per_connection: 4,
             inflight_bytes_per_connection: 64 << 20,
             max_connections: 64,
+            handshake_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -165,6 +169,9 @@ impl Server {
                 "in-flight bytes per connection must cover one maximum payload".into(),
             ));
         }
+        if config.handshake_timeout.is_zero() {
+            return Err(Error::InvalidRequest("the handshake timeout must be above zero".into()));
+        }
         if config.workers_per_connection == 0 || config.max_connections == 0 {
             return Err(Error::InvalidRequest(
                 "workers per connection and connections must be at least 1".into(),
@@ -200,6 +207,7 @@ impl Server {
             workers: self.config.workers_per_connection,
             inflight_bytes: self.config.inflight_bytes_per_connection,
             flags: export.flags,
+            handshake_timeout: self.config.handshake_timeout,
         });
         let mut clients: Vec<JoinHandle<()>> = Vec::new();
         let mut accepted = 0u64;
@@ -271,8 +279,11 @@ fn serve_client(
         }
     };
     let mut reader = ClientReader::new(stream, Arc::clone(&stop));
+    reader.set_deadline(Some(Instant::now() + limits.handshake_timeout));
     match negotiate::negotiate(&mut reader, &mut writer, export, &stop) {
         Ok(Outcome::Transmission) => {
+            // A client in transmission may rightly stay idle for as long as it likes.
+            reader.set_deadline(None);
             info!("{peer}: transmission started");
             let end = connection::transmission(&mut reader, writer, device, limits, peer);
             info!("{peer}: transmission ended ({end:?})");

@@ -109,6 +109,8 @@ pub(crate) enum Next {
 pub(crate) struct ClientReader<R> {
     inner: R,
     stop: Arc<AtomicBool>,
+    /// Waiting for a message past this instant is an error (bounds the handshake).
+    deadline: Option<Instant>,
 }
 
 fn timed_out(e: &io::Error) -> bool {
@@ -117,7 +119,12 @@ fn timed_out(e: &io::Error) -> bool {
 
 impl<R: Read> ClientReader<R> {
     pub(crate) fn new(inner: R, stop: Arc<AtomicBool>) -> Self {
-        ClientReader { inner, stop }
+        ClientReader { inner, stop, deadline: None }
+    }
+
+    /// From now on, waiting for a message past `deadline` fails; `None` waits for ever.
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
     }
 
     fn stopping(&self) -> bool {
@@ -137,6 +144,12 @@ impl<R: Read> ClientReader<R> {
                 Err(e) if timed_out(&e) => {
                     if self.stopping() {
                         return Ok(Next::Stopping);
+                    }
+                    if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(io::Error::new(
+                            ErrorKind::TimedOut,
+                            "deadline passed waiting for the client",
+                        ));
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -214,6 +227,18 @@ mod tests {
         let mut r = ClientReader::new(data, Arc::new(AtomicBool::new(false)));
         let mut buf = [0u8; 4];
         assert_eq!(r.next_message(&mut buf).unwrap_err().kind(), ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn an_idle_socket_fails_after_the_deadline() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let s = Stream::Unix(a);
+        s.prepare().unwrap();
+        let mut r = ClientReader::new(s, Arc::new(AtomicBool::new(false)));
+        r.set_deadline(Some(Instant::now() + Duration::from_millis(300)));
+        let t = Instant::now();
+        assert_eq!(r.next_message(&mut [0u8; 4]).unwrap_err().kind(), ErrorKind::TimedOut);
+        assert!(t.elapsed() >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(3));
     }
 
     #[test]
