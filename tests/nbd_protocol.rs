@@ -688,3 +688,32 @@ fn a_client_that_never_chooses_an_export_is_dropped() {
     c.disconnect();
     f.stop();
 }
+
+#[test]
+fn connections_over_the_limit_are_refused_until_one_leaves() {
+    let mut f = Fixture::start(false, false);
+    // The fixture allows 8 at once.
+    let mut clients: Vec<Client> = (0..8).map(|_| f.transmission()).collect();
+    let mut extra = f.connect();
+    assert!(extra.closed(), "the ninth connection is closed at once");
+    clients.pop().unwrap().disconnect();
+    // The server notices the departure on its next turn through the accept loop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut again = loop {
+        let mut c = f.connect();
+        let mut greeting = [0u8; 18];
+        if c.s.read_exact(&mut greeting).is_ok() {
+            c.s.write_all(&proto::client::FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+            break c;
+        }
+        assert!(Instant::now() < deadline, "a slot frees up once a client leaves");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    again.go("disk", &[]).unwrap();
+    assert_eq!(again.read(0, 4).unwrap(), pattern(4, 1));
+    again.disconnect();
+    for c in clients {
+        c.disconnect();
+    }
+    f.stop();
+}
