@@ -123,6 +123,22 @@ pub enum Error {
         /// The functions in the way, with their drivers (`0000:00:1f.3 (snd_hda_intel)`).
         blockers: String,
     },
+    /// A block device access falls outside the device.
+    #[error("{len} bytes at offset {offset} fall outside the device of {size} bytes")]
+    OutOfRange {
+        /// First byte asked for.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// The device's size.
+        size: u64,
+    },
+    /// A write to a block device that was opened read-only.
+    #[error("the device is read-only")]
+    ReadOnly,
+    /// A network peer broke the protocol (NBD): the connection cannot go on.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
     /// The engine broke the backlog contract (for example it never promoted a backlogged
     /// request before the deadline).
     #[error("engine contract violation: {0}")]

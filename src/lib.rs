@@ -10,6 +10,7 @@
 //! * [`virtio_crypto`]: the virtio-crypto device family as an [`engine::Engine`].
 //! * [`engine`]: the backlog-aware submit API that every engine implements, its contract
 //!   checker, the software engine, and the async API.
+//! * [`volume`]: block devices to export; [`nbd`]: the NBD server that exports them.
 
 #![warn(missing_docs)]
 // A refused submit hands the request back by value inside the error: boxing it would allocate on
@@ -19,10 +20,12 @@
 pub mod dma;
 pub mod engine;
 pub mod error;
+pub mod nbd;
 pub mod pci_sysfs;
 pub mod transport;
 pub mod virtio;
 pub mod virtio_crypto;
+pub mod volume;
 
 pub use crypt_vfio_cores::{CoreKind, Mode};
 pub use error::{Error, Result};

@@ -1,4 +1,5 @@
-//! The `crypt-vfio` command: measure throughput; find, bind, inspect and self-test devices.
+//! The `crypt-vfio` command: measure throughput; find, bind, inspect and self-test devices;
+//! serve volumes over NBD.
 
 mod cli;
 

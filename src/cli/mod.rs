@@ -6,12 +6,14 @@ mod device;
 mod plot;
 mod progress;
 mod selftest;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
 pub use bench::BenchArgs;
 pub use device::InfoArgs;
 pub use selftest::SelftestArgs;
+pub use serve::ServeArgs;
 
 /// Userspace driver for PCIe crypto accelerators (virtio-crypto over VFIO).
 #[derive(Parser, Debug)]
@@ -36,6 +38,8 @@ enum Command {
     /// Run every algorithm and key size the device accepts against the software implementation,
     /// and bad input that must be refused.
     Selftest(SelftestArgs),
+    /// Export the decrypted view of a volume (or, with --raw, an image as it is) over NBD.
+    Serve(ServeArgs),
 }
 
 /// Runs the parsed command.
@@ -47,5 +51,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bind(a) => devbind::bind(a),
         Command::Unbind(a) => devbind::unbind(a),
         Command::Selftest(a) => selftest::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }

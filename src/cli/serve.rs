@@ -1,0 +1,104 @@
+//! `crypt-vfio serve`: the decrypted view of a volume, exported over NBD.
+//!
+//! Everything the server needs from the command line is which block device to export, so
+//! that choice lives in one function, [`open_export`]: `--raw` exports an image byte for byte
+//! (to test the server on its own), `--key-file` will unlock an encrypted volume once the
+//! volume layer exists. The rest is listening, signals and the orderly stop.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use crypt_vfio::nbd::{Listener, Server, ServerConfig};
+use crypt_vfio::volume::block::BlockDevice;
+use crypt_vfio::volume::file::FileBlockDevice;
+
+use super::device::DeviceArgs;
+
+/// Arguments of `crypt-vfio serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The image: an encrypted volume (with --key-file), or any file or block device with --raw.
+    #[arg(value_name = "IMG")]
+    pub image: PathBuf,
+    /// File holding the key that unlocks the volume.
+    #[arg(long, value_name = "F", required_unless_present = "raw", conflicts_with = "raw")]
+    pub key_file: Option<PathBuf>,
+    /// Export IMG as it is, unencrypted (serves a plain image; tests the NBD server alone).
+    #[arg(long)]
+    pub raw: bool,
+    /// TCP address to listen on (port 0 picks a free port; the address is printed).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10809", conflicts_with = "socket")]
+    pub listen: String,
+    /// Listen on a Unix socket at PATH instead of TCP (PATH must not exist).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Export name; clients asking for the default export (the empty name) get it too.
+    #[arg(long, value_name = "NAME", default_value = "")]
+    pub export: String,
+    /// Refuse writes.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Requests of one client that run at once.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Clients served at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_connections: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// The block device `args` name: the one place that decides what is exported.
+pub fn open_export(args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice>> {
+    if args.raw {
+        let dev = FileBlockDevice::open(&args.image, args.read_only)
+            .with_context(|| format!("opening {} to export it raw", args.image.display()))?;
+        return Ok(Arc::new(dev));
+    }
+    let key = args.key_file.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
+    bail!(
+        "encrypted volumes need the volume layer, which this build does not have yet (cannot unlock {} with {} \
+         on device `{}`); use --raw to export an unencrypted image",
+        args.image.display(),
+        key,
+        args.device.device
+    )
+}
+
+/// `crypt-vfio serve`.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let device = open_export(&args)?;
+    let size = device.size();
+    let config = ServerConfig {
+        export_name: args.export.clone(),
+        description: format!("{} ({})", args.image.display(), if args.raw { "raw" } else { "decrypted" }),
+        workers_per_connection: args.workers,
+        max_connections: args.max_connections,
+        ..ServerConfig::default()
+    };
+    let server = Server::new(device, config).context("configuring the NBD server")?;
+
+    let stop = server.stop_flag();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Registered first so that it sees the flag before the first signal sets it: a second
+        // signal while a stop is stuck on a client exits at once.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing signal handlers")?;
+    }
+
+    let listener = match &args.socket {
+        Some(path) => Listener::unix(path)?,
+        None => Listener::tcp(args.listen.as_str())?,
+    };
+    // Scripts and tests read this line to find the port when --listen asked for port 0.
+    println!("listening on {} ({} bytes)", listener.uri(&args.export), size);
+    std::io::stdout().flush().context("writing to stdout")?;
+
+    let report = server.serve(listener).context("serving")?;
+    eprintln!("crypt-vfio: stopped after {} connection(s); the device is flushed", report.connections);
+    Ok(())
+}

@@ -1,0 +1,351 @@
+//! One client's transmission phase: requests in, device operations, replies out.
+//!
+//! The connection's own thread reads and checks requests; worker threads run them on the
+//! device so that several are in flight at once (a slow flush does not hold up reads), and
+//! replies go out whole under one writer lock, in completion order, each echoing its handle.
+//! Payload memory per connection is bounded by a byte budget, so a client that pipelines large
+//! writes waits for earlier ones to finish instead of growing the server without limit.
+//!
+//! Anything a client sends is checked before it reaches the device: a bad request gets an
+//! error reply and the connection goes on; only a stream that can no longer be parsed (a bad
+//! magic, a truncated message, an absurd write length) closes this one connection.
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Condvar, Mutex};
+
+use log::{debug, info, warn};
+
+use super::proto::{self, cmd, cmd_flag, errno, tflags, Request};
+use super::stream::{ClientReader, Next, Stream};
+use crate::volume::block::BlockDevice;
+
+/// A write longer than the maximum payload but at most this long is read and dropped with an
+/// `EINVAL` reply; a longer one ends the connection rather than swallowing gigabytes.
+const DISCARD_LIMIT: u64 = 128 << 20;
+/// Requests waiting for a worker, per connection.
+const QUEUE_DEPTH: usize = 64;
+
+/// How a connection runs: its handshake deadline and its transmission limits.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    /// Largest read or write payload.
+    pub max_payload: u32,
+    /// Worker threads running requests.
+    pub workers: usize,
+    /// Bytes of payload buffers alive at once (at least `max_payload`).
+    pub inflight_bytes: u64,
+    /// Transmission flags sent to the client (read-only or not).
+    pub flags: u16,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: std::time::Duration,
+}
+
+/// A checked request ready for the device.
+enum Op {
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, data: Vec<u8>, fua: bool },
+    WriteZeroes { offset: u64, len: u64, fua: bool },
+    Trim { offset: u64, len: u64, fua: bool },
+    Flush,
+}
+
+struct Job {
+    handle: u64,
+    op: Op,
+    /// Budget bytes held until the reply is sent.
+    charge: u64,
+}
+
+/// A counting semaphore over bytes.
+struct Budget {
+    available: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn new(total: u64) -> Self {
+        Budget { available: Mutex::new(total), freed: Condvar::new() }
+    }
+
+    fn acquire(&self, n: u64) {
+        let mut avail = self.available.lock().unwrap_or_else(|p| p.into_inner());
+        while *avail < n {
+            avail = self.freed.wait(avail).unwrap_or_else(|p| p.into_inner());
+        }
+        *avail -= n;
+    }
+
+    fn release(&self, n: u64) {
+        *self.available.lock().unwrap_or_else(|p| p.into_inner()) += n;
+        self.freed.notify_all();
+    }
+}
+
+/// The sending side, shared by the workers and the reader (which answers bad requests itself).
+struct Replies {
+    socket: Mutex<Stream>,
+    /// Set once a reply could not be sent: the client is gone and the rest are skipped.
+    broken: AtomicBool,
+    peer: String,
+}
+
+impl Replies {
+    fn send(&self, header: &[u8], payload: &[u8]) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut s = self.socket.lock().unwrap_or_else(|p| p.into_inner());
+        let r = s.write_all(header).and_then(|_| s.write_all(payload)).and_then(|_| s.flush());
+        if let Err(e) = r {
+            if !self.broken.swap(true, Ordering::Relaxed) {
+                info!("{}: cannot send replies ({e}); dropping the connection", self.peer);
+                // Wakes the reader so the connection winds down.
+                s.shutdown();
+            }
+        }
+    }
+
+    fn error(&self, handle: u64, error: u32) {
+        self.send(&proto::simple_reply(error, handle), &[]);
+    }
+}
+
+/// Why the reader stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    /// `NBD_CMD_DISC`.
+    Disconnect,
+    /// The client closed the socket.
+    Closed,
+    /// The server is stopping.
+    Stopping,
+    /// The client broke the protocol or the socket failed; the reason was logged.
+    Dropped,
+}
+
+/// Serves requests until the client disconnects, the server stops, or the stream breaks.
+/// Returns once every request that was read has been answered (or could not be).
+pub(crate) fn transmission(
+    reader: &mut ClientReader<Stream>,
+    writer: Stream,
+    device: &dyn BlockDevice,
+    limits: &Limits,
+    peer: &str,
+) -> End {
+    let replies =
+        Replies { socket: Mutex::new(writer), broken: AtomicBool::new(false), peer: peer.to_string() };
+    let budget = Budget::new(limits.inflight_bytes.max(u64::from(limits.max_payload)));
+    let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|scope| {
+        let mut started = 0;
+        for i in 0..limits.workers.max(1) {
+            let (rx, replies, budget) = (&rx, &replies, &budget);
+            match std::thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn_scoped(scope, move || worker(rx, device, replies, budget))
+            {
+                Ok(_) => started += 1,
+                // Fewer workers only means less parallelism for this client.
+                Err(e) => warn!("{peer}: cannot start worker thread {i}: {e}"),
+            }
+        }
+        if started == 0 {
+            return End::Dropped;
+        }
+        let end = read_requests(reader, device, limits, &replies, &budget, |job| tx.send(job).is_ok());
+        // Closing the queue lets the workers finish what was read, then leave.
+        drop(tx);
+        end
+    })
+}
+
+fn worker(rx: &Mutex<Receiver<Job>>, device: &dyn BlockDevice, replies: &Replies, budget: &Budget) {
+    loop {
+        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        run(job.handle, job.op, device, replies);
+        budget.release(job.charge);
+    }
+}
+
+fn run(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Replies) {
+    let durable = |fua: bool| if fua { device.flush() } else { Ok(()) };
+    let result = match op {
+        Op::Read { offset, len } => {
+            let mut buf = vec![0u8; len as usize];
+            match device.read_at(offset, &mut buf) {
+                Ok(()) => {
+                    replies.send(&proto::simple_reply(0, handle), &buf);
+                    return;
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Op::Write { offset, data, fua } => device.write_at(offset, &data).and_then(|_| durable(fua)),
+        Op::WriteZeroes { offset, len, fua } => device.write_zeroes(offset, len).and_then(|_| durable(fua)),
+        Op::Trim { offset, len, fua } => device.trim(offset, len).and_then(|_| durable(fua)),
+        Op::Flush => device.flush(),
+    };
+    match result {
+        Ok(()) => replies.error(handle, 0),
+        Err(e) => {
+            debug!("{}: request {handle:#x} failed: {e}", replies.peer);
+            replies.error(handle, proto::errno_of(&e));
+        }
+    }
+}
+
+/// The reader loop: parse, check, hand over. `submit` returns false when no worker is left.
+fn read_requests(
+    reader: &mut ClientReader<Stream>,
+    device: &dyn BlockDevice,
+    limits: &Limits,
+    replies: &Replies,
+    budget: &Budget,
+    submit: impl Fn(Job) -> bool,
+) -> End {
+    let size = device.size();
+    let read_only = limits.flags & tflags::READ_ONLY != 0;
+    let peer = &replies.peer;
+    let fail = |what: &str, e: io::Error| {
+        if !replies.broken.load(Ordering::Relaxed) {
+            info!("{peer}: {what}: {e}; closing the connection");
+        }
+        End::Dropped
+    };
+    loop {
+        if replies.broken.load(Ordering::Relaxed) {
+            return End::Dropped;
+        }
+        let mut header = [0u8; proto::REQUEST_LEN];
+        match reader.next_message(&mut header) {
+            Ok(Next::Message) => {}
+            Ok(Next::Closed) => return End::Closed,
+            Ok(Next::Stopping) => return End::Stopping,
+            Err(e) => return fail("reading a request", e),
+        }
+        let Some(req) = Request::parse(&header) else {
+            warn!("{peer}: request without the NBD request magic; closing the connection");
+            return End::Dropped;
+        };
+        let len = u64::from(req.length);
+        let in_bounds = req.offset.checked_add(len).is_some_and(|end| end <= size);
+        let fua = req.flags & cmd_flag::FUA != 0;
+
+        if req.kind == cmd::WRITE {
+            // The payload follows whatever the verdict: it must leave the stream either way.
+            if req.length > limits.max_payload {
+                if len > DISCARD_LIMIT {
+                    warn!(
+                        "{peer}: write of {len} bytes is over the {} byte limit and too large to skip; \
+                         closing the connection",
+                        limits.max_payload
+                    );
+                    return End::Dropped;
+                }
+                if let Err(e) = reader.discard(len) {
+                    return fail("skipping an oversized write", e);
+                }
+                debug!("{peer}: write of {len} bytes refused (limit {})", limits.max_payload);
+                replies.error(req.handle, errno::EINVAL);
+                continue;
+            }
+            budget.acquire(len);
+            let mut data = vec![0u8; req.length as usize];
+            if let Err(e) = reader.read_exact(&mut data) {
+                budget.release(len);
+                return fail("reading a write payload", e);
+            }
+            let verdict = if req.flags & !cmd_flag::FUA != 0 {
+                Some(errno::EINVAL)
+            } else if read_only {
+                Some(errno::EPERM)
+            } else if !in_bounds {
+                Some(errno::ENOSPC)
+            } else {
+                None
+            };
+            if let Some(error) = verdict {
+                budget.release(len);
+                replies.error(req.handle, error);
+                continue;
+            }
+            if !submit(Job {
+                handle: req.handle,
+                op: Op::Write { offset: req.offset, data, fua },
+                charge: len,
+            }) {
+                return End::Dropped;
+            }
+            continue;
+        }
+
+        let (op, charge) = match req.kind {
+            cmd::DISC => return End::Disconnect,
+            cmd::READ => {
+                if req.flags & !cmd_flag::FUA != 0 || req.length > limits.max_payload || !in_bounds {
+                    replies.error(req.handle, errno::EINVAL);
+                    continue;
+                }
+                (Op::Read { offset: req.offset, len: req.length }, len)
+            }
+            cmd::FLUSH => {
+                if req.flags & !cmd_flag::FUA != 0 || req.offset != 0 || req.length != 0 {
+                    replies.error(req.handle, errno::EINVAL);
+                    continue;
+                }
+                (Op::Flush, 0)
+            }
+            cmd::TRIM => {
+                let error = if req.flags & !cmd_flag::FUA != 0 {
+                    Some(errno::EINVAL)
+                } else if read_only {
+                    Some(errno::EPERM)
+                } else if !in_bounds {
+                    Some(errno::EINVAL)
+                } else {
+                    None
+                };
+                if let Some(error) = error {
+                    replies.error(req.handle, error);
+                    continue;
+                }
+                (Op::Trim { offset: req.offset, len, fua }, 0)
+            }
+            cmd::WRITE_ZEROES => {
+                let allowed = cmd_flag::FUA | cmd_flag::NO_HOLE;
+                let error = if req.flags & !allowed != 0 {
+                    Some(errno::EINVAL)
+                } else if read_only {
+                    Some(errno::EPERM)
+                } else if !in_bounds {
+                    Some(errno::ENOSPC)
+                } else {
+                    None
+                };
+                if let Some(error) = error {
+                    replies.error(req.handle, error);
+                    continue;
+                }
+                // The device always writes real zeroes, so NO_HOLE is satisfied as it is.
+                (Op::WriteZeroes { offset: req.offset, len, fua }, 0)
+            }
+            other => {
+                // Not advertised (cache, block status, ...); none of them carries a payload
+                // without extended headers, so the stream stays in step.
+                debug!("{peer}: unsupported command {other}");
+                replies.error(req.handle, errno::EINVAL);
+                continue;
+            }
+        };
+        budget.acquire(charge);
+        if !submit(Job { handle: req.handle, op, charge }) {
+            return End::Dropped;
+        }
+    }
+}

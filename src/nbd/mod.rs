@@ -1,0 +1,17 @@
+//! An NBD (Network Block Device) server: exports a [`BlockDevice`] over TCP or a Unix socket.
+//!
+//! This is how the decrypted view of a volume reaches the rest of the system: the kernel's
+//! `nbd` client, qemu, or libnbd tools connect and read and write plaintext while the volume
+//! layer encrypts underneath. The server speaks fixed newstyle negotiation (with
+//! `NBD_OPT_GO`/`NBD_OPT_INFO`) and simple replies, serves several clients at once with
+//! several requests in flight per client, and stops cleanly.
+//!
+//! [`BlockDevice`]: crate::volume::block::BlockDevice
+
+mod connection;
+mod negotiate;
+pub mod proto;
+pub mod server;
+mod stream;
+
+pub use server::{Listener, ServeReport, Server, ServerConfig};

@@ -1,0 +1,27 @@
+//! The interface between an exporter (the NBD server) and what it exports.
+//!
+//! It is byte-addressed so that an exporter never has to split or align requests itself; an
+//! implementation with a sector size does any read-modify-write it needs, and says which
+//! granularity is efficient through [`BlockDevice::block_size`].
+
+/// A byte-addressed block device that the NBD server exports.
+pub trait BlockDevice: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> crate::Result<()>;
+    /// Writes `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> crate::Result<()>;
+    /// Makes written data durable.
+    fn flush(&self) -> crate::Result<()>;
+    /// Writes zeroes over `len` bytes at `offset` (encrypted zeroes for a volume).
+    fn write_zeroes(&self, offset: u64, len: u64) -> crate::Result<()>;
+    /// Discards `len` bytes at `offset` (may do nothing).
+    fn trim(&self, offset: u64, len: u64) -> crate::Result<()>;
+    /// Preferred I/O granularity (the sector size).
+    fn block_size(&self) -> u32;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool {
+        false
+    }
+}
