@@ -108,7 +108,10 @@ ldd "$BIN" 2>&1 | grep -qE "not a dynamic executable|statically linked" || fail 
 
 # --- The initramfs ----------------------------------------------------------------------------
 INITRD=$WORK/initramfs
-rm -rf "$INITRD" && mkdir -p "$INITRD"/{bin,dev,proc,sys,tmp,lib/modules}
+rm -rf "$INITRD" && mkdir -p "$INITRD"/{bin,dev,etc,proc,sys,tmp,lib/modules}
+# An unprivileged user, to see the permission errors.
+printf 'root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n' >"$INITRD/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' >"$INITRD/etc/group"
 cp /bin/busybox "$INITRD/bin/busybox"
 cp "$BIN" "$INITRD/bin/crypt-vfio"
 cp "$KDIR"/modules/*.ko "$INITRD/lib/modules/"
@@ -189,7 +192,11 @@ else
     echo vfio-pci >/sys/bus/pci/devices/\$SHARED/driver_override
     echo \$SHARED >/sys/bus/pci/drivers_probe
     refused open-not-viable "is not viable: .* (serial) still bound" crypt-vfio info \$SHARED
+    refused bind-unprivileged "permission denied on .*driver_override: changing a function.s driver needs root" \
+        su -s /bin/sh nobody -c "crypt-vfio bind \$BDF"
     step bind crypt-vfio bind \$BDF
+    refused open-unprivileged "permission denied on /dev/vfio/" \
+        su -s /bin/sh nobody -c "crypt-vfio info \$BDF"
     step list-bound sh -c "crypt-vfio list | tee /dev/stderr | grep \$BDF | grep -q ' ready'"
     step info crypt-vfio info \$BDF
     step selftest-poll crypt-vfio selftest \$BDF $selftest_extra
