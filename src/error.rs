@@ -93,13 +93,12 @@ pub enum Error {
     #[error("VFIO is not available: {0}. Load it with `modprobe vfio-pci` (as root)")]
     NoVfio(String),
     /// The caller may not use a file the driver needs.
-    #[error(
-        "permission denied on {path}: run as root, or give your user that file \
-         (e.g. chown $USER {path}) and a memlock limit (ulimit -l) large enough for the DMA memory"
-    )]
+    #[error("permission denied on {path}: {fix}")]
     PermissionDenied {
         /// The file.
         path: String,
+        /// What to do about it.
+        fix: String,
     },
     /// The function is bound to another driver than vfio-pci.
     #[error(
@@ -146,6 +145,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// No access to a VFIO device node: root, or the node and a locked-memory limit for the user.
+    pub fn vfio_permission(path: impl Into<String>) -> Self {
+        let path = path.into();
+        let fix = format!(
+            "run as root, or give your user the VFIO device files (e.g. chown $USER {path}) and a locked-memory \
+             limit (ulimit -l) large enough for the DMA memory"
+        );
+        Error::PermissionDenied { path, fix }
+    }
+
     /// Wraps an OS error with what was being attempted.
     pub fn os(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Os { context: context.into(), source }

@@ -339,7 +339,7 @@ impl Sysfs {
         }
         for path in [node, self.container_node()] {
             if !accessible(&path) {
-                return Err(Error::PermissionDenied { path: path.display().to_string() });
+                return Err(Error::vfio_permission(path.display().to_string()));
             }
         }
         Ok(())
@@ -436,7 +436,10 @@ fn write_attr(path: &Path, value: &str) -> Result<()> {
         .open(path)
         .and_then(|mut f| io::Write::write_all(&mut f, value.as_bytes()));
     r.map_err(|e| match e.kind() {
-        io::ErrorKind::PermissionDenied => Error::PermissionDenied { path: path.display().to_string() },
+        io::ErrorKind::PermissionDenied => Error::PermissionDenied {
+            path: path.display().to_string(),
+            fix: "changing a function's driver needs root: run crypt-vfio bind/unbind as root".into(),
+        },
         _ => Error::os(format!("writing `{}` to {}", value.trim(), path.display()), e),
     })
 }

@@ -4,7 +4,8 @@
 # On a Debian 12 machine as root: installs what it needs from Debian's packages, builds crypt-vfio
 # statically, builds a small initramfs (busybox, the kernel's VFIO modules, the binary), and boots
 # QEMU (TCG) with an emulated Intel IOMMU and QEMU's virtio-crypto-pci device behind it. Inside the
-# guest it lists, binds and shows the device, runs the self-test (every algorithm and key size the
+# guest it lists, binds and shows the device (and sees a bind refused for a second one whose IOMMU
+# group a host driver shares), runs the self-test (every algorithm and key size the
 # device accepts, bit-exact against the software implementation, in polling and interrupt mode,
 # plus bad input), a short bench, and unbinds. It prints one line
 #   vfio-guest-test: PASS (...)   or   vfio-guest-test: FAIL (reason)
@@ -107,7 +108,10 @@ ldd "$BIN" 2>&1 | grep -qE "not a dynamic executable|statically linked" || fail 
 
 # --- The initramfs ----------------------------------------------------------------------------
 INITRD=$WORK/initramfs
-rm -rf "$INITRD" && mkdir -p "$INITRD"/{bin,dev,proc,sys,tmp,lib/modules}
+rm -rf "$INITRD" && mkdir -p "$INITRD"/{bin,dev,etc,proc,sys,tmp,lib/modules}
+# An unprivileged user, to see the permission errors.
+printf 'root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n' >"$INITRD/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' >"$INITRD/etc/group"
 cp /bin/busybox "$INITRD/bin/busybox"
 cp "$BIN" "$INITRD/bin/crypt-vfio"
 cp "$KDIR"/modules/*.ko "$INITRD/lib/modules/"
@@ -163,19 +167,36 @@ refused() {
 for m in $MODULES; do
     insmod /lib/modules/\$m.ko || failed insmod "insmod \$m failed"
 done
+# The device under test sits on the root bus; a second one shares its IOMMU group with a serial
+# port the host's driver holds (both behind a PCIe-to-PCI bridge), so binding it must be refused.
 BDF=
+SHARED=
 for d in /sys/bus/pci/devices/*; do
-    if [ "\$(cat \$d/vendor)" = 0x1af4 ] && [ "\$(cat \$d/device)" = 0x1054 ]; then BDF=\${d##*/}; fi
+    if [ "\$(cat \$d/vendor)" = 0x1af4 ] && [ "\$(cat \$d/device)" = 0x1054 ]; then
+        case \${d##*/} in
+            0000:00:*) BDF=\${d##*/} ;;
+            *) SHARED=\${d##*/} ;;
+        esac
+    fi
 done
-if [ -z "\$BDF" ]; then
-    failed find-device "no virtio-crypto function (1af4:1054) in the guest"
+if [ -z "\$BDF" ] || [ -z "\$SHARED" ]; then
+    failed find-devices "the guest lacks one of its two virtio-crypto functions (1af4:1054)"
 else
     step list crypt-vfio list
     refused wrong-address "no PCI function at 0000:00:1f.7" crypt-vfio info 0000:00:1f.7
     refused bad-address "is not a PCI address" crypt-vfio info 00:1f
     refused not-bound "not bound to vfio-pci" crypt-vfio info \$BDF
     refused foreign-device "not a virtio-crypto device" crypt-vfio bind 0000:00:1f.2
+    refused group-not-viable "is not viable: .* (serial) still bound" crypt-vfio bind \$SHARED
+    # Bound behind crypt-vfio's back, the kernel's own viability check must stop the open.
+    echo vfio-pci >/sys/bus/pci/devices/\$SHARED/driver_override
+    echo \$SHARED >/sys/bus/pci/drivers_probe
+    refused open-not-viable "is not viable: .* (serial) still bound" crypt-vfio info \$SHARED
+    refused bind-unprivileged "permission denied on .*driver_override: changing a function.s driver needs root" \
+        su -s /bin/sh nobody -c "crypt-vfio bind \$BDF"
     step bind crypt-vfio bind \$BDF
+    refused open-unprivileged "permission denied on /dev/vfio/" \
+        su -s /bin/sh nobody -c "crypt-vfio info \$BDF"
     step list-bound sh -c "crypt-vfio list | tee /dev/stderr | grep \$BDF | grep -q ' ready'"
     step info crypt-vfio info \$BDF
     step selftest-poll crypt-vfio selftest \$BDF $selftest_extra
@@ -209,6 +230,9 @@ timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -machine q35 -m 1G -sm
     -device intel-iommu,intremap=on,device-iotlb=off \
     -object cryptodev-backend-builtin,id=cryptodev0 \
     -device virtio-crypto-pci,id=crypto0,cryptodev=cryptodev0,iommu_platform=on,disable-legacy=on \
+    -device pcie-pci-bridge,id=br0,bus=pcie.0 -object cryptodev-backend-builtin,id=cryptodev1 \
+    -device virtio-crypto-pci,id=crypto1,cryptodev=cryptodev1,iommu_platform=on,disable-legacy=on,bus=br0,addr=1 \
+    -device pci-serial,bus=br0,addr=2 \
     </dev/null >"$WORK/qemu.log" 2>&1
 qemu_rc=$?
 set -e

@@ -43,7 +43,7 @@ impl Container {
                     format!("{} is missing", path.display())
                 })
             }
-            io::ErrorKind::PermissionDenied => Error::PermissionDenied { path: path.display().to_string() },
+            io::ErrorKind::PermissionDenied => Error::vfio_permission(path.display().to_string()),
             _ => Error::os(format!("opening {}", path.display()), e),
         })?;
         // SAFETY: a plain ioctl without argument on a descriptor we own.

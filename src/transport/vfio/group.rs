@@ -28,7 +28,7 @@ impl Group {
             Some(libc::ENOENT) => {
                 Error::NoVfio(format!("{} is missing although {bdf} is in group {id}", path.display()))
             }
-            Some(libc::EACCES) | Some(libc::EPERM) => Error::PermissionDenied { path: path.display().to_string() },
+            Some(libc::EACCES) | Some(libc::EPERM) => Error::vfio_permission(path.display().to_string()),
             Some(libc::EBUSY) => Error::Transport(format!(
                 "{} is busy: another process (another crypt-vfio, or a VM) holds IOMMU group {id}; stop it first",
                 path.display()
