@@ -173,7 +173,12 @@ pub(crate) fn copy(src: &SegList, src_off: u64, dst: &SegList, dst_off: u64, len
             // SAFETY: both ranges are mapped driver memory the device may access (see
             // `SegList::write`); `inner + m <= n`, inside the source piece. `ptr::copy`
             // tolerates overlap.
-            unsafe { ptr::copy(sp.add(inner), dp, m) }
+            let from = unsafe { sp.add(inner) };
+            // An in-place request (source and destination the same bytes) needs no copy.
+            if from != dp {
+                // SAFETY: as above.
+                unsafe { ptr::copy(from, dp, m) }
+            }
         });
     });
     all && ok

@@ -70,6 +70,7 @@ impl<T> Backlog<T> {
     }
 
     /// Submits `item`: to the ring, to the backlog, or back to the caller.
+    #[inline]
     pub fn submit<R: Ring<T>>(
         &mut self,
         item: T,

@@ -212,6 +212,7 @@ impl DataQueueShared {
         self.lock().ring.slots.len()
     }
 
+    #[inline]
     fn submit(
         &self,
         req: Request<Session>,
@@ -449,6 +450,7 @@ impl Ring<Pending> for RingState {
         !self.free.is_empty()
     }
 
+    #[inline]
     fn push(&mut self, p: Pending) -> Result<(), (Pending, Error)> {
         let Some(i) = self.free.pop() else {
             return Err((p, Error::InvalidRequest("ring full".into())));
