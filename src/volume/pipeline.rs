@@ -1,0 +1,393 @@
+//! Sector requests through an engine queue, pipelined the way dm-crypt does it right.
+//!
+//! One I/O becomes one request per sector (each sector has its own IV, so sectors cannot share a
+//! request). [`CryptOp`] submits them with backlog allowed and follows the contract of the
+//! submit API: it keeps submitting while requests go `InProgress`; after a `Backlogged` it stops
+//! until that request's `Promoted` arrives, then goes on; it counts final completions and is
+//! done when every submitted sector has completed. It never waits for a single request to
+//! finish before submitting the next one.
+//!
+//! The watchdog: if nothing happens for [`Lane::watchdog`] while the op waits for a `Promoted`
+//! or for completions, the op fails instead of hanging. An engine that said `Backlogged` and
+//! then never promoted (the 2015 CAAM behaviour) gets an [`Error::ContractViolation`] naming the
+//! sector; an engine that accepted requests and never completed them gets [`Error::Timeout`].
+//! The lane is then poisoned: the engine still owns those requests, so the queue is not reused.
+//!
+//! [`CryptOp::step`] never blocks, so the same state machine serves the blocking API (a spin
+//! loop around it) and the async one (a future whose `poll` is one step).
+
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crate::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted};
+use crate::error::{Error, Result};
+
+use super::iv::IvGenerator;
+
+/// How many sector requests one op keeps in flight (ring plus backlog). Enough to fill any ring
+/// and exercise the backlog, while bounding the DMA memory a lane holds.
+pub const WINDOW: usize = 1024;
+
+/// Events from the engine, as the queue's callback leaves them.
+struct Inbox<S> {
+    events: Mutex<Vec<Event<S>>>,
+    waker: Mutex<Option<Waker>>,
+}
+
+/// One engine queue, used by one I/O at a time, with its inbox and spare sector buffers.
+pub struct Lane<S> {
+    queue: Box<dyn Queue<S>>,
+    inbox: Arc<Inbox<S>>,
+    scratch: Vec<Event<S>>,
+    free: Vec<Buf>,
+    buf_len: usize,
+    io_seq: u32,
+    poisoned: bool,
+    describe: String,
+    /// How long an op waits without any event before failing.
+    pub watchdog: Duration,
+}
+
+impl<S: Send + 'static> Lane<S> {
+    /// Opens queue `index` of `engine` for requests of `buf_len` bytes.
+    pub fn open<E: Engine<Session = S>>(
+        engine: &E,
+        index: usize,
+        buf_len: usize,
+        watchdog: Duration,
+    ) -> Result<Self> {
+        let inbox = Arc::new(Inbox { events: Mutex::new(Vec::new()), waker: Mutex::new(None) });
+        let sink_inbox = inbox.clone();
+        let sink = Arc::new(move |ev: Event<S>| {
+            sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).push(ev);
+            if let Some(w) = sink_inbox.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                w.wake();
+            }
+        });
+        Ok(Self {
+            queue: engine.open_queue(index, sink)?,
+            inbox,
+            scratch: Vec::new(),
+            free: Vec::new(),
+            buf_len,
+            io_seq: 0,
+            poisoned: false,
+            describe: engine.describe(),
+            watchdog,
+        })
+    }
+
+    /// Whether the lane lost requests to a misbehaving engine and must not be reused.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    fn buffer<E: Engine<Session = S>>(&mut self, engine: &E) -> Result<Buf> {
+        match self.free.pop() {
+            Some(b) => Ok(b),
+            None => engine.alloc_buffer(self.buf_len),
+        }
+    }
+}
+
+/// Where a sector's IV number comes from.
+#[derive(Clone, Copy, Debug)]
+pub struct IvNumbering {
+    /// log2(sector size / 512).
+    pub shift: u32,
+    /// dm-crypt's `<iv_offset>`, in 512-byte sectors.
+    pub iv_offset: u64,
+    /// dm-crypt's `iv_large_sectors`: count IVs in sectors of the volume's size, not 512 bytes.
+    pub large_sectors: bool,
+}
+
+impl IvNumbering {
+    /// The IV number of volume sector `sector` (dm-crypt: `(sector512 + iv_offset) >> shift` with
+    /// large sectors, `sector512 + iv_offset` without).
+    pub fn iv_sector(&self, sector: u64) -> u64 {
+        let s512 = (sector << self.shift).wrapping_add(self.iv_offset);
+        if self.large_sectors {
+            s512 >> self.shift
+        } else {
+            s512
+        }
+    }
+}
+
+/// The cipher context of an op: what every sector request shares.
+pub struct CryptContext<'a, E: Engine> {
+    /// The engine (for buffers).
+    pub engine: &'a E,
+    /// The keyed session.
+    pub session: &'a E::Session,
+    /// The IV generator.
+    pub ivgen: &'a IvGenerator,
+    /// IV numbering.
+    pub numbering: IvNumbering,
+    /// Sector size in bytes.
+    pub sector_size: usize,
+}
+
+/// Encrypts or decrypts whole sectors in place through one lane.
+pub struct CryptOp<'a, 'd, E: Engine> {
+    ctx: CryptContext<'a, E>,
+    lane: &'a mut Lane<E::Session>,
+    direction: Direction,
+    first_sector: u64,
+    data: &'d mut [u8],
+    count: usize,
+    next: usize,
+    completed: usize,
+    /// A request of ours waits in the backlog: submit nothing until it is promoted.
+    blocked_on: Option<usize>,
+    /// `Promoted` events seen, by sector index (they may come before the submit returns).
+    promoted: Vec<bool>,
+    /// Backlogged requests not yet promoted (to name a contract violation).
+    backlogged: Vec<usize>,
+    /// A request refused with `Busy` (backlog full), to submit again after a completion.
+    retry: Option<Request<E::Session>>,
+    /// The first failure, by sector; no more submissions after one.
+    error: Option<(usize, Error)>,
+    last_progress: Instant,
+}
+
+impl<'a, 'd, E: Engine> CryptOp<'a, 'd, E>
+where
+    E::Session: Send + 'static,
+{
+    /// An op over `data` (whole sectors), the first being volume sector `first_sector`.
+    pub fn new(
+        ctx: CryptContext<'a, E>,
+        lane: &'a mut Lane<E::Session>,
+        direction: Direction,
+        first_sector: u64,
+        data: &'d mut [u8],
+    ) -> Self {
+        debug_assert_eq!(data.len() % ctx.sector_size, 0);
+        let count = data.len() / ctx.sector_size;
+        lane.io_seq = lane.io_seq.wrapping_add(1);
+        Self {
+            ctx,
+            lane,
+            direction,
+            first_sector,
+            data,
+            count,
+            next: 0,
+            completed: 0,
+            blocked_on: None,
+            promoted: vec![false; count],
+            backlogged: Vec::new(),
+            retry: None,
+            error: None,
+            last_progress: Instant::now(),
+        }
+    }
+
+    fn user_data(&self, index: usize) -> u64 {
+        (u64::from(self.lane.io_seq) << 32) | index as u64
+    }
+
+    /// The index of our sector an event is about, if it is ours (a poisoned-then-dropped op's
+    /// late events carry another sequence number).
+    fn ours(&self, user_data: u64) -> Option<usize> {
+        let idx = (user_data & 0xffff_ffff) as usize;
+        ((user_data >> 32) as u32 == self.lane.io_seq && idx < self.count).then_some(idx)
+    }
+
+    fn fail(&mut self, index: usize, error: Error) {
+        let sector = self.first_sector + index as u64;
+        let error = match error {
+            e @ (Error::ContractViolation(_) | Error::Timeout(..)) => e,
+            e => Error::Sector { sector, source: Box::new(e) },
+        };
+        match &self.error {
+            Some((i, _)) if *i <= index => {}
+            _ => self.error = Some((index, error)),
+        }
+    }
+
+    fn drain_events(&mut self) {
+        let mut events = std::mem::take(&mut self.lane.scratch);
+        std::mem::swap(&mut events, &mut *self.lane.inbox.events.lock().unwrap_or_else(|e| e.into_inner()));
+        let ss = self.ctx.sector_size;
+        for ev in events.drain(..) {
+            match ev {
+                Event::Promoted { user_data } => {
+                    if let Some(i) = self.ours(user_data) {
+                        self.promoted[i] = true;
+                        self.backlogged.retain(|&b| b != i);
+                        if self.blocked_on == Some(i) {
+                            self.blocked_on = None;
+                        }
+                        self.last_progress = Instant::now();
+                    }
+                }
+                Event::Completed(c) => {
+                    let Some(i) = self.ours(c.request.user_data) else { continue };
+                    self.completed += 1;
+                    self.last_progress = Instant::now();
+                    match c.result {
+                        Ok(()) => self.data[i * ss..(i + 1) * ss].copy_from_slice(c.request.data.as_slice()),
+                        Err(e) => self.fail(i, e),
+                    }
+                    self.lane.free.push(c.request.data);
+                }
+            }
+        }
+        self.lane.scratch = events;
+    }
+
+    fn request(&mut self, index: usize) -> Result<Request<E::Session>> {
+        let ss = self.ctx.sector_size;
+        let mut buf = self.lane.buffer(self.ctx.engine)?;
+        buf.as_mut_slice().copy_from_slice(&self.data[index * ss..(index + 1) * ss]);
+        let sector = self.first_sector + index as u64;
+        let iv = self.ctx.ivgen.iv(self.ctx.numbering.iv_sector(sector));
+        Ok(Request::new(self.ctx.session.clone(), self.direction, Iv::from(iv), buf, self.user_data(index)))
+    }
+
+    /// Submits what the contract allows now.
+    fn submit_some(&mut self) {
+        while self.error.is_none() && self.blocked_on.is_none() && self.next - self.completed < WINDOW {
+            let req = match self.retry.take() {
+                Some(r) => r,
+                None if self.next < self.count => match self.request(self.next) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.fail(self.next, e);
+                        return;
+                    }
+                },
+                None => return,
+            };
+            let index = (req.user_data & 0xffff_ffff) as usize;
+            match self.lane.queue.submit(req, true) {
+                Ok(Submitted::InProgress) => self.next += 1,
+                Ok(Submitted::Backlogged) => {
+                    self.next += 1;
+                    self.last_progress = Instant::now();
+                    // Promoted may have come already through another thread's poll.
+                    self.drain_events();
+                    if !self.promoted[index] {
+                        self.blocked_on = Some(index);
+                        self.backlogged.push(index);
+                    }
+                }
+                Err(e) => match e.kind {
+                    SubmitErrorKind::Busy => {
+                        // The backlog is at its limit: wait for a completion, then resubmit.
+                        self.retry = Some(e.request);
+                        return;
+                    }
+                    SubmitErrorKind::Rejected(err) => {
+                        self.lane.free.push(e.request.data);
+                        self.fail(index, err);
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        let stop = self.error.is_some() || (self.next == self.count && self.retry.is_none());
+        stop && self.completed == self.next
+    }
+
+    /// One non-blocking step: collect events, submit what may be submitted, reap. `Ready` when
+    /// every sector has completed (or the watchdog fired).
+    pub fn step(&mut self) -> Poll<Result<()>> {
+        self.drain_events();
+        self.submit_some();
+        self.lane.queue.poll();
+        self.drain_events();
+        self.submit_some();
+        if self.done() {
+            return Poll::Ready(match self.error.take() {
+                Some((_, e)) => Err(e),
+                None => Ok(()),
+            });
+        }
+        if self.last_progress.elapsed() > self.lane.watchdog {
+            self.lane.poisoned = true;
+            return Poll::Ready(Err(self.watchdog_error()));
+        }
+        Poll::Pending
+    }
+
+    fn watchdog_error(&self) -> Error {
+        let d = self.lane.watchdog;
+        if let Some(&i) = self.backlogged.first() {
+            let sector = self.first_sector + i as u64;
+            Error::ContractViolation(format!(
+                "{}: the request for sector {sector} was backlogged but never promoted within {d:?} \
+                 (a backlogged request must be kept and promoted exactly once; this engine dropped it)",
+                self.lane.describe
+            ))
+        } else {
+            Error::Timeout(d, "sector completions from the engine")
+        }
+    }
+
+    /// Registers `waker` to be woken by the next engine event.
+    pub fn set_waker(&self, waker: &Waker) {
+        *self.lane.inbox.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+    }
+
+    /// Runs the op to the end on this thread.
+    pub fn run(mut self) -> Result<()> {
+        let mut idle = 0u32;
+        loop {
+            match self.step() {
+                Poll::Ready(r) => return r,
+                Poll::Pending => {
+                    // Spin briefly (completions usually come within microseconds), then give
+                    // the CPU to the device's threads: parking would cost ~55 µs per wake here.
+                    idle += 1;
+                    if idle < 64 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The future of an op: each poll is one step; it wakes itself to keep driving a polled engine.
+pub struct CryptFuture<'a, 'd, E: Engine> {
+    op: CryptOp<'a, 'd, E>,
+}
+
+impl<'a, 'd, E: Engine> CryptFuture<'a, 'd, E> {
+    /// Wraps `op`.
+    pub fn new(op: CryptOp<'a, 'd, E>) -> Self {
+        Self { op }
+    }
+}
+
+// The op holds no self-references: moving it between polls is fine.
+impl<E: Engine> Unpin for CryptFuture<'_, '_, E> {}
+
+impl<E: Engine> std::future::Future for CryptFuture<'_, '_, E>
+where
+    E::Session: Send + 'static,
+{
+    type Output = Result<()>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        this.op.set_waker(cx.waker());
+        match this.op.step() {
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending => {
+                // Engines in polling mode deliver nothing unless someone polls: keep being polled.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
+}
