@@ -12,6 +12,7 @@ pub mod af;
 pub mod kdf;
 pub mod keyslot;
 pub mod luks1;
+pub mod luks2;
 
 use std::fs::File;
 use std::sync::Arc;
@@ -186,7 +187,7 @@ impl FormatOptions {
                 let area = ((self.key_bytes as u64 * 4000).div_ceil(512)).next_multiple_of(8);
                 (8 + luks1::SLOTS as u64 * area).next_multiple_of(2048) * 512
             }
-            LuksVersion::Luks2 => 16 << 20,
+            LuksVersion::Luks2 => luks2::DEFAULT_DATA_OFFSET,
         }
     }
 }
@@ -196,6 +197,8 @@ impl FormatOptions {
 pub enum Header {
     /// LUKS1.
     V1(luks1::Header),
+    /// LUKS2.
+    V2(luks2::Header),
 }
 
 impl Header {
@@ -216,6 +219,7 @@ impl Header {
         }
         match u16::from_be_bytes([b[6], b[7]]) {
             1 => Ok(Header::V1(luks1::Header::parse(&b)?)),
+            2 => Ok(Header::V2(luks2::Header::read(file)?)),
             v => Err(Error::CorruptHeader {
                 field: "version".into(),
                 reason: format!("{v} (1 and 2 are known)"),
@@ -238,6 +242,7 @@ impl Header {
     ) -> Result<(usize, VolumeKey)> {
         match self {
             Header::V1(h) => h.unlock(engine, file, passphrase),
+            Header::V2(h) => h.unlock(engine, file, passphrase),
         }
     }
 
@@ -245,6 +250,7 @@ impl Header {
     pub fn volume_params(&self) -> VolumeParams {
         match self {
             Header::V1(h) => h.volume_params(),
+            Header::V2(h) => h.volume_params(),
         }
     }
 
@@ -265,6 +271,15 @@ impl Header {
                 let (slot, material) = updated.add_keyslot(engine, &key, new_passphrase, kdf)?;
                 // Material first, into a free area: until the header names it, it is unused.
                 let offset = u64::from(updated.keyslots[slot].key_material_offset) * 512;
+                keyslot::write_all(file, &material, offset, "key slot material")?;
+                updated.write(file)?;
+                *h = updated;
+                Ok(slot)
+            }
+            Header::V2(h) => {
+                let mut updated = h.clone();
+                let (slot, material) = updated.add_keyslot(engine, &key, new_passphrase, kdf)?;
+                let offset = updated.keyslots[&(slot as u32)].area.offset;
                 keyslot::write_all(file, &material, offset, "key slot material")?;
                 updated.write(file)?;
                 *h = updated;
@@ -292,6 +307,14 @@ impl Header {
                 wipe(file, offset, len)?;
                 Ok(slot)
             }
+            Header::V2(h) => {
+                let mut updated = h.clone();
+                let (offset, len) = updated.remove_keyslot(slot)?;
+                updated.write(file)?;
+                *h = updated;
+                wipe(file, offset, len)?;
+                Ok(slot)
+            }
         }
     }
 }
@@ -300,6 +323,7 @@ impl std::fmt::Display for Header {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Header::V1(h) => h.fmt(f),
+            Header::V2(h) => h.fmt(f),
         }
     }
 }
@@ -363,7 +387,14 @@ pub fn format<E: Engine>(
             let params = h.volume_params();
             Ok((key, params))
         }
-        LuksVersion::Luks2 => Err(Error::NotSupported("LUKS2 creation".into())),
+        LuksVersion::Luks2 => {
+            let mut h = luks2::Header::new(opts.spec, &key, opts.sector_size, opts.hash, &opts.kdf)?;
+            let (slot, material) = h.add_keyslot(engine, &key, passphrase, &opts.kdf)?;
+            keyslot::write_all(file, &vec![0u8; 2 * h.hdr_size as usize], 0, "the LUKS2 header areas")?;
+            keyslot::write_all(file, &material, h.keyslots[&(slot as u32)].area.offset, "key slot material")?;
+            h.write(file)?;
+            Ok((key, h.volume_params()))
+        }
     }
 }
 
