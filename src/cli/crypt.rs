@@ -1,0 +1,205 @@
+//! `crypt-vfio encrypt` and `crypt-vfio decrypt`: whole images through the engine.
+//!
+//! Like `qemu-img convert` between raw and LUKS, and like cryptsetup's plain mode for headerless
+//! dm-crypt images (`--plain --cipher SPEC --volume-key-file F`). The data goes through the
+//! volume layer, so every sector is a pipelined engine request exactly as in a served volume.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use crypt_vfio::engine::Engine;
+use crypt_vfio::luks::{self, Header};
+use crypt_vfio::volume::{CipherSpec, Volume, VolumeParams};
+use crypt_vfio::Error;
+
+use super::device::DeviceArgs;
+use super::luks_opts::{progress, read_key_file, NewImageArgs};
+use super::output::PendingOutput;
+
+/// Bytes per step: large enough to keep the pipeline full, small enough for a smooth progress
+/// bar.
+const CHUNK: usize = 4 << 20;
+
+/// Plain dm-crypt (no header) options, as cryptsetup's `open --type plain`.
+#[derive(Args, Debug, Clone)]
+pub struct PlainArgs {
+    /// The image is plain dm-crypt: no header, the key given by --volume-key-file.
+    #[arg(long)]
+    pub plain: bool,
+    /// File holding the raw volume key (plain mode).
+    #[arg(long, value_name = "FILE", requires = "plain")]
+    pub volume_key_file: Option<PathBuf>,
+    /// Plain mode: start of the data in the image, in 512-byte sectors.
+    #[arg(long, short = 'o', default_value_t = 0, requires = "plain")]
+    pub offset: u64,
+    /// Plain mode: IV offset, in 512-byte sectors.
+    #[arg(long, short = 'p', default_value_t = 0, requires = "plain")]
+    pub skip: u64,
+    /// Plain mode: count IVs in sectors of --sector-size instead of 512 bytes.
+    #[arg(long, requires = "plain")]
+    pub iv_large_sectors: bool,
+}
+
+impl PlainArgs {
+    fn volume(&self, cipher: &str, sector_size: u32) -> anyhow::Result<(Vec<u8>, VolumeParams)> {
+        let Some(path) = &self.volume_key_file else {
+            bail!("--plain needs --volume-key-file (the raw key)");
+        };
+        let key = read_key_file(path)?;
+        let spec: CipherSpec = cipher.parse()?;
+        spec.check_key_len(key.len())
+            .with_context(|| format!("the volume key file {} holds {} bytes", path.display(), key.len()))?;
+        let params = VolumeParams {
+            sector_size,
+            data_offset: self.offset * 512,
+            iv_offset: self.skip,
+            iv_large_sectors: self.iv_large_sectors,
+            ..VolumeParams::plain(spec)
+        };
+        Ok((key.to_vec(), params))
+    }
+}
+
+/// Arguments of `crypt-vfio encrypt`.
+#[derive(Args, Debug)]
+pub struct EncryptArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
+    image: NewImageArgs,
+    #[command(flatten)]
+    plain: PlainArgs,
+    /// File holding the passphrase of the new image's key slot (`-`: standard input).
+    #[arg(long, short = 'd', value_name = "FILE", required_unless_present = "plain")]
+    key_file: Option<PathBuf>,
+    /// The plaintext (raw) image.
+    input: PathBuf,
+    /// The encrypted image to write (replaced only when complete).
+    output: PathBuf,
+}
+
+/// Arguments of `crypt-vfio decrypt`.
+#[derive(Args, Debug)]
+pub struct DecryptArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
+    plain: PlainArgs,
+    /// Plain mode: the cipher spec.
+    #[arg(long, short = 'c', default_value = "aes-xts-plain64")]
+    cipher: String,
+    /// Plain mode: sector size in bytes.
+    #[arg(long, default_value_t = 512)]
+    sector_size: u32,
+    /// File holding the passphrase (`-`: standard input).
+    #[arg(long, short = 'd', value_name = "FILE", required_unless_present = "plain")]
+    key_file: Option<PathBuf>,
+    /// The encrypted image (LUKS1, LUKS2, or plain with --plain).
+    input: PathBuf,
+    /// The plaintext image to write (replaced only when complete).
+    output: PathBuf,
+}
+
+/// `crypt-vfio encrypt`.
+pub fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
+    let input = File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
+    let in_len = input.metadata()?.len();
+    if in_len == 0 {
+        bail!("{} is empty: there is nothing to encrypt", args.input.display());
+    }
+    let out = PendingOutput::create(&args.output)?;
+    let engine = Arc::new(args.device.open(&args.device.options())?);
+    let volume = if args.plain.plain {
+        let (key, params) = args.plain.volume(&args.image.cipher, args.image.sector_size)?;
+        let data_len = in_len.next_multiple_of(u64::from(params.sector_size));
+        out.file().set_len(params.data_offset + data_len)?;
+        Volume::open(engine, out.file().try_clone()?, true, &key, params)?
+    } else {
+        let opts = args.image.options()?;
+        let pass = read_key_file(args.key_file.as_deref().context("--key-file is needed")?)?;
+        let data_len = in_len.next_multiple_of(u64::from(opts.sector_size));
+        out.file().set_len(opts.data_offset() + data_len)?;
+        let (key, params) = luks::format(&*engine, out.file(), &opts, &pass, None)?;
+        Volume::open(engine, out.file().try_clone()?, true, &key, params)?
+    };
+    copy(&mut (&input), in_len, &volume, Direction::Encrypt, &args.input, &args.output)?;
+    volume.flush()?;
+    drop(volume);
+    out.commit()
+}
+
+/// `crypt-vfio decrypt`.
+pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
+    let input = File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
+    let engine = Arc::new(args.device.open(&args.device.options())?);
+    let volume = if args.plain.plain {
+        let (key, params) = args.plain.volume(&args.cipher, args.sector_size)?;
+        Volume::open(engine, input, false, &key, params)?
+    } else {
+        let header = match Header::read(&input) {
+            Err(Error::NotLuks(why)) => bail!(
+                "{} is not a LUKS image ({why}); for a plain dm-crypt image use --plain --cipher SPEC \
+                 --volume-key-file FILE",
+                args.input.display()
+            ),
+            other => other?,
+        };
+        let pass = read_key_file(args.key_file.as_deref().context("--key-file is needed")?)?;
+        let (slot, key) = header.unlock(&*engine, &input, &pass)?;
+        log::info!("key slot {slot} opened");
+        Volume::open(engine, input, false, &key, header.volume_params())?
+    };
+    let out = PendingOutput::create(&args.output)?;
+    let size = volume.size();
+    copy(&mut out.file(), size, &volume, Direction::Decrypt, &args.input, &args.output)?;
+    drop(volume);
+    out.commit()
+}
+
+enum Direction {
+    Encrypt,
+    Decrypt,
+}
+
+/// Moves `len` bytes between a plain stream and the volume, in chunks.
+fn copy<E: Engine, S: Read + Write>(
+    stream: &mut S,
+    len: u64,
+    volume: &Volume<E>,
+    direction: Direction,
+    from: &std::path::Path,
+    to: &std::path::Path,
+) -> anyhow::Result<()> {
+    let what = match direction {
+        Direction::Encrypt => "encrypting",
+        Direction::Decrypt => "decrypting",
+    };
+    let bar = progress(len, what);
+    let mut buf = vec![0u8; CHUNK];
+    let mut pos = 0u64;
+    let ss = u64::from(volume.sector_size());
+    while pos < len {
+        let n = (len - pos).min(CHUNK as u64) as usize;
+        match direction {
+            Direction::Encrypt => {
+                stream.read_exact(&mut buf[..n]).with_context(|| format!("reading {}", from.display()))?;
+                // The last sector of an input that ends mid-sector is padded with zeroes.
+                let whole = (n as u64).next_multiple_of(ss) as usize;
+                buf[n..whole].fill(0);
+                volume.write_at(pos, &buf[..whole])?;
+            }
+            Direction::Decrypt => {
+                volume.read_at(pos, &mut buf[..n])?;
+                stream.write_all(&buf[..n]).with_context(|| format!("writing {}", to.display()))?;
+            }
+        }
+        pos += n as u64;
+        bar.set_position(pos);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
