@@ -36,26 +36,25 @@ pub fn run(args: FormatArgs) -> anyhow::Result<()> {
     let pass = read_key_file(&args.key.key_file)?;
     let path = &args.image_path;
     let created = args.size.is_some();
-    let file = match args.size {
-        Some(size) => {
-            if size == 0 || size % u64::from(opts.sector_size) != 0 {
-                bail!("--size {size} is not a positive multiple of the sector size {}", opts.sector_size);
+    let file =
+        match args.size {
+            Some(size) => {
+                if size == 0 || size % u64::from(opts.sector_size) != 0 {
+                    bail!("--size {size} is not a positive multiple of the sector size {}", opts.sector_size);
+                }
+                let f =
+                    OpenOptions::new().read(true).write(true).create_new(true).open(path).with_context(
+                        || format!("creating {} (--size creates a new image)", path.display()),
+                    )?;
+                f.set_len(opts.data_offset() + size)?;
+                f
             }
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .with_context(|| format!("creating {} (--size creates a new image)", path.display()))?;
-            f.set_len(opts.data_offset() + size)?;
-            f
-        }
-        None => OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .with_context(|| format!("opening {} (use --size to create a new image)", path.display()))?,
-    };
+            None => {
+                OpenOptions::new().read(true).write(true).open(path).with_context(|| {
+                    format!("opening {} (use --size to create a new image)", path.display())
+                })?
+            }
+        };
     let engine = args.device.open(&args.device.options())?;
     match luks::format(&engine, &file, &opts, &pass, None) {
         Ok(_) => {

@@ -116,9 +116,8 @@ impl NewImageArgs {
             bail!("--key-size {key_size} is not a whole number of bytes");
         }
         spec.check_key_len(key_size / 8)?;
-        let hash = HashAlg::parse(&self.hash, "--hash").map_err(|_| {
-            anyhow::anyhow!("--hash {}: not supported (sha1, sha256, sha512 are)", self.hash)
-        })?;
+        let hash = HashAlg::parse(&self.hash, "--hash")
+            .map_err(|_| anyhow::anyhow!("--hash {}: not supported (sha1, sha256, sha512 are)", self.hash))?;
         let mut opts = FormatOptions::new(version);
         opts.spec = spec;
         opts.key_bytes = key_size / 8;
