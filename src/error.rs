@@ -184,7 +184,9 @@ pub enum Error {
     #[error("the volume is read-only")]
     ReadOnly,
     /// An authenticated sector failed its check; nothing of it was returned.
-    #[error("sector {sector}: authentication failed (the data or its tag was modified, or a write was torn)")]
+    #[error(
+        "sector {sector}: authentication failed (the data or its tag was modified, or a write was torn)"
+    )]
     SectorAuthFailed {
         /// The sector, counted from the start of the volume's data.
         sector: u64,
