@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 /// The diffusion step: each digest-sized piece of `block` replaced by
 /// `H(be32(piece index) || piece)`, the last piece truncated.
 fn diffuse(hash: HashAlg, block: &mut [u8]) {
-    let ds = hash.len();
+    let ds = hash.digest_len();
     for (i, piece) in block.chunks_mut(ds).enumerate() {
         let d = hash.digest(&[&(i as u32).to_be_bytes(), piece]);
         let n = piece.len();

@@ -434,7 +434,7 @@ impl Header {
         let mut salt = [0u8; 32];
         rand::fill(&mut salt);
         let iterations = kdf.digest_iterations(hash);
-        let mut digest = vec![0u8; hash.len()];
+        let mut digest = vec![0u8; hash.digest_len()];
         hash.pbkdf2(key, &salt, iterations, &mut digest);
         let json = json!({
             "keyslots": {},

@@ -196,9 +196,9 @@ impl FormatOptions {
 #[derive(Clone, Debug)]
 pub enum Header {
     /// LUKS1.
-    V1(luks1::Header),
+    V1(Box<luks1::Header>),
     /// LUKS2.
-    V2(luks2::Header),
+    V2(Box<luks2::Header>),
 }
 
 impl Header {
@@ -218,8 +218,8 @@ impl Header {
             return Err(Error::NotLuks("no LUKS magic at byte 0".into()));
         }
         match u16::from_be_bytes([b[6], b[7]]) {
-            1 => Ok(Header::V1(luks1::Header::parse(&b)?)),
-            2 => Ok(Header::V2(luks2::Header::read(file)?)),
+            1 => Ok(Header::V1(Box::new(luks1::Header::parse(&b)?))),
+            2 => Ok(Header::V2(Box::new(luks2::Header::read(file)?))),
             v => Err(Error::CorruptHeader {
                 field: "version".into(),
                 reason: format!("{v} (1 and 2 are known)"),
