@@ -145,6 +145,9 @@ pub enum Error {
     /// No key slot of the LUKS header opens with the passphrase given.
     #[error("no key slot opens with this passphrase (wrong passphrase?)")]
     WrongPassphrase,
+    /// The key does not open an authenticated volume.
+    #[error("the key does not open this volume (wrong key, or its superblock was modified)")]
+    WrongKey,
     /// The file does not start with a LUKS header.
     #[error("not a LUKS image: {0}")]
     NotLuks(String),

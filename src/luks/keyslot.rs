@@ -58,7 +58,7 @@ pub fn crypt_area<E: Engine>(
         let ctx = CryptContext {
             engine,
             session: &session,
-            ivgen: &ivgen,
+            ivgen: Some(&ivgen),
             numbering: IvNumbering { shift: 0, iv_offset: 0, large_sectors: false },
             sector_size: 512,
         };

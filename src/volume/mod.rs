@@ -15,6 +15,7 @@
 //! serialised among themselves, so that two writes into different bytes of one sector cannot
 //! lose each other's update.
 
+pub mod authenticated;
 pub mod block;
 pub mod cipher_spec;
 pub mod file;
@@ -23,16 +24,16 @@ pub mod pipeline;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use zeroize::Zeroizing;
 
+pub use authenticated::AuthVolume;
 pub use block::BlockDevice;
 pub use cipher_spec::{CipherSpec, IvMode};
 pub use iv::IvGenerator;
-use pipeline::{CryptContext, CryptFuture, CryptOp, IvNumbering, Lane};
+use pipeline::{CryptContext, CryptFuture, CryptOp, IvNumbering, LanePool};
 
 use crate::engine::{Direction, Engine};
 use crate::error::{Error, Result};
@@ -102,8 +103,7 @@ pub struct Volume<E: Engine> {
     file: File,
     writable: bool,
     size: u64,
-    lanes: Mutex<Vec<Lane<E::Session>>>,
-    next_lane: AtomicUsize,
+    lanes: LanePool<E::Session>,
     rmw: Mutex<()>,
     watchdog: Duration,
 }
@@ -115,25 +115,6 @@ impl<E: Engine> std::fmt::Debug for Volume<E> {
             .field("params", &self.params)
             .field("size", &self.size)
             .finish_non_exhaustive()
-    }
-}
-
-/// Returns a lane to its volume's pool, unless the op left it poisoned or unfinished.
-struct LaneGuard<'v, E: Engine> {
-    volume: &'v Volume<E>,
-    lane: Option<Lane<E::Session>>,
-    finished: bool,
-}
-
-impl<E: Engine> Drop for LaneGuard<'_, E> {
-    fn drop(&mut self) {
-        if let Some(lane) = self.lane.take() {
-            // An op dropped half-way (a cancelled future) leaves requests with the engine: the
-            // lane is not reused, so their late events cannot meet a new op.
-            if self.finished && !lane.is_poisoned() {
-                self.volume.lanes.lock().unwrap_or_else(|e| e.into_inner()).push(lane);
-            }
-        }
     }
 }
 
@@ -189,8 +170,7 @@ impl<E: Engine> Volume<E> {
             file,
             writable,
             size,
-            lanes: Mutex::new(Vec::new()),
-            next_lane: AtomicUsize::new(0),
+            lanes: LanePool::new(params.sector_size as usize),
             rmw: Mutex::new(()),
             watchdog: DEFAULT_WATCHDOG,
         })
@@ -226,24 +206,11 @@ impl<E: Engine> Volume<E> {
         self.writable
     }
 
-    fn lane(&self) -> Result<LaneGuard<'_, E>> {
-        let pooled = self.lanes.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut lane = match pooled {
-            Some(l) => l,
-            None => {
-                let index = self.next_lane.fetch_add(1, Ordering::Relaxed);
-                Lane::open(&*self.engine, index, self.params.sector_size as usize, self.watchdog)?
-            }
-        };
-        lane.watchdog = self.watchdog;
-        Ok(LaneGuard { volume: self, lane: Some(lane), finished: false })
-    }
-
     fn context(&self) -> CryptContext<'_, E> {
         CryptContext {
             engine: &*self.engine,
             session: &self.session,
-            ivgen: &self.ivgen,
+            ivgen: Some(&self.ivgen),
             numbering: self.numbering,
             sector_size: self.params.sector_size as usize,
         }
@@ -253,10 +220,9 @@ impl<E: Engine> Volume<E> {
     /// `first_sector`, on this thread.
     pub fn crypt_sectors(&self, direction: Direction, first_sector: u64, data: &mut [u8]) -> Result<()> {
         self.check_whole(data.len())?;
-        let mut guard = self.lane()?;
-        let lane = guard.lane.as_mut().expect("a guard holds its lane until dropped");
-        let r = CryptOp::new(self.context(), lane, direction, first_sector, data).run();
-        guard.finished = true;
+        let mut guard = self.lanes.take(&*self.engine, self.watchdog)?;
+        let r = CryptOp::new(self.context(), guard.lane(), direction, first_sector, data).run();
+        guard.finish();
         r
     }
 
@@ -268,10 +234,10 @@ impl<E: Engine> Volume<E> {
         data: &mut [u8],
     ) -> Result<()> {
         self.check_whole(data.len())?;
-        let mut guard = self.lane()?;
-        let lane = guard.lane.as_mut().expect("a guard holds its lane until dropped");
-        let r = CryptFuture::new(CryptOp::new(self.context(), lane, direction, first_sector, data)).await;
-        guard.finished = true;
+        let mut guard = self.lanes.take(&*self.engine, self.watchdog)?;
+        let r =
+            CryptFuture::new(CryptOp::new(self.context(), guard.lane(), direction, first_sector, data)).await;
+        guard.finish();
         r
     }
 
@@ -427,7 +393,7 @@ impl<E: Engine> Volume<E> {
 impl<E: Engine> Drop for Volume<E> {
     fn drop(&mut self) {
         // Queues first: a device may refuse to destroy a session with requests in flight.
-        self.lanes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.lanes.clear();
         if let Err(e) = self.engine.destroy_session(&self.session) {
             log::debug!("destroying the volume's session: {e}");
         }

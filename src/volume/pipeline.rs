@@ -16,11 +16,12 @@
 //! [`CryptOp::step`] never blocks, so the same state machine serves the blocking API (a spin
 //! loop around it) and the async one (a future whose `poll` is one step).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted};
+use crate::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted, TAG_LEN};
 use crate::error::{Error, Result};
 
 use super::iv::IvGenerator;
@@ -91,6 +92,97 @@ impl<S: Send + 'static> Lane<S> {
     }
 }
 
+/// Lanes of one volume, reused across I/Os: each concurrent I/O takes one, so concurrent callers
+/// never share an engine queue handle, and the pool grows to the largest concurrency seen.
+pub struct LanePool<S> {
+    lanes: Mutex<Vec<Lane<S>>>,
+    next_index: AtomicUsize,
+    buf_len: usize,
+}
+
+impl<S: Send + 'static> LanePool<S> {
+    /// An empty pool of lanes for requests of `buf_len` bytes.
+    pub fn new(buf_len: usize) -> Self {
+        Self { lanes: Mutex::new(Vec::new()), next_index: AtomicUsize::new(0), buf_len }
+    }
+
+    /// A lane from the pool, or a new one on the next engine queue.
+    pub fn take<E: Engine<Session = S>>(&self, engine: &E, watchdog: Duration) -> Result<LaneGuard<'_, S>> {
+        let pooled = self.lanes.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut lane = match pooled {
+            Some(l) => l,
+            None => {
+                let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+                Lane::open(engine, index, self.buf_len, watchdog)?
+            }
+        };
+        lane.watchdog = watchdog;
+        Ok(LaneGuard { pool: self, lane: Some(lane), finished: false })
+    }
+
+    /// Closes every pooled lane (their engine queues).
+    pub fn clear(&self) {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// A lane on loan from a [`LanePool`]; returned on drop unless the op left it poisoned or
+/// unfinished.
+pub struct LaneGuard<'p, S> {
+    pool: &'p LanePool<S>,
+    lane: Option<Lane<S>>,
+    finished: bool,
+}
+
+impl<S> LaneGuard<'_, S> {
+    /// The lane.
+    pub fn lane(&mut self) -> &mut Lane<S> {
+        self.lane.as_mut().expect("a guard holds its lane until dropped")
+    }
+
+    /// Marks the op on the lane as run to its end (success or failure), so the lane may be
+    /// reused.
+    pub fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl<S> Drop for LaneGuard<'_, S> {
+    fn drop(&mut self) {
+        if let Some(lane) = self.lane.take() {
+            // An op dropped half-way (a cancelled future) leaves requests with the engine: the
+            // lane is not reused, so their late events cannot meet a new op.
+            if self.finished && !lane.poisoned {
+                self.pool.lanes.lock().unwrap_or_else(|e| e.into_inner()).push(lane);
+            }
+        }
+    }
+}
+
+/// The per-sector IV and tag of an authenticated (AES-GCM) sector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SectorMeta {
+    /// The 96-bit IV, fresh and random for every write.
+    pub iv: [u8; 12],
+    /// The GCM tag.
+    pub tag: [u8; TAG_LEN],
+}
+
+/// Authenticated sectors: their IVs and tags, and what binds each to its place.
+struct Aead<'d> {
+    meta: &'d mut [SectorMeta],
+    volume_id: [u8; 16],
+}
+
+/// The additional authenticated data of an authenticated sector: the volume's id and the sector
+/// number, so that a sector copied to another place or another volume fails its check.
+pub fn sector_aad(volume_id: &[u8; 16], sector: u64) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(24);
+    aad.extend_from_slice(volume_id);
+    aad.extend_from_slice(&sector.to_le_bytes());
+    aad
+}
+
 /// Where a sector's IV number comes from.
 #[derive(Clone, Copy, Debug)]
 pub struct IvNumbering {
@@ -121,8 +213,8 @@ pub struct CryptContext<'a, E: Engine> {
     pub engine: &'a E,
     /// The keyed session.
     pub session: &'a E::Session,
-    /// The IV generator.
-    pub ivgen: &'a IvGenerator,
+    /// The IV generator (`None` for authenticated sectors, whose IVs are stored).
+    pub ivgen: Option<&'a IvGenerator>,
     /// IV numbering.
     pub numbering: IvNumbering,
     /// Sector size in bytes.
@@ -150,6 +242,7 @@ pub struct CryptOp<'a, 'd, E: Engine> {
     /// The first failure, by sector; no more submissions after one.
     error: Option<(usize, Error)>,
     last_progress: Instant,
+    aead: Option<Aead<'d>>,
 }
 
 impl<'a, 'd, E: Engine> CryptOp<'a, 'd, E>
@@ -182,7 +275,16 @@ where
             retry: None,
             error: None,
             last_progress: Instant::now(),
+            aead: None,
         }
+    }
+
+    /// Makes the op AES-GCM over authenticated sectors: encryption fills `meta[i].tag` (the
+    /// IVs must be fresh and set by the caller), decryption checks it.
+    pub fn with_aead(mut self, meta: &'d mut [SectorMeta], volume_id: [u8; 16]) -> Self {
+        assert_eq!(meta.len(), self.count, "one IV and tag per sector");
+        self.aead = Some(Aead { meta, volume_id });
+        self
     }
 
     fn user_data(&self, index: usize) -> u64 {
@@ -200,6 +302,7 @@ where
         let sector = self.first_sector + index as u64;
         let error = match error {
             e @ (Error::ContractViolation(_) | Error::Timeout(..)) => e,
+            Error::AuthFailed if self.aead.is_some() => Error::SectorAuthFailed { sector },
             e => Error::Sector { sector, source: Box::new(e) },
         };
         match &self.error {
@@ -229,7 +332,12 @@ where
                     self.completed += 1;
                     self.last_progress = Instant::now();
                     match c.result {
-                        Ok(()) => self.data[i * ss..(i + 1) * ss].copy_from_slice(c.request.data.as_slice()),
+                        Ok(()) => {
+                            self.data[i * ss..(i + 1) * ss].copy_from_slice(c.request.data.as_slice());
+                            if let (Some(a), Direction::Encrypt) = (&mut self.aead, self.direction) {
+                                a.meta[i].tag = c.request.tag;
+                            }
+                        }
                         Err(e) => self.fail(i, e),
                     }
                     self.lane.free.push(c.request.data);
@@ -244,8 +352,19 @@ where
         let mut buf = self.lane.buffer(self.ctx.engine)?;
         buf.as_mut_slice().copy_from_slice(&self.data[index * ss..(index + 1) * ss]);
         let sector = self.first_sector + index as u64;
-        let iv = self.ctx.ivgen.iv(self.ctx.numbering.iv_sector(sector));
-        Ok(Request::new(self.ctx.session.clone(), self.direction, Iv::from(iv), buf, self.user_data(index)))
+        let user_data = self.user_data(index);
+        if let Some(a) = &self.aead {
+            let m = a.meta[index];
+            let mut req =
+                Request::new(self.ctx.session.clone(), self.direction, Iv::from(m.iv), buf, user_data);
+            req.aad = sector_aad(&a.volume_id, sector);
+            req.tag = m.tag;
+            return Ok(req);
+        }
+        let ivgen =
+            self.ctx.ivgen.ok_or_else(|| Error::InvalidVolume("no IV generator for the sectors".into()))?;
+        let iv = ivgen.iv(self.ctx.numbering.iv_sector(sector));
+        Ok(Request::new(self.ctx.session.clone(), self.direction, Iv::from(iv), buf, user_data))
     }
 
     /// Submits what the contract allows now.
