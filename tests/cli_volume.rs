@@ -280,3 +280,48 @@ fn bad_input_gets_a_clear_error_and_leaves_files_untouched() {
     expected.sort();
     assert_eq!(files_in(d), expected, "no output or temporary file is left behind");
 }
+
+#[test]
+fn authenticated_images_round_trip_and_a_tampered_sector_is_named() {
+    let dir = scratch();
+    let d = dir.path();
+    let plain = pattern(200_000, 5);
+    std::fs::write(d.join("plain.raw"), &plain).unwrap();
+    std::fs::write(d.join("vk"), [0x5au8; 32]).unwrap();
+    run(cli()
+        .args(["encrypt", "--type", "authenticated", "--sector-size", "4096", "--volume-key-file"])
+        .arg(d.join("vk"))
+        .arg(d.join("plain.raw"))
+        .arg(d.join("auth.img")));
+    run(cli()
+        .args(["decrypt", "--volume-key-file"])
+        .arg(d.join("vk"))
+        .arg(d.join("auth.img"))
+        .arg(d.join("back")));
+    let mut padded = plain.clone();
+    padded.resize(plain.len().next_multiple_of(4096), 0);
+    assert!(std::fs::read(d.join("back")).unwrap() == padded);
+    // Flip a byte in the data of sector 3.
+    let mut img = std::fs::read(d.join("auth.img")).unwrap();
+    let data_offset = u64::from_le_bytes(img[32..40].try_into().unwrap()) as usize;
+    img[data_offset + 3 * 4096 + 10] ^= 1;
+    std::fs::write(d.join("auth.img"), &img).unwrap();
+    let e = fails(
+        cli()
+            .args(["decrypt", "--volume-key-file"])
+            .arg(d.join("vk"))
+            .arg(d.join("auth.img"))
+            .arg(d.join("out")),
+    );
+    assert!(e.contains("sector 3: authentication failed"), "{e}");
+    assert!(!d.join("out").exists(), "nothing of a failed decrypt is left");
+    std::fs::write(d.join("vk2"), [0x5bu8; 32]).unwrap();
+    let e = fails(
+        cli()
+            .args(["decrypt", "--volume-key-file"])
+            .arg(d.join("vk2"))
+            .arg(d.join("auth.img"))
+            .arg(d.join("out")),
+    );
+    assert!(e.contains("the key does not open this volume"), "{e}");
+}

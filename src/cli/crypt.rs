@@ -11,9 +11,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use crypt_vfio::engine::Engine;
 use crypt_vfio::luks::{self, Header};
-use crypt_vfio::volume::{CipherSpec, Volume, VolumeParams};
+use crypt_vfio::volume::{authenticated, AuthVolume, BlockDevice, CipherSpec, Volume, VolumeParams};
 use crypt_vfio::Error;
 
 use super::device::DeviceArgs;
@@ -30,8 +29,8 @@ pub struct PlainArgs {
     /// The image is plain dm-crypt: no header, the key given by --volume-key-file.
     #[arg(long)]
     pub plain: bool,
-    /// File holding the raw volume key (plain mode).
-    #[arg(long, value_name = "FILE", requires = "plain")]
+    /// File holding the raw volume key (plain mode and authenticated volumes).
+    #[arg(long, value_name = "FILE")]
     pub volume_key_file: Option<PathBuf>,
     /// Plain mode: start of the data in the image, in 512-byte sectors.
     #[arg(long, short = 'o', default_value_t = 0, requires = "plain")]
@@ -74,7 +73,7 @@ pub struct EncryptArgs {
     #[command(flatten)]
     plain: PlainArgs,
     /// File holding the passphrase of the new image's key slot (`-`: standard input).
-    #[arg(long, short = 'd', value_name = "FILE", required_unless_present = "plain")]
+    #[arg(long, short = 'd', value_name = "FILE")]
     key_file: Option<PathBuf>,
     /// The plaintext (raw) image.
     input: PathBuf,
@@ -96,9 +95,9 @@ pub struct DecryptArgs {
     #[arg(long, default_value_t = 512)]
     sector_size: u32,
     /// File holding the passphrase (`-`: standard input).
-    #[arg(long, short = 'd', value_name = "FILE", required_unless_present = "plain")]
+    #[arg(long, short = 'd', value_name = "FILE")]
     key_file: Option<PathBuf>,
-    /// The encrypted image (LUKS1, LUKS2, or plain with --plain).
+    /// The encrypted image (LUKS1, LUKS2, authenticated, or plain with --plain).
     input: PathBuf,
     /// The plaintext image to write (replaced only when complete).
     output: PathBuf,
@@ -113,20 +112,24 @@ pub fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
     }
     let out = PendingOutput::create(&args.output)?;
     let engine = Arc::new(args.device.open(&args.device.options())?);
-    let volume = if args.plain.plain {
+    let volume: Box<dyn BlockDevice> = if args.plain.plain {
         let (key, params) = args.plain.volume(&args.image.cipher, args.image.sector_size)?;
         let data_len = in_len.next_multiple_of(u64::from(params.sector_size));
         out.file().set_len(params.data_offset + data_len)?;
-        Volume::open(engine, out.file().try_clone()?, true, &key, params)?
+        Box::new(Volume::open(engine, out.file().try_clone()?, true, &key, params)?)
+    } else if args.image.luks_type == "authenticated" {
+        let key = authenticated_key(&args.plain)?;
+        let data_len = in_len.next_multiple_of(u64::from(args.image.sector_size));
+        Box::new(AuthVolume::format(engine, out.file().try_clone()?, &key, args.image.sector_size, data_len)?)
     } else {
         let opts = args.image.options()?;
-        let pass = read_key_file(args.key_file.as_deref().context("--key-file is needed")?)?;
         let data_len = in_len.next_multiple_of(u64::from(opts.sector_size));
         out.file().set_len(opts.data_offset() + data_len)?;
+        let pass = read_key_file(args.key_file.as_deref().context("--key-file is needed")?)?;
         let (key, params) = luks::format(&*engine, out.file(), &opts, &pass, None)?;
-        Volume::open(engine, out.file().try_clone()?, true, &key, params)?
+        Box::new(Volume::open(engine, out.file().try_clone()?, true, &key, params)?)
     };
-    copy(&mut (&input), in_len, &volume, Direction::Encrypt, &args.input, &args.output)?;
+    copy(&mut (&input), in_len, &*volume, Direction::Encrypt, &args.input, &args.output)?;
     volume.flush()?;
     drop(volume);
     out.commit()
@@ -136,9 +139,12 @@ pub fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
 pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     let input = File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
     let engine = Arc::new(args.device.open(&args.device.options())?);
-    let volume = if args.plain.plain {
+    let volume: Box<dyn BlockDevice> = if args.plain.plain {
         let (key, params) = args.plain.volume(&args.cipher, args.sector_size)?;
-        Volume::open(engine, input, false, &key, params)?
+        Box::new(Volume::open(engine, input, false, &key, params)?)
+    } else if is_authenticated(&input) {
+        let key = authenticated_key(&args.plain)?;
+        Box::new(AuthVolume::open(engine, input, false, &key)?)
     } else {
         let header = match Header::read(&input) {
             Err(Error::NotLuks(why)) => bail!(
@@ -151,11 +157,11 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
         let pass = read_key_file(args.key_file.as_deref().context("--key-file is needed")?)?;
         let (slot, key) = header.unlock(&*engine, &input, &pass)?;
         log::info!("key slot {slot} opened");
-        Volume::open(engine, input, false, &key, header.volume_params())?
+        Box::new(Volume::open(engine, input, false, &key, header.volume_params())?)
     };
     let out = PendingOutput::create(&args.output)?;
     let size = volume.size();
-    copy(&mut out.file(), size, &volume, Direction::Decrypt, &args.input, &args.output)?;
+    copy(&mut out.file(), size, &*volume, Direction::Decrypt, &args.input, &args.output)?;
     drop(volume);
     out.commit()
 }
@@ -165,11 +171,33 @@ enum Direction {
     Decrypt,
 }
 
+/// Whether `file` starts with the magic of an authenticated volume.
+fn is_authenticated(file: &File) -> bool {
+    let mut magic = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut magic, 0).is_ok() && magic == authenticated::MAGIC
+}
+
+/// The raw key of an authenticated volume (AES-128 or AES-256 for GCM).
+fn authenticated_key(plain: &PlainArgs) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    let Some(path) = &plain.volume_key_file else {
+        bail!("an authenticated volume needs --volume-key-file (a raw 16- or 32-byte AES-GCM key)");
+    };
+    let key = read_key_file(path)?;
+    if key.len() != 16 && key.len() != 32 {
+        bail!(
+            "{} holds {} bytes; an authenticated volume takes a 16- or 32-byte key",
+            path.display(),
+            key.len()
+        );
+    }
+    Ok(key)
+}
+
 /// Moves `len` bytes between a plain stream and the volume, in chunks.
-fn copy<E: Engine, S: Read + Write>(
+fn copy<S: Read + Write>(
     stream: &mut S,
     len: u64,
-    volume: &Volume<E>,
+    volume: &dyn BlockDevice,
     direction: Direction,
     from: &std::path::Path,
     to: &std::path::Path,
@@ -181,7 +209,7 @@ fn copy<E: Engine, S: Read + Write>(
     let bar = progress(len, what);
     let mut buf = vec![0u8; CHUNK];
     let mut pos = 0u64;
-    let ss = u64::from(volume.sector_size());
+    let ss = u64::from(volume.block_size());
     while pos < len {
         let n = (len - pos).min(CHUNK as u64) as usize;
         match direction {

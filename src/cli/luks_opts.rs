@@ -86,8 +86,9 @@ impl KdfArgs {
 /// How a new LUKS image is made.
 #[derive(Args, Debug, Clone)]
 pub struct NewImageArgs {
-    /// LUKS version.
-    #[arg(long = "type", default_value = "luks2", value_parser = ["luks1", "luks2"])]
+    /// LUKS version, or `authenticated` (AES-GCM per sector, see docs/authenticated-format.md;
+    /// `encrypt` only, keyed by --volume-key-file).
+    #[arg(long = "type", default_value = "luks2", value_parser = ["luks1", "luks2", "authenticated"])]
     pub luks_type: String,
     /// dm-crypt cipher spec.
     #[arg(long, short = 'c', default_value = "aes-xts-plain64")]
@@ -109,7 +110,11 @@ pub struct NewImageArgs {
 impl NewImageArgs {
     /// The library's format options, checked.
     pub fn options(&self) -> anyhow::Result<FormatOptions> {
-        let version = if self.luks_type == "luks1" { LuksVersion::Luks1 } else { LuksVersion::Luks2 };
+        let version = match self.luks_type.as_str() {
+            "luks1" => LuksVersion::Luks1,
+            "luks2" => LuksVersion::Luks2,
+            other => bail!("--type {other} is not a LUKS version (luks1 or luks2)"),
+        };
         let spec: CipherSpec = self.cipher.parse()?;
         let key_size = self.key_size.unwrap_or(if spec.mode == crypt_vfio::Mode::Xts { 512 } else { 256 });
         if key_size % 8 != 0 {
