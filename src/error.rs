@@ -183,9 +183,6 @@ pub enum Error {
     /// A key slot operation cannot be done (all slots full, slot not active, last slot).
     #[error("key slot: {0}")]
     Keyslot(String),
-    /// The volume is read-only.
-    #[error("the volume is read-only")]
-    ReadOnly,
     /// An authenticated sector failed its check; nothing of it was returned.
     #[error(
         "sector {sector}: authentication failed (the data or its tag was modified, or a write was torn)"

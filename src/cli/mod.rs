@@ -1,8 +1,8 @@
 //! Command-line interface: argument parsing and the subcommands.
 
 mod bench;
-mod devbind;
 mod crypt;
+mod devbind;
 mod device;
 mod dump;
 mod format;

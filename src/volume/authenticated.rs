@@ -283,10 +283,7 @@ impl<E: Engine> AuthVolume<E> {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.size()) {
-            return Err(Error::InvalidVolume(format!(
-                "{len} bytes at offset {offset} reach past the end of the volume ({} bytes)",
-                self.size()
-            )));
+            return Err(Error::OutOfRange { offset, len, size: self.size() });
         }
         Ok(())
     }

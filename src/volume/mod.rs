@@ -254,10 +254,7 @@ impl<E: Engine> Volume<E> {
     fn check_range(&self, offset: u64, len: usize) -> Result<()> {
         let end = offset.checked_add(len as u64);
         if end.is_none_or(|end| end > self.size) {
-            return Err(Error::InvalidVolume(format!(
-                "{len} bytes at offset {offset} reach past the end of the volume ({} bytes)",
-                self.size
-            )));
+            return Err(Error::OutOfRange { offset, len: len as u64, size: self.size });
         }
         Ok(())
     }
