@@ -2,6 +2,8 @@
 //! engines that backlog constantly and engines that break the contract.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crypt_vfio::engine::{Buf, Engine, Event, EventSink, Queue, Request, SubmitError, Submitted};
 use crypt_vfio::{Mode, Result};
@@ -26,6 +28,18 @@ pub struct Wrapped<E> {
     pub inner: E,
     /// How submissions are answered.
     pub behaviour: Behaviour,
+    /// Submits answered `Backlogged`.
+    pub backlogged: Arc<AtomicUsize>,
+    /// Submits that came while the same queue's earlier backlogged request was not promoted
+    /// yet: a caller that does not wait for `Promoted` (what dm-crypt must not do).
+    pub impatient: Arc<AtomicUsize>,
+}
+
+impl<E> Wrapped<E> {
+    /// `inner` answering by `behaviour`.
+    pub fn new(inner: E, behaviour: Behaviour) -> Self {
+        Self { inner, behaviour, backlogged: Arc::default(), impatient: Arc::default() }
+    }
 }
 
 impl<E: Engine> Engine for Wrapped<E> {
@@ -53,6 +67,8 @@ impl<E: Engine> Engine for Wrapped<E> {
             sink,
             pending: VecDeque::new(),
             behaviour: self.behaviour,
+            backlogged: self.backlogged.clone(),
+            impatient: self.impatient.clone(),
         }))
     }
 
@@ -70,6 +86,8 @@ struct WrappedQueue<S> {
     sink: EventSink<S>,
     pending: VecDeque<Request<S>>,
     behaviour: Behaviour,
+    backlogged: Arc<AtomicUsize>,
+    impatient: Arc<AtomicUsize>,
 }
 
 impl<S: Send> Queue<S> for WrappedQueue<S> {
@@ -79,12 +97,17 @@ impl<S: Send> Queue<S> for WrappedQueue<S> {
                 if !may_backlog {
                     return Err(SubmitError::busy(request));
                 }
+                if !self.pending.is_empty() {
+                    self.impatient.fetch_add(1, Ordering::Relaxed);
+                }
                 self.pending.push_back(request);
+                self.backlogged.fetch_add(1, Ordering::Relaxed);
                 Ok(Submitted::Backlogged)
             }
             Behaviour::DropBacklogged { ring } => {
                 if self.inner.outstanding() >= ring {
                     drop(request);
+                    self.backlogged.fetch_add(1, Ordering::Relaxed);
                     Ok(Submitted::Backlogged)
                 } else {
                     self.inner.submit(request, may_backlog)
