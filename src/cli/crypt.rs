@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -129,7 +129,7 @@ pub fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
         let (key, params) = luks::format(&*engine, out.file(), &opts, &pass, None)?;
         Box::new(Volume::open(engine, out.file().try_clone()?, true, &key, params)?)
     };
-    copy(&mut (&input), in_len, &*volume, Direction::Encrypt, &args.input, &args.output)?;
+    copy(&input, in_len, &*volume, Direction::Encrypt, &args.input, &args.output)?;
     volume.flush()?;
     drop(volume);
     out.commit()
@@ -161,7 +161,7 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     };
     let out = PendingOutput::create(&args.output)?;
     let size = volume.size();
-    copy(&mut out.file(), size, &*volume, Direction::Decrypt, &args.input, &args.output)?;
+    copy(out.file(), size, &*volume, Direction::Decrypt, &args.input, &args.output)?;
     drop(volume);
     out.commit()
 }
@@ -193,9 +193,14 @@ fn authenticated_key(plain: &PlainArgs) -> anyhow::Result<zeroize::Zeroizing<Vec
     Ok(key)
 }
 
-/// Moves `len` bytes between a plain stream and the volume, in chunks.
-fn copy<S: Read + Write>(
-    stream: &mut S,
+/// Buffers in flight between the file thread and the thread driving the engine.
+const DEPTH: usize = 3;
+
+/// Moves `len` bytes between a plain file and the volume, in chunks. The plain file is read
+/// (encrypt) or written (decrypt) on a thread of its own, so that its I/O overlaps the
+/// cryptography instead of alternating with it.
+fn copy(
+    file: &File,
     len: u64,
     volume: &dyn BlockDevice,
     direction: Direction,
@@ -207,27 +212,85 @@ fn copy<S: Read + Write>(
         Direction::Decrypt => "decrypting",
     };
     let bar = progress(len, what);
-    let mut buf = vec![0u8; CHUNK];
-    let mut pos = 0u64;
     let ss = u64::from(volume.block_size());
-    while pos < len {
-        let n = (len - pos).min(CHUNK as u64) as usize;
+    let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>, usize)>(DEPTH);
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..DEPTH {
+        free_tx.send(vec![0u8; CHUNK]).expect("the receiver is alive");
+    }
+    let result = std::thread::scope(|scope| -> anyhow::Result<()> {
         match direction {
             Direction::Encrypt => {
-                stream.read_exact(&mut buf[..n]).with_context(|| format!("reading {}", from.display()))?;
-                // The last sector of an input that ends mid-sector is padded with zeroes.
-                let whole = (n as u64).next_multiple_of(ss) as usize;
-                buf[n..whole].fill(0);
-                volume.write_at(pos, &buf[..whole])?;
+                let reader = scope.spawn(move || -> anyhow::Result<()> {
+                    let mut input = file;
+                    let mut pos = 0u64;
+                    while pos < len {
+                        // The other side stopped (an error): stop too.
+                        let Ok(mut buf) = free_rx.recv() else { return Ok(()) };
+                        let n = (len - pos).min(CHUNK as u64) as usize;
+                        input
+                            .read_exact(&mut buf[..n])
+                            .with_context(|| format!("reading {}", from.display()))?;
+                        if full_tx.send((pos, buf, n)).is_err() {
+                            return Ok(());
+                        }
+                        pos += n as u64;
+                    }
+                    Ok(())
+                });
+                let mut result = Ok(());
+                for (pos, mut buf, n) in full_rx.iter() {
+                    // The last sector of an input that ends mid-sector is padded with zeroes.
+                    let whole = (n as u64).next_multiple_of(ss) as usize;
+                    buf[n..whole].fill(0);
+                    if let Err(e) = volume.write_at(pos, &buf[..whole]) {
+                        result = Err(e.into());
+                        break;
+                    }
+                    bar.set_position(pos + n as u64);
+                    let _ = free_tx.send(buf);
+                }
+                drop(full_rx);
+                drop(free_tx);
+                let read =
+                    reader.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the reader thread panicked")));
+                result.and(read)
             }
             Direction::Decrypt => {
-                volume.read_at(pos, &mut buf[..n])?;
-                stream.write_all(&buf[..n]).with_context(|| format!("writing {}", to.display()))?;
+                let bar = bar.clone();
+                let writer = scope.spawn(move || -> anyhow::Result<()> {
+                    let mut output = file;
+                    for (pos, buf, n) in full_rx.iter() {
+                        output.write_all(&buf[..n]).with_context(|| format!("writing {}", to.display()))?;
+                        bar.set_position(pos + n as u64);
+                        if free_tx.send(buf).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                });
+                let mut result = Ok(());
+                let mut pos = 0u64;
+                while pos < len {
+                    let Ok(mut buf) = free_rx.recv() else { break };
+                    let n = (len - pos).min(CHUNK as u64) as usize;
+                    if let Err(e) = volume.read_at(pos, &mut buf[..n]) {
+                        result = Err(e.into());
+                        break;
+                    }
+                    if full_tx.send((pos, buf, n)).is_err() {
+                        break;
+                    }
+                    pos += n as u64;
+                }
+                drop(full_tx);
+                drop(free_rx);
+                let written =
+                    writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the writer thread panicked")));
+                result.and(written)
             }
         }
-        pos += n as u64;
-        bar.set_position(pos);
-    }
+    });
     bar.finish_and_clear();
-    Ok(())
+    result
 }
