@@ -6,6 +6,7 @@ mod common;
 mod support;
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion};
 use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::{CipherSpec, Volume};
 use crypt_vfio::Error;
-use support::{have, pattern, run, scratch};
+use support::{have, have_python_cryptography, pattern, run, scratch, tool_script};
 
 const PASS: &str = "correct horse battery staple";
 
@@ -140,8 +141,11 @@ fn images_crypt_vfio_writes_are_read_exactly_by_qemu_img() {
 }
 
 #[test]
-fn cryptsetup_luks1_headers_unlock_to_the_volume_key_cryptsetup_dumps() {
-    if !have("cryptsetup") {
+fn cryptsetup_luks1_images_unlock_to_cryptsetups_volume_key_and_decrypt_exactly() {
+    // cryptsetup cannot write LUKS1 data without device-mapper, so the data is encrypted by the
+    // independent implementation (tools/dmcrypt_ref.py) with the key cryptsetup dumps, at the
+    // payload offset cryptsetup reports.
+    if !have("cryptsetup") || !have_python_cryptography() {
         return;
     }
     let engine = engine();
@@ -169,6 +173,25 @@ fn cryptsetup_luks1_headers_unlock_to_the_volume_key_cryptsetup_dumps() {
         assert_eq!(slot, 0);
         assert_eq!(*key, std::fs::read(&vk).unwrap(), "{spec}");
         assert!(matches!(header.unlock(&*engine, &f, b"nope"), Err(Error::WrongPassphrase)));
+
+        let dump = String::from_utf8(run(Command::new("cryptsetup").arg("luksDump").arg(&img))).unwrap();
+        let payload: u64 = dump
+            .lines()
+            .find_map(|l| l.strip_prefix("Payload offset:"))
+            .map(|v| v.trim().parse().unwrap())
+            .expect("luksDump shows the payload offset");
+        let plain = pattern((4 << 20) - payload as usize * 512, 21);
+        std::fs::write(dir.path().join("plain.raw"), &plain).unwrap();
+        run(Command::new("python3")
+            .arg(tool_script("dmcrypt_ref.py"))
+            .args(["encrypt", "--cipher", spec, "--key-file"])
+            .arg(&vk)
+            .arg(dir.path().join("plain.raw"))
+            .arg(dir.path().join("enc.raw")));
+        let enc = std::fs::read(dir.path().join("enc.raw")).unwrap();
+        OpenOptions::new().write(true).open(&img).unwrap().write_all_at(&enc, payload * 512).unwrap();
+        let v = luks::open(engine.clone(), File::open(&img).unwrap(), false, PASS.as_bytes()).unwrap();
+        assert!(read_all(&v) == plain, "{spec}: decrypted data differs");
     }
 }
 
@@ -195,4 +218,34 @@ fn cryptsetup_reads_the_luks1_headers_crypt_vfio_writes() {
         .arg(&pass)
         .arg(&img));
     assert_eq!(std::fs::read(&vk).unwrap(), *key);
+}
+
+#[test]
+fn nbdkit_luks_filter_reads_the_luks1_images_crypt_vfio_writes() {
+    if !have("nbdkit") || !have("nbdcopy") {
+        return;
+    }
+    let engine = engine();
+    let dir = scratch();
+    let img = dir.path().join("ours.luks");
+    let pass = dir.path().join("pass.txt");
+    std::fs::write(&pass, PASS).unwrap();
+    let mut opts = FormatOptions::new(LuksVersion::Luks1);
+    opts.kdf = LuksKdfOptions::pbkdf2_iterations(1000);
+    let plain = pattern(1 << 20, 31);
+    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&img).unwrap();
+    f.set_len(opts.data_offset() + plain.len() as u64).unwrap();
+    let (key, params) = luks::format(&*engine, &f, &opts, PASS.as_bytes(), None).unwrap();
+    let v = Volume::open(engine.clone(), f, true, &key, params).unwrap();
+    v.write_at(0, &plain).unwrap();
+    v.flush().unwrap();
+    drop(v);
+    let out = dir.path().join("out.raw");
+    run(Command::new("nbdkit")
+        .args(["-U", "-", "--filter=luks", "file"])
+        .arg(&img)
+        .arg(format!("passphrase=+{}", pass.display()))
+        .arg("--run")
+        .arg(format!("nbdcopy \"$uri\" {}", out.display())));
+    assert!(std::fs::read(&out).unwrap() == plain, "nbdkit's luks filter reads different data");
 }
