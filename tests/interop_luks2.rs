@@ -7,6 +7,7 @@ mod common;
 mod support;
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -181,4 +182,44 @@ fn passphrases_added_and_removed_by_crypt_vfio_are_seen_by_cryptsetup() {
     assert_eq!(dump_volume_key(&img, &pass2, &vk), key);
     let e = header.remove_passphrase(&*engine, &f, b"second").unwrap_err();
     assert!(matches!(e, Error::Keyslot(_)), "the last slot is kept: {e}");
+}
+
+#[test]
+fn a_damaged_primary_header_falls_back_to_the_secondary_copy() {
+    if !have("cryptsetup") {
+        return;
+    }
+    let dir = scratch();
+    let img = dir.path().join("cs.img");
+    let pass = dir.path().join("pass.txt");
+    std::fs::write(&pass, PASS).unwrap();
+    File::create(&img).unwrap().set_len(20 << 20).unwrap();
+    run(Command::new("cryptsetup")
+        .args([
+            "luksFormat",
+            "-q",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+        ])
+        .arg("--key-file")
+        .arg(&pass)
+        .arg(&img));
+    let key = dump_volume_key(&img, &pass, &dir.path().join("vk.bin"));
+    // One byte of the primary JSON area: its checksum no longer matches.
+    let f = OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, 4096 + 10).unwrap();
+    f.write_all_at(&[b[0] ^ 0x20], 4096 + 10).unwrap();
+    let header = luks::Header::read(&f).unwrap();
+    let (_, got) = header.unlock(&*engine(), &f, PASS.as_bytes()).unwrap();
+    assert_eq!(*got, key);
+    // Both copies damaged: the checksum error is named.
+    f.read_exact_at(&mut b, 16384 + 4096 + 10).unwrap();
+    f.write_all_at(&[b[0] ^ 0x20], 16384 + 4096 + 10).unwrap();
+    let e = luks::Header::read(&f).unwrap_err().to_string();
+    assert!(e.contains("csum") && e.contains("checksum mismatch"), "{e}");
 }

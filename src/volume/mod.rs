@@ -293,6 +293,9 @@ impl<E: Engine> Volume<E> {
     /// Reads and decrypts `buf.len()` bytes at `offset` of the decrypted view.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
         let (first, span) = self.span(offset, buf.len());
         if span == buf.len() {
             self.read_raw(first, buf)?;
@@ -333,6 +336,9 @@ impl<E: Engine> Volume<E> {
     /// Encrypts and writes `data` at `offset` of the decrypted view.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_write(offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
         let (first, span) = self.span(offset, data.len());
         let ss = self.params.sector_size as usize;
         let mut tmp = vec![0u8; span];
