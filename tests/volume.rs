@@ -354,3 +354,41 @@ fn bad_parameters_get_clear_errors() {
     assert!(matches!(e, Error::OutOfRange { offset: 65531, len: 10, size: 65536 }), "{e}");
     assert!("aes-xts-essiv:sha256".parse::<CipherSpec>().is_err());
 }
+
+#[test]
+fn the_watchdog_also_ends_an_async_io() {
+    let engine =
+        Arc::new(Wrapped::new(SoftwareEngine::new(CoreKind::Fast), Behaviour::DropBacklogged { ring: 4 }));
+    let dir = scratch();
+    let mut v =
+        Volume::open(engine, backing(dir.path(), 1 << 16), true, &KEY64, params("aes-xts-plain64", 512))
+            .unwrap();
+    v.set_watchdog(Duration::from_millis(200));
+    let mut buf = vec![0u8; 8192];
+    let e = futures::executor::block_on(v.read_at_async(0, &mut buf)).unwrap_err();
+    assert!(matches!(&e, Error::ContractViolation(m) if m.contains("sector 4")), "{e}");
+}
+
+#[test]
+fn write_zeroes_and_trim_as_the_nbd_server_uses_them() {
+    let engine = Arc::new(common::device());
+    let dir = scratch();
+    let v = Volume::open(engine, backing(dir.path(), 1 << 16), true, &KEY64, params("aes-xts-plain64", 512))
+        .unwrap();
+    let dev: &dyn BlockDevice = &v;
+    let data = pattern(1 << 16, 8);
+    dev.write_at(0, &data).unwrap();
+    dev.write_zeroes(1000, 5000).unwrap();
+    let mut back = vec![0u8; 1 << 16];
+    dev.read_at(0, &mut back).unwrap();
+    let mut expected = data.clone();
+    expected[1000..6000].fill(0);
+    assert!(back == expected);
+    // The zeroes are encrypted: the backing file holds no run of them.
+    let raw = std::fs::read(dir.path().join("disk")).unwrap();
+    assert!(!raw[1024..5632].windows(64).any(|w| w.iter().all(|&b| b == 0)));
+    dev.trim(0, 4096).unwrap();
+    assert!(matches!(dev.trim(1 << 16, 1), Err(Error::OutOfRange { .. })));
+    dev.read_at(0, &mut back).unwrap();
+    assert!(back == expected, "trim changes nothing");
+}
