@@ -15,6 +15,10 @@
 //!
 //! [`CryptOp::step`] never blocks, so the same state machine serves the blocking API (a spin
 //! loop around it) and the async one (a future whose `poll` is one step).
+//!
+//! Authenticated (AES-GCM) sectors go through the same op ([`CryptOp::with_aead`]): their IVs
+//! are stored rather than computed, and each carries its tag and an AAD binding it to its place.
+//! A volume keeps its lanes in a [`LanePool`], one lane per concurrent I/O.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
