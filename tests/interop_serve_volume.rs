@@ -99,6 +99,18 @@ fn nbd_clients_read_and_write_a_served_luks1_volume() {
         "read -P 0xab 1000 10000",
         &served.uri,
     ]));
+    let mut expected = plain.clone();
+    expected[1000..11000].fill(0xab);
+    // qemu-img reads the whole export, including what qemu-io wrote.
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &served.uri])
+        .arg(d.join("qemu.raw")));
+    assert!(std::fs::read(d.join("qemu.raw")).unwrap() == expected, "qemu-img read different data");
+    // nbdcopy writes a region of new data into the export.
+    let fresh = pattern(1 << 20, 13);
+    std::fs::write(d.join("fresh.raw"), &fresh).unwrap();
+    run(Command::new("nbdcopy").arg(d.join("fresh.raw")).arg(&served.uri));
+    expected[..fresh.len()].copy_from_slice(&fresh);
     served.stop();
 
     // qemu-img decrypts the image on its own: the writes are proper LUKS1.
@@ -109,8 +121,6 @@ fn nbd_clients_read_and_write_a_served_luks1_volume() {
         .arg(format!("driver=luks,key-secret=s0,file.filename={}", d.join("vol.luks").display()))
         .args(["-O", "raw"])
         .arg(d.join("after.raw")));
-    let mut expected = plain.clone();
-    expected[1000..11000].fill(0xab);
     assert!(std::fs::read(d.join("after.raw")).unwrap() == expected, "qemu-img sees different data");
 }
 
