@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use support::{have, have_python_cryptography, pattern, run, scratch, tool_script};
+use support::{have, have_python_cryptography, pattern, run, scratch, tool, tool_script};
 
 const PASS: &str = "cli passphrase";
 
@@ -102,7 +102,7 @@ fn luks2_with_4096_byte_sectors_round_trips_and_dumps_without_secrets() {
     assert!(dump.contains("PBKDF:      argon2id") && dump.contains("cipher: aes-xts-plain64"), "{dump}");
     if have("cryptsetup") {
         let vk = d.join("vk.bin");
-        run(Command::new("cryptsetup")
+        run(Command::new(tool("cryptsetup"))
             .args(["luksDump", "-q", "--dump-volume-key", "--volume-key-file"])
             .arg(&vk)
             .arg("--key-file")

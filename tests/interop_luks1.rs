@@ -15,7 +15,7 @@ use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion};
 use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::{CipherSpec, Volume};
 use crypt_vfio::Error;
-use support::{have, have_python_cryptography, pattern, run, scratch, tool_script};
+use support::{have, have_python_cryptography, pattern, run, scratch, tool, tool_script};
 
 const PASS: &str = "correct horse battery staple";
 
@@ -155,13 +155,13 @@ fn cryptsetup_luks1_images_unlock_to_cryptsetups_volume_key_and_decrypt_exactly(
         let pass = dir.path().join("pass.txt");
         std::fs::write(&pass, PASS).unwrap();
         File::create(&img).unwrap().set_len(4 << 20).unwrap();
-        run(Command::new("cryptsetup")
+        run(Command::new(tool("cryptsetup"))
             .args(["luksFormat", "-q", "--type", "luks1", "--cipher", spec, "--key-size", bits])
             .args(["--pbkdf-force-iterations", "1000", "--key-file"])
             .arg(&pass)
             .arg(&img));
         let vk = dir.path().join("vk.bin");
-        run(Command::new("cryptsetup")
+        run(Command::new(tool("cryptsetup"))
             .args(["luksDump", "-q", "--dump-volume-key", "--volume-key-file"])
             .arg(&vk)
             .arg("--key-file")
@@ -174,7 +174,8 @@ fn cryptsetup_luks1_images_unlock_to_cryptsetups_volume_key_and_decrypt_exactly(
         assert_eq!(*key, std::fs::read(&vk).unwrap(), "{spec}");
         assert!(matches!(header.unlock(&*engine, &f, b"nope"), Err(Error::WrongPassphrase)));
 
-        let dump = String::from_utf8(run(Command::new("cryptsetup").arg("luksDump").arg(&img))).unwrap();
+        let dump =
+            String::from_utf8(run(Command::new(tool("cryptsetup")).arg("luksDump").arg(&img))).unwrap();
         let payload: u64 = dump
             .lines()
             .find_map(|l| l.strip_prefix("Payload offset:"))
@@ -211,7 +212,7 @@ fn cryptsetup_reads_the_luks1_headers_crypt_vfio_writes() {
     f.set_len(opts.data_offset() + (1 << 20)).unwrap();
     let (key, _) = luks::format(&*engine, &f, &opts, PASS.as_bytes(), None).unwrap();
     let vk = dir.path().join("vk.bin");
-    run(Command::new("cryptsetup")
+    run(Command::new(tool("cryptsetup"))
         .args(["luksDump", "-q", "--dump-volume-key", "--volume-key-file"])
         .arg(&vk)
         .arg("--key-file")

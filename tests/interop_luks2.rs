@@ -16,7 +16,7 @@ use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion, PbkdfTy
 use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::Volume;
 use crypt_vfio::Error;
-use support::{have, have_python_cryptography, pattern, run, scratch, tool_script};
+use support::{have, have_python_cryptography, pattern, run, scratch, tool, tool_script};
 
 const PASS: &str = "luks2 passphrase";
 
@@ -26,7 +26,7 @@ fn engine() -> Arc<VirtioCrypto> {
 
 fn dump_volume_key(img: &Path, pass_file: &Path, out: &Path) -> Vec<u8> {
     let _ = std::fs::remove_file(out);
-    run(Command::new("cryptsetup")
+    run(Command::new(tool("cryptsetup"))
         .args(["luksDump", "-q", "--dump-volume-key", "--volume-key-file"])
         .arg(out)
         .arg("--key-file")
@@ -50,7 +50,7 @@ fn cryptsetup_encrypted_images_decrypt_exactly_with_512_and_4096_byte_sectors() 
         std::fs::write(&img, &plain).unwrap();
         // Offline encryption in place: cryptsetup moves the data behind a 2 MiB header, dropping
         // the last 4 MiB of the device.
-        run(Command::new("cryptsetup")
+        run(Command::new(tool("cryptsetup"))
             .args(["reencrypt", "-q", "--encrypt", "--type", "luks2", "--sector-size", sector])
             .args(["--reduce-device-size", "4M", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
             .arg("--key-file")
@@ -74,7 +74,7 @@ fn cryptsetup_argon2id_key_slots_unlock() {
     let pass = dir.path().join("pass.txt");
     std::fs::write(&pass, PASS).unwrap();
     File::create(&img).unwrap().set_len(20 << 20).unwrap();
-    run(Command::new("cryptsetup")
+    run(Command::new(tool("cryptsetup"))
         .args(["luksFormat", "-q", "--type", "luks2", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4"])
         .args(["--pbkdf-memory", "32768", "--pbkdf-parallel", "2", "--key-file"])
         .arg(&pass)
@@ -137,7 +137,7 @@ fn passphrases_added_and_removed_by_crypt_vfio_are_seen_by_cryptsetup() {
     std::fs::write(&pass, PASS).unwrap();
     std::fs::write(&pass2, "second").unwrap();
     File::create(&img).unwrap().set_len(20 << 20).unwrap();
-    run(Command::new("cryptsetup")
+    run(Command::new(tool("cryptsetup"))
         .args([
             "luksFormat",
             "-q",
@@ -170,7 +170,7 @@ fn passphrases_added_and_removed_by_crypt_vfio_are_seen_by_cryptsetup() {
         Err(Error::WrongPassphrase)
     ));
     assert_eq!(header.remove_passphrase(&*engine, &f, PASS.as_bytes()).unwrap(), 0);
-    let out = Command::new("cryptsetup")
+    let out = Command::new(tool("cryptsetup"))
         .args(["luksDump", "-q", "--dump-volume-key", "--volume-key-file"])
         .arg(dir.path().join("vk2.bin"))
         .arg("--key-file")
@@ -194,7 +194,7 @@ fn a_damaged_primary_header_falls_back_to_the_secondary_copy() {
     let pass = dir.path().join("pass.txt");
     std::fs::write(&pass, PASS).unwrap();
     File::create(&img).unwrap().set_len(20 << 20).unwrap();
-    run(Command::new("cryptsetup")
+    run(Command::new(tool("cryptsetup"))
         .args([
             "luksFormat",
             "-q",

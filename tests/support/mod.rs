@@ -7,11 +7,28 @@ pub mod engines;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The program `name`: from `PATH`, or from the sbin directories a non-login shell may leave out
+/// of it (Debian installs cryptsetup in /usr/sbin).
+pub fn tool(name: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    if !on_path {
+        for dir in ["/usr/sbin", "/sbin", "/usr/local/sbin"] {
+            let p = Path::new(dir).join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    PathBuf::from(name)
+}
+
 /// Whether `tool` can be run; prints why the test is skipped when not.
-pub fn have(tool: &str) -> bool {
-    let ok = Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+pub fn have(name: &str) -> bool {
+    let ok = Command::new(tool(name)).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     if !ok {
-        eprintln!("SKIPPED: `{tool}` is not installed (apt-get install qemu-utils cryptsetup-bin nbdkit libnbd-bin)");
+        eprintln!("SKIPPED: `{name}` is not installed (apt-get install qemu-utils cryptsetup-bin nbdkit libnbd-bin)");
     }
     ok
 }
