@@ -44,7 +44,11 @@ pub struct PlainArgs {
 }
 
 impl PlainArgs {
-    fn volume(&self, cipher: &str, sector_size: u32) -> anyhow::Result<(Vec<u8>, VolumeParams)> {
+    fn volume(
+        &self,
+        cipher: &str,
+        sector_size: u32,
+    ) -> anyhow::Result<(zeroize::Zeroizing<Vec<u8>>, VolumeParams)> {
         let Some(path) = &self.volume_key_file else {
             bail!("--plain needs --volume-key-file (the raw key)");
         };
@@ -59,7 +63,7 @@ impl PlainArgs {
             iv_large_sectors: self.iv_large_sectors,
             ..VolumeParams::plain(spec)
         };
-        Ok((key.to_vec(), params))
+        Ok((key, params))
     }
 }
 

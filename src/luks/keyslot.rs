@@ -62,7 +62,10 @@ pub fn crypt_area<E: Engine>(
             numbering: IvNumbering { shift: 0, iv_offset: 0, large_sectors: false },
             sector_size: 512,
         };
-        CryptOp::new(ctx, &mut lane, direction, 0, data).run()
+        let r = CryptOp::new(ctx, &mut lane, direction, 0, data).run();
+        // The buffers held AF material: as good as the key once decrypted.
+        lane.wipe_buffers();
+        r
     })();
     if let Err(e) = engine.destroy_session(&session) {
         log::debug!("destroying a key slot session: {e}");

@@ -83,6 +83,14 @@ impl<S: Send + 'static> Lane<S> {
         })
     }
 
+    /// Zeroes the spare buffers, which still hold the last data that went through them (for
+    /// key slot material, key-equivalent bytes).
+    pub fn wipe_buffers(&mut self) {
+        for b in &mut self.free {
+            zeroize::Zeroize::zeroize(b.as_mut_slice());
+        }
+    }
+
     /// Whether the lane lost requests to a misbehaving engine and must not be reused.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
