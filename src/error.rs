@@ -177,6 +177,9 @@ pub enum Error {
         /// Why it is refused, with what is supported.
         reason: String,
     },
+    /// The image cannot hold what is to be written into it (a header and at least one sector).
+    #[error("the image is too small: {0}")]
+    TooSmall(String),
     /// A volume parameter or an I/O request does not fit the volume.
     #[error("invalid volume request: {0}")]
     InvalidVolume(String),

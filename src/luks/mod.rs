@@ -349,9 +349,9 @@ pub fn format<E: Engine>(
     let len = file.metadata().map_err(|e| Error::os("reading the image size", e))?.len();
     let needed = opts.data_offset() + u64::from(opts.sector_size);
     if len < needed {
-        return Err(Error::InvalidVolume(format!(
-            "the image is {len} bytes, too small: this LUKS header and its key slots take {} bytes, \
-             and at least one {}-byte sector of data must follow ({needed} bytes in all)",
+        return Err(Error::TooSmall(format!(
+            "it has {len} bytes; this LUKS header and its key slots take {} bytes, and at least one \
+             {}-byte sector of data must follow ({needed} bytes in all)",
             opts.data_offset(),
             opts.sector_size
         )));
