@@ -89,17 +89,35 @@ impl LuksKdfOptions {
 
     /// The KDF of a new LUKS2 key slot.
     pub fn luks2_kdf(&self, hash: HashAlg) -> Kdf {
-        let argon = |kind| Kdf::Argon2 {
-            kind,
-            time: self.force_iterations.unwrap_or(4).max(1),
-            memory_kib: self.memory_kib,
-            parallel: self.parallel.max(1),
+        let argon = |kind| {
+            let memory_kib = self.memory_kib;
+            let parallel = self.parallel.max(1);
+            let time = match self.force_iterations {
+                Some(t) => t.max(1),
+                None => self.argon2_time_for(kind, memory_kib, parallel),
+            };
+            Kdf::Argon2 { kind, time, memory_kib, parallel }
         };
         match self.pbkdf {
             PbkdfType::Pbkdf2 => Kdf::Pbkdf2 { hash, iterations: self.pbkdf2_iterations_for(hash) },
             PbkdfType::Argon2i => argon(Argon2Kind::Argon2i),
             PbkdfType::Argon2id => argon(Argon2Kind::Argon2id),
         }
+    }
+
+    /// The Argon2 time cost that fills `iter_time` at this memory and parallelism, at least 4
+    /// (cryptsetup's minimum). One pass is timed as the difference between three passes and
+    /// one, so that allocating and first touching the memory is not counted as work.
+    fn argon2_time_for(&self, kind: Argon2Kind, memory_kib: u32, parallel: u32) -> u32 {
+        const MIN: u32 = 4;
+        let timed = |time| {
+            let probe = Kdf::Argon2 { kind, time, memory_kib, parallel };
+            let start = std::time::Instant::now();
+            probe.derive(b"benchmark passphrase", &[0x5a; 32], 32).map(|_| start.elapsed().as_secs_f64())
+        };
+        let (Ok(one), Ok(three)) = (timed(1), timed(3)) else { return MIN };
+        let pass = ((three - one) / 2.0).max(1e-6);
+        ((self.iter_time.as_secs_f64() / pass) as u32).clamp(MIN, 1000)
     }
 }
 
