@@ -94,13 +94,17 @@ fn crypt_vfio_luks2_images_are_read_by_cryptsetup_and_an_independent_implementat
         return;
     }
     let engine = engine();
-    for sector in [512u32, 4096] {
+    for (spec, key_bytes, sector) in
+        [("aes-xts-plain64", 64, 512u32), ("aes-xts-plain64", 64, 4096), ("aes-cbc-essiv:sha256", 32, 512)]
+    {
         let dir = scratch();
         let img = dir.path().join("ours.img");
         let pass = dir.path().join("pass.txt");
         std::fs::write(&pass, PASS).unwrap();
         let mut opts = FormatOptions::new(LuksVersion::Luks2);
         opts.sector_size = sector;
+        opts.spec = spec.parse().unwrap();
+        opts.key_bytes = key_bytes;
         opts.kdf = LuksKdfOptions::pbkdf2_iterations(1000);
         let plain = pattern(1 << 20, u64::from(sector));
         let f = OpenOptions::new().read(true).write(true).create_new(true).open(&img).unwrap();
@@ -115,12 +119,15 @@ fn crypt_vfio_luks2_images_are_read_by_cryptsetup_and_an_independent_implementat
         let out = dir.path().join("out.raw");
         run(Command::new("python3")
             .arg(tool_script("dmcrypt_ref.py"))
-            .args(["decrypt", "--cipher", "aes-xts-plain64", "--key-file"])
+            .args(["decrypt", "--cipher", spec, "--key-file"])
             .arg(&vk_file)
             .args(["--sector-size", &sector.to_string(), "--offset", &opts.data_offset().to_string()])
             .arg(&img)
             .arg(&out));
-        assert!(std::fs::read(&out).unwrap() == plain, "{sector}: the reference decrypts different data");
+        assert!(
+            std::fs::read(&out).unwrap() == plain,
+            "{spec} {sector}: the reference decrypts different data"
+        );
     }
 }
 
