@@ -34,6 +34,9 @@ use super::iv::IvGenerator;
 /// and exercise the backlog, while bounding the DMA memory a lane holds.
 pub const WINDOW: usize = 1024;
 
+/// Sector buffers an idle lane keeps.
+const SPARE_BUFFERS: usize = 128;
+
 /// Events from the engine, as the queue's callback leaves them.
 struct Inbox<S> {
     events: Mutex<Vec<Event<S>>>,
@@ -165,6 +168,10 @@ impl<S> Drop for LaneGuard<'_, S> {
             // An op dropped half-way (a cancelled future) leaves requests with the engine: the
             // lane is not reused, so their late events cannot meet a new op.
             if self.finished && !lane.poisoned {
+                let mut lane = lane;
+                // An idle lane keeps a few buffers for the next I/O, not a whole window's worth:
+                // a server may hold a lane per client request.
+                lane.free.truncate(SPARE_BUFFERS);
                 self.pool.lanes.lock().unwrap_or_else(|e| e.into_inner()).push(lane);
             }
         }
