@@ -10,8 +10,9 @@
 //! image as it is, without encryption.
 //!
 //! Concurrency: a volume may be used from many threads at once (it is a [`BlockDevice`]). Each
-//! concurrent I/O takes a lane, an engine queue of its own, from a pool, and returns it after;
-//! the pool grows to the number of I/Os that were ever concurrent. Unaligned writes are
+//! concurrent I/O takes a lane (a submission handle of its own on one of the engine's queues,
+//! chosen round-robin) from a pool, and returns it after; the pool grows to the number of I/Os
+//! that were ever concurrent, and no I/O waits for another's lane. Unaligned writes are
 //! serialised among themselves, so that two writes into different bytes of one sector cannot
 //! lose each other's update.
 
