@@ -142,6 +142,67 @@ pub enum Error {
     /// request before the deadline).
     #[error("engine contract violation: {0}")]
     ContractViolation(String),
+    /// No key slot of the LUKS header opens with the passphrase given.
+    #[error("no key slot opens with this passphrase (wrong passphrase?)")]
+    WrongPassphrase,
+    /// The key does not open an authenticated volume.
+    #[error("the key does not open this volume (wrong key, or its superblock was modified)")]
+    WrongKey,
+    /// The file does not start with a LUKS header.
+    #[error("not a LUKS image: {0}")]
+    NotLuks(String),
+    /// A LUKS header field holds a value that cannot be right.
+    #[error("corrupt LUKS header: {field}: {reason}")]
+    CorruptHeader {
+        /// The field, as the format specification names it.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file is shorter than its header (or the caller) says it must be.
+    #[error("truncated image: {what} needs {needed} bytes but the file has {have}")]
+    Truncated {
+        /// What does not fit.
+        what: String,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes present.
+        have: u64,
+    },
+    /// The cipher specification is not one this volume layer implements.
+    #[error("unsupported cipher spec `{spec}`: {reason}")]
+    UnsupportedCipher {
+        /// The spec as given (`aes-xts-plain64`).
+        spec: String,
+        /// Why it is refused, with what is supported.
+        reason: String,
+    },
+    /// The image cannot hold what is to be written into it (a header and at least one sector).
+    #[error("the image is too small: {0}")]
+    TooSmall(String),
+    /// A volume parameter or an I/O request does not fit the volume.
+    #[error("invalid volume request: {0}")]
+    InvalidVolume(String),
+    /// A key slot operation cannot be done (all slots full, slot not active, last slot).
+    #[error("key slot: {0}")]
+    Keyslot(String),
+    /// An authenticated sector failed its check; nothing of it was returned.
+    #[error(
+        "sector {sector}: authentication failed (the data or its tag was modified, or a write was torn)"
+    )]
+    SectorAuthFailed {
+        /// The sector, counted from the start of the volume's data.
+        sector: u64,
+    },
+    /// The engine failed the request of one sector.
+    #[error("sector {sector}: {source}")]
+    Sector {
+        /// The sector, counted from the start of the volume's data.
+        sector: u64,
+        /// What the engine reported.
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {

@@ -10,7 +10,9 @@
 //! * [`virtio_crypto`]: the virtio-crypto device family as an [`engine::Engine`].
 //! * [`engine`]: the backlog-aware submit API that every engine implements, its contract
 //!   checker, the software engine, and the async API.
-//! * [`volume`]: block devices to export; [`nbd`]: the NBD server that exports them.
+//! * [`volume`]: the block encryption front end (dm-crypt compatible sectors over a file) and
+//!   the block devices to export; [`luks`]: LUKS1 and LUKS2 headers; [`nbd`]: the NBD server
+//!   that exports block devices.
 
 #![warn(missing_docs)]
 // A refused submit hands the request back by value inside the error: boxing it would allocate on
@@ -20,6 +22,7 @@
 pub mod dma;
 pub mod engine;
 pub mod error;
+pub mod luks;
 pub mod nbd;
 pub mod pci_sysfs;
 pub mod transport;

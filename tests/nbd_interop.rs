@@ -303,16 +303,22 @@ fn a_signal_stops_the_server_with_exit_status_zero() {
 }
 
 #[test]
-fn encrypted_serving_says_it_needs_the_volume_layer() {
+fn serving_an_image_that_is_not_encrypted_needs_raw() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("img");
+    let key = dir.path().join("key");
     std::fs::write(&image, [0u8; 4096]).unwrap();
+    std::fs::write(&key, "passphrase").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
-        .args(["serve", "--key-file", "/nonexistent", "--listen", "127.0.0.1:0"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--key-file"])
+        .arg(&key)
         .arg(&image)
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("encrypted volumes need the volume layer"), "{err}");
+    assert!(
+        err.contains("neither a LUKS image nor an authenticated volume") && err.contains("--raw"),
+        "{err}"
+    );
 }

@@ -1,8 +1,14 @@
 //! Command-line interface: argument parsing and the subcommands.
 
 mod bench;
+mod crypt;
 mod devbind;
 mod device;
+mod dump;
+mod format;
+mod keys;
+mod luks_opts;
+mod output;
 mod plot;
 mod progress;
 mod selftest;
@@ -40,6 +46,20 @@ enum Command {
     Selftest(SelftestArgs),
     /// Export the decrypted view of a volume (or, with --raw, an image as it is) over NBD.
     Serve(ServeArgs),
+    /// Write a new LUKS1 or LUKS2 header on an image (like `cryptsetup luksFormat`).
+    Format(format::FormatArgs),
+    /// Encrypt a raw image into a new LUKS (or, with --plain, dm-crypt plain) image.
+    Encrypt(crypt::EncryptArgs),
+    /// Decrypt a LUKS (or, with --plain, dm-crypt plain) image into a raw image.
+    Decrypt(crypt::DecryptArgs),
+    /// Show a LUKS header without secrets (like `cryptsetup luksDump`).
+    Dump(dump::DumpArgs),
+    /// Add a passphrase to a LUKS image (like `cryptsetup luksAddKey`).
+    #[command(alias = "luksAddKey")]
+    AddKey(keys::AddKeyArgs),
+    /// Remove the passphrase given from a LUKS image (like `cryptsetup luksRemoveKey`).
+    #[command(alias = "luksRemoveKey")]
+    RemoveKey(keys::RemoveKeyArgs),
 }
 
 /// Runs the parsed command.
@@ -52,5 +72,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unbind(a) => devbind::unbind(a),
         Command::Selftest(a) => selftest::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Format(a) => format::run(a),
+        Command::Encrypt(a) => crypt::encrypt(a),
+        Command::Decrypt(a) => crypt::decrypt(a),
+        Command::Dump(a) => dump::run(a),
+        Command::AddKey(a) => keys::add(a),
+        Command::RemoveKey(a) => keys::remove(a),
     }
 }

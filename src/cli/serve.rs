@@ -2,20 +2,28 @@
 //!
 //! Everything the server needs from the command line is which block device to export, so
 //! that choice lives in one function, [`open_export`]: `--raw` exports an image byte for byte
-//! (to test the server on its own), `--key-file` will unlock an encrypted volume once the
-//! volume layer exists. The rest is listening, signals and the orderly stop.
+//! (to test the server on its own), `--key-file` unlocks a LUKS1/LUKS2 image with a passphrase
+//! or opens an authenticated volume with its raw key. The rest is listening, signals and the
+//! orderly stop.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+
 use anyhow::{bail, Context};
 use clap::Args;
+use crypt_vfio::luks::Header;
 use crypt_vfio::nbd::{Listener, Server, ServerConfig};
 use crypt_vfio::volume::block::BlockDevice;
 use crypt_vfio::volume::file::FileBlockDevice;
+use crypt_vfio::volume::{authenticated, AuthVolume, Volume};
+use crypt_vfio::Error;
 
 use super::device::DeviceArgs;
+use super::luks_opts::read_key_file;
 
 /// Arguments of `crypt-vfio serve`.
 #[derive(Args, Debug)]
@@ -23,7 +31,8 @@ pub struct ServeArgs {
     /// The image: an encrypted volume (with --key-file), or any file or block device with --raw.
     #[arg(value_name = "IMG")]
     pub image: PathBuf,
-    /// File holding the key that unlocks the volume.
+    /// File holding the passphrase of a LUKS image, or the raw key of an authenticated volume
+    /// (`-`: standard input).
     #[arg(long, value_name = "F", required_unless_present = "raw", conflicts_with = "raw")]
     pub key_file: Option<PathBuf>,
     /// Export IMG as it is, unencrypted (serves a plain image; tests the NBD server alone).
@@ -58,14 +67,30 @@ pub fn open_export(args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice>> {
             .with_context(|| format!("opening {} to export it raw", args.image.display()))?;
         return Ok(Arc::new(dev));
     }
-    let key = args.key_file.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
-    bail!(
-        "encrypted volumes need the volume layer, which this build does not have yet (cannot unlock {} with {} \
-         on device `{}`); use --raw to export an unencrypted image",
-        args.image.display(),
-        key,
-        args.device.device
-    )
+    let key_file = args.key_file.as_deref().context("--key-file is needed to unlock the volume")?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!args.read_only)
+        .open(&args.image)
+        .with_context(|| format!("opening {}", args.image.display()))?;
+    let secret = read_key_file(key_file)?;
+    let engine = Arc::new(args.device.open(&args.device.options())?);
+    let writable = !args.read_only;
+    let mut magic = [0u8; 8];
+    if file.read_exact_at(&mut magic, 0).is_ok() && magic == authenticated::MAGIC {
+        // An authenticated volume: the key file holds the raw AES-GCM key.
+        return Ok(Arc::new(AuthVolume::open(engine, file, writable, &secret)?));
+    }
+    let header = match Header::read(&file) {
+        Err(Error::NotLuks(why)) => bail!(
+            "{} is neither a LUKS image nor an authenticated volume ({why}); use --raw to export it as it is",
+            args.image.display()
+        ),
+        other => other?,
+    };
+    let (slot, key) = header.unlock(&*engine, &file, &secret)?;
+    log::info!("key slot {slot} opened");
+    Ok(Arc::new(Volume::open(engine, file, writable, &key, header.volume_params())?))
 }
 
 /// `crypt-vfio serve`.

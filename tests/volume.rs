@@ -1,0 +1,394 @@
+//! The volume layer: dm-crypt plain mode against an independent implementation, I/O of any size
+//! and alignment, the async API, several threads, and the pipeline against engines that complete
+//! out of order, fail sectors, backlog constantly, or drop backlogged requests (the watchdog).
+
+mod common;
+mod support;
+
+use std::fs::{File, OpenOptions};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crypt_vfio::engine::software::SoftwareEngine;
+use crypt_vfio::engine::Engine;
+use crypt_vfio::transport::emulated::EmulatedConfig;
+use crypt_vfio::virtio_crypto::DeviceOptions;
+use crypt_vfio::volume::{BlockDevice, CipherSpec, Volume, VolumeParams};
+use crypt_vfio::{CoreKind, Error};
+use support::engines::{Behaviour, Wrapped};
+use support::{have_python_cryptography, pattern, run, scratch, tool_script};
+
+const KEY64: [u8; 64] = {
+    let mut k = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        k[i] = (i as u8).wrapping_mul(37).wrapping_add(11);
+        i += 1;
+    }
+    k
+};
+
+fn backing(dir: &std::path::Path, len: u64) -> File {
+    let f =
+        OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("disk")).unwrap();
+    f.set_len(len).unwrap();
+    f
+}
+
+fn params(spec: &str, sector_size: u32) -> VolumeParams {
+    VolumeParams { sector_size, ..VolumeParams::plain(spec.parse().unwrap()) }
+}
+
+#[test]
+fn plain_mode_matches_an_independent_implementation_for_every_spec() {
+    if !have_python_cryptography() {
+        return;
+    }
+    let engine = Arc::new(common::device());
+    let cases = [
+        ("aes-xts-plain64", 64, 512, 0, 0, false),
+        ("aes-xts-plain64", 32, 4096, 8192, 0, false),
+        ("aes-xts-plain64", 64, 4096, 0, 24, true),
+        ("aes-xts-plain", 64, 512, 4096, (1u64 << 32) - 3, false),
+        ("aes-xts-plain64be", 64, 512, 0, 5, false),
+        ("aes-cbc-essiv:sha256", 32, 512, 0, 0, false),
+        ("aes-cbc-plain64", 16, 1024, 0, 7, false),
+        ("aes-ctr-plain64", 32, 512, 512, 0, false),
+    ];
+    for (spec, key_len, ss, data_offset, iv_offset, large) in cases {
+        let dir = scratch();
+        let plain = pattern(256 << 10, key_len as u64 + u64::from(ss));
+        let f = backing(dir.path(), data_offset + plain.len() as u64);
+        let p = VolumeParams { data_offset, iv_offset, iv_large_sectors: large, ..params(spec, ss) };
+        let key = &KEY64[..key_len];
+        let v = Volume::open(engine.clone(), f, true, key, p).unwrap();
+        v.write_at(0, &plain).unwrap();
+        v.flush().unwrap();
+        drop(v);
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, key).unwrap();
+        let mut cmd = Command::new("python3");
+        cmd.arg(tool_script("dmcrypt_ref.py"))
+            .args(["decrypt", "--cipher", spec, "--key-file"])
+            .arg(&key_file)
+            .args(["--sector-size", &ss.to_string(), "--offset", &data_offset.to_string()])
+            .args(["--iv-offset", &iv_offset.to_string()]);
+        if large {
+            cmd.arg("--iv-large-sectors");
+        }
+        run(cmd.arg(dir.path().join("disk")).arg(dir.path().join("out")));
+        let case = format!("{spec} key {key_len} sector {ss} iv_offset {iv_offset} large {large}");
+        assert!(std::fs::read(dir.path().join("out")).unwrap() == plain, "{case}: the reference disagrees");
+
+        // And the other way: the reference encrypts, the volume decrypts.
+        let mut cmd = Command::new("python3");
+        cmd.arg(tool_script("dmcrypt_ref.py"))
+            .args(["encrypt", "--cipher", spec, "--key-file"])
+            .arg(&key_file)
+            .args(["--sector-size", &ss.to_string(), "--iv-offset", &iv_offset.to_string()]);
+        if large {
+            cmd.arg("--iv-large-sectors");
+        }
+        std::fs::write(dir.path().join("plain"), &plain).unwrap();
+        run(cmd.arg(dir.path().join("plain")).arg(dir.path().join("enc")));
+        let v = Volume::open(
+            engine.clone(),
+            File::open(dir.path().join("enc")).unwrap(),
+            false,
+            key,
+            VolumeParams { data_offset: 0, ..p },
+        )
+        .unwrap();
+        let mut back = vec![0u8; plain.len()];
+        v.read_at(0, &mut back).unwrap();
+        assert!(back == plain, "{case}: the volume cannot read the reference's output");
+    }
+}
+
+/// Writes at odd offsets and lengths against an in-memory model, then compares everything.
+fn exercise<E: Engine>(v: &Volume<E>, seed: u64) {
+    let size = v.size() as usize;
+    let mut model = vec![0u8; size];
+    v.write_at(0, &model).unwrap();
+    let mut x = seed | 1;
+    let mut next = |m: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % m as u64) as usize
+    };
+    for round in 0..40 {
+        let off = next(size - 1);
+        let len = 1 + next((size - off).min(70_000));
+        let data = pattern(len, seed + round);
+        v.write_at(off as u64, &data).unwrap();
+        model[off..off + len].copy_from_slice(&data);
+        let roff = next(size - 1);
+        let rlen = 1 + next((size - roff).min(70_000));
+        let mut got = vec![0u8; rlen];
+        v.read_at(roff as u64, &mut got).unwrap();
+        assert!(got == model[roff..roff + rlen], "round {round}: read {rlen} at {roff} differs");
+    }
+    let mut all = vec![0u8; size];
+    v.read_at(0, &mut all).unwrap();
+    assert!(all == model);
+}
+
+#[test]
+fn reads_and_writes_of_any_size_and_alignment() {
+    let engine = Arc::new(common::device());
+    for ss in [512, 4096] {
+        let dir = scratch();
+        let v = Volume::open(
+            engine.clone(),
+            backing(dir.path(), 1 << 20),
+            true,
+            &KEY64,
+            params("aes-xts-plain64", ss),
+        )
+        .unwrap();
+        exercise(&v, u64::from(ss));
+    }
+}
+
+#[test]
+fn the_async_api_gives_the_same_bytes() {
+    let engine = Arc::new(common::device());
+    let dir = scratch();
+    let v = Volume::open(engine, backing(dir.path(), 1 << 20), true, &KEY64, params("aes-xts-plain64", 512))
+        .unwrap();
+    let data = pattern(300_000, 9);
+    futures::executor::block_on(async {
+        v.write_at_async(4096, &data).await.unwrap();
+        v.write_at_async(1, &data[..1000]).await.unwrap();
+        let mut back = vec![0u8; data.len()];
+        v.read_at_async(4096, &mut back).await.unwrap();
+        assert!(back == data);
+        let mut head = vec![0u8; 1000];
+        v.read_at_async(1, &mut head).await.unwrap();
+        assert_eq!(head, data[..1000]);
+    });
+    let mut sync = vec![0u8; 1000];
+    v.read_at(1, &mut sync).unwrap();
+    assert_eq!(sync, data[..1000]);
+}
+
+#[test]
+fn several_threads_share_a_volume_including_writes_into_the_same_sectors() {
+    let engine = Arc::new(common::device());
+    let dir = scratch();
+    let v = Arc::new(
+        Volume::open(engine, backing(dir.path(), 1 << 20), true, &KEY64, params("aes-xts-plain64", 4096))
+            .unwrap(),
+    );
+    let dev: Arc<dyn BlockDevice> = v.clone();
+    // Eight threads write interleaved 1000-byte stripes, so neighbours share sectors and go
+    // through read-modify-write at the same time.
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                for i in 0..40u64 {
+                    let off = (i * 8 + t) * 1000;
+                    dev.write_at(off, &pattern(1000, off)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    dev.flush().unwrap();
+    let mut all = vec![0u8; 320_000];
+    dev.read_at(0, &mut all).unwrap();
+    for (i, chunk) in all.chunks(1000).enumerate() {
+        assert_eq!(chunk, pattern(1000, i as u64 * 1000), "stripe {i}");
+    }
+    assert_eq!(dev.block_size(), 4096);
+    assert!(!dev.read_only());
+}
+
+#[test]
+fn out_of_order_completion_through_a_small_ring_keeps_every_sector_in_place() {
+    let config = EmulatedConfig {
+        max_queue_size: 8,
+        out_of_order: true,
+        latency: Duration::from_micros(20),
+        latency_jitter: Duration::from_micros(40),
+        workers: 2,
+        ..EmulatedConfig::default()
+    };
+    let options = DeviceOptions { queue_size: 8, backlog_limit: 16, ..DeviceOptions::default() };
+    let (dev, _t) = common::device_with(config, &options);
+    let dir = scratch();
+    let v = Volume::open(
+        Arc::new(dev),
+        backing(dir.path(), 1 << 20),
+        true,
+        &KEY64,
+        params("aes-xts-plain64", 512),
+    )
+    .unwrap();
+    exercise(&v, 77);
+}
+
+#[test]
+fn a_failed_sector_fails_the_io_and_names_the_sector() {
+    let dir = scratch();
+    let good = Volume::open(
+        Arc::new(common::device()),
+        backing(dir.path(), 1 << 20),
+        true,
+        &KEY64,
+        params("aes-xts-plain64", 512),
+    )
+    .unwrap();
+    good.write_at(0, &pattern(1 << 20, 1)).unwrap();
+    drop(good);
+    let config = EmulatedConfig { error_rate: 0.01, ..EmulatedConfig::default() };
+    let (dev, _t) = common::device_with(config, &DeviceOptions::default());
+    let v = Volume::open(
+        Arc::new(dev),
+        OpenOptions::new().read(true).write(true).open(dir.path().join("disk")).unwrap(),
+        true,
+        &KEY64,
+        params("aes-xts-plain64", 512),
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    match v.read_at(0, &mut buf) {
+        Err(Error::Sector { sector, source }) => {
+            assert!(sector < 2048, "sector {sector}");
+            assert!(!matches!(*source, Error::Sector { .. }));
+            let msg = Error::Sector { sector, source }.to_string();
+            assert!(msg.starts_with(&format!("sector {sector}:")), "{msg}");
+        }
+        other => panic!("a 1% error rate over 2048 sectors gave {other:?}"),
+    }
+}
+
+#[test]
+fn an_engine_that_always_backlogs_is_pipelined_correctly() {
+    let dir = scratch();
+    let engine = Arc::new(Wrapped::new(common::device(), Behaviour::AlwaysBacklog));
+    let (backlogged, impatient) = (engine.backlogged.clone(), engine.impatient.clone());
+    let v = Volume::open(
+        engine,
+        backing(dir.path(), 1 << 19),
+        true,
+        &KEY64[..32],
+        params("aes-cbc-essiv:sha256", 512),
+    )
+    .unwrap();
+    exercise(&v, 5);
+    assert!(backlogged.load(Ordering::Relaxed) > 1000, "every request went through the backlog");
+    assert_eq!(
+        impatient.load(Ordering::Relaxed),
+        0,
+        "the volume submitted before a Promoted it had to wait for"
+    );
+}
+
+#[test]
+fn the_watchdog_fails_an_io_whose_backlogged_request_is_never_promoted() {
+    let engine =
+        Arc::new(Wrapped::new(SoftwareEngine::new(CoreKind::Fast), Behaviour::DropBacklogged { ring: 16 }));
+    let dir = scratch();
+    let mut v =
+        Volume::open(engine, backing(dir.path(), 1 << 20), true, &KEY64, params("aes-xts-plain64", 512))
+            .unwrap();
+    v.set_watchdog(Duration::from_millis(300));
+    // Small I/O fits the "ring": it works.
+    v.write_at(0, &[1u8; 4096]).unwrap();
+    let start = Instant::now();
+    let mut buf = vec![0u8; 64 << 10];
+    let e = v.read_at(0, &mut buf).unwrap_err();
+    let took = start.elapsed();
+    match &e {
+        Error::ContractViolation(msg) => {
+            assert!(msg.contains("sector 16") && msg.contains("never promoted"), "{msg}");
+            assert!(msg.contains("test wrapper"), "the engine is named: {msg}");
+        }
+        other => panic!("expected a contract violation, got {other:?}"),
+    }
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "{took:?}");
+    // The volume is still usable for I/O the engine handles.
+    let mut small = [0u8; 4096];
+    v.read_at(0, &mut small).unwrap();
+    assert_eq!(small, [1u8; 4096]);
+}
+
+#[test]
+fn bad_parameters_get_clear_errors() {
+    let engine = Arc::new(SoftwareEngine::new(CoreKind::Fast));
+    let dir = scratch();
+    let e = Volume::open(
+        engine.clone(),
+        backing(dir.path(), 1 << 16),
+        true,
+        &KEY64,
+        params("aes-xts-plain64", 300),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("sector size 300"), "{e}");
+    let e =
+        Volume::open(engine.clone(), backing(dir.path(), 100), true, &KEY64, params("aes-xts-plain64", 512))
+            .unwrap_err();
+    assert!(matches!(e, Error::Truncated { .. }), "{e}");
+    let e = Volume::open(
+        engine.clone(),
+        backing(dir.path(), 1 << 16),
+        true,
+        &KEY64[..24],
+        params("aes-xts-plain64", 512),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("192-bit"), "{e}");
+    let v = Volume::open(engine, backing(dir.path(), 1 << 16), false, &KEY64, params("aes-xts-plain64", 512))
+        .unwrap();
+    assert!(matches!(v.write_at(0, b"x"), Err(Error::ReadOnly)));
+    let mut buf = [0u8; 10];
+    let e = v.read_at((1 << 16) - 5, &mut buf).unwrap_err();
+    assert!(matches!(e, Error::OutOfRange { offset: 65531, len: 10, size: 65536 }), "{e}");
+    assert!("aes-xts-essiv:sha256".parse::<CipherSpec>().is_err());
+}
+
+#[test]
+fn the_watchdog_also_ends_an_async_io() {
+    let engine =
+        Arc::new(Wrapped::new(SoftwareEngine::new(CoreKind::Fast), Behaviour::DropBacklogged { ring: 4 }));
+    let dir = scratch();
+    let mut v =
+        Volume::open(engine, backing(dir.path(), 1 << 16), true, &KEY64, params("aes-xts-plain64", 512))
+            .unwrap();
+    v.set_watchdog(Duration::from_millis(200));
+    let mut buf = vec![0u8; 8192];
+    let e = futures::executor::block_on(v.read_at_async(0, &mut buf)).unwrap_err();
+    assert!(matches!(&e, Error::ContractViolation(m) if m.contains("sector 4")), "{e}");
+}
+
+#[test]
+fn write_zeroes_and_trim_as_the_nbd_server_uses_them() {
+    let engine = Arc::new(common::device());
+    let dir = scratch();
+    let v = Volume::open(engine, backing(dir.path(), 1 << 16), true, &KEY64, params("aes-xts-plain64", 512))
+        .unwrap();
+    let dev: &dyn BlockDevice = &v;
+    let data = pattern(1 << 16, 8);
+    dev.write_at(0, &data).unwrap();
+    dev.write_zeroes(1000, 5000).unwrap();
+    let mut back = vec![0u8; 1 << 16];
+    dev.read_at(0, &mut back).unwrap();
+    let mut expected = data.clone();
+    expected[1000..6000].fill(0);
+    assert!(back == expected);
+    // The zeroes are encrypted: the backing file holds no run of them.
+    let raw = std::fs::read(dir.path().join("disk")).unwrap();
+    assert!(!raw[1024..5632].windows(64).any(|w| w.iter().all(|&b| b == 0)));
+    dev.trim(0, 4096).unwrap();
+    assert!(matches!(dev.trim(1 << 16, 1), Err(Error::OutOfRange { .. })));
+    dev.read_at(0, &mut back).unwrap();
+    assert!(back == expected, "trim changes nothing");
+}
