@@ -583,6 +583,14 @@ impl Queue<Session> for DeviceQueue {
     }
 }
 
+// The slot layout: tag-out then status contiguous (one writable descriptor), the table aligned
+// and clear of them, tag-in then AAD contiguous, everything inside the slot.
 const _: () = assert!(
-    TAG_IN + TAG_LEN == AAD && TAG_OUT + TAG_LEN == STATUS && INDIRECT + MAX_DESCS * 16 <= SLOT_STRIDE
+    TAG_IN + TAG_LEN == AAD
+        && TAG_OUT + TAG_LEN == STATUS
+        && STATUS < INDIRECT
+        && INDIRECT % 16 == 0
+        && INDIRECT + MAX_DESCS * 16 <= TAG_IN
+        && AAD < SLOT_STRIDE
+        && SLOT_STRIDE % 64 == 0
 );
