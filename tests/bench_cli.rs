@@ -1,0 +1,102 @@
+//! `crypt-vfio bench` end to end: JSON that parses, numbers that agree with each other and with
+//! the table, sweeps and plots, and bad arguments refused by name.
+
+use std::process::{Command, Output};
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_crypt-vfio")).arg("bench").args(args).output().expect("run crypt-vfio")
+}
+
+fn ok(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+#[test]
+fn json_has_the_documented_keys_and_consistent_numbers() {
+    let out = ok(&bench(&["--json", "--engine", "both", "--count", "3000", "--qd", "16", "--size", "1024"]));
+    let runs: Vec<serde_json::Value> =
+        out.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
+    assert_eq!(runs.len(), 2, "{out}");
+    for r in &runs {
+        for key in ["alg", "size", "qd", "queues", "ops", "seconds", "gbps", "mops"] {
+            assert!(r.get(key).is_some(), "missing {key}: {r}");
+        }
+        for q in ["p50", "p99", "p999"] {
+            assert!(r["lat_us"][q].as_f64().is_some_and(|v| v > 0.0), "lat_us.{q}: {r}");
+        }
+        let (ops, secs, size) =
+            (r["ops"].as_f64().unwrap(), r["seconds"].as_f64().unwrap(), r["size"].as_f64().unwrap());
+        assert_eq!(ops, 3000.0, "--count 3000 per queue: {r}");
+        let gbps = ops * size / secs / 1e9;
+        assert!((r["gbps"].as_f64().unwrap() - gbps).abs() < 1e-9 * gbps.max(1.0), "{r}");
+        assert!((r["mops"].as_f64().unwrap() - ops / secs / 1e6).abs() < 1e-9, "{r}");
+        assert_eq!(r["alg"], "aes-256-gcm");
+        assert_eq!(
+            (r["size"].as_u64(), r["qd"].as_u64(), r["queues"].as_u64()),
+            (Some(1024), Some(16), Some(1))
+        );
+    }
+}
+
+#[test]
+fn the_table_shows_the_same_run_as_json_would() {
+    let out = ok(&bench(&[
+        "--count",
+        "2000",
+        "--alg",
+        "aes-512-xts",
+        "--size",
+        "512",
+        "--qd",
+        "8",
+        "--queues",
+        "2",
+    ]));
+    let row = out.lines().find(|l| l.starts_with("virtio-crypto")).unwrap_or_else(|| panic!("{out}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    // engine (3 words), alg, size, qd, queues, GB/s, Mops/s, p50, p99, p99.9, cpu
+    assert_eq!(&cols[3..7], ["aes-512-xts", "512", "8", "2"], "{row}");
+    let (gbps, mops): (f64, f64) = (cols[7].parse().unwrap(), cols[8].parse().unwrap());
+    assert!((gbps - mops * 512.0 / 1000.0).abs() < 0.002 + gbps * 0.01, "GB/s and Mops/s disagree: {row}");
+}
+
+#[test]
+fn a_sweep_draws_a_plot_and_wait_each_keeps_one_in_flight() {
+    let dir = std::env::temp_dir().join(format!("crypt-vfio-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("qd.svg");
+    let out = ok(&bench(&["--sweep", "qd=1,4", "--count", "500", "--plot", svg.to_str().unwrap()]));
+    assert_eq!(out.lines().filter(|l| l.starts_with("virtio-crypto")).count(), 2, "{out}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        text.starts_with("<svg") && text.contains("polyline"),
+        "not a plot: {}",
+        &text[..text.len().min(200)]
+    );
+    let out = ok(&bench(&["--wait-each", "--count", "300", "--device-latency", "50us", "--json"]));
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["wait_each"], true);
+    assert!(
+        r["lat_us"]["p50"].as_f64().unwrap() >= 50.0,
+        "one request at a time waits the full latency: {r}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_arguments_are_refused_by_name() {
+    for (args, words) in [
+        (&["--alg", "aes-999-gcm"][..], "unknown algorithm"),
+        (&["--alg", "aes-cbc", "--size", "100"][..], "multiple of 16"),
+        (&["--sweep", "depth=1,2"][..], "cannot sweep"),
+        (&["--device-latency", "5parsecs"][..], "unknown unit"),
+        (&["--qd", "0"][..], "at least 1"),
+    ] {
+        let o = bench(args);
+        assert!(!o.status.success(), "{args:?} accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(words), "{args:?}: {err}");
+    }
+}
