@@ -25,3 +25,23 @@ pub trait BlockDevice: Send + Sync {
         false
     }
 }
+
+/// Largest piece [`write_zeroes_in_pieces`] writes at once.
+const ZERO_PIECE: u64 = 1 << 20;
+
+/// Writes `len` zero bytes at `offset` through `write`, at most 1 MiB at a time, so that zeroing
+/// a large range needs no buffer of its size.
+pub fn write_zeroes_in_pieces(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(u64, &[u8]) -> crate::Result<()>,
+) -> crate::Result<()> {
+    let zeroes = vec![0u8; len.min(ZERO_PIECE) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZERO_PIECE);
+        write(offset + done, &zeroes[..n as usize])?;
+        done += n;
+    }
+    Ok(())
+}

@@ -12,10 +12,6 @@ use std::path::{Path, PathBuf};
 use super::block::BlockDevice;
 use crate::error::{Error, Result};
 
-/// Zeroes are written in pieces of this size so that zeroing a whole disk needs no buffer of
-/// its size.
-const ZERO_CHUNK: u64 = 1 << 20;
-
 /// The sector size reported unless another is chosen: what a disk image is addressed in.
 pub const DEFAULT_BLOCK_SIZE: u32 = 512;
 
@@ -112,16 +108,11 @@ impl BlockDevice for FileBlockDevice {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(ZERO_CHUNK);
+        super::block::write_zeroes_in_pieces(offset, len, |at, zeroes| {
             self.file
-                .write_all_at(&zeroes[..n as usize], offset + done)
-                .map_err(|e| self.io_error("zeroing", offset + done, n, e))?;
-            done += n;
-        }
-        Ok(())
+                .write_all_at(zeroes, at)
+                .map_err(|e| self.io_error("zeroing", at, zeroes.len() as u64, e))
+        })
     }
 
     /// Checks the range and keeps the data: discarding is only a hint, and punching holes

@@ -380,17 +380,9 @@ impl<E: Engine> Volume<E> {
 
     /// Writes encrypted zeroes over `len` bytes at `offset`.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        const CHUNK: u64 = 1 << 20;
         self.check_write(offset, 0)?;
         self.check_range(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
-        let zeroes = vec![0u8; CHUNK as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            self.write_at(offset + done, &zeroes[..n as usize])?;
-            done += n;
-        }
-        Ok(())
+        block::write_zeroes_in_pieces(offset, len, |at, zeroes| self.write_at(at, zeroes))
     }
 }
 
