@@ -509,8 +509,12 @@ fn worker<E: Engine>(
         if in_flight == 0 && (out_of_time || seq >= limit) {
             break;
         }
-        if poll_mode {
-            q.poll();
+        if poll_mode && q.poll() == 0 {
+            // Nothing came back: pause briefly before polling again, so that a spinning poller
+            // leaves the core's execution resources (and the ring's cache lines) to the device.
+            for _ in 0..32 {
+                std::hint::spin_loop();
+            }
         }
         {
             let mut ev = inbox.events.lock().unwrap_or_else(|e| e.into_inner());
