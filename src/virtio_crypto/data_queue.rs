@@ -274,14 +274,14 @@ impl DataQueueShared {
         }
         for _ in 0..n {
             let used = st.ring.vq.take_used();
-            let Some(i) = st.ring.slot_of(used.id) else {
+            // The id must name a slot with a request in it: anything else is a device bug.
+            let Some((p, result)) = st.ring.slot_of(used.id).and_then(|i| st.ring.finish(i, used.len)) else {
                 self.health.fail(format!(
                     "data queue {}: device returned descriptor {} which is not a request in flight",
                     self.index, used.id
                 ));
                 return self.fail_locked(st);
             };
-            let (p, result) = st.ring.finish(i, used.len);
             self.outstanding.fetch_sub(1, Ordering::Relaxed);
             st.outbox.push((p.sink, Event::Completed(Completion { request: p.req, result })));
         }
@@ -401,12 +401,11 @@ impl RingState {
         self.slots.get(i).filter(|s| s.pending.is_some()).map(|_| i)
     }
 
-    /// Takes slot `i`'s request back and decides its outcome from what the device wrote.
-    fn finish(&mut self, i: usize, written: u32) -> (Pending, Result<()>) {
-        let slot = &mut self.slots[i];
-        let Some(mut p) = slot.pending.take() else {
-            unreachable!("slot_of only returns slots with a request");
-        };
+    /// Takes slot `i`'s request back and decides its outcome from what the device wrote;
+    /// `None` if the slot holds no request.
+    fn finish(&mut self, i: usize, written: u32) -> Option<(Pending, Result<()>)> {
+        let slot = self.slots.get_mut(i)?;
+        let mut p = slot.pending.take()?;
         self.free.push(i as u16);
         self.in_flight -= 1;
         let base = i * SLOT_STRIDE;
@@ -441,7 +440,7 @@ impl RingState {
             Err(Error::AuthFailed) => req.data.as_mut_slice().fill(0),
             Err(_) => {}
         }
-        (p, result)
+        Some((p, result))
     }
 }
 
