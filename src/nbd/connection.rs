@@ -261,16 +261,8 @@ fn read_requests(
                 budget.release(len);
                 return fail("reading a write payload", e);
             }
-            let verdict = if req.flags & !cmd_flag::FUA != 0 {
-                Some(errno::EINVAL)
-            } else if read_only {
-                Some(errno::EPERM)
-            } else if !in_bounds {
-                Some(errno::ENOSPC)
-            } else {
-                None
-            };
-            if let Some(error) = verdict {
+            if let Some(error) = refuse_change(req.flags, cmd_flag::FUA, read_only, in_bounds, errno::ENOSPC)
+            {
                 budget.release(len);
                 replies.error(req.handle, error);
                 continue;
@@ -302,16 +294,9 @@ fn read_requests(
                 (Op::Flush, 0)
             }
             cmd::TRIM => {
-                let error = if req.flags & !cmd_flag::FUA != 0 {
-                    Some(errno::EINVAL)
-                } else if read_only {
-                    Some(errno::EPERM)
-                } else if !in_bounds {
-                    Some(errno::EINVAL)
-                } else {
-                    None
-                };
-                if let Some(error) = error {
+                if let Some(error) =
+                    refuse_change(req.flags, cmd_flag::FUA, read_only, in_bounds, errno::EINVAL)
+                {
                     replies.error(req.handle, error);
                     continue;
                 }
@@ -319,16 +304,7 @@ fn read_requests(
             }
             cmd::WRITE_ZEROES => {
                 let allowed = cmd_flag::FUA | cmd_flag::NO_HOLE;
-                let error = if req.flags & !allowed != 0 {
-                    Some(errno::EINVAL)
-                } else if read_only {
-                    Some(errno::EPERM)
-                } else if !in_bounds {
-                    Some(errno::ENOSPC)
-                } else {
-                    None
-                };
-                if let Some(error) = error {
+                if let Some(error) = refuse_change(req.flags, allowed, read_only, in_bounds, errno::ENOSPC) {
                     replies.error(req.handle, error);
                     continue;
                 }
@@ -347,5 +323,19 @@ fn read_requests(
         if !submit(Job { handle: req.handle, op, charge }) {
             return End::Dropped;
         }
+    }
+}
+
+/// The error a command that changes the export gets, if any: flags it does not take, a
+/// read-only export, or a range past the end (`past_end`: ENOSPC for writes, EINVAL for trim).
+fn refuse_change(flags: u16, allowed: u16, read_only: bool, in_bounds: bool, past_end: u32) -> Option<u32> {
+    if flags & !allowed != 0 {
+        Some(errno::EINVAL)
+    } else if read_only {
+        Some(errno::EPERM)
+    } else if !in_bounds {
+        Some(past_end)
+    } else {
+        None
     }
 }
