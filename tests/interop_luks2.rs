@@ -35,6 +35,25 @@ fn dump_volume_key(img: &Path, pass_file: &Path, out: &Path) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
+/// A 20 MiB LUKS2 image formatted by cryptsetup with a cheap PBKDF2 key slot for `pass`.
+fn cryptsetup_luks2_pbkdf2(img: &Path, pass: &Path) {
+    File::create(img).unwrap().set_len(20 << 20).unwrap();
+    run(Command::new(tool("cryptsetup"))
+        .args([
+            "luksFormat",
+            "-q",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+        ])
+        .arg("--key-file")
+        .arg(pass)
+        .arg(img));
+}
+
 #[test]
 fn cryptsetup_encrypted_images_decrypt_exactly_with_512_and_4096_byte_sectors() {
     if !have("cryptsetup") {
@@ -143,21 +162,7 @@ fn passphrases_added_and_removed_by_crypt_vfio_are_seen_by_cryptsetup() {
     let pass2 = dir.path().join("pass2.txt");
     std::fs::write(&pass, PASS).unwrap();
     std::fs::write(&pass2, "second").unwrap();
-    File::create(&img).unwrap().set_len(20 << 20).unwrap();
-    run(Command::new(tool("cryptsetup"))
-        .args([
-            "luksFormat",
-            "-q",
-            "--type",
-            "luks2",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-        ])
-        .arg("--key-file")
-        .arg(&pass)
-        .arg(&img));
+    cryptsetup_luks2_pbkdf2(&img, &pass);
     let vk = dir.path().join("vk.bin");
     let key = dump_volume_key(&img, &pass, &vk);
     let f = OpenOptions::new().read(true).write(true).open(&img).unwrap();
@@ -200,21 +205,7 @@ fn a_damaged_primary_header_falls_back_to_the_secondary_copy() {
     let img = dir.path().join("cs.img");
     let pass = dir.path().join("pass.txt");
     std::fs::write(&pass, PASS).unwrap();
-    File::create(&img).unwrap().set_len(20 << 20).unwrap();
-    run(Command::new(tool("cryptsetup"))
-        .args([
-            "luksFormat",
-            "-q",
-            "--type",
-            "luks2",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-        ])
-        .arg("--key-file")
-        .arg(&pass)
-        .arg(&img));
+    cryptsetup_luks2_pbkdf2(&img, &pass);
     let key = dump_volume_key(&img, &pass, &dir.path().join("vk.bin"));
     // One byte of the primary JSON area: its checksum no longer matches.
     let f = OpenOptions::new().read(true).write(true).open(&img).unwrap();
