@@ -222,7 +222,7 @@ pub enum Header {
 impl Header {
     /// Reads and checks the header at the start of `file`.
     pub fn read(file: &File) -> Result<Self> {
-        let len = file.metadata().map_err(|e| Error::os("reading the image size", e))?.len();
+        let len = crate::volume::file::storage_len(file)?;
         if len < luks1::HEADER_LEN as u64 {
             return Err(Error::Truncated {
                 what: "a LUKS header".into(),
@@ -364,7 +364,7 @@ pub fn format<E: Engine>(
     volume_key: Option<&[u8]>,
 ) -> Result<(VolumeKey, VolumeParams)> {
     opts.check()?;
-    let len = file.metadata().map_err(|e| Error::os("reading the image size", e))?.len();
+    let len = crate::volume::file::storage_len(file)?;
     let needed = opts.data_offset() + u64::from(opts.sector_size);
     if len < needed {
         return Err(Error::TooSmall(format!(

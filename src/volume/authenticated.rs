@@ -206,7 +206,7 @@ impl<E: Engine> AuthVolume<E> {
         let done = run_one(&*engine, &session, check)?;
         sb.check_tag = done.tag;
         sb.check_ct.copy_from_slice(done.data.as_slice());
-        file.set_len(sb.image_len()).map_err(|e| Error::os("sizing the image", e))?;
+        super::file::ensure_len(&file, sb.image_len())?;
         let v = Self::with(engine, session, sb, file, true);
         v.write_zeroes(0, size)?;
         v.file.write_all_at(&sb.to_bytes(), 0).map_err(|e| Error::os("writing the superblock", e))?;
@@ -219,7 +219,7 @@ impl<E: Engine> AuthVolume<E> {
         let mut b = vec![0u8; SUPERBLOCK_LEN as usize];
         crate::luks::keyslot::read_exact(&file, &mut b, 0, "the superblock")?;
         let sb = Superblock::parse(&b)?;
-        let len = file.metadata().map_err(|e| Error::os("reading the image size", e))?.len();
+        let len = super::file::storage_len(&file)?;
         if len < sb.image_len() {
             return Err(Error::Truncated {
                 what: "the authenticated volume".into(),

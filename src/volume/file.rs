@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use super::block::BlockDevice;
@@ -14,6 +14,38 @@ use crate::error::{Error, Result};
 
 /// The sector size reported unless another is chosen: what a disk image is addressed in.
 pub const DEFAULT_BLOCK_SIZE: u32 = 512;
+
+/// The size of the storage behind `file`: a regular file's length, or a block device's size
+/// (whose node reports a length of 0 in its metadata). The file position is left where it was.
+pub fn storage_len(file: &File) -> Result<u64> {
+    let meta = file.metadata().map_err(|e| Error::os("reading the image size", e))?;
+    if !meta.file_type().is_block_device() {
+        return Ok(meta.len());
+    }
+    let mut f = file;
+    let size = (|| {
+        let here = f.stream_position()?;
+        let end = f.seek(SeekFrom::End(0))?;
+        f.seek(SeekFrom::Start(here))?;
+        Ok(end)
+    })()
+    .map_err(|e| Error::os("finding the size of the block device", e))?;
+    Ok(size)
+}
+
+/// Makes the storage behind `file` hold `len` bytes: a regular file is resized to `len`; a block
+/// device, which cannot be resized, must already be at least that large.
+pub fn ensure_len(file: &File, len: u64) -> Result<()> {
+    let meta = file.metadata().map_err(|e| Error::os("reading the image size", e))?;
+    if !meta.file_type().is_block_device() {
+        return file.set_len(len).map_err(|e| Error::os(format!("sizing the image to {len} bytes"), e));
+    }
+    let have = storage_len(file)?;
+    if have < len {
+        return Err(Error::TooSmall(format!("the block device holds {have} bytes; {len} are needed")));
+    }
+    Ok(())
+}
 
 /// A file exported byte for byte.
 #[derive(Debug)]
@@ -35,10 +67,7 @@ impl FileBlockDevice {
             .write(!read_only)
             .open(&path)
             .map_err(|e| Error::os(format!("opening {}", path.display()), e))?;
-        // The end offset rather than the metadata length: a block device node reports length 0.
-        let size = (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|e| Error::os(format!("finding the size of {}", path.display()), e))?;
+        let size = storage_len(&file)?;
         Ok(FileBlockDevice { file, path, size, block_size: DEFAULT_BLOCK_SIZE, read_only })
     }
 

@@ -131,7 +131,7 @@ impl<E: Engine> Volume<E> {
     ) -> Result<Self> {
         params.check()?;
         params.spec.check_key_len(key.len())?;
-        let len = file.metadata().map_err(|e| Error::os("reading the backing file's size", e))?.len();
+        let len = file::storage_len(&file)?;
         let ss = u64::from(params.sector_size);
         let size = match params.size {
             Some(size) => {
