@@ -250,7 +250,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let mut series: Vec<(String, Vec<RunResult>)> = Vec::new();
     if args.engine == "device" || args.engine == "both" {
-        let dev = args.device.open(&args.device.options())?;
+        let dev = args.device.open_for_bench(&args.device.options())?;
         series.push((
             dev.describe(),
             points.iter().map(|&p| repeat(&args, &dev, p)).collect::<anyhow::Result<_>>()?,

@@ -26,16 +26,17 @@ pub struct DeviceArgs {
     /// Emulated device: latency added to every request (e.g. 20us, 1ms).
     #[arg(long, default_value = "0us", value_parser = parse_duration)]
     pub device_latency: Duration,
-    /// Emulated device: worker threads.
-    #[arg(long, default_value_t = 1)]
+    /// Emulated device: worker threads (1 to 256).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub device_workers: usize,
-    /// Emulated device: maximum queue size.
-    #[arg(long, default_value_t = 256)]
+    /// Emulated device: maximum queue size (a power of two up to 32768).
+    #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
     pub device_queue_size: u16,
-    /// Emulated device: number of data queues.
-    #[arg(long, default_value_t = 4)]
+    /// Emulated device: number of data queues (1 to 1023).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1023))]
     pub device_queues: u16,
-    /// Emulated device: complete requests without doing AES (measures the driver alone).
+    /// Emulated device: complete requests without doing AES (measures the driver alone; `bench`
+    /// only).
     #[arg(long)]
     pub device_null: bool,
     /// Emulated device: the algorithms it offers, comma-separated from gcm, xts, cbc, ctr (to
@@ -45,6 +46,14 @@ pub struct DeviceArgs {
     /// AES core of the emulated device and of the software engine: aws-lc or rustcrypto.
     #[arg(long, default_value = "aws-lc")]
     pub core: CoreKind,
+}
+
+/// Parses `--device-queue-size`: a power of two up to 32768 (virtio's largest split queue).
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(v) if v.is_power_of_two() && v <= 32768 => Ok(v),
+        _ => Err(format!("`{s}` is not a power of two from 1 to 32768")),
+    }
 }
 
 /// Parses `20us`, `1.5ms`, `2s`, or a bare number of microseconds.
@@ -103,8 +112,21 @@ impl DeviceArgs {
         }
     }
 
-    /// Opens the device.
+    /// Opens the device for a command that keeps its results: the null device, which completes
+    /// requests without encrypting, is refused (it would store the plaintext as the ciphertext).
     pub fn open(&self, options: &DeviceOptions) -> anyhow::Result<VirtioCrypto> {
+        if self.device_null {
+            bail!(
+                "--device-null is for `crypt-vfio bench` only: it completes requests without doing \
+                 AES, so the data would be written unencrypted or decrypted to garbage"
+            );
+        }
+        self.open_for_bench(options)
+    }
+
+    /// Opens the device, the null device included (for `bench`, which measures the driver and
+    /// keeps no data).
+    pub fn open_for_bench(&self, options: &DeviceOptions) -> anyhow::Result<VirtioCrypto> {
         let t = self.transport()?;
         let name = t.name();
         VirtioCrypto::open(t, options).with_context(|| format!("opening {name}"))

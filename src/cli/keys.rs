@@ -57,7 +57,7 @@ pub fn add(args: AddKeyArgs) -> anyhow::Result<()> {
         Header::V2(_) => LuksVersion::Luks2,
     };
     let engine = args.device.open(&args.device.options())?;
-    let slot = header.add_passphrase(&engine, &f, &pass, &new, &args.kdf.options(version))?;
+    let slot = header.add_passphrase(&engine, &f, &pass, &new, &args.kdf.options(version)?)?;
     eprintln!("key slot {slot} added");
     Ok(())
 }

@@ -15,24 +15,65 @@ use crypt_vfio::luks::{FormatOptions, LuksKdfOptions, LuksVersion, PbkdfType};
 use crypt_vfio::volume::CipherSpec;
 use zeroize::Zeroizing;
 
-/// Reads a passphrase (or key) file; `-` is standard input, whose one trailing newline is
-/// dropped (as typed or echoed); a file is used byte for byte, as cryptsetup does.
+/// The most a key file may hold: cryptsetup's default maximum key file size (8192 KiB).
+pub const MAX_KEY_FILE: usize = 8192 << 10;
+
+/// Reads a passphrase (or key) file as cryptsetup does: byte for byte, `-` being standard input
+/// read whole (a trailing newline included), at most [`MAX_KEY_FILE`] bytes. A longer one (or one
+/// that never ends, like /dev/zero) is refused once that much is read, so memory stays bounded.
 pub fn read_key_file(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    let mut buf = Zeroizing::new(Vec::new());
-    if path == Path::new("-") {
-        std::io::stdin().read_to_end(&mut buf).context("reading the passphrase from standard input")?;
-        if buf.last() == Some(&b'\n') {
-            buf.pop();
-        }
+    let shown = path.display();
+    let buf = if path == Path::new("-") {
+        read_bounded(std::io::stdin().lock()).context("reading the passphrase from standard input")?
     } else {
         std::fs::File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut buf))
-            .with_context(|| format!("reading the key file {}", path.display()))?;
-    }
+            .and_then(read_bounded)
+            .with_context(|| format!("reading the key file {shown}"))?
+    };
+    let Some(buf) = buf else {
+        bail!(
+            "the key file {shown} holds more than {} KiB, the most cryptsetup reads from a key file",
+            MAX_KEY_FILE >> 10
+        );
+    };
     if buf.is_empty() {
-        bail!("the passphrase in {} is empty", path.display());
+        bail!("the passphrase in {shown} is empty");
     }
     Ok(buf)
+}
+
+/// Reads `r` to its end into zeroized memory; `None` when it holds more than [`MAX_KEY_FILE`]
+/// bytes. The buffer grows by copying into a new one, so that no copy of the key is freed
+/// without being zeroed.
+fn read_bounded(mut r: impl Read) -> std::io::Result<Option<Zeroizing<Vec<u8>>>> {
+    let mut buf = Zeroizing::new(Vec::with_capacity(4096));
+    let mut chunk = Zeroizing::new([0u8; 4096]);
+    loop {
+        let n = match r.read(&mut chunk[..]) {
+            Ok(0) => return Ok(Some(buf)),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.len() + n > MAX_KEY_FILE {
+            return Ok(None);
+        }
+        if buf.len() + n > buf.capacity() {
+            let mut bigger = Zeroizing::new(Vec::with_capacity((buf.capacity() * 2).max(buf.len() + n)));
+            bigger.extend_from_slice(&buf);
+            buf = bigger;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Parses `--sector-size`: a power of two from 512 to 4096 bytes, as dm-crypt takes.
+pub fn parse_sector_size(s: &str) -> Result<u32, String> {
+    let v: u32 = s.trim().parse().map_err(|_| format!("`{s}` is not a sector size in bytes"))?;
+    if !(512..=4096).contains(&v) || !v.is_power_of_two() {
+        return Err(format!("sector size {v}: it must be 512, 1024, 2048 or 4096 bytes"));
+    }
+    Ok(v)
 }
 
 /// `--key-file`.
@@ -49,23 +90,26 @@ pub struct KdfArgs {
     /// Key slot KDF (default: pbkdf2 for LUKS1, argon2id for LUKS2).
     #[arg(long, value_parser = ["pbkdf2", "argon2i", "argon2id"])]
     pub pbkdf: Option<String>,
-    /// Fixed PBKDF2 iterations or Argon2 time cost, instead of a benchmark.
+    /// Fixed PBKDF2 iterations (at least 1000) or Argon2 time cost (at least 4), instead of a
+    /// benchmark; cryptsetup's minimums.
     #[arg(long)]
     pub pbkdf_force_iterations: Option<u32>,
     /// PBKDF2 time budget in milliseconds.
-    #[arg(long, short = 'i', default_value_t = 2000)]
+    #[arg(long, short = 'i', default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX)))]
     pub iter_time: u64,
-    /// Argon2 memory in KiB.
-    #[arg(long, default_value_t = 1 << 20)]
+    /// Argon2 memory in KiB (32 to 4194304, cryptsetup's limits).
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(32..=4 << 20))]
     pub pbkdf_memory: u32,
-    /// Argon2 threads.
-    #[arg(long, default_value_t = 4)]
+    /// Argon2 threads (1 to 4, cryptsetup's limits).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4))]
     pub pbkdf_parallel: u32,
 }
 
 impl KdfArgs {
-    /// The library's KDF options for a key slot of a `version` image.
-    pub fn options(&self, version: LuksVersion) -> LuksKdfOptions {
+    /// The library's KDF options for a key slot of a `version` image; a forced iteration count
+    /// below cryptsetup's minimum for the KDF is refused (cryptsetup would not write, and for
+    /// PBKDF2 not open, such a slot).
+    pub fn options(&self, version: LuksVersion) -> anyhow::Result<LuksKdfOptions> {
         let pbkdf = match self.pbkdf.as_deref() {
             Some("pbkdf2") => PbkdfType::Pbkdf2,
             Some("argon2i") => PbkdfType::Argon2i,
@@ -73,13 +117,23 @@ impl KdfArgs {
             _ if version == LuksVersion::Luks1 => PbkdfType::Pbkdf2,
             _ => PbkdfType::Argon2id,
         };
-        LuksKdfOptions {
+        if let Some(n) = self.pbkdf_force_iterations {
+            let (name, min) = match pbkdf {
+                PbkdfType::Pbkdf2 => ("pbkdf2", 1000),
+                PbkdfType::Argon2i => ("argon2i", 4),
+                PbkdfType::Argon2id => ("argon2id", 4),
+            };
+            if n < min {
+                bail!("--pbkdf-force-iterations {n} is too low for {name}: the minimum is {min}");
+            }
+        }
+        Ok(LuksKdfOptions {
             pbkdf,
             force_iterations: self.pbkdf_force_iterations,
             iter_time: Duration::from_millis(self.iter_time),
             memory_kib: self.pbkdf_memory,
             parallel: self.pbkdf_parallel,
-        }
+        })
     }
 }
 
@@ -96,8 +150,8 @@ pub struct NewImageArgs {
     /// Volume key size in bits (default: 512 for XTS, 256 otherwise).
     #[arg(long, short = 's')]
     pub key_size: Option<usize>,
-    /// Sector size in bytes (LUKS2: 512 to 4096; LUKS1: 512).
-    #[arg(long, default_value_t = 512)]
+    /// Sector size in bytes (LUKS2 and authenticated: 512, 1024, 2048 or 4096; LUKS1: 512).
+    #[arg(long, default_value_t = 512, value_parser = parse_sector_size)]
     pub sector_size: u32,
     /// Hash for PBKDF2, the digest and the AF splitter.
     #[arg(long, default_value = "sha256")]
@@ -128,7 +182,7 @@ impl NewImageArgs {
         opts.key_bytes = key_size / 8;
         opts.sector_size = self.sector_size;
         opts.hash = hash;
-        opts.kdf = self.kdf.options(version);
+        opts.kdf = self.kdf.options(version)?;
         Ok(opts)
     }
 }
@@ -143,7 +197,8 @@ pub fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
         indicatif::ProgressStyle::with_template(
             "{msg} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
         )
-        .expect("a valid template")
+        // A constant template: the fallback is never taken, but is no reason to panic either.
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
     bar.set_message(what.to_string());
