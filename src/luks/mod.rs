@@ -11,6 +11,7 @@
 pub mod af;
 pub mod kdf;
 pub mod keyslot;
+pub mod lock;
 pub mod luks1;
 pub mod luks2;
 
@@ -273,6 +274,10 @@ impl Header {
     }
 
     /// Adds `new_passphrase` in a free key slot, unlocking with `passphrase`. Returns the slot.
+    ///
+    /// The update holds the image's [`lock::HeaderLock`] and starts from the header as it is
+    /// on disk under that lock (`self` is replaced by it), so two updates at once never undo
+    /// each other.
     pub fn add_passphrase<E: Engine>(
         &mut self,
         engine: &E,
@@ -281,6 +286,8 @@ impl Header {
         new_passphrase: &[u8],
         kdf: &LuksKdfOptions,
     ) -> Result<usize> {
+        let _lock = lock::HeaderLock::exclusive(file)?;
+        *self = Header::read(file)?;
         let (_, key) = self.unlock(engine, file, passphrase)?;
         match self {
             Header::V1(h) => {
@@ -307,12 +314,17 @@ impl Header {
     }
 
     /// Removes the key slot `passphrase` opens (refusing the last one). Returns the slot.
+    ///
+    /// Like [`Header::add_passphrase`], under the image's lock and from the header on disk, so
+    /// the "last slot" check holds against another update at the same time.
     pub fn remove_passphrase<E: Engine>(
         &mut self,
         engine: &E,
         file: &File,
         passphrase: &[u8],
     ) -> Result<usize> {
+        let _lock = lock::HeaderLock::exclusive(file)?;
+        *self = Header::read(file)?;
         let (slot, _) = self.unlock(engine, file, passphrase)?;
         match self {
             Header::V1(h) => {
@@ -364,6 +376,7 @@ pub fn format<E: Engine>(
     volume_key: Option<&[u8]>,
 ) -> Result<(VolumeKey, VolumeParams)> {
     opts.check()?;
+    let _lock = lock::HeaderLock::exclusive(file)?;
     let len = file.metadata().map_err(|e| Error::os("reading the image size", e))?.len();
     let needed = opts.data_offset() + u64::from(opts.sector_size);
     if len < needed {
