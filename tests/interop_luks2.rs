@@ -289,3 +289,34 @@ fn a_digest_bound_to_no_segment_or_an_empty_segment_is_refused() {
     let e = luks::Header::read(&f).unwrap_err().to_string();
     assert!(e.contains("segments.0.size"), "{e}");
 }
+
+#[test]
+fn a_damaged_primary_magic_opens_from_the_secondary_copy_as_cryptsetup_does() {
+    if !have("cryptsetup") {
+        return;
+    }
+    let dir = scratch();
+    let img = dir.path().join("cs.img");
+    let pass = dir.path().join("pass.txt");
+    std::fs::write(&pass, PASS).unwrap();
+    cryptsetup_luks2_pbkdf2(&img, &pass);
+    let key = dump_volume_key(&img, &pass, &dir.path().join("vk.bin"));
+    for damage in [&b"XUKS"[..], &[0u8; 6][..]] {
+        let f = OpenOptions::new().read(true).write(true).open(&img).unwrap();
+        let mut saved = vec![0u8; damage.len()];
+        f.read_exact_at(&mut saved, 0).unwrap();
+        f.write_all_at(damage, 0).unwrap();
+        // cryptsetup repairs the primary in place when it opens: ask it on a copy.
+        let copy = dir.path().join("copy.img");
+        std::fs::copy(&img, &copy).unwrap();
+        assert_eq!(dump_volume_key(&copy, &pass, &dir.path().join("vk.bin")), key, "cryptsetup opens it");
+        let header = luks::Header::read(&f).unwrap_or_else(|e| panic!("{damage:?}: {e}"));
+        assert_eq!(*header.unlock(&*engine(), &f, PASS.as_bytes()).unwrap().1, key);
+        f.write_all_at(&saved, 0).unwrap();
+    }
+    // Nothing LUKS anywhere: still "not LUKS".
+    let plain = dir.path().join("plain.img");
+    std::fs::write(&plain, vec![0u8; 1 << 20]).unwrap();
+    let e = luks::Header::read(&File::open(&plain).unwrap()).unwrap_err();
+    assert!(matches!(e, Error::NotLuks(_)), "{e}");
+}

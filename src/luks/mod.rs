@@ -234,8 +234,20 @@ impl Header {
         let mut b = vec![0u8; luks1::HEADER_LEN];
         keyslot::read_exact(file, &mut b, 0, "the LUKS header")?;
         if b[..6] != luks1::MAGIC {
-            return Err(Error::NotLuks("no LUKS magic at byte 0".into()));
+            // LUKS2 keeps a secondary copy at one of the standard offsets: with the primary's
+            // magic damaged, cryptsetup opens the image from it, and so do we.
+            return match luks2::Header::read(file) {
+                Ok(h) => {
+                    log::warn!("no LUKS magic at byte 0; using the LUKS2 secondary header");
+                    Ok(Header::V2(Box::new(h)))
+                }
+                Err(_) => {
+                    Err(Error::NotLuks("no LUKS magic at byte 0, and no LUKS2 secondary header".into()))
+                }
+            };
         }
+        // A known magic with an unknown version is refused, as cryptsetup does ("Unsupported
+        // LUKS version").
         match u16::from_be_bytes([b[6], b[7]]) {
             1 => Ok(Header::V1(Box::new(luks1::Header::parse(&b)?))),
             2 => Ok(Header::V2(Box::new(luks2::Header::read(file)?))),
