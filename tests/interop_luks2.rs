@@ -221,3 +221,102 @@ fn a_damaged_primary_header_falls_back_to_the_secondary_copy() {
     let e = luks::Header::read(&f).unwrap_err().to_string();
     assert!(e.contains("csum") && e.contains("checksum mismatch"), "{e}");
 }
+
+/// Adds an unbound key slot (a key of its own, not the volume key) for `pass` with cryptsetup.
+fn cryptsetup_add_unbound(img: &Path, pass: &Path) {
+    run(Command::new(tool("cryptsetup"))
+        .args(["luksAddKey", "-q", "--unbound", "--key-size", "512", "--pbkdf", "pbkdf2"])
+        .args(["--pbkdf-force-iterations", "1000"])
+        .arg(img)
+        .arg(pass));
+}
+
+#[test]
+fn an_unbound_key_slot_does_not_open_the_volume() {
+    if !have("cryptsetup") {
+        return;
+    }
+    let engine = engine();
+    let dir = scratch();
+    let img = dir.path().join("cs.img");
+    let pass = dir.path().join("pass.txt");
+    let unbound = dir.path().join("unbound.txt");
+    std::fs::write(&pass, PASS).unwrap();
+    std::fs::write(&unbound, "unbound passphrase").unwrap();
+    cryptsetup_luks2_pbkdf2(&img, &pass);
+    cryptsetup_add_unbound(&img, &unbound);
+    let f = OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    let mut header = luks::Header::read(&f).unwrap();
+    let e = header.unlock(&*engine, &f, b"unbound passphrase").unwrap_err();
+    assert!(matches!(e, Error::WrongPassphrase), "the unbound key is not the volume key: {e}");
+    let key = dump_volume_key(&img, &pass, &dir.path().join("vk.bin"));
+    assert_eq!(*header.unlock(&*engine, &f, PASS.as_bytes()).unwrap().1, key);
+    assert!(header.to_string().contains("1: luks2 (unbound)"), "{header}");
+    // The bound slot is the last one holding the volume key, whatever unbound slots remain.
+    let e = header.remove_passphrase(&*engine, &f, PASS.as_bytes()).unwrap_err();
+    assert!(matches!(e, Error::Keyslot(_)), "{e}");
+    // A slot added with the volume key is bound, never attached to the unbound digest.
+    let kdf = LuksKdfOptions::pbkdf2_iterations(1000);
+    header.add_passphrase(&*engine, &f, PASS.as_bytes(), b"third", &kdf).unwrap();
+    assert_eq!(*header.unlock(&*engine, &f, b"third").unwrap().1, key);
+    let third = dir.path().join("third.txt");
+    std::fs::write(&third, "third").unwrap();
+    assert_eq!(dump_volume_key(&img, &third, &dir.path().join("vk.bin")), key, "cryptsetup agrees");
+}
+
+/// Formats a small LUKS2 image with our code and rewrites its JSON with `edit`.
+fn crafted(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> File {
+    let img = dir.join("crafted.img");
+    let mut opts = FormatOptions::new(LuksVersion::Luks2);
+    opts.kdf = LuksKdfOptions::pbkdf2_iterations(1000);
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&img).unwrap();
+    f.set_len(opts.data_offset() + 4096).unwrap();
+    luks::format(&*engine(), &f, &opts, PASS.as_bytes(), None).unwrap();
+    let luks::Header::V2(mut h) = luks::Header::read(&f).unwrap() else { panic!("LUKS2 expected") };
+    edit(&mut h.json);
+    h.write(&f).unwrap();
+    f
+}
+
+#[test]
+fn a_digest_bound_to_no_segment_or_an_empty_segment_is_refused() {
+    let dir = scratch();
+    let f = crafted(dir.path(), |j| j["digests"]["0"]["segments"] = serde_json::json!([]));
+    let h = luks::Header::read(&f).unwrap();
+    let e = h.unlock(&*engine(), &f, PASS.as_bytes()).unwrap_err();
+    assert!(matches!(e, Error::CorruptHeader { .. }), "{e}");
+    let f = crafted(dir.path(), |j| j["segments"]["0"]["size"] = serde_json::json!("0"));
+    let e = luks::Header::read(&f).unwrap_err().to_string();
+    assert!(e.contains("segments.0.size"), "{e}");
+}
+
+#[test]
+fn a_damaged_primary_magic_opens_from_the_secondary_copy_as_cryptsetup_does() {
+    if !have("cryptsetup") {
+        return;
+    }
+    let dir = scratch();
+    let img = dir.path().join("cs.img");
+    let pass = dir.path().join("pass.txt");
+    std::fs::write(&pass, PASS).unwrap();
+    cryptsetup_luks2_pbkdf2(&img, &pass);
+    let key = dump_volume_key(&img, &pass, &dir.path().join("vk.bin"));
+    for damage in [&b"XUKS"[..], &[0u8; 6][..]] {
+        let f = OpenOptions::new().read(true).write(true).open(&img).unwrap();
+        let mut saved = vec![0u8; damage.len()];
+        f.read_exact_at(&mut saved, 0).unwrap();
+        f.write_all_at(damage, 0).unwrap();
+        // cryptsetup repairs the primary in place when it opens: ask it on a copy.
+        let copy = dir.path().join("copy.img");
+        std::fs::copy(&img, &copy).unwrap();
+        assert_eq!(dump_volume_key(&copy, &pass, &dir.path().join("vk.bin")), key, "cryptsetup opens it");
+        let header = luks::Header::read(&f).unwrap_or_else(|e| panic!("{damage:?}: {e}"));
+        assert_eq!(*header.unlock(&*engine(), &f, PASS.as_bytes()).unwrap().1, key);
+        f.write_all_at(&saved, 0).unwrap();
+    }
+    // Nothing LUKS anywhere: still "not LUKS".
+    let plain = dir.path().join("plain.img");
+    std::fs::write(&plain, vec![0u8; 1 << 20]).unwrap();
+    let e = luks::Header::read(&File::open(&plain).unwrap()).unwrap_err();
+    assert!(matches!(e, Error::NotLuks(_)), "{e}");
+}

@@ -109,8 +109,10 @@ pub struct Header {
     pub keyslots: BTreeMap<u32, Keyslot>,
     /// Decoded digests by id.
     pub digests: BTreeMap<u32, Digest>,
-    /// Segment 0.
+    /// The data segment.
     pub segment: Segment,
+    /// The data segment's id (the lowest; `0` in every image the tools write).
+    pub segment_id: u32,
     /// `config.keyslots_size`.
     pub keyslots_size: u64,
 }
@@ -276,6 +278,7 @@ impl Header {
         let mut segments = objects(&json, "segments")?;
         segments.sort_by_key(|(id, _)| *id);
         let (sid, seg) = segments.first().ok_or_else(|| corrupt("segments", "no data segment"))?;
+        let segment_id = *sid;
         let path = format!("segments.{sid}");
         if get_str(seg, &path, "type")? != "crypt" {
             return Err(corrupt(&format!("{path}.type"), "only `crypt` segments are supported"));
@@ -288,7 +291,10 @@ impl Header {
         }
         let size = match get_str(seg, &path, "size")? {
             "dynamic" => None,
-            _ => Some(get_u64s(seg, &path, "size")?),
+            _ => match get_u64s(seg, &path, "size")? {
+                0 => return Err(corrupt(&format!("{path}.size"), "zero bytes (cryptsetup refuses it too)")),
+                n => Some(n),
+            },
         };
         let segment = Segment {
             offset: get_u64s(seg, &path, "offset")?,
@@ -372,6 +378,7 @@ impl Header {
             keyslots,
             digests,
             segment,
+            segment_id,
             keyslots_size,
         })
     }
@@ -389,8 +396,16 @@ impl Header {
         }
     }
 
-    fn digest_for_slot(&self, slot: u32) -> Option<&Digest> {
-        self.digests.values().find(|d| d.keyslots.contains(&slot))
+    /// The digest of the data segment's volume key: only key slots it names open the volume.
+    /// An unbound key slot (`cryptsetup luksAddKey --unbound`) has a digest of its own with no
+    /// segment; its key is not the volume key, and decrypting with it would give garbage.
+    fn segment_digest(&self) -> Option<(u32, &Digest)> {
+        self.digests.iter().find(|(_, d)| d.segments.contains(&self.segment_id)).map(|(id, d)| (*id, d))
+    }
+
+    /// Whether key slot `slot` holds the data segment's volume key (is bound to it).
+    pub fn is_bound(&self, slot: u32) -> bool {
+        self.segment_digest().is_some_and(|(_, d)| d.keyslots.contains(&slot))
     }
 
     fn check_digest(d: &Digest, key: &[u8]) -> bool {
@@ -409,8 +424,14 @@ impl Header {
         let mut order: Vec<(&u32, &Keyslot)> =
             self.keyslots.iter().filter(|(_, k)| k.priority != 0).collect();
         order.sort_by_key(|(id, k)| (std::cmp::Reverse(k.priority), **id));
+        let Some((_, digest)) = self.segment_digest() else {
+            return Err(corrupt("digests", "no digest names the data segment: no key slot can open it"));
+        };
         for (&id, ks) in order {
-            let Some(digest) = self.digest_for_slot(id) else { continue };
+            if !digest.keyslots.contains(&id) {
+                // Unbound, or bound to something else: its key is not the volume key.
+                continue;
+            }
             let slot_key = ks.kdf.derive(passphrase, &ks.salt, ks.area_key_size)?;
             let candidate = keyslot::open_area(engine, file, &ks.area, &slot_key)?;
             if Self::check_digest(digest, &candidate) {
@@ -464,10 +485,8 @@ impl Header {
         passphrase: &[u8],
         kdf_opts: &LuksKdfOptions,
     ) -> Result<(usize, Vec<u8>)> {
-        let (&digest_id, digest) = self
-            .digests
-            .iter()
-            .find(|(_, d)| d.segments.contains(&0) || d.segments.is_empty())
+        let (digest_id, digest) = self
+            .segment_digest()
             .ok_or_else(|| Error::Keyslot("the header has no digest for the data segment".into()))?;
         if !Self::check_digest(digest, volume_key) {
             return Err(Error::Keyslot("the volume key does not match the header's digest".into()));
@@ -521,7 +540,9 @@ impl Header {
         let id = slot as u32;
         let ks =
             self.keyslots.get(&id).ok_or_else(|| Error::Keyslot(format!("key slot {slot} is not in use")))?;
-        if self.keyslots.len() == 1 {
+        // The last slot holding the volume key: unbound slots (other keys) do not count.
+        let bound = self.keyslots.keys().filter(|&&k| self.is_bound(k)).count();
+        if self.keyslots.len() == 1 || (self.is_bound(id) && bound == 1) {
             return Err(Error::Keyslot(format!(
                 "key slot {slot} is the last one: removing it would make the volume unreadable forever"
             )));
@@ -627,7 +648,8 @@ impl fmt::Display for Header {
         writeln!(f)?;
         writeln!(f, "Keyslots:")?;
         for (id, k) in &self.keyslots {
-            writeln!(f, "  {id}: luks2")?;
+            let unbound = if self.is_bound(*id) { "" } else { " (unbound)" };
+            writeln!(f, "  {id}: luks2{unbound}")?;
             writeln!(f, "\tKey:        {} bits", k.key_size * 8)?;
             let prio = match k.priority {
                 0 => "ignored",

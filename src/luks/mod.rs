@@ -11,6 +11,7 @@
 pub mod af;
 pub mod kdf;
 pub mod keyslot;
+pub mod lock;
 pub mod luks1;
 pub mod luks2;
 
@@ -233,8 +234,20 @@ impl Header {
         let mut b = vec![0u8; luks1::HEADER_LEN];
         keyslot::read_exact(file, &mut b, 0, "the LUKS header")?;
         if b[..6] != luks1::MAGIC {
-            return Err(Error::NotLuks("no LUKS magic at byte 0".into()));
+            // LUKS2 keeps a secondary copy at one of the standard offsets: with the primary's
+            // magic damaged, cryptsetup opens the image from it, and so do we.
+            return match luks2::Header::read(file) {
+                Ok(h) => {
+                    log::warn!("no LUKS magic at byte 0; using the LUKS2 secondary header");
+                    Ok(Header::V2(Box::new(h)))
+                }
+                Err(_) => {
+                    Err(Error::NotLuks("no LUKS magic at byte 0, and no LUKS2 secondary header".into()))
+                }
+            };
         }
+        // A known magic with an unknown version is refused, as cryptsetup does ("Unsupported
+        // LUKS version").
         match u16::from_be_bytes([b[6], b[7]]) {
             1 => Ok(Header::V1(Box::new(luks1::Header::parse(&b)?))),
             2 => Ok(Header::V2(Box::new(luks2::Header::read(file)?))),
@@ -273,6 +286,10 @@ impl Header {
     }
 
     /// Adds `new_passphrase` in a free key slot, unlocking with `passphrase`. Returns the slot.
+    ///
+    /// The update holds the image's [`lock::HeaderLock`] and starts from the header as it is
+    /// on disk under that lock (`self` is replaced by it), so two updates at once never undo
+    /// each other.
     pub fn add_passphrase<E: Engine>(
         &mut self,
         engine: &E,
@@ -281,6 +298,8 @@ impl Header {
         new_passphrase: &[u8],
         kdf: &LuksKdfOptions,
     ) -> Result<usize> {
+        let _lock = lock::HeaderLock::exclusive(file)?;
+        *self = Header::read(file)?;
         let (_, key) = self.unlock(engine, file, passphrase)?;
         match self {
             Header::V1(h) => {
@@ -307,12 +326,17 @@ impl Header {
     }
 
     /// Removes the key slot `passphrase` opens (refusing the last one). Returns the slot.
+    ///
+    /// Like [`Header::add_passphrase`], under the image's lock and from the header on disk, so
+    /// the "last slot" check holds against another update at the same time.
     pub fn remove_passphrase<E: Engine>(
         &mut self,
         engine: &E,
         file: &File,
         passphrase: &[u8],
     ) -> Result<usize> {
+        let _lock = lock::HeaderLock::exclusive(file)?;
+        *self = Header::read(file)?;
         let (slot, _) = self.unlock(engine, file, passphrase)?;
         match self {
             Header::V1(h) => {
@@ -364,6 +388,7 @@ pub fn format<E: Engine>(
     volume_key: Option<&[u8]>,
 ) -> Result<(VolumeKey, VolumeParams)> {
     opts.check()?;
+    let _lock = lock::HeaderLock::exclusive(file)?;
     let len = crate::volume::file::storage_len(file)?;
     let needed = opts.data_offset() + u64::from(opts.sector_size);
     if len < needed {
