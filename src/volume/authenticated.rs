@@ -14,12 +14,16 @@
 //! moved to another place or another volume fails its check. A write puts the data first, then
 //! its metadata entry; a torn write (one of the two on disk, not the other) leaves a pair that
 //! does not authenticate, so the next read of that sector fails naming it, and writing the
-//! sector again repairs it. Formatting writes every sector (sealed zeroes), so there is no
+//! sector again repairs it. Two writes to one sector at once would interleave the same way
+//! (the data of one with the tag of the other), so a write holds its sectors exclusively and a
+//! read holds them shared (see [`RangeLocks`]). Formatting writes every sector (sealed zeroes), so there is no
 //! "never written" state an attacker could restore.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
+
+use super::range_lock::RangeLocks;
 use std::time::Duration;
 
 use crypt_vfio_cores::Mode;
@@ -182,7 +186,8 @@ pub struct AuthVolume<E: Engine> {
     file: File,
     writable: bool,
     lanes: LanePool<E::Session>,
-    rmw: Mutex<()>,
+    /// Sectors in use: writes alone, reads together, so data and tag always match.
+    sectors_in_use: RangeLocks,
     watchdog: Duration,
 }
 
@@ -256,7 +261,7 @@ impl<E: Engine> AuthVolume<E> {
             file,
             writable,
             lanes: LanePool::new(sb.sector_size as usize),
-            rmw: Mutex::new(()),
+            sectors_in_use: RangeLocks::new(),
             watchdog: DEFAULT_WATCHDOG,
         }
     }
@@ -361,7 +366,10 @@ impl<E: Engine> AuthVolume<E> {
         let first = offset / ss;
         let end = (offset + buf.len() as u64).div_ceil(ss);
         let mut tmp = vec![0u8; ((end - first) * ss) as usize];
-        let r = self.read_sectors(first, &mut tmp);
+        let r = {
+            let _range = self.sectors_in_use.shared(first, end);
+            self.read_sectors(first, &mut tmp)
+        };
         if let Err(e) = r {
             buf.fill(0);
             return Err(e);
@@ -385,8 +393,7 @@ impl<E: Engine> AuthVolume<E> {
         let end = (offset + data.len() as u64).div_ceil(ss);
         let mut tmp = vec![0u8; ((end - first) * ss) as usize];
         let skip = (offset - first * ss) as usize;
-        let partial = tmp.len() != data.len();
-        let _rmw = partial.then(|| self.rmw.lock().unwrap_or_else(|e| e.into_inner()));
+        let _range = self.sectors_in_use.exclusive(first, end);
         if skip != 0 {
             self.read_sectors(first, &mut tmp[..ss as usize])?;
         }
@@ -405,6 +412,7 @@ impl<E: Engine> AuthVolume<E> {
             return Err(Error::InvalidVolume(format!("{} bytes is not whole sectors", data.len())));
         }
         self.check_range(first * ss as u64, data.len() as u64)?;
+        let _range = self.sectors_in_use.shared(first, first + (data.len() / ss) as u64);
         let mut meta = self.read_meta(first, data.len() / ss)?;
         crate::luks::keyslot::read_exact(
             &self.file,

@@ -12,9 +12,10 @@
 //! Concurrency: a volume may be used from many threads at once (it is a [`BlockDevice`]). Each
 //! concurrent I/O takes a lane (a submission handle of its own on one of the engine's queues,
 //! chosen round-robin) from a pool, and returns it after; the pool grows to the number of I/Os
-//! that were ever concurrent, and no I/O waits for another's lane. Unaligned writes are
-//! serialised among themselves, so that two writes into different bytes of one sector cannot
-//! lose each other's update.
+//! that were ever concurrent, and no I/O waits for another's lane. Every write holds its
+//! sectors in [`range_lock::RangeLocks`] until it is on the file, so two writes into one sector
+//! (two partial ones, or a whole-sector write and a read-modify-write) cannot lose each
+//! other's update, while writes to other sectors go on in parallel.
 
 pub mod authenticated;
 pub mod block;
@@ -22,10 +23,11 @@ pub mod cipher_spec;
 pub mod file;
 pub mod iv;
 pub mod pipeline;
+pub mod range_lock;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use zeroize::Zeroizing;
@@ -105,7 +107,8 @@ pub struct Volume<E: Engine> {
     writable: bool,
     size: u64,
     lanes: LanePool<E::Session>,
-    rmw: Mutex<()>,
+    /// Sectors being written: a write holds its range until its last byte is on the file.
+    writing: range_lock::RangeLocks,
     watchdog: Duration,
 }
 
@@ -172,7 +175,7 @@ impl<E: Engine> Volume<E> {
             writable,
             size,
             lanes: LanePool::new(params.sector_size as usize),
-            rmw: Mutex::new(()),
+            writing: range_lock::RangeLocks::new(),
             watchdog: DEFAULT_WATCHDOG,
         })
     }
@@ -344,7 +347,7 @@ impl<E: Engine> Volume<E> {
         let ss = self.params.sector_size as usize;
         let mut tmp = vec![0u8; span];
         let skip = (offset - first * ss as u64) as usize;
-        let _rmw = (span != data.len()).then(|| self.rmw.lock().unwrap_or_else(|e| e.into_inner()));
+        let _range = self.writing.exclusive(first, first + (span / ss) as u64);
         if skip != 0 {
             self.read_at(first * ss as u64, &mut tmp[..ss])?;
         }
@@ -362,10 +365,12 @@ impl<E: Engine> Volume<E> {
         self.check_write(offset, data.len())?;
         let (first, span) = self.span(offset, data.len());
         if span != data.len() {
-            // Read-modify-write holds a lock that must not be held across an await.
+            // Read-modify-write reads and writes synchronously under its range lock.
             return self.write_at(offset, data);
         }
         let mut tmp = data.to_vec();
+        let ss = self.params.sector_size as usize;
+        let _range = self.writing.exclusive(first, first + (span / ss) as u64);
         self.crypt_sectors_async(Direction::Encrypt, first, &mut tmp).await?;
         self.write_raw(first, &tmp)
     }
