@@ -203,6 +203,23 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The device's configuration kept changing while it was read (its `config_generation`
+    /// never settled), so no consistent copy could be taken.
+    #[error("device configuration did not settle: config_generation changed on each of {attempts} reads")]
+    ConfigUnsettled {
+        /// How many consistent reads were attempted.
+        attempts: u32,
+    },
+    /// The device failed too often to be recovered again; it stays failed.
+    #[error("device failed {failures} times within {window:?}; giving up on it (last failure: {last})")]
+    DeviceGaveUp {
+        /// Failures counted in the window.
+        failures: usize,
+        /// The window.
+        window: std::time::Duration,
+        /// Why it failed last.
+        last: String,
+    },
 }
 
 impl Error {

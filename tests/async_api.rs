@@ -65,9 +65,9 @@ fn errors_come_back_typed() {
     let dev = common::device();
     let s = dev.create_session(Mode::Gcm, &KEY).unwrap();
     let q = AsyncQueue::new(&dev, 0, true).unwrap();
-    let (ct, mut tag) = block_on(q.encrypt(s, &[1; 12], &[], Buf::Host(vec![1; 64]))).unwrap();
+    let (ct, mut tag) = block_on(q.encrypt(s.clone(), &[1; 12], &[], Buf::Host(vec![1; 64]))).unwrap();
     tag[5] ^= 0x80;
-    assert!(matches!(block_on(q.decrypt(s, &[1; 12], &[], ct, tag)), Err(Error::AuthFailed)));
+    assert!(matches!(block_on(q.decrypt(s.clone(), &[1; 12], &[], ct, tag)), Err(Error::AuthFailed)));
     assert!(matches!(
         block_on(q.encrypt(s, &[1; 16], &[], Buf::Host(vec![1; 64]))),
         Err(Error::InvalidRequest(_))

@@ -80,7 +80,7 @@ fn a_destroyed_session_is_an_invalid_session() {
     let mut q = SyncQueue::open(&dev, 0);
     let s = dev.create_session(Mode::Ctr, &KEY).unwrap();
     dev.destroy_session(&s).unwrap();
-    let r = crypt(&mut q, s, Direction::Encrypt, &[0; 16], &[], Buf::Host(vec![0; 32]), [0; 16]);
+    let r = crypt(&mut q, s.clone(), Direction::Encrypt, &[0; 16], &[], Buf::Host(vec![0; 32]), [0; 16]);
     assert!(matches!(r, Err(Error::InvalidSession)), "{r:?}");
     assert!(matches!(dev.destroy_session(&s), Err(Error::InvalidSession)));
     still_works(&dev, &mut q);
@@ -133,8 +133,8 @@ fn wrong_iv_and_data_lengths_are_invalid_requests() {
     let cbc = dev.create_session(Mode::Cbc, &KEY).unwrap();
     let gcm = dev.create_session(Mode::Gcm, &KEY).unwrap();
     let cases = [
-        (cbc, &[0u8; 12][..], 32usize, "16-byte IV"),
-        (cbc, &[0u8; 16][..], 30, "multiple of 16"),
+        (cbc.clone(), &[0u8; 12][..], 32usize, "16-byte IV"),
+        (cbc.clone(), &[0u8; 16][..], 30, "multiple of 16"),
         (gcm, &[0u8; 16][..], 32, "12-byte IV"),
     ];
     for (s, iv, len, words) in cases {
@@ -163,10 +163,16 @@ fn a_modified_gcm_tag_fails_authentication_without_releasing_plaintext() {
     let s = dev.create_session(Mode::Gcm, &KEY).unwrap();
     let secret = b"attack at dawn, bring snacks....".to_vec();
     let (ct, mut tag) =
-        crypt(&mut q, s, Direction::Encrypt, &[4; 12], b"hdr", Buf::Host(secret.clone()), [0; 16]).unwrap();
+        crypt(&mut q, s.clone(), Direction::Encrypt, &[4; 12], b"hdr", Buf::Host(secret.clone()), [0; 16])
+            .unwrap();
     tag[0] ^= 1;
-    let mut req =
-        Request::new(s, Direction::Decrypt, Iv::from([4; 12]), dev.alloc_buffer(ct.len()).unwrap(), 2);
+    let mut req = Request::new(
+        s.clone(),
+        Direction::Decrypt,
+        Iv::from([4; 12]),
+        dev.alloc_buffer(ct.len()).unwrap(),
+        2,
+    );
     req.data.as_mut_slice().copy_from_slice(&ct);
     req.aad = b"hdr".to_vec();
     req.tag = tag;

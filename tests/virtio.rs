@@ -48,8 +48,16 @@ fn doorbells(options: DeviceOptions, n: u64) -> u64 {
     let mut q = common::SyncQueue::open(&dev, 0);
     let before = t.stats().notifications;
     for i in 0..n {
-        common::crypt(&mut q, s, Direction::Encrypt, &[i as u8; 16], &[], Buf::Host(vec![0; 64]), [0; 16])
-            .unwrap();
+        common::crypt(
+            &mut q,
+            s.clone(),
+            Direction::Encrypt,
+            &[i as u8; 16],
+            &[],
+            Buf::Host(vec![0; 64]),
+            [0; 16],
+        )
+        .unwrap();
     }
     t.stats().notifications - before
 }
@@ -75,8 +83,16 @@ fn interrupt_mode_gets_interrupts_and_polling_mode_none() {
         let s = dev.create_session(Mode::Gcm, &[2; 32]).unwrap();
         let mut q = common::SyncQueue::open(&dev, 0);
         for i in 0..20u8 {
-            common::crypt(&mut q, s, Direction::Encrypt, &[i; 12], b"a", Buf::Host(vec![i; 100]), [0; 16])
-                .unwrap();
+            common::crypt(
+                &mut q,
+                s.clone(),
+                Direction::Encrypt,
+                &[i; 12],
+                b"a",
+                Buf::Host(vec![i; 100]),
+                [0; 16],
+            )
+            .unwrap();
         }
         assert_eq!(t.stats().interrupts > 0, expect_irqs, "{mode:?}: {:?}", t.stats());
     }
@@ -119,7 +135,7 @@ fn zero_copy_and_bounced_requests_give_the_same_result() {
     let data: Vec<u8> = (0..8192).map(|i| (i * 7) as u8).collect();
     let mut dma = dev.alloc_buffer(data.len()).unwrap();
     dma.as_mut_slice().copy_from_slice(&data);
-    let a = common::crypt(&mut q, s, Direction::Encrypt, &[3; 16], &[], dma, [0; 16]).unwrap().0;
+    let a = common::crypt(&mut q, s.clone(), Direction::Encrypt, &[3; 16], &[], dma, [0; 16]).unwrap().0;
     let b = common::crypt(&mut q, s, Direction::Encrypt, &[3; 16], &[], Buf::Host(data), [0; 16]).unwrap().0;
     assert_eq!(a, b);
 }

@@ -91,7 +91,7 @@ impl Device {
             common::CONFIG_MSIX_VECTOR => u64::from(self.config_vector.load(Ordering::Relaxed)),
             common::NUM_QUEUES => u64::from(self.cfg.num_queues()),
             common::DEVICE_STATUS => u64::from(self.status.load(Ordering::SeqCst)),
-            common::CONFIG_GENERATION => 0,
+            common::CONFIG_GENERATION => u64::from(self.faults.config_generation()),
             common::QUEUE_SELECT => u64::from(r.queue_select),
             common::QUEUE_SIZE => q.map_or(0, |q| u64::from(q.size)),
             common::QUEUE_MSIX_VECTOR => q.map_or(u64::from(VIRTIO_MSI_NO_VECTOR), |q| u64::from(q.vector)),
@@ -203,6 +203,11 @@ impl Device {
 
     fn write_status(&self, r: &mut TransportRegs, v: u8) {
         if v == 0 {
+            if self.faults.reset_behaviour() != crate::faults::ResetBehaviour::Obey {
+                log::warn!("device reset ignored (fault injected)");
+                self.go_rogue();
+                return;
+            }
             self.reset_locked(r);
             return;
         }

@@ -32,7 +32,10 @@ enum Answer {
 impl Device {
     /// Answers every request on the control queue. The caller holds the transport registers.
     pub(crate) fn drain_ctrl(&self) {
-        if !self.running() {
+        if !self.running()
+            || self.late_ctrl.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some()
+        {
+            // Stopped, or stalled behind an answer held back by a fault.
             return;
         }
         let q = self.cfg.ctrl_queue();
@@ -44,7 +47,9 @@ impl Device {
             let mem = ring.mem(&self.iommu)?;
             let snap = self.iommu.snapshot();
             loop {
-                let n = ring.pop(&mem, &mut heads)?;
+                // A late answer stalls the queue after its request, so take one at a time then.
+                let batch = if self.faults.ctrl_late_armed() { 1 } else { CTRL_BATCH };
+                let n = ring.pop(&mem, &mut heads[..batch])?;
                 if n == 0 {
                     // Ask for a kick on the next request (with EVENT_IDX that means moving
                     // avail_event up), then look once more for one that raced with it.
@@ -58,6 +63,16 @@ impl Device {
                 let old = ring.next_used();
                 for &head in &heads[..n] {
                     chain.walk(&mem, &snap, ring.indirect, head)?;
+                    if let Some(delay) = self.faults.take_ctrl_late() {
+                        let (bytes, offset) = self.ctrl_answer(&chain)?;
+                        let due = std::time::Instant::now() + delay;
+                        let ranges = chain.writable.iovas().to_vec();
+                        *self.late_ctrl.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(crate::faults::LateCtrl { due, head, bytes, offset, ranges });
+                        self.wake_fault_thread();
+                        log::warn!("control request answered late by {delay:?} (fault injected)");
+                        return Ok(());
+                    }
                     let written = self.ctrl_request(&chain)?;
                     ring.push(&mem, head, written)?;
                     self.counters.ctrl_completed.fetch_add(1, Ordering::Relaxed);
@@ -74,6 +89,16 @@ impl Device {
 
     /// Handles one control request; returns the bytes written for the used element.
     fn ctrl_request(&self, chain: &Chain) -> Result<u32, RingFault> {
+        let (bytes, offset) = self.ctrl_answer(chain)?;
+        if !chain.writable.write(offset, &bytes) {
+            return Err(RingFault("control answer buffer not mapped"));
+        }
+        Ok(bytes.len() as u32)
+    }
+
+    /// Executes one control request and returns its answer and where in the writable part
+    /// it goes, without writing it.
+    fn ctrl_answer(&self, chain: &Chain) -> Result<(Vec<u8>, u64), RingFault> {
         let (r, w) = (&chain.readable, &chain.writable);
         let mut hdr = [0u8; CTRL_REQ_SIZE];
         let readable_hdr = r.read(0, &mut hdr);
@@ -100,16 +125,11 @@ impl Device {
         match answer {
             Answer::Session(id, st) if w.len() == SESSION_INPUT_SIZE as u64 => {
                 let input = SessionInput { session_id: id, status: u32::from(st) };
-                if !w.write(0, &input.encode()) {
-                    return Err(RingFault("control answer buffer not mapped"));
-                }
-                Ok(SESSION_INPUT_SIZE as u32)
+                Ok((input.encode().to_vec(), 0))
             }
             Answer::Session(_, st) | Answer::Status(st) => {
-                let p = w.last_byte().ok_or(RingFault("control request has no writable status byte"))?;
-                // SAFETY: `p` is a mapped byte of a buffer the driver handed to the device.
-                unsafe { p.write_volatile(st) };
-                Ok(1)
+                w.last_byte().ok_or(RingFault("control request has no writable status byte"))?;
+                Ok((vec![st], w.len() - 1))
             }
         }
     }

@@ -11,6 +11,7 @@ use crypt_vfio_spec::pci::{status, ISR_CONFIG, ISR_QUEUE, VIRTIO_MSI_NO_VECTOR};
 use crate::bar::MsixLayout;
 use crate::common_cfg::TransportRegs;
 use crate::config::DeviceConfig;
+use crate::faults::{Faults, LateCtrl, ResetBehaviour};
 use crate::iommu::Iommu;
 use crate::msix::Msix;
 use crate::pci_config::PciConfig;
@@ -70,6 +71,15 @@ pub(crate) struct Device {
     pub quiesce: Quiesce,
     pub workers: Box<[WorkerSlot]>,
     pub shutdown: AtomicBool,
+    /// The scripted faults.
+    pub faults: Faults,
+    /// The thread that commits timed faults (late answers, writes after an ignored reset).
+    pub fault_thread: std::sync::OnceLock<std::thread::Thread>,
+    /// A reset was ignored: the held requests' buffers keep being written.
+    pub rogue: AtomicBool,
+    /// A control answer held back by [`crate::Fault::CtrlLate`]; the control queue stalls
+    /// while it is there.
+    pub late_ctrl: Mutex<Option<LateCtrl>>,
 }
 
 impl Device {
@@ -96,6 +106,10 @@ impl Device {
             quiesce: Quiesce::new(cfg.workers),
             workers: (0..cfg.workers).map(|_| WorkerSlot::default()).collect(),
             shutdown: AtomicBool::new(false),
+            faults: Faults::default(),
+            fault_thread: std::sync::OnceLock::new(),
+            rogue: AtomicBool::new(false),
+            late_ctrl: Mutex::new(None),
             cfg,
         }
     }
@@ -203,6 +217,9 @@ impl Device {
     /// dropped without completion, and no worker touching driver memory when it returns.
     pub(crate) fn reset_locked(&self, regs: &mut TransportRegs) {
         self.running.store(false, Ordering::SeqCst);
+        self.faults.release_held();
+        self.rogue.store(false, Ordering::SeqCst);
+        *self.late_ctrl.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.status.store(0, Ordering::SeqCst);
         self.quiesce.advance_and_wait(|| self.wake_all_workers());
         for q in self.queues.iter() {
@@ -220,9 +237,91 @@ impl Device {
 
     /// Function-level reset: a device reset plus the PCI command register cleared.
     pub(crate) fn flr(&self) {
+        if self.faults.reset_behaviour() == ResetBehaviour::IgnoreAll {
+            log::warn!("function-level reset ignored (fault injected)");
+            self.go_rogue();
+            return;
+        }
         let mut regs = self.regs();
         self.pci.flr();
         self.reset_locked(&mut regs);
+    }
+
+    /// A reset was ignored: keep writing the buffers of held requests.
+    pub(crate) fn go_rogue(&self) {
+        self.rogue.store(true, Ordering::SeqCst);
+        self.wake_fault_thread();
+    }
+
+    pub(crate) fn wake_fault_thread(&self) {
+        if let Some(t) = self.fault_thread.get() {
+            t.unpark();
+        }
+    }
+
+    /// The fault thread: commits late control answers when due and, after an ignored reset,
+    /// overwrites the held requests' buffers through the IOMMU every few milliseconds.
+    pub(crate) fn run_faults(&self) {
+        use crate::faults::{write_through, LATE_WRITE_BYTE, LATE_WRITE_PERIOD};
+        while !self.shutdown.load(Ordering::Acquire) {
+            let now = std::time::Instant::now();
+            let mut wait: Option<std::time::Duration> = None;
+            if self.rogue.load(Ordering::SeqCst) {
+                let snap = self.iommu.snapshot();
+                for (iova, len) in self.faults.held() {
+                    let junk = vec![LATE_WRITE_BYTE; len as usize];
+                    if write_through(&snap, &[(iova, len)], 0, &junk) {
+                        self.counters.late_writes.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.counters.iommu_faults.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                wait = Some(LATE_WRITE_PERIOD);
+            }
+            let due = self.late_ctrl.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|l| l.due);
+            match due {
+                Some(d) if d <= now => self.publish_late_ctrl(),
+                Some(d) => wait = Some(wait.map_or(d - now, |w| w.min(d - now))),
+                None => {}
+            }
+            match wait {
+                _ if due.is_some_and(|d| d <= now) => {}
+                Some(w) => std::thread::park_timeout(w),
+                None => std::thread::park(),
+            }
+        }
+    }
+
+    /// Writes and publishes the held-back control answer, then serves the control requests
+    /// that queued up behind it.
+    fn publish_late_ctrl(&self) {
+        let _regs = self.regs();
+        let Some(late) = self.late_ctrl.lock().unwrap_or_else(PoisonError::into_inner).take() else { return };
+        let q = self.cfg.ctrl_queue();
+        {
+            let mut guard = self.queues[usize::from(q)].lock();
+            let Some(ring) = guard.as_mut().filter(|r| !r.broken) else { return };
+            let snap = self.iommu.snapshot();
+            if !crate::faults::write_through(&snap, &late.ranges, late.offset, &late.bytes) {
+                self.counters.iommu_faults.fetch_add(1, Ordering::Relaxed);
+            }
+            let written = late.bytes.len() as u32;
+            let published = ring.mem(&self.iommu).and_then(|mem| {
+                let old = ring.next_used();
+                ring.push(&mem, late.head, written)?;
+                ring.publish(&mem, old)
+            });
+            match published {
+                Ok(interrupt) => {
+                    self.counters.ctrl_completed.fetch_add(1, Ordering::Relaxed);
+                    if interrupt {
+                        self.queue_interrupt(q);
+                    }
+                }
+                Err(fault) => self.break_ring(q, ring, fault),
+            }
+        }
+        self.drain_ctrl();
     }
 
     /// A config space write, with its effect on bus mastering.

@@ -30,6 +30,8 @@ struct Seg {
 /// order, translated to host memory.
 pub(crate) struct SegList {
     segs: Vec<Seg>,
+    /// The same bytes as IOVA ranges, for writes that happen later through the IOMMU (faults).
+    iovas: Vec<(u64, u64)>,
     len: u64,
     unmapped: bool,
     /// Keeps the memory behind every `Seg::ptr` alive while the list is in use.
@@ -38,12 +40,19 @@ pub(crate) struct SegList {
 
 impl SegList {
     pub(crate) fn new() -> Self {
-        Self { segs: Vec::with_capacity(8), len: 0, unmapped: false, snap: None }
+        Self {
+            segs: Vec::with_capacity(8),
+            iovas: Vec::with_capacity(8),
+            len: 0,
+            unmapped: false,
+            snap: None,
+        }
     }
 
     /// Empties the list; buffers added next are translated through `snap`.
     pub(crate) fn begin(&mut self, snap: &Arc<Snapshot>) {
         self.segs.clear();
+        self.iovas.clear();
         self.len = 0;
         self.unmapped = false;
         if !self.snap.as_ref().is_some_and(|s| Arc::ptr_eq(s, snap)) {
@@ -54,6 +63,7 @@ impl SegList {
     /// Empties the list and lets go of its snapshot.
     pub(crate) fn release(&mut self) {
         self.segs.clear();
+        self.iovas.clear();
         self.len = 0;
         self.unmapped = false;
         self.snap = None;
@@ -66,6 +76,7 @@ impl SegList {
         }
         let len = u64::from(len);
         self.len += len;
+        self.iovas.push((iova, len));
         let Some(snap) = &self.snap else {
             self.segs.push(Seg { ptr: ptr::null_mut(), len });
             self.unmapped = true;
@@ -80,6 +91,11 @@ impl SegList {
             }
         };
         self.unmapped |= !mapped;
+    }
+
+    /// The buffers as IOVA ranges, in order.
+    pub(crate) fn iovas(&self) -> &[(u64, u64)] {
+        &self.iovas
     }
 
     /// Total bytes, mapped or not.

@@ -20,7 +20,9 @@
 //!   `queue_msix_vector`).
 //!
 //! Timing and fault injection (latency, jitter, a small in-flight window, out-of-order
-//! completion, injected errors) come from [`DeviceConfig`].
+//! completion, injected errors) come from [`DeviceConfig`]; scripted misbehaviour (lost,
+//! duplicated or lying completions, ignored resets, late control answers) from [`Fault`],
+//! armed while a driver runs.
 
 #![warn(missing_docs)]
 
@@ -33,6 +35,7 @@ mod device;
 mod device_cfg;
 mod dma;
 mod error;
+mod faults;
 mod iommu;
 mod msix;
 mod pci_config;
@@ -53,6 +56,7 @@ use std::thread::JoinHandle;
 pub use config::{DeviceConfig, MAX_DATA_QUEUES};
 pub use crypt_vfio_cores::CoreKind;
 pub use error::HwError;
+pub use faults::{Fault, LATE_WRITE_BYTE};
 pub use stats::DeviceStats;
 
 use device::Device;
@@ -79,6 +83,15 @@ impl VirtioCryptoPci {
                 .map_err(|source| HwError::Os { what: "starting a device worker thread", source })?;
             this.workers.push(handle);
         }
+        let dev = this.dev.clone();
+        let faults = std::thread::Builder::new()
+            .name("crypt-hw-faults".into())
+            .spawn(move || {
+                let _ = dev.fault_thread.set(std::thread::current());
+                dev.run_faults();
+            })
+            .map_err(|source| HwError::Os { what: "starting the fault thread", source })?;
+        this.workers.push(faults);
         Ok(this)
     }
 
@@ -157,7 +170,22 @@ impl VirtioCryptoPci {
 
     /// The device's counters.
     pub fn stats(&self) -> DeviceStats {
-        self.dev.counters.snapshot()
+        let mut s = self.dev.counters.snapshot();
+        s.faults_injected = self.dev.faults.injected.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Arms `fault` (see [`Fault`] for which faults are one-shot and which persist).
+    pub fn inject(&self, fault: Fault) {
+        self.dev.faults.inject(fault);
+        if matches!(fault, Fault::NeverAnswer | Fault::IgnoreReset { .. }) {
+            self.dev.faults.injected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Disarms every fault. Requests the device already holds stay held until a reset.
+    pub fn clear_faults(&self) {
+        self.dev.faults.clear();
     }
 }
 
@@ -165,6 +193,7 @@ impl Drop for VirtioCryptoPci {
     fn drop(&mut self) {
         self.dev.shutdown.store(true, Ordering::SeqCst);
         self.dev.wake_all_workers();
+        self.dev.wake_fault_thread();
         for h in self.workers.drain(..) {
             if h.join().is_err() {
                 log::error!("a device worker thread panicked");

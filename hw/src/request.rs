@@ -135,7 +135,13 @@ fn run(
 fn validate(cfg: &DeviceConfig, req: &DataRequest, max_aad: Option<u32>, encrypt: bool) -> Option<Op> {
     let (iv_len, src_len, dst_len, aad_len, aead) = match req.params {
         DataParams::Cipher { iv_len, src_len, dst_len } => (iv_len, src_len, dst_len, 0, false),
-        DataParams::Aead { iv_len, aad_len, src_len, dst_len } => (iv_len, src_len, dst_len, aad_len, true),
+        DataParams::Aead { iv_len, aad_len, src_len, dst_len, tag_len } => {
+            // virtio 1.2: tag_len must be the session's (GCM, 16 bytes here).
+            if u64::from(tag_len) != TAG {
+                return None;
+            }
+            (iv_len, src_len, dst_len, aad_len, true)
+        }
     };
     let (iv_len, src_len, dst_len, aad_len) =
         (u64::from(iv_len), u64::from(src_len), u64::from(dst_len), u64::from(aad_len));

@@ -43,6 +43,12 @@ pub struct DeviceStats {
     pub resets: u64,
     /// Most data requests in flight (taken from rings, not yet completed) seen at once.
     pub max_in_flight: u64,
+    /// Device writes that hit IOVA space the driver had unmapped (blocked by the IOMMU).
+    pub iommu_faults: u64,
+    /// Writes a device that ignored a reset made to buffers it still held.
+    pub late_writes: u64,
+    /// Faults committed from the fault plan ([`crate::Fault`]), one-shot faults counted once.
+    pub faults_injected: u64,
 }
 
 /// The live counters behind [`DeviceStats`].
@@ -60,6 +66,8 @@ pub(crate) struct Counters {
     pub dropped_by_reset: AtomicU64,
     pub resets: AtomicU64,
     pub max_in_flight: AtomicU64,
+    pub iommu_faults: AtomicU64,
+    pub late_writes: AtomicU64,
 }
 
 /// Per-batch sums a worker keeps before adding them to [`Counters`].
@@ -106,6 +114,9 @@ impl Counters {
             dropped_by_reset: self.dropped_by_reset.load(Relaxed),
             resets: self.resets.load(Relaxed),
             max_in_flight: self.max_in_flight.load(Relaxed),
+            iommu_faults: self.iommu_faults.load(Relaxed),
+            late_writes: self.late_writes.load(Relaxed),
+            faults_injected: 0,
         }
     }
 }

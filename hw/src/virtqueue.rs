@@ -188,6 +188,12 @@ impl Ring {
         Ok(())
     }
 
+    /// Advances the used index past an element that was never written (a fault: the driver
+    /// sees one more used element than the device completed).
+    pub(crate) fn skip(&mut self) {
+        self.next_used = self.next_used.wrapping_add(1);
+    }
+
     /// The used index as the device will publish it next.
     pub(crate) fn next_used(&self) -> u16 {
         self.next_used

@@ -73,6 +73,31 @@ pub(crate) fn spawn(dev: Arc<Device>, id: usize) -> std::io::Result<JoinHandle<(
     })
 }
 
+/// Pushes the used element of `p`, as the fault plan wants it.
+fn push_with_faults(
+    dev: &Device,
+    ring: &mut crate::virtqueue::Ring,
+    mem: &RingMem,
+    p: &Pending,
+) -> Result<(), RingFault> {
+    use crate::faults::CompletionFault;
+    let (head, written) = (p.head, p.outcome.written);
+    match dev.faults.take_completion() {
+        None => ring.push(mem, head, written),
+        Some(CompletionFault::Duplicate) => {
+            ring.push(mem, head, written)?;
+            ring.push(mem, head, written)
+        }
+        Some(CompletionFault::FreeSlot) => ring.push(mem, head.wrapping_add(1) % ring.layout.size, written),
+        Some(CompletionFault::Short) => ring.push(mem, head, 1),
+        Some(CompletionFault::Extra) => {
+            ring.push(mem, head, written)?;
+            ring.skip();
+            Ok(())
+        }
+    }
+}
+
 /// Spinning with growing pauses, then yielding, while a worker waits for work.
 #[derive(Default)]
 struct Backoff {
@@ -105,6 +130,8 @@ struct Worker {
     scratch: Scratch,
     rng: SplitMix64,
     pending: Vec<Pending>,
+    /// Requests taken while [`crate::Fault::NeverAnswer`] was set: never completed.
+    held: usize,
     ready: Vec<Pending>,
     heads: [u16; BATCH],
     next_queue: usize,
@@ -126,6 +153,7 @@ impl Worker {
             scratch: Scratch::default(),
             rng: SplitMix64::new(cfg.seed ^ (id as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
             pending: Vec::with_capacity(4 * BATCH),
+            held: 0,
             ready: Vec::with_capacity(4 * BATCH),
             heads: [0; BATCH],
             next_queue: id % usize::from(cfg.data_queues),
@@ -175,11 +203,12 @@ impl Worker {
     /// Start of a round: join the current epoch (dropping requests a reset cancelled) and pick
     /// up changed mappings and sessions.
     fn enter(&mut self, dev: &Device) {
-        let pending = &mut self.pending;
+        let (pending, held) = (&mut self.pending, &mut self.held);
         let mut dropped = 0;
         dev.quiesce.enter(self.id, &mut self.epoch, || {
-            dropped += pending.len();
+            dropped += pending.len() + *held;
             pending.clear();
+            *held = 0;
         });
         if dropped > 0 {
             dev.release_inflight(dropped);
@@ -191,7 +220,8 @@ impl Worker {
 
     /// The thread is ending: give back what it held.
     fn leave(&mut self, dev: &Device) {
-        dev.release_inflight(self.pending.len());
+        dev.release_inflight(self.pending.len() + self.held);
+        self.held = 0;
         self.pending.clear();
         dev.quiesce.idle(self.id);
     }
@@ -238,8 +268,20 @@ impl Worker {
         for i in 0..n {
             let head = self.heads[i];
             match self.execute(dev, &mem, indirect, head) {
+                Ok(_) if dev.faults.never_answer() => {
+                    // Held: taken and executed, never completed; a device that ignores a reset
+                    // keeps writing its destination.
+                    dev.faults.hold(self.chain.writable.iovas());
+                    self.held += 1;
+                }
                 Ok(outcome) => {
-                    let due = due.map(|d| d + self.jitter(dev));
+                    let due = match dev.faults.answer_after() {
+                        Some(d) => {
+                            self.timed = true;
+                            Some(Instant::now() + d)
+                        }
+                        None => due.map(|d| d + self.jitter(dev)),
+                    };
                     self.pending.push(Pending { queue: q, head, outcome, due });
                 }
                 Err(fault) => {
@@ -263,6 +305,9 @@ impl Worker {
         self.chain.walk(mem, &self.snap, indirect, head)?;
         let status_at =
             self.chain.writable.last_byte().ok_or(RingFault("data request without a mapped status byte"))?;
+        // A status left unwritten is modelled by writing it where nobody looks.
+        let mut discard = 0u8;
+        let status_at = if dev.faults.take_status_unwritten() { &raw mut discard } else { status_at };
         Ok(request::execute(
             &dev.cfg,
             &dev.sessions,
@@ -334,7 +379,7 @@ impl Worker {
                 let published = ring.mem(&dev.iommu).and_then(|mem| {
                     let old = ring.next_used();
                     for p in ready.iter().filter(|p| p.queue == q) {
-                        ring.push(&mem, p.head, p.outcome.written)?;
+                        push_with_faults(dev, ring, &mem, p)?;
                         counts.record(p.outcome.status);
                         counts.injected += u64::from(p.outcome.injected);
                     }

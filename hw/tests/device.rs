@@ -305,7 +305,8 @@ fn invalid_data_requests_get_status_codes_and_the_device_keeps_working() {
     mismatched.params = DataParams::Cipher { iv_len: 16, src_len: 64, dst_len: 48 };
     cases.push((mismatched, iv.to_vec(), 48, st::ERR));
     let mut aead_on_cipher = aead_hdr(enc, true, 0, 64, 80);
-    aead_on_cipher.params = DataParams::Aead { iv_len: 12, aad_len: 0, src_len: 64, dst_len: 80 };
+    aead_on_cipher.params =
+        DataParams::Aead { iv_len: 12, aad_len: 0, src_len: 64, dst_len: 80, tag_len: 16 };
     cases.push((aead_on_cipher, iv[..12].to_vec(), 80, st::ERR));
     let mut unknown = cipher_hdr(enc, true, cipher::AES_CBC, 16, 64);
     unknown.opcode = crypto::opcode(crypto::service::HASH, 0);

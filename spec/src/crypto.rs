@@ -11,6 +11,17 @@
 //!   `dst_data_len = src_data_len + tag_len` and dst is the ciphertext followed by the tag; for
 //!   decryption `src` is the ciphertext followed by the tag and `dst_data_len = src_data_len -
 //!   tag_len`. A failed tag check answers [`status::BADMSG`].
+//!
+//! The AEAD header, checked field by field against virtio 1.2 section 5.9.7.4
+//! (`virtio_crypto_aead_data_flf` inside `virtio_crypto_op_data_req`): after the 24-byte
+//! `virtio_crypto_op_header` (opcode, algo, session_id, flag, padding) come `le32 iv_len`
+//! (byte 24), `le32 aad_len` (28), `le32 src_data_len` (32), `le32 dst_data_len` (36), `le32
+//! tag_len` (40) and `le32 reserved` (44), then padding to 72 bytes. The variable part
+//! (`virtio_crypto_aead_data_vlf`) is device-readable `iv[iv_len]`, `src_data[src_data_len]`,
+//! `aad[aad_len]`, then device-writable `dst_data[dst_data_len]` and the `virtio_crypto_inhdr`
+//! status byte: the order used here. The spec says `dst_data_len` "should be at least
+//! src_data_len + tag_len" for encryption. `tag_len` was left 0 by crypt-vfio before 2026-11;
+//! the emulated device now refuses an AEAD request whose `tag_len` differs from its session's.
 
 use crate::le::{put_u32, put_u64, u32_at, u64_at};
 
@@ -309,6 +320,9 @@ pub enum DataParams {
         src_len: u32,
         /// Destination length (ciphertext and tag when encrypting).
         dst_len: u32,
+        /// Authentication tag length (`tag_len` of `virtio_crypto_aead_data_flf`, at byte 40
+        /// of the header); the same as the session's.
+        tag_len: u32,
     },
 }
 
@@ -348,11 +362,12 @@ impl DataRequest {
                 put_u32(b, 32, dst_len);
                 put_u32(b, 64, sym_op::CIPHER);
             }
-            DataParams::Aead { iv_len, aad_len, src_len, dst_len } => {
+            DataParams::Aead { iv_len, aad_len, src_len, dst_len, tag_len } => {
                 put_u32(b, 24, iv_len);
                 put_u32(b, 28, aad_len);
                 put_u32(b, 32, src_len);
                 put_u32(b, 36, dst_len);
+                put_u32(b, 40, tag_len);
             }
         }
     }
@@ -373,6 +388,7 @@ impl DataRequest {
                 aad_len: u32_at(b, 28),
                 src_len: u32_at(b, 32),
                 dst_len: u32_at(b, 36),
+                tag_len: u32_at(b, 40),
             },
             _ => return None,
         };
@@ -429,5 +445,21 @@ mod tests {
         let mut bad = b;
         bad[0] = 0x77;
         assert_eq!(DataRequest::decode(&bad), None);
+    }
+
+    #[test]
+    fn aead_header_has_every_field_of_the_spec() {
+        let r = DataRequest {
+            opcode: op::AEAD_ENCRYPT,
+            algo: aead::GCM,
+            session_id: 5,
+            flag: 0,
+            params: DataParams::Aead { iv_len: 12, aad_len: 20, src_len: 64, dst_len: 80, tag_len: 16 },
+        };
+        let b = r.encode();
+        let le = |v: u32| v.to_le_bytes();
+        assert_eq!((&b[24..28], &b[28..32], &b[32..36]), (&le(12)[..], &le(20)[..], &le(64)[..]));
+        assert_eq!((&b[36..40], &b[40..44], &b[44..48]), (&le(80)[..], &le(16)[..], &le(0)[..]));
+        assert_eq!(DataRequest::decode(&b), Some(r));
     }
 }

@@ -95,7 +95,7 @@ impl SyncQueue {
         let id = self.next_id;
         self.next_id += 1;
         let iv = Iv::new(iv).ok_or_else(|| anyhow!("IV longer than 16 bytes"))?;
-        let mut req = Request::new(*session, direction, iv, data, id);
+        let mut req = Request::new(session.clone(), direction, iv, data, id);
         req.tag = tag;
         match self.queue.submit(req, true) {
             Ok(Submitted::InProgress | Submitted::Backlogged) => {}

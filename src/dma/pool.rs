@@ -43,6 +43,8 @@ struct PoolState {
     /// Freed buffers by size class: (region index, offset).
     free: [Vec<(usize, usize)>; CLASSES],
     memory: Arc<GuestMemoryMmap>,
+    /// The device lost access to every region ([`DmaPool::revoke_device_access`]).
+    revoked: bool,
 }
 
 impl DmaPool {
@@ -55,6 +57,7 @@ impl DmaPool {
             bump: None,
             free: Default::default(),
             memory: Arc::new(GuestMemoryMmap::new()),
+            revoked: false,
         };
         Self { inner: Arc::new(PoolInner { transport, state: Mutex::new(state) }) }
     }
@@ -121,6 +124,9 @@ impl DmaPool {
     }
 
     fn map_region(&self, st: &mut PoolState, len: usize) -> Result<usize> {
+        if st.revoked {
+            return Err(Error::Dma("the device's DMA access was revoked after it ignored a reset".into()));
+        }
         let region = Arc::new(DmaRegion::new(len)?);
         let rlen = region.len() as u64;
         let iova = st.iova.alloc(rlen, REGION_SIZE as u64)?;
@@ -147,6 +153,22 @@ impl DmaPool {
     /// The pool's memory as `vm-memory` sees it: every mapped region at its IOVA.
     pub fn memory(&self) -> Arc<GuestMemoryMmap> {
         self.state().memory.clone()
+    }
+
+    /// Unmaps every region from the device's IOMMU, for good: a device that ignored its resets
+    /// can then write none of this memory, so buffers may go back to their owners. The memory
+    /// itself stays valid for the host; the pool maps nothing new afterwards.
+    pub fn revoke_device_access(&self) {
+        let mut st = self.state();
+        if st.revoked {
+            return;
+        }
+        st.revoked = true;
+        for m in st.regions.iter().flatten() {
+            if let Err(e) = self.inner.transport.dma_unmap(m.iova, m.region.len() as u64) {
+                log::warn!("unmapping DMA region at {:#x}: {e}", m.iova);
+            }
+        }
     }
 
     /// Bytes of DMA memory mapped.
@@ -181,6 +203,9 @@ fn view_region(region: &DmaRegion, iova: u64) -> Result<Arc<GuestRegionMmap>> {
 impl Drop for PoolInner {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if st.revoked {
+            return;
+        }
         for m in st.regions.iter().flatten() {
             if let Err(e) = self.transport.dma_unmap(m.iova, m.region.len() as u64) {
                 log::warn!("unmapping DMA region at {:#x}: {e}", m.iova);
@@ -285,7 +310,9 @@ impl Drop for DmaBuffer {
                 // A dedicated region: unmap it and give back its IOVA.
                 if let Some(m) = st.regions[self.region_idx].take() {
                     let len = m.region.len() as u64;
-                    if let Err(e) = self.pool.transport.dma_unmap(m.iova, len) {
+                    if st.revoked {
+                        // Unmapped already; the IOVA stays retired.
+                    } else if let Err(e) = self.pool.transport.dma_unmap(m.iova, len) {
                         log::warn!("unmapping DMA region at {:#x}: {e}", m.iova);
                     }
                     st.iova.free(m.iova, len);

@@ -9,7 +9,10 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crypt_vfio_hw::VirtioCryptoPci;
-pub use crypt_vfio_hw::{CoreKind, DeviceConfig as EmulatedConfig, DeviceStats as EmulatedStats};
+pub use crypt_vfio_hw::{
+    CoreKind, DeviceConfig as EmulatedConfig, DeviceStats as EmulatedStats, Fault as EmulatedFault,
+    LATE_WRITE_BYTE,
+};
 
 use super::{Bar, EventNotifier, Transport};
 use crate::dma::DmaRegion;
@@ -31,6 +34,16 @@ impl EmulatedTransport {
     /// The device model's counters (for tests and benchmarks; a real device has its own).
     pub fn stats(&self) -> EmulatedStats {
         self.dev.stats()
+    }
+
+    /// Arms a scripted fault of the device model (tests, the soak): see [`EmulatedFault`].
+    pub fn inject(&self, fault: EmulatedFault) {
+        self.dev.inject(fault);
+    }
+
+    /// Disarms every scripted fault.
+    pub fn clear_faults(&self) {
+        self.dev.clear_faults();
     }
 }
 

@@ -51,6 +51,11 @@ pub struct VirtioPci {
 /// How long the device may take to finish a reset.
 const RESET_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Consistent reads of the device configuration tried before giving up. The spec only asks
+/// drivers to retry; a device changes its configuration rarely, so 64 changes in a row is a
+/// device that never settles.
+pub const CONFIG_READ_ATTEMPTS: u32 = 64;
+
 impl VirtioPci {
     /// Locates the virtio structures of `transport`'s function. Fails with a message naming the
     /// missing or inconsistent piece for anything that is not a modern virtio device.
@@ -271,15 +276,24 @@ impl VirtioPci {
         self.isr.read8(0)
     }
 
-    /// Reads device configuration consistently: retries while `config_generation` changes.
-    pub fn read_device_config<T>(&self, read: impl Fn(&BarWindow) -> T) -> T {
-        loop {
+    /// Reads device configuration consistently: retries while `config_generation` changes,
+    /// up to [`CONFIG_READ_ATTEMPTS`] times, then fails with [`Error::ConfigUnsettled`] (a device
+    /// whose generation never settles would otherwise hold the driver forever).
+    pub fn read_device_config<T>(&self, read: impl Fn(&BarWindow) -> T) -> Result<T> {
+        for _ in 0..CONFIG_READ_ATTEMPTS {
             let before = self.common.read8(common::CONFIG_GENERATION);
             let v = read(&self.device_cfg);
             if self.common.read8(common::CONFIG_GENERATION) == before {
-                return v;
+                return Ok(v);
             }
         }
+        Err(Error::ConfigUnsettled { attempts: CONFIG_READ_ATTEMPTS })
+    }
+
+    /// Turns bus mastering off: a function that obeys PCI stops its DMA.
+    pub fn disable_bus_master(&self) -> Result<()> {
+        let cmd = read_cfg16(&*self.transport, cfg::COMMAND)?;
+        self.transport.write_config(cfg::COMMAND, &(cmd & !pci::COMMAND_BUS_MASTER).to_le_bytes())
     }
 }
 

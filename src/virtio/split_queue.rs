@@ -74,6 +74,21 @@ impl SplitQueue {
         })
     }
 
+    /// Starts the queue over on a device that was reset: rings zeroed, indices back to 0, and
+    /// the rings handed to the device again through `doorbell_for`. The device must not be
+    /// using the rings (it was reset).
+    pub fn restart(&mut self, doorbell_for: impl FnOnce([u64; 3]) -> Result<Doorbell>) -> Result<()> {
+        let len = self.mem.len();
+        let zeros = vec![0u8; len];
+        self.mem.volatile().write_slice(&zeros, 0).map_err(|e| Error::Dma(e.to_string()))?;
+        self.avail_idx = 0;
+        self.published = 0;
+        self.last_used = 0;
+        let iova = self.mem.iova();
+        self.doorbell = doorbell_for([iova, iova + self.avail_off as u64, iova + self.used_off as u64])?;
+        Ok(())
+    }
+
     /// Number of entries.
     pub fn size(&self) -> u16 {
         self.size

@@ -33,8 +33,8 @@ pub struct DeviceInfo {
 }
 
 impl DeviceInfo {
-    /// Reads the configuration of `pci`.
-    pub fn read(pci: &VirtioPci) -> Self {
+    /// Reads the configuration of `pci`; fails if it never reads consistently.
+    pub fn read(pci: &VirtioPci) -> crate::error::Result<Self> {
         pci.read_device_config(|w| DeviceInfo {
             status: w.read32(config::STATUS),
             max_dataqueues: w.read32(config::MAX_DATAQUEUES),

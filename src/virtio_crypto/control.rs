@@ -3,6 +3,13 @@
 //! Session set-up is rare and synchronous, so the control queue carries one request at a time
 //! and the caller waits for it. The key is copied into DMA memory only for the duration of the
 //! request and wiped as soon as the device has answered.
+//!
+//! A request the device does not answer in time, or answers with something impossible, stays
+//! published: the device may still read its buffer and write its answer. So after such a failure
+//! the queue is *dirty* and refuses every request (the buffer, key included, is left as the
+//! device may still read it) until the engine has reset the device and [`ControlQueue::restart`]
+//! has wiped the buffer and started the ring afresh. Reusing the buffer earlier would let a late
+//! answer to one request pass for the answer to the next: a session under another key.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +34,9 @@ pub struct ControlQueue {
     vq: SplitQueue,
     buf: DmaBuffer,
     timeout: Duration,
+    index: u16,
+    /// Why the queue awaits a device reset, if it does.
+    dirty: Option<String>,
 }
 
 impl ControlQueue {
@@ -48,7 +58,31 @@ impl ControlQueue {
         let vq = SplitQueue::new(pool, size, event_idx, |rings| {
             pci.setup_queue(index, size, rings, crypt_vfio_spec::pci::VIRTIO_MSI_NO_VECTOR)
         })?;
-        Ok(Self { vq, buf: pool.alloc(BUF_LEN)?, timeout })
+        Ok(Self { vq, buf: pool.alloc(BUF_LEN)?, timeout, index, dirty: None })
+    }
+
+    /// Why the queue cannot be used until the device is reset, if it cannot.
+    pub fn dirty(&self) -> Option<&str> {
+        self.dirty.as_deref()
+    }
+
+    /// Starts the queue again on a device that was reset (and so let go of the buffer): the
+    /// buffer, key included, is wiped and the ring starts from zero.
+    pub fn restart(&mut self, pci: &VirtioPci) -> Result<()> {
+        let _ = self.buf.volatile().write_slice(&[0u8; BUF_LEN], 0);
+        let (index, size) = (self.index, self.vq.size());
+        self.vq.restart(|rings| {
+            pci.setup_queue(index, size, rings, crypt_vfio_spec::pci::VIRTIO_MSI_NO_VECTOR)
+        })?;
+        self.dirty = None;
+        Ok(())
+    }
+
+    fn check_clean(&self) -> Result<()> {
+        match &self.dirty {
+            Some(why) => Err(Error::DeviceFailed(format!("control queue awaits a device reset: {why}"))),
+            None => Ok(()),
+        }
     }
 
     /// Creates a one-direction session; returns the device's session id.
@@ -56,6 +90,7 @@ impl ControlQueue {
         if key.len() > MAX_KEY {
             return Err(Error::KeyLength { mode, len: key.len(), expected: mode.key_lengths() });
         }
+        self.check_clean()?;
         let (svc, algo) = wire_algo(mode);
         let sop = match direction {
             Direction::Encrypt => session_op::ENCRYPT,
@@ -75,12 +110,22 @@ impl ControlQueue {
         let invalid = SessionInput { session_id: 0, status: u32::from(status::ERR) }.encode();
         let wrote = wrote && v.write_slice(&invalid, INPUT_OFF).is_ok();
         let result = if wrote {
-            run(&mut self.vq, self.buf.iova(), self.timeout, KEY_OFF + key.len(), crypto::SESSION_INPUT_SIZE)
+            exchange(
+                &mut self.vq,
+                &mut self.dirty,
+                self.buf.iova(),
+                self.timeout,
+                KEY_OFF + key.len(),
+                crypto::SESSION_INPUT_SIZE,
+            )
         } else {
             Err(Error::Dma("control buffer write failed".into()))
         };
-        // Wipe the key from DMA memory whatever happened.
-        let _ = v.write_slice(&[0u8; MAX_KEY], KEY_OFF);
+        // Wipe the key from DMA memory once the device is done with it: after its answer, or
+        // (when the queue is dirty) at the restart that follows the reset.
+        if self.dirty.is_none() {
+            let _ = v.write_slice(&[0u8; MAX_KEY], KEY_OFF);
+        }
         result?;
         let mut input = [0u8; crypto::SESSION_INPUT_SIZE];
         v.read_slice(&mut input, INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))?;
@@ -98,16 +143,40 @@ impl ControlQueue {
             if svc == crypto::service::AEAD { op::AEAD_DESTROY_SESSION } else { op::CIPHER_DESTROY_SESSION };
         let req =
             CtrlRequest { opcode, algo, flag: 0, queue_id: 0, payload: CtrlPayload::Destroy { session_id } };
+        self.check_clean()?;
         let v = self.buf.volatile();
         v.write_slice(&req.encode(), 0).map_err(|e| Error::Dma(e.to_string()))?;
         v.write_obj(status::ERR, INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))?;
-        run(&mut self.vq, self.buf.iova(), self.timeout, crypto::CTRL_REQ_SIZE, crypto::INHDR_SIZE)?;
+        exchange(
+            &mut self.vq,
+            &mut self.dirty,
+            self.buf.iova(),
+            self.timeout,
+            crypto::CTRL_REQ_SIZE,
+            crypto::INHDR_SIZE,
+        )?;
         match v.read_obj::<u8>(INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))? {
             status::OK => Ok(()),
             status::INVSESS => Err(Error::InvalidSession),
             s => Err(Error::DeviceError(s)),
         }
     }
+}
+
+/// Runs the prepared request; a timeout or an impossible answer leaves the queue `dirty`.
+fn exchange(
+    vq: &mut SplitQueue,
+    dirty: &mut Option<String>,
+    iova: u64,
+    timeout: Duration,
+    out_len: usize,
+    in_len: usize,
+) -> Result<()> {
+    let r = run(vq, iova, timeout, out_len, in_len);
+    if let Err(e) = &r {
+        *dirty = Some(e.to_string());
+    }
+    r
 }
 
 /// Sends the prepared request (`out_len` readable bytes at `iova`, `in_len` writable at the

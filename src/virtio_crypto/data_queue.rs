@@ -16,6 +16,7 @@ use crypt_vfio_spec::crypto::status;
 use crypt_vfio_spec::ring::{DESC_F_INDIRECT, DESC_SIZE};
 use vm_memory::Bytes;
 
+use super::health::DeviceHealth;
 use super::layout::{
     self, Lengths, AAD, AAD_INLINE_MAX, HDR, INDIRECT, IV, MAX_DESCS, SLOT_STRIDE, STATUS, TAG_IN, TAG_OUT,
 };
@@ -32,6 +33,9 @@ use crate::virtio::{SplitQueue, VirtioPci};
 
 type Session = DeviceSession;
 
+/// Polls (with requests in flight) between two watchdog checks.
+const WATCHDOG_EVERY: u32 = 64;
+
 /// A request the engine owns, with the callback its events go to.
 pub(crate) struct Pending {
     req: Request<Session>,
@@ -45,6 +49,8 @@ struct Slot {
     aad_bounce: Option<DmaBuffer>,
     bounced: bool,
     expect: u32,
+    /// When the request went to the device: the watchdog times each request from here.
+    submitted: Option<Instant>,
 }
 
 /// The device-facing half of a queue: rings, slots, bounce buffers.
@@ -58,56 +64,12 @@ struct RingState {
     in_flight: usize,
 }
 
-/// Whether the device failed: shared by all queues of one device, so that a failure seen on
-/// one queue fails them all (the reset that stops the device's DMA stops every queue).
-pub(crate) struct DeviceHealth {
-    failed: AtomicBool,
-    reason: Mutex<String>,
-    pci: Arc<VirtioPci>,
-    timeout: Duration,
-}
-
-impl DeviceHealth {
-    pub(crate) fn new(pci: Arc<VirtioPci>, timeout: Duration) -> Self {
-        Self { failed: AtomicBool::new(false), reason: Mutex::new(String::new()), pci, timeout }
-    }
-
-    pub(crate) fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn reason(&self) -> String {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Marks the device failed and resets it, so that it stops touching memory before any
-    /// buffer goes back to its owner.
-    pub(crate) fn fail(&self, reason: String) {
-        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-        if self.failed.load(Ordering::Acquire) {
-            return;
-        }
-        if reason == "the engine was closed" {
-            log::debug!("virtio-crypto device closed");
-        } else {
-            log::error!("virtio-crypto device failed: {reason}; resetting it and failing every request");
-        }
-        *r = reason;
-        if let Err(e) = self.pci.reset() {
-            log::error!("reset after failure: {e}");
-        }
-        self.pci.fail();
-        self.failed.store(true, Ordering::Release);
-    }
-}
-
 struct QueueState {
     ring: RingState,
     backlog: Backlog<Pending>,
     outbox: Outbox<Session>,
     failed: bool,
-    last_progress: Instant,
-    idle_polls: u32,
+    polls: u32,
 }
 
 /// One data queue, shared by its handles and its interrupt thread.
@@ -118,8 +80,11 @@ pub(crate) struct DataQueueShared {
     outstanding: AtomicUsize,
     health: Arc<DeviceHealth>,
     max_size: usize,
-    irq: Option<EventNotifier>,
+    pub(crate) irq: Option<EventNotifier>,
     stop: AtomicBool,
+    /// Ring size and MSI-X vector, to set the queue up again after a reset.
+    size: u16,
+    msix_vector: u16,
 }
 
 /// Where the backlog's promotions and failures go: the queue's outbox.
@@ -183,8 +148,7 @@ impl DataQueueShared {
             backlog: Backlog::new(s.backlog_limit),
             outbox: Vec::with_capacity(nslots * 2),
             failed: false,
-            last_progress: Instant::now(),
-            idle_polls: 0,
+            polls: 0,
         };
         Ok(Self {
             index: s.index,
@@ -195,6 +159,8 @@ impl DataQueueShared {
             max_size: s.max_size,
             irq: s.irq,
             stop: AtomicBool::new(false),
+            size: s.size,
+            msix_vector: s.msix_vector,
         })
     }
 
@@ -226,13 +192,13 @@ impl DataQueueShared {
             return Err(SubmitError::rejected(req, e));
         }
         if self.health.is_failed() {
-            return Err(SubmitError::rejected(req, Error::DeviceFailed(self.health.reason())));
+            return Err(SubmitError::rejected(req, self.health.error()));
         }
         let mut guard = self.lock();
         let st = &mut *guard;
         if st.failed {
             drop(guard);
-            return Err(SubmitError::rejected(req, Error::DeviceFailed(self.health.reason())));
+            return Err(SubmitError::rejected(req, self.health.error()));
         }
         let pending = Pending { req, sink: sink.clone() };
         match st.backlog.submit(pending, may_backlog, &mut st.ring) {
@@ -285,12 +251,11 @@ impl DataQueueShared {
             self.outstanding.fetch_sub(1, Ordering::Relaxed);
             st.outbox.push((p.sink, Event::Completed(Completion { request: p.req, result })));
         }
-        if n > 0 {
-            st.last_progress = Instant::now();
-            st.idle_polls = 0;
-        } else if st.ring.in_flight > 0 {
-            st.idle_polls = st.idle_polls.wrapping_add(1);
-            if st.idle_polls % 1024 == 0 && !self.check_device(st) {
+        // Checked every few polls whether or not others complete: one request stuck behind a
+        // stream of completions must be noticed too.
+        if st.ring.in_flight > 0 {
+            st.polls = st.polls.wrapping_add(1);
+            if st.polls % WATCHDOG_EVERY == 0 && !self.check_device(st) {
                 return self.fail_locked(st);
             }
         }
@@ -311,11 +276,14 @@ impl DataQueueShared {
             self.health.fail(format!("data queue {}: the device set DEVICE_NEEDS_RESET", self.index));
             return false;
         }
-        let waited = st.last_progress.elapsed();
+        // Each request is timed from its own submission: the oldest decides. (Timing from the
+        // last completion would fail the first request after any idle spell.)
+        let oldest = st.ring.slots.iter().filter(|s| s.pending.is_some()).filter_map(|s| s.submitted).min();
+        let waited = oldest.map_or(Duration::ZERO, |t| t.elapsed());
         if waited > self.health.timeout {
             self.health.fail(format!(
-                "data queue {}: no completion for {waited:?} with {} requests in flight",
-                self.index, st.ring.in_flight
+                "data queue {}: a request got no completion for {waited:?} (timeout {:?}), {} requests in flight",
+                self.index, self.health.timeout, st.ring.in_flight
             ));
             return false;
         }
@@ -327,6 +295,7 @@ impl DataQueueShared {
         st.failed = true;
         let reason = self.health.reason();
         for slot in &mut st.ring.slots {
+            slot.submitted = None;
             if let Some(p) = slot.pending.take() {
                 self.outstanding.fetch_sub(1, Ordering::Relaxed);
                 let result = Err(Error::DeviceFailed(reason.clone()));
@@ -338,6 +307,39 @@ impl DataQueueShared {
             Error::DeviceFailed(reason.clone())
         });
         self.delivery.mark_pending();
+    }
+
+    /// Fails every request of the queue because the device failed (and was stopped), and
+    /// delivers their completions.
+    pub(crate) fn fail_all(&self, scratch: &mut Outbox<Session>) {
+        {
+            let mut st = self.lock();
+            if !st.failed {
+                self.fail_locked(&mut st);
+            }
+        }
+        self.delivery.run(scratch, |s| std::mem::swap(&mut self.lock().outbox, s));
+    }
+
+    /// Sets the queue up again on a device that was reset, with its slots empty; it stays
+    /// failed (refusing requests) until [`resume`](Self::resume).
+    pub(crate) fn restart(&self, pci: &VirtioPci) -> Result<()> {
+        let mut st = self.lock();
+        if !st.failed {
+            self.fail_locked(&mut st);
+        }
+        let r = &mut st.ring;
+        let (index, size, vector) = (self.index, self.size, self.msix_vector);
+        r.vq.restart(|rings| pci.setup_queue(index, size, rings, vector))?;
+        r.free = (0..r.slots.len() as u16).rev().collect();
+        r.in_flight = 0;
+        st.polls = 0;
+        Ok(())
+    }
+
+    /// Accepts requests again after [`restart`](Self::restart).
+    pub(crate) fn resume(&self) {
+        self.lock().failed = false;
     }
 
     /// Fails the queue because the engine is closing.
@@ -406,6 +408,7 @@ impl RingState {
     fn finish(&mut self, i: usize, written: u32) -> Option<(Pending, Result<()>)> {
         let slot = self.slots.get_mut(i)?;
         let mut p = slot.pending.take()?;
+        slot.submitted = None;
         self.free.push(i as u16);
         self.in_flight -= 1;
         let base = i * SLOT_STRIDE;
@@ -460,6 +463,7 @@ impl Ring<Pending> for RingState {
                 slot.pending = Some(p);
                 slot.expect = expect;
                 slot.bounced = bounced;
+                slot.submitted = Some(Instant::now());
                 self.vq.push_avail(head);
                 self.in_flight += 1;
                 Ok(())

@@ -135,6 +135,7 @@ pub fn plan(
                 aad_len: aad_len as u32,
                 src_len: n,
                 dst_len: n + t,
+                tag_len: t,
             };
             (op::AEAD_ENCRYPT, p, n + t)
         }
@@ -144,13 +145,14 @@ pub fn plan(
                 aad_len: aad_len as u32,
                 src_len: n + t,
                 dst_len: n,
+                tag_len: t,
             };
             (op::AEAD_DECRYPT, p, n)
         }
     };
     let session_id = match direction {
-        Direction::Encrypt => session.encrypt_id,
-        Direction::Decrypt => session.decrypt_id,
+        Direction::Encrypt => session.encrypt_id(),
+        Direction::Decrypt => session.decrypt_id(),
     };
     let header = DataRequest { opcode, algo, session_id, flag: 0, params }.encode();
     let mut s = Segments::default();
@@ -175,4 +177,24 @@ pub fn plan(
         s.push(at(STATUS), 1, true);
     }
     Plan { header, segments: s, expect_written: dst_len + 1 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// virtio 1.2 `virtio_crypto_aead_data_flf`: iv_len, aad_len, src_data_len, dst_data_len,
+    /// tag_len, reserved, from byte 24 of the request header.
+    #[test]
+    fn aead_header_writes_tag_len() {
+        let session = DeviceSession::for_test(Mode::Gcm, 7, 8);
+        for (dir, src, dst) in [(Direction::Encrypt, 64u32, 80u32), (Direction::Decrypt, 80, 64)] {
+            let p = plan(&session, dir, Lengths { iv: 12, aad: 20, data: 64 }, 0x1000, 0x2000, None);
+            let h = &p.header;
+            let at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
+            assert_eq!((at(24), at(28), at(32), at(36)), (12, 20, src, dst), "{dir:?}");
+            assert_eq!(at(40), TAG_LEN as u32, "{dir:?}: tag_len");
+            assert_eq!(at(44), 0, "reserved");
+        }
+    }
 }

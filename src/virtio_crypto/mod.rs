@@ -8,7 +8,9 @@
 mod config;
 mod control;
 mod data_queue;
+pub mod health;
 mod layout;
+mod recovery;
 mod session;
 
 use std::sync::{Arc, Mutex};
@@ -23,7 +25,9 @@ pub use data_queue::DeviceQueue;
 pub use session::DeviceSession;
 
 use control::ControlQueue;
-use data_queue::{DataQueueShared, DeviceHealth, QueueSetup};
+use data_queue::{DataQueueShared, QueueSetup};
+use health::DeviceHealth;
+use session::SessionRegistry;
 
 use crate::dma::DmaPool;
 use crate::engine::{Buf, Direction, Engine, EventSink, Queue};
@@ -82,7 +86,19 @@ impl Default for DeviceOptions {
 }
 
 /// A virtio-crypto device, driven through a [`Transport`].
+///
+/// When the device fails (a request times out, it writes something impossible, a control
+/// request goes unanswered), every request on it completes with an error, the device is
+/// stopped, and a recovery thread resets and re-initialises it, re-creates the live sessions
+/// from the keys they hold, and lets new requests in again; see [`health`] for when it gives up.
 pub struct VirtioCrypto {
+    core: Arc<Core>,
+    threads: Vec<JoinHandle<()>>,
+    recovery: Option<JoinHandle<()>>,
+}
+
+/// Everything the engine and its recovery thread share.
+pub(crate) struct Core {
     pci: Arc<VirtioPci>,
     pool: DmaPool,
     info: DeviceInfo,
@@ -90,12 +106,44 @@ pub struct VirtioCrypto {
     control: Mutex<ControlQueue>,
     queues: Vec<Arc<DataQueueShared>>,
     health: Arc<DeviceHealth>,
+    sessions: SessionRegistry,
+    config_irq: Option<EventNotifier>,
+    interrupts: bool,
+}
+
+/// What `open` built so far, torn down in order if a later step fails.
+struct OpenGuard {
+    pci: Arc<VirtioPci>,
     threads: Vec<JoinHandle<()>>,
-    _config_irq: Option<EventNotifier>,
+    queues: Vec<Arc<DataQueueShared>>,
+    msix: bool,
+    armed: bool,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Stop the device before anything it was given goes away, then the threads.
+        let _ = self.pci.reset();
+        self.pci.fail();
+        let mut scratch = Vec::new();
+        for q in &self.queues {
+            q.close(&mut scratch);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if self.msix {
+            let _ = self.pci.transport().disable_msix();
+        }
+    }
 }
 
 impl VirtioCrypto {
-    /// Brings up the virtio-crypto device behind `transport`.
+    /// Brings up the virtio-crypto device behind `transport`. On failure the device is left
+    /// reset and marked FAILED, and no thread of it is left running.
     pub fn open(transport: Arc<dyn Transport>, options: &DeviceOptions) -> Result<Self> {
         let pci = Arc::new(VirtioPci::probe(transport.clone())?);
         if pci.device_id() != VIRTIO_CRYPTO_DEVICE_ID {
@@ -105,6 +153,8 @@ impl VirtioCrypto {
                 pci.device_id()
             )));
         }
+        let mut guard =
+            OpenGuard { pci: pci.clone(), threads: Vec::new(), queues: Vec::new(), msix: false, armed: true };
         pci.enable_bus_master()?;
         let mut wanted = 1u64 << feature::ACCESS_PLATFORM;
         if options.event_idx {
@@ -114,9 +164,8 @@ impl VirtioCrypto {
             wanted |= 1 << feature::RING_INDIRECT_DESC;
         }
         let features = pci.negotiate(1 << feature::VERSION_1, wanted)?;
-        let info = DeviceInfo::read(&pci);
+        let info = DeviceInfo::read(&pci)?;
         if !info.ready() {
-            pci.fail();
             return Err(Error::Init(format!(
                 "{}: the device says it is not ready (status {})",
                 transport.name(),
@@ -141,7 +190,7 @@ impl VirtioCrypto {
         let event_idx = features & (1 << feature::RING_EVENT_IDX) != 0;
         let indirect = features & (1 << feature::RING_INDIRECT_DESC) != 0;
         let pool = DmaPool::new(transport.clone());
-        let health = Arc::new(DeviceHealth::new(pci.clone(), options.request_timeout));
+        let health = Arc::new(DeviceHealth::new(pci.clone(), pool.clone(), options.request_timeout));
 
         // Interrupts: vector 0 for configuration changes, vector 1 + q for data queue q.
         let interrupts = options.completion == CompletionMode::Interrupt;
@@ -158,12 +207,12 @@ impl VirtioCrypto {
                 notifiers.push(Some(EventNotifier::new()?));
             }
             let refs: Vec<Option<&EventNotifier>> = notifiers.iter().map(|n| n.as_ref()).collect();
+            guard.msix = true;
             transport.enable_msix(&refs)?;
             pci.set_config_vector(0);
         }
 
         let control = ControlQueue::new(&pci, &pool, ctrl_index, event_idx, options.request_timeout)?;
-        let mut queues = Vec::with_capacity(nqueues);
         for q in 0..nqueues {
             let index = q as u16;
             let max = pci.queue_max_size(index);
@@ -183,63 +232,73 @@ impl VirtioCrypto {
                 msix_vector: if interrupts { index + 1 } else { VIRTIO_MSI_NO_VECTOR },
                 irq: notifiers.get_mut(q + 1).and_then(Option::take),
             };
-            queues.push(Arc::new(DataQueueShared::new(&pci, &pool, health.clone(), setup)?));
+            guard.queues.push(Arc::new(DataQueueShared::new(&pci, &pool, health.clone(), setup)?));
         }
         pci.driver_ok();
-        let threads = if interrupts {
-            queues
-                .iter()
-                .enumerate()
-                .map(|(i, q)| {
-                    let q = q.clone();
-                    std::thread::Builder::new()
-                        .name(format!("crypt-vfio-irq{i}"))
-                        .spawn(move || q.interrupt_loop())
-                        .map_err(|e| Error::os("spawning the interrupt thread", e))
-                })
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
+        if interrupts {
+            for (i, q) in guard.queues.clone().into_iter().enumerate() {
+                let t = std::thread::Builder::new()
+                    .name(format!("crypt-vfio-irq{i}"))
+                    .spawn(move || q.interrupt_loop())
+                    .map_err(|e| Error::os("spawning the interrupt thread", e))?;
+                guard.threads.push(t);
+            }
+        }
         log::info!(
             "{}: virtio-crypto up, {} data queue(s) of {} slots, features {features:#x} ({})",
             transport.name(),
-            queues.len(),
-            queues.first().map_or(0, |q| q.capacity()),
+            guard.queues.len(),
+            guard.queues.first().map_or(0, |q| q.capacity()),
             info
         );
         let config_irq = notifiers.first_mut().and_then(Option::take);
-        Ok(Self {
+        let core = Arc::new(Core {
             pci,
             pool,
             info,
             features,
             control: Mutex::new(control),
-            queues,
+            queues: guard.queues.clone(),
             health,
-            threads,
-            _config_irq: config_irq,
-        })
+            sessions: SessionRegistry::default(),
+            config_irq,
+            interrupts,
+        });
+        let recovery =
+            recovery::spawn(core.clone()).map_err(|e| Error::os("spawning the recovery thread", e))?;
+        guard.armed = false;
+        let threads = std::mem::take(&mut guard.threads);
+        Ok(Self { core, threads, recovery: Some(recovery) })
     }
 
     /// The device configuration read at start-up.
     pub fn info(&self) -> &DeviceInfo {
-        &self.info
+        &self.core.info
     }
 
     /// The negotiated feature bits.
     pub fn features(&self) -> u64 {
-        self.features
+        self.core.features
     }
 
     /// The DMA pool of this device (for zero-copy buffers).
     pub fn pool(&self) -> &DmaPool {
-        &self.pool
+        &self.core.pool
     }
 
-    /// Whether the device has been declared failed, and why.
+    /// Whether the device is failed right now (awaiting recovery, or given up), and why.
     pub fn failure(&self) -> Option<String> {
-        self.health.is_failed().then(|| self.health.reason())
+        self.core.health.is_failed().then(|| self.core.health.reason())
+    }
+
+    /// How many times the device was recovered after a failure.
+    pub fn recoveries(&self) -> u64 {
+        self.core.health.recoveries()
+    }
+
+    /// Waits up to `limit` for a failed device to be recovered; returns whether it works.
+    pub fn wait_working(&self, limit: Duration) -> bool {
+        self.core.health.wait_working(limit)
     }
 
     /// Whether the device accepts a session of `mode` with a key of `key_len` bytes, found by
@@ -260,9 +319,44 @@ impl VirtioCrypto {
             Err(e) => Err(e),
         }
     }
+}
 
+/// How long a session call waits for a recovery in progress before it fails.
+const RECOVERY_WAIT: Duration = Duration::from_secs(5);
+
+impl Core {
     fn control(&self) -> std::sync::MutexGuard<'_, ControlQueue> {
         self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The control queue, once the device works (waiting for a recovery in progress).
+    fn working_control(&self) -> Result<std::sync::MutexGuard<'_, ControlQueue>> {
+        if self.health.is_failed() && !self.health.wait_working(RECOVERY_WAIT) {
+            return Err(self.health.error());
+        }
+        Ok(self.control())
+    }
+
+    /// A control request failed in a way that leaves the queue waiting for a reset: the device
+    /// is failed (and so reset, then recovered).
+    fn check_control(&self, ctl: std::sync::MutexGuard<'_, ControlQueue>) {
+        if let Some(why) = ctl.dirty().map(str::to_owned) {
+            drop(ctl);
+            self.health.fail(format!("control queue: {why}"));
+        }
+    }
+
+    fn create_pair(&self, ctl: &mut ControlQueue, mode: Mode, key: &[u8]) -> Result<(u64, u64)> {
+        let encrypt_id = ctl.create(mode, Direction::Encrypt, key)?;
+        match ctl.create(mode, Direction::Decrypt, key) {
+            Ok(id) => Ok((encrypt_id, id)),
+            Err(e) => {
+                if ctl.dirty().is_none() {
+                    let _ = ctl.destroy(mode, encrypt_id);
+                }
+                Err(e)
+            }
+        }
     }
 }
 
@@ -270,7 +364,7 @@ impl Engine for VirtioCrypto {
     type Session = DeviceSession;
 
     fn describe(&self) -> String {
-        format!("virtio-crypto on {}", self.pci.transport().name())
+        format!("virtio-crypto on {}", self.core.pci.transport().name())
     }
 
     fn create_session(&self, mode: Mode, key: &[u8]) -> Result<DeviceSession> {
@@ -283,30 +377,28 @@ impl Engine for VirtioCrypto {
         if mode == Mode::Xts && key[..key.len() / 2] == key[key.len() / 2..] {
             return Err(Error::KeyRejected(format!("{mode} key rejected: the two key halves are equal")));
         }
-        if let Some(reason) = self.failure() {
-            return Err(Error::DeviceFailed(reason));
-        }
-        let mut ctl = self.control();
-        let encrypt_id = ctl.create(mode, Direction::Encrypt, key)?;
-        let decrypt_id = match ctl.create(mode, Direction::Decrypt, key) {
-            Ok(id) => id,
-            Err(e) => {
-                let _ = ctl.destroy(mode, encrypt_id);
-                return Err(e);
-            }
-        };
-        Ok(DeviceSession { mode, encrypt_id, decrypt_id })
+        let core = &self.core;
+        let mut ctl = core.working_control()?;
+        let result = core.create_pair(&mut ctl, mode, key);
+        core.check_control(ctl);
+        let (encrypt_id, decrypt_id) = result?;
+        let session = DeviceSession::new(mode, key, encrypt_id, decrypt_id);
+        core.sessions.add(&session);
+        Ok(session)
     }
 
     fn destroy_session(&self, session: &DeviceSession) -> Result<()> {
-        let mut ctl = self.control();
-        let a = ctl.destroy(session.mode, session.encrypt_id);
-        let b = ctl.destroy(session.mode, session.decrypt_id);
+        let core = &self.core;
+        session.state.destroyed.store(true, std::sync::atomic::Ordering::Release);
+        let mut ctl = core.working_control()?;
+        let a = ctl.destroy(session.mode, session.encrypt_id());
+        let b = if ctl.dirty().is_none() { ctl.destroy(session.mode, session.decrypt_id()) } else { Ok(()) };
+        core.check_control(ctl);
         a.and(b)
     }
 
     fn queue_count(&self) -> usize {
-        self.queues.len()
+        self.core.queues.len()
     }
 
     fn open_queue(
@@ -314,31 +406,38 @@ impl Engine for VirtioCrypto {
         index: usize,
         sink: EventSink<DeviceSession>,
     ) -> Result<Box<dyn Queue<DeviceSession>>> {
-        let shared = self.queues[index % self.queues.len()].clone();
+        let queues = &self.core.queues;
+        let shared = queues[index % queues.len()].clone();
         Ok(Box::new(DeviceQueue::new(shared, sink)))
     }
 
     fn max_request_len(&self) -> usize {
-        usize::try_from(self.info.max_size).unwrap_or(usize::MAX)
+        usize::try_from(self.core.info.max_size).unwrap_or(usize::MAX)
     }
 
     fn alloc_buffer(&self, len: usize) -> Result<Buf> {
-        Ok(Buf::Dma(self.pool.alloc(len)?))
+        Ok(Buf::Dma(self.core.pool.alloc(len)?))
     }
 }
 
 impl Drop for VirtioCrypto {
     fn drop(&mut self) {
         // Stop the device (the failure path resets it) before anything it may touch goes away,
-        // then hand every request back.
-        self.health.fail("the engine was closed".into());
+        // and the recovery thread with it; then hand every request back.
+        let core = &self.core;
+        core.health.close();
+        if let Some(t) = self.recovery.take() {
+            let _ = t.join();
+        }
+        // A recovery that finished meanwhile left the device running: stop it again.
+        core.health.close();
         let mut scratch = Vec::new();
-        for q in &self.queues {
+        for q in &core.queues {
             q.close(&mut scratch);
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let _ = self.pci.transport().disable_msix();
+        let _ = core.pci.transport().disable_msix();
     }
 }

@@ -1,22 +1,116 @@
 //! Sessions: a key and algorithm installed on the device.
 //!
 //! A virtio-crypto session has one direction, so a [`DeviceSession`] holds two device sessions,
-//! one that encrypts and one that decrypts, created together.
+//! one that encrypts and one that decrypts, created together. A device reset drops every
+//! session on the device; so that a recovered device serves the same callers with the same
+//! handles, the session keeps its key (zeroized when the last handle goes) and the engine
+//! installs it again after the reset, updating the device ids in place.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use crypt_vfio_cores::Mode;
+use zeroize::Zeroizing;
 
-/// A session on a virtio-crypto device. Copying it copies the handle, not the key (which lives
-/// only on the device).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A session on a virtio-crypto device. Cloning it clones the handle: every clone names the same
+/// session, and the key is wiped when the last one is dropped.
+#[derive(Clone)]
 pub struct DeviceSession {
     pub(crate) mode: Mode,
-    pub(crate) encrypt_id: u64,
-    pub(crate) decrypt_id: u64,
+    pub(crate) state: Arc<SessionState>,
+}
+
+/// What a session needs to be re-created after a device reset.
+pub(crate) struct SessionState {
+    /// The key, held only to install the session again after a reset.
+    pub(crate) key: Zeroizing<Vec<u8>>,
+    encrypt_id: AtomicU64,
+    decrypt_id: AtomicU64,
+    /// Destroyed by the caller: never re-created.
+    pub(crate) destroyed: AtomicBool,
 }
 
 impl DeviceSession {
+    pub(crate) fn new(mode: Mode, key: &[u8], encrypt_id: u64, decrypt_id: u64) -> Self {
+        let state = SessionState {
+            key: Zeroizing::new(key.to_vec()),
+            encrypt_id: AtomicU64::new(encrypt_id),
+            decrypt_id: AtomicU64::new(decrypt_id),
+            destroyed: AtomicBool::new(false),
+        };
+        Self { mode, state: Arc::new(state) }
+    }
+
+    /// A session with the given device ids and an all-zero key, for layout tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(mode: Mode, encrypt_id: u64, decrypt_id: u64) -> Self {
+        Self::new(mode, &[0; 32], encrypt_id, decrypt_id)
+    }
+
     /// The session's mode.
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// The device id of the encrypting half (it changes when a reset makes the engine
+    /// re-create the session).
+    pub(crate) fn encrypt_id(&self) -> u64 {
+        self.state.encrypt_id.load(Ordering::Acquire)
+    }
+
+    /// The device id of the decrypting half.
+    pub(crate) fn decrypt_id(&self) -> u64 {
+        self.state.decrypt_id.load(Ordering::Acquire)
+    }
+}
+
+impl SessionState {
+    /// Installs the ids of the session re-created after a reset.
+    pub(crate) fn set_ids(&self, encrypt_id: u64, decrypt_id: u64) {
+        self.encrypt_id.store(encrypt_id, Ordering::Release);
+        self.decrypt_id.store(decrypt_id, Ordering::Release);
+    }
+}
+
+impl PartialEq for DeviceSession {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
+    }
+}
+
+impl Eq for DeviceSession {}
+
+impl fmt::Debug for DeviceSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key.
+        f.debug_struct("DeviceSession")
+            .field("mode", &self.mode)
+            .field("encrypt_id", &self.encrypt_id())
+            .field("decrypt_id", &self.decrypt_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The live sessions of one engine, to re-create after a reset.
+#[derive(Default)]
+pub(crate) struct SessionRegistry {
+    live: Mutex<Vec<(Mode, Weak<SessionState>)>>,
+}
+
+impl SessionRegistry {
+    pub(crate) fn add(&self, s: &DeviceSession) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|(_, w)| w.strong_count() > 0);
+        live.push((s.mode, Arc::downgrade(&s.state)));
+    }
+
+    /// The sessions still held by someone and not destroyed.
+    pub(crate) fn live(&self) -> Vec<(Mode, Arc<SessionState>)> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.iter()
+            .filter_map(|(m, w)| w.upgrade().map(|s| (*m, s)))
+            .filter(|(_, s)| !s.destroyed.load(Ordering::Acquire))
+            .collect()
     }
 }

@@ -566,6 +566,7 @@ pub fn aead_hdr(session: u64, encrypt: bool, aad_len: usize, src_len: usize, dst
             aad_len: aad_len as u32,
             src_len: src_len as u32,
             dst_len: dst_len as u32,
+            tag_len: 16,
         },
     }
 }

@@ -1,0 +1,214 @@
+//! Whether the device works, and stopping it safely when it does not.
+//!
+//! A failure seen on one queue fails the whole device, because the reset that stops its DMA
+//! stops every queue. Before any buffer goes back to its owner the device must be quiet: a
+//! virtio reset, and if the device does not complete it, bus mastering off and a
+//! function-level reset. A device that completes neither may still write anything it was
+//! given, so the driver then takes the IOMMU mappings of all its DMA memory away (the IOMMU,
+//! not the device, is what stops a rogue device) and never uses the device again.
+//!
+//! A failure that ends with a quiet device is recoverable: [`super::recovery`] waits here for
+//! one, re-initialises the device, and reports back. A device that keeps failing
+//! ([`MAX_FAILURES`] times within [`FAILURE_WINDOW`]) is given up on.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::dma::DmaPool;
+use crate::error::Error;
+use crate::virtio::VirtioPci;
+
+/// Failures within [`FAILURE_WINDOW`] after which the device is not recovered again.
+pub const MAX_FAILURES: usize = 3;
+/// The window in which [`MAX_FAILURES`] failures give the device up.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+const CLOSED: &str = "the engine was closed";
+
+#[derive(Default)]
+struct State {
+    reason: String,
+    failures: VecDeque<Instant>,
+    /// The device is not recovered again: too many failures, or it would not stop.
+    gave_up: Option<Error>,
+    closing: bool,
+    recovering: bool,
+    recoveries: u64,
+}
+
+/// The health of one device, shared by its queues, its engine and its recovery thread.
+pub(crate) struct DeviceHealth {
+    failed: AtomicBool,
+    state: Mutex<State>,
+    changed: Condvar,
+    pub(crate) pci: Arc<VirtioPci>,
+    pool: DmaPool,
+    pub(crate) timeout: Duration,
+}
+
+impl DeviceHealth {
+    pub(crate) fn new(pci: Arc<VirtioPci>, pool: DmaPool, timeout: Duration) -> Self {
+        Self {
+            failed: AtomicBool::new(false),
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            pci,
+            pool,
+            timeout,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn reason(&self) -> String {
+        self.lock().reason.clone()
+    }
+
+    /// The error for a request refused or failed because the device is failed.
+    pub(crate) fn error(&self) -> Error {
+        let st = self.lock();
+        match &st.gave_up {
+            Some(Error::DeviceGaveUp { failures, window, last }) => {
+                Error::DeviceGaveUp { failures: *failures, window: *window, last: last.clone() }
+            }
+            _ => Error::DeviceFailed(st.reason.clone()),
+        }
+    }
+
+    /// Recoveries completed so far.
+    pub(crate) fn recoveries(&self) -> u64 {
+        self.lock().recoveries
+    }
+
+    /// Marks the device failed and stops it, so that it touches no memory before any buffer
+    /// goes back to its owner.
+    pub(crate) fn fail(&self, reason: String) {
+        let mut st = self.lock();
+        if self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        if reason == CLOSED {
+            log::debug!("virtio-crypto device closed");
+            st.closing = true;
+        } else {
+            log::error!("virtio-crypto device failed: {reason}; resetting it and failing every request");
+            st.failures.push_back(Instant::now());
+        }
+        st.reason = reason;
+        if !stop_device(&self.pci) {
+            log::error!(
+                "the device did not stop after a reset and a function-level reset: unmapping all its DMA \
+                 memory and giving it up"
+            );
+            self.pool.revoke_device_access();
+            st.reason = format!(
+                "{}; then the device ignored a reset and a function-level reset, so its DMA memory was \
+                 unmapped and it is not used again",
+                st.reason
+            );
+            st.gave_up = Some(Error::DeviceFailed(st.reason.clone()));
+        }
+        self.pci.fail();
+        self.failed.store(true, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// Marks the engine closing: the device is stopped and not recovered.
+    pub(crate) fn close(&self) {
+        self.fail(CLOSED.into());
+        self.lock().closing = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits until a recovery is due; `false` when the engine is closing instead. Gives the
+    /// device up (and returns to waiting) when it failed too often.
+    pub(crate) fn wait_for_failure(&self) -> bool {
+        let mut st = self.lock();
+        loop {
+            if st.closing {
+                return false;
+            }
+            if self.is_failed() && st.gave_up.is_none() {
+                let now = Instant::now();
+                while st.failures.front().is_some_and(|t| now.duration_since(*t) > FAILURE_WINDOW) {
+                    st.failures.pop_front();
+                }
+                if st.failures.len() >= MAX_FAILURES {
+                    let e = Error::DeviceGaveUp {
+                        failures: st.failures.len(),
+                        window: FAILURE_WINDOW,
+                        last: st.reason.clone(),
+                    };
+                    log::error!("{e}");
+                    st.reason = e.to_string();
+                    st.gave_up = Some(e);
+                    self.changed.notify_all();
+                    continue;
+                }
+                st.recovering = true;
+                return true;
+            }
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The device works again.
+    pub(crate) fn recovered(&self) {
+        let mut st = self.lock();
+        st.recovering = false;
+        st.recoveries += 1;
+        self.failed.store(false, Ordering::Release);
+        self.changed.notify_all();
+        log::warn!("virtio-crypto device recovered (recovery {})", st.recoveries);
+    }
+
+    /// A recovery attempt failed: that counts as one more failure.
+    pub(crate) fn recovery_failed(&self, e: &Error) {
+        let mut st = self.lock();
+        st.recovering = false;
+        st.failures.push_back(Instant::now());
+        st.reason = format!("recovery after a failure did not work: {e}");
+        log::error!("{}", st.reason);
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `limit` for a failed device to be recovered (or given up). Returns whether
+    /// the device works.
+    pub(crate) fn wait_working(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut st = self.lock();
+        while self.is_failed() && st.gave_up.is_none() && !st.closing {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self.changed.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        !self.is_failed()
+    }
+}
+
+/// Stops the device's DMA: a virtio reset, and if the device does not complete it, bus
+/// mastering off and a function-level reset. Returns whether the device reads as reset.
+pub(crate) fn stop_device(pci: &VirtioPci) -> bool {
+    match pci.reset() {
+        Ok(()) => return true,
+        Err(e) => log::error!("device reset: {e}; turning bus mastering off and resetting the function"),
+    }
+    if let Err(e) = pci.disable_bus_master() {
+        log::error!("turning bus mastering off: {e}");
+    }
+    if let Err(e) = pci.transport().reset() {
+        log::error!("function-level reset: {e}");
+        return false;
+    }
+    pci.status() == 0
+}
