@@ -343,6 +343,10 @@ fn block_devices_are_read_and_written_in_place() {
             cli().arg("decrypt").args(Format::Luks2.decrypt_args(d)).arg(d.join("enc.img")).arg(&small.dev),
         );
         assert!(e.contains("too small"), "{e}");
+        let e = fails(
+            cli().arg("encrypt").args(Format::Luks2.encrypt_args(d)).arg(d.join("plain.raw")).arg(&small.dev),
+        );
+        assert!(e.contains("too small"), "{e}");
         assert!(std::fs::metadata(&small.dev).unwrap().file_type().is_block_device());
     }
     assert!(
