@@ -343,6 +343,10 @@ fn block_devices_are_read_and_written_in_place() {
             cli().arg("decrypt").args(Format::Luks2.decrypt_args(d)).arg(d.join("enc.img")).arg(&small.dev),
         );
         assert!(e.contains("too small"), "{e}");
+        let e = fails(
+            cli().arg("encrypt").args(Format::Luks2.encrypt_args(d)).arg(d.join("plain.raw")).arg(&small.dev),
+        );
+        assert!(e.contains("too small"), "{e}");
         assert!(std::fs::metadata(&small.dev).unwrap().file_type().is_block_device());
     }
     assert!(
@@ -847,4 +851,50 @@ fn numbers_out_of_range_get_a_clear_error_and_write_nothing() {
         assert_eq!(files_in(d), files, "{args:?} left a file");
         assert!(std::fs::read(d.join("enc.img")).unwrap() == image, "{args:?} changed the image");
     }
+}
+
+#[test]
+fn a_finished_output_is_flushed_renamed_and_its_directory_flushed() {
+    let dir = scratch();
+    let d = dir.path();
+    make_image(d, Format::Luks2, 1 << 20, 95);
+    let log = d.join("strace.log");
+    let traced = Command::new("strace")
+        .args(["-f", "-e", "trace=openat,rename,renameat,renameat2,fsync,fdatasync", "-o"])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_crypt-vfio"))
+        .arg("decrypt")
+        .args(Format::Luks2.decrypt_args(d))
+        .arg(d.join("enc.img"))
+        .arg(d.join("out.raw"))
+        .output();
+    match &traced {
+        Ok(o) if o.status.success() => {}
+        other => {
+            eprintln!("SKIPPED: strace cannot trace the command here: {other:?}");
+            return;
+        }
+    }
+    let log = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let fd_of = |line: &str| line.rsplit_once("= ").and_then(|(_, fd)| fd.trim().parse::<i32>().ok());
+    let temp = lines.iter().position(|l| l.contains("openat(") && l.contains(".out.raw.crypt-vfio-"));
+    let temp = temp.unwrap_or_else(|| panic!("no temporary file opened:\n{log}"));
+    let temp_fd = fd_of(lines[temp]).unwrap();
+    let out = d.join("out.raw").display().to_string();
+    let rename = lines.iter().position(|l| l.contains("rename") && l.contains(&format!("\"{out}\"")));
+    let rename = rename.unwrap_or_else(|| panic!("no rename to {out}:\n{log}"));
+    assert!(
+        lines[temp..rename].iter().any(|l| l.contains(&format!("fsync({temp_fd})"))),
+        "the temporary file is not flushed before the rename:\n{log}"
+    );
+    let dir_name = format!("\"{}\"", d.display());
+    let dir_open = lines[rename..].iter().position(|l| l.contains("openat(") && l.contains(&dir_name));
+    let dir_open =
+        rename + dir_open.unwrap_or_else(|| panic!("the directory is not opened after the rename:\n{log}"));
+    let dir_fd = fd_of(lines[dir_open]).unwrap();
+    assert!(
+        lines[dir_open..].iter().any(|l| l.contains(&format!("fsync({dir_fd})"))),
+        "the directory is not flushed after the rename:\n{log}"
+    );
 }

@@ -176,6 +176,8 @@ enum NewImage {
 pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     let input = open_input(&args.input)?;
     let engine = Arc::new(args.device.open(&args.device.options())?);
+    // Before the key derivation: an output that is the input is refused at once.
+    let out = Output::open(&args.output, &input, &args.input)?;
     let volume: Box<dyn BlockDevice> = if args.plain.plain {
         let (key, params) = args.plain.volume(&args.cipher, args.sector_size)?;
         Box::new(Volume::open(engine, input.try_clone()?, false, &key, params)?)
@@ -197,7 +199,6 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
         Box::new(Volume::open(engine, input.try_clone()?, false, &key, header.volume_params())?)
     };
     let size = volume.size();
-    let out = Output::open(&args.output, &input, &args.input)?;
     out.check_room(size)?;
     copy(out.file(), size, &*volume, Direction::Decrypt, &args.input, &args.output)?;
     drop(volume);
