@@ -100,3 +100,103 @@ fn bad_arguments_are_refused_by_name() {
         assert!(err.contains(words), "{args:?}: {err}");
     }
 }
+
+/// What a refused `crypt-vfio bench` run left: its output and its peak memory.
+struct Refusal {
+    stdout: String,
+    stderr: String,
+    peak_rss_kib: i64,
+}
+
+/// Runs `crypt-vfio bench ARGS`, which must fail within 60 s (an argument that runs forever is
+/// killed then, and the test fails instead of hanging).
+#[allow(clippy::zombie_processes, reason = "wait4 reaps the child: Child::wait cannot give its peak memory")]
+fn refused(args: &[&str]) -> Refusal {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
+        .arg("bench")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run crypt-vfio");
+    let pid = child.id() as libc::pid_t;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (status, rusage) = loop {
+        let mut status = 0;
+        let mut rusage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: wait4 on our own child, with pointers to a status word and a rusage that live
+        // across the call; WNOHANG makes it return at once while the child still runs.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, rusage.as_mut_ptr()) };
+        if r == pid {
+            // SAFETY: wait4 returned the child, so it filled the rusage in.
+            break (status, unsafe { rusage.assume_init() });
+        }
+        assert_eq!(r, 0, "wait4: {}", std::io::Error::last_os_error());
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("bench {args:?} still running after 60 s: it should have been refused at once");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(
+        !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0),
+        "bench {args:?} accepted:\n{stdout}{stderr}"
+    );
+    assert!(libc::WIFEXITED(status), "bench {args:?} did not exit but died (status {status:#x}):\n{stderr}");
+    Refusal { stdout, stderr, peak_rss_kib: rusage.ru_maxrss }
+}
+
+#[test]
+fn a_bare_duration_is_seconds_and_the_run_lasts_that_long() {
+    let out = ok(&bench(&["--engine", "software", "--size", "512", "--duration", "1", "--json"]));
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    // A lower bound only: a loaded machine may stretch the run, never shorten it.
+    assert!(r["seconds"].as_f64().unwrap() >= 0.95, "--duration 1 is one second: {r}");
+    assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
+}
+
+#[test]
+fn options_that_would_measure_nothing_or_never_end_are_refused_with_the_reason() {
+    for (args, words) in [
+        (&["--duration", "0"][..], "measures nothing"),
+        (&["--duration", "0s"][..], "measures nothing"),
+        (&["--duration", "10us"][..], "shorter than 1ms"),
+        (&["--duration", "2h"][..], "longer than 1h"),
+        (&["--duration=-1s"][..], "negative"),
+        (&["--duration", "5parsecs"][..], "unknown unit"),
+        (&["--duration", "soon"][..], "is not a duration"),
+        (&["--count", "0"][..], "no requests measures nothing"),
+        (&["--count", "18446744073709551615"][..], "more than the 1000000000 allowed"),
+        (&["--qd", "100000"][..], "more than the 65536 allowed"),
+        (&["--queues", "0"][..], "at least 1"),
+        (&["--repeat", "0"][..], "at least 1"),
+        (&["--size", "0"][..], "request of no bytes"),
+        (&["--size", "2GiB"][..], "more than the 1 GiB"),
+        (&["--sweep", "size=512,0"][..], "request of no bytes"),
+        (&["--size", "1MiB", "--qd", "2048"][..], "more than the 1 GiB a bench may allocate"),
+    ] {
+        let r = refused(args);
+        assert!(r.stderr.contains(words), "{args:?}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "{args:?} ran before being refused: {}", r.stdout);
+    }
+}
+
+#[test]
+fn a_size_over_the_device_limit_is_refused_before_any_buffer_is_allocated() {
+    // The emulated device carries at most 1 MiB per request. Refused before allocating, the
+    // process stays far below the 1 GiB one buffer of this size would take.
+    let r = refused(&["--size", "1073741824", "--qd", "1", "--count", "1"]);
+    assert!(
+        r.stderr.contains("size 1073741824 is larger than the 1048576 bytes one request may carry"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty(), "a run started before the size was checked: {}", r.stdout);
+    assert!(r.peak_rss_kib < 256 * 1024, "peak memory {} KiB: a buffer was allocated", r.peak_rss_kib);
+}

@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # The guest test: crypt-vfio on a real vfio-pci, in a QEMU guest, on Debian's own kernel.
 #
-# On a Debian 12 machine as root: installs what it needs from Debian's packages, builds crypt-vfio
-# statically, builds a small initramfs (busybox, the kernel's VFIO modules, the binary), and boots
-# QEMU (TCG) with an emulated Intel IOMMU and QEMU's virtio-crypto-pci device behind it. Inside the
-# guest it lists, binds and shows the device (and sees a bind refused for a second one whose IOMMU
-# group a host driver shares), runs the self-test (every algorithm and key size the
-# device accepts, bit-exact against the software implementation, in polling and interrupt mode,
-# plus bad input), a short bench, and unbinds. It prints one line
+# On a Debian 12 machine as root: takes what it needs from Debian's packages without installing
+# anything (see "Tools" below), builds crypt-vfio statically, builds a small initramfs (busybox,
+# the kernel's VFIO modules, the binary), and boots QEMU (TCG) with an emulated Intel IOMMU and
+# QEMU's virtio-crypto-pci device behind it. Inside the guest it lists, binds and shows the
+# device (and sees a bind refused for a second one whose IOMMU group a host driver shares), runs
+# the self-test (every algorithm and key size the device accepts, bit-exact against the software
+# implementation, in polling and interrupt mode, plus bad input), a short bench, and unbinds. It
+# prints one line
 #   vfio-guest-test: PASS (...)   or   vfio-guest-test: FAIL (reason)
 # and exits non-zero on failure, or when the guest did not boot or finish.
 #
-# Everything it keeps lives in target/: the kernel (target/vfio-guest/kernel-*, re-fetched when
-# Debian's kernel changes), the static build (target/x86_64-unknown-linux-gnu) and the last guest
-# log (target/vfio-guest/guest.log). Running it twice reuses both.
+# It leaves the machine's packages as it found them: it never installs, removes, upgrades or
+# downgrades a package (installing Debian 12's qemu-system-x86 next to qemu-utils 10 from backports
+# makes apt remove qemu-utils). A tool that is not installed is fetched with `apt-get download`
+# and unpacked with `dpkg -x` under target/. It records `dpkg -l` before and after and FAILs,
+# printing the difference, if they differ.
+#
+# Everything it keeps lives in target/: the unpacked packages (target/vfio-guest/pkgs, re-fetched
+# when Debian's versions change), the kernel (target/vfio-guest/kernel-*, re-fetched when Debian's
+# kernel changes), the static build (target/x86_64-unknown-linux-gnu) and the last guest log
+# (target/vfio-guest/guest.log). Running it twice reuses them.
 #
 # Environment:
 #   VFIO_GUEST_CORRUPT=1   flip one bit of one device result in the self-test: the run must FAIL
@@ -36,31 +44,107 @@ fail() {
 }
 say() { echo "vfio-guest-test: $*"; }
 
-[ "$(id -u)" = 0 ] || fail "must run as root (it installs packages and boots QEMU)"
+[ "$(id -u)" = 0 ] || fail "must run as root (apt-get update, and the guest test's own checks of root-only refusals)"
 [ "$(uname -m)" = x86_64 ] || fail "needs an x86_64 machine"
-command -v apt-get >/dev/null || fail "needs a Debian machine (apt-get)"
+command -v apt-get >/dev/null && command -v dpkg >/dev/null || fail "needs a Debian machine (apt-get, dpkg)"
 mkdir -p "$WORK"
 
-# --- Packages -----------------------------------------------------------------------------
+# --- The machine's packages: the same after the test as before it --------------------------------
+dpkg -l >"$WORK/dpkg-before.txt"
+# Prints the difference and returns 1 when the installed packages changed since the start.
+packages_unchanged() {
+    dpkg -l >"$WORK/dpkg-after.txt"
+    if ! diff -u "$WORK/dpkg-before.txt" "$WORK/dpkg-after.txt" >"$WORK/dpkg.diff"; then
+        cat "$WORK/dpkg.diff"
+        return 1
+    fi
+}
+# On a failure path too: a changed package list is reported whatever else went wrong.
+on_exit() {
+    rc=$?
+    trap - EXIT
+    if [ $rc != 0 ] && ! packages_unchanged; then
+        echo "vfio-guest-test: FAIL (dpkg -l changed during the test; the difference is above)"
+    fi
+    exit $rc
+}
+trap on_exit EXIT
+
+# --- Tools: the installed ones, or Debian's packages unpacked under target/ (never installed) ------
 apt_updated=0
 apt_update() {
     if [ $apt_updated = 0 ]; then
+        # Refreshes apt's package lists only; it changes no installed package.
         apt-get update -q >"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log"; fail "apt-get update failed"; }
         apt_updated=1
     fi
 }
-need=()
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
-command -v cpio >/dev/null || need+=(cpio)
-command -v xz >/dev/null || need+=(xz-utils)
-if [ ${#need[@]} -gt 0 ]; then
-    say "installing ${need[*]}"
-    apt_update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >>"$WORK/apt.log" 2>&1 ||
-        { tail -20 "$WORK/apt.log"; fail "apt-get install ${need[*]} failed"; }
+installed() { [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
+PKGS=$WORK/pkgs
+PKGROOT=$PKGS/root
+LIBDIRS=$PKGROOT/lib/x86_64-linux-gnu:$PKGROOT/usr/lib/x86_64-linux-gnu
+# Runs a tool with the unpacked libraries first on its search path (harmless for installed tools:
+# only libraries that are not installed are unpacked).
+with_libs() { LD_LIBRARY_PATH=$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$@"; }
+# Where a tool is: installed (on PATH) or unpacked.
+tool_path() {
+    command -v "$1" 2>/dev/null ||
+        { for d in usr/bin bin usr/sbin sbin; do [ -x "$PKGROOT/$d/$1" ] && echo "$PKGROOT/$d/$1" && return; done; }
+}
+want=()
+command -v qemu-system-x86_64 >/dev/null || want+=(qemu-system-x86)
+# The initramfs needs a static busybox: Debian's busybox package is dynamically linked.
+installed busybox-static || want+=(busybox-static)
+command -v cpio >/dev/null || want+=(cpio)
+command -v xz >/dev/null || want+=(xz-utils)
+if [ ${#want[@]} -gt 0 ]; then
+    apt-cache show "${want[@]}" >/dev/null 2>&1 || apt_update
+    apt-cache show "${want[@]}" >/dev/null 2>&1 || fail "apt knows no package among ${want[*]}; cannot fetch them"
+    # Their whole dependency closure, less what is installed: the installed libraries are used
+    # as they are (ldd below checks that they suffice).
+    closure=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+        --no-replaces --no-enhances "${want[@]}" | grep -v '^[ <]' | sort -u)
+    fetch=()
+    for p in $closure; do installed "$p" || fetch+=("$p"); done
+    [ ${#fetch[@]} -gt 0 ] || fail "${want[*]}: installed as packages, yet not on PATH"
+    # The .deb names carry the versions: the cache is reused while they are the same.
+    uris=$(apt-get download --print-uris "${fetch[@]}" 2>"$WORK/apt-download.log") ||
+        { cat "$WORK/apt-download.log"; fail "apt-get download --print-uris ${fetch[*]} failed"; }
+    stamp=$(echo "$uris" | awk '{ print $2 }' | sort)
+    if [ "$stamp" != "$(cat "$PKGS/fetched" 2>/dev/null)" ]; then
+        say "fetching ${want[*]} and ${#fetch[@]} packages they need into $PKGS (nothing is installed)"
+        rm -rf "$PKGS" && mkdir -p "$PKGS/debs" "$PKGROOT"
+        (cd "$PKGS/debs" && apt-get download "${fetch[@]}" >"$PKGS/download.log" 2>&1) ||
+            { apt_update; (cd "$PKGS/debs" && apt-get download "${fetch[@]}" >"$PKGS/download.log" 2>&1); } ||
+            { tail -20 "$PKGS/download.log"; fail "apt-get download ${fetch[*]} failed"; }
+        for deb in "$PKGS"/debs/*.deb; do
+            dpkg -x "$deb" "$PKGROOT" || fail "dpkg -x $deb failed"
+        done
+        rm -rf "$PKGS/debs"
+        echo "$stamp" >"$PKGS/fetched"
+    fi
 fi
-QEMU_VERSION=$(qemu-system-x86_64 --version | head -1)
+QEMU=$(tool_path qemu-system-x86_64) || true
+[ -n "$QEMU" ] || fail "no qemu-system-x86_64, installed or in $PKGROOT"
+CPIO=$(tool_path cpio) || true
+[ -n "$CPIO" ] || fail "no cpio, installed or in $PKGROOT"
+XZ=$(tool_path xz) || true
+[ -n "$XZ" ] || fail "no xz, installed or in $PKGROOT"
+if installed busybox-static; then BUSYBOX=/bin/busybox; else BUSYBOX=$PKGROOT/bin/busybox; fi
+[ -x "$BUSYBOX" ] || fail "no static busybox at $BUSYBOX"
+for t in "$QEMU" "$CPIO" "$XZ"; do
+    missing=$(with_libs ldd "$t" 2>&1 | grep "not found" || true)
+    [ -z "$missing" ] || { echo "$missing"; fail "$t lacks libraries (above)"; }
+done
+# An unpacked QEMU finds its firmware (-L) and its modules (TCG is one) under target/, not /usr.
+QEMU_DIRS=()
+case $QEMU in
+    "$PKGROOT"/*)
+        for d in usr/share/qemu usr/share/seabios usr/lib/ipxe/qemu; do QEMU_DIRS+=(-L "$PKGROOT/$d"); done
+        export QEMU_MODULE_DIR=$PKGROOT/usr/lib/x86_64-linux-gnu/qemu
+        ;;
+esac
+QEMU_VERSION=$(with_libs "$QEMU" --version | head -1) || fail "$QEMU does not run"
 
 # --- Debian's kernel: the uncompressed image and the VFIO modules --------------------------------
 kernel_package() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'; }
@@ -84,7 +168,7 @@ if [ ! -s "$KDIR/vmlinux" ]; then
         ko=$(find "$KDIR/x" \( -name "$m.ko" -o -name "$m.ko.xz" \) | head -1)
         [ -n "$ko" ] || fail "$KPKG has no module $m"
         case $ko in
-            *.xz) xz -dc "$ko" >"$KDIR/modules/$m.ko" ;;
+            *.xz) with_libs "$XZ" -dc "$ko" >"$KDIR/modules/$m.ko" ;;
             *) cp "$ko" "$KDIR/modules/$m.ko" ;;
         esac
     done
@@ -93,7 +177,7 @@ if [ ! -s "$KDIR/vmlinux" ]; then
     vmlinuz=$KDIR/x/boot/vmlinuz-$KVER
     off=$(LC_ALL=C grep -obUaP '\xFD7zXZ\x00' "$vmlinuz" | head -1 | cut -d: -f1)
     [ -n "$off" ] || fail "no XZ stream in $vmlinuz"
-    tail -c +$((off + 1)) "$vmlinuz" | xz -dc >"$KDIR/vmlinux.tmp" 2>/dev/null || true
+    tail -c +$((off + 1)) "$vmlinuz" | with_libs "$XZ" -dc >"$KDIR/vmlinux.tmp" 2>/dev/null || true
     [ "$(head -c 4 "$KDIR/vmlinux.tmp" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] ||
         fail "decompressing $vmlinuz did not give an ELF kernel"
     mv "$KDIR/vmlinux.tmp" "$KDIR/vmlinux"
@@ -112,7 +196,7 @@ rm -rf "$INITRD" && mkdir -p "$INITRD"/{bin,dev,etc,proc,sys,tmp,lib/modules}
 # An unprivileged user, to see the permission errors.
 printf 'root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n' >"$INITRD/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$INITRD/etc/group"
-cp /bin/busybox "$INITRD/bin/busybox"
+cp "$BUSYBOX" "$INITRD/bin/busybox"
 cp "$BIN" "$INITRD/bin/crypt-vfio"
 cp "$KDIR"/modules/*.ko "$INITRD/lib/modules/"
 selftest_extra=""
@@ -215,7 +299,7 @@ echo "crypt-vfio-guest: \$result\${reason:+: \$reason}"
 poweroff -f
 EOF
 chmod +x "$INITRD/init"
-(cd "$INITRD" && find . | cpio -o -H newc --quiet) >"$WORK/initrd.cpio"
+(cd "$INITRD" && find . | with_libs "$CPIO" -o -H newc --quiet) >"$WORK/initrd.cpio"
 
 # --- The guest ----------------------------------------------------------------------------------
 LOG=$WORK/guest.log
@@ -223,7 +307,7 @@ rm -f "$LOG"
 say "booting $KPKG under $QEMU_VERSION (TCG)"
 boot_start=$(date +%s)
 set +e
-timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -machine q35 -m 1G -smp 2 \
+timeout "$TIMEOUT" env LD_LIBRARY_PATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$QEMU" "${QEMU_DIRS[@]}" -accel tcg -cpu max -machine q35 -m 1G -smp 2 \
     -nodefaults -display none -no-reboot -serial "file:$LOG" \
     -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd.cpio" \
     -append "console=ttyS0 panic=-1 quiet intel_iommu=on" \
@@ -243,7 +327,8 @@ verdict=$(tr -d '\r' <"$LOG" 2>/dev/null | grep -a "^crypt-vfio-guest: " | tail 
 total_s=$(($(date +%s) - START))
 case $verdict in
     "crypt-vfio-guest: PASS"*)
-        say "PASS (guest $KVER, $QEMU_VERSION; guest ran ${guest_s} s, whole test ${total_s} s)"
+        packages_unchanged || fail "dpkg -l changed during the test; the difference is above"
+        say "PASS (guest $KVER, $QEMU_VERSION; guest ran ${guest_s} s, whole test ${total_s} s; dpkg -l unchanged)"
         ;;
     "crypt-vfio-guest: FAIL"*)
         fail "in the guest, ${verdict#crypt-vfio-guest: FAIL: }"

@@ -6,6 +6,11 @@
 //! `Backlogged` it waits for that request's `Promoted`; completions recycle buffers. Every
 //! 256th request is checked against the AES core called directly, so a fast wrong answer fails
 //! the run instead of being reported.
+//!
+//! Every option that could make a run measure nothing, never end or exhaust memory is refused
+//! with its reason before anything runs or is allocated: durations take units (a bare number is
+//! seconds), counts and sizes are bounded, and sizes are checked against the engine's largest
+//! request once it is open.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +25,113 @@ use crypt_vfio::{CoreKind, Mode};
 use crypt_vfio_cores::new_cipher;
 use hdrhistogram::Histogram;
 
-use super::device::{parse_duration, DeviceArgs};
+use super::device::DeviceArgs;
+
+/// The shortest run worth measuring: below it, thread start-up dominates.
+const MIN_DURATION: Duration = Duration::from_millis(1);
+/// The longest run: longer measurements are made of several runs (`--repeat`).
+const MAX_DURATION: Duration = Duration::from_secs(3600);
+/// Requests per queue with `--count`: a billion runs for many minutes even on the fast engines.
+const MAX_COUNT: u64 = 1_000_000_000;
+/// Requests in flight per queue: far beyond any ring; the rest would only sit in the backlog.
+const MAX_QD: usize = 65_536;
+/// Submitting threads.
+const MAX_QUEUES: usize = 256;
+/// Runs per configuration.
+const MAX_REPEAT: usize = 1000;
+/// Buffer memory of a run (size × qd × queues): the bench must not exhaust the machine.
+const MAX_BUFFER_BYTES: u128 = 1 << 30;
+
+/// Parses the length of a run: `500ms`, `2s`, `1.5m`, `1h`; a bare number is seconds. Zero,
+/// less than 1 ms and more than an hour are refused with the reason.
+pub fn parse_run_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| c.is_alphabetic()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let v: f64 =
+        num.trim().parse().ok().filter(|v: &f64| v.is_finite()).ok_or_else(|| {
+            format!("`{s}` is not a duration (try 500ms, 2s, 1m; a bare number is seconds)")
+        })?;
+    let secs = v * match unit {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use ms, s, m or h)")),
+    };
+    if secs < 0.0 {
+        return Err(format!("`{s}` is negative"));
+    }
+    if secs == 0.0 {
+        return Err(format!("`{s}` is zero: a run of no time measures nothing"));
+    }
+    if secs < MIN_DURATION.as_secs_f64() {
+        return Err(format!("`{s}` is shorter than 1ms: too short to measure anything"));
+    }
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Err(format!("`{s}` is longer than 1h: for longer measurements, use --repeat"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a whole number in `1..=max`; `zero` says in the error why zero is refused.
+fn parse_bounded(s: &str, max: u64, zero: &str) -> Result<u64, String> {
+    let v: u64 = s.trim().parse().map_err(|_| format!("`{s}` is not a whole number"))?;
+    if v == 0 {
+        return Err(format!("must be at least 1: {zero}"));
+    }
+    if v > max {
+        return Err(format!("{v} is more than the {max} allowed"));
+    }
+    Ok(v)
+}
+
+/// Parses `--count`: requests per queue, 1 to a billion.
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    parse_bounded(s, MAX_COUNT, "a run of no requests measures nothing")
+}
+
+/// Parses `--qd`: requests in flight per queue.
+pub fn parse_qd(s: &str) -> Result<usize, String> {
+    parse_bounded(s, MAX_QD as u64, "nothing would ever be in flight").map(|v| v as usize)
+}
+
+/// Parses `--queues`: submitting threads.
+pub fn parse_queues(s: &str) -> Result<usize, String> {
+    parse_bounded(s, MAX_QUEUES as u64, "no thread would submit anything").map(|v| v as usize)
+}
+
+/// Parses `--repeat`: runs per configuration.
+pub fn parse_repeat(s: &str) -> Result<usize, String> {
+    parse_bounded(s, MAX_REPEAT as u64, "there would be no run to report").map(|v| v as usize)
+}
+
+/// Parses a request size: bytes, or with a binary unit (`512`, `4KiB`, `1MiB`; `K`, `M`, `G` are
+/// read as KiB, MiB, GiB). Zero and sizes over 1 GiB are refused.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let shift = match unit {
+        "" | "B" => 0,
+        "K" | "KiB" | "k" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use bytes, KiB, MiB or GiB)")),
+    };
+    let v: u64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (try 4096, 64KiB, 1MiB)"))?;
+    if v == 0 {
+        return Err(format!("`{s}` is zero: a request of no bytes measures nothing"));
+    }
+    let bytes = v.checked_shl(shift).filter(|b| b >> shift == v && *b <= MAX_BUFFER_BYTES as u64);
+    bytes.map(|b| b as usize).ok_or_else(|| format!("`{s}` is more than the 1 GiB a bench request may be"))
+}
 
 /// An algorithm with its key size, as named on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,26 +189,26 @@ pub struct BenchArgs {
     /// Algorithm and key size.
     #[arg(long, default_value = "aes-256-gcm")]
     alg: Alg,
-    /// Bytes per request.
-    #[arg(long, default_value_t = 4096)]
+    /// Bytes per request (4096, 64KiB, 1MiB; at most the engine's largest request).
+    #[arg(long, default_value = "4096", value_parser = parse_size)]
     size: usize,
-    /// Requests in flight per queue.
-    #[arg(long, default_value_t = 64)]
+    /// Requests in flight per queue (1 to 65536).
+    #[arg(long, default_value = "64", value_parser = parse_qd)]
     qd: usize,
-    /// Submitting threads, one data queue each.
-    #[arg(long, default_value_t = 1)]
+    /// Submitting threads, one data queue each (1 to 256).
+    #[arg(long, default_value = "1", value_parser = parse_queues)]
     queues: usize,
-    /// How long each run lasts.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    /// How long each run lasts: 500ms, 2s, 1m (a bare number is seconds; 1ms to 1h).
+    #[arg(long, default_value = "2s", value_parser = parse_run_duration)]
     duration: Duration,
-    /// Stop after this many requests per queue instead of after --duration.
-    #[arg(long)]
+    /// Stop after this many requests per queue instead of after --duration (1 to a billion).
+    #[arg(long, value_parser = parse_count)]
     count: Option<u64>,
     /// Submit one request and wait for it before the next (the 2015 dm-crypt behaviour).
     #[arg(long)]
     wait_each: bool,
-    /// Runs per configuration; the median run is reported.
-    #[arg(long, default_value_t = 1)]
+    /// Runs per configuration; the median run is reported (1 to 1000).
+    #[arg(long, default_value = "1", value_parser = parse_repeat)]
     repeat: usize,
     /// Print one JSON object per run instead of a table.
     #[arg(long)]
@@ -140,11 +251,12 @@ impl FromStr for Sweep {
         };
         let values = list
             .split(',')
-            .map(|v| v.trim().parse::<usize>().map_err(|_| format!("`{v}` is not a number")))
-            .collect::<Result<Vec<_>, _>>()?;
-        if values.is_empty() || values.contains(&0) {
-            return Err("sweep values must be positive".into());
-        }
+            .map(|v| match param {
+                SweepParam::Qd => parse_qd(v),
+                SweepParam::Size => parse_size(v),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{name}: {e}"))?;
         Ok(Self { param, values })
     }
 }
@@ -226,9 +338,6 @@ const HEADER: &str = "engine                                      alg   size   q
 
 /// Runs the benchmark.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.size == 0 || args.qd == 0 || args.queues == 0 || args.repeat == 0 {
-        bail!("--size, --qd, --queues and --repeat must be at least 1");
-    }
     let points: Vec<Point> = match &args.sweep {
         None => vec![Point { size: args.size, qd: args.qd }],
         Some(sw) => sw
@@ -244,23 +353,46 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if let Err(e) = args.alg.mode.check_data_len(p.size) {
             bail!("size {}: {e}", p.size);
         }
+        let qd = if args.wait_each { 1 } else { p.qd };
+        let bytes = p.size as u128 * qd as u128 * args.queues as u128;
+        if bytes > MAX_BUFFER_BYTES {
+            bail!(
+                "size {} × qd {qd} × {} queues is {bytes} bytes of buffers, more than the 1 GiB a bench may \
+                 allocate: lower --size, --qd or --queues",
+                p.size,
+                args.queues
+            );
+        }
+    }
+    // Both engines are open and every size checked against them before any buffer exists.
+    let dev = match args.engine.as_str() {
+        "device" | "both" => Some(args.device.open_for_bench(&args.device.options())?),
+        _ => None,
+    };
+    let sw = match args.engine.as_str() {
+        "software" | "both" => Some(SoftwareEngine::new(args.device.core)),
+        _ => None,
+    };
+    if let Some(dev) = &dev {
+        check_sizes(dev, &points)?;
+    }
+    if let Some(sw) = &sw {
+        check_sizes(sw, &points)?;
     }
     if !args.json {
         println!("{HEADER}");
     }
     let mut series: Vec<(String, Vec<RunResult>)> = Vec::new();
-    if args.engine == "device" || args.engine == "both" {
-        let dev = args.device.open_for_bench(&args.device.options())?;
+    if let Some(dev) = &dev {
         series.push((
             dev.describe(),
-            points.iter().map(|&p| repeat(&args, &dev, p)).collect::<anyhow::Result<_>>()?,
+            points.iter().map(|&p| repeat(&args, dev, p)).collect::<anyhow::Result<_>>()?,
         ));
     }
-    if args.engine == "software" || args.engine == "both" {
-        let sw = SoftwareEngine::new(args.device.core);
+    if let Some(sw) = &sw {
         series.push((
             sw.describe(),
-            points.iter().map(|&p| repeat(&args, &sw, p)).collect::<anyhow::Result<_>>()?,
+            points.iter().map(|&p| repeat(&args, sw, p)).collect::<anyhow::Result<_>>()?,
         ));
     }
     if let [(_, dev), (_, sw)] = &series[..] {
@@ -285,6 +417,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if !args.json {
             println!("plot written to {}", path.display());
         }
+    }
+    Ok(())
+}
+
+/// Refuses a size the engine cannot carry in one request, before its buffers are allocated.
+fn check_sizes<E: Engine>(engine: &E, points: &[Point]) -> anyhow::Result<()> {
+    let max = engine.max_request_len();
+    if let Some(p) = points.iter().find(|p| p.size > max) {
+        bail!(
+            "size {} is larger than the {max} bytes one request may carry on {}: lower --size",
+            p.size,
+            engine.describe()
+        );
     }
     Ok(())
 }
