@@ -123,7 +123,13 @@ impl Rig {
                     done.push(c);
                 }
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // Poll as a busy caller does (many polls per request), or let the interrupt
+            // thread deliver.
+            if self.mode == CompletionMode::Poll {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         done.sort_by_key(|c| c.request.user_data);
         done

@@ -263,13 +263,16 @@ impl Device {
     /// overwrites the held requests' buffers through the IOMMU every few milliseconds.
     pub(crate) fn run_faults(&self) {
         use crate::faults::{write_through, LATE_WRITE_BYTE, LATE_WRITE_PERIOD};
+        let mut round = 0u8;
         while !self.shutdown.load(Ordering::Acquire) {
             let now = std::time::Instant::now();
             let mut wait: Option<std::time::Duration> = None;
             if self.rogue.load(Ordering::SeqCst) {
                 let snap = self.iommu.snapshot();
+                // A different byte every round, so that every late write is visible.
+                round = round.wrapping_add(1);
                 for (iova, len) in self.faults.held() {
-                    let junk = vec![LATE_WRITE_BYTE; len as usize];
+                    let junk = vec![LATE_WRITE_BYTE.wrapping_add(round); len as usize];
                     if write_through(&snap, &[(iova, len)], 0, &junk) {
                         self.counters.late_writes.fetch_add(1, Ordering::Relaxed);
                     } else {

@@ -49,7 +49,8 @@ pub enum Fault {
     ConfigGenerationUnsettled,
 }
 
-/// The byte a device that ignored a reset writes over the buffers it still holds.
+/// The byte a device that ignored a reset first writes over the buffers it still holds (plus
+/// one on every later round, so that each round changes them).
 pub const LATE_WRITE_BYTE: u8 = 0xee;
 
 /// How often a device that ignored a reset writes the buffers it holds.

@@ -322,7 +322,7 @@ impl DataQueueShared {
     }
 
     /// Sets the queue up again on a device that was reset, with its slots empty; it stays
-    /// failed (refusing requests) until [`resume`](Self::resume).
+    /// failed (refusing requests) until [`resume_all`](Self::resume_all).
     pub(crate) fn restart(&self, pci: &VirtioPci) -> Result<()> {
         let mut st = self.lock();
         if !st.failed {
@@ -337,9 +337,15 @@ impl DataQueueShared {
         Ok(())
     }
 
-    /// Accepts requests again after [`restart`](Self::restart).
-    pub(crate) fn resume(&self) {
-        self.lock().failed = false;
+    /// Accepts requests again on every queue after [`restart`](Self::restart), calling
+    /// `then` (which marks the device working) while no queue can be reaped: a reap in between
+    /// would see the device still failed and fail its queue again.
+    pub(crate) fn resume_all(queues: &[Arc<Self>], then: impl FnOnce()) {
+        let mut guards: Vec<_> = queues.iter().map(|q| q.lock()).collect();
+        for g in &mut guards {
+            g.failed = false;
+        }
+        then();
     }
 
     /// Fails the queue because the engine is closing.

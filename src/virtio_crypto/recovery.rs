@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 
 use crypt_vfio_spec::pci::feature;
 
+use super::data_queue::DataQueueShared;
 use super::Core;
 use crate::engine::Direction;
 use crate::error::{Error, Result};
@@ -23,12 +24,7 @@ pub(crate) fn spawn(core: Arc<Core>) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("crypt-vfio-recovery".into()).spawn(move || {
         while core.health.wait_for_failure() {
             match recover(&core) {
-                Ok(()) => {
-                    core.health.recovered();
-                    for q in &core.queues {
-                        q.resume();
-                    }
-                }
+                Ok(()) => DataQueueShared::resume_all(&core.queues, || core.health.recovered()),
                 Err(e) => {
                     core.health.recovery_failed(&e);
                     // Leave the device stopped before the next attempt or giving up.
