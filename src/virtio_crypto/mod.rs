@@ -301,6 +301,16 @@ impl VirtioCrypto {
         self.core.health.wait_working(limit)
     }
 
+    /// Stops the device for good and completes every request on it with an error, without
+    /// recovery: for a caller that must end now (a server stopping) whatever the device does.
+    pub fn abort(&self) {
+        self.core.health.close();
+        let mut scratch = Vec::new();
+        for q in &self.core.queues {
+            q.fail_all(&mut scratch);
+        }
+    }
+
     /// Whether the device accepts a session of `mode` with a key of `key_len` bytes, found by
     /// creating and destroying one (devices accept more than they advertise, or less).
     pub fn probe(&self, mode: Mode, key_len: usize) -> Result<bool> {
