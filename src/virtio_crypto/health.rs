@@ -9,7 +9,8 @@
 //!
 //! A failure that ends with a quiet device is recoverable: [`super::recovery`] waits here for
 //! one, re-initialises the device, and reports back. A device that keeps failing
-//! ([`MAX_FAILURES`] times within [`FAILURE_WINDOW`]) is given up on.
+//! ([`MAX_FAILURES`] times within [`FAILURE_WINDOW`] by default, see
+//! [`super::DeviceOptions::failure_budget`]) is given up on.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,11 +47,18 @@ pub(crate) struct DeviceHealth {
     pub(crate) pci: Arc<VirtioPci>,
     pool: DmaPool,
     pub(crate) timeout: Duration,
+    budget: (usize, Duration),
 }
 
 impl DeviceHealth {
-    pub(crate) fn new(pci: Arc<VirtioPci>, pool: DmaPool, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        pci: Arc<VirtioPci>,
+        pool: DmaPool,
+        timeout: Duration,
+        budget: (usize, Duration),
+    ) -> Self {
         Self {
+            budget,
             failed: AtomicBool::new(false),
             state: Mutex::default(),
             changed: Condvar::new(),
@@ -138,15 +146,13 @@ impl DeviceHealth {
             }
             if self.is_failed() && st.gave_up.is_none() {
                 let now = Instant::now();
-                while st.failures.front().is_some_and(|t| now.duration_since(*t) > FAILURE_WINDOW) {
+                let (max, window) = self.budget;
+                while st.failures.front().is_some_and(|t| now.duration_since(*t) > window) {
                     st.failures.pop_front();
                 }
-                if st.failures.len() >= MAX_FAILURES {
-                    let e = Error::DeviceGaveUp {
-                        failures: st.failures.len(),
-                        window: FAILURE_WINDOW,
-                        last: st.reason.clone(),
-                    };
+                if st.failures.len() >= max {
+                    let e =
+                        Error::DeviceGaveUp { failures: st.failures.len(), window, last: st.reason.clone() };
                     log::error!("{e}");
                     st.reason = e.to_string();
                     st.gave_up = Some(e);

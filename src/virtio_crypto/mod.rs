@@ -69,6 +69,9 @@ pub struct DeviceOptions {
     pub indirect: bool,
     /// Use EVENT_IDX notification suppression when the device offers it.
     pub event_idx: bool,
+    /// Failures within a window after which the device is not recovered again (default
+    /// [`health::MAX_FAILURES`] within [`health::FAILURE_WINDOW`]).
+    pub failure_budget: (usize, Duration),
 }
 
 impl Default for DeviceOptions {
@@ -81,6 +84,7 @@ impl Default for DeviceOptions {
             request_timeout: Duration::from_secs(10),
             indirect: true,
             event_idx: true,
+            failure_budget: (health::MAX_FAILURES, health::FAILURE_WINDOW),
         }
     }
 }
@@ -190,7 +194,12 @@ impl VirtioCrypto {
         let event_idx = features & (1 << feature::RING_EVENT_IDX) != 0;
         let indirect = features & (1 << feature::RING_INDIRECT_DESC) != 0;
         let pool = DmaPool::new(transport.clone());
-        let health = Arc::new(DeviceHealth::new(pci.clone(), pool.clone(), options.request_timeout));
+        let health = Arc::new(DeviceHealth::new(
+            pci.clone(),
+            pool.clone(),
+            options.request_timeout,
+            options.failure_budget,
+        ));
 
         // Interrupts: vector 0 for configuration changes, vector 1 + q for data queue q.
         let interrupts = options.completion == CompletionMode::Interrupt;
