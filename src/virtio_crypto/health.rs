@@ -91,6 +91,11 @@ impl DeviceHealth {
         }
     }
 
+    /// Whether the engine is closing (a recovery in progress should stop).
+    pub(crate) fn closing(&self) -> bool {
+        self.lock().closing
+    }
+
     /// Recoveries completed so far.
     pub(crate) fn recoveries(&self) -> u64 {
         self.lock().recoveries

@@ -48,6 +48,14 @@ fn fail_queues(core: &Core) {
 fn recover(core: &Core) -> Result<()> {
     // Everything that was on the device completes now, with the failure.
     fail_queues(core);
+    let closing = || {
+        if core.health.closing() {
+            Err(Error::DeviceFailed("the engine is closing".into()))
+        } else {
+            Ok(())
+        }
+    };
+    closing()?;
     let mut ctl = core.control.lock().unwrap_or_else(|e| e.into_inner());
     let pci = &core.pci;
     pci.enable_bus_master()?;
@@ -69,9 +77,11 @@ fn recover(core: &Core) -> Result<()> {
     for q in &core.queues {
         q.restart(pci)?;
     }
+    closing()?;
     pci.driver_ok();
     let sessions = core.sessions.live();
     for (mode, s) in &sessions {
+        closing()?;
         let enc = ctl.create(*mode, Direction::Encrypt, &s.key)?;
         let dec = ctl.create(*mode, Direction::Decrypt, &s.key)?;
         s.set_ids(enc, dec);
