@@ -149,3 +149,21 @@ fn serve_stops_within_2s_while_a_request_is_stuck() {
     let _ = client.kill();
     let _ = client.wait();
 }
+
+#[test]
+fn serve_stops_within_2s_during_a_recovery_that_hangs() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = scratch();
+    let d = dir.path();
+    volume(d);
+    // A lying completion fails the device at once; the recovery then waits for a control
+    // answer that comes 20 s late (twice the default 10 s timeout).
+    let mut s = Served::start(d, "10s", &["duplicate-used@1s", "ctrl-late@1s"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let _ = s.read(&d.join("x.raw"));
+    std::thread::sleep(Duration::from_millis(200));
+    let took = s.stop();
+    assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
+}

@@ -52,7 +52,7 @@ pub struct DeviceArgs {
     /// Emulated device, for testing the driver: a scripted fault `KIND@START[+LENGTH]`, armed
     /// START after the device is created and disarmed LENGTH later (e.g. never-answer@2s+3s).
     /// Kinds: never-answer, answer-late, duplicate-used, free-slot-id, short-length,
-    /// status-unwritten, extra-used, ignore-reset, ignore-all-resets, ctrl-late.
+    /// status-unwritten, extra-used, early-completion, ignore-reset, ignore-all-resets, ctrl-late.
     #[arg(long, hide = true, value_parser = parse_fault)]
     pub device_fault: Vec<FaultPlan>,
 }
@@ -65,7 +65,7 @@ pub struct FaultPlan {
     length: Option<Duration>,
 }
 
-const FAULT_KINDS: [&str; 10] = [
+const FAULT_KINDS: [&str; 11] = [
     "never-answer",
     "answer-late",
     "duplicate-used",
@@ -73,6 +73,7 @@ const FAULT_KINDS: [&str; 10] = [
     "short-length",
     "status-unwritten",
     "extra-used",
+    "early-completion",
     "ignore-reset",
     "ignore-all-resets",
     "ctrl-late",
@@ -100,6 +101,7 @@ impl FaultPlan {
             "short-length" => EmulatedFault::ShortLength,
             "status-unwritten" => EmulatedFault::StatusUnwritten,
             "extra-used" => EmulatedFault::ExtraUsed,
+            "early-completion" => EmulatedFault::EarlyCompletion,
             "ignore-reset" => EmulatedFault::IgnoreReset { flr_too: false },
             "ignore-all-resets" => EmulatedFault::IgnoreReset { flr_too: true },
             _ => EmulatedFault::CtrlLate(timeout * 2),

@@ -154,7 +154,7 @@ fn inject_faults(t: &EmulatedTransport, args: &SoakArgs, done: &AtomicBool, coun
     let every = args.fault_every.as_micros().max(1) as u64;
     while !done.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_micros(rng.random_range(every / 2..=every * 3 / 2)));
-        let fault = match rng.random_range(0..8) {
+        let fault = match rng.random_range(0..9) {
             0 => EmulatedFault::DuplicateUsed,
             1 => EmulatedFault::FreeSlotId,
             2 => EmulatedFault::ShortLength,
@@ -169,6 +169,7 @@ fn inject_faults(t: &EmulatedTransport, args: &SoakArgs, done: &AtomicBool, coun
                 continue;
             }
             6 => EmulatedFault::AnswerAfter(Duration::from_millis(1)),
+            7 => EmulatedFault::EarlyCompletion,
             _ => {
                 // A reset behind the driver's back: everything in flight vanishes.
                 let _ = t.reset();

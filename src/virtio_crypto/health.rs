@@ -48,6 +48,8 @@ pub(crate) struct DeviceHealth {
     pool: DmaPool,
     pub(crate) timeout: Duration,
     budget: (usize, Duration),
+    /// Set when the engine closes, for waits that must end then (control answers).
+    pub(crate) closing_flag: Arc<AtomicBool>,
 }
 
 impl DeviceHealth {
@@ -59,6 +61,7 @@ impl DeviceHealth {
     ) -> Self {
         Self {
             budget,
+            closing_flag: Arc::new(AtomicBool::new(false)),
             failed: AtomicBool::new(false),
             state: Mutex::default(),
             changed: Condvar::new(),
@@ -136,6 +139,7 @@ impl DeviceHealth {
 
     /// Marks the engine closing: the device is stopped and not recovered.
     pub(crate) fn close(&self) {
+        self.closing_flag.store(true, Ordering::Release);
         self.fail(CLOSED.into());
         self.lock().closing = true;
         self.changed.notify_all();

@@ -221,7 +221,14 @@ impl VirtioCrypto {
             pci.set_config_vector(0);
         }
 
-        let control = ControlQueue::new(&pci, &pool, ctrl_index, event_idx, options.request_timeout)?;
+        let control = ControlQueue::new(
+            &pci,
+            &pool,
+            ctrl_index,
+            event_idx,
+            options.request_timeout,
+            health.closing_flag.clone(),
+        )?;
         for q in 0..nqueues {
             let index = q as u16;
             let max = pci.queue_max_size(index);
