@@ -53,8 +53,9 @@ pub enum Fault {
     ConfigGenerationUnsettled,
 }
 
-/// The byte a device that ignored a reset first writes over the buffers it still holds (plus
-/// one on every later round, so that each round changes them).
+/// The lowest byte a device that ignored a reset writes over the buffers it still holds: each
+/// round writes the next value up to 0xff, then starts again here, so that every round changes
+/// the buffers and no round writes a status virtio-crypto defines.
 pub const LATE_WRITE_BYTE: u8 = 0xee;
 
 /// How often a device that ignored a reset writes the buffers it holds.

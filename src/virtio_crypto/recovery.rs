@@ -25,6 +25,11 @@ pub(crate) fn spawn(core: Arc<Core>) -> std::io::Result<JoinHandle<()>> {
         while core.health.wait_for_failure() {
             match recover(&core) {
                 Ok(()) => DataQueueShared::resume_all(&core.queues, || core.health.recovered()),
+                Err(_) if core.health.closing() => {
+                    // Cut short by the engine closing: leave the device stopped.
+                    let _ = super::health::stop_device(&core.pci);
+                    fail_queues(&core);
+                }
                 Err(e) => {
                     core.health.recovery_failed(&e);
                     // Leave the device stopped before the next attempt or giving up.
