@@ -7,8 +7,8 @@
 //! given, so the driver then takes the IOMMU mappings of all its DMA memory away (the IOMMU,
 //! not the device, is what stops a rogue device) and never uses the device again.
 //!
-//! A failure that ends with a quiet device is recoverable: the engine's recovery thread waits here for
-//! one, re-initialises the device, and reports back. A device that keeps failing
+//! A failure that ends with a quiet device is recoverable: the engine's recovery thread waits
+//! here for one, re-initialises the device, and reports back. A device that keeps failing
 //! ([`MAX_FAILURES`] times within [`FAILURE_WINDOW`] by default, see
 //! [`super::DeviceOptions::failure_budget`]) is given up on.
 
