@@ -405,12 +405,15 @@ impl Engine for VirtioCrypto {
         }
         let core = &self.core;
         let mut ctl = core.working_control()?;
-        let result = core.create_pair(&mut ctl, mode, key);
+        // Registered while the control queue is held, so that a recovery (which takes it
+        // first) cannot miss the session and leave it with ids of the device before the reset.
+        let result = core.create_pair(&mut ctl, mode, key).map(|(encrypt_id, decrypt_id)| {
+            let session = DeviceSession::new(mode, key, encrypt_id, decrypt_id);
+            core.sessions.add(&session);
+            session
+        });
         core.check_control(ctl);
-        let (encrypt_id, decrypt_id) = result?;
-        let session = DeviceSession::new(mode, key, encrypt_id, decrypt_id);
-        core.sessions.add(&session);
-        Ok(session)
+        result
     }
 
     fn destroy_session(&self, session: &DeviceSession) -> Result<()> {
