@@ -258,6 +258,21 @@ fn requests_in_flight_at_a_failure_complete_once_with_the_error() {
     r.report();
 }
 
+#[test]
+fn a_session_destroyed_while_the_device_is_failed_is_not_recreated_and_others_live_on() {
+    let mut r = rig(CompletionMode::Poll);
+    let doomed = r.dev.create_session(Mode::Ctr, &[0x21; 32]).unwrap();
+    r.t.inject(EmulatedFault::NeverAnswer);
+    let id = r.submit_host(64);
+    device_failed(&r.wait(&[id])[0], "no completion");
+    r.t.clear_faults();
+    // Destroyed while the device is failed (or being recovered): it waits for the recovery,
+    // which does not bring it back, and touches no session of the new device.
+    r.dev.destroy_session(&doomed).unwrap();
+    r.assert_recovered();
+    r.report();
+}
+
 // ---- Used-ring faults --------------------------------------------------------------------------
 
 /// Runs `n` requests with `fault` armed: the driver fails the device (naming the problem in

@@ -113,6 +113,9 @@ pub(crate) struct Core {
     sessions: SessionRegistry,
     config_irq: Option<EventNotifier>,
     interrupts: bool,
+    /// Incarnation of the device: counts resets the engine recovered from. Changed and read
+    /// only with the control queue held; session ids are valid only in their incarnation.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// What `open` built so far, torn down in order if a later step fails.
@@ -279,6 +282,7 @@ impl VirtioCrypto {
             sessions: SessionRegistry::default(),
             config_irq,
             interrupts,
+            epoch: std::sync::atomic::AtomicU64::new(0),
         });
         let recovery =
             recovery::spawn(core.clone()).map_err(|e| Error::os("spawning the recovery thread", e))?;
@@ -408,7 +412,8 @@ impl Engine for VirtioCrypto {
         // Registered while the control queue is held, so that a recovery (which takes it
         // first) cannot miss the session and leave it with ids of the device before the reset.
         let result = core.create_pair(&mut ctl, mode, key).map(|(encrypt_id, decrypt_id)| {
-            let session = DeviceSession::new(mode, key, encrypt_id, decrypt_id);
+            let epoch = core.epoch.load(std::sync::atomic::Ordering::Acquire);
+            let session = DeviceSession::new(mode, key, encrypt_id, decrypt_id, epoch);
             core.sessions.add(&session);
             session
         });
@@ -420,6 +425,11 @@ impl Engine for VirtioCrypto {
         let core = &self.core;
         session.state.destroyed.store(true, std::sync::atomic::Ordering::Release);
         let mut ctl = core.working_control()?;
+        if session.state.epoch() != core.epoch.load(std::sync::atomic::Ordering::Acquire) {
+            // Its device sessions died with a reset and it was not re-created: nothing to
+            // destroy, and its old ids may name another session now.
+            return Ok(());
+        }
         let a = ctl.destroy(session.mode, session.encrypt_id());
         let b = if ctl.dirty().is_none() { ctl.destroy(session.mode, session.decrypt_id()) } else { Ok(()) };
         core.check_control(ctl);

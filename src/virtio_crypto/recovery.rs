@@ -84,12 +84,13 @@ fn recover(core: &Core) -> Result<()> {
     }
     closing()?;
     pci.driver_ok();
+    let epoch = core.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
     let sessions = core.sessions.live();
     for (mode, s) in &sessions {
         closing()?;
         let enc = ctl.create(*mode, Direction::Encrypt, &s.key)?;
         let dec = ctl.create(*mode, Direction::Decrypt, &s.key)?;
-        s.set_ids(enc, dec);
+        s.set_ids(enc, dec, epoch);
     }
     drop(ctl);
     log::info!("virtio-crypto device re-initialised, {} session(s) re-created", sessions.len());
