@@ -231,7 +231,9 @@ fn a_device_that_dies_under_load_fails_every_request_exactly_once() {
         // A function-level reset behind the driver's back: the device forgets everything in flight.
         transport.reset().unwrap();
     });
-    let (report, outcome) = load(&dev, 4, 100_000, 16);
+    // Enough requests to be in the middle of them at the reset; the device recovers after it,
+    // so the rest run to the end.
+    let (report, outcome) = load(&dev, 4, 5_000, 16);
     killer.join().unwrap();
     assert!(report.violations.is_empty(), "{:?}", report.violations);
     assert_eq!(report.pending, 0, "{report:?}");

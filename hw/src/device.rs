@@ -77,6 +77,9 @@ pub(crate) struct Device {
     pub fault_thread: std::sync::OnceLock<std::thread::Thread>,
     /// A reset was ignored: the held requests' buffers keep being written.
     pub rogue: AtomicBool,
+    /// Held while a round of late writes runs, so that a reset the device obeys can wait for
+    /// the round to end.
+    rogue_round: Mutex<()>,
     /// A control answer held back by [`crate::Fault::CtrlLate`]; the control queue stalls
     /// while it is there.
     pub late_ctrl: Mutex<Option<LateCtrl>>,
@@ -109,6 +112,7 @@ impl Device {
             faults: Faults::default(),
             fault_thread: std::sync::OnceLock::new(),
             rogue: AtomicBool::new(false),
+            rogue_round: Mutex::new(()),
             late_ctrl: Mutex::new(None),
             cfg,
         }
@@ -217,8 +221,10 @@ impl Device {
     /// dropped without completion, and no worker touching driver memory when it returns.
     pub(crate) fn reset_locked(&self, regs: &mut TransportRegs) {
         self.running.store(false, Ordering::SeqCst);
-        self.faults.release_held();
         self.rogue.store(false, Ordering::SeqCst);
+        // A round of late writes that started before the flag changed ends before the reset.
+        drop(self.rogue_round.lock().unwrap_or_else(PoisonError::into_inner));
+        self.faults.release_held();
         *self.late_ctrl.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.status.store(0, Ordering::SeqCst);
         self.quiesce.advance_and_wait(|| self.wake_all_workers());
@@ -263,13 +269,18 @@ impl Device {
     /// overwrites the held requests' buffers through the IOMMU every few milliseconds.
     pub(crate) fn run_faults(&self) {
         use crate::faults::{write_through, LATE_WRITE_BYTE, LATE_WRITE_PERIOD};
+        let mut round = 0u8;
         while !self.shutdown.load(Ordering::Acquire) {
             let now = std::time::Instant::now();
             let mut wait: Option<std::time::Duration> = None;
+            let round_guard = self.rogue_round.lock().unwrap_or_else(PoisonError::into_inner);
             if self.rogue.load(Ordering::SeqCst) {
                 let snap = self.iommu.snapshot();
+                // A different byte every round, so that every late write is visible; never a
+                // status virtio-crypto defines (0 to 6), so junk never reads as a real answer.
+                round = (round + 1) % 0x12;
                 for (iova, len) in self.faults.held() {
-                    let junk = vec![LATE_WRITE_BYTE; len as usize];
+                    let junk = vec![LATE_WRITE_BYTE + round; len as usize];
                     if write_through(&snap, &[(iova, len)], 0, &junk) {
                         self.counters.late_writes.fetch_add(1, Ordering::Relaxed);
                     } else {
@@ -278,6 +289,7 @@ impl Device {
                 }
                 wait = Some(LATE_WRITE_PERIOD);
             }
+            drop(round_guard);
             let due = self.late_ctrl.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|l| l.due);
             match due {
                 Some(d) if d <= now => self.publish_late_ctrl(),

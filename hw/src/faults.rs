@@ -33,6 +33,10 @@ pub enum Fault {
     StatusUnwritten,
     /// One-shot: the next publication carries one used element more than was completed.
     ExtraUsed,
+    /// One-shot: the next data request is completed (its used element published, its status
+    /// left unwritten) before the device has done it, and the device keeps writing its buffers
+    /// every few milliseconds until it is reset, as a device whose completion raced its DMA.
+    EarlyCompletion,
     /// Persistent: a virtio reset (status 0) is ignored, and the writable buffers of the data
     /// requests the device holds (see [`Fault::NeverAnswer`]) keep being overwritten every few
     /// milliseconds. With `flr_too`, a function-level reset is ignored as well; without it, an
@@ -49,7 +53,9 @@ pub enum Fault {
     ConfigGenerationUnsettled,
 }
 
-/// The byte a device that ignored a reset writes over the buffers it still holds.
+/// The lowest byte a device that ignored a reset writes over the buffers it still holds: each
+/// round writes the next value up to 0xff, then starts again here, so that every round changes
+/// the buffers and no round writes a status virtio-crypto defines.
 pub const LATE_WRITE_BYTE: u8 = 0xee;
 
 /// How often a device that ignored a reset writes the buffers it holds.
@@ -70,6 +76,7 @@ pub(crate) struct Faults {
     never_answer: AtomicBool,
     answer_after_us: AtomicU64,
     status_unwritten: AtomicBool,
+    early: AtomicBool,
     ignore_reset: AtomicU8,
     config_unsettled: AtomicBool,
     config_generation: AtomicU8,
@@ -102,6 +109,7 @@ impl Faults {
             Fault::ShortLength => self.push_completion(CompletionFault::Short),
             Fault::ExtraUsed => self.push_completion(CompletionFault::Extra),
             Fault::StatusUnwritten => self.status_unwritten.store(true, Ordering::SeqCst),
+            Fault::EarlyCompletion => self.early.store(true, Ordering::SeqCst),
             Fault::IgnoreReset { flr_too } => {
                 self.ignore_reset.store(1 + u8::from(flr_too), Ordering::SeqCst)
             }
@@ -114,6 +122,7 @@ impl Faults {
         self.never_answer.store(false, Ordering::SeqCst);
         self.answer_after_us.store(0, Ordering::SeqCst);
         self.status_unwritten.store(false, Ordering::SeqCst);
+        self.early.store(false, Ordering::SeqCst);
         self.ignore_reset.store(0, Ordering::SeqCst);
         self.config_unsettled.store(false, Ordering::SeqCst);
         self.completion.lock().unwrap_or_else(PoisonError::into_inner).clear();
@@ -157,6 +166,15 @@ impl Faults {
     pub(crate) fn take_status_unwritten(&self) -> bool {
         let hit = self.status_unwritten.load(Ordering::Relaxed)
             && self.status_unwritten.swap(false, Ordering::SeqCst);
+        if hit {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
+    }
+
+    /// Whether to complete the next request before doing it (disarmed by asking).
+    pub(crate) fn take_early(&self) -> bool {
+        let hit = self.early.load(Ordering::Relaxed) && self.early.swap(false, Ordering::SeqCst);
         if hit {
             self.injected.fetch_add(1, Ordering::Relaxed);
         }

@@ -69,7 +69,8 @@ pub(crate) fn execute(
 ) -> Outcome {
     let outcome = run(cfg, sessions, cache, scratch, rng, chain);
     // SAFETY: the caller checked that `status_at` is the mapped last byte of the chain's
-    // writable part, which the device owns until it publishes the used element.
+    // writable part, which the device owns until it publishes the used element (or, when a
+    // fault leaves the status unwritten, a live local byte of the caller's).
     unsafe { status_at.write_volatile(outcome.status) };
     outcome
 }

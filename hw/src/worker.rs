@@ -305,6 +305,13 @@ impl Worker {
         self.chain.walk(mem, &self.snap, indirect, head)?;
         let status_at =
             self.chain.writable.last_byte().ok_or(RingFault("data request without a mapped status byte"))?;
+        if dev.faults.take_early() {
+            // Completed now, done never: the buffers keep being written until a reset.
+            dev.faults.hold(self.chain.writable.iovas());
+            dev.go_rogue();
+            let written = u32::try_from(self.chain.writable.len()).unwrap_or(u32::MAX);
+            return Ok(Outcome { status: crypt_vfio_spec::crypto::status::OK, written, injected: true });
+        }
         // A status left unwritten is modelled by writing it where nobody looks.
         let mut discard = 0u8;
         let status_at = if dev.faults.take_status_unwritten() { &raw mut discard } else { status_at };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use crypt_vfio::pci_sysfs::Bdf;
-use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedTransport};
+use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTransport};
 use crypt_vfio::transport::vfio::VfioTransport;
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
@@ -46,6 +46,91 @@ pub struct DeviceArgs {
     /// AES core of the emulated device and of the software engine: aws-lc or rustcrypto.
     #[arg(long, default_value = "aws-lc")]
     pub core: CoreKind,
+    /// How long a request may wait for the device before the device is declared failed (and
+    /// reset and recovered).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Emulated device, for testing the driver: a scripted fault `KIND@START[+LENGTH]`, armed
+    /// START after the device is created and disarmed LENGTH later (e.g. never-answer@2s+3s).
+    /// Kinds: never-answer, answer-late, duplicate-used, free-slot-id, short-length,
+    /// status-unwritten, extra-used, early-completion, ignore-reset, ignore-all-resets, ctrl-late.
+    #[arg(long, hide = true, value_parser = parse_fault)]
+    pub device_fault: Vec<FaultPlan>,
+}
+
+/// A fault of the emulated device armed over a window of time.
+#[derive(Clone, Debug)]
+pub struct FaultPlan {
+    kind: String,
+    start: Duration,
+    length: Option<Duration>,
+}
+
+const FAULT_KINDS: [&str; 11] = [
+    "never-answer",
+    "answer-late",
+    "duplicate-used",
+    "free-slot-id",
+    "short-length",
+    "status-unwritten",
+    "extra-used",
+    "early-completion",
+    "ignore-reset",
+    "ignore-all-resets",
+    "ctrl-late",
+];
+
+fn parse_fault(s: &str) -> Result<FaultPlan, String> {
+    let (kind, when) = s.split_once('@').ok_or_else(|| format!("`{s}`: expected KIND@START[+LENGTH]"))?;
+    if !FAULT_KINDS.contains(&kind) {
+        return Err(format!("unknown fault `{kind}` (one of {})", FAULT_KINDS.join(", ")));
+    }
+    let (start, length) = match when.split_once('+') {
+        Some((a, b)) => (parse_duration(a)?, Some(parse_duration(b)?)),
+        None => (parse_duration(when)?, None),
+    };
+    Ok(FaultPlan { kind: kind.into(), start, length })
+}
+
+impl FaultPlan {
+    fn fault(&self, timeout: Duration) -> EmulatedFault {
+        match self.kind.as_str() {
+            "never-answer" => EmulatedFault::NeverAnswer,
+            "answer-late" => EmulatedFault::AnswerAfter(timeout * 2),
+            "duplicate-used" => EmulatedFault::DuplicateUsed,
+            "free-slot-id" => EmulatedFault::FreeSlotId,
+            "short-length" => EmulatedFault::ShortLength,
+            "status-unwritten" => EmulatedFault::StatusUnwritten,
+            "extra-used" => EmulatedFault::ExtraUsed,
+            "early-completion" => EmulatedFault::EarlyCompletion,
+            "ignore-reset" => EmulatedFault::IgnoreReset { flr_too: false },
+            "ignore-all-resets" => EmulatedFault::IgnoreReset { flr_too: true },
+            _ => EmulatedFault::CtrlLate(timeout * 2),
+        }
+    }
+
+    /// Arms the fault on `t` at its start and disarms it at its end, from a thread of its own.
+    fn schedule(&self, t: &Arc<EmulatedTransport>, timeout: Duration) -> anyhow::Result<()> {
+        let (t, plan, fault) = (Arc::downgrade(t), self.clone(), self.fault(timeout));
+        std::thread::Builder::new()
+            .name("crypt-vfio-fault-plan".into())
+            .spawn(move || {
+                std::thread::sleep(plan.start);
+                let Some(dev) = t.upgrade() else { return };
+                log::warn!("arming emulated device fault {}", plan.kind);
+                dev.inject(fault);
+                drop(dev);
+                if let Some(len) = plan.length {
+                    std::thread::sleep(len);
+                    if let Some(dev) = t.upgrade() {
+                        log::warn!("disarming emulated device faults");
+                        dev.clear_faults();
+                    }
+                }
+            })
+            .context("starting the fault plan thread")?;
+        Ok(())
+    }
 }
 
 /// Parses `--device-queue-size`: a power of two up to 32768 (virtio's largest split queue).
@@ -101,13 +186,18 @@ impl DeviceArgs {
             aead_algos: if self.device_algs.iter().any(|a| a == "gcm") { vec![aead::GCM] } else { vec![] },
             ..EmulatedConfig::default()
         };
-        Ok(Arc::new(EmulatedTransport::new(config).context("creating the emulated device")?))
+        let t = Arc::new(EmulatedTransport::new(config).context("creating the emulated device")?);
+        for plan in &self.device_fault {
+            plan.schedule(&t, self.request_timeout)?;
+        }
+        Ok(t)
     }
 
     /// Driver options from the arguments.
     pub fn options(&self) -> DeviceOptions {
         DeviceOptions {
             completion: if self.mode == "irq" { CompletionMode::Interrupt } else { CompletionMode::Poll },
+            request_timeout: self.request_timeout,
             ..DeviceOptions::default()
         }
     }

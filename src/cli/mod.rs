@@ -13,6 +13,7 @@ mod plot;
 mod progress;
 mod selftest;
 mod serve;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -60,6 +61,10 @@ enum Command {
     /// Remove the passphrase given from a LUKS image (like `cryptsetup luksRemoveKey`).
     #[command(alias = "luksRemoveKey")]
     RemoveKey(keys::RemoveKeyArgs),
+    /// Push millions of requests through a faulty emulated device and check every promise
+    /// (for developers; see issue 8).
+    #[command(hide = true)]
+    Soak(soak::SoakArgs),
 }
 
 /// Runs the parsed command.
@@ -78,5 +83,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dump(a) => dump::run(a),
         Command::AddKey(a) => keys::add(a),
         Command::RemoveKey(a) => keys::remove(a),
+        Command::Soak(a) => soak::run(a),
     }
 }

@@ -8,7 +8,9 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -17,6 +19,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use crypt_vfio::luks::Header;
 use crypt_vfio::nbd::{Listener, Server, ServerConfig};
+use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::block::BlockDevice;
 use crypt_vfio::volume::file::FileBlockDevice;
 use crypt_vfio::volume::{authenticated, AuthVolume, Volume};
@@ -60,12 +63,16 @@ pub struct ServeArgs {
     pub device: DeviceArgs,
 }
 
-/// The block device `args` name: the one place that decides what is exported.
-pub fn open_export(args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice>> {
+/// What `serve` exports, and the engine under it (to abort it when stopping).
+pub type Export = (Arc<dyn BlockDevice>, Option<Arc<VirtioCrypto>>);
+
+/// The block device `args` name (the one place that decides what is exported), and the engine
+/// under it (none for `--raw`).
+pub fn open_export(args: &ServeArgs) -> anyhow::Result<Export> {
     if args.raw {
         let dev = FileBlockDevice::open(&args.image, args.read_only)
             .with_context(|| format!("opening {} to export it raw", args.image.display()))?;
-        return Ok(Arc::new(dev));
+        return Ok((Arc::new(dev), None));
     }
     let key_file = args.key_file.as_deref().context("--key-file is needed to unlock the volume")?;
     let file = OpenOptions::new()
@@ -79,7 +86,7 @@ pub fn open_export(args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice>> {
     let mut magic = [0u8; 8];
     if file.read_exact_at(&mut magic, 0).is_ok() && magic == authenticated::MAGIC {
         // An authenticated volume: the key file holds the raw AES-GCM key.
-        return Ok(Arc::new(AuthVolume::open(engine, file, writable, &secret)?));
+        return Ok((Arc::new(AuthVolume::open(engine.clone(), file, writable, &secret)?), Some(engine)));
     }
     let header = match Header::read(&file) {
         Err(Error::NotLuks(why)) => bail!(
@@ -90,12 +97,37 @@ pub fn open_export(args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice>> {
     };
     let (slot, key) = header.unlock(&*engine, &file, &secret)?;
     log::info!("key slot {slot} opened");
-    Ok(Arc::new(Volume::open(engine, file, writable, &key, header.volume_params())?))
+    Ok((Arc::new(Volume::open(engine.clone(), file, writable, &key, header.volume_params())?), Some(engine)))
+}
+
+/// How long a stop waits for requests on the device before it fails them: a stop must end
+/// within 2 s even when the device hangs or is being recovered.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Once `stop` is set, gives requests [`STOP_GRACE`] to finish, then aborts whatever is still
+/// on the device so that the server can answer every client and exit.
+fn abort_on_stop(stop: Arc<AtomicBool>, engine: Weak<VirtioCrypto>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("crypt-vfio-stop".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                if engine.strong_count() == 0 {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(STOP_GRACE);
+            if let Some(e) = engine.upgrade() {
+                e.abort();
+            }
+        })
+        .context("starting the stop watcher")?;
+    Ok(())
 }
 
 /// `crypt-vfio serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let device = open_export(&args)?;
+    let (device, engine) = open_export(&args)?;
     let size = device.size();
     let config = ServerConfig {
         export_name: args.export.clone(),
@@ -114,6 +146,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .context("installing signal handlers")?;
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing signal handlers")?;
     }
+
+    if let Some(engine) = &engine {
+        abort_on_stop(Arc::clone(&stop), Arc::downgrade(engine))?;
+    }
+    drop(engine);
 
     let listener = match &args.socket {
         Some(path) => Listener::unix(path)?,

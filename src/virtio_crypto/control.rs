@@ -11,6 +11,8 @@
 //! has wiped the buffer and started the ring afresh. Reusing the buffer earlier would let a late
 //! answer to one request pass for the answer to the next: a session under another key.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crypt_vfio_cores::Mode;
@@ -37,6 +39,8 @@ pub struct ControlQueue {
     index: u16,
     /// Why the queue awaits a device reset, if it does.
     dirty: Option<String>,
+    /// Set when the engine closes: a wait for an answer ends at once.
+    cancel: Arc<AtomicBool>,
 }
 
 impl ControlQueue {
@@ -47,6 +51,7 @@ impl ControlQueue {
         index: u16,
         event_idx: bool,
         timeout: Duration,
+        cancel: Arc<AtomicBool>,
     ) -> Result<Self> {
         let size = pci.queue_max_size(index).min(16);
         if size < 2 {
@@ -58,7 +63,7 @@ impl ControlQueue {
         let vq = SplitQueue::new(pool, size, event_idx, |rings| {
             pci.setup_queue(index, size, rings, crypt_vfio_spec::pci::VIRTIO_MSI_NO_VECTOR)
         })?;
-        Ok(Self { vq, buf: pool.alloc(BUF_LEN)?, timeout, index, dirty: None })
+        Ok(Self { vq, buf: pool.alloc(BUF_LEN)?, timeout, index, dirty: None, cancel })
     }
 
     /// Why the queue cannot be used until the device is reset, if it cannot.
@@ -113,6 +118,7 @@ impl ControlQueue {
             exchange(
                 &mut self.vq,
                 &mut self.dirty,
+                &self.cancel,
                 self.buf.iova(),
                 self.timeout,
                 KEY_OFF + key.len(),
@@ -150,6 +156,7 @@ impl ControlQueue {
         exchange(
             &mut self.vq,
             &mut self.dirty,
+            &self.cancel,
             self.buf.iova(),
             self.timeout,
             crypto::CTRL_REQ_SIZE,
@@ -167,12 +174,13 @@ impl ControlQueue {
 fn exchange(
     vq: &mut SplitQueue,
     dirty: &mut Option<String>,
+    cancel: &AtomicBool,
     iova: u64,
     timeout: Duration,
     out_len: usize,
     in_len: usize,
 ) -> Result<()> {
-    let r = run(vq, iova, timeout, out_len, in_len);
+    let r = run(vq, cancel, iova, timeout, out_len, in_len);
     if let Err(e) = &r {
         *dirty = Some(e.to_string());
     }
@@ -181,7 +189,14 @@ fn exchange(
 
 /// Sends the prepared request (`out_len` readable bytes at `iova`, `in_len` writable at the
 /// answer offset) and waits for the device.
-fn run(vq: &mut SplitQueue, iova: u64, timeout: Duration, out_len: usize, in_len: usize) -> Result<()> {
+fn run(
+    vq: &mut SplitQueue,
+    cancel: &AtomicBool,
+    iova: u64,
+    timeout: Duration,
+    out_len: usize,
+    in_len: usize,
+) -> Result<()> {
     vq.write_desc(0, iova, out_len as u32, DESC_F_NEXT, 1);
     vq.write_desc(1, iova + INPUT_OFF as u64, in_len as u32, DESC_F_WRITE, 0);
     vq.push_avail(0);
@@ -191,6 +206,9 @@ fn run(vq: &mut SplitQueue, iova: u64, timeout: Duration, out_len: usize, in_len
     while vq.used_pending() == 0 {
         if start.elapsed() > timeout {
             return Err(Error::Timeout(timeout, "a control queue answer"));
+        }
+        if cancel.load(Ordering::Acquire) {
+            return Err(Error::DeviceFailed("the engine is closing".into()));
         }
         spins += 1;
         if spins > 1000 {

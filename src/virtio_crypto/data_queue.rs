@@ -249,7 +249,18 @@ impl DataQueueShared {
                 return self.fail_locked(st);
             };
             self.outstanding.fetch_sub(1, Ordering::Relaxed);
+            // An answer that cannot be true (no status, too few bytes) means the device may not
+            // be done with the request, or lies about others: stop it before this request (or
+            // the slot's buffers, reused by the next one) goes anywhere.
+            let lie = match &result {
+                Err(Error::DeviceFailed(why)) => Some(why.clone()),
+                _ => None,
+            };
             st.outbox.push((p.sink, Event::Completed(Completion { request: p.req, result })));
+            if let Some(why) = lie {
+                self.health.fail(format!("data queue {}: {why}", self.index));
+                return self.fail_locked(st);
+            }
         }
         // Checked every few polls whether or not others complete: one request stuck behind a
         // stream of completions must be noticed too.
@@ -322,7 +333,7 @@ impl DataQueueShared {
     }
 
     /// Sets the queue up again on a device that was reset, with its slots empty; it stays
-    /// failed (refusing requests) until [`resume`](Self::resume).
+    /// failed (refusing requests) until [`resume_all`](Self::resume_all).
     pub(crate) fn restart(&self, pci: &VirtioPci) -> Result<()> {
         let mut st = self.lock();
         if !st.failed {
@@ -337,9 +348,15 @@ impl DataQueueShared {
         Ok(())
     }
 
-    /// Accepts requests again after [`restart`](Self::restart).
-    pub(crate) fn resume(&self) {
-        self.lock().failed = false;
+    /// Accepts requests again on every queue after [`restart`](Self::restart), calling
+    /// `then` (which marks the device working) while no queue can be reaped: a reap in between
+    /// would see the device still failed and fail its queue again.
+    pub(crate) fn resume_all(queues: &[Arc<Self>], then: impl FnOnce()) {
+        let mut guards: Vec<_> = queues.iter().map(|q| q.lock()).collect();
+        for g in &mut guards {
+            g.failed = false;
+        }
+        then();
     }
 
     /// Fails the queue because the engine is closing.
@@ -425,6 +442,9 @@ impl RingState {
             status::INVSESS => Err(Error::InvalidSession),
             status::NOSPC => Err(Error::NoSpace("device out of resources for the request".into())),
             0xff => Err(Error::DeviceFailed("device completed a request without writing its status".into())),
+            s if s > status::KEY_REJECTED => Err(Error::DeviceFailed(format!(
+                "device wrote status {s:#04x}, which virtio-crypto does not define"
+            ))),
             s => Err(Error::DeviceError(s)),
         };
         let req = &mut p.req;

@@ -7,9 +7,10 @@
 //! given, so the driver then takes the IOMMU mappings of all its DMA memory away (the IOMMU,
 //! not the device, is what stops a rogue device) and never uses the device again.
 //!
-//! A failure that ends with a quiet device is recoverable: [`super::recovery`] waits here for
-//! one, re-initialises the device, and reports back. A device that keeps failing
-//! ([`MAX_FAILURES`] times within [`FAILURE_WINDOW`]) is given up on.
+//! A failure that ends with a quiet device is recoverable: the engine's recovery thread waits
+//! here for one, re-initialises the device, and reports back. A device that keeps failing
+//! ([`MAX_FAILURES`] times within [`FAILURE_WINDOW`] by default, see
+//! [`super::DeviceOptions::failure_budget`]) is given up on.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,11 +47,21 @@ pub(crate) struct DeviceHealth {
     pub(crate) pci: Arc<VirtioPci>,
     pool: DmaPool,
     pub(crate) timeout: Duration,
+    budget: (usize, Duration),
+    /// Set when the engine closes, for waits that must end then (control answers).
+    pub(crate) closing_flag: Arc<AtomicBool>,
 }
 
 impl DeviceHealth {
-    pub(crate) fn new(pci: Arc<VirtioPci>, pool: DmaPool, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        pci: Arc<VirtioPci>,
+        pool: DmaPool,
+        timeout: Duration,
+        budget: (usize, Duration),
+    ) -> Self {
         Self {
+            budget,
+            closing_flag: Arc::new(AtomicBool::new(false)),
             failed: AtomicBool::new(false),
             state: Mutex::default(),
             changed: Condvar::new(),
@@ -81,6 +92,11 @@ impl DeviceHealth {
             }
             _ => Error::DeviceFailed(st.reason.clone()),
         }
+    }
+
+    /// Whether the engine is closing (a recovery in progress should stop).
+    pub(crate) fn closing(&self) -> bool {
+        self.lock().closing
     }
 
     /// Recoveries completed so far.
@@ -123,6 +139,7 @@ impl DeviceHealth {
 
     /// Marks the engine closing: the device is stopped and not recovered.
     pub(crate) fn close(&self) {
+        self.closing_flag.store(true, Ordering::Release);
         self.fail(CLOSED.into());
         self.lock().closing = true;
         self.changed.notify_all();
@@ -138,15 +155,13 @@ impl DeviceHealth {
             }
             if self.is_failed() && st.gave_up.is_none() {
                 let now = Instant::now();
-                while st.failures.front().is_some_and(|t| now.duration_since(*t) > FAILURE_WINDOW) {
+                let (max, window) = self.budget;
+                while st.failures.front().is_some_and(|t| now.duration_since(*t) > window) {
                     st.failures.pop_front();
                 }
-                if st.failures.len() >= MAX_FAILURES {
-                    let e = Error::DeviceGaveUp {
-                        failures: st.failures.len(),
-                        window: FAILURE_WINDOW,
-                        last: st.reason.clone(),
-                    };
+                if st.failures.len() >= max {
+                    let e =
+                        Error::DeviceGaveUp { failures: st.failures.len(), window, last: st.reason.clone() };
                     log::error!("{e}");
                     st.reason = e.to_string();
                     st.gave_up = Some(e);

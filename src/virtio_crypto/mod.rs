@@ -69,6 +69,9 @@ pub struct DeviceOptions {
     pub indirect: bool,
     /// Use EVENT_IDX notification suppression when the device offers it.
     pub event_idx: bool,
+    /// Failures within a window after which the device is not recovered again (default
+    /// [`health::MAX_FAILURES`] within [`health::FAILURE_WINDOW`]).
+    pub failure_budget: (usize, Duration),
 }
 
 impl Default for DeviceOptions {
@@ -81,6 +84,7 @@ impl Default for DeviceOptions {
             request_timeout: Duration::from_secs(10),
             indirect: true,
             event_idx: true,
+            failure_budget: (health::MAX_FAILURES, health::FAILURE_WINDOW),
         }
     }
 }
@@ -109,6 +113,9 @@ pub(crate) struct Core {
     sessions: SessionRegistry,
     config_irq: Option<EventNotifier>,
     interrupts: bool,
+    /// Incarnation of the device: counts resets the engine recovered from. Changed and read
+    /// only with the control queue held; session ids are valid only in their incarnation.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// What `open` built so far, torn down in order if a later step fails.
@@ -190,7 +197,12 @@ impl VirtioCrypto {
         let event_idx = features & (1 << feature::RING_EVENT_IDX) != 0;
         let indirect = features & (1 << feature::RING_INDIRECT_DESC) != 0;
         let pool = DmaPool::new(transport.clone());
-        let health = Arc::new(DeviceHealth::new(pci.clone(), pool.clone(), options.request_timeout));
+        let health = Arc::new(DeviceHealth::new(
+            pci.clone(),
+            pool.clone(),
+            options.request_timeout,
+            options.failure_budget,
+        ));
 
         // Interrupts: vector 0 for configuration changes, vector 1 + q for data queue q.
         let interrupts = options.completion == CompletionMode::Interrupt;
@@ -212,7 +224,14 @@ impl VirtioCrypto {
             pci.set_config_vector(0);
         }
 
-        let control = ControlQueue::new(&pci, &pool, ctrl_index, event_idx, options.request_timeout)?;
+        let control = ControlQueue::new(
+            &pci,
+            &pool,
+            ctrl_index,
+            event_idx,
+            options.request_timeout,
+            health.closing_flag.clone(),
+        )?;
         for q in 0..nqueues {
             let index = q as u16;
             let max = pci.queue_max_size(index);
@@ -263,6 +282,7 @@ impl VirtioCrypto {
             sessions: SessionRegistry::default(),
             config_irq,
             interrupts,
+            epoch: std::sync::atomic::AtomicU64::new(0),
         });
         let recovery =
             recovery::spawn(core.clone()).map_err(|e| Error::os("spawning the recovery thread", e))?;
@@ -299,6 +319,16 @@ impl VirtioCrypto {
     /// Waits up to `limit` for a failed device to be recovered; returns whether it works.
     pub fn wait_working(&self, limit: Duration) -> bool {
         self.core.health.wait_working(limit)
+    }
+
+    /// Stops the device for good and completes every request on it with an error, without
+    /// recovery: for a caller that must end now (a server stopping) whatever the device does.
+    pub fn abort(&self) {
+        self.core.health.close();
+        let mut scratch = Vec::new();
+        for q in &self.core.queues {
+            q.fail_all(&mut scratch);
+        }
     }
 
     /// Whether the device accepts a session of `mode` with a key of `key_len` bytes, found by
@@ -379,18 +409,27 @@ impl Engine for VirtioCrypto {
         }
         let core = &self.core;
         let mut ctl = core.working_control()?;
-        let result = core.create_pair(&mut ctl, mode, key);
+        // Registered while the control queue is held, so that a recovery (which takes it
+        // first) cannot miss the session and leave it with ids of the device before the reset.
+        let result = core.create_pair(&mut ctl, mode, key).map(|(encrypt_id, decrypt_id)| {
+            let epoch = core.epoch.load(std::sync::atomic::Ordering::Acquire);
+            let session = DeviceSession::new(mode, key, encrypt_id, decrypt_id, epoch);
+            core.sessions.add(&session);
+            session
+        });
         core.check_control(ctl);
-        let (encrypt_id, decrypt_id) = result?;
-        let session = DeviceSession::new(mode, key, encrypt_id, decrypt_id);
-        core.sessions.add(&session);
-        Ok(session)
+        result
     }
 
     fn destroy_session(&self, session: &DeviceSession) -> Result<()> {
         let core = &self.core;
         session.state.destroyed.store(true, std::sync::atomic::Ordering::Release);
         let mut ctl = core.working_control()?;
+        if session.state.epoch() != core.epoch.load(std::sync::atomic::Ordering::Acquire) {
+            // Its device sessions died with a reset and it was not re-created: nothing to
+            // destroy, and its old ids may name another session now.
+            return Ok(());
+        }
         let a = ctl.destroy(session.mode, session.encrypt_id());
         let b = if ctl.dirty().is_none() { ctl.destroy(session.mode, session.decrypt_id()) } else { Ok(()) };
         core.check_control(ctl);

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 
 use crypt_vfio_spec::pci::feature;
 
+use super::data_queue::DataQueueShared;
 use super::Core;
 use crate::engine::Direction;
 use crate::error::{Error, Result};
@@ -23,11 +24,11 @@ pub(crate) fn spawn(core: Arc<Core>) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("crypt-vfio-recovery".into()).spawn(move || {
         while core.health.wait_for_failure() {
             match recover(&core) {
-                Ok(()) => {
-                    core.health.recovered();
-                    for q in &core.queues {
-                        q.resume();
-                    }
+                Ok(()) => DataQueueShared::resume_all(&core.queues, || core.health.recovered()),
+                Err(_) if core.health.closing() => {
+                    // Cut short by the engine closing: leave the device stopped.
+                    let _ = super::health::stop_device(&core.pci);
+                    fail_queues(&core);
                 }
                 Err(e) => {
                     core.health.recovery_failed(&e);
@@ -52,6 +53,14 @@ fn fail_queues(core: &Core) {
 fn recover(core: &Core) -> Result<()> {
     // Everything that was on the device completes now, with the failure.
     fail_queues(core);
+    let closing = || {
+        if core.health.closing() {
+            Err(Error::DeviceFailed("the engine is closing".into()))
+        } else {
+            Ok(())
+        }
+    };
+    closing()?;
     let mut ctl = core.control.lock().unwrap_or_else(|e| e.into_inner());
     let pci = &core.pci;
     pci.enable_bus_master()?;
@@ -73,12 +82,15 @@ fn recover(core: &Core) -> Result<()> {
     for q in &core.queues {
         q.restart(pci)?;
     }
+    closing()?;
     pci.driver_ok();
+    let epoch = core.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
     let sessions = core.sessions.live();
     for (mode, s) in &sessions {
+        closing()?;
         let enc = ctl.create(*mode, Direction::Encrypt, &s.key)?;
         let dec = ctl.create(*mode, Direction::Decrypt, &s.key)?;
-        s.set_ids(enc, dec);
+        s.set_ids(enc, dec, epoch);
     }
     drop(ctl);
     log::info!("virtio-crypto device re-initialised, {} session(s) re-created", sessions.len());

@@ -27,16 +27,19 @@ pub(crate) struct SessionState {
     pub(crate) key: Zeroizing<Vec<u8>>,
     encrypt_id: AtomicU64,
     decrypt_id: AtomicU64,
+    /// Which incarnation of the device (counted by recoveries) the ids belong to.
+    epoch: AtomicU64,
     /// Destroyed by the caller: never re-created.
     pub(crate) destroyed: AtomicBool,
 }
 
 impl DeviceSession {
-    pub(crate) fn new(mode: Mode, key: &[u8], encrypt_id: u64, decrypt_id: u64) -> Self {
+    pub(crate) fn new(mode: Mode, key: &[u8], encrypt_id: u64, decrypt_id: u64, epoch: u64) -> Self {
         let state = SessionState {
             key: Zeroizing::new(key.to_vec()),
             encrypt_id: AtomicU64::new(encrypt_id),
             decrypt_id: AtomicU64::new(decrypt_id),
+            epoch: AtomicU64::new(epoch),
             destroyed: AtomicBool::new(false),
         };
         Self { mode, state: Arc::new(state) }
@@ -45,7 +48,7 @@ impl DeviceSession {
     /// A session with the given device ids and an all-zero key, for layout tests.
     #[cfg(test)]
     pub(crate) fn for_test(mode: Mode, encrypt_id: u64, decrypt_id: u64) -> Self {
-        Self::new(mode, &[0; 32], encrypt_id, decrypt_id)
+        Self::new(mode, &[0; 32], encrypt_id, decrypt_id, 0)
     }
 
     /// The session's mode.
@@ -66,10 +69,16 @@ impl DeviceSession {
 }
 
 impl SessionState {
-    /// Installs the ids of the session re-created after a reset.
-    pub(crate) fn set_ids(&self, encrypt_id: u64, decrypt_id: u64) {
+    /// Installs the ids of the session re-created after a reset, in device incarnation `epoch`.
+    pub(crate) fn set_ids(&self, encrypt_id: u64, decrypt_id: u64, epoch: u64) {
         self.encrypt_id.store(encrypt_id, Ordering::Release);
         self.decrypt_id.store(decrypt_id, Ordering::Release);
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// The device incarnation the ids belong to.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 }
 
