@@ -126,7 +126,7 @@ where
                                         reference
                                             .encrypt(&[(id % 251) as u8; 16], &[], &mut expect, &mut [])
                                             .unwrap();
-                                        if expect != c.request.data.as_slice() {
+                                        if *expect != *c.request.data.as_slice() {
                                             local.wrong += 1;
                                         }
                                         local.ok += 1;
@@ -245,5 +245,5 @@ fn a_device_that_dies_under_load_fails_every_request_exactly_once() {
     let req = Request::new(spare, Direction::Encrypt, Iv::from([0; 16]), Buf::Host(vec![1; 32]), 1);
     let e = q.try_submit(req).unwrap_err();
     assert!(matches!(e.kind, SubmitErrorKind::Rejected(Error::DeviceFailed(_))));
-    assert_eq!(e.request.data.as_slice(), &[1; 32]);
+    assert_eq!(*e.request.data.as_slice(), [1; 32]);
 }

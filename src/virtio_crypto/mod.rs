@@ -92,6 +92,7 @@ pub struct VirtioCrypto {
     health: Arc<DeviceHealth>,
     threads: Vec<JoinHandle<()>>,
     _config_irq: Option<EventNotifier>,
+    id: crate::engine::EngineId,
 }
 
 impl VirtioCrypto {
@@ -219,6 +220,7 @@ impl VirtioCrypto {
             health,
             threads,
             _config_irq: config_irq,
+            id: crate::engine::EngineId::new(),
         })
     }
 
@@ -295,10 +297,13 @@ impl Engine for VirtioCrypto {
                 return Err(e);
             }
         };
-        Ok(DeviceSession { mode, encrypt_id, decrypt_id })
+        Ok(DeviceSession { mode, engine: self.id, encrypt_id, decrypt_id })
     }
 
     fn destroy_session(&self, session: &DeviceSession) -> Result<()> {
+        if session.engine != self.id {
+            return Err(Error::InvalidSession);
+        }
         let mut ctl = self.control();
         let a = ctl.destroy(session.mode, session.encrypt_id);
         let b = ctl.destroy(session.mode, session.decrypt_id);
@@ -315,7 +320,7 @@ impl Engine for VirtioCrypto {
         sink: EventSink<DeviceSession>,
     ) -> Result<Box<dyn Queue<DeviceSession>>> {
         let shared = self.queues[index % self.queues.len()].clone();
-        Ok(Box::new(DeviceQueue::new(shared, sink)))
+        Ok(Box::new(DeviceQueue::new(shared, sink, self.id)))
     }
 
     fn max_request_len(&self) -> usize {

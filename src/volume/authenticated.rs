@@ -205,7 +205,7 @@ impl<E: Engine> AuthVolume<E> {
         check.aad = sb.check_aad();
         let done = run_one(&*engine, &session, check)?;
         sb.check_tag = done.tag;
-        sb.check_ct.copy_from_slice(done.data.as_slice());
+        sb.check_ct.copy_from_slice(&done.data.as_slice());
         file.set_len(sb.image_len()).map_err(|e| Error::os("sizing the image", e))?;
         let v = Self::with(engine, session, sb, file, true);
         v.write_zeroes(0, size)?;
