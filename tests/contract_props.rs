@@ -216,3 +216,26 @@ proptest! {
         prop_assert_eq!(report.completed, s.threads as u64 * s.per_thread);
     }
 }
+
+#[test]
+fn the_schedules_reach_the_backlog_and_the_busy_path() {
+    // The property above is only as good as the paths it reaches: a small ring with latency and
+    // a deep queue per thread must see Backlogged and Busy answers.
+    let b = DeviceBehaviour {
+        queues: 1,
+        ring: 8,
+        backlog_limit: 4,
+        latency_us: 20,
+        jitter_us: 20,
+        out_of_order: true,
+        error_rate: 0.05,
+        inflight_limit: 4,
+        interrupts: false,
+        seed: 1,
+    };
+    let s =
+        Schedule { threads: 3, per_thread: 300, max_in_flight: 40, backlog_tenths: 8, sizes: vec![1, 4, 64] };
+    let report = run(&b, &s);
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert!(report.backlogged > 0 && report.refused > 0, "{report:?}");
+}
