@@ -392,3 +392,39 @@ fn write_zeroes_and_trim_as_the_nbd_server_uses_them() {
     dev.read_at(0, &mut back).unwrap();
     assert!(back == expected, "trim changes nothing");
 }
+
+#[test]
+fn a_duplicate_completion_fails_the_io_and_writes_no_plaintext() {
+    // The engine reports sector 0 twice while the last sector is still in flight. Counting
+    // completions would end the write early with that sector still plaintext, and write it.
+    let engine =
+        Arc::new(Wrapped::new(SoftwareEngine::new(CoreKind::Fast), Behaviour::DuplicateFirstHoldLast));
+    let dir = scratch();
+    let file = backing(dir.path(), 1 << 16);
+    let disk = file.try_clone().unwrap();
+    let v = Volume::open(engine, file, true, &KEY64, params("aes-xts-plain64", 512)).unwrap();
+    let plain = pattern(8 * 512, 7);
+    let err = v.write_at(0, &plain).expect_err("a duplicate completion must fail the write");
+    assert!(matches!(err, Error::ContractViolation(ref m) if m.contains("completed twice")), "{err}");
+    let mut raw = vec![0u8; plain.len()];
+    std::os::unix::fs::FileExt::read_exact_at(&disk, &mut raw, 0).unwrap();
+    for (i, (r, p)) in raw.chunks(512).zip(plain.chunks(512)).enumerate() {
+        assert_ne!(r, p, "sector {i} reached the disk as plaintext");
+    }
+    assert!(raw.iter().all(|&b| b == 0), "nothing of a failed write reaches the disk");
+}
+
+#[test]
+fn offsets_and_sizes_near_u64_max_give_errors_not_overflows() {
+    let dir = scratch();
+    for (data_offset, size) in [(u64::MAX - 511, None), (512, Some(u64::MAX - 511)), (!511, Some(512))] {
+        let p = VolumeParams { data_offset, size, ..params("aes-xts-plain64", 512) };
+        let engine = Arc::new(SoftwareEngine::new(CoreKind::Fast));
+        let r = Volume::open(engine, backing(dir.path(), 1 << 16), true, &KEY64, p);
+        assert!(
+            matches!(r, Err(Error::InvalidVolume(ref m)) if m.contains("beyond")),
+            "offset {data_offset}, size {size:?}: {:?}",
+            r.err()
+        );
+    }
+}

@@ -688,7 +688,7 @@ fn worker<E: Engine>(
                         let mut tag = [0u8; 16];
                         let t: &mut [u8] = if mode.is_aead() { &mut tag } else { &mut [] };
                         reference.encrypt(s.iv.as_slice(), &[], &mut expect, t)?;
-                        if expect != c.request.data.as_slice() || (mode.is_aead() && tag != c.request.tag) {
+                        if *expect != *c.request.data.as_slice() || (mode.is_aead() && tag != c.request.tag) {
                             bail!(
                                 "{}: result differs from the AES core called directly (request {})",
                                 engine.describe(),

@@ -283,7 +283,7 @@ fn push(
                                 .map(|k| (id as usize).wrapping_add(k) as u8)
                                 .collect();
                             reference.encrypt(&iv(id), &[], &mut want, &mut [])?;
-                            if want != c.request.data.as_slice() {
+                            if *want != *c.request.data.as_slice() {
                                 totals.wrong.fetch_add(1, Ordering::Relaxed);
                             }
                             totals.ok.fetch_add(1, Ordering::Relaxed);

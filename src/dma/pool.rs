@@ -1,9 +1,13 @@
 //! The pool of device-visible memory and the buffers carved from it.
 
 use std::fmt;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion, VolatileSlice};
+use vm_memory::{
+    AtomicAccess, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+    ReadVolatile, VolatileSlice, WriteVolatile,
+};
 
 use super::region::{DmaRegion, REGION_SIZE};
 use super::IovaAllocator;
@@ -67,9 +71,13 @@ impl DmaPool {
     }
 
     /// A zeroed buffer of `len` bytes, aligned to at least 64 bytes (and to its size class).
+    /// A length no mapping can hold (2^63 bytes and more) gives [`Error::Dma`].
     pub fn alloc(&self, len: usize) -> Result<DmaBuffer> {
         let len_nonzero = len.max(1);
-        let shift = len_nonzero.next_power_of_two().trailing_zeros().max(MIN_CLASS_SHIFT);
+        let Some(class_len) = len_nonzero.checked_next_power_of_two() else {
+            return Err(Error::Dma(format!("a buffer of {len} bytes exceeds the address space")));
+        };
+        let shift = class_len.trailing_zeros().max(MIN_CLASS_SHIFT);
         let mut st = self.state();
         let (region_idx, offset, class) = if shift > MAX_CLASS_SHIFT {
             let idx = self.map_region(&mut st, len_nonzero)?;
@@ -105,7 +113,7 @@ impl DmaPool {
     /// Copies `data` into a new buffer.
     pub fn alloc_from(&self, data: &[u8]) -> Result<DmaBuffer> {
         let mut b = self.alloc(data.len())?;
-        b.as_mut_slice().copy_from_slice(data);
+        b.copy_from_slice(data);
         Ok(b)
     }
 
@@ -150,9 +158,16 @@ impl DmaPool {
         Ok(idx)
     }
 
-    /// The pool's memory as `vm-memory` sees it: every mapped region at its IOVA.
-    pub fn memory(&self) -> Arc<GuestMemoryMmap> {
-        self.state().memory.clone()
+    /// The pool's memory as the device sees it: every region mapped now, at its IOVA. The view
+    /// keeps those regions' host memory alive for as long as it exists (a region unmapped later,
+    /// its buffer dropped, stays readable here but is no longer the device's), and reaches the
+    /// bytes only with volatile copies.
+    pub fn memory(&self) -> DmaMemory {
+        let st = self.state();
+        DmaMemory {
+            view: st.memory.clone(),
+            _regions: st.regions.iter().flatten().map(|m| m.region.clone()).collect(),
+        }
     }
 
     /// Unmaps every region from the device's IOMMU, for good: a device that ignored its resets
@@ -200,6 +215,96 @@ fn view_region(region: &DmaRegion, iova: u64) -> Result<Arc<GuestRegionMmap>> {
         .ok_or_else(|| Error::Dma(format!("IOVA {iova:#x} overflows the address space")))
 }
 
+/// A snapshot of a pool's mapped memory, addressed by IOVA (see [`DmaPool::memory`]).
+///
+/// Only byte copies go through it (the [`Bytes`] trait of `vm-memory`, volatile accesses): no
+/// reference into memory the device may write, and no handle that could outlive the regions,
+/// which the snapshot holds.
+pub struct DmaMemory {
+    view: Arc<GuestMemoryMmap>,
+    /// The host memory behind `view`'s raw (non-owning) regions.
+    _regions: Vec<Arc<DmaRegion>>,
+}
+
+impl fmt::Debug for DmaMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaMemory").field("regions", &self._regions.len()).finish()
+    }
+}
+
+impl Bytes<GuestAddress> for DmaMemory {
+    type E = GuestMemoryError;
+
+    fn write(&self, buf: &[u8], addr: GuestAddress) -> Result<usize, Self::E> {
+        self.view.write(buf, addr)
+    }
+
+    fn read(&self, buf: &mut [u8], addr: GuestAddress) -> Result<usize, Self::E> {
+        self.view.read(buf, addr)
+    }
+
+    fn write_slice(&self, buf: &[u8], addr: GuestAddress) -> Result<(), Self::E> {
+        self.view.write_slice(buf, addr)
+    }
+
+    fn read_slice(&self, buf: &mut [u8], addr: GuestAddress) -> Result<(), Self::E> {
+        self.view.read_slice(buf, addr)
+    }
+
+    fn read_volatile_from<F: ReadVolatile>(
+        &self,
+        addr: GuestAddress,
+        src: &mut F,
+        count: usize,
+    ) -> Result<usize, Self::E> {
+        self.view.read_volatile_from(addr, src, count)
+    }
+
+    fn read_exact_volatile_from<F: ReadVolatile>(
+        &self,
+        addr: GuestAddress,
+        src: &mut F,
+        count: usize,
+    ) -> Result<(), Self::E> {
+        self.view.read_exact_volatile_from(addr, src, count)
+    }
+
+    fn write_volatile_to<F: WriteVolatile>(
+        &self,
+        addr: GuestAddress,
+        dst: &mut F,
+        count: usize,
+    ) -> Result<usize, Self::E> {
+        self.view.write_volatile_to(addr, dst, count)
+    }
+
+    fn write_all_volatile_to<F: WriteVolatile>(
+        &self,
+        addr: GuestAddress,
+        dst: &mut F,
+        count: usize,
+    ) -> Result<(), Self::E> {
+        self.view.write_all_volatile_to(addr, dst, count)
+    }
+
+    fn store<T: AtomicAccess>(
+        &self,
+        val: T,
+        addr: GuestAddress,
+        order: std::sync::atomic::Ordering,
+    ) -> Result<(), Self::E> {
+        self.view.store(val, addr, order)
+    }
+
+    fn load<T: AtomicAccess>(
+        &self,
+        addr: GuestAddress,
+        order: std::sync::atomic::Ordering,
+    ) -> Result<T, Self::E> {
+        self.view.load(addr, order)
+    }
+}
+
 impl Drop for PoolInner {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
@@ -219,6 +324,15 @@ impl Drop for PoolInner {
 /// Owning the buffer means owning its bytes: while a request holds it the device may write it,
 /// and the caller gets it back only with the request's final completion. It returns to its pool
 /// when dropped.
+///
+/// Its bytes stay mapped for the device even while the caller owns it, so no reference to them
+/// is ever handed out; they are copied in and out:
+///
+/// ```compile_fail
+/// fn borrow(b: &crypt_vfio::dma::DmaBuffer) -> &[u8] {
+///     b.as_slice() // a copy (Vec<u8>), not a view of device-writable memory
+/// }
+/// ```
 pub struct DmaBuffer {
     pool: Arc<PoolInner>,
     region: Arc<DmaRegion>,
@@ -270,17 +384,63 @@ impl DmaBuffer {
         unsafe { self.region.as_ptr().add(self.offset) }
     }
 
-    /// The bytes, for the owner while no request holds the buffer.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the range is inside a live mapping owned through `region`; the buffer is not in
-        // a request (the caller owns it), so the device has no descriptor pointing at it.
-        unsafe { std::slice::from_raw_parts(self.ptr(), self.len) }
+    /// The first `len` bytes as a volatile slice.
+    fn bytes(&self) -> VolatileSlice<'_> {
+        // SAFETY: the range is inside a live mapping that outlives `&self`; VolatileSlice only
+        // performs volatile accesses, which are sound against concurrent device writes.
+        unsafe { VolatileSlice::new(self.ptr(), self.len) }
     }
 
-    /// The bytes, mutably.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in as_slice, and `&mut self` makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr(), self.len) }
+    /// Copies the buffer's bytes into `dst` (as many as both hold); returns how many.
+    ///
+    /// DMA memory stays mapped for the device while the caller owns the buffer, and a faulty or
+    /// malicious device can write it at any time, so its bytes are only ever copied with
+    /// volatile accesses, never lent out as `&[u8]` or `&mut [u8]` (the rule `vfio_dma_map`
+    /// states for memory it maps).
+    pub fn copy_to_slice(&self, dst: &mut [u8]) -> usize {
+        self.bytes().copy_to(dst)
+    }
+
+    /// Copies `src` into the buffer's first bytes (as many as both hold); returns how many.
+    pub fn copy_from_slice(&mut self, src: &[u8]) -> usize {
+        let n = src.len().min(self.len);
+        self.bytes().copy_from(&src[..n]);
+        n
+    }
+
+    /// Sets every byte to `value` (volatile writes, so zeroing is never optimised away).
+    pub fn fill(&mut self, value: u8) {
+        let chunk = [value; 256];
+        let v = self.bytes();
+        let mut off = 0;
+        while off < v.len() {
+            let n = (v.len() - off).min(chunk.len());
+            if let Ok(part) = v.subslice(off, n) {
+                part.copy_from(&chunk[..n]);
+            }
+            off += n;
+        }
+    }
+
+    /// A copy of the bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0; self.len];
+        self.copy_to_slice(&mut v);
+        v
+    }
+
+    /// A copy of the bytes (see [`copy_to_slice`](Self::copy_to_slice) for why not a
+    /// reference). Kept for callers of the former `&[u8]` accessor.
+    pub fn as_slice(&self) -> Vec<u8> {
+        self.to_vec()
+    }
+
+    /// The bytes to edit, through a copy written back (with volatile writes) when the guard
+    /// is dropped. Kept for callers of the former `&mut [u8]` accessor; bulk copies are cheaper
+    /// with [`copy_from_slice`](Self::copy_from_slice).
+    pub fn as_mut_slice(&mut self) -> DmaBytesMut<'_> {
+        let copy = self.to_vec();
+        DmaBytesMut { buf: self, copy }
     }
 
     /// The whole capacity as a volatile slice, for structures the device reads and writes
@@ -289,6 +449,34 @@ impl DmaBuffer {
         // SAFETY: the range is inside a live mapping that outlives `&self`; VolatileSlice only
         // performs volatile accesses, which are sound against concurrent device writes.
         unsafe { VolatileSlice::new(self.ptr(), self.capacity) }
+    }
+}
+
+/// The bytes of a [`DmaBuffer`] being edited: a host copy, written back when dropped.
+pub struct DmaBytesMut<'a> {
+    buf: &'a mut DmaBuffer,
+    copy: Vec<u8>,
+}
+
+impl Deref for DmaBytesMut<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.copy
+    }
+}
+
+impl DerefMut for DmaBytesMut<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.copy
+    }
+}
+
+impl Drop for DmaBytesMut<'_> {
+    fn drop(&mut self) {
+        self.buf.copy_from_slice(&self.copy);
+        // The copy may hold key material or plaintext.
+        zeroize::Zeroize::zeroize(&mut self.copy);
     }
 }
 

@@ -8,20 +8,31 @@
 //! In polling mode the futures drive the queue themselves (each poll reaps completions and wakes
 //! itself), so no reactor is needed; with an engine that completes on its own thread
 //! (interrupts) they simply wait to be woken.
+//!
+//! A request's `Promoted` may reach the sink before its submit has returned `Backlogged` (another
+//! thread polled in between, or the engine announces it from inside `submit`): the slot remembers
+//! it, so the future does not wait for a `Promoted` that already came. A future dropped before
+//! its completion leaves its request with the engine; the slot is marked abandoned and the
+//! completion (with its buffer) is dropped when it arrives instead of being kept forever.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
+
+use super::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
 
 use super::{Buf, Completion, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, TAG_LEN};
 use crate::error::{Error, Result};
 
 enum Slot<S> {
-    Waiting(Option<Waker>),
+    /// Accepted (or being submitted), not completed; `promoted` once its `Promoted` came.
+    Waiting { waker: Option<Waker>, promoted: bool },
+    /// Completed, the future has not taken it yet.
     Done(Completion<S>),
+    /// The future was dropped: the completion is dropped on arrival.
+    Abandoned,
 }
 
 struct Shared<S> {
@@ -48,6 +59,10 @@ impl<S> Shared<S> {
         let mut st = self.state();
         let wake_waiters = match event {
             Event::Promoted { user_data } => {
+                if let Some(Slot::Waiting { promoted, .. }) = st.slots.get_mut(&user_data) {
+                    // Remembered for a submitter that has not seen its Backlogged yet.
+                    *promoted = true;
+                }
                 if st.blocked_on == Some(user_data) {
                     st.blocked_on = None;
                     true
@@ -57,8 +72,27 @@ impl<S> Shared<S> {
             }
             Event::Completed(c) => {
                 let id = c.request.user_data;
-                if let Some(Slot::Waiting(Some(w))) = st.slots.insert(id, Slot::Done(c)) {
-                    w.wake();
+                match st.slots.remove(&id) {
+                    Some(Slot::Abandoned) => {
+                        // Nobody will take it: drop it (and its buffer) now.
+                        if st.blocked_on == Some(id) {
+                            st.blocked_on = None;
+                        }
+                    }
+                    Some(Slot::Waiting { waker, .. }) => {
+                        st.slots.insert(id, Slot::Done(c));
+                        if let Some(w) = waker {
+                            w.wake();
+                        }
+                    }
+                    other => {
+                        log::error!(
+                            "async queue: a completion for request {id}, which is not waiting for one"
+                        );
+                        if let Some(slot) = other {
+                            st.slots.insert(id, slot);
+                        }
+                    }
                 }
                 true
             }
@@ -110,6 +144,12 @@ impl<S: Clone + Send + Sync + 'static> AsyncQueue<S> {
         });
         *shared.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(engine.open_queue(index, sink)?);
         Ok(Self { shared })
+    }
+
+    /// Requests whose state the queue still keeps: submitted and not yet taken by their future
+    /// (in flight, or finished and not yet polled, or abandoned and not yet completed).
+    pub fn tracked(&self) -> usize {
+        self.shared.state().slots.len()
     }
 
     /// Runs `request` and resolves with it and its outcome (the request's `user_data` is
@@ -169,6 +209,21 @@ impl<S> RunFuture<S> {
     }
 }
 
+impl<S> Drop for RunFuture<S> {
+    fn drop(&mut self) {
+        let Some(id) = self.id else { return };
+        let mut st = self.shared.state();
+        match st.slots.remove(&id) {
+            // Finished and never taken: the completion goes now.
+            Some(Slot::Done(_)) | None => {}
+            // Still with the engine: its completion is dropped when it comes.
+            Some(Slot::Waiting { .. } | Slot::Abandoned) => {
+                st.slots.insert(id, Slot::Abandoned);
+            }
+        }
+    }
+}
+
 impl<S> Future for RunFuture<S> {
     type Output = (Request<S>, Result<()>);
 
@@ -180,11 +235,21 @@ impl<S> Future for RunFuture<S> {
             }
             let mut st = shared.state();
             return match st.slots.remove(&id) {
-                Some(Slot::Done(c)) => Poll::Ready((c.request, c.result)),
-                _ => {
-                    st.slots.insert(id, Slot::Waiting(Some(cx.waker().clone())));
+                Some(Slot::Done(c)) => {
+                    drop(st);
+                    self.id = None;
+                    Poll::Ready((c.request, c.result))
+                }
+                Some(Slot::Waiting { promoted, .. }) => {
+                    st.slots.insert(id, Slot::Waiting { waker: Some(cx.waker().clone()), promoted });
                     drop(st);
                     self.pending(cx)
+                }
+                Some(Slot::Abandoned) | None => {
+                    // Polled again after it resolved.
+                    drop(st);
+                    self.id = None;
+                    Poll::Pending
                 }
             };
         }
@@ -206,7 +271,7 @@ impl<S> Future for RunFuture<S> {
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         req.user_data = id;
-        shared.state().slots.insert(id, Slot::Waiting(Some(cx.waker().clone())));
+        shared.state().slots.insert(id, Slot::Waiting { waker: Some(cx.waker().clone()), promoted: false });
         let outcome = match shared.queue.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             Some(q) => q.submit(req, true),
             None => Err(super::SubmitError::rejected(req, Error::InvalidRequest("queue not open".into()))),
@@ -216,8 +281,9 @@ impl<S> Future for RunFuture<S> {
                 self.id = Some(id);
                 if s == super::Submitted::Backlogged {
                     let mut st = shared.state();
-                    // Promoted may already have arrived through another poller.
-                    if matches!(st.slots.get(&id), Some(Slot::Waiting(_))) {
+                    // Promoted may already have arrived (another poller, or the engine said it
+                    // before returning): then there is nothing to wait for.
+                    if matches!(st.slots.get(&id), Some(Slot::Waiting { promoted: false, .. })) {
                         st.blocked_on = Some(id);
                     }
                 }

@@ -3,13 +3,15 @@
 //! [`ContractChecker`] watches submits and events, as a caller sees them, and reports every
 //! broken promise: a request completed twice or never, a `Promoted` for a request that was not
 //! backlogged or after its completion, a backlogged request completed without `Promoted`, and
-//! promotions out of FIFO order. Tests run every engine through it, and so does the bench in
-//! `--check` mode.
+//! promotions out of FIFO order, and a request that went `InProgress` after an older request was
+//! backlogged yet completed before that request's `Promoted` (the newer one overtook the
+//! backlog). Tests run every engine through it, and so does the bench in `--check` mode.
 //!
 //! Events may arrive before the submitter learns its submit result (another thread may poll and
 //! deliver in between), so the checker matches results and events per request whatever their
-//! arrival order, and it checks FIFO only between requests where one's `Backlogged` return
-//! happened before the other's submit began, which is the order the engine must respect.
+//! arrival order (each rule is checked whichever of the two comes second), and it checks the
+//! ordering rules only between requests where one's `Backlogged` return happened before the
+//! other's submit began, which is the order the engine must respect.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,7 +104,23 @@ impl ContractChecker {
         };
         track.submit_return = Some(t);
         match result {
-            Ok(s) => track.outcome = Some(*s),
+            Ok(s) => {
+                track.outcome = Some(*s);
+                // Events that came before this result, checked now that the result is known.
+                let problem = match s {
+                    Submitted::InProgress if !track.promoted.is_empty() => {
+                        Some("Promoted although the submit said InProgress")
+                    }
+                    Submitted::Backlogged if !track.completed.is_empty() && track.promoted.is_empty() => {
+                        Some("backlogged but completed without Promoted")
+                    }
+                    _ => None,
+                };
+                if let Some(p) = problem {
+                    drop(tracks);
+                    self.violation(format!("request {user_data}: {p}"));
+                }
+            }
             Err(e) => {
                 track.refused = true;
                 let early = !track.promoted.is_empty() || !track.completed.is_empty();
@@ -170,6 +188,9 @@ impl ContractChecker {
             ..Default::default()
         };
         let mut by_queue: HashMap<usize, Vec<(u64, u64, u64)>> = HashMap::new();
+        // Per queue: backlogged requests (submit return, first Promoted or never) and
+        // in-progress ones (submit start, first completion).
+        let mut overtaking: HashMap<usize, (Vec<Span>, Vec<Span>)> = HashMap::new();
         for (&id, t) in tracks.iter() {
             r.promoted += t.promoted.len() as u64;
             r.completed += t.completed.len() as u64;
@@ -178,9 +199,18 @@ impl ContractChecker {
                 continue;
             }
             match t.outcome {
-                Some(Submitted::InProgress) => r.in_progress += 1,
+                Some(Submitted::InProgress) => {
+                    r.in_progress += 1;
+                    if let Some(&done) = t.completed.first() {
+                        overtaking.entry(t.queue).or_default().1.push((t.submit_start, done));
+                    }
+                }
                 Some(Submitted::Backlogged) => {
                     r.backlogged += 1;
+                    if let Some(ret) = t.submit_return {
+                        let promoted = t.promoted.first().copied().unwrap_or(u64::MAX);
+                        overtaking.entry(t.queue).or_default().0.push((ret, promoted));
+                    }
                     if t.promoted.is_empty() {
                         r.violations.push(format!("request {id}: backlogged and never promoted"));
                     } else if let Some(ret) = t.submit_return {
@@ -213,10 +243,35 @@ impl ContractChecker {
                 max_start = max_start.max(start);
             }
         }
+        for (queue, (mut backlogged, mut in_progress)) in overtaking {
+            // A request that went InProgress after an older request's Backlogged return must not
+            // complete before that request's Promoted: sweep in time order, keeping the latest
+            // promotion among the requests backlogged before each submit began.
+            backlogged.sort_unstable();
+            in_progress.sort_unstable();
+            let (mut i, mut latest_promotion) = (0, 0);
+            for &(start, done) in &in_progress {
+                while i < backlogged.len() && backlogged[i].0 < start {
+                    latest_promotion = latest_promotion.max(backlogged[i].1);
+                    i += 1;
+                }
+                if done < latest_promotion {
+                    r.violations.push(format!(
+                        "queue {queue}: a request submitted at t={start} went InProgress and completed (t={done}) \
+                         before an older backlogged request was promoted"
+                    ));
+                    break;
+                }
+            }
+        }
         r.violations.truncate(1000);
         r
     }
 }
+
+/// Two instants of one request: (backlogged return, first Promoted) or (submit start, first
+/// completion).
+type Span = (u64, u64);
 
 fn kind(k: &SubmitErrorKind) -> String {
     k.to_string()
@@ -249,6 +304,46 @@ mod tests {
         let r = c.report();
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!((r.in_progress, r.backlogged, r.completed), (1, 1, 2));
+    }
+
+    #[test]
+    fn checks_an_early_promoted_against_the_submit_result_that_follows() {
+        let c = ContractChecker::new();
+        c.begin_submit(0, 1);
+        c.event(&Event::<()>::Promoted { user_data: 1 });
+        c.submitted::<()>(1, &Ok(Submitted::InProgress));
+        c.event(&done(1));
+        c.begin_submit(0, 2);
+        c.event(&done(2));
+        c.submitted::<()>(2, &Ok(Submitted::Backlogged));
+        c.event(&Event::<()>::Promoted { user_data: 2 });
+        let text = c.report().violations.join("\n");
+        assert!(text.contains("request 1: Promoted although the submit said InProgress"), "{text}");
+        assert!(text.contains("request 2: backlogged but completed without Promoted"), "{text}");
+    }
+
+    #[test]
+    fn catches_a_newer_in_progress_request_overtaking_the_backlog() {
+        let c = ContractChecker::new();
+        c.begin_submit(0, 1);
+        c.submitted::<()>(1, &Ok(Submitted::Backlogged));
+        c.begin_submit(0, 2);
+        c.submitted::<()>(2, &Ok(Submitted::InProgress));
+        c.event(&done(2));
+        c.event(&Event::<()>::Promoted { user_data: 1 });
+        c.event(&done(1));
+        let text = c.report().violations.join("\n");
+        assert!(text.contains("before an older backlogged request was promoted"), "{text}");
+        // The same with request 2's submit begun before 1's Backlogged return is fine.
+        let c = ContractChecker::new();
+        c.begin_submit(0, 1);
+        c.begin_submit(0, 2);
+        c.submitted::<()>(1, &Ok(Submitted::Backlogged));
+        c.submitted::<()>(2, &Ok(Submitted::InProgress));
+        c.event(&done(2));
+        c.event(&Event::<()>::Promoted { user_data: 1 });
+        c.event(&done(1));
+        assert!(c.report().violations.is_empty(), "{:?}", c.report().violations);
     }
 
     #[test]

@@ -11,14 +11,17 @@ pub mod async_api;
 pub mod backlog;
 pub mod contract;
 mod delivery;
+mod identity;
 mod request;
 pub mod software;
+pub(crate) mod sync;
 
 use crypt_vfio_cores::Mode;
 
-pub use delivery::{Delivery, EventSink, Outbox};
+pub use delivery::{deliver_one, Delivery, EventSink, Outbox};
+pub use identity::EngineId;
 pub use request::{
-    Buf, Completion, Direction, Event, Iv, Request, SubmitError, SubmitErrorKind, Submitted, TAG_LEN,
+    Buf, BufMut, Completion, Direction, Event, Iv, Request, SubmitError, SubmitErrorKind, Submitted, TAG_LEN,
 };
 
 use crate::error::{Error, Result};

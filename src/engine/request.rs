@@ -1,6 +1,9 @@
 //! What a caller hands to an engine and what comes back.
 
-use crate::dma::DmaBuffer;
+use std::borrow::Cow;
+use std::ops::{Deref, DerefMut};
+
+use crate::dma::{DmaBuffer, DmaBytesMut};
 use crate::error::Error;
 
 /// Encrypt or decrypt.
@@ -23,19 +26,54 @@ pub enum Buf {
 }
 
 impl Buf {
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
+    /// The bytes: borrowed for host memory, a copy for DMA memory (which the device may write at
+    /// any time, so it is never lent out as a slice; see [`DmaBuffer::copy_to_slice`]).
+    pub fn as_slice(&self) -> Cow<'_, [u8]> {
         match self {
-            Buf::Host(v) => v,
-            Buf::Dma(d) => d.as_slice(),
+            Buf::Host(v) => Cow::Borrowed(v),
+            Buf::Dma(d) => Cow::Owned(d.to_vec()),
         }
     }
 
-    /// The bytes, mutably.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+    /// The bytes to edit: borrowed for host memory; for DMA memory a copy written back with
+    /// volatile writes when the guard is dropped.
+    pub fn as_mut_slice(&mut self) -> BufMut<'_> {
         match self {
-            Buf::Host(v) => v,
-            Buf::Dma(d) => d.as_mut_slice(),
+            Buf::Host(v) => BufMut::Host(v),
+            Buf::Dma(d) => BufMut::Dma(d.as_mut_slice()),
+        }
+    }
+
+    /// Copies the bytes into `dst` (as many as both hold); returns how many.
+    pub fn copy_to_slice(&self, dst: &mut [u8]) -> usize {
+        match self {
+            Buf::Host(v) => {
+                let n = v.len().min(dst.len());
+                dst[..n].copy_from_slice(&v[..n]);
+                n
+            }
+            Buf::Dma(d) => d.copy_to_slice(dst),
+        }
+    }
+
+    /// Copies `src` into the first bytes (as many as both hold); returns how many.
+    pub fn copy_from_slice(&mut self, src: &[u8]) -> usize {
+        match self {
+            Buf::Host(v) => {
+                let n = v.len().min(src.len());
+                v[..n].copy_from_slice(&src[..n]);
+                n
+            }
+            Buf::Dma(d) => d.copy_from_slice(src),
+        }
+    }
+
+    /// Overwrites the bytes with zeros in a way the compiler cannot skip (they may have held
+    /// key material or plaintext).
+    pub fn zeroize(&mut self) {
+        match self {
+            Buf::Host(v) => zeroize::Zeroize::zeroize(v.as_mut_slice()),
+            Buf::Dma(d) => d.fill(0),
         }
     }
 
@@ -50,6 +88,34 @@ impl Buf {
     /// Whether the buffer is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The bytes of a [`Buf`] being edited (see [`Buf::as_mut_slice`]).
+pub enum BufMut<'a> {
+    /// Host memory, borrowed.
+    Host(&'a mut [u8]),
+    /// DMA memory, through a copy written back on drop.
+    Dma(DmaBytesMut<'a>),
+}
+
+impl Deref for BufMut<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            BufMut::Host(s) => s,
+            BufMut::Dma(d) => d,
+        }
+    }
+}
+
+impl DerefMut for BufMut<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            BufMut::Host(s) => s,
+            BufMut::Dma(d) => d,
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! It is the baseline every device number is compared with (the same core, no rings, no second
 //! core) and the fallback when no device is present. Requests complete at submit; their events
-//! are delivered by the next [`Queue::poll`], so callers see the same protocol as with a device.
+//! are delivered by the next [`Queue::poll`], so callers see the same protocol as with a device,
+//! or when the queue is dropped: like a device queue closing, it hands every accepted request
+//! back with its one final completion.
 
 use std::fmt;
 use std::sync::Arc;
@@ -10,20 +12,22 @@ use std::sync::Arc;
 use crypt_vfio_cores::{new_cipher, CipherCore, CoreKind, Mode};
 
 use super::{
-    validate_request, Completion, Direction, Engine, Event, EventSink, Queue, Request, SubmitError, Submitted,
+    deliver_one, validate_request, Completion, Direction, Engine, EngineId, Event, EventSink, Queue, Request,
+    SubmitError, Submitted,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The AES cores as an engine.
 #[derive(Debug, Clone)]
 pub struct SoftwareEngine {
     core: CoreKind,
+    id: EngineId,
 }
 
 impl SoftwareEngine {
     /// An engine running `core`.
     pub fn new(core: CoreKind) -> Self {
-        Self { core }
+        Self { core, id: EngineId::new() }
     }
 }
 
@@ -31,6 +35,7 @@ impl SoftwareEngine {
 #[derive(Clone)]
 pub struct SoftwareSession {
     mode: Mode,
+    engine: EngineId,
     cipher: Arc<dyn CipherCore>,
 }
 
@@ -53,8 +58,8 @@ pub fn run_cipher<S>(cipher: &dyn CipherCore, req: &mut Request<S>) -> Result<()
     let Request { direction, iv, aad, data, tag, .. } = req;
     let tag_slice: &mut [u8] = if cipher.mode().is_aead() { tag } else { &mut [] };
     match direction {
-        Direction::Encrypt => cipher.encrypt(iv.as_slice(), aad, data.as_mut_slice(), tag_slice)?,
-        Direction::Decrypt => cipher.decrypt(iv.as_slice(), aad, data.as_mut_slice(), tag_slice)?,
+        Direction::Encrypt => cipher.encrypt(iv.as_slice(), aad, &mut data.as_mut_slice(), tag_slice)?,
+        Direction::Decrypt => cipher.decrypt(iv.as_slice(), aad, &mut data.as_mut_slice(), tag_slice)?,
     }
     Ok(())
 }
@@ -70,10 +75,13 @@ impl Engine for SoftwareEngine {
     }
 
     fn create_session(&self, mode: Mode, key: &[u8]) -> Result<SoftwareSession> {
-        Ok(SoftwareSession { mode, cipher: Arc::from(new_cipher(self.core, mode, key)?) })
+        Ok(SoftwareSession { mode, engine: self.id, cipher: Arc::from(new_cipher(self.core, mode, key)?) })
     }
 
-    fn destroy_session(&self, _session: &SoftwareSession) -> Result<()> {
+    fn destroy_session(&self, session: &SoftwareSession) -> Result<()> {
+        if session.engine != self.id {
+            return Err(Error::InvalidSession);
+        }
         Ok(())
     }
 
@@ -86,7 +94,7 @@ impl Engine for SoftwareEngine {
         _index: usize,
         sink: EventSink<SoftwareSession>,
     ) -> Result<Box<dyn Queue<SoftwareSession>>> {
-        Ok(Box::new(SoftwareQueue { sink, done: Vec::new() }))
+        Ok(Box::new(SoftwareQueue { sink, done: Vec::new(), engine: self.id }))
     }
 
     fn max_request_len(&self) -> usize {
@@ -97,6 +105,7 @@ impl Engine for SoftwareEngine {
 struct SoftwareQueue {
     sink: EventSink<SoftwareSession>,
     done: Vec<Completion<SoftwareSession>>,
+    engine: EngineId,
 }
 
 impl Queue<SoftwareSession> for SoftwareQueue {
@@ -105,6 +114,9 @@ impl Queue<SoftwareSession> for SoftwareQueue {
         mut request: Request<SoftwareSession>,
         _may_backlog: bool,
     ) -> Result<Submitted, SubmitError<SoftwareSession>> {
+        if request.session.engine != self.engine {
+            return Err(SubmitError::rejected(request, Error::InvalidSession));
+        }
         let mode = request.session.mode;
         if let Err(e) =
             validate_request(mode, request.iv.as_slice(), request.aad.len(), request.data.len(), MAX_REQUEST)
@@ -118,14 +130,23 @@ impl Queue<SoftwareSession> for SoftwareQueue {
     }
 
     fn poll(&mut self) -> usize {
-        let n = self.done.len();
-        for c in self.done.drain(..) {
-            (self.sink)(Event::Completed(c));
+        let done = std::mem::take(&mut self.done);
+        let n = done.len();
+        // deliver_one contains a panicking sink, so the completions after it still arrive.
+        for c in done {
+            deliver_one(&self.sink, Event::Completed(c));
         }
         n
     }
 
     fn outstanding(&self) -> usize {
         self.done.len()
+    }
+}
+
+impl Drop for SoftwareQueue {
+    fn drop(&mut self) {
+        // Accepted requests get their final completion even if nobody polls again.
+        self.poll();
     }
 }

@@ -452,15 +452,14 @@ impl RingState {
             Ok(()) => {
                 if slot.bounced {
                     if let (Buf::Host(out), Some(b)) = (&mut req.data, &slot.bounce) {
-                        let n = out.len();
-                        out.copy_from_slice(&b.as_slice()[..n]);
+                        b.copy_to_slice(out);
                     }
                 }
                 if req.session.mode == Mode::Gcm && req.direction == Direction::Encrypt {
                     let _ = v.read_slice(&mut req.tag, base + TAG_OUT);
                 }
             }
-            Err(Error::AuthFailed) => req.data.as_mut_slice().fill(0),
+            Err(Error::AuthFailed) => req.data.zeroize(),
             Err(_) => {}
         }
         Some((p, result))
@@ -527,14 +526,14 @@ impl RingState {
             }
             Buf::Host(v) if n > 0 => {
                 let b = ensure_buffer(&mut slot.bounce, &self.pool, n)?;
-                b.as_mut_slice().copy_from_slice(v);
+                b.copy_from_slice(v);
                 (b.iova(), true)
             }
             Buf::Host(_) => (0, false),
         };
         let aad_ext = if req.aad.len() > AAD_INLINE_MAX {
             let b = ensure_buffer(&mut slot.aad_bounce, &self.pool, req.aad.len())?;
-            b.as_mut_slice().copy_from_slice(&req.aad);
+            b.copy_from_slice(&req.aad);
             Some(b.iova())
         } else {
             None
@@ -580,11 +579,16 @@ pub struct DeviceQueue {
     shared: Arc<DataQueueShared>,
     sink: EventSink<Session>,
     scratch: Outbox<Session>,
+    engine: crate::engine::EngineId,
 }
 
 impl DeviceQueue {
-    pub(crate) fn new(shared: Arc<DataQueueShared>, sink: EventSink<Session>) -> Self {
-        Self { shared, sink, scratch: Vec::new() }
+    pub(crate) fn new(
+        shared: Arc<DataQueueShared>,
+        sink: EventSink<Session>,
+        engine: crate::engine::EngineId,
+    ) -> Self {
+        Self { shared, sink, scratch: Vec::new(), engine }
     }
 }
 
@@ -594,6 +598,10 @@ impl Queue<Session> for DeviceQueue {
         request: Request<Session>,
         may_backlog: bool,
     ) -> Result<Submitted, SubmitError<Session>> {
+        // Another device's session ids name other keys here.
+        if request.session.engine != self.engine {
+            return Err(SubmitError::rejected(request, Error::InvalidSession));
+        }
         self.shared.submit(request, &self.sink, may_backlog)
     }
 

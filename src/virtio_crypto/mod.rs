@@ -116,6 +116,8 @@ pub(crate) struct Core {
     /// Incarnation of the device: counts resets the engine recovered from. Changed and read
     /// only with the control queue held; session ids are valid only in their incarnation.
     epoch: std::sync::atomic::AtomicU64,
+    /// Which engine this is: sessions of another engine are refused.
+    id: crate::engine::EngineId,
 }
 
 /// What `open` built so far, torn down in order if a later step fails.
@@ -283,6 +285,7 @@ impl VirtioCrypto {
             config_irq,
             interrupts,
             epoch: std::sync::atomic::AtomicU64::new(0),
+            id: crate::engine::EngineId::new(),
         });
         let recovery =
             recovery::spawn(core.clone()).map_err(|e| Error::os("spawning the recovery thread", e))?;
@@ -413,7 +416,7 @@ impl Engine for VirtioCrypto {
         // first) cannot miss the session and leave it with ids of the device before the reset.
         let result = core.create_pair(&mut ctl, mode, key).map(|(encrypt_id, decrypt_id)| {
             let epoch = core.epoch.load(std::sync::atomic::Ordering::Acquire);
-            let session = DeviceSession::new(mode, key, encrypt_id, decrypt_id, epoch);
+            let session = DeviceSession::new(core.id, mode, key, encrypt_id, decrypt_id, epoch);
             core.sessions.add(&session);
             session
         });
@@ -423,6 +426,9 @@ impl Engine for VirtioCrypto {
 
     fn destroy_session(&self, session: &DeviceSession) -> Result<()> {
         let core = &self.core;
+        if session.engine != core.id {
+            return Err(Error::InvalidSession);
+        }
         session.state.destroyed.store(true, std::sync::atomic::Ordering::Release);
         let mut ctl = core.working_control()?;
         if session.state.epoch() != core.epoch.load(std::sync::atomic::Ordering::Acquire) {
@@ -447,7 +453,7 @@ impl Engine for VirtioCrypto {
     ) -> Result<Box<dyn Queue<DeviceSession>>> {
         let queues = &self.core.queues;
         let shared = queues[index % queues.len()].clone();
-        Ok(Box::new(DeviceQueue::new(shared, sink)))
+        Ok(Box::new(DeviceQueue::new(shared, sink, self.core.id)))
     }
 
     fn max_request_len(&self) -> usize {

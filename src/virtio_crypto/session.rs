@@ -13,11 +13,15 @@ use std::sync::{Arc, Mutex, Weak};
 use crypt_vfio_cores::Mode;
 use zeroize::Zeroizing;
 
+use crate::engine::EngineId;
+
 /// A session on a virtio-crypto device. Cloning it clones the handle: every clone names the same
 /// session, and the key is wiped when the last one is dropped.
 #[derive(Clone)]
 pub struct DeviceSession {
     pub(crate) mode: Mode,
+    /// The engine that created it: its ids mean nothing (or another key) on any other device.
+    pub(crate) engine: EngineId,
     pub(crate) state: Arc<SessionState>,
 }
 
@@ -34,7 +38,14 @@ pub(crate) struct SessionState {
 }
 
 impl DeviceSession {
-    pub(crate) fn new(mode: Mode, key: &[u8], encrypt_id: u64, decrypt_id: u64, epoch: u64) -> Self {
+    pub(crate) fn new(
+        engine: EngineId,
+        mode: Mode,
+        key: &[u8],
+        encrypt_id: u64,
+        decrypt_id: u64,
+        epoch: u64,
+    ) -> Self {
         let state = SessionState {
             key: Zeroizing::new(key.to_vec()),
             encrypt_id: AtomicU64::new(encrypt_id),
@@ -42,13 +53,13 @@ impl DeviceSession {
             epoch: AtomicU64::new(epoch),
             destroyed: AtomicBool::new(false),
         };
-        Self { mode, state: Arc::new(state) }
+        Self { mode, engine, state: Arc::new(state) }
     }
 
     /// A session with the given device ids and an all-zero key, for layout tests.
     #[cfg(test)]
     pub(crate) fn for_test(mode: Mode, encrypt_id: u64, decrypt_id: u64) -> Self {
-        Self::new(mode, &[0; 32], encrypt_id, decrypt_id, 0)
+        Self::new(EngineId::new(), mode, &[0; 32], encrypt_id, decrypt_id, 0)
     }
 
     /// The session's mode.

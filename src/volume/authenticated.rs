@@ -210,7 +210,7 @@ impl<E: Engine> AuthVolume<E> {
         check.aad = sb.check_aad();
         let done = run_one(&*engine, &session, check)?;
         sb.check_tag = done.tag;
-        sb.check_ct.copy_from_slice(done.data.as_slice());
+        sb.check_ct.copy_from_slice(&done.data.as_slice());
         super::file::ensure_len(&file, sb.image_len())?;
         let v = Self::with(engine, session, sb, file, true);
         v.write_zeroes(0, size)?;

@@ -136,9 +136,21 @@ impl<E: Engine> Volume<E> {
         params.spec.check_key_len(key.len())?;
         let len = file::storage_len(&file)?;
         let ss = u64::from(params.sector_size);
+        // Offsets and sizes come from headers and command lines: near u64::MAX they must give
+        // an error, not an overflow.
+        let beyond = |what: &str| {
+            Error::InvalidVolume(format!(
+                "{what} (data offset {} bytes) lies beyond the largest file offset",
+                params.data_offset
+            ))
+        };
         let size = match params.size {
             Some(size) => {
-                let needed = params.data_offset + size;
+                let needed = params
+                    .data_offset
+                    .checked_add(size)
+                    .filter(|&end| end <= i64::MAX as u64)
+                    .ok_or_else(|| beyond(&format!("the end of a data area of {size} bytes")))?;
                 if len < needed {
                     return Err(Error::Truncated {
                         what: "the volume's data area".into(),
@@ -149,10 +161,15 @@ impl<E: Engine> Volume<E> {
                 size
             }
             None => {
-                if len < params.data_offset + ss {
+                let needed = params
+                    .data_offset
+                    .checked_add(ss)
+                    .filter(|&end| end <= i64::MAX as u64)
+                    .ok_or_else(|| beyond("the first sector"))?;
+                if len < needed {
                     return Err(Error::Truncated {
                         what: "the volume's data area (at least one sector)".into(),
-                        needed: params.data_offset + ss,
+                        needed,
                         have: len,
                     });
                 }

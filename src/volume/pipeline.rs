@@ -3,9 +3,16 @@
 //! One I/O becomes one request per sector (each sector has its own IV, so sectors cannot share a
 //! request). [`CryptOp`] submits them with backlog allowed and follows the contract of the
 //! submit API: it keeps submitting while requests go `InProgress`; after a `Backlogged` it stops
-//! until that request's `Promoted` arrives, then goes on; it counts final completions and is
-//! done when every submitted sector has completed. It never waits for a single request to
-//! finish before submitting the next one.
+//! until that request's `Promoted` arrives, then goes on; it marks each sector's final
+//! completion in a per-sector set and is done when every submitted sector is marked. It never
+//! waits for a single request to finish before submitting the next one.
+//!
+//! Completions are tracked per sector, not counted: an engine that completes a sector twice (or
+//! completes a request the op never submitted) would otherwise make the count reach its end while
+//! another sector is still in flight, and the I/O would end with that sector untransformed
+//! (plaintext written to disk). A duplicate or unknown event is an [`Error::ContractViolation`]
+//! that fails the I/O; the op still waits for every sector it submitted, and the volume writes
+//! nothing of a failed I/O.
 //!
 //! The watchdog: if nothing happens for [`Lane::watchdog`] while the op waits for a `Promoted`
 //! or for completions, the op fails instead of hanging. An engine that said `Backlogged` and
@@ -90,7 +97,7 @@ impl<S: Send + 'static> Lane<S> {
     /// key slot material, key-equivalent bytes).
     pub fn wipe_buffers(&mut self) {
         for b in &mut self.free {
-            zeroize::Zeroize::zeroize(b.as_mut_slice());
+            b.zeroize();
         }
     }
 
@@ -249,7 +256,10 @@ pub struct CryptOp<'a, 'd, E: Engine> {
     data: &'d mut [u8],
     count: usize,
     next: usize,
+    /// Distinct sectors finally completed (the number of `true`s in `finished`).
     completed: usize,
+    /// Which sectors have had their final completion.
+    finished: Vec<bool>,
     /// A request of ours waits in the backlog: submit nothing until it is promoted.
     blocked_on: Option<usize>,
     /// `Promoted` events seen, by sector index (they may come before the submit returns).
@@ -288,6 +298,7 @@ where
             count,
             next: 0,
             completed: 0,
+            finished: vec![false; count],
             blocked_on: None,
             promoted: vec![false; count],
             backlogged: Vec::new(),
@@ -330,6 +341,22 @@ where
         }
     }
 
+    /// Records a broken promise of the engine: the I/O fails with it (it outranks a sector's
+    /// own error; the first violation wins). The lane is not reused: more stray events may come.
+    fn violation(&mut self, what: String) {
+        self.lane.poisoned = true;
+        if matches!(self.error, Some((_, Error::ContractViolation(_)))) {
+            return;
+        }
+        let index = self.error.as_ref().map_or(self.count, |(i, _)| *i);
+        self.error = Some((index, Error::ContractViolation(format!("{}: {what}", self.lane.describe))));
+    }
+
+    /// The sector an event names, if it is one this op has submitted.
+    fn submitted_sector(&self, user_data: u64) -> Option<usize> {
+        self.ours(user_data).filter(|&i| i < self.next)
+    }
+
     fn drain_events(&mut self) {
         let mut events = std::mem::take(&mut self.lane.scratch);
         std::mem::swap(&mut events, &mut *self.lane.inbox.events.lock().unwrap_or_else(|e| e.into_inner()));
@@ -337,22 +364,52 @@ where
         for ev in events.drain(..) {
             match ev {
                 Event::Promoted { user_data } => {
-                    if let Some(i) = self.ours(user_data) {
-                        self.promoted[i] = true;
-                        self.backlogged.retain(|&b| b != i);
-                        if self.blocked_on == Some(i) {
-                            self.blocked_on = None;
-                        }
-                        self.last_progress = Instant::now();
+                    let Some(i) = self.submitted_sector(user_data) else {
+                        self.violation(format!(
+                            "Promoted for request {user_data:#x}, which this I/O never submitted"
+                        ));
+                        continue;
+                    };
+                    if self.promoted[i] || self.finished[i] {
+                        let sector = self.first_sector + i as u64;
+                        self.violation(format!("sector {sector}: Promoted twice or after its completion"));
+                        continue;
                     }
+                    self.promoted[i] = true;
+                    self.backlogged.retain(|&b| b != i);
+                    if self.blocked_on == Some(i) {
+                        self.blocked_on = None;
+                    }
+                    self.last_progress = Instant::now();
                 }
                 Event::Completed(c) => {
-                    let Some(i) = self.ours(c.request.user_data) else { continue };
+                    let Some(i) = self.submitted_sector(c.request.user_data) else {
+                        let user_data = c.request.user_data;
+                        self.violation(format!(
+                            "a completion for request {user_data:#x}, which this I/O never submitted"
+                        ));
+                        continue;
+                    };
+                    if self.finished[i] {
+                        // Its buffer is not ours to reuse: the engine may still hold the original.
+                        let sector = self.first_sector + i as u64;
+                        self.violation(format!("sector {sector} completed twice"));
+                        continue;
+                    }
+                    self.finished[i] = true;
                     self.completed += 1;
                     self.last_progress = Instant::now();
                     match c.result {
+                        Ok(()) if c.request.data.len() != ss => {
+                            let sector = self.first_sector + i as u64;
+                            let len = c.request.data.len();
+                            self.violation(format!(
+                                "sector {sector} came back with {len} bytes instead of {ss}"
+                            ));
+                            continue;
+                        }
                         Ok(()) => {
-                            self.data[i * ss..(i + 1) * ss].copy_from_slice(c.request.data.as_slice());
+                            c.request.data.copy_to_slice(&mut self.data[i * ss..(i + 1) * ss]);
                             if let (Some(a), Direction::Encrypt) = (&mut self.aead, self.direction) {
                                 a.meta[i].tag = c.request.tag;
                             }
@@ -369,7 +426,7 @@ where
     fn request(&mut self, index: usize) -> Result<Request<E::Session>> {
         let ss = self.ctx.sector_size;
         let mut buf = self.lane.buffer(self.ctx.engine)?;
-        buf.as_mut_slice().copy_from_slice(&self.data[index * ss..(index + 1) * ss]);
+        buf.copy_from_slice(&self.data[index * ss..(index + 1) * ss]);
         let sector = self.first_sector + index as u64;
         let user_data = self.user_data(index);
         if let Some(a) = &self.aead {
@@ -450,7 +507,12 @@ where
         }
         if self.last_progress.elapsed() > self.lane.watchdog {
             self.lane.poisoned = true;
-            return Poll::Ready(Err(self.watchdog_error()));
+            // A contract violation already seen (a duplicate standing in for a missing
+            // completion) says more than the timeout it led to.
+            return Poll::Ready(Err(match self.error.take() {
+                Some((_, e @ Error::ContractViolation(_))) => e,
+                _ => self.watchdog_error(),
+            }));
         }
         Poll::Pending
     }

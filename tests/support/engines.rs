@@ -3,9 +3,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use crypt_vfio::engine::{Buf, Engine, Event, EventSink, Queue, Request, SubmitError, Submitted};
+use crypt_vfio::engine::{Buf, Completion, Engine, Event, EventSink, Queue, Request, SubmitError, Submitted};
 use crypt_vfio::{Mode, Result};
 
 /// What the wrapper does to submissions.
@@ -20,6 +20,14 @@ pub enum Behaviour {
         /// Requests accepted before dropping starts.
         ring: usize,
     },
+    /// Every request with backlog allowed goes to the engine at once, and its `Promoted` is
+    /// sent from inside `submit`, before `submit` returns `Backlogged`: what the contract allows
+    /// when another thread's poll promotes the request first.
+    PromoteBeforeReturn,
+    /// The engine's first completion is delivered twice, and the last completion of every poll
+    /// is held back until the next poll: a duplicate that arrives while a sector is still in
+    /// flight (a broken engine).
+    DuplicateFirstHoldLast,
 }
 
 /// An engine whose queues answer according to a [`Behaviour`].
@@ -62,9 +70,20 @@ impl<E: Engine> Engine for Wrapped<E> {
     }
 
     fn open_queue(&self, index: usize, sink: EventSink<E::Session>) -> Result<Box<dyn Queue<E::Session>>> {
+        let held: Arc<Mutex<Vec<Event<E::Session>>>> = Arc::default();
+        let inner_sink: EventSink<E::Session> = match self.behaviour {
+            Behaviour::DuplicateFirstHoldLast => {
+                let held = held.clone();
+                Arc::new(move |ev| held.lock().unwrap().push(ev))
+            }
+            _ => sink.clone(),
+        };
         Ok(Box::new(WrappedQueue {
-            inner: self.inner.open_queue(index, sink.clone())?,
+            inner: self.inner.open_queue(index, inner_sink)?,
             sink,
+            held,
+            deferred: None,
+            duplicated: false,
             pending: VecDeque::new(),
             behaviour: self.behaviour,
             backlogged: self.backlogged.clone(),
@@ -84,15 +103,73 @@ impl<E: Engine> Engine for Wrapped<E> {
 struct WrappedQueue<S> {
     inner: Box<dyn Queue<S>>,
     sink: EventSink<S>,
+    /// The inner queue's events (DuplicateFirstHoldLast).
+    held: Arc<Mutex<Vec<Event<S>>>>,
+    /// The event held back until the next poll.
+    deferred: Option<Event<S>>,
+    duplicated: bool,
     pending: VecDeque<Request<S>>,
     behaviour: Behaviour,
     backlogged: Arc<AtomicUsize>,
     impatient: Arc<AtomicUsize>,
 }
 
-impl<S: Send> Queue<S> for WrappedQueue<S> {
+/// A copy of a completion: what a device that reports one request twice produces.
+fn duplicate<S: Clone>(c: &Completion<S>) -> Completion<S> {
+    let r = &c.request;
+    let mut request = Request::new(
+        r.session.clone(),
+        r.direction,
+        r.iv,
+        Buf::Host(r.data.as_slice().to_vec()),
+        r.user_data,
+    );
+    request.aad = r.aad.clone();
+    request.tag = r.tag;
+    Completion { request, result: Ok(()) }
+}
+
+impl<S: Send + Clone> WrappedQueue<S> {
+    fn poll_duplicating(&mut self) -> usize {
+        let mut n = 0;
+        if let Some(ev) = self.deferred.take() {
+            (self.sink)(ev);
+            n += 1;
+        }
+        n += self.inner.poll();
+        let mut events = std::mem::take(&mut *self.held.lock().unwrap());
+        self.deferred = events.pop();
+        for ev in events {
+            let copy = match &ev {
+                Event::Completed(c) if !self.duplicated => {
+                    self.duplicated = true;
+                    Some(duplicate(c))
+                }
+                _ => None,
+            };
+            (self.sink)(ev);
+            if let Some(c) = copy {
+                (self.sink)(Event::Completed(c));
+            }
+        }
+        n
+    }
+}
+
+impl<S: Send + Clone> Queue<S> for WrappedQueue<S> {
     fn submit(&mut self, request: Request<S>, may_backlog: bool) -> Result<Submitted, SubmitError<S>> {
         match self.behaviour {
+            Behaviour::PromoteBeforeReturn => {
+                if !may_backlog {
+                    return self.inner.submit(request, false);
+                }
+                let user_data = request.user_data;
+                self.inner.submit(request, false)?;
+                self.backlogged.fetch_add(1, Ordering::Relaxed);
+                (self.sink)(Event::Promoted { user_data });
+                Ok(Submitted::Backlogged)
+            }
+            Behaviour::DuplicateFirstHoldLast => self.inner.submit(request, may_backlog),
             Behaviour::AlwaysBacklog => {
                 if !may_backlog {
                     return Err(SubmitError::busy(request));
@@ -117,6 +194,9 @@ impl<S: Send> Queue<S> for WrappedQueue<S> {
     }
 
     fn poll(&mut self) -> usize {
+        if matches!(self.behaviour, Behaviour::DuplicateFirstHoldLast) {
+            return self.poll_duplicating();
+        }
         let mut n = 0;
         // Promote a few, oldest first; each announced before the engine can complete it.
         for _ in 0..4 {
@@ -137,6 +217,6 @@ impl<S: Send> Queue<S> for WrappedQueue<S> {
     }
 
     fn outstanding(&self) -> usize {
-        self.inner.outstanding() + self.pending.len()
+        self.inner.outstanding() + self.pending.len() + usize::from(self.deferred.is_some())
     }
 }

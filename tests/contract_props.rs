@@ -1,0 +1,241 @@
+//! Property tests of the backlog contract: random submission schedules (threads, backlog allowed
+//! or not, request sizes, how much each thread keeps in flight) against random device behaviour
+//! (latency, jitter, reordering, error rate, small rings, polling or interrupts), every history
+//! judged by `ContractChecker`.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crypt_vfio::engine::contract::{ContractChecker, ContractReport};
+use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Request, SubmitErrorKind, Submitted};
+use crypt_vfio::transport::emulated::EmulatedConfig;
+use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions};
+use crypt_vfio::{Error, Mode};
+use proptest::prelude::*;
+
+/// What the device does.
+#[derive(Debug, Clone)]
+struct DeviceBehaviour {
+    queues: u16,
+    ring: u16,
+    backlog_limit: usize,
+    latency_us: u64,
+    jitter_us: u64,
+    out_of_order: bool,
+    error_rate: f64,
+    inflight_limit: usize,
+    interrupts: bool,
+    seed: u64,
+}
+
+/// What the submitters do.
+#[derive(Debug, Clone)]
+struct Schedule {
+    threads: usize,
+    per_thread: u64,
+    max_in_flight: usize,
+    /// Out of 10 submissions, how many allow backlog.
+    backlog_tenths: u32,
+    /// Request sizes, in 16-byte blocks, cycled through.
+    sizes: Vec<usize>,
+}
+
+fn device_behaviour() -> impl Strategy<Value = DeviceBehaviour> {
+    (
+        1u16..=3,
+        prop_oneof![Just(8u16), Just(16), Just(32)],
+        0usize..=16,
+        0u64..=40,
+        0u64..=40,
+        any::<bool>(),
+        prop_oneof![Just(0.0), 0.0..0.2f64],
+        0usize..=8,
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(
+                queues,
+                ring,
+                backlog_limit,
+                latency_us,
+                jitter_us,
+                out_of_order,
+                error_rate,
+                inflight_limit,
+                interrupts,
+                seed,
+            )| {
+                DeviceBehaviour {
+                    queues,
+                    ring,
+                    backlog_limit,
+                    latency_us,
+                    jitter_us,
+                    out_of_order,
+                    error_rate,
+                    inflight_limit,
+                    interrupts,
+                    seed,
+                }
+            },
+        )
+}
+
+fn schedule() -> impl Strategy<Value = Schedule> {
+    (1usize..=4, 50u64..=300, 1usize..=40, 0u32..=10, prop::collection::vec(1usize..=64, 1..6)).prop_map(
+        |(threads, per_thread, max_in_flight, backlog_tenths, sizes)| Schedule {
+            threads,
+            per_thread,
+            max_in_flight,
+            backlog_tenths,
+            sizes,
+        },
+    )
+}
+
+/// Runs `schedule` against a device behaving as `b`; returns the checker's report.
+fn run(b: &DeviceBehaviour, schedule: &Schedule) -> ContractReport {
+    let config = EmulatedConfig {
+        data_queues: b.queues,
+        max_queue_size: b.ring,
+        workers: 2,
+        latency: Duration::from_micros(b.latency_us),
+        latency_jitter: Duration::from_micros(b.jitter_us),
+        out_of_order: b.out_of_order,
+        error_rate: b.error_rate,
+        inflight_limit: b.inflight_limit,
+        seed: b.seed,
+        ..Default::default()
+    };
+    let completion = if b.interrupts { CompletionMode::Interrupt } else { CompletionMode::Poll };
+    let options = DeviceOptions {
+        queue_size: b.ring,
+        backlog_limit: b.backlog_limit,
+        completion,
+        ..Default::default()
+    };
+    let (dev, _t) = common::device_with(config, &options);
+    let session = dev.create_session(Mode::Ctr, &[0x24; 32]).unwrap();
+    let checker = Arc::new(ContractChecker::new());
+    let next_id = AtomicU64::new(1);
+    std::thread::scope(|s| {
+        for t in 0..schedule.threads {
+            let (dev, checker, session, next_id) = (&dev, checker.clone(), session.clone(), &next_id);
+            s.spawn(move || {
+                let inbox: Arc<Mutex<Vec<Event<_>>>> = Arc::default();
+                let (sink_inbox, sink_checker) = (inbox.clone(), checker.clone());
+                let mut q = dev
+                    .open_queue(
+                        t,
+                        Arc::new(move |ev| {
+                            sink_checker.event(&ev);
+                            sink_inbox.lock().unwrap().push(ev);
+                        }),
+                    )
+                    .unwrap();
+                let (mut sent, mut in_flight, mut n) = (0u64, 0usize, 0usize);
+                let mut blocked: Option<u64> = None;
+                let started = Instant::now();
+                while sent < schedule.per_thread || in_flight > 0 {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(60),
+                        "thread {t} stuck, {in_flight} in flight"
+                    );
+                    while blocked.is_none()
+                        && in_flight < schedule.max_in_flight
+                        && sent < schedule.per_thread
+                    {
+                        let id = next_id.fetch_add(1, Ordering::Relaxed);
+                        let len = 16 * schedule.sizes[n % schedule.sizes.len()];
+                        n += 1;
+                        let may_backlog = (id % 10) < u64::from(schedule.backlog_tenths);
+                        let req = Request::new(
+                            session.clone(),
+                            Direction::Encrypt,
+                            Iv::from([id as u8; 16]),
+                            Buf::Host(vec![id as u8; len]),
+                            id,
+                        );
+                        checker.begin_submit(t % dev.queue_count(), id);
+                        let r = q.submit(req, may_backlog);
+                        checker.submitted(id, &r);
+                        match r {
+                            Ok(Submitted::InProgress) => in_flight += 1,
+                            Ok(Submitted::Backlogged) => {
+                                in_flight += 1;
+                                blocked = Some(id);
+                            }
+                            Err(e) => match e.kind {
+                                SubmitErrorKind::Busy => break,
+                                SubmitErrorKind::Rejected(e) => panic!("request {id} refused: {e}"),
+                            },
+                        }
+                        sent += 1;
+                    }
+                    // In interrupt mode the engine's own thread delivers: never poll.
+                    if !b.interrupts {
+                        q.poll();
+                    }
+                    let events: Vec<_> = std::mem::take(&mut *inbox.lock().unwrap());
+                    if events.is_empty() {
+                        std::thread::yield_now();
+                    }
+                    for ev in events {
+                        match ev {
+                            Event::Promoted { user_data } if blocked == Some(user_data) => blocked = None,
+                            Event::Promoted { .. } => {}
+                            Event::Completed(c) => {
+                                in_flight -= 1;
+                                match c.result {
+                                    Ok(()) | Err(Error::DeviceError(_)) => {}
+                                    Err(e) => panic!("request {} failed: {e}", c.request.user_data),
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    checker.report()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_schedules_on_random_devices_keep_the_contract(b in device_behaviour(), s in schedule()) {
+        let report = run(&b, &s);
+        prop_assert!(report.violations.is_empty(), "{:?}", &report.violations[..report.violations.len().min(10)]);
+        prop_assert_eq!(report.pending, 0);
+        prop_assert_eq!(report.completed, report.in_progress + report.backlogged);
+        prop_assert_eq!(report.completed, s.threads as u64 * s.per_thread);
+    }
+}
+
+#[test]
+fn the_schedules_reach_the_backlog_and_the_busy_path() {
+    // The property above is only as good as the paths it reaches: a small ring with latency and
+    // a deep queue per thread must see Backlogged and Busy answers.
+    let b = DeviceBehaviour {
+        queues: 1,
+        ring: 8,
+        backlog_limit: 4,
+        latency_us: 20,
+        jitter_us: 20,
+        out_of_order: true,
+        error_rate: 0.05,
+        inflight_limit: 4,
+        interrupts: false,
+        seed: 1,
+    };
+    let s =
+        Schedule { threads: 3, per_thread: 300, max_in_flight: 40, backlog_tenths: 8, sizes: vec![1, 4, 64] };
+    let report = run(&b, &s);
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert!(report.backlogged > 0 && report.refused > 0, "{report:?}");
+}

@@ -1,0 +1,296 @@
+//! Model checks (loom) of the engine's concurrent hand-offs, on the real code: event delivery
+//! ([`Delivery`]), submit/reap/promote around a data queue's [`Backlog`], and the async API's
+//! handling of a `Promoted` that races with its `Backlogged`.
+//!
+//! Run with `cargo test --features loom-model --test loom_models` (the feature builds the
+//! engine's synchronisation on loom's types; see `src/engine/sync.rs`). With
+//! `--features loom-weak-delivery` the delivery hand-off loses its SeqCst fences, and
+//! `delivery_never_strands_an_event` finds the lost event.
+
+#![cfg(feature = "loom-model")]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use crypt_vfio::engine::async_api::AsyncQueue;
+use crypt_vfio::engine::backlog::{self, Backlog, Ring};
+use crypt_vfio::engine::contract::ContractChecker;
+use crypt_vfio::engine::{
+    Buf, Completion, Delivery, Direction, Engine, Event, EventSink, Iv, Outbox, Queue, Request, SubmitError,
+    Submitted,
+};
+use crypt_vfio::{Error, Mode, Result};
+use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::sync::Mutex;
+use loom::thread;
+
+/// One queue's outbox and its delivery protocol, as a data queue holds them.
+struct Outboxed {
+    delivery: Delivery,
+    outbox: Mutex<Outbox<()>>,
+}
+
+impl Outboxed {
+    fn new() -> Self {
+        Self { delivery: Delivery::default(), outbox: Mutex::new(Vec::new()) }
+    }
+
+    fn deliver(&self) -> usize {
+        let mut scratch = Vec::new();
+        self.delivery.run(&mut scratch, |s| std::mem::swap(&mut *self.outbox.lock().unwrap(), s))
+    }
+}
+
+#[test]
+fn delivery_never_strands_an_event() {
+    // Two producers each add one event under the queue lock and try to deliver. Whatever the
+    // interleaving and whatever stale values the memory model allows, both events are
+    // delivered before both have returned: nobody polls again to rescue a stranded one.
+    loom::model(|| {
+        let q = Arc::new(Outboxed::new());
+        let delivered = Arc::new(AtomicUsize::new(0));
+        let sink: EventSink<()> = {
+            let delivered = delivered.clone();
+            Arc::new(move |_| {
+                delivered.fetch_add(1, Ordering::Relaxed);
+            })
+        };
+        let producers: Vec<_> = (0..2u64)
+            .map(|id| {
+                let (q, sink) = (q.clone(), sink.clone());
+                thread::spawn(move || {
+                    {
+                        let mut outbox = q.outbox.lock().unwrap();
+                        outbox.push((sink, Event::Promoted { user_data: id }));
+                        q.delivery.mark_pending();
+                    }
+                    q.deliver();
+                })
+            })
+            .collect();
+        for p in producers {
+            p.join().unwrap();
+        }
+        assert_eq!(delivered.load(Ordering::Relaxed), 2, "an event was left in the outbox");
+    });
+}
+
+/// A ring of one slot holding request ids.
+#[derive(Default)]
+struct OneSlot(Option<u64>);
+
+impl Ring<u64> for OneSlot {
+    fn has_space(&self) -> bool {
+        self.0.is_none()
+    }
+    fn push(&mut self, item: u64) -> std::result::Result<(), (u64, Error)> {
+        self.0 = Some(item);
+        Ok(())
+    }
+}
+
+/// The backlog's promotions as events in the queue's outbox.
+struct ToEvents<'a>(&'a mut Outbox<()>, &'a EventSink<()>);
+
+impl backlog::Outbox<u64> for ToEvents<'_> {
+    fn promoted(&mut self, item: &u64) {
+        self.0.push((self.1.clone(), Event::Promoted { user_data: *item }));
+    }
+    fn failed(&mut self, item: u64, error: Error) {
+        self.0.push((self.1.clone(), Event::Completed(completion(item, Err(error)))));
+    }
+}
+
+fn completion(id: u64, result: Result<()>) -> Completion<()> {
+    Completion {
+        request: Request::new((), Direction::Encrypt, Iv::default(), Buf::Host(Vec::new()), id),
+        result,
+    }
+}
+
+struct DataQueue {
+    state: Mutex<(Backlog<u64>, OneSlot)>,
+    out: Outboxed,
+}
+
+impl DataQueue {
+    /// The reaper: completes what is on the ring, promotes from the backlog, delivers.
+    fn reap(&self, sink: &EventSink<()>) {
+        {
+            let mut st = self.state.lock().unwrap();
+            let (backlog, ring) = &mut *st;
+            let mut outbox = self.out.outbox.lock().unwrap();
+            if let Some(id) = ring.0.take() {
+                outbox.push((sink.clone(), Event::Completed(completion(id, Ok(())))));
+            }
+            backlog.promote(ring, &mut ToEvents(&mut outbox, sink));
+            self.out.delivery.mark_pending();
+        }
+        self.out.deliver();
+    }
+}
+
+#[test]
+fn submit_reap_and_promote_keep_the_contract() {
+    // A submitter pushes three requests (backlog allowed) through a one-slot ring while a
+    // reaper completes and promotes; ContractChecker judges every interleaving: one Promoted per
+    // backlogged request, before its completion, FIFO, every request completed exactly once,
+    // no newer InProgress completed before an older backlogged request's Promoted.
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(|| {
+        let checker = Arc::new(ContractChecker::new());
+        let q = Arc::new(DataQueue {
+            state: Mutex::new((Backlog::new(8), OneSlot::default())),
+            out: Outboxed::new(),
+        });
+        let sink: EventSink<()> = {
+            let checker = checker.clone();
+            Arc::new(move |ev| checker.event(&ev))
+        };
+        let submitter = {
+            let (q, checker) = (q.clone(), checker.clone());
+            thread::spawn(move || {
+                for id in 1..=3u64 {
+                    checker.begin_submit(0, id);
+                    let r = {
+                        let mut st = q.state.lock().unwrap();
+                        let (backlog, ring) = &mut *st;
+                        backlog.submit(id, true, ring)
+                    };
+                    let r: std::result::Result<Submitted, SubmitError<()>> = match r {
+                        Ok(s) => Ok(s),
+                        Err((id, _)) => Err(SubmitError::busy(Request::new(
+                            (),
+                            Direction::Encrypt,
+                            Iv::default(),
+                            Buf::Host(Vec::new()),
+                            id,
+                        ))),
+                    };
+                    checker.submitted(id, &r);
+                    q.out.deliver();
+                }
+            })
+        };
+        let reaper = {
+            let (q, sink) = (q.clone(), sink.clone());
+            thread::spawn(move || q.reap(&sink))
+        };
+        submitter.join().unwrap();
+        reaper.join().unwrap();
+        // Drain what is left, as later polls would.
+        for _ in 0..4 {
+            q.reap(&sink);
+        }
+        let report = checker.report();
+        assert!(report.violations.is_empty(), "{:?}", report.violations);
+        assert_eq!(report.completed, 3);
+    });
+}
+
+/// An engine whose first request is backlogged and then promoted and completed by a "device"
+/// thread, racing with the submitter; later requests go in progress and complete at once.
+struct RacingEngine {
+    sink: Arc<Mutex<Option<EventSink<()>>>>,
+    backlogged: Arc<Mutex<Option<Request<()>>>>,
+    submits: Arc<AtomicUsize>,
+}
+
+struct RacingQueue {
+    sink: EventSink<()>,
+    backlogged: Arc<Mutex<Option<Request<()>>>>,
+    submits: Arc<AtomicUsize>,
+}
+
+impl Queue<()> for RacingQueue {
+    fn submit(
+        &mut self,
+        request: Request<()>,
+        _may_backlog: bool,
+    ) -> std::result::Result<Submitted, SubmitError<()>> {
+        if self.submits.fetch_add(1, Ordering::SeqCst) == 0 {
+            *self.backlogged.lock().unwrap() = Some(request);
+            Ok(Submitted::Backlogged)
+        } else {
+            (self.sink)(Event::Completed(Completion { request, result: Ok(()) }));
+            Ok(Submitted::InProgress)
+        }
+    }
+    fn poll(&mut self) -> usize {
+        0
+    }
+    fn outstanding(&self) -> usize {
+        0
+    }
+}
+
+impl Engine for RacingEngine {
+    type Session = ();
+    fn describe(&self) -> String {
+        "loom racing engine".into()
+    }
+    fn create_session(&self, _: Mode, _: &[u8]) -> Result<()> {
+        Ok(())
+    }
+    fn destroy_session(&self, _: &()) -> Result<()> {
+        Ok(())
+    }
+    fn queue_count(&self) -> usize {
+        1
+    }
+    fn open_queue(&self, _: usize, sink: EventSink<()>) -> Result<Box<dyn Queue<()>>> {
+        *self.sink.lock().unwrap() = Some(sink.clone());
+        Ok(Box::new(RacingQueue { sink, backlogged: self.backlogged.clone(), submits: self.submits.clone() }))
+    }
+    fn max_request_len(&self) -> usize {
+        1 << 20
+    }
+}
+
+fn noop_request() -> Request<()> {
+    Request::new((), Direction::Encrypt, Iv::default(), Buf::Host(vec![0; 16]), 0)
+}
+
+#[test]
+fn async_api_promoted_before_or_after_backlogged_never_blocks_the_queue() {
+    loom::model(|| {
+        let engine = RacingEngine {
+            sink: Arc::new(Mutex::new(None)),
+            backlogged: Arc::new(Mutex::new(None)),
+            submits: Arc::new(AtomicUsize::new(0)),
+        };
+        let q = AsyncQueue::new(&engine, 0, false).unwrap();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        // The device: promotes then completes the backlogged request as soon as it sees it.
+        let device = {
+            let (sink, backlogged) = (engine.sink.clone(), engine.backlogged.clone());
+            thread::spawn(move || loop {
+                let taken = backlogged.lock().unwrap().take();
+                if let Some(req) = taken {
+                    let sink = sink.lock().unwrap().clone().expect("queue open");
+                    sink(Event::Promoted { user_data: req.user_data });
+                    sink(Event::Completed(Completion { request: req, result: Ok(()) }));
+                    return;
+                }
+                thread::yield_now();
+            })
+        };
+        let mut first = q.run(noop_request());
+        // Submits (Backlogged); the device's Promoted may come before or after it is recorded.
+        let _ = Pin::new(&mut first).poll(&mut cx);
+        device.join().unwrap();
+        // Everything about the first request has been said: the next one must go straight to
+        // the engine, and the first must resolve.
+        let mut second = q.run(noop_request());
+        let _ = Pin::new(&mut second).poll(&mut cx);
+        assert_eq!(engine.submits.load(Ordering::SeqCst), 2, "the second request was held back forever");
+        assert!(matches!(Pin::new(&mut second).poll(&mut cx), Poll::Ready((_, Ok(())))));
+        assert!(matches!(Pin::new(&mut first).poll(&mut cx), Poll::Ready((_, Ok(())))));
+        drop((first, second));
+        assert_eq!(q.tracked(), 0);
+    });
+}
