@@ -38,6 +38,7 @@ const F_INDIRECT_DESC: u64 = 1 << 28;
 const F_EVENT_IDX: u64 = 1 << 29;
 const F_VERSION_1: u64 = 1 << 32;
 const F_ACCESS_PLATFORM: u64 = 1 << 33;
+const S_DRIVER_OK: u8 = 4;
 const S_FEATURES_OK: u8 = 8;
 const NO_VECTOR: u16 = 0xffff;
 const VRING_DESC_F_INDIRECT: u16 = 4;
@@ -219,6 +220,11 @@ impl Dev {
 
     fn common_write(&mut self, off: u64, v: u64) {
         let v32 = v as u32;
+        let sel = usize::from(self.queue_select);
+        if matches!(off, 0x18 | 0x1a | 0x20..=0x37) && self.queues.get(sel).is_some_and(|q| q.ready()) {
+            // virtio 1.2 section 4.1.4.3.2: a queue is configured before it is enabled.
+            self.violation(format!("write of {v:#x} to queue {sel}'s offset {off:#x} while it is enabled"));
+        }
         match off {
             0x00 => self.device_feature_select = v32,
             0x08 => self.driver_feature_select = v32,
@@ -251,15 +257,17 @@ impl Dev {
             0x1a => {
                 let vector = v as u16;
                 let ok = vector == NO_VECTOR || vector < MSIX_VECTORS;
-                let sel = usize::from(self.queue_select);
                 if let Some(slot) = self.vectors.get_mut(sel) {
                     *slot = if ok { vector } else { NO_VECTOR };
                 }
             }
             0x1c => {
+                if v != 1 {
+                    // virtio 1.2 section 4.1.4.3.2: the driver MUST NOT write a 0 to queue_enable.
+                    self.violation(format!("queue_enable written with {v}"));
+                }
                 let event_idx = self.driver_features & F_EVENT_IDX != 0;
-                let sel = self.queue_select;
-                let Some(q) = self.queues.get_mut(usize::from(sel)) else { return };
+                let Some(q) = self.queues.get_mut(sel) else { return };
                 q.set_event_idx(event_idx);
                 q.set_ready(v == 1);
                 if !q.is_valid(&self.mem) {
@@ -318,6 +326,15 @@ impl Dev {
 
     fn serve(&mut self, qi: usize) {
         let mem = self.mem.clone();
+        if self.driver_features & F_EVENT_IDX != 0 {
+            // virtio 1.2 section 2.7.10.1: with EVENT_IDX the driver MUST set avail flags to 0.
+            let avail = GuestAddress(self.queues[qi].avail_ring());
+            match mem.read_obj::<u16>(avail) {
+                Ok(0) => {}
+                Ok(f) => self.violation(format!("queue {qi}: avail flags {f:#x} with EVENT_IDX")),
+                Err(e) => self.violation(format!("queue {qi}: avail flags: {e}")),
+            }
+        }
         loop {
             if let Err(e) = self.queues[qi].disable_notification(&mem) {
                 return self.violation(format!("queue {qi}: {e}"));
@@ -671,6 +688,10 @@ impl Bar0 {
                 return d
                     .violation(format!("doorbell write of {v:#x} ({width} bytes) at queue {q}'s address"));
             }
+            if d.status & S_DRIVER_OK == 0 {
+                // virtio 1.2 section 3.1.1: no notification before DRIVER_OK.
+                return d.violation(format!("doorbell of queue {q} before DRIVER_OK"));
+            }
             d.kicked[q as usize] = true;
             drop(d);
             self.shared.wake.notify_all();
@@ -810,10 +831,16 @@ fn run_against_software(options: DeviceOptions, rounds: usize) -> Arc<VirtioQueu
         let mut hq = common::SyncQueue::open(&dev, k);
         let mut sq = common::SyncQueue::open(&sw, 0);
         for i in 0..rounds {
-            let len = match mode {
-                Mode::Cbc | Mode::Xts => 16 * (1 + i % 40),
+            // Empty requests (no payload descriptor at all) and large ones too.
+            let len = match (i, mode) {
+                (0, _) => 0,
+                (1, _) => 256 * 1024,
+                (_, Mode::Cbc | Mode::Xts) => 16 * (1 + i % 40),
                 _ => 1 + (i * 37) % 700,
             };
+            if mode.check_data_len(len).is_err() {
+                continue;
+            }
             let data: Vec<u8> = (0..len).map(|j| (i + j * 3) as u8).collect();
             let iv = vec![i as u8; mode.iv_len()];
             // Long AAD goes through its own bounce buffer: one more descriptor.
@@ -869,7 +896,7 @@ fn the_driver_runs_on_virtio_queue_with_indirect_descriptors_and_event_idx() {
     let s = t.seen(|s| (s.indirect_chains, s.direct_chains, s.chains, s.doorbells));
     println!("virtio-queue device saw {s:?} (indirect, direct, chains, doorbells)");
     // Data chains are indirect; only control requests are direct.
-    assert!(s.0 >= 480, "indirect data chains: {}", s.0);
+    assert!(s.0 >= 400, "indirect data chains: {}", s.0);
 }
 
 #[test]
@@ -883,7 +910,7 @@ fn the_driver_runs_on_virtio_queue_with_plain_chains() {
     let t = run_against_software(options, 60);
     let s = t.seen(|s| (s.indirect_chains, s.direct_chains));
     assert_eq!(s.0, 0, "indirect chains without the feature");
-    assert!(s.1 >= 480, "direct chains: {}", s.1);
+    assert!(s.1 >= 400, "direct chains: {}", s.1);
 }
 
 #[test]
