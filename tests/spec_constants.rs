@@ -460,6 +460,8 @@ fn request_layouts_match_the_linux_structures() {
     put_u32(&mut want, data("u.aead_req.para.aad_len"), 20);
     put_u32(&mut want, data("u.aead_req.para.src_data_len"), 100);
     put_u32(&mut want, data("u.aead_req.para.dst_data_len"), 116);
+    // Padding in Linux's struct, `tag_len` in the virtio specification's (checked below).
+    put_u32(&mut want, 40, 16);
     let r = DataRequest {
         opcode: op::AEAD_ENCRYPT,
         algo: aead::GCM,
@@ -469,4 +471,23 @@ fn request_layouts_match_the_linux_structures() {
     };
     assert_eq!(r.encode(), want, "AEAD data request");
     assert_eq!(DataRequest::decode(&want), Some(r));
+}
+
+/// The virtio specification (1.2, section 5.9.7.6) puts `tag_len` in `virtio_crypto_aead_data_flf`
+/// right after `dst_data_len`, at byte 40 of the request; Linux's uapi struct has padding there,
+/// so the C check above cannot see it. A device written from the specification reads it.
+#[test]
+fn aead_requests_carry_the_tag_length_where_the_virtio_spec_puts_it() {
+    for (opcode, src_len, dst_len) in [(op::AEAD_ENCRYPT, 100, 116), (op::AEAD_DECRYPT, 116, 100)] {
+        let r = DataRequest {
+            opcode,
+            algo: aead::GCM,
+            session_id: 1,
+            flag: 0,
+            params: DataParams::Aead { iv_len: 12, aad_len: 8, src_len, dst_len },
+        };
+        let b = r.encode();
+        assert_eq!(&b[40..44], &16u32.to_le_bytes(), "tag_len of {opcode:#x}");
+        assert_eq!(DataRequest::decode(&b), Some(r));
+    }
 }

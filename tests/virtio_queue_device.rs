@@ -529,6 +529,11 @@ impl Dev {
         };
         let (iv_len, aad_len, src_len, dst_len) =
             (iv_len as usize, aad_len as usize, src_len as usize, dst_len as usize);
+        // The virtio specification's virtio_crypto_aead_data_flf (virtio 1.2 section 5.9.7.6) has
+        // tag_len after dst_data_len; Linux's uapi struct stops before it (padding there).
+        if aead && u32_at(&hdr, 40) != TAG_LEN as u32 {
+            return Err(format!("AEAD request with tag_len {}", u32_at(&hdr, 40)));
+        }
         let want_dst = match (aead, encrypt) {
             (false, _) => src_len,
             (true, true) => src_len + TAG_LEN,
