@@ -250,8 +250,9 @@ impl Dev {
             }
             0x16 => self.queue_select = v as u16,
             0x18 => {
-                if let Some(q) = self.queue() {
-                    q.set_size(v as u16);
+                // A power of two no larger than the maximum (virtio 1.2 section 2.7).
+                if let Some(Err(e)) = self.queue().map(|q| q.try_set_size(v as u16)) {
+                    self.violation(format!("queue size {v}: {e:?}"));
                 }
             }
             0x1a => {
