@@ -160,7 +160,8 @@ pub mod status {
     pub const INVSESS: u8 = 4;
     /// No free session ID (or other resource).
     pub const NOSPC: u8 = 5;
-    /// The key was rejected (for example an XTS key with equal halves).
+    /// Signature verification failed (virtio 1.2 section 5.9.7.1: only for AKCIPHER
+    /// verification; a session-creating device does not send it).
     pub const KEY_REJECTED: u8 = 6;
 }
 
@@ -367,6 +368,7 @@ impl DataRequest {
                 put_u32(b, 28, aad_len);
                 put_u32(b, 32, src_len);
                 put_u32(b, 36, dst_len);
+                // virtio 1.2 section 5.9.7.6 has `tag_len` here; Linux's uapi struct has padding.
                 put_u32(b, 40, tag_len);
             }
         }
