@@ -122,7 +122,8 @@ fn a_dropped_future_leaves_no_slot_or_buffer_behind() {
     for i in 0..8u8 {
         let iv = crypt_vfio::engine::Iv::new(&[i; 12]).unwrap();
         let buf = dev.alloc_buffer(4096).unwrap();
-        let req = crypt_vfio::engine::Request::new(s.clone(), crypt_vfio::engine::Direction::Encrypt, iv, buf, 0);
+        let req =
+            crypt_vfio::engine::Request::new(s.clone(), crypt_vfio::engine::Direction::Encrypt, iv, buf, 0);
         let mut fut = q.run(req);
         // One poll submits it; then the caller loses interest.
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());

@@ -180,6 +180,11 @@ fn options_that_would_measure_nothing_or_never_end_are_refused_with_the_reason()
         (&["--size", "2GiB"][..], "more than the 1 GiB"),
         (&["--sweep", "size=512,0"][..], "request of no bytes"),
         (&["--size", "1MiB", "--qd", "2048"][..], "more than the 1 GiB a bench may allocate"),
+        // Every duration option reads a bare number as seconds and refuses the useless ones.
+        (&["--request-timeout", "0"][..], "time out at once"),
+        (&["--request-timeout", "2h"][..], "longer than 1h"),
+        (&["--device-latency", "61"][..], "longer than 1m"),
+        (&["--device-latency=-1ms"][..], "negative"),
     ] {
         let r = refused(args);
         assert!(r.stderr.contains(words), "{args:?}: {}", r.stderr);

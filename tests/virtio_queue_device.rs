@@ -873,14 +873,22 @@ fn run_against_software(options: DeviceOptions, rounds: usize) -> Arc<VirtioQueu
             .unwrap();
             assert_eq!(hw_ct, sw_ct, "{mode} request {i} ({len} bytes): ciphertext differs");
             assert_eq!(hw_tag, sw_tag, "{mode} request {i}: tag differs");
-            let (pt, _) =
-                common::crypt(&mut hq, hs.clone(), Direction::Decrypt, &iv, &aad, Buf::Host(hw_ct.clone()), hw_tag)
-                    .unwrap();
+            let (pt, _) = common::crypt(
+                &mut hq,
+                hs.clone(),
+                Direction::Decrypt,
+                &iv,
+                &aad,
+                Buf::Host(hw_ct.clone()),
+                hw_tag,
+            )
+            .unwrap();
             assert_eq!(pt, data, "{mode} request {i}: round trip");
             if mode == Mode::Gcm && i % 5 == 0 {
                 let mut bad = hw_tag;
                 bad[0] ^= 1;
-                let r = common::crypt(&mut hq, hs.clone(), Direction::Decrypt, &iv, &aad, Buf::Host(hw_ct), bad);
+                let r =
+                    common::crypt(&mut hq, hs.clone(), Direction::Decrypt, &iv, &aad, Buf::Host(hw_ct), bad);
                 assert!(matches!(r, Err(crypt_vfio::Error::AuthFailed)), "{mode} request {i}: {r:?}");
             }
         }

@@ -26,6 +26,7 @@ use crypt_vfio_cores::new_cipher;
 use hdrhistogram::Histogram;
 
 use super::device::DeviceArgs;
+use super::duration::{parse_within, Bounds};
 
 /// The shortest run worth measuring: below it, thread start-up dominates.
 const MIN_DURATION: Duration = Duration::from_millis(1);
@@ -42,40 +43,17 @@ const MAX_REPEAT: usize = 1000;
 /// Buffer memory of a run (size × qd × queues): the bench must not exhaust the machine.
 const MAX_BUFFER_BYTES: u128 = 1 << 30;
 
-/// Parses the length of a run: `500ms`, `2s`, `1.5m`, `1h`; a bare number is seconds. Zero,
-/// less than 1 ms and more than an hour are refused with the reason.
+/// Parses the length of a run (`500ms`, `2s`, `1m`; a bare number is seconds).
 pub fn parse_run_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| c.is_alphabetic()) {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let v: f64 =
-        num.trim().parse().ok().filter(|v: &f64| v.is_finite()).ok_or_else(|| {
-            format!("`{s}` is not a duration (try 500ms, 2s, 1m; a bare number is seconds)")
-        })?;
-    let secs = v * match unit {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use ms, s, m or h)")),
-    };
-    if secs < 0.0 {
-        return Err(format!("`{s}` is negative"));
-    }
-    if secs == 0.0 {
-        return Err(format!("`{s}` is zero: a run of no time measures nothing"));
-    }
-    if secs < MIN_DURATION.as_secs_f64() {
-        return Err(format!("`{s}` is shorter than 1ms: too short to measure anything"));
-    }
-    if secs > MAX_DURATION.as_secs_f64() {
-        return Err(format!("`{s}` is longer than 1h: for longer measurements, use --repeat"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    parse_within(
+        s,
+        Bounds {
+            min: MIN_DURATION,
+            max: MAX_DURATION,
+            too_short: "a run that short measures nothing",
+            too_long: "for longer measurements, use --repeat",
+        },
+    )
 }
 
 /// Parses a whole number in `1..=max`; `zero` says in the error why zero is refused.

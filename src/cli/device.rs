@@ -14,6 +14,8 @@ use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
 use crypt_vfio::{CoreKind, Mode};
 use crypt_vfio_spec::crypto::{aead, cipher};
 
+use super::duration::{parse_delay, parse_device_latency, parse_period, parse_request_timeout};
+
 /// Which device to open and how.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
@@ -24,7 +26,7 @@ pub struct DeviceArgs {
     #[arg(long, default_value = "poll", value_parser = ["poll", "irq"])]
     pub mode: String,
     /// Emulated device: latency added to every request (e.g. 20us, 1ms).
-    #[arg(long, default_value = "0us", value_parser = parse_duration)]
+    #[arg(long, default_value = "0us", value_parser = parse_device_latency)]
     pub device_latency: Duration,
     /// Emulated device: worker threads (1 to 256).
     #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
@@ -48,7 +50,7 @@ pub struct DeviceArgs {
     pub core: CoreKind,
     /// How long a request may wait for the device before the device is declared failed (and
     /// reset and recovered).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_request_timeout)]
     pub request_timeout: Duration,
     /// Emulated device, for testing the driver: a scripted fault `KIND@START[+LENGTH]`, armed
     /// START after the device is created and disarmed LENGTH later (e.g. never-answer@2s+3s).
@@ -86,8 +88,8 @@ fn parse_fault(s: &str) -> Result<FaultPlan, String> {
         return Err(format!("unknown fault `{kind}` (one of {})", FAULT_KINDS.join(", ")));
     }
     let (start, length) = match when.split_once('+') {
-        Some((a, b)) => (parse_duration(a)?, Some(parse_duration(b)?)),
-        None => (parse_duration(when)?, None),
+        Some((a, b)) => (parse_delay(a)?, Some(parse_period(b)?)),
+        None => (parse_delay(when)?, None),
     };
     Ok(FaultPlan { kind: kind.into(), start, length })
 }
@@ -139,27 +141,6 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
         Ok(v) if v.is_power_of_two() && v <= 32768 => Ok(v),
         _ => Err(format!("`{s}` is not a power of two from 1 to 32768")),
     }
-}
-
-/// Parses `20us`, `1.5ms`, `2s`, or a bare number of microseconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => s.split_at(i),
-        None => (s, "us"),
-    };
-    let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (try 20us, 1ms, 2s)"))?;
-    let secs = match unit {
-        "ns" => v / 1e9,
-        "us" | "µs" => v / 1e6,
-        "ms" => v / 1e3,
-        "s" => v,
-        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use ns, us, ms or s)")),
-    };
-    if !(0.0..=3600.0).contains(&secs) {
-        return Err(format!("duration `{s}` out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 impl DeviceArgs {

@@ -5,6 +5,7 @@ mod crypt;
 mod devbind;
 mod device;
 mod dump;
+mod duration;
 mod format;
 mod keys;
 mod luks_opts;

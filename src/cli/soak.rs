@@ -24,7 +24,7 @@ use crypt_vfio::{CoreKind, Error, Mode};
 use crypt_vfio_cores::new_cipher;
 use rand::{Rng, SeedableRng};
 
-use super::device::parse_duration;
+use super::duration::parse_period;
 
 /// Arguments of `crypt-vfio soak`.
 #[derive(Args, Debug)]
@@ -39,7 +39,7 @@ pub struct SoakArgs {
     #[arg(long, default_value_t = 4)]
     pub queues: u16,
     /// Mean time between two injected faults.
-    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "20ms", value_parser = parse_period)]
     pub fault_every: Duration,
     /// Seed of the random choices.
     #[arg(long, default_value_t = 1)]
