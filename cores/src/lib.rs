@@ -15,6 +15,7 @@
 
 mod fast;
 mod reference;
+mod xts;
 
 use std::fmt;
 use std::str::FromStr;
