@@ -36,43 +36,35 @@ impl<C> XtsCipher for C where
 {
 }
 
-/// An XTS key: the data key K1 and the tweak key K2. The `aes` crate (feature `zeroize`) wipes
-/// both key schedules on drop.
-pub(crate) struct Xts<C> {
-    data: C,
-    tweak: C,
+/// The whole-block work of XTS on one implementation of AES; [`Xts`] adds the tweak of the data
+/// unit, the checks and ciphertext stealing around it.
+pub(crate) trait XtsBlocks: Send + Sync {
+    /// T_0 = AES_K2(iv), as a little-endian integer.
+    fn first_tweak(&self, iv: [u8; 16]) -> u128;
+
+    /// Encrypts or decrypts `data` (whole 16-byte blocks) in place, the first block with
+    /// `tweak`; returns the tweak of the block after the last.
+    fn blocks(&self, encrypt: bool, tweak: u128, data: &mut [u8]) -> u128;
 }
 
-impl<C: XtsCipher> Xts<C> {
-    /// Splits `key` into K1 || K2; the caller has checked the length and that the halves differ.
-    pub(crate) fn new(key: &[u8]) -> Result<Self, CoreError> {
-        let (k1, k2) = key.split_at(key.len() / 2);
-        let bad = |_| CoreError::Internal { mode: Mode::Xts, what: "key schedule" };
-        Ok(Self { data: C::new_from_slice(k1).map_err(bad)?, tweak: C::new_from_slice(k2).map_err(bad)? })
-    }
+/// XTS over any [`XtsBlocks`]: the same checks, tweak and ciphertext stealing for every backend.
+pub(crate) struct Xts<B>(pub(crate) B);
 
+impl<B: XtsBlocks> Xts<B> {
     fn run(&self, encrypt: bool, iv: &[u8], data: &mut [u8]) -> Result<(), CoreError> {
         check_op(Mode::Xts, iv, data.len(), 0)?;
-        let mut t0 = AesBlock::try_from(iv).map_err(|_| CoreError::IvLength {
+        let iv: [u8; 16] = iv.try_into().map_err(|_| CoreError::IvLength {
             mode: Mode::Xts,
             len: iv.len(),
             expected: 16,
         })?;
-        self.tweak.encrypt_block(&mut t0);
-        let mut tweak = u128::from_le_bytes(t0.0);
-        t0.0.zeroize();
-
+        let mut tweak = self.0.first_tweak(iv);
         let partial = data.len() % 16;
         let full = data.len() / 16;
         // With a partial block, the last full block takes part in ciphertext stealing below.
         let bulk = if partial == 0 { full } else { full - 1 };
         let (head, tail) = data.split_at_mut(bulk * 16);
-        let (blocks, _) = AesBlock::slice_as_chunks_mut(head);
-        if encrypt {
-            self.data.encrypt_with_backend(EncryptUnits { blocks, tweak: &mut tweak });
-        } else {
-            self.data.decrypt_with_backend(DecryptUnits { blocks, tweak: &mut tweak });
-        }
+        tweak = self.0.blocks(encrypt, tweak, head);
         if partial != 0 {
             self.steal(encrypt, tail, tweak);
         }
@@ -82,35 +74,26 @@ impl<C: XtsCipher> Xts<C> {
 
     /// Ciphertext stealing over the last full block and the partial block after it; `tweak` is
     /// the last full block's tweak T_{m-1}. Encryption uses T_{m-1} then T_m, decryption T_m
-    /// then T_{m-1}; otherwise both directions move the same bytes.
+    /// then T_{m-1}; otherwise both directions move the same bytes (IEEE 1619 §5.3.2, §5.4.2).
     fn steal(&self, encrypt: bool, tail: &mut [u8], tweak: u128) {
         let (last, partial) = tail.split_at_mut(16);
         let next = mul_alpha(tweak);
         let (first, second) = if encrypt { (tweak, next) } else { (next, tweak) };
-        let mut cc = AesBlock::try_from(&*last).expect("split at 16");
-        self.one_block(encrypt, &mut cc, first);
+        let mut cc = [0u8; 16];
+        cc.copy_from_slice(last);
+        self.0.blocks(encrypt, first, &mut cc);
         let r = partial.len();
         let mut pp = cc;
         pp[..r].copy_from_slice(partial);
         partial.copy_from_slice(&cc[..r]);
-        self.one_block(encrypt, &mut pp, second);
+        self.0.blocks(encrypt, second, &mut pp);
         last.copy_from_slice(&pp);
-        cc.0.zeroize();
-        pp.0.zeroize();
-    }
-
-    fn one_block(&self, encrypt: bool, block: &mut AesBlock, tweak: u128) {
-        xor_tweak(block, tweak);
-        if encrypt {
-            self.data.encrypt_block(block);
-        } else {
-            self.data.decrypt_block(block);
-        }
-        xor_tweak(block, tweak);
+        cc.zeroize();
+        pp.zeroize();
     }
 }
 
-impl<C: XtsCipher> CipherCore for Xts<C> {
+impl<B: XtsBlocks> CipherCore for Xts<B> {
     fn mode(&self) -> Mode {
         Mode::Xts
     }
@@ -124,11 +107,58 @@ impl<C: XtsCipher> CipherCore for Xts<C> {
     }
 }
 
+/// The fastest XTS this CPU runs for a key of `C`'s size (K1 || K2): VAES and AVX-512 where
+/// present ([`crate::xts_vaes`]), else the `aes` crate's batches.
+pub(crate) fn new_fast<C: XtsCipher + 'static>(key: &[u8]) -> Result<Box<dyn CipherCore>, CoreError> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = crate::xts_vaes::VaesBlocks::new(key) {
+        return Ok(Box::new(Xts(v)));
+    }
+    Ok(Box::new(Xts(AesBlocks::<C>::new(key)?)))
+}
+
+/// XTS blocks on the `aes` crate: portable, and the fallback where [`crate::xts_vaes`] does not
+/// run. Holds the data key K1 and the tweak key K2; the `aes` crate (feature `zeroize`) wipes both
+/// key schedules on drop.
+pub(crate) struct AesBlocks<C> {
+    data: C,
+    tweak: C,
+}
+
+impl<C: XtsCipher> AesBlocks<C> {
+    /// Splits `key` into K1 || K2; the caller has checked the length and that the halves differ.
+    pub(crate) fn new(key: &[u8]) -> Result<Self, CoreError> {
+        let (k1, k2) = key.split_at(key.len() / 2);
+        let bad = |_| CoreError::Internal { mode: Mode::Xts, what: "key schedule" };
+        Ok(Self { data: C::new_from_slice(k1).map_err(bad)?, tweak: C::new_from_slice(k2).map_err(bad)? })
+    }
+}
+
+impl<C: XtsCipher> XtsBlocks for AesBlocks<C> {
+    fn first_tweak(&self, iv: [u8; 16]) -> u128 {
+        let mut t0 = AesBlock::from(iv);
+        self.tweak.encrypt_block(&mut t0);
+        let tweak = u128::from_le_bytes(t0.0);
+        t0.0.zeroize();
+        tweak
+    }
+
+    fn blocks(&self, encrypt: bool, mut tweak: u128, data: &mut [u8]) -> u128 {
+        let (blocks, _) = AesBlock::slice_as_chunks_mut(data);
+        if encrypt {
+            self.data.encrypt_with_backend(EncryptUnits { blocks, tweak: &mut tweak });
+        } else {
+            self.data.decrypt_with_backend(DecryptUnits { blocks, tweak: &mut tweak });
+        }
+        tweak
+    }
+}
+
 /// Multiplies a tweak by the primitive element α of GF(2^128), in IEEE 1619's little-endian
 /// convention: a left shift of the 128-bit little-endian integer, reduced by x^128 = x^7+x^2+x+1.
 /// Branch-free, so the time does not depend on the tweak.
 #[inline(always)]
-fn mul_alpha(t: u128) -> u128 {
+pub(crate) fn mul_alpha(t: u128) -> u128 {
     (t << 1) ^ ((t >> 127) * 0x87)
 }
 
