@@ -92,6 +92,12 @@ fn from_bytes(b: [u8; 16]) -> __m128i {
 }
 
 #[inline]
+#[target_feature(enable = "sse2")]
+fn from_u128(v: u128) -> __m128i {
+    _mm_set_epi64x((v >> 64) as i64, v as i64)
+}
+
+#[inline]
 #[target_feature(enable = "sse4.1")]
 fn to_u128(x: __m128i) -> u128 {
     let lo = _mm_cvtsi128_si64(x) as u64;
@@ -179,6 +185,18 @@ fn mul_alpha4(t: __m512i) -> __m512i {
     _mm512_xor_si512(_mm512_xor_si512(_mm512_slli_epi64::<4>(t), carry), reduced)
 }
 
+/// Multiplies the four 128-bit lanes of `t` by α^0, α^1, α^2 and α^3, the same way as
+/// [`mul_alpha4`] with a shift count per lane (a count of 64 shifts everything out).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+fn mul_alpha_lanes(t: __m512i) -> __m512i {
+    let shift = _mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3);
+    let top = _mm512_srlv_epi64(t, _mm512_sub_epi64(_mm512_set1_epi64(64), shift));
+    let carry = _mm512_bslli_epi128::<8>(top);
+    let reduced = _mm512_clmulepi64_epi128::<0x01>(top, _mm512_set1_epi64(0x87));
+    _mm512_xor_si512(_mm512_xor_si512(_mm512_sllv_epi64(t, shift), carry), reduced)
+}
+
 /// The whitening, rounds and final whitening of `N` registers; each tweak is folded into the
 /// first and the last round key (AddRoundKey is the last step of AESENCLAST).
 #[inline]
@@ -210,15 +228,8 @@ fn xts_blocks<const NR: usize, const ENC: bool>(keys: &RoundKeys, tweak: u128, d
     for (kr, rk) in k.iter_mut().zip(keys).take(NR + 1) {
         *kr = _mm512_broadcast_i32x4(from_bytes(*rk));
     }
-    // The tweaks of the next four blocks, one per 128-bit lane.
-    let mut first = [0u8; 64];
-    let mut tj = tweak;
-    for lane in first.chunks_exact_mut(16) {
-        lane.copy_from_slice(&tj.to_le_bytes());
-        tj = mul_alpha(tj);
-    }
-    let mut t = load(&first);
-    first.zeroize();
+    // The tweaks of the next four blocks, one per 128-bit lane: T·α^0 .. T·α^3.
+    let mut t = mul_alpha_lanes(_mm512_broadcast_i32x4(from_u128(tweak)));
 
     let (groups, partial) = data.as_chunks_mut::<64>();
     let mut batches = groups.chunks_exact_mut(IN_FLIGHT);
