@@ -33,9 +33,7 @@ pub(crate) struct VaesBlocks {
 
 impl Drop for VaesBlocks {
     fn drop(&mut self) {
-        self.enc.zeroize();
-        self.dec.zeroize();
-        self.tweak.zeroize();
+        self.wipe();
     }
 }
 
@@ -49,6 +47,13 @@ fn cpu_has_every_feature() -> bool {
 }
 
 impl VaesBlocks {
+    /// Overwrites every round key with zeros (volatile writes that the compiler keeps).
+    fn wipe(&mut self) {
+        self.enc.zeroize();
+        self.dec.zeroize();
+        self.tweak.zeroize();
+    }
+
     /// Expands K1 || K2 (32, 48 or 64 bytes); `None` when the CPU lacks a feature this needs.
     pub(crate) fn new(key: &[u8]) -> Option<Self> {
         if !cpu_has_every_feature() || ![32, 48, 64].contains(&key.len()) {
@@ -327,6 +332,17 @@ mod tests {
         check::<aes::Aes128>(&key[..32]);
         check::<aes::Aes192>(&key[..48]);
         check::<aes::Aes256>(&key);
+    }
+
+    #[test]
+    fn wipe_clears_every_round_key() {
+        let Some(mut v) = VaesBlocks::new(&(1..=32).collect::<Vec<u8>>()) else {
+            eprintln!("skipped: the CPU lacks VAES/AVX-512");
+            return;
+        };
+        assert!(v.enc[10] != [0; 16] && v.dec[5] != [0; 16] && v.tweak[1] != [0; 16]);
+        v.wipe();
+        assert!([v.enc, v.dec, v.tweak].iter().flatten().all(|k| *k == [0; 16]));
     }
 
     fn hex_bytes(s: &str) -> Vec<u8> {
