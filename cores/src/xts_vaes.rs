@@ -4,7 +4,7 @@
 //! crate is not built with target features (it dispatches at run time, and the XTS code around
 //! the batch cannot be fused into it), which left AES-128-XTS well behind aws-lc's AES-256-XTS.
 //! Here the whole data unit runs in one function compiled for these features: the tweaks of
-//! four blocks sit in one register and advance by α^4 with a carry-less multiply, the tweak XOR is
+//! four blocks sit in one register and are multiplied by powers of α with a carry-less multiply, the tweak XOR is
 //! folded into the first and the last round key, and eight registers (512 bytes) are in flight so
 //! the AES latency is hidden. Used only when the CPU has every feature; otherwise
 //! [`crate::xts::AesBlocks`] runs.
@@ -20,14 +20,18 @@ use crate::xts::{mul_alpha, XtsBlocks};
 /// Up to 15 round keys (AES-256), as the bytes AESENC takes.
 type RoundKeys = [[u8; 16]; 15];
 
+/// The same round keys, each repeated for the four lanes of a 512-bit register, so that a data
+/// unit starts with plain loads.
+type RoundKeys4 = [[u8; 64]; 15];
+
 /// Registers of four blocks kept in flight by the main loop.
 const IN_FLIGHT: usize = 8;
 
 /// Expanded data key (both directions) and tweak key of one XTS key; wiped on drop.
 pub(crate) struct VaesBlocks {
     rounds: usize,
-    enc: RoundKeys,
-    dec: RoundKeys,
+    enc: RoundKeys4,
+    dec: RoundKeys4,
     tweak: RoundKeys,
 }
 
@@ -61,9 +65,12 @@ impl VaesBlocks {
         }
         let (k1, k2) = key.split_at(key.len() / 2);
         // SAFETY: the CPU has AES-NI and SSE4.1, checked above.
-        let ((enc, dec, rounds), (tweak, mut tweak_dec, _)) = unsafe { (expand(k1), expand(k2)) };
+        let ((mut enc, mut dec, rounds), (tweak, mut tweak_dec, _)) = unsafe { (expand(k1), expand(k2)) };
+        let this = Self { rounds, enc: four_lanes(&enc), dec: four_lanes(&dec), tweak };
+        enc.zeroize();
+        dec.zeroize();
         tweak_dec.zeroize();
-        Some(Self { rounds, enc, dec, tweak })
+        Some(this)
     }
 }
 
@@ -86,6 +93,16 @@ impl XtsBlocks for VaesBlocks {
             }
         }
     }
+}
+
+fn four_lanes(keys: &RoundKeys) -> RoundKeys4 {
+    let mut out = [[0u8; 64]; 15];
+    for (o, k) in out.iter_mut().zip(keys) {
+        for lane in o.chunks_exact_mut(16) {
+            lane.copy_from_slice(k);
+        }
+    }
+    out
 }
 
 #[inline]
@@ -178,24 +195,13 @@ fn store(bytes: &mut [u8; 64], v: __m512i) {
     unsafe { _mm512_storeu_si512(bytes.as_mut_ptr().cast(), v) }
 }
 
-/// Multiplies each of the four 128-bit tweaks by α^4: a 4-bit left shift across the two
-/// 64-bit halves, and the 4 bits shifted out of the top reduced by x^128 = x^7+x^2+x+1
-/// (a carry-less multiply by 0x87). Branch-free.
+/// Multiplies each 128-bit tweak of `t` by α^s, s being the shift count of its two 64-bit
+/// halves (0 ≤ s ≤ 55): a left shift across the halves, and the s bits shifted out of the top
+/// reduced by x^128 = x^7+x^2+x+1, a carry-less multiply by 0x87 that stays below 2^64 (a count
+/// of 64 shifts everything out, so s = 0 is the identity). Branch-free.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-fn mul_alpha4(t: __m512i) -> __m512i {
-    let top = _mm512_srli_epi64::<60>(t);
-    let carry = _mm512_bslli_epi128::<8>(top);
-    let reduced = _mm512_clmulepi64_epi128::<0x01>(top, _mm512_set1_epi64(0x87));
-    _mm512_xor_si512(_mm512_xor_si512(_mm512_slli_epi64::<4>(t), carry), reduced)
-}
-
-/// Multiplies the four 128-bit lanes of `t` by α^0, α^1, α^2 and α^3, the same way as
-/// [`mul_alpha4`] with a shift count per lane (a count of 64 shifts everything out).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-fn mul_alpha_lanes(t: __m512i) -> __m512i {
-    let shift = _mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3);
+fn mul_alpha_pow(t: __m512i, shift: __m512i) -> __m512i {
     let top = _mm512_srlv_epi64(t, _mm512_sub_epi64(_mm512_set1_epi64(64), shift));
     let carry = _mm512_bslli_epi128::<8>(top);
     let reduced = _mm512_clmulepi64_epi128::<0x01>(top, _mm512_set1_epi64(0x87));
@@ -228,22 +234,24 @@ fn crypt<const NR: usize, const ENC: bool, const N: usize>(
 /// XTS over whole blocks with `NR` rounds, `keys` for the direction `ENC`; returns the tweak of
 /// the block after the last.
 #[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes,sse4.1")]
-fn xts_blocks<const NR: usize, const ENC: bool>(keys: &RoundKeys, tweak: u128, data: &mut [u8]) -> u128 {
+fn xts_blocks<const NR: usize, const ENC: bool>(keys: &RoundKeys4, tweak: u128, data: &mut [u8]) -> u128 {
     let mut k = [_mm512_setzero_si512(); 15];
     for (kr, rk) in k.iter_mut().zip(keys).take(NR + 1) {
-        *kr = _mm512_broadcast_i32x4(from_bytes(*rk));
+        *kr = load(rk);
     }
     // The tweaks of the next four blocks, one per 128-bit lane: T·α^0 .. T·α^3.
-    let mut t = mul_alpha_lanes(_mm512_broadcast_i32x4(from_u128(tweak)));
+    let mut t =
+        mul_alpha_pow(_mm512_broadcast_i32x4(from_u128(tweak)), _mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3));
 
     let (groups, partial) = data.as_chunks_mut::<64>();
     let mut batches = groups.chunks_exact_mut(IN_FLIGHT);
     for batch in &mut batches {
+        // Each register's tweaks straight from `t`, so they do not wait on one another.
         let mut tweaks = [t; IN_FLIGHT];
-        for j in 1..IN_FLIGHT {
-            tweaks[j] = mul_alpha4(tweaks[j - 1]);
+        for (j, tw) in tweaks.iter_mut().enumerate().skip(1) {
+            *tw = mul_alpha_pow(t, _mm512_set1_epi64(4 * j as i64));
         }
-        t = mul_alpha4(tweaks[IN_FLIGHT - 1]);
+        t = mul_alpha_pow(t, _mm512_set1_epi64(4 * IN_FLIGHT as i64));
         let mut b = [_mm512_setzero_si512(); IN_FLIGHT];
         for (bj, g) in b.iter_mut().zip(batch.iter()) {
             *bj = load(g);
@@ -257,7 +265,7 @@ fn xts_blocks<const NR: usize, const ENC: bool>(keys: &RoundKeys, tweak: u128, d
         let mut b = [load(g)];
         crypt::<NR, ENC, 1>(&k, &mut b, &[t]);
         store(g, b[0]);
-        t = mul_alpha4(t);
+        t = mul_alpha_pow(t, _mm512_set1_epi64(4));
     }
     let mut next = to_u128(_mm512_castsi512_si128(t));
     if !partial.is_empty() {
@@ -340,9 +348,10 @@ mod tests {
             eprintln!("skipped: the CPU lacks VAES/AVX-512");
             return;
         };
-        assert!(v.enc[10] != [0; 16] && v.dec[5] != [0; 16] && v.tweak[1] != [0; 16]);
+        assert!(v.enc[10] != [0; 64] && v.dec[5] != [0; 64] && v.tweak[1] != [0; 16]);
         v.wipe();
-        assert!([v.enc, v.dec, v.tweak].iter().flatten().all(|k| *k == [0; 16]));
+        assert!([v.enc, v.dec].iter().flatten().all(|k| *k == [0; 64]));
+        assert!(v.tweak.iter().all(|k| *k == [0; 16]));
     }
 
     fn hex_bytes(s: &str) -> Vec<u8> {
