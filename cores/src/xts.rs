@@ -2,12 +2,13 @@
 //!
 //! aws-lc only has `EVP_aes_256_xts`, and RustCrypto's `xts-mode` encrypts one block at a time,
 //! so AES-128-XTS (cryptsetup's default `aes-xts-plain64` with a 256-bit key) ran about 25 times
-//! slower than AES-256-XTS. Here the tweaks of a data unit are computed first, XORed into the
-//! blocks, the blocks are encrypted a backend batch at a time (VAES handles 64 blocks per batch,
-//! AES-NI 8), and the tweaks are XORed again. The XOR and tweak code runs inside the `aes` crate's
-//! backend closure, so it is compiled into the same CPU-feature context as the AES rounds.
-//! (aws-lc's `EVP_aes_128_ecb` was measured as an alternative: it encrypts one block per call
-//! of a function pointer and was several times slower than the `aes` crate's batches.)
+//! slower than AES-256-XTS. [`Xts`] holds what every backend shares (the checks, the first tweak,
+//! ciphertext stealing); an [`XtsBlocks`] backend does the whole blocks of a data unit with the
+//! tweaks computed first, XORed in, the blocks encrypted many at a time, and XORed again.
+//! [`crate::xts_vaes`] is the fast backend; [`AesBlocks`] (the `aes` crate's parallel batches,
+//! with the XORs inside its backend closure) runs on CPUs without VAES and AVX-512.
+//! aws-lc's `EVP_aes_128_ecb` was measured as a block source too: it calls a one-block function
+//! per block, 4.5 GB/s on 4 KiB against 6.8 for the `aes` crate's batches (one run).
 //!
 //! A final partial block uses ciphertext stealing exactly as IEEE 1619-2007 §5.3.2 and §5.4.2,
 //! so the result is the same as `xts-mode`'s and the Linux kernel's.
