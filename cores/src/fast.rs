@@ -1,8 +1,8 @@
 //! The fast core: aws-lc.
 //!
-//! GCM, CBC and CTR go through `aws-lc-rs`. XTS goes through `aws-lc-sys` (`EVP_aes_256_xts`)
-//! because `aws-lc-rs` has no XTS API; aws-lc has no AES-128-XTS, so 32-byte XTS keys fall back
-//! to the reference core.
+//! GCM, CBC and CTR go through `aws-lc-rs`. AES-256-XTS goes through `aws-lc-sys`
+//! (`EVP_aes_256_xts`) because `aws-lc-rs` has no XTS API; aws-lc has no AES-128-XTS, so 32-byte
+//! XTS keys run on [`crate::xts`], XTS built on the `aes` crate's multi-block AES.
 
 use std::ptr;
 use std::sync::Mutex;
@@ -24,7 +24,7 @@ pub(crate) fn new_cipher(mode: Mode, key: &[u8]) -> Result<Box<dyn CipherCore>, 
             let alg = if key.len() == 16 { &AES_128_GCM } else { &AES_256_GCM };
             Box::new(Gcm(LessSafeKey::new(UnboundKey::new(alg, key).map_err(rejected)?)))
         }
-        Mode::Xts if key.len() == 32 => crate::reference::new_cipher(mode, key)?,
+        Mode::Xts if key.len() == 32 => crate::xts::new_fast::<aes::Aes128>(key)?,
         Mode::Xts => Box::new(Xts256::new(key)?),
         Mode::Cbc | Mode::Ctr => {
             let alg = match key.len() {

@@ -15,6 +15,9 @@
 
 mod fast;
 mod reference;
+mod xts;
+#[cfg(target_arch = "x86_64")]
+mod xts_vaes;
 
 use std::fmt;
 use std::str::FromStr;
