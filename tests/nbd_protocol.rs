@@ -46,8 +46,11 @@ impl Fixture {
             max_payload: MAX_PAYLOAD,
             workers_per_connection: 3,
             inflight_bytes_per_connection: 4 * u64::from(MAX_PAYLOAD),
+            max_memory: 16 * u64::from(MAX_PAYLOAD),
             max_connections: 8,
             handshake_timeout: Duration::from_secs(2),
+            // Long enough for a loaded machine: the stop test expects every request answered.
+            stop_grace: Duration::from_secs(20),
         };
         let server = Arc::new(Server::new(device, config).unwrap());
         let (listener, socket) = if unix {
