@@ -4,7 +4,7 @@ targets nbd_handshake (the whole client stream) and nbd_requests (the part after
 
 Usage: capture_nbd_session.py CRYPT_VFIO_BINARY OUT_DIR
 Runs `serve --raw` over a scratch image, puts a recording TCP proxy in front of it, and drives
-qemu-img and qemu-io (whichever are installed) through the proxy, one session per file.
+qemu-img, qemu-io, nbdinfo and nbdcopy (whichever are installed) through the proxy, one session per file.
 """
 import os, shutil, socket, subprocess, sys, tempfile, threading
 
@@ -61,6 +61,12 @@ def main():
                                         "-c", "discard 65536 4096", "-c", "flush",
                                         "-c", "aio_write -P 0x33 512 1024", "-c", "aio_flush",
                                         "nbd://{}/disk"]))
+    if shutil.which("nbdinfo"):
+        sessions.append(("nbdinfo", ["nbdinfo", "nbd://{}/disk"]))
+        sessions.append(("nbdinfo-list", ["nbdinfo", "--list", "nbd://{}"]))
+    if shutil.which("nbdcopy"):
+        sessions.append(("nbdcopy-out", ["nbdcopy", "--connections=1", "nbd://{}/disk",
+                                         os.path.join(tmp, "copy2.raw")]))
     for name, argv in sessions:
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
