@@ -58,7 +58,8 @@ pub struct ServerConfig {
     pub max_payload: u32,
     /// Worker threads per connection: how many of one client's requests run at once.
     pub workers_per_connection: usize,
-    /// Payload bytes one connection may hold in flight; must be at least `max_payload`.
+    /// Payload bytes one connection may hold in flight (so that one client cannot take the
+    /// whole `max_memory`); must be at least `max_payload`; at most `max_memory` is used.
     pub inflight_bytes_per_connection: u64,
     /// Payload bytes every connection together may hold in flight: the server's memory
     /// budget; must be at least `max_payload`.
@@ -248,8 +249,11 @@ impl Server {
     }
 
     /// Serves clients on `listener` until stopped, then lets every connection answer the
-    /// requests it has read (for a short grace period, then abandons it) and flushes the
-    /// device.
+    /// requests it has read (for [`ServerConfig::stop_grace`], then abandons it) and flushes
+    /// the device.
+    ///
+    /// On glibc this fixes the allocator's mmap threshold for the whole process (see
+    /// `nbd::budget`), so that freed payload buffers go back to the system.
     pub fn serve(&self, listener: Listener) -> Result<ServeReport> {
         listener.set_nonblocking().map_err(|e| Error::os("making the listener non-blocking", e))?;
         budget::return_freed_buffers();
