@@ -87,7 +87,8 @@ impl Default for ServerConfig {
             max_memory: 256 << 20,
             max_connections: 64,
             handshake_timeout: Duration::from_secs(10),
-            stop_grace: Duration::from_secs(1),
+            // Leaves most of the 2 s a stop may take to the flush and a loaded machine.
+            stop_grace: Duration::from_millis(600),
         }
     }
 }
