@@ -36,6 +36,11 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 impl Fixture {
     fn start(read_only: bool, unix: bool) -> Fixture {
+        Fixture::start_with(read_only, unix, |_| {})
+    }
+
+    /// A fixture whose configuration `tweak` adjusts.
+    fn start_with(read_only: bool, unix: bool, tweak: impl FnOnce(&mut ServerConfig)) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
         std::fs::write(&image, pattern(SIZE as usize, 1)).unwrap();
@@ -46,9 +51,14 @@ impl Fixture {
             max_payload: MAX_PAYLOAD,
             workers_per_connection: 3,
             inflight_bytes_per_connection: 4 * u64::from(MAX_PAYLOAD),
+            max_memory: 16 * u64::from(MAX_PAYLOAD),
             max_connections: 8,
             handshake_timeout: Duration::from_secs(2),
+            // Long enough for a loaded machine: the stop test expects every request answered.
+            stop_grace: Duration::from_secs(20),
         };
+        let mut config = config;
+        tweak(&mut config);
         let server = Arc::new(Server::new(device, config).unwrap());
         let (listener, socket) = if unix {
             let path = dir.path().join("nbd.sock");
@@ -716,4 +726,94 @@ fn connections_over_the_limit_are_refused_until_one_leaves() {
         c.disconnect();
     }
     f.stop();
+}
+
+#[test]
+fn a_handshake_dribbled_a_byte_at_a_time_ends_at_its_deadline() {
+    // The fixture's handshake deadline is 2 s; a byte every 250 ms would keep a per-byte
+    // stall limit happy for ever.
+    let mut f = Fixture::start(false, false);
+    let mut c = f.connect();
+    c.handshake(proto::client::FIXED_NEWSTYLE);
+    let mut option = proto::IHAVEOPT.to_be_bytes().to_vec();
+    option.extend_from_slice(&opt::INFO.to_be_bytes());
+    option.extend_from_slice(&1000u32.to_be_bytes());
+    option.resize(16 + 1000, 0);
+    let t = Instant::now();
+    for byte in option.chunks(1) {
+        if c.s.write_all(byte).is_err() || t.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(c.closed(), "the connection is closed once the handshake deadline passes");
+    assert!(t.elapsed() < Duration::from_secs(8), "closed only after {:?}", t.elapsed());
+    f.stop();
+}
+
+/// A client floods reads and never reads a reply: its replies fill the socket and the
+/// server's workers block writing them. The stop must still come within its grace period.
+fn stop_with_a_client_that_does_not_read(unix: bool) {
+    let mut f = Fixture::start_with(false, unix, |c| c.stop_grace = Duration::from_millis(500));
+    let mut c = f.transmission();
+    for handle in 0..256u64 {
+        c.send(cmd::READ, 0, handle, 0, MAX_PAYLOAD, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    f.stop();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(5), "the stop took {took:?} with a client not reading");
+    // What was sent before the stop is whole replies, then the connection ends.
+    let mut replies = 0;
+    loop {
+        let mut h = [0u8; proto::SIMPLE_REPLY_LEN];
+        if c.s.read_exact(&mut h).is_err() {
+            break;
+        }
+        assert_eq!(be_u32(&h), proto::SIMPLE_REPLY_MAGIC);
+        assert_eq!(be_u32(&h[4..]), 0);
+        if c.s.read_exact(&mut vec![0u8; MAX_PAYLOAD as usize]).is_err() {
+            break;
+        }
+        replies += 1;
+    }
+    assert!(replies < 256, "the server stopped before answering everything");
+}
+
+#[test]
+fn stop_is_bounded_with_a_tcp_client_that_does_not_read() {
+    stop_with_a_client_that_does_not_read(false);
+}
+
+#[test]
+fn stop_is_bounded_with_a_unix_client_that_does_not_read() {
+    stop_with_a_client_that_does_not_read(true);
+}
+
+#[test]
+fn configurations_out_of_bounds_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, [0u8; 4096]).unwrap();
+    let device = Arc::new(FileBlockDevice::open(&image, false).unwrap());
+    type Tweak = fn(&mut ServerConfig);
+    let cases: [(Tweak, &str); 7] = [
+        (|c| c.workers_per_connection = 100_000, "workers per connection"),
+        (|c| c.workers_per_connection = 0, "workers per connection"),
+        (|c| c.max_connections = 0, "connections"),
+        (|c| c.max_connections = 1 << 40, "connections"),
+        (|c| c.max_payload = 64 << 20, "maximum payload"),
+        (|c| c.max_memory = 1 << 20, "memory budget"),
+        (|c| c.handshake_timeout = Duration::ZERO, "handshake timeout"),
+    ];
+    for (tweak, what) in cases {
+        let mut config = ServerConfig::default();
+        tweak(&mut config);
+        match Server::new(device.clone(), config) {
+            Err(crypt_vfio::Error::InvalidRequest(msg)) => assert!(msg.contains(what), "{msg}"),
+            Err(e) => panic!("{what}: unexpected error {e}"),
+            Ok(_) => panic!("{what}: accepted"),
+        }
+    }
 }

@@ -18,7 +18,10 @@ use std::os::unix::fs::FileExt;
 use anyhow::{bail, Context};
 use clap::Args;
 use crypt_vfio::luks::Header;
-use crypt_vfio::nbd::{Listener, Server, ServerConfig};
+use crypt_vfio::nbd::{
+    Listener, Server, ServerConfig, MAX_CONNECTIONS, MAX_MEMORY_LIMIT, MAX_PAYLOAD_LIMIT,
+    MAX_WORKERS_PER_CONNECTION,
+};
 use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::block::BlockDevice;
 use crypt_vfio::volume::file::FileBlockDevice;
@@ -26,6 +29,7 @@ use crypt_vfio::volume::{authenticated, AuthVolume, Volume};
 use crypt_vfio::Error;
 
 use super::device::DeviceArgs;
+use super::duration::{parse_within, Bounds};
 use super::luks_opts::read_key_file;
 
 /// Arguments of `crypt-vfio serve`.
@@ -53,15 +57,71 @@ pub struct ServeArgs {
     /// Refuse writes.
     #[arg(long)]
     pub read_only: bool,
-    /// Requests of one client that run at once.
-    #[arg(long, default_value_t = 4)]
-    pub workers: usize,
-    /// Clients served at once.
-    #[arg(long, default_value_t = 64)]
-    pub max_connections: usize,
+    /// Requests of one client that run at once (1 to 64).
+    #[arg(long, default_value_t = 4, value_parser = bounded(1, MAX_WORKERS_PER_CONNECTION as u64))]
+    pub workers: u64,
+    /// Clients served at once (1 to 1024); when all are taken, a new client replaces the
+    /// oldest one still in its handshake.
+    #[arg(long, default_value_t = 64, value_parser = bounded(1, MAX_CONNECTIONS as u64))]
+    pub max_connections: u64,
+    /// Memory for request payloads of all clients together (bytes, or with a K/M/G/KiB/MiB/GiB
+    /// suffix; 32MiB to 1TiB).
+    #[arg(long, value_name = "BYTES", default_value = "256MiB", value_parser = parse_memory)]
+    pub max_memory: u64,
+    /// Time a client has to choose an export after connecting (for example 10s; at most 3600s).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_handshake_timeout)]
+    pub handshake_timeout: Duration,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
+
+/// A parser for an integer in `min..=max` whose error names the bounds.
+fn bounded(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let v: u64 = s.trim().parse().map_err(|_| format!("`{s}` is not a whole number"))?;
+        if !(min..=max).contains(&v) {
+            return Err(format!("{v} is outside {min}..={max}"));
+        }
+        Ok(v)
+    }
+}
+
+/// `--max-memory`: bytes with an optional binary suffix, from one maximum payload to 1 TiB.
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (try 256MiB)"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" | "k" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        other => return Err(format!("unknown unit `{other}` in `{s}` (use KiB, MiB, GiB or TiB)")),
+    };
+    let bytes = n.checked_mul(1 << shift).ok_or_else(|| format!("`{s}` is too large"))?;
+    let min = u64::from(MAX_PAYLOAD_LIMIT);
+    if !(min..=MAX_MEMORY_LIMIT).contains(&bytes) {
+        return Err(format!("{bytes} bytes is outside 32MiB..=1TiB (it must hold one 32 MiB request)"));
+    }
+    Ok(bytes)
+}
+
+/// `--handshake-timeout`: long enough for a client to finish, short enough that an idle socket
+/// cannot hold a slot for long.
+fn parse_handshake_timeout(s: &str) -> Result<Duration, String> {
+    parse_within(
+        s,
+        Bounds {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(3600),
+            too_short: "no client could finish its handshake",
+            too_long: "an idle client would hold its slot that long",
+        },
+    )
+}
+
 
 /// What `serve` exports, and the engine under it (to abort it when stopping).
 pub type Export = (Arc<dyn BlockDevice>, Option<Arc<VirtioCrypto>>);
@@ -132,8 +192,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig {
         export_name: args.export.clone(),
         description: format!("{} ({})", args.image.display(), if args.raw { "raw" } else { "decrypted" }),
-        workers_per_connection: args.workers,
-        max_connections: args.max_connections,
+        // Both were bounded by the parser, far below usize::MAX.
+        workers_per_connection: args.workers as usize,
+        max_connections: args.max_connections as usize,
+        max_memory: args.max_memory,
+        handshake_timeout: args.handshake_timeout,
         ..ServerConfig::default()
     };
     let server = Server::new(device, config).context("configuring the NBD server")?;

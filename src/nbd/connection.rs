@@ -3,22 +3,25 @@
 //! The connection's own thread reads and checks requests; worker threads run them on the
 //! device so that several are in flight at once (a slow flush does not hold up reads), and
 //! replies go out whole under one writer lock, in completion order, each echoing its handle.
-//! Payload memory per connection is bounded by a byte budget, so a client that pipelines large
-//! writes waits for earlier ones to finish instead of growing the server without limit.
+//! Payload memory is bounded by byte budgets, the connection's and the server's (see
+//! [`super::budget`]), so clients that pipeline large requests wait for earlier ones to finish
+//! instead of growing the server without limit. When the server gives up on a connection
+//! (see [`Control`]), requests not yet run are dropped and no more replies are sent.
 //!
 //! Anything a client sends is checked before it reaches the device: a bad request gets an
 //! error reply and the connection goes on; only a stream that can no longer be parsed (a bad
 //! magic, a truncated message, an absurd write length) closes this one connection.
 
-use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use log::{debug, info, warn};
 
+use super::budget::{Budget, Charge};
 use super::proto::{self, cmd, cmd_flag, errno, tflags, Request};
-use super::stream::{ClientReader, Next, Stream};
+use super::stream::{ClientReader, Next, ReplySink};
 use crate::volume::block::BlockDevice;
 
 /// A write longer than the maximum payload but at most this long is read and dropped with an
@@ -34,12 +37,54 @@ pub(crate) struct Limits {
     pub max_payload: u32,
     /// Worker threads running requests.
     pub workers: usize,
-    /// Bytes of payload buffers alive at once (at least `max_payload`).
+    /// Payload bytes of this connection alive at once (at least `max_payload`).
     pub inflight_bytes: u64,
     /// Transmission flags sent to the client (read-only or not).
     pub flags: u16,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: std::time::Duration,
+}
+
+/// Where a connection is, as the server sees it.
+const HANDSHAKE: u8 = 0;
+const TRANSMISSION: u8 = 1;
+const EVICTED: u8 = 2;
+
+/// What the server and one connection share: the phase (a connection still in the handshake
+/// may be evicted to make room for a new client) and whether the server gave up on it.
+#[derive(Debug)]
+pub(crate) struct Control {
+    phase: AtomicU8,
+    abandoned: AtomicBool,
+}
+
+impl Control {
+    pub(crate) fn new() -> Self {
+        Control { phase: AtomicU8::new(HANDSHAKE), abandoned: AtomicBool::new(false) }
+    }
+
+    /// The connection enters transmission; false if it was evicted first.
+    pub(crate) fn enter_transmission(&self) -> bool {
+        self.phase.compare_exchange(HANDSHAKE, TRANSMISSION, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+    }
+
+    /// Evicts the connection if it is still in the handshake; true if it was.
+    pub(crate) fn evict_in_handshake(&self) -> bool {
+        self.phase.compare_exchange(HANDSHAKE, EVICTED, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+    }
+
+    pub(crate) fn evicted(&self) -> bool {
+        self.phase.load(Ordering::SeqCst) == EVICTED
+    }
+
+    /// The server stops waiting for this connection: requests not yet run are dropped.
+    pub(crate) fn abandon(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+    }
+
+    fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::SeqCst)
+    }
 }
 
 /// A checked request ready for the device.
@@ -51,49 +96,30 @@ enum Op {
     Flush,
 }
 
-struct Job {
+struct Job<'a> {
     handle: u64,
     op: Op,
-    /// Budget bytes held until the reply is sent.
-    charge: u64,
-}
-
-/// A counting semaphore over bytes.
-struct Budget {
-    available: Mutex<u64>,
-    freed: Condvar,
-}
-
-impl Budget {
-    fn new(total: u64) -> Self {
-        Budget { available: Mutex::new(total), freed: Condvar::new() }
-    }
-
-    fn acquire(&self, n: u64) {
-        let mut avail = self.available.lock().unwrap_or_else(|p| p.into_inner());
-        while *avail < n {
-            avail = self.freed.wait(avail).unwrap_or_else(|p| p.into_inner());
-        }
-        *avail -= n;
-    }
-
-    fn release(&self, n: u64) {
-        *self.available.lock().unwrap_or_else(|p| p.into_inner()) += n;
-        self.freed.notify_all();
-    }
+    /// Budget bytes held until the reply is sent (or the job is dropped).
+    _charges: Option<(Charge<'a>, Charge<'a>)>,
 }
 
 /// The sending side, shared by the workers and the reader (which answers bad requests itself).
-struct Replies {
-    socket: Mutex<Stream>,
+struct Replies<'a, W> {
+    socket: Mutex<W>,
     /// Set once a reply could not be sent: the client is gone and the rest are skipped.
     broken: AtomicBool,
+    control: &'a Control,
     peer: String,
 }
 
-impl Replies {
+impl<W: ReplySink> Replies<'_, W> {
+    /// No reply will reach the client any more: the socket failed or the server gave up.
+    fn gone(&self) -> bool {
+        self.broken.load(Ordering::Relaxed) || self.control.abandoned()
+    }
+
     fn send(&self, header: &[u8], payload: &[u8]) {
-        if self.broken.load(Ordering::Relaxed) {
+        if self.gone() {
             return;
         }
         let mut s = self.socket.lock().unwrap_or_else(|p| p.into_inner());
@@ -102,7 +128,7 @@ impl Replies {
             if !self.broken.swap(true, Ordering::Relaxed) {
                 info!("{}: cannot send replies ({e}); dropping the connection", self.peer);
                 // Wakes the reader so the connection winds down.
-                s.shutdown();
+                s.close();
             }
         }
     }
@@ -125,27 +151,45 @@ pub(crate) enum End {
     Dropped,
 }
 
+/// The budgets a request is charged against.
+pub(crate) struct Budgets<'a> {
+    /// The server's, shared by every connection.
+    pub server: &'a Budget,
+    /// This connection's.
+    pub connection: Budget,
+}
+
 /// Serves requests until the client disconnects, the server stops, or the stream breaks.
-/// Returns once every request that was read has been answered (or could not be).
-pub(crate) fn transmission(
-    reader: &mut ClientReader<Stream>,
-    writer: Stream,
+/// Returns once every request that was read has been answered (or dropped, if the server
+/// gave up on the connection).
+pub(crate) fn transmission<R: Read, W: ReplySink>(
+    reader: &mut ClientReader<R>,
+    writer: W,
     device: &dyn BlockDevice,
     limits: &Limits,
+    server_budget: &Budget,
+    control: &Control,
     peer: &str,
 ) -> End {
-    let replies =
-        Replies { socket: Mutex::new(writer), broken: AtomicBool::new(false), peer: peer.to_string() };
-    let budget = Budget::new(limits.inflight_bytes.max(u64::from(limits.max_payload)));
-    let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
+    let replies = Replies {
+        socket: Mutex::new(writer),
+        broken: AtomicBool::new(false),
+        control,
+        peer: peer.to_string(),
+    };
+    let budgets = Budgets {
+        server: server_budget,
+        connection: Budget::new(limits.inflight_bytes.max(u64::from(limits.max_payload))),
+    };
+    let (tx, rx) = sync_channel::<Job<'_>>(QUEUE_DEPTH);
     let rx = Mutex::new(rx);
     std::thread::scope(|scope| {
         let mut started = 0;
         for i in 0..limits.workers.max(1) {
-            let (rx, replies, budget) = (&rx, &replies, &budget);
+            let (rx, replies) = (&rx, &replies);
             match std::thread::Builder::new()
                 .name(format!("nbd-worker-{i}"))
-                .spawn_scoped(scope, move || worker(rx, device, replies, budget))
+                .spawn_scoped(scope, move || worker(rx, device, replies))
             {
                 Ok(_) => started += 1,
                 // Fewer workers only means less parallelism for this client.
@@ -155,25 +199,27 @@ pub(crate) fn transmission(
         if started == 0 {
             return End::Dropped;
         }
-        let end = read_requests(reader, device, limits, &replies, &budget, |job| tx.send(job).is_ok());
+        let end = read_requests(reader, device, limits, &replies, &budgets, |job| tx.send(job).is_ok());
         // Closing the queue lets the workers finish what was read, then leave.
         drop(tx);
         end
     })
 }
 
-fn worker(rx: &Mutex<Receiver<Job>>, device: &dyn BlockDevice, replies: &Replies, budget: &Budget) {
+fn worker<W: ReplySink>(rx: &Mutex<Receiver<Job<'_>>>, device: &dyn BlockDevice, replies: &Replies<'_, W>) {
     loop {
         let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
             Ok(job) => job,
             Err(_) => return,
         };
-        run(job.handle, job.op, device, replies);
-        budget.release(job.charge);
+        // Nobody would hear the reply: dropping the job frees its budget at once.
+        if !replies.gone() {
+            run(job.handle, job.op, device, replies);
+        }
     }
 }
 
-fn run(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Replies) {
+fn run<W: ReplySink>(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Replies<'_, W>) {
     let durable = |fua: bool| if fua { device.flush() } else { Ok(()) };
     let result = match op {
         Op::Read { offset, len } => {
@@ -200,14 +246,30 @@ fn run(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Replies) {
     }
 }
 
+/// Charges `bytes` to the connection, then to the server; `None` if the connection ends
+/// while waiting.
+fn charge<'a, W: ReplySink>(
+    budgets: &'a Budgets<'a>,
+    bytes: u64,
+    replies: &Replies<'_, W>,
+) -> Option<Option<(Charge<'a>, Charge<'a>)>> {
+    if bytes == 0 {
+        return Some(None);
+    }
+    let give_up = || replies.gone();
+    let own = budgets.connection.acquire(bytes, give_up)?;
+    let shared = budgets.server.acquire(bytes, give_up)?;
+    Some(Some((own, shared)))
+}
+
 /// The reader loop: parse, check, hand over. `submit` returns false when no worker is left.
-fn read_requests(
-    reader: &mut ClientReader<Stream>,
+fn read_requests<'a, R: Read, W: ReplySink>(
+    reader: &mut ClientReader<R>,
     device: &dyn BlockDevice,
     limits: &Limits,
-    replies: &Replies,
-    budget: &Budget,
-    submit: impl Fn(Job) -> bool,
+    replies: &Replies<'_, W>,
+    budgets: &'a Budgets<'a>,
+    submit: impl Fn(Job<'a>) -> bool,
 ) -> End {
     let size = device.size();
     let read_only = limits.flags & tflags::READ_ONLY != 0;
@@ -219,7 +281,7 @@ fn read_requests(
         End::Dropped
     };
     loop {
-        if replies.broken.load(Ordering::Relaxed) {
+        if replies.gone() {
             return End::Dropped;
         }
         let mut header = [0u8; proto::REQUEST_LEN];
@@ -255,29 +317,33 @@ fn read_requests(
                 replies.error(req.handle, errno::EINVAL);
                 continue;
             }
-            budget.acquire(len);
-            let mut data = vec![0u8; req.length as usize];
-            if let Err(e) = reader.read_exact(&mut data) {
-                budget.release(len);
-                return fail("reading a write payload", e);
-            }
             if let Some(error) = refuse_change(req.flags, cmd_flag::FUA, read_only, in_bounds, errno::ENOSPC)
             {
-                budget.release(len);
+                // Refused before any buffer is made for it.
+                if let Err(e) = reader.discard(len) {
+                    return fail("skipping a refused write", e);
+                }
                 replies.error(req.handle, error);
                 continue;
+            }
+            let Some(charges) = charge(budgets, len, replies) else {
+                return End::Dropped;
+            };
+            let mut data = vec![0u8; req.length as usize];
+            if let Err(e) = reader.read_exact(&mut data) {
+                return fail("reading a write payload", e);
             }
             if !submit(Job {
                 handle: req.handle,
                 op: Op::Write { offset: req.offset, data, fua },
-                charge: len,
+                _charges: charges,
             }) {
                 return End::Dropped;
             }
             continue;
         }
 
-        let (op, charge) = match req.kind {
+        let (op, bytes) = match req.kind {
             cmd::DISC => return End::Disconnect,
             cmd::READ => {
                 if req.flags & !cmd_flag::FUA != 0 || req.length > limits.max_payload || !in_bounds {
@@ -319,8 +385,10 @@ fn read_requests(
                 continue;
             }
         };
-        budget.acquire(charge);
-        if !submit(Job { handle: req.handle, op, charge }) {
+        let Some(charges) = charge(budgets, bytes, replies) else {
+            return End::Dropped;
+        };
+        if !submit(Job { handle: req.handle, op, _charges: charges }) {
             return End::Dropped;
         }
     }

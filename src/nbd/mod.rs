@@ -8,10 +8,14 @@
 //!
 //! [`BlockDevice`]: crate::volume::block::BlockDevice
 
+mod budget;
 mod connection;
 mod negotiate;
 pub mod proto;
 pub mod server;
 mod stream;
 
-pub use server::{Listener, ServeReport, Server, ServerConfig};
+pub use server::{
+    serve_bytes, Listener, ServeReport, Server, ServerConfig, MAX_CONNECTIONS, MAX_HANDSHAKE_TIMEOUT,
+    MAX_MEMORY_LIMIT, MAX_PAYLOAD_LIMIT, MAX_WORKERS_PER_CONNECTION, MAX_WORKER_THREADS,
+};

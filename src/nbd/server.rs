@@ -1,11 +1,19 @@
 //! The accept loop, one thread per client, and the orderly stop.
 //!
 //! Stopping is a flag (set from a signal handler by the command, or by a test): the accept
-//! loop polls it, idle connections notice it between requests, requests already read are
-//! finished and answered, and the device is flushed once every connection is gone. A client
-//! is isolated in its own thread, so nothing one client sends can disturb another.
+//! loop polls it, connections stop reading requests, and requests already read are finished
+//! and answered for a short grace period. Whatever is still running after it (a client that
+//! does not read its replies, one stuck in the middle of a message) is abandoned: its socket
+//! is shut down, which wakes every thread blocked on it, and its unanswered requests are
+//! dropped. Then the device is flushed. So a stop takes the grace period plus the flush,
+//! whatever clients do. A client is isolated in its own thread, so nothing one client sends
+//! can disturb another.
+//!
+//! Clients still in the handshake do not keep others out: when every connection slot is
+//! taken, the oldest connection still in its handshake is closed to make room, and a
+//! handshake has its own short deadline.
 
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -16,14 +24,28 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
-use super::connection::{self, Limits};
+use super::budget::{self, Budget};
+use super::connection::{self, Control, Limits};
 use super::negotiate::{self, ExportInfo, Outcome};
-use super::stream::{ClientReader, Stream};
+use super::stream::{ClientReader, ReplySink, Stream};
 use crate::error::{Error, Result};
 use crate::volume::block::BlockDevice;
 
 /// How often the accept loop looks at the stop flag when no client is connecting.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+/// The largest maximum payload: the protocol's conventional limit, which every client obeys.
+pub const MAX_PAYLOAD_LIMIT: u32 = 32 << 20;
+/// The most worker threads one connection may have.
+pub const MAX_WORKERS_PER_CONNECTION: usize = 64;
+/// The most connections a server may serve at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// The most threads the workers of every connection may add up to.
+pub const MAX_WORKER_THREADS: usize = 16384;
+/// The largest memory budget accepted (a typo guard: more than any machine here has).
+pub const MAX_MEMORY_LIMIT: u64 = 1 << 40;
+/// The longest handshake deadline accepted.
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// How the server exports its device.
 #[derive(Debug, Clone)]
@@ -36,13 +58,21 @@ pub struct ServerConfig {
     pub max_payload: u32,
     /// Worker threads per connection: how many of one client's requests run at once.
     pub workers_per_connection: usize,
-    /// Payload bytes one connection may hold in flight; must be at least `max_payload`.
+    /// Payload bytes one connection may hold in flight (so that one client cannot take the
+    /// whole `max_memory`); must be at least `max_payload`; at most `max_memory` is used.
     pub inflight_bytes_per_connection: u64,
-    /// Connections served at once; more are closed right after accept.
+    /// Payload bytes every connection together may hold in flight: the server's memory
+    /// budget; must be at least `max_payload`.
+    pub max_memory: u64,
+    /// Connections served at once. When all are taken, a new client replaces the oldest one
+    /// still in its handshake, or is closed right after accept if there is none.
     pub max_connections: usize,
-    /// A client must choose an export within this time of connecting, so that idle or
-    /// dawdling clients cannot hold every connection slot.
+    /// A client must choose an export within this time of connecting.
     pub handshake_timeout: Duration,
+    /// How long a stop lets connections go on answering requests (and reading those the
+    /// client has already sent) before it closes them: a stop takes at most this long plus
+    /// the final flush, whatever clients do.
+    pub stop_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -54,8 +84,11 @@ impl Default for ServerConfig {
             max_payload: 32 << 20,
             workers_per_connection: 4,
             inflight_bytes_per_connection: 64 << 20,
+            max_memory: 256 << 20,
             max_connections: 64,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            // Leaves most of the 2 s a stop may take to the flush and a loaded machine.
+            stop_grace: Duration::from_millis(600),
         }
     }
 }
@@ -158,23 +191,49 @@ impl Server {
                 "an NBD export name is at most 4096 bytes, without NUL".into(),
             ));
         }
-        if config.max_payload < 4096 {
-            return Err(Error::InvalidRequest(format!(
-                "maximum payload {} is below 4096 bytes",
+        let invalid = |what: String| Err(Error::InvalidRequest(what));
+        if !(4096..=MAX_PAYLOAD_LIMIT).contains(&config.max_payload) {
+            return invalid(format!(
+                "maximum payload {} is outside 4096..={MAX_PAYLOAD_LIMIT} bytes",
                 config.max_payload
-            )));
-        }
-        if config.inflight_bytes_per_connection < u64::from(config.max_payload) {
-            return Err(Error::InvalidRequest(
-                "in-flight bytes per connection must cover one maximum payload".into(),
             ));
         }
-        if config.handshake_timeout.is_zero() {
-            return Err(Error::InvalidRequest("the handshake timeout must be above zero".into()));
+        let payload = u64::from(config.max_payload);
+        if config.inflight_bytes_per_connection < payload {
+            return invalid("in-flight bytes per connection must cover one maximum payload".into());
         }
-        if config.workers_per_connection == 0 || config.max_connections == 0 {
-            return Err(Error::InvalidRequest(
-                "workers per connection and connections must be at least 1".into(),
+        if !(payload..=MAX_MEMORY_LIMIT).contains(&config.max_memory) {
+            return invalid(format!(
+                "memory budget {} is outside {payload}..={MAX_MEMORY_LIMIT} bytes (it must hold \
+                 one maximum payload)",
+                config.max_memory
+            ));
+        }
+        if config.handshake_timeout.is_zero() || config.handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
+            return invalid(format!(
+                "handshake timeout {:?} is outside (0, {MAX_HANDSHAKE_TIMEOUT:?}]",
+                config.handshake_timeout
+            ));
+        }
+        if config.stop_grace > MAX_HANDSHAKE_TIMEOUT {
+            return invalid(format!("stop grace {:?} is over {MAX_HANDSHAKE_TIMEOUT:?}", config.stop_grace));
+        }
+        if !(1..=MAX_WORKERS_PER_CONNECTION).contains(&config.workers_per_connection) {
+            return invalid(format!(
+                "{} workers per connection is outside 1..={MAX_WORKERS_PER_CONNECTION}",
+                config.workers_per_connection
+            ));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&config.max_connections) {
+            return invalid(format!(
+                "{} connections is outside 1..={MAX_CONNECTIONS}",
+                config.max_connections
+            ));
+        }
+        if config.workers_per_connection * config.max_connections > MAX_WORKER_THREADS {
+            return invalid(format!(
+                "{} workers for each of {} connections is over {MAX_WORKER_THREADS} threads",
+                config.workers_per_connection, config.max_connections
             ));
         }
         Ok(Server { device, config, stop: Arc::new(AtomicBool::new(false)) })
@@ -190,51 +249,35 @@ impl Server {
         self.stop.store(true, Ordering::SeqCst);
     }
 
-    /// Serves clients on `listener` until stopped, then waits for every connection to finish
-    /// its requests and flushes the device.
+    /// Serves clients on `listener` until stopped, then lets every connection answer the
+    /// requests it has read (for [`ServerConfig::stop_grace`], then abandons it) and flushes
+    /// the device.
+    ///
+    /// On glibc this fixes the allocator's mmap threshold for the whole process (see
+    /// `nbd::budget`), so that freed payload buffers go back to the system.
     pub fn serve(&self, listener: Listener) -> Result<ServeReport> {
         listener.set_nonblocking().map_err(|e| Error::os("making the listener non-blocking", e))?;
-        let export = Arc::new(ExportInfo {
-            name: self.config.export_name.clone(),
-            description: self.config.description.clone(),
-            size: self.device.size(),
-            flags: negotiate::transmission_flags(self.device.read_only()),
-            block_size: self.device.block_size(),
-            max_payload: self.config.max_payload,
+        budget::return_freed_buffers();
+        let shared = Arc::new(Shared {
+            export: self.export_info(),
+            limits: self.limits(),
+            budget: Budget::new(self.config.max_memory),
         });
-        let limits = Arc::new(Limits {
-            max_payload: self.config.max_payload,
-            workers: self.config.workers_per_connection,
-            inflight_bytes: self.config.inflight_bytes_per_connection,
-            flags: export.flags,
-            handshake_timeout: self.config.handshake_timeout,
-        });
-        let mut clients: Vec<JoinHandle<()>> = Vec::new();
+        let mut clients: Vec<Client> = Vec::new();
         let mut accepted = 0u64;
         while !self.stop.load(Ordering::SeqCst) {
-            let (done, running): (Vec<_>, Vec<_>) = clients.into_iter().partition(|h| h.is_finished());
-            clients = running;
-            done.into_iter().for_each(join_client);
+            reap(&mut clients);
             match listener.accept(accepted + 1) {
                 Ok((stream, peer)) => {
                     accepted += 1;
-                    if clients.len() >= self.config.max_connections {
+                    if !self.make_room(&clients) {
                         warn!("{peer}: refused, already serving {} connections", clients.len());
                         stream.shutdown();
                         continue;
                     }
                     debug!("{peer}: connected");
-                    let (device, export, limits, stop) = (
-                        Arc::clone(&self.device),
-                        Arc::clone(&export),
-                        Arc::clone(&limits),
-                        Arc::clone(&self.stop),
-                    );
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("nbd-client-{accepted}"))
-                        .spawn(move || serve_client(stream, &peer, &*device, &export, &limits, stop));
-                    match spawned {
-                        Ok(h) => clients.push(h),
+                    match self.start_client(stream, peer, &shared, accepted) {
+                        Ok(c) => clients.push(c),
                         Err(e) => warn!("cannot start a thread for a client: {e}"),
                     }
                 }
@@ -249,10 +292,102 @@ impl Server {
         }
         drop(listener);
         info!("stopping: waiting for {} connection(s) to finish their requests", clients.len());
-        clients.into_iter().for_each(join_client);
+        let grace_end = Instant::now() + self.config.stop_grace;
+        while clients.iter().any(|c| !c.thread.is_finished()) && Instant::now() < grace_end {
+            std::thread::sleep(ACCEPT_POLL / 2);
+        }
+        for c in clients.iter().filter(|c| !c.thread.is_finished()) {
+            info!(
+                "{}: still busy after {:?}; closing it, unanswered requests are dropped",
+                c.peer, self.config.stop_grace
+            );
+            c.control.abandon();
+            c.socket.shutdown();
+        }
+        clients.into_iter().for_each(|c| join_client(c.thread));
         self.device.flush()?;
         info!("stopped after {accepted} connection(s); device flushed");
         Ok(ServeReport { connections: accepted })
+    }
+
+    fn export_info(&self) -> ExportInfo {
+        ExportInfo {
+            name: self.config.export_name.clone(),
+            description: self.config.description.clone(),
+            size: self.device.size(),
+            flags: negotiate::transmission_flags(self.device.read_only()),
+            block_size: self.device.block_size(),
+            max_payload: self.config.max_payload,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_payload: self.config.max_payload,
+            workers: self.config.workers_per_connection,
+            inflight_bytes: self.config.inflight_bytes_per_connection.min(self.config.max_memory),
+            flags: negotiate::transmission_flags(self.device.read_only()),
+            handshake_timeout: self.config.handshake_timeout,
+        }
+    }
+
+    /// Whether a new client may be served: a free slot, or one freed by closing the oldest
+    /// connection still in its handshake.
+    fn make_room(&self, clients: &[Client]) -> bool {
+        let live = clients.iter().filter(|c| !c.control.evicted()).count();
+        if live < self.config.max_connections {
+            return true;
+        }
+        // Clients are in accept order: the first one still haggling is the oldest.
+        match clients.iter().find(|c| c.control.evict_in_handshake()) {
+            Some(c) => {
+                info!("{}: closed in its handshake to make room for a new client", c.peer);
+                c.socket.shutdown();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn start_client(&self, stream: Stream, peer: String, shared: &Arc<Shared>, n: u64) -> io::Result<Client> {
+        let socket = stream.try_clone()?;
+        let control = Arc::new(Control::new());
+        let (device, shared_, control_, stop) =
+            (Arc::clone(&self.device), Arc::clone(shared), Arc::clone(&control), Arc::clone(&self.stop));
+        let peer_ = peer.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("nbd-client-{n}"))
+            .spawn(move || serve_client(stream, &peer_, &*device, &shared_, &control_, stop))?;
+        Ok(Client { thread, socket, control, peer })
+    }
+}
+
+/// What every connection of one server shares.
+struct Shared {
+    export: ExportInfo,
+    limits: Limits,
+    /// The server's memory budget.
+    budget: Budget,
+}
+
+/// A connection as the accept loop keeps it.
+struct Client {
+    thread: JoinHandle<()>,
+    /// A second handle on the client's socket, to shut it down from outside.
+    socket: Stream,
+    control: Arc<Control>,
+    peer: String,
+}
+
+/// Joins the connections that have ended, and gives their memory back.
+fn reap(clients: &mut Vec<Client>) {
+    let before = clients.len();
+    let (done, running): (Vec<_>, Vec<_>) =
+        std::mem::take(clients).into_iter().partition(|c| c.thread.is_finished());
+    *clients = running;
+    done.into_iter().for_each(|c| join_client(c.thread));
+    if clients.len() != before {
+        budget::trim();
     }
 }
 
@@ -267,28 +402,67 @@ fn serve_client(
     stream: Stream,
     peer: &str,
     device: &dyn BlockDevice,
-    export: &ExportInfo,
-    limits: &Limits,
+    shared: &Shared,
+    control: &Control,
     stop: Arc<AtomicBool>,
 ) {
-    let mut writer = match stream.prepare().and_then(|_| stream.try_clone()) {
+    let writer = match stream.prepare().and_then(|_| stream.try_clone()) {
         Ok(w) => w,
         Err(e) => {
             warn!("{peer}: setting up the socket: {e}");
             return;
         }
     };
-    let mut reader = ClientReader::new(stream, Arc::clone(&stop));
-    reader.set_deadline(Some(Instant::now() + limits.handshake_timeout));
-    match negotiate::negotiate(&mut reader, &mut writer, export, &stop) {
-        Ok(Outcome::Transmission) => {
+    let mut reader = ClientReader::new(stream, stop);
+    serve_connection(&mut reader, writer, peer, device, shared, control);
+}
+
+/// One connection from the first byte to the last: handshake, then transmission.
+fn serve_connection<R: Read, W: ReplySink>(
+    reader: &mut ClientReader<R>,
+    mut writer: W,
+    peer: &str,
+    device: &dyn BlockDevice,
+    shared: &Shared,
+    control: &Control,
+) {
+    reader.set_deadline(Some(Instant::now() + shared.limits.handshake_timeout));
+    let stop = reader.stop_flag();
+    match negotiate::negotiate(reader, &mut writer, &shared.export, &stop) {
+        Ok(Outcome::Transmission) if control.enter_transmission() => {
             // A client in transmission may rightly stay idle for as long as it likes.
             reader.set_deadline(None);
             info!("{peer}: transmission started");
-            let end = connection::transmission(&mut reader, writer, device, limits, peer);
+            let end = connection::transmission(
+                reader,
+                writer,
+                device,
+                &shared.limits,
+                &shared.budget,
+                control,
+                peer,
+            );
             info!("{peer}: transmission ended ({end:?})");
         }
+        Ok(Outcome::Transmission) => debug!("{peer}: closed in the handshake to make room"),
         Ok(Outcome::Ended) => debug!("{peer}: left during the handshake"),
         Err(e) => info!("{peer}: handshake failed: {e}"),
     }
+}
+
+/// Serves one client whose bytes are `input`, over an in-memory stream, and returns what the
+/// server sent. The fuzz targets drive the handshake and the request stream through this; it
+/// runs the very code a socket connection runs.
+#[doc(hidden)]
+pub fn serve_bytes(device: Arc<dyn BlockDevice>, config: ServerConfig, input: &[u8]) -> Result<Vec<u8>> {
+    let server = Server::new(device, config)?;
+    let shared = Shared {
+        export: server.export_info(),
+        limits: server.limits(),
+        budget: Budget::new(server.config.max_memory),
+    };
+    let mut out = Vec::new();
+    let mut reader = ClientReader::new(input, Arc::clone(&server.stop));
+    serve_connection(&mut reader, &mut out, "fuzz client", &*server.device, &shared, &Control::new());
+    Ok(out)
 }

@@ -69,6 +69,27 @@ impl Stream {
     }
 }
 
+/// Where a connection's replies go: a socket, or (for fuzzing) any writer.
+pub trait ReplySink: Write + Send {
+    /// Closes the connection both ways, so that a thread blocked on it wakes up; called once
+    /// replies can no longer be sent.
+    fn close(&self) {}
+}
+
+impl ReplySink for Stream {
+    fn close(&self) {
+        self.shutdown();
+    }
+}
+
+impl ReplySink for Vec<u8> {}
+
+impl<W: ReplySink + ?Sized> ReplySink for &mut W {
+    fn close(&self) {
+        (**self).close();
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -127,6 +148,20 @@ impl<R: Read> ClientReader<R> {
         self.deadline = deadline;
     }
 
+    /// Fails once the deadline has passed: a handshake dribbled a byte at a time ends on
+    /// time as surely as one that sends nothing.
+    fn check_deadline(&self) -> io::Result<()> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(io::Error::new(ErrorKind::TimedOut, "deadline passed waiting for the client"));
+        }
+        Ok(())
+    }
+
+    /// The server's stop flag.
+    pub(crate) fn stop_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stop)
+    }
+
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
@@ -145,12 +180,7 @@ impl<R: Read> ClientReader<R> {
                     if self.stopping() {
                         return Ok(Next::Stopping);
                     }
-                    if self.deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(io::Error::new(
-                            ErrorKind::TimedOut,
-                            "deadline passed waiting for the client",
-                        ));
-                    }
+                    self.check_deadline()?;
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -175,6 +205,7 @@ impl<R: Read> ClientReader<R> {
                     last_progress = Instant::now();
                 }
                 Err(e) if timed_out(&e) => {
+                    self.check_deadline()?;
                     let limit = if self.stopping() { STALL_LIMIT_STOPPING } else { STALL_LIMIT };
                     if last_progress.elapsed() >= limit {
                         return Err(io::Error::new(
