@@ -45,7 +45,7 @@ pub fn parse_within(s: &str, bounds: Bounds) -> Result<Duration, String> {
     }
     if secs < bounds.min.as_secs_f64() {
         return Err(if secs == 0.0 {
-            format!("`{s}` is zero: {}", bounds.too_short)
+            format!("`{s}` is zero, under the {} minimum: {}", human(bounds.min), bounds.too_short)
         } else {
             format!("`{s}` is shorter than {}: {}", human(bounds.min), bounds.too_short)
         });

@@ -122,7 +122,6 @@ fn parse_handshake_timeout(s: &str) -> Result<Duration, String> {
     )
 }
 
-
 /// What `serve` exports, and the engine under it (to abort it when stopping).
 pub type Export = (Arc<dyn BlockDevice>, Option<Arc<VirtioCrypto>>);
 
