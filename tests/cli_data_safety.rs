@@ -898,3 +898,73 @@ fn a_finished_output_is_flushed_renamed_and_its_directory_flushed() {
         "the directory is not flushed after the rename:\n{log}"
     );
 }
+
+/// A mounted file system on a block device is never overwritten: the output device is claimed
+/// with O_EXCL, which the kernel refuses while the device is mounted (also when the input lives
+/// on that very file system).
+#[test]
+fn a_mounted_block_device_is_refused_as_output() {
+    let dir = scratch();
+    let d = dir.path();
+    make_image(d, Format::Luks2, 1 << 20, 41);
+    std::fs::File::create(d.join("fs.back")).unwrap().set_len(32 << 20).unwrap();
+    let Some(dev) = Loop::over(&d.join("fs.back")) else { return };
+    let mkfs = Command::new(tool("mkfs.ext4")).args(["-q", "-F"]).arg(&dev.dev).output();
+    if !matches!(&mkfs, Ok(o) if o.status.success()) {
+        eprintln!("SKIPPED: mkfs.ext4 failed or is missing: {mkfs:?}");
+        return;
+    }
+    let mnt = d.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount").arg(&dev.dev).arg(&mnt).output();
+    if !matches!(&mounted, Ok(o) if o.status.success()) {
+        eprintln!("SKIPPED: mounting a loop device is not allowed here: {mounted:?}");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let guard = Unmount(mnt.clone());
+    std::fs::write(mnt.join("keep.txt"), b"still here").unwrap();
+    std::fs::copy(d.join("enc.img"), mnt.join("enc.img")).unwrap();
+    let _ = Command::new("sync").status();
+
+    for input in [d.join("enc.img"), mnt.join("enc.img")] {
+        let err = fails(cli().arg("decrypt").args(Format::Luks2.decrypt_args(d)).arg(&input).arg(&dev.dev));
+        assert!(err.contains("is in use"), "{}: {err}", input.display());
+    }
+    let err = fails(
+        cli().arg("encrypt").args(Format::Luks2.encrypt_args(d)).arg(d.join("plain.raw")).arg(&dev.dev),
+    );
+    assert!(err.contains("is in use"), "{err}");
+
+    // The file system is intact: unmount, mount again, read the file back.
+    drop(guard);
+    let again = Command::new("mount").arg(&dev.dev).arg(&mnt).status().unwrap();
+    assert!(again.success(), "the file system no longer mounts");
+    let guard = Unmount(mnt.clone());
+    assert_eq!(std::fs::read(mnt.join("keep.txt")).unwrap(), b"still here");
+    drop(guard);
+}
+
+/// An output that is a symbolic link to a missing file is refused: the rename would replace the
+/// link, not create the file it names.
+#[test]
+fn a_dangling_symlink_output_is_refused_and_kept() {
+    let dir = scratch();
+    let d = dir.path();
+    make_image(d, Format::Luks2, 64 << 10, 42);
+    std::os::unix::fs::symlink(d.join("missing/out.raw"), d.join("link.raw")).unwrap();
+    let err = fails(
+        cli()
+            .arg("decrypt")
+            .args(Format::Luks2.decrypt_args(d))
+            .arg(d.join("enc.img"))
+            .arg(d.join("link.raw")),
+    );
+    assert!(err.contains("symbolic link") && err.contains("does not exist"), "{err}");
+    assert!(std::fs::symlink_metadata(d.join("link.raw")).unwrap().file_type().is_symlink());
+}

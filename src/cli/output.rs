@@ -80,6 +80,15 @@ impl Output {
             Err(e) => return Err(e).with_context(|| format!("looking at the output {}", target.display())),
         };
         let Some(meta) = existing else {
+            if let Ok(link) = std::fs::read_link(target) {
+                // The rename would replace the link itself, not create the file it names.
+                bail!(
+                    "the output {} is a symbolic link to {}, which does not exist: give the path \
+                     of the file to create",
+                    target.display(),
+                    link.display()
+                );
+            }
             return Ok(Output::File(PendingOutput::create(target)?));
         };
         let in_meta = input.metadata().with_context(|| format!("looking at {}", input_path.display()))?;
@@ -95,11 +104,21 @@ impl Output {
             bail!("the output {} is a directory: give the name of a file or block device", target.display());
         }
         if kind.is_block_device() {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(target)
-                .with_context(|| format!("opening the block device {}", target.display()))?;
+            // O_EXCL on a block device claims it, as mkfs and cryptsetup do: the kernel refuses a
+            // device that is mounted, part of a device-mapper or RAID set, or claimed by another
+            // program, so plaintext never lands on a live file system (the input's among them).
+            let file = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL).open(target)
+            {
+                Ok(file) => file,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => bail!(
+                    "the output device {} is in use (mounted, or held by another program): \
+                     unmount or release it first",
+                    target.display()
+                ),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("opening the block device {}", target.display()))
+                }
+            };
             let size = storage_len(&file)?;
             return Ok(Output::Device { file, path: target.to_path_buf(), size });
         }
@@ -200,9 +219,14 @@ impl PendingOutput {
         self.file.sync_all().with_context(|| format!("flushing {}", self.tmp.display()))?;
         if let Ok(old) = std::fs::metadata(&self.target) {
             if old.uid() != self.file.metadata()?.uid() || old.gid() != self.file.metadata()?.gid() {
-                std::os::unix::fs::fchown(&self.file, Some(old.uid()), Some(old.gid())).with_context(
-                    || format!("giving {} the owner of {}", self.tmp.display(), self.target.display()),
-                )?;
+                // Only root may give a file away: a finished output is not thrown away for that,
+                // it keeps its new owner (ours) and the old mode.
+                if let Err(e) = std::os::unix::fs::fchown(&self.file, Some(old.uid()), Some(old.gid())) {
+                    log::warn!(
+                        "{} keeps its new owner: could not give it the owner of the file it replaces ({e})",
+                        self.target.display()
+                    );
+                }
             }
             self.file
                 .set_permissions(std::fs::Permissions::from_mode(old.permissions().mode() & 0o7777))

@@ -1,10 +1,13 @@
-//! The lock that serialises header updates, as cryptsetup's metadata lock does.
+//! The lock that serialises header updates of one image between crypt-vfio processes.
 //!
 //! Adding or removing a key slot is a read-modify-write of the header: two of them at once would
 //! each start from the same header, and the second write would undo the first (two `add-key`
 //! both filling "slot 1", or two `remove-key` each keeping the other's slot and so removing
-//! both). cryptsetup takes an exclusive `flock` for every metadata update; so does crypt-vfio,
-//! on the image file itself, and re-reads the header once it holds the lock.
+//! both). crypt-vfio takes an exclusive `flock` on the image itself for every header update and
+//! re-reads the header once it holds the lock, as cryptsetup serialises its own LUKS2 metadata
+//! updates. Whether it also excludes a concurrent cryptsetup is not tested: cryptsetup locks a
+//! block device through a file under `/run/cryptsetup`, not the device node, so against
+//! cryptsetup on a block device it does not.
 //!
 //! `flock` locks belong to an open file description: two processes, or two `File`s opened
 //! separately in one process, exclude each other; clones of one `File` share the lock.
