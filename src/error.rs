@@ -203,6 +203,10 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A valid header asks for something crypt-vfio does not implement (a hash, a cipher, a
+    /// LUKS2 reencryption in progress): the image is not corrupt, it needs another tool.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 impl Error {
