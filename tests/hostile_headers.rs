@@ -213,3 +213,42 @@ fn authenticated_superblock_reserved_bytes_and_entry_padding_are_checked() {
     assert!(matches!(e, Error::SectorAuthFailed { sector: 3 }), "{e}");
     assert_eq!(buf, [0u8; 512], "nothing unauthenticated is handed out");
 }
+
+fn cli() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
+}
+
+#[test]
+fn unsupported_but_valid_headers_are_dumped_and_refused_as_unsupported() {
+    let dir = scratch();
+    let d = dir.path();
+    std::fs::write(d.join("pass"), PASS).unwrap();
+    // LUKS1 with a hash cryptsetup knows and we do not implement.
+    let img = d.join("whirlpool.img");
+    let f = luks_image(&img, LuksVersion::Luks1);
+    f.write_all_at(b"whirlpool\0", 72).unwrap();
+    let e = luks::Header::read(&f).unwrap_err();
+    assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains("whirlpool"), "{e}");
+    let out = cli().arg("dump").arg(&img).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Hash spec:     \twhirlpool") && text.contains("Key Slot 0: ENABLED"), "{text}");
+    let out = cli()
+        .args(["decrypt", "--key-file"])
+        .arg(d.join("pass"))
+        .arg(&img)
+        .arg(d.join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("unsupported: ") && !err.contains("corrupt"), "{err}");
+
+    // LUKS2 with a reencryption in progress.
+    let f = luks2_with(d, |j| j["config"]["requirements"] = json!({"mandatory": ["online-reencrypt-v2"]}));
+    drop(f);
+    let img = d.join("l2.img");
+    let out = cli().arg("dump").arg(&img).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Requirements:\tonline-reencrypt-v2") && text.contains("\"keyslots\""), "{text}");
+}

@@ -23,6 +23,8 @@ pub struct FormatArgs {
     image: NewImageArgs,
     #[command(flatten)]
     key: KeyFileArgs,
+    #[command(flatten)]
+    batch: super::overwrite_check::BatchArgs,
     /// Create IMG with room for this many bytes of data (it must not exist yet).
     #[arg(long)]
     size: Option<u64>,
@@ -55,6 +57,9 @@ pub fn run(args: FormatArgs) -> anyhow::Result<()> {
                 })?
             }
         };
+    if !created {
+        super::overwrite_check::confirm_overwrite(&file, path, args.batch.batch_mode)?;
+    }
     let engine = args.device.open(&args.device.options())?;
     match luks::format(&engine, &file, &opts, &pass, None) {
         Ok(_) => {

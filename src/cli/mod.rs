@@ -9,6 +9,7 @@ mod format;
 mod keys;
 mod luks_opts;
 mod output;
+mod overwrite_check;
 mod plot;
 mod progress;
 mod selftest;

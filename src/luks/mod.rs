@@ -14,6 +14,7 @@ pub mod keyslot;
 pub mod lock;
 pub mod luks1;
 pub mod luks2;
+pub mod raw_dump;
 
 use std::fs::File;
 use std::sync::Arc;
