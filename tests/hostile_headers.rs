@@ -252,3 +252,26 @@ fn unsupported_but_valid_headers_are_dumped_and_refused_as_unsupported() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("Requirements:\tonline-reencrypt-v2") && text.contains("\"keyslots\""), "{text}");
 }
+
+/// Found by fuzzing (luks1_unlock): a free LUKS1 slot whose area points into the data. Adding a
+/// passphrase wrote the key material over the data and a header that no longer opened.
+#[test]
+fn add_key_refuses_a_free_luks1_slot_whose_area_overlaps_data_or_another_slot() {
+    let dir = scratch();
+    let img = dir.path().join("l1.img");
+    let engine = common::device();
+    let kdf = LuksKdfOptions::pbkdf2_iterations(1000);
+    let slot1_offset = 208 + 48 + 40;
+    for (what, sector) in [("the data", 0u32), ("key slot 0", 8)] {
+        let f = luks_image(&img, LuksVersion::Luks1);
+        let payload = u32::from_be_bytes(std::fs::read(&img).unwrap()[104..108].try_into().unwrap());
+        let sector = if what == "the data" { payload - 10 } else { sector };
+        f.write_all_at(&sector.to_be_bytes(), slot1_offset).unwrap();
+        let before = std::fs::read(&img).unwrap();
+        let mut h = luks::Header::read(&f).unwrap();
+        let e = h.add_passphrase(&engine, &f, PASS, b"second", &kdf).unwrap_err();
+        assert!(matches!(e, Error::Keyslot(_)) && e.to_string().contains("overlaps"), "{what}: {e}");
+        assert!(std::fs::read(&img).unwrap() == before, "{what}: the image is unchanged");
+        luks::Header::read(&f).unwrap().unlock(&engine, &f, PASS).unwrap();
+    }
+}

@@ -2,14 +2,15 @@
 # Makes the seed corpora of the fuzz targets (fuzz/seeds/TARGET/) from real images: written by
 # crypt-vfio's own format, by cryptsetup (LUKS1, LUKS2, unbound key slot, reencryption in
 # progress, damaged primary) and by qemu-img (LUKS1, AES-192-XTS). Seeds are headers only:
-# a few KiB each (LUKS2: both header copies, 32 KiB).
+# a few KiB each (LUKS2: both header copies, 32 KiB). The hand-written seeds (luks1_unlock's
+# unchanged template, luks2_json's merge patches) are kept in the repository as they are.
 # Usage: tools/fuzz-seeds.sh [PATH-TO-crypt-vfio]   (default: target/debug/crypt-vfio)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CV=${1:-${CARGO_TARGET_DIR:-target}/debug/crypt-vfio}
 [ -x "$CV" ] || { echo "build crypt-vfio first (cargo build), or pass its path" >&2; exit 1; }
 S=fuzz/seeds
-mkdir -p $S/luks1_header $S/luks2_image $S/luks2_json $S/auth_superblock
+mkdir -p $S/luks_image $S/luks1_unlock $S/luks2_json $S/auth_superblock
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 printf fuzz > "$T/pass"
@@ -19,15 +20,15 @@ CS=$(command -v cryptsetup || echo /usr/sbin/cryptsetup)
 head_of() { head -c "$2" "$1"; }
 json_of() { dd if="$1" bs=4096 skip=1 count=3 status=none | tr -d '\000'; }
 luks2_seed() { # image name
-    head_of "$1" 32768 > "$S/luks2_image/$2"
+    head_of "$1" 32768 > "$S/luks_image/$2"
     json_of "$1" > "$S/luks2_json/$2.json"
 }
 
 # crypt-vfio's own.
 "$CV" format --type luks1 --pbkdf-force-iterations 1000 --size 1048576 --key-file "$T/pass" "$T/cv1.img"
-head_of "$T/cv1.img" 4096 > $S/luks1_header/crypt-vfio-xts
+head_of "$T/cv1.img" 4096 > $S/luks_image/luks1-crypt-vfio-xts
 "$CV" format --type luks1 -c aes-cbc-essiv:sha256 --hash sha1 --pbkdf-force-iterations 1000 --size 1048576 --key-file "$T/pass" "$T/cv1c.img"
-head_of "$T/cv1c.img" 4096 > $S/luks1_header/crypt-vfio-cbc-essiv-sha1
+head_of "$T/cv1c.img" 4096 > $S/luks_image/luks1-crypt-vfio-cbc-essiv-sha1
 "$CV" format --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --size 1048576 --key-file "$T/pass" "$T/cv2.img"
 luks2_seed "$T/cv2.img" crypt-vfio-pbkdf2
 "$CV" format --type luks2 --pbkdf argon2id --pbkdf-force-iterations 4 --pbkdf-memory 64 --pbkdf-parallel 1 --size 1048576 --key-file "$T/pass" "$T/cv2a.img"
@@ -43,7 +44,7 @@ if [ -x "$CS" ]; then
     for h in sha1 sha256 sha512; do
         truncate -s 4M "$T/cs1-$h.img"
         "$CS" luksFormat -q --type luks1 --hash $h --pbkdf-force-iterations 1000 --key-file "$T/pass" "$T/cs1-$h.img"
-        head_of "$T/cs1-$h.img" 4096 > $S/luks1_header/cryptsetup-$h
+        head_of "$T/cs1-$h.img" 4096 > $S/luks_image/luks1-cryptsetup-$h
     done
     truncate -s 20M "$T/cs2.img"
     "$CS" luksFormat -q --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --luks2-metadata-size 16k --key-file "$T/pass" "$T/cs2.img"
@@ -54,8 +55,8 @@ if [ -x "$CS" ]; then
     "$CS" luksFormat -q --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --luks2-metadata-size 16k --key-file "$T/pass" "$T/re.img"
     "$CS" reencrypt -q --init-only --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file "$T/pass" "$T/re.img"
     luks2_seed "$T/re.img" cryptsetup-reencrypt
-    cp "$S/luks2_image/cryptsetup-pbkdf2" "$S/luks2_image/cryptsetup-damaged-primary"
-    printf 'XXXX' | dd of="$S/luks2_image/cryptsetup-damaged-primary" conv=notrunc status=none
+    cp "$S/luks_image/cryptsetup-pbkdf2" "$S/luks_image/cryptsetup-damaged-primary"
+    printf 'XXXX' | dd of="$S/luks_image/cryptsetup-damaged-primary" conv=notrunc status=none
 else
     echo "cryptsetup not found: its seeds are not made" >&2
 fi
@@ -70,7 +71,7 @@ if command -v qemu-img > /dev/null; then
             qemu-img create -q -f luks --object secret,id=s0,data=fuzz \
                 -o key-secret=s0,cipher-alg=$1,cipher-mode=$2,ivgen-alg=$3$extra,iter-time=10 "$T/q.img" 4M && break
         done
-        head_of "$T/q.img" 4096 > "$S/luks1_header/qemu-$1-$2-$3"
+        head_of "$T/q.img" 4096 > "$S/luks_image/luks1-qemu-$1-$2-$3"
     done
 fi
 ls -l $S/*

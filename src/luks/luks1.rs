@@ -317,6 +317,7 @@ impl Header {
         let slot = (0..SLOTS)
             .find(|&i| !self.keyslots[i].active)
             .ok_or_else(|| Error::Keyslot("all 8 LUKS1 key slots are in use".into()))?;
+        self.check_free_area(slot)?;
         let iterations = kdf.pbkdf2_iterations_for(self.hash, self.key_bytes as usize);
         let s = &mut self.keyslots[slot];
         rand::fill(&mut s.salt);
@@ -328,6 +329,36 @@ impl Header {
         let material = keyslot::seal_area(engine, &self.area(slot), &slot_key, volume_key)?;
         self.keyslots[slot].active = true;
         Ok((slot, material))
+    }
+
+    /// Checks that the area of the free `slot` lies between the header and the data and
+    /// overlaps no active slot's: the header names it, but nothing checked it while the slot
+    /// was free, and writing material there could destroy data or another key slot.
+    fn check_free_area(&self, slot: usize) -> Result<()> {
+        let sectors = |len: u64| len.div_ceil(512);
+        let material = sectors(u64::from(self.key_bytes) * u64::from(STRIPES));
+        let start = u64::from(self.keyslots[slot].key_material_offset);
+        let end = start + material;
+        let refuse = |why: String| {
+            Err(Error::Keyslot(format!("key slot {slot} cannot be used: its key material area {why}")))
+        };
+        if start * 512 < HEADER_LEN as u64 {
+            return refuse("overlaps the header".into());
+        }
+        if end > u64::from(self.payload_offset) {
+            return refuse(format!(
+                "(sectors {start}..{end}) overlaps the data at sector {}",
+                self.payload_offset
+            ));
+        }
+        for (i, other) in self.keyslots.iter().enumerate().filter(|(_, o)| o.active) {
+            let o_start = u64::from(other.key_material_offset);
+            let o_end = o_start + sectors(u64::from(self.key_bytes) * u64::from(other.stripes));
+            if start < o_end && o_start < end {
+                return refuse(format!("overlaps key slot {i}'s"));
+            }
+        }
+        Ok(())
     }
 
     /// Marks `slot` free; returns where its material is and how long, to be wiped.
