@@ -220,6 +220,10 @@ pub enum Error {
         /// Why it failed last.
         last: String,
     },
+    /// A valid header asks for something crypt-vfio does not implement (a hash, a cipher, a
+    /// LUKS2 reencryption in progress): the image is not corrupt, it needs another tool.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 impl Error {

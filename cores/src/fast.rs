@@ -25,6 +25,7 @@ pub(crate) fn new_cipher(mode: Mode, key: &[u8]) -> Result<Box<dyn CipherCore>, 
             Box::new(Gcm(LessSafeKey::new(UnboundKey::new(alg, key).map_err(rejected)?)))
         }
         Mode::Xts if key.len() == 32 => crate::xts::new_fast::<aes::Aes128>(key)?,
+        Mode::Xts if key.len() == 48 => crate::xts::new_fast::<aes::Aes192>(key)?,
         Mode::Xts => Box::new(Xts256::new(key)?),
         Mode::Cbc | Mode::Ctr => {
             let alg = match key.len() {

@@ -77,7 +77,7 @@ impl Mode {
     pub fn key_lengths(self) -> &'static [usize] {
         match self {
             Mode::Gcm => &[16, 32],
-            Mode::Xts => &[32, 64],
+            Mode::Xts => &[32, 48, 64],
             Mode::Cbc | Mode::Ctr => &[16, 24, 32],
         }
     }

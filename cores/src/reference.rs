@@ -21,6 +21,8 @@ pub(crate) fn new_cipher(mode: Mode, key: &[u8]) -> Result<Box<dyn CipherCore>, 
         (Mode::Gcm, 16) => Box::new(Gcm(Aes128Gcm::new_from_slice(key).map_err(bad)?)),
         (Mode::Gcm, _) => Box::new(Gcm(Aes256Gcm::new_from_slice(key).map_err(bad)?)),
         (Mode::Xts, 32) => Box::new(xts::<Aes128>(key)?),
+        // AES-192-XTS: what qemu-img writes for cipher-alg=aes-192, and dm-crypt opens.
+        (Mode::Xts, 48) => Box::new(xts::<Aes192>(key)?),
         (Mode::Xts, _) => Box::new(xts::<Aes256>(key)?),
         (Mode::Cbc, 16) => Box::new(Cbc(Aes128::new_from_slice(key).map_err(bad)?)),
         (Mode::Cbc, 24) => Box::new(Cbc(Aes192::new_from_slice(key).map_err(bad)?)),

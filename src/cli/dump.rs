@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use crypt_vfio::luks::raw_dump::raw_dump;
 use crypt_vfio::luks::Header;
 
 use super::device::DeviceArgs;
@@ -25,8 +26,19 @@ pub struct DumpArgs {
 /// `crypt-vfio dump`.
 pub fn run(args: DumpArgs) -> anyhow::Result<()> {
     let f = File::open(&args.image).with_context(|| format!("opening {}", args.image.display()))?;
-    let header = Header::read(&f).with_context(|| format!("reading {}", args.image.display()))?;
-    println!("LUKS header information for {}\n", args.image.display());
-    print!("{header}");
+    match Header::read(&f) {
+        Ok(header) => {
+            println!("LUKS header information for {}\n", args.image.display());
+            print!("{header}");
+        }
+        // A valid header asking for what crypt-vfio does not implement is still shown.
+        Err(e @ (crypt_vfio::Error::Unsupported(_) | crypt_vfio::Error::UnsupportedCipher { .. })) => {
+            let text = raw_dump(&f).with_context(|| format!("reading {}", args.image.display()))?;
+            println!("LUKS header information for {}\n", args.image.display());
+            print!("{text}");
+            eprintln!("note: {e}");
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", args.image.display())),
+    }
     Ok(())
 }

@@ -23,6 +23,8 @@ pub struct FormatArgs {
     image: NewImageArgs,
     #[command(flatten)]
     key: KeyFileArgs,
+    #[command(flatten)]
+    batch: super::overwrite_check::BatchArgs,
     /// Create IMG with room for this many bytes of data (it must not exist yet).
     #[arg(long)]
     size: Option<u64>,
@@ -74,6 +76,9 @@ pub fn run(args: FormatArgs) -> anyhow::Result<()> {
                 (f, None)
             }
         };
+    if created.is_none() {
+        super::overwrite_check::confirm_overwrite(&file, path, args.batch.batch_mode)?;
+    }
     luks::format(&engine, &file, &opts, &pass, None)
         .with_context(|| format!("formatting {}", path.display()))?;
     file.sync_all().with_context(|| format!("flushing {}", path.display()))?;

@@ -10,6 +10,7 @@ mod format;
 mod keys;
 mod luks_opts;
 mod output;
+mod overwrite_check;
 mod plot;
 mod progress;
 mod selftest;

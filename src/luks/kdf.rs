@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use sha1::Sha1;
-use sha2::{Digest, Sha256, Sha512};
+use sha2::{Digest, Sha256, Sha384, Sha512};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
@@ -20,6 +20,8 @@ pub enum HashAlg {
     Sha1,
     /// SHA-256 (today's default of cryptsetup and qemu-img).
     Sha256,
+    /// SHA-384.
+    Sha384,
     /// SHA-512.
     Sha512,
 }
@@ -30,10 +32,17 @@ impl HashAlg {
         match name.to_ascii_lowercase().as_str() {
             "sha1" => Ok(HashAlg::Sha1),
             "sha256" => Ok(HashAlg::Sha256),
+            "sha384" => Ok(HashAlg::Sha384),
             "sha512" => Ok(HashAlg::Sha512),
+            n if KNOWN_ELSEWHERE.iter().any(|k| n == *k || n.starts_with(&format!("{k}-"))) => {
+                Err(Error::Unsupported(format!(
+                    "{field}: hash `{name}` is valid for cryptsetup but not implemented here \
+                     (sha1, sha256, sha384, sha512 are)"
+                )))
+            }
             _ => Err(Error::CorruptHeader {
                 field: field.to_string(),
-                reason: format!("hash `{name}` is not supported (sha1, sha256, sha512 are)"),
+                reason: format!("`{name}` is not a hash LUKS knows"),
             }),
         }
     }
@@ -43,6 +52,7 @@ impl HashAlg {
         match self {
             HashAlg::Sha1 => "sha1",
             HashAlg::Sha256 => "sha256",
+            HashAlg::Sha384 => "sha384",
             HashAlg::Sha512 => "sha512",
         }
     }
@@ -52,6 +62,7 @@ impl HashAlg {
         match self {
             HashAlg::Sha1 => 20,
             HashAlg::Sha256 => 32,
+            HashAlg::Sha384 => 48,
             HashAlg::Sha512 => 64,
         }
     }
@@ -68,6 +79,7 @@ impl HashAlg {
         match self {
             HashAlg::Sha1 => run::<Sha1>(parts),
             HashAlg::Sha256 => run::<Sha256>(parts),
+            HashAlg::Sha384 => run::<Sha384>(parts),
             HashAlg::Sha512 => run::<Sha512>(parts),
         }
     }
@@ -77,22 +89,54 @@ impl HashAlg {
         match self {
             HashAlg::Sha1 => pbkdf2::pbkdf2_hmac::<Sha1>(password, salt, iterations, out),
             HashAlg::Sha256 => pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, out),
+            HashAlg::Sha384 => pbkdf2::pbkdf2_hmac::<Sha384>(password, salt, iterations, out),
             HashAlg::Sha512 => pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, iterations, out),
         }
     }
 
-    /// How many PBKDF2 iterations take `budget` on this machine (at least `min`), measured like
-    /// cryptsetup's benchmark: time a fixed count, scale.
-    pub fn pbkdf2_iterations_for(self, budget: Duration, min: u32) -> u32 {
+    /// How many PBKDF2 iterations take `budget` on this machine for a `key_len`-byte output (at
+    /// least `min`), measured like cryptsetup's benchmark: time a fixed count, scale.
+    pub fn pbkdf2_iterations_for(self, budget: Duration, min: u32, key_len: usize) -> u32 {
         let probe = 20_000u32;
         let mut out = [0u8; 32];
         let start = Instant::now();
-        self.pbkdf2(b"benchmark passphrase", &[0x5a; 32], probe, &mut out);
-        let took = start.elapsed().as_secs_f64().max(1e-6);
-        let n = (f64::from(probe) * budget.as_secs_f64() / took) as u64;
+        self.pbkdf2(b"benchmark passphrase", &[0x5a; 32], probe, &mut out[..self.digest_len().min(32)]);
+        let took = start.elapsed();
+        self.pbkdf2_iterations_from(probe, took, budget, min, key_len)
+    }
+
+    /// The iterations that fill `budget` when `probe` iterations of one output block took
+    /// `took`. PBKDF2 runs all its iterations once per digest-sized block of output, so a
+    /// 64-byte key with SHA-256 costs twice a 32-byte one: the count is divided accordingly.
+    pub fn pbkdf2_iterations_from(
+        self,
+        probe: u32,
+        took: Duration,
+        budget: Duration,
+        min: u32,
+        key_len: usize,
+    ) -> u32 {
+        let blocks = key_len.div_ceil(self.digest_len()).max(1) as f64;
+        let per_iteration = took.as_secs_f64().max(1e-6) / f64::from(probe) * blocks;
+        let n = (budget.as_secs_f64() / per_iteration) as u64;
         n.clamp(u64::from(min), u64::from(u32::MAX)) as u32
     }
 }
+
+/// Hashes cryptsetup accepts (through the kernel or its crypto library) that this crate does
+/// not implement: a header naming one is valid, only unsupported here.
+const KNOWN_ELSEWHERE: &[&str] = &[
+    "ripemd160",
+    "whirlpool",
+    "sha224",
+    "sha3",
+    "blake2b",
+    "blake2s",
+    "stribog256",
+    "stribog512",
+    "sm3",
+    "streebog",
+];
 
 /// Which Argon2 variant (LUKS2 `kdf.type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,6 +224,32 @@ mod tests {
         };
         assert_eq!(k(1, 1), "522c397c0c2990f143685dfdbe10b3425ee4266edcbbbd1184f7517e0b6ebae1");
         assert_eq!(k(2, 2), "1232fcd300025bce807772b70a781b0144117b0d6f95e64b8c88730f158d5fea");
+    }
+
+    #[test]
+    fn iter_time_counts_every_output_block_of_pbkdf2() {
+        // 1000 iterations of one block took 1 s: a 1 s budget is 1000 iterations for a key of
+        // one SHA-256 block, 500 for a 512-bit key (two blocks), 250 for SHA-1 and 64 bytes.
+        let (probe, took, budget) = (1000, Duration::from_secs(1), Duration::from_secs(1));
+        assert_eq!(HashAlg::Sha256.pbkdf2_iterations_from(probe, took, budget, 1, 32), 1000);
+        assert_eq!(HashAlg::Sha256.pbkdf2_iterations_from(probe, took, budget, 1, 64), 500);
+        assert_eq!(HashAlg::Sha1.pbkdf2_iterations_from(probe, took, budget, 1, 64), 250);
+        assert_eq!(HashAlg::Sha512.pbkdf2_iterations_from(probe, took, budget, 1, 64), 1000);
+    }
+
+    #[test]
+    fn sha384_is_supported_and_other_known_hashes_are_unsupported_not_corrupt() {
+        let mut out = [0u8; 48];
+        HashAlg::parse("sha384", "hash_spec").unwrap().pbkdf2(b"password", b"salt", 1, &mut out);
+        // Python: hashlib.pbkdf2_hmac("sha384", b"password", b"salt", 1, 48)
+        assert_eq!(
+            hex(&out),
+            "c0e14f06e49e32d73f9f52ddf1d0c5c7191609233631dadd76a567db42b78676b38fc800cc53ddb642f5c74442e62be4"
+        );
+        for name in ["ripemd160", "whirlpool", "sha3-256", "stribog512"] {
+            assert!(matches!(HashAlg::parse(name, "hash_spec"), Err(Error::Unsupported(_))), "{name}");
+        }
+        assert!(matches!(HashAlg::parse("nonsense", "hash_spec"), Err(Error::CorruptHeader { .. })));
     }
 
     #[test]

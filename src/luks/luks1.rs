@@ -57,8 +57,9 @@ pub struct Header {
     pub mk_digest_salt: [u8; SALT_LEN],
     /// Iterations of that PBKDF2.
     pub mk_digest_iterations: u32,
-    /// The UUID, as text.
-    pub uuid: String,
+    /// The UUID field, byte for byte (up to its NUL): cryptsetup copies it as bytes, so a
+    /// header rewritten by add-key or remove-key keeps even a UUID that is not text.
+    pub uuid: Vec<u8>,
     /// The key slots.
     pub keyslots: [Keyslot; SLOTS],
 }
@@ -76,6 +77,11 @@ fn text(b: &[u8], field: &str) -> Result<String> {
 
 fn put_text(b: &mut [u8], s: &str) {
     b[..s.len()].copy_from_slice(s.as_bytes());
+}
+
+/// The bytes of a NUL-terminated field, without the NUL and what follows.
+fn cbytes(b: &[u8]) -> Vec<u8> {
+    b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())].to_vec()
 }
 
 fn corrupt(field: &str, reason: impl Into<String>) -> Error {
@@ -111,7 +117,7 @@ impl Header {
         if mk_digest_iterations == 0 {
             return Err(corrupt("mk_digest_iter", "zero"));
         }
-        let uuid = text(&b[168..208], "uuid")?;
+        let uuid = cbytes(&b[168..208]);
         let mut keyslots = std::array::from_fn(|_| Keyslot {
             active: false,
             iterations: 0,
@@ -141,10 +147,15 @@ impl Header {
                 if slot.iterations == 0 {
                     return Err(corrupt(&field("iterations"), "zero"));
                 }
-                if slot.stripes == 0 || slot.stripes > 100_000 {
-                    return Err(corrupt(&field("stripes"), format!("{}", slot.stripes)));
+                // cryptsetup refuses any other count ("LUKS keyslot is invalid"); it also bounds
+                // the material this slot makes us read.
+                if slot.stripes != STRIPES {
+                    return Err(corrupt(
+                        &field("stripes"),
+                        format!("{} (LUKS1 uses {STRIPES})", slot.stripes),
+                    ));
                 }
-                if slot.key_material_offset < 1 {
+                if u64::from(slot.key_material_offset) * 512 < HEADER_LEN as u64 {
                     return Err(corrupt(&field("key_material_offset"), "overlaps the header"));
                 }
                 let end = u64::from(slot.key_material_offset)
@@ -186,7 +197,8 @@ impl Header {
         b[112..132].copy_from_slice(&self.mk_digest);
         b[132..164].copy_from_slice(&self.mk_digest_salt);
         b[164..168].copy_from_slice(&self.mk_digest_iterations.to_be_bytes());
-        put_text(&mut b[168..208], &self.uuid);
+        let uuid = &self.uuid[..self.uuid.len().min(40)];
+        b[168..168 + uuid.len()].copy_from_slice(uuid);
         for (i, s) in self.keyslots.iter().enumerate() {
             let at = 208 + i * 48;
             b[at..at + 4].copy_from_slice(&if s.active { SLOT_ACTIVE } else { SLOT_INACTIVE }.to_be_bytes());
@@ -282,7 +294,7 @@ impl Header {
             mk_digest: [0; DIGEST_LEN],
             mk_digest_salt: [0; SALT_LEN],
             mk_digest_iterations: kdf.digest_iterations(hash),
-            uuid: uuid::Uuid::new_v4().to_string(),
+            uuid: uuid::Uuid::new_v4().to_string().into_bytes(),
             keyslots,
         };
         rand::fill(&mut h.mk_digest_salt);
@@ -305,7 +317,8 @@ impl Header {
         let slot = (0..SLOTS)
             .find(|&i| !self.keyslots[i].active)
             .ok_or_else(|| Error::Keyslot("all 8 LUKS1 key slots are in use".into()))?;
-        let iterations = kdf.pbkdf2_iterations_for(self.hash);
+        self.check_free_area(slot)?;
+        let iterations = kdf.pbkdf2_iterations_for(self.hash, self.key_bytes as usize);
         let s = &mut self.keyslots[slot];
         rand::fill(&mut s.salt);
         s.iterations = iterations;
@@ -316,6 +329,36 @@ impl Header {
         let material = keyslot::seal_area(engine, &self.area(slot), &slot_key, volume_key)?;
         self.keyslots[slot].active = true;
         Ok((slot, material))
+    }
+
+    /// Checks that the area of the free `slot` lies between the header and the data and
+    /// overlaps no active slot's: the header names it, but nothing checked it while the slot
+    /// was free, and writing material there could destroy data or another key slot.
+    fn check_free_area(&self, slot: usize) -> Result<()> {
+        let sectors = |len: u64| len.div_ceil(512);
+        let material = sectors(u64::from(self.key_bytes) * u64::from(STRIPES));
+        let start = u64::from(self.keyslots[slot].key_material_offset);
+        let end = start + material;
+        let refuse = |why: String| {
+            Err(Error::Keyslot(format!("key slot {slot} cannot be used: its key material area {why}")))
+        };
+        if start * 512 < HEADER_LEN as u64 {
+            return refuse("overlaps the header".into());
+        }
+        if end > u64::from(self.payload_offset) {
+            return refuse(format!(
+                "(sectors {start}..{end}) overlaps the data at sector {}",
+                self.payload_offset
+            ));
+        }
+        for (i, other) in self.keyslots.iter().enumerate().filter(|(_, o)| o.active) {
+            let o_start = u64::from(other.key_material_offset);
+            let o_end = o_start + sectors(u64::from(self.key_bytes) * u64::from(other.stripes));
+            if start < o_end && o_start < end {
+                return refuse(format!("overlaps key slot {i}'s"));
+            }
+        }
+        Ok(())
     }
 
     /// Marks `slot` free; returns where its material is and how long, to be wiped.
@@ -352,7 +395,7 @@ impl fmt::Display for Header {
         writeln!(f, "MK digest:     \t{}", hex(&self.mk_digest))?;
         writeln!(f, "MK salt:       \t{}", hex(&self.mk_digest_salt))?;
         writeln!(f, "MK iterations: \t{}", self.mk_digest_iterations)?;
-        writeln!(f, "UUID:          \t{}", self.uuid)?;
+        writeln!(f, "UUID:          \t{}", String::from_utf8_lossy(&self.uuid))?;
         writeln!(f)?;
         for (i, s) in self.keyslots.iter().enumerate() {
             if s.active {

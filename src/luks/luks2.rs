@@ -34,6 +34,20 @@ pub const DEFAULT_HDR_SIZE: u64 = 16 << 10;
 pub const DEFAULT_DATA_OFFSET: u64 = 16 << 20;
 const STRIPES: usize = 4000;
 const MAX_KEYSLOTS: usize = 32;
+/// cryptsetup's bound on the key slot area (`LUKS2_MAX_KEYSLOTS_SIZE`, 128 MiB).
+const MAX_KEYSLOTS_SIZE: u64 = 128 << 20;
+/// The largest key a key slot may hold: 4096 bits, far above any dm-crypt cipher's, and small
+/// enough that its AF material (4000 stripes) stays a few MiB.
+const MAX_KEY_SIZE: usize = 512;
+/// cryptsetup's salt length for key slots (`LUKS_SALTSIZE`).
+const SALT_SIZE: usize = 32;
+/// The longest stored digest cryptsetup reads (its buffer for a PBKDF2 digest).
+const MAX_DIGEST_LEN: usize = 128;
+/// cryptsetup's Argon2 limits: memory 32 KiB to 4 GiB, 1 to 4 threads.
+const ARGON2_MEMORY_KIB: std::ops::RangeInclusive<u32> = 32..=4 * 1024 * 1024;
+const ARGON2_THREADS: std::ops::RangeInclusive<u32> = 1..=4;
+/// The largest count cryptsetup reads (JSON numbers are read as a C `int`).
+const MAX_COUNT: u32 = i32::MAX as u32;
 
 fn corrupt(field: &str, reason: impl Into<String>) -> Error {
     Error::CorruptHeader { field: field.into(), reason: reason.into() }
@@ -98,11 +112,11 @@ pub struct Header {
     /// Incremented on every update.
     pub seqid: u64,
     /// Label.
-    pub label: String,
+    pub label: Vec<u8>,
     /// Subsystem.
-    pub subsystem: String,
+    pub subsystem: Vec<u8>,
     /// UUID.
-    pub uuid: String,
+    pub uuid: Vec<u8>,
     /// The JSON metadata, as read.
     pub json: Value,
     /// Decoded key slots by id.
@@ -119,6 +133,12 @@ pub struct Header {
 
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The bytes of a NUL-terminated field, without the NUL: kept as bytes so that a label that is
+/// not UTF-8 is written back unchanged by add-key and remove-key.
+fn cbytes(b: &[u8]) -> Vec<u8> {
+    b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())].to_vec()
 }
 
 fn cstr(b: &[u8]) -> String {
@@ -172,19 +192,41 @@ fn objects<'a>(json: &'a Value, key: &str) -> Result<Vec<(u32, &'a Value)>> {
         .collect()
 }
 
+/// A count that must lie in `range`.
+fn get_bounded(v: &Value, path: &str, key: &str, range: std::ops::RangeInclusive<u32>) -> Result<u32> {
+    let n = get_u32(v, path, key)?;
+    if !range.contains(&n) {
+        return Err(corrupt(
+            &format!("{path}.{key}"),
+            format!("{n} is outside {}..={}", range.start(), range.end()),
+        ));
+    }
+    Ok(n)
+}
+
 fn parse_kdf(v: &Value, path: &str) -> Result<(Kdf, Vec<u8>)> {
     let salt = get_b64(v, path, "salt")?;
+    if salt.len() != SALT_SIZE {
+        return Err(corrupt(&format!("{path}.salt"), format!("{} bytes, not {SALT_SIZE}", salt.len())));
+    }
     let kdf = match get_str(v, path, "type")? {
         "pbkdf2" => Kdf::Pbkdf2 {
             hash: HashAlg::parse(get_str(v, path, "hash")?, &format!("{path}.hash"))?,
-            iterations: get_u32(v, path, "iterations")?,
+            iterations: get_bounded(v, path, "iterations", 1..=MAX_COUNT)?,
         },
-        t @ ("argon2i" | "argon2id") => Kdf::Argon2 {
-            kind: if t == "argon2i" { Argon2Kind::Argon2i } else { Argon2Kind::Argon2id },
-            time: get_u32(v, path, "time")?,
-            memory_kib: get_u32(v, path, "memory")?,
-            parallel: get_u32(v, path, "cpus")?,
-        },
+        t @ ("argon2i" | "argon2id") => {
+            let parallel = get_bounded(v, path, "cpus", ARGON2_THREADS)?;
+            let memory_kib = get_bounded(v, path, "memory", ARGON2_MEMORY_KIB)?;
+            if memory_kib < 8 * parallel {
+                return Err(corrupt(&format!("{path}.memory"), "below 8 KiB per thread (Argon2's minimum)"));
+            }
+            Kdf::Argon2 {
+                kind: if t == "argon2i" { Argon2Kind::Argon2i } else { Argon2Kind::Argon2id },
+                time: get_bounded(v, path, "time", 1..=MAX_COUNT)?,
+                memory_kib,
+                parallel,
+            }
+        }
         t => return Err(corrupt(&format!("{path}.type"), format!("unknown KDF `{t}`"))),
     };
     Ok((kdf, salt))
@@ -267,7 +309,29 @@ impl Header {
 
     fn from_json(json: Value, hdr_size: u64, bin: &[u8]) -> Result<Self> {
         let config = get(&json, "json", "config")?;
+        if let Some(mandatory) = config.get("requirements").and_then(|r| r.get("mandatory")) {
+            let names: Vec<&str> = mandatory
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            if !names.is_empty() {
+                let what = if names.iter().any(|n| n.contains("reencrypt")) {
+                    "a LUKS2 reencryption is in progress (finish it with `cryptsetup reencrypt`)"
+                } else {
+                    "the header has mandatory requirements"
+                };
+                return Err(Error::Unsupported(format!("{what}: config.requirements.mandatory = {names:?}")));
+            }
+        }
         let keyslots_size = get_u64s(config, "config", "keyslots_size")?;
+        if keyslots_size > MAX_KEYSLOTS_SIZE || keyslots_size % 4096 != 0 {
+            return Err(corrupt(
+                "config.keyslots_size",
+                format!("{keyslots_size} (a multiple of 4096 up to {MAX_KEYSLOTS_SIZE})"),
+            ));
+        }
+        // Both below their bounds: no sum of them can overflow.
+        let areas_end = 2 * hdr_size + keyslots_size;
         let json_size = get_u64s(config, "config", "json_size")?;
         if json_size != hdr_size - BINARY_LEN as u64 {
             return Err(corrupt(
@@ -303,16 +367,35 @@ impl Header {
             spec: get_str(seg, &path, "encryption")?.parse()?,
             sector_size: get_u32(seg, &path, "sector_size")?,
         };
-        if segment.offset < 2 * hdr_size + keyslots_size {
+        if segment.offset < areas_end {
             return Err(corrupt(&format!("{path}.offset"), "the data overlaps the key slot area"));
+        }
+        if !(512..=4096).contains(&segment.sector_size) || !segment.sector_size.is_power_of_two() {
+            return Err(corrupt(
+                &format!("{path}.sector_size"),
+                format!("{} (512, 1024, 2048 or 4096)", segment.sector_size),
+            ));
+        }
+        if segment.offset % 512 != 0 {
+            return Err(corrupt(&format!("{path}.offset"), "not a multiple of 512"));
+        }
+        let data_end = segment.size.map_or(Some(segment.offset), |n| segment.offset.checked_add(n));
+        if data_end.is_none() || segment.size.is_some_and(|n| n % u64::from(segment.sector_size) != 0) {
+            return Err(corrupt(
+                &format!("{path}.size"),
+                "not a whole number of sectors within 2^64 bytes".to_string(),
+            ));
         }
         let mut keyslots = BTreeMap::new();
         for (id, ks) in objects(&json, "keyslots")? {
             let path = format!("keyslots.{id}");
+            if id as usize >= MAX_KEYSLOTS {
+                return Err(corrupt(&path, format!("LUKS2 has key slots 0 to {}", MAX_KEYSLOTS - 1)));
+            }
             if get_str(ks, &path, "type")? != "luks2" {
                 return Err(corrupt(&format!("{path}.type"), "only `luks2` key slots are supported"));
             }
-            let key_size = get_u32(ks, &path, "key_size")? as usize;
+            let key_size = get_bounded(ks, &path, "key_size", 1..=MAX_KEY_SIZE as u32)? as usize;
             let area = get(ks, &path, "area")?;
             let apath = format!("{path}.area");
             if get_str(area, &apath, "type")? != "raw" {
@@ -323,10 +406,8 @@ impl Header {
             if get_str(af, &afpath, "type")? != "luks1" {
                 return Err(corrupt(&format!("{afpath}.type"), "only the `luks1` AF is supported"));
             }
-            let stripes = get_u32(af, &afpath, "stripes")? as usize;
-            if stripes == 0 || stripes > 100_000 {
-                return Err(corrupt(&format!("{afpath}.stripes"), format!("{stripes}")));
-            }
+            // cryptsetup reads every LUKS2 key slot with 4000 stripes, whatever this says.
+            let stripes = get_bounded(af, &afpath, "stripes", STRIPES as u32..=STRIPES as u32)? as usize;
             let (kdf, salt) = parse_kdf(get(ks, &path, "kdf")?, &format!("{path}.kdf"))?;
             let spec: CipherSpec = get_str(area, &apath, "encryption")?.parse()?;
             let layout = AreaLayout {
@@ -340,11 +421,25 @@ impl Header {
             if (layout.len() as u64) > area_size {
                 return Err(corrupt(&format!("{apath}.size"), "too small for the key material"));
             }
-            if layout.offset < 2 * hdr_size || layout.offset + area_size > 2 * hdr_size + keyslots_size {
+            if layout.offset < 2 * hdr_size
+                || layout.offset.checked_add(area_size).is_none_or(|end| end > areas_end)
+            {
                 return Err(corrupt(&format!("{apath}.offset"), "outside the key slot area"));
             }
-            let priority = ks.get("priority").and_then(Value::as_u64).unwrap_or(1) as u8;
+            if layout.offset % 512 != 0 {
+                return Err(corrupt(&format!("{apath}.offset"), "not a multiple of 512"));
+            }
+            let priority = match ks.get("priority") {
+                None => 1,
+                Some(p) => match p.as_u64() {
+                    Some(p @ 0..=2) => p as u8,
+                    _ => return Err(corrupt(&format!("{path}.priority"), format!("{p} (0, 1 or 2)"))),
+                },
+            };
             let area_key_size = get_u32(area, &apath, "key_size")? as usize;
+            spec.check_key_len(area_key_size).map_err(|_| {
+                corrupt(&format!("{apath}.key_size"), format!("{area_key_size} bytes does not suit {spec}"))
+            })?;
             keyslots.insert(
                 id,
                 Keyslot { key_size, area: layout, area_size, area_key_size, kdf, salt, priority },
@@ -356,24 +451,35 @@ impl Header {
             if get_str(d, &path, "type")? != "pbkdf2" {
                 return Err(corrupt(&format!("{path}.type"), "only `pbkdf2` digests are supported"));
             }
+            let digest = get_b64(d, &path, "digest")?;
+            if digest.is_empty() || digest.len() > MAX_DIGEST_LEN {
+                return Err(corrupt(&format!("{path}.digest"), format!("{} bytes", digest.len())));
+            }
+            let salt = get_b64(d, &path, "salt")?;
+            if salt.len() != SALT_SIZE {
+                return Err(corrupt(
+                    &format!("{path}.salt"),
+                    format!("{} bytes, not {SALT_SIZE}", salt.len()),
+                ));
+            }
             digests.insert(
                 id,
                 Digest {
                     keyslots: ids(d, &path, "keyslots")?,
                     segments: ids(d, &path, "segments")?,
                     hash: HashAlg::parse(get_str(d, &path, "hash")?, &format!("{path}.hash"))?,
-                    iterations: get_u32(d, &path, "iterations")?,
-                    salt: get_b64(d, &path, "salt")?,
-                    digest: get_b64(d, &path, "digest")?,
+                    iterations: get_bounded(d, &path, "iterations", 1..=MAX_COUNT)?,
+                    salt,
+                    digest,
                 },
             );
         }
         Ok(Self {
             hdr_size,
             seqid: be64(bin, 16),
-            label: cstr(&bin[24..72]),
-            subsystem: cstr(&bin[208..256]),
-            uuid: cstr(&bin[168..208]),
+            label: cbytes(&bin[24..72]),
+            subsystem: cbytes(&bin[208..256]),
+            uuid: cbytes(&bin[168..208]),
             json,
             keyslots,
             digests,
@@ -512,7 +618,7 @@ impl Header {
             return Err(Error::Keyslot("no room left in the key slot area".into()));
         }
         let hash = digest.hash;
-        let kdf = kdf_opts.luks2_kdf(hash);
+        let kdf = kdf_opts.luks2_kdf(hash, key_size);
         let mut salt = vec![0u8; 32];
         rand::fill(&mut salt[..]);
         let area = AreaLayout { offset, spec, stripes: STRIPES, af_hash: hash, key_len: key_size };
@@ -566,13 +672,17 @@ impl Header {
     fn replace_json(&mut self, json: Value) -> Result<()> {
         let mut bin = vec![0u8; BINARY_LEN];
         bin[16..24].copy_from_slice(&self.seqid.to_be_bytes());
-        bin[24..24 + self.label.len().min(47)]
-            .copy_from_slice(&self.label.as_bytes()[..self.label.len().min(47)]);
-        bin[168..168 + self.uuid.len()].copy_from_slice(self.uuid.as_bytes());
-        let sub = self.subsystem.len().min(47);
-        bin[208..208 + sub].copy_from_slice(&self.subsystem.as_bytes()[..sub]);
+        self.put_text_fields(&mut bin);
         *self = Self::from_json(json, self.hdr_size, &bin)?;
         Ok(())
+    }
+
+    /// Label (24..72), UUID (168..208) and subsystem (208..256), as read; each keeps a NUL.
+    fn put_text_fields(&self, bin: &mut [u8]) {
+        for (field, at, len) in [(&self.label, 24, 48), (&self.uuid, 168, 40), (&self.subsystem, 208, 48)] {
+            let n = field.len().min(len - 1);
+            bin[at..at + n].copy_from_slice(&field[..n]);
+        }
     }
 
     /// One header copy's bytes (`secondary` at offset `hdr_size`).
@@ -582,13 +692,9 @@ impl Header {
         all[6..8].copy_from_slice(&2u16.to_be_bytes());
         all[8..16].copy_from_slice(&self.hdr_size.to_be_bytes());
         all[16..24].copy_from_slice(&self.seqid.to_be_bytes());
-        let label = &self.label.as_bytes()[..self.label.len().min(47)];
-        all[24..24 + label.len()].copy_from_slice(label);
+        self.put_text_fields(&mut all);
         all[72..78].copy_from_slice(b"sha256");
         rand::fill(&mut all[104..168]);
-        all[168..168 + self.uuid.len()].copy_from_slice(self.uuid.as_bytes());
-        let sub = &self.subsystem.as_bytes()[..self.subsystem.len().min(47)];
-        all[208..208 + sub.len()].copy_from_slice(sub);
         let offset = if secondary { self.hdr_size } else { 0 };
         all[256..264].copy_from_slice(&offset.to_be_bytes());
         let text = serde_json::to_vec(&self.json).expect("JSON values serialise");
@@ -626,12 +732,18 @@ impl Header {
 impl fmt::Display for Header {
     /// The header as `cryptsetup luksDump` prints it, without secrets.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let or = |s: &str, none: &'static str| if s.is_empty() { none.to_string() } else { s.to_string() };
+        let or = |s: &[u8], none: &'static str| {
+            if s.is_empty() {
+                none.to_string()
+            } else {
+                String::from_utf8_lossy(s).into_owned()
+            }
+        };
         writeln!(f, "Version:       \t2")?;
         writeln!(f, "Epoch:         \t{}", self.seqid)?;
         writeln!(f, "Metadata area: \t{} [bytes]", self.hdr_size)?;
         writeln!(f, "Keyslots area: \t{} [bytes]", self.keyslots_size)?;
-        writeln!(f, "UUID:          \t{}", self.uuid)?;
+        writeln!(f, "UUID:          \t{}", String::from_utf8_lossy(&self.uuid))?;
         writeln!(f, "Label:         \t{}", or(&self.label, "(no label)"))?;
         writeln!(f, "Subsystem:     \t{}", or(&self.subsystem, "(no subsystem)"))?;
         writeln!(f)?;

@@ -14,6 +14,7 @@ pub mod keyslot;
 pub mod lock;
 pub mod luks1;
 pub mod luks2;
+pub mod raw_dump;
 
 use std::fs::File;
 use std::sync::Arc;
@@ -74,9 +75,9 @@ impl LuksKdfOptions {
         Self { pbkdf: PbkdfType::Pbkdf2, force_iterations: Some(iterations), ..Self::default() }
     }
 
-    /// PBKDF2 iterations for a key slot.
-    pub fn pbkdf2_iterations_for(&self, hash: HashAlg) -> u32 {
-        self.force_iterations.unwrap_or_else(|| hash.pbkdf2_iterations_for(self.iter_time, 1000))
+    /// PBKDF2 iterations for a key slot whose derived key has `key_len` bytes.
+    pub fn pbkdf2_iterations_for(&self, hash: HashAlg, key_len: usize) -> u32 {
+        self.force_iterations.unwrap_or_else(|| hash.pbkdf2_iterations_for(self.iter_time, 1000, key_len))
     }
 
     /// PBKDF2 iterations for the volume key digest: cryptsetup spends 1/16 of the slot's budget
@@ -84,12 +85,12 @@ impl LuksKdfOptions {
     pub fn digest_iterations(&self, hash: HashAlg) -> u32 {
         match self.force_iterations {
             Some(n) => n.max(1000),
-            None => hash.pbkdf2_iterations_for(self.iter_time / 16, 1000),
+            None => hash.pbkdf2_iterations_for(self.iter_time / 16, 1000, hash.digest_len()),
         }
     }
 
-    /// The KDF of a new LUKS2 key slot.
-    pub fn luks2_kdf(&self, hash: HashAlg) -> Kdf {
+    /// The KDF of a new LUKS2 key slot deriving a `key_len`-byte key.
+    pub fn luks2_kdf(&self, hash: HashAlg, key_len: usize) -> Kdf {
         let argon = |kind| {
             let memory_kib = self.memory_kib;
             let parallel = self.parallel.max(1);
@@ -100,7 +101,7 @@ impl LuksKdfOptions {
             Kdf::Argon2 { kind, time, memory_kib, parallel }
         };
         match self.pbkdf {
-            PbkdfType::Pbkdf2 => Kdf::Pbkdf2 { hash, iterations: self.pbkdf2_iterations_for(hash) },
+            PbkdfType::Pbkdf2 => Kdf::Pbkdf2 { hash, iterations: self.pbkdf2_iterations_for(hash, key_len) },
             PbkdfType::Argon2i => argon(Argon2Kind::Argon2i),
             PbkdfType::Argon2id => argon(Argon2Kind::Argon2id),
         }

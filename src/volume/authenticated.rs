@@ -41,6 +41,8 @@ pub const SUPERBLOCK_LEN: u64 = 4096;
 pub const META_ENTRY_LEN: usize = 32;
 /// Length of the part of the superblock the key check authenticates (everything before it).
 const SB_AUTH_LEN: usize = 56;
+/// Where the superblock's fields end: the rest of it is zero.
+const SB_RESERVED: usize = 100;
 
 /// The superblock: geometry and identity of an authenticated volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,8 +103,20 @@ impl Superblock {
     /// Parses and checks a superblock (not the key check, which needs the key).
     pub fn parse(b: &[u8]) -> Result<Self> {
         let corrupt = |field: &str, reason: String| Error::CorruptHeader { field: field.into(), reason };
-        if b.len() < 128 || b[..8] != MAGIC {
+        if b.len() < 8 || b[..8] != MAGIC {
             return Err(Error::NotLuks("no crypt-vfio authenticated volume magic (CVFAUTH1)".into()));
+        }
+        if b.len() < SUPERBLOCK_LEN as usize {
+            return Err(Error::Truncated {
+                what: "the authenticated volume superblock".into(),
+                needed: SUPERBLOCK_LEN,
+                have: b.len() as u64,
+            });
+        }
+        // The key check authenticates bytes 0..56 only: the rest must be exactly what format
+        // writes, so that nothing in the superblock can be changed unnoticed.
+        if let Some(at) = b[SB_RESERVED..SUPERBLOCK_LEN as usize].iter().position(|&x| x != 0) {
+            return Err(corrupt("reserved", format!("byte {} is not zero", SB_RESERVED + at)));
         }
         let u32at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
         let u64at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
@@ -129,6 +143,11 @@ impl Superblock {
                 "meta_offset",
                 "the metadata area overlaps the superblock or the data".into(),
             ));
+        }
+        let data_end =
+            sb.sectors.checked_mul(u64::from(sb.sector_size)).and_then(|d| d.checked_add(sb.data_offset));
+        if sb.sectors == 0 || data_end.is_none_or(|end| end > i64::MAX as u64) {
+            return Err(corrupt("sectors", format!("{} sectors do not fit a file", sb.sectors)));
         }
         Ok(sb)
     }
@@ -297,6 +316,11 @@ impl<E: Engine> AuthVolume<E> {
         let mut raw = vec![0u8; count * META_ENTRY_LEN];
         let at = self.sb.meta_offset + first * META_ENTRY_LEN as u64;
         crate::luks::keyslot::read_exact(&self.file, &mut raw, at, "sector metadata")?;
+        // Bytes 28..32 of an entry are outside the tag's reach: they must be zero, or anyone
+        // could change them unnoticed. A sector whose entry breaks that fails like a bad tag.
+        if let Some(i) = raw.chunks_exact(META_ENTRY_LEN).position(|e| e[28..] != [0; 4]) {
+            return Err(Error::SectorAuthFailed { sector: first + i as u64 });
+        }
         Ok(raw
             .chunks_exact(META_ENTRY_LEN)
             .map(|e| SectorMeta {
