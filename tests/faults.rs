@@ -460,6 +460,49 @@ fn a_late_create_session_answer_never_gives_a_session_the_wrong_key() {
     r.report();
 }
 
+#[test]
+fn a_control_answer_late_during_a_recovery_from_a_device_that_ignores_every_reset_revokes_its_dma() {
+    // A control timeout during the re-creation of sessions leaves the key in the control
+    // buffer the device may still answer into; a device that then ignores the reset and the
+    // FLR must lose its DMA mappings and be given up, never have the buffer reused.
+    let mut r = rig(CompletionMode::Poll);
+    let late = TIMEOUT * 6;
+    r.t.inject(EmulatedFault::NeverAnswer);
+    r.t.inject(EmulatedFault::CtrlLate(late));
+    let armed = r.t.stats().faults_injected;
+    let id = r.submit_host(64);
+    device_failed(&r.wait(&[id])[0], "no completion");
+    // The recovery's first control request (re-creating the session) is the late one.
+    let start = Instant::now();
+    while r.t.stats().faults_injected == armed {
+        assert!(start.elapsed() < PATIENCE, "the recovery sent no control request");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    r.t.inject(EmulatedFault::IgnoreReset { flr_too: true });
+    let faults_then = r.t.stats().iommu_faults;
+    let start = Instant::now();
+    loop {
+        let why = r.dev.failure().unwrap_or_default();
+        if why.contains("ignored a reset") {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "not given up; failure: {why:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The late answer comes after the mappings are gone: the IOMMU blocks it.
+    let start = Instant::now();
+    while r.t.stats().iommu_faults == faults_then {
+        assert!(start.elapsed() < PATIENCE, "the late control answer reached memory");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!r.dev.wait_working(Duration::from_secs(1)), "a device that will not stop is not used again");
+    match r.submit(Buf::Host(vec![0; 64])) {
+        Err(Error::DeviceFailed(why)) => assert!(why.contains("ignored a reset"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    r.report();
+}
+
 // ---- Item 9: configuration and open ---------------------------------------------------------
 
 #[test]
