@@ -1,12 +1,14 @@
 //! DMA memory is reached only through copies, never through a view that outlives its mapping,
 //! and sizes no mapping can hold are errors.
 
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use crypt_vfio::dma::DmaPool;
+use crypt_vfio::dma::{DmaPool, DmaRegion, REGION_SIZE};
 use crypt_vfio::engine::Engine;
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedTransport};
-use crypt_vfio::transport::Transport;
+use crypt_vfio::transport::{Bar, EventNotifier, Transport};
 use crypt_vfio::virtio_crypto::{DeviceOptions, VirtioCrypto};
 use crypt_vfio::Error;
 use vm_memory::{Bytes, GuestAddress};
@@ -76,5 +78,112 @@ fn buffers_of_2_pow_63_bytes_and_more_are_errors_not_overflows() {
     let dev = VirtioCrypto::open(t, &DeviceOptions::default()).unwrap();
     for len in [1usize << 63, usize::MAX] {
         assert!(matches!(dev.alloc_buffer(len), Err(Error::Dma(_))), "alloc_buffer({len})");
+    }
+}
+
+/// The emulated device behind an IOMMU whose unmaps can be made to fail (the device keeps its
+/// access), and that refuses to map an IOVA range still mapped.
+struct UnmapFails {
+    inner: EmulatedTransport,
+    fail_unmap: AtomicBool,
+    mapped: Mutex<Vec<(u64, u64)>>,
+}
+
+impl UnmapFails {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: EmulatedTransport::new(EmulatedConfig::default()).unwrap(),
+            fail_unmap: AtomicBool::new(false),
+            mapped: Mutex::default(),
+        })
+    }
+}
+
+impl Transport for UnmapFails {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn read_config(&self, offset: u16, data: &mut [u8]) -> crypt_vfio::Result<()> {
+        self.inner.read_config(offset, data)
+    }
+    fn write_config(&self, offset: u16, data: &[u8]) -> crypt_vfio::Result<()> {
+        self.inner.write_config(offset, data)
+    }
+    fn bar(&self, index: u8) -> crypt_vfio::Result<Arc<dyn Bar>> {
+        self.inner.bar(index)
+    }
+    fn iova_ranges(&self) -> Vec<Range<u64>> {
+        self.inner.iova_ranges()
+    }
+    fn dma_map(&self, iova: u64, region: &Arc<DmaRegion>) -> crypt_vfio::Result<()> {
+        let len = region.len() as u64;
+        let mut mapped = self.mapped.lock().unwrap();
+        assert!(
+            !mapped.iter().any(|&(a, l)| iova < a + l && a < iova + len),
+            "IOVA {iova:#x} handed out again while the device can still reach it"
+        );
+        self.inner.dma_map(iova, region)?;
+        mapped.push((iova, len));
+        Ok(())
+    }
+    fn dma_unmap(&self, iova: u64, len: u64) -> crypt_vfio::Result<()> {
+        if self.fail_unmap.load(Ordering::SeqCst) {
+            return Err(Error::Dma(format!("unmap {iova:#x}: refused (test)")));
+        }
+        self.inner.dma_unmap(iova, len)?;
+        self.mapped.lock().unwrap().retain(|&(a, _)| a != iova);
+        Ok(())
+    }
+    fn msix_vectors(&self) -> u16 {
+        self.inner.msix_vectors()
+    }
+    fn enable_msix(&self, notifiers: &[Option<&EventNotifier>]) -> crypt_vfio::Result<()> {
+        self.inner.enable_msix(notifiers)
+    }
+    fn disable_msix(&self) -> crypt_vfio::Result<()> {
+        self.inner.disable_msix()
+    }
+    fn reset(&self) -> crypt_vfio::Result<()> {
+        self.inner.reset()
+    }
+}
+
+#[test]
+fn a_dedicated_region_whose_unmap_fails_keeps_its_iova() {
+    let t = UnmapFails::new();
+    let pool = DmaPool::new(t.clone());
+    let big = 2 * REGION_SIZE;
+    let a = pool.alloc(big).unwrap();
+    let a_iova = a.iova();
+    t.fail_unmap.store(true, Ordering::SeqCst);
+    drop(a);
+    assert_eq!(pool.quarantined_bytes(), big, "the region the device still reaches is kept");
+    t.fail_unmap.store(false, Ordering::SeqCst);
+    // The next region must not get the IOVA the device can still write (the transport checks).
+    let b = pool.alloc(big).unwrap();
+    assert_ne!(b.iova(), a_iova);
+    drop(b);
+    assert_eq!(pool.quarantined_bytes(), big);
+}
+
+#[test]
+fn buffers_of_a_region_whose_revocation_failed_are_never_handed_out_again() {
+    let t = UnmapFails::new();
+    let pool = DmaPool::new(t.clone());
+    let a = pool.alloc(4096).unwrap();
+    let a_iova = a.iova();
+    t.fail_unmap.store(true, Ordering::SeqCst);
+    pool.revoke_device_access();
+    assert_eq!(pool.quarantined_bytes(), REGION_SIZE);
+    drop(a);
+    // The device may still write that memory: a new buffer never comes from it.
+    match pool.alloc(4096) {
+        Ok(b) => assert!(
+            b.iova() / REGION_SIZE as u64 != a_iova / REGION_SIZE as u64,
+            "a buffer of the region the device can still write was handed out again at {:#x}",
+            b.iova()
+        ),
+        Err(Error::Dma(why)) => assert!(why.contains("revoked"), "{why}"),
+        Err(e) => panic!("{e}"),
     }
 }

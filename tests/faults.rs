@@ -460,6 +460,117 @@ fn a_late_create_session_answer_never_gives_a_session_the_wrong_key() {
     r.report();
 }
 
+#[test]
+fn a_control_answer_late_during_a_recovery_from_a_device_that_ignores_every_reset_revokes_its_dma() {
+    // A control timeout during the re-creation of sessions leaves the key in the control
+    // buffer the device may still answer into; a device that then ignores the reset and the
+    // FLR must lose its DMA mappings and be given up, never have the buffer reused.
+    let mut r = rig(CompletionMode::Poll);
+    let late = TIMEOUT * 6;
+    r.t.inject(EmulatedFault::NeverAnswer);
+    r.t.inject(EmulatedFault::CtrlLate(late));
+    let armed = r.t.stats().faults_injected;
+    let id = r.submit_host(64);
+    device_failed(&r.wait(&[id])[0], "no completion");
+    // The recovery's first control request (re-creating the session) is the late one.
+    let start = Instant::now();
+    while r.t.stats().faults_injected == armed {
+        assert!(start.elapsed() < PATIENCE, "the recovery sent no control request");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    r.t.inject(EmulatedFault::IgnoreReset { flr_too: true });
+    let faults_then = r.t.stats().iommu_faults;
+    let start = Instant::now();
+    loop {
+        let why = r.dev.failure().unwrap_or_default();
+        if why.contains("ignored a reset") {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "not given up; failure: {why:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The late answer comes after the mappings are gone: the IOMMU blocks it.
+    let start = Instant::now();
+    while r.t.stats().iommu_faults == faults_then {
+        assert!(start.elapsed() < PATIENCE, "the late control answer reached memory");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!r.dev.wait_working(Duration::from_secs(1)), "a device that will not stop is not used again");
+    match r.submit(Buf::Host(vec![0; 64])) {
+        Err(Error::DeviceFailed(why)) => assert!(why.contains("ignored a reset"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    r.report();
+}
+
+#[test]
+fn a_session_destroyed_during_a_recovery_never_runs_under_another_sessions_key() {
+    // The device reuses session ids (as QEMU's does), so ids a handle kept from before a reset
+    // may name another session: the driver must never send them.
+    let mut r = rig(CompletionMode::Poll);
+    let key_b = [0x21u8; 32];
+    let key_c = [0x5cu8; 32];
+    let doomed = r.dev.create_session(Mode::Ctr, &key_b).unwrap();
+    r.t.inject(EmulatedFault::ReuseSessionIds);
+    r.t.inject(EmulatedFault::NeverAnswer);
+    // Holds the first recovery attempt in its first control request while `doomed` is destroyed.
+    r.t.inject(EmulatedFault::CtrlLate(TIMEOUT * 2));
+    let armed = r.t.stats().faults_injected;
+    let id = r.submit_host(64);
+    device_failed(&r.wait(&[id])[0], "no completion");
+    let _ = r.dev.destroy_session(&doomed);
+    assert!(r.t.stats().faults_injected > armed, "the recovery never met the late control answer");
+    r.t.clear_faults();
+    r.t.inject(EmulatedFault::ReuseSessionIds);
+    assert!(r.dev.wait_working(PATIENCE), "not recovered: {:?}", r.dev.failure());
+    // Takes the lowest free ids: those `doomed` had before the reset, or after it.
+    let c = r.dev.create_session(Mode::Ctr, &key_c).unwrap();
+    let encrypt = |session: &DeviceSession, r: &mut Rig| {
+        let id = r.next.fetch_add(1, Ordering::Relaxed);
+        let req = Request::new(
+            session.clone(),
+            Direction::Encrypt,
+            Iv::from(iv(id)),
+            Buf::Host(plain(id, 256)),
+            id,
+        );
+        r.checker.begin_submit(0, id);
+        let s = r.q.submit(req, true);
+        r.checker.submitted(id, &s);
+        match s {
+            Ok(_) => {
+                let done = r.wait(&[id]).remove(0);
+                (id, done.result.map(|()| done.request.data.as_slice().to_vec()))
+            }
+            Err(e) => match e.kind {
+                SubmitErrorKind::Rejected(e) => (id, Err(e)),
+                SubmitErrorKind::Busy => panic!("busy with backlog allowed"),
+            },
+        }
+    };
+    let under = |key: &[u8], id: u64| {
+        let mut want = plain(id, 256);
+        new_cipher(CoreKind::Reference, Mode::Ctr, key)
+            .unwrap()
+            .encrypt(&iv(id), &[], &mut want, &mut [])
+            .unwrap();
+        want
+    };
+    let (id, got) = encrypt(&doomed, &mut r);
+    match got {
+        Err(Error::InvalidSession) => {}
+        Ok(data) => {
+            assert_ne!(data, under(&key_c, id), "a destroyed session ran under another session's key");
+            panic!("a destroyed session ran");
+        }
+        Err(e) => panic!("expected InvalidSession, got {e}"),
+    }
+    let (id, got) = encrypt(&c, &mut r);
+    assert_eq!(got.unwrap(), under(&key_c, id), "the new session runs under its own key");
+    r.assert_recovered();
+    r.report();
+}
+
 // ---- Item 9: configuration and open ---------------------------------------------------------
 
 #[test]

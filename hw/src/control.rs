@@ -155,7 +155,7 @@ impl Device {
             if !r.read(hdr, key) {
                 return (0, status::ERR);
             }
-            match self.sessions.create(mode, encrypt, max_aad, key) {
+            match self.sessions.create(mode, encrypt, max_aad, key, self.faults.reuse_session_ids()) {
                 Ok(id) => {
                     self.counters.sessions_created.fetch_add(1, Ordering::Relaxed);
                     log::debug!(

@@ -51,6 +51,10 @@ pub enum Fault {
     /// Persistent: `config_generation` changes on every read, so a consistent read of the
     /// device configuration never settles.
     ConfigGenerationUnsettled,
+    /// Persistent: a new session takes the lowest free id (as QEMU's cryptodev reuses its
+    /// session table entries) instead of a never-used one, so a stale id a driver still holds
+    /// names another session, under another key.
+    ReuseSessionIds,
 }
 
 /// The lowest byte a device that ignored a reset writes over the buffers it still holds: each
@@ -80,6 +84,7 @@ pub(crate) struct Faults {
     ignore_reset: AtomicU8,
     config_unsettled: AtomicBool,
     config_generation: AtomicU8,
+    reuse_session_ids: AtomicBool,
     completion: Mutex<VecDeque<CompletionFault>>,
     any_completion: AtomicBool,
     ctrl_late: Mutex<Option<Duration>>,
@@ -115,6 +120,7 @@ impl Faults {
             }
             Fault::CtrlLate(d) => *self.ctrl_late.lock().unwrap_or_else(PoisonError::into_inner) = Some(d),
             Fault::ConfigGenerationUnsettled => self.config_unsettled.store(true, Ordering::SeqCst),
+            Fault::ReuseSessionIds => self.reuse_session_ids.store(true, Ordering::SeqCst),
         }
     }
 
@@ -125,6 +131,7 @@ impl Faults {
         self.early.store(false, Ordering::SeqCst);
         self.ignore_reset.store(0, Ordering::SeqCst);
         self.config_unsettled.store(false, Ordering::SeqCst);
+        self.reuse_session_ids.store(false, Ordering::SeqCst);
         self.completion.lock().unwrap_or_else(PoisonError::into_inner).clear();
         self.any_completion.store(false, Ordering::SeqCst);
         *self.ctrl_late.lock().unwrap_or_else(PoisonError::into_inner) = None;
@@ -196,6 +203,11 @@ impl Faults {
         } else {
             self.config_generation.load(Ordering::Relaxed)
         }
+    }
+
+    /// Whether new sessions take the lowest free id.
+    pub(crate) fn reuse_session_ids(&self) -> bool {
+        self.reuse_session_ids.load(Ordering::Relaxed)
     }
 
     /// Whether the next control answer is to be late.

@@ -178,7 +178,7 @@ impl VirtioCryptoPci {
     /// Arms `fault` (see [`Fault`] for which faults are one-shot and which persist).
     pub fn inject(&self, fault: Fault) {
         self.dev.faults.inject(fault);
-        if matches!(fault, Fault::NeverAnswer | Fault::IgnoreReset { .. }) {
+        if matches!(fault, Fault::NeverAnswer | Fault::IgnoreReset { .. } | Fault::ReuseSessionIds) {
             self.dev.faults.injected.fetch_add(1, Ordering::Relaxed);
         }
     }

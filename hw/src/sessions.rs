@@ -44,13 +44,15 @@ impl Sessions {
         }
     }
 
-    /// Creates a session and returns its id, or the virtio-crypto status to answer.
+    /// Creates a session and returns its id, or the virtio-crypto status to answer. With
+    /// `reuse_ids` ([`crate::Fault::ReuseSessionIds`]) the id is the lowest free one.
     pub(crate) fn create(
         &self,
         mode: Mode,
         encrypt: bool,
         max_aad: Option<u32>,
         key: &[u8],
+        reuse_ids: bool,
     ) -> Result<u64, u8> {
         if self.len() >= self.max {
             return Err(status::NOSPC);
@@ -68,9 +70,14 @@ impl Sessions {
         if t.map.len() >= self.max {
             return Err(status::NOSPC);
         }
-        // Ids only grow (from 1), so a stale id held by a buggy driver never names a new session.
-        let id = t.next_id;
-        t.next_id += 1;
+        // Ids only grow (from 1), so a stale id held by a buggy driver never names a new session;
+        // unless a test asks for ids reused as real devices do.
+        let id = if reuse_ids {
+            (1..).find(|id| !t.map.contains_key(id)).expect("fewer sessions than ids")
+        } else {
+            t.next_id += 1;
+            t.next_id - 1
+        };
         t.map.insert(id, session);
         Ok(id)
     }
@@ -148,11 +155,11 @@ mod tests {
     #[test]
     fn ids_grow_table_fills_and_caches_forget_destroyed_sessions() {
         let s = Sessions::new(2, CoreKind::Reference);
-        let a = s.create(Mode::Cbc, true, None, &[1; 16]).unwrap();
-        let b = s.create(Mode::Gcm, false, Some(64), &[2; 32]).unwrap();
+        let a = s.create(Mode::Cbc, true, None, &[1; 16], false).unwrap();
+        let b = s.create(Mode::Gcm, false, Some(64), &[2; 32], false).unwrap();
         assert_eq!((a, b), (1, 2));
-        assert_eq!(s.create(Mode::Ctr, true, None, &[3; 16]), Err(status::NOSPC));
-        assert_eq!(s.create(Mode::Xts, true, None, &[3; 32]), Err(status::NOSPC));
+        assert_eq!(s.create(Mode::Ctr, true, None, &[3; 16], false), Err(status::NOSPC));
+        assert_eq!(s.create(Mode::Xts, true, None, &[3; 32], false), Err(status::NOSPC));
         let mut cache = SessionCache::new();
         cache.refresh(&s);
         assert!(cache.get(&s, a).is_some());
@@ -160,7 +167,11 @@ mod tests {
         assert_eq!(s.destroy(a), Err(status::INVSESS));
         cache.refresh(&s);
         assert!(cache.get(&s, a).is_none());
-        assert_eq!(s.create(Mode::Xts, true, None, &[3; 32]), Err(status::ERR), "equal XTS halves");
-        assert_eq!(s.create(Mode::Cbc, true, None, &[1; 16]), Ok(3));
+        assert_eq!(s.create(Mode::Xts, true, None, &[3; 32], false), Err(status::ERR), "equal XTS halves");
+        assert_eq!(s.create(Mode::Cbc, true, None, &[1; 16], false), Ok(3));
+        // Reused ids: the lowest free one.
+        assert_eq!(s.create(Mode::Cbc, true, None, &[1; 16], true), Err(status::NOSPC));
+        s.destroy(b).unwrap();
+        assert_eq!(s.create(Mode::Cbc, true, None, &[1; 16], true), Ok(1));
     }
 }

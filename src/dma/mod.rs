@@ -17,4 +17,4 @@ mod region;
 
 pub use iova::IovaAllocator;
 pub use pool::{DmaBuffer, DmaBytesMut, DmaMemory, DmaPool};
-pub use region::DmaRegion;
+pub use region::{DmaRegion, REGION_SIZE};

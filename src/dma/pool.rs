@@ -37,6 +37,9 @@ struct PoolInner {
 struct Mapped {
     region: Arc<DmaRegion>,
     iova: u64,
+    /// Its unmap failed: the device may still reach it, so it is kept (host memory and IOVA)
+    /// for good and none of its buffers is handed out again.
+    quarantined: bool,
 }
 
 struct PoolState {
@@ -85,9 +88,12 @@ impl DmaPool {
         } else {
             let class = (shift - MIN_CLASS_SHIFT) as usize;
             let size = 1usize << shift;
-            let slot = match st.free[class].pop() {
-                Some(s) => s,
-                None => self.carve(&mut st, size)?,
+            let slot = loop {
+                match st.free[class].pop() {
+                    Some(s) if st.is_quarantined(s.0) => continue,
+                    Some(s) => break s,
+                    None => break self.carve(&mut st, size)?,
+                }
             };
             (slot.0, slot.1, Some(class as u8))
         };
@@ -118,7 +124,7 @@ impl DmaPool {
     }
 
     fn carve(&self, st: &mut PoolState, size: usize) -> Result<(usize, usize)> {
-        if let Some((idx, next)) = st.bump {
+        if let Some((idx, next)) = st.bump.filter(|&(idx, _)| !st.is_quarantined(idx)) {
             let start = next.next_multiple_of(size);
             let region_len = st.regions[idx].as_ref().map_or(0, |m| m.region.len());
             if start + size <= region_len {
@@ -154,7 +160,7 @@ impl DmaPool {
                 st.regions.len() - 1
             }
         };
-        st.regions[idx] = Some(Mapped { region, iova });
+        st.regions[idx] = Some(Mapped { region, iova, quarantined: false });
         Ok(idx)
     }
 
@@ -179,11 +185,22 @@ impl DmaPool {
             return;
         }
         st.revoked = true;
-        for m in st.regions.iter().flatten() {
+        for m in st.regions.iter_mut().flatten() {
             if let Err(e) = self.inner.transport.dma_unmap(m.iova, m.region.len() as u64) {
-                log::warn!("unmapping DMA region at {:#x}: {e}", m.iova);
+                log::error!(
+                    "unmapping DMA region at {:#x}: {e}; the device may still write it, so it is \
+                     kept and never used again",
+                    m.iova
+                );
+                m.quarantined = true;
             }
         }
+    }
+
+    /// Bytes of DMA memory the device may still reach but the pool never uses again (regions
+    /// whose unmap failed).
+    pub fn quarantined_bytes(&self) -> usize {
+        self.state().regions.iter().flatten().filter(|m| m.quarantined).map(|m| m.region.len()).sum()
     }
 
     /// Bytes of DMA memory mapped.
@@ -305,16 +322,30 @@ impl Bytes<GuestAddress> for DmaMemory {
     }
 }
 
+impl PoolState {
+    fn is_quarantined(&self, idx: usize) -> bool {
+        self.regions.get(idx).and_then(Option::as_ref).is_some_and(|m| m.quarantined)
+    }
+}
+
 impl Drop for PoolInner {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        if st.revoked {
-            return;
-        }
-        for m in st.regions.iter().flatten() {
-            if let Err(e) = self.transport.dma_unmap(m.iova, m.region.len() as u64) {
-                log::warn!("unmapping DMA region at {:#x}: {e}", m.iova);
+        for m in st.regions.iter_mut().flatten() {
+            if st.revoked && !m.quarantined {
+                continue;
             }
+            if let Err(e) = self.transport.dma_unmap(m.iova, m.region.len() as u64) {
+                log::error!(
+                    "unmapping DMA region at {:#x}: {e}; leaking its memory, which the device may write",
+                    m.iova
+                );
+                m.quarantined = true;
+            }
+        }
+        // Host memory the device may still write never goes back to the allocator.
+        for m in st.regions.iter_mut().filter_map(Option::take).filter(|m| m.quarantined) {
+            std::mem::forget(m.region);
         }
     }
 }
@@ -491,22 +522,33 @@ impl fmt::Debug for DmaBuffer {
 
 impl Drop for DmaBuffer {
     fn drop(&mut self) {
-        let mut st = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *guard;
+        if st.is_quarantined(self.region_idx) {
+            // The device may still write it: its bytes go to nobody again.
+            return;
+        }
         match self.class {
             Some(c) => st.free[usize::from(c)].push((self.region_idx, self.offset)),
             None => {
-                // A dedicated region: unmap it and give back its IOVA.
-                if let Some(m) = st.regions[self.region_idx].take() {
-                    let len = m.region.len() as u64;
-                    if st.revoked {
-                        // Unmapped already; the IOVA stays retired.
-                    } else if let Err(e) = self.pool.transport.dma_unmap(m.iova, len) {
-                        log::warn!("unmapping DMA region at {:#x}: {e}", m.iova);
+                // A dedicated region: unmap it and give back its IOVA, only once the device
+                // can no longer reach it (a revocation unmapped it already).
+                let Some(m) = st.regions[self.region_idx].as_mut() else { return };
+                let (iova, len) = (m.iova, m.region.len() as u64);
+                if !st.revoked {
+                    if let Err(e) = self.pool.transport.dma_unmap(iova, len) {
+                        log::error!(
+                            "unmapping DMA region at {iova:#x}: {e}; the device may still write it, so \
+                             it is kept and its IOVA never reused"
+                        );
+                        m.quarantined = true;
+                        return;
                     }
-                    st.iova.free(m.iova, len);
-                    if let Ok(mem) = st.memory.remove_region(GuestAddress(m.iova), len) {
-                        st.memory = Arc::new(mem.0);
-                    }
+                }
+                st.regions[self.region_idx] = None;
+                st.iova.free(iova, len);
+                if let Ok(mem) = st.memory.remove_region(GuestAddress(iova), len) {
+                    st.memory = Arc::new(mem.0);
                 }
             }
         }

@@ -7,7 +7,7 @@
 //! impossible, stops answering, or flags DEVICE_NEEDS_RESET is reset and every request on it is
 //! failed, promoted first where it was backlogged, so no caller is left waiting.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,8 @@ struct RingState {
     indirect: bool,
     pool: DmaPool,
     in_flight: usize,
+    /// The engine's device incarnation: only session ids of this one are sent.
+    epoch: Arc<AtomicU64>,
 }
 
 struct QueueState {
@@ -114,6 +116,8 @@ pub(crate) struct QueueSetup {
     pub max_size: usize,
     pub msix_vector: u16,
     pub irq: Option<EventNotifier>,
+    /// The engine's device incarnation (`Core::epoch`).
+    pub epoch: Arc<AtomicU64>,
 }
 
 impl DataQueueShared {
@@ -142,6 +146,7 @@ impl DataQueueShared {
             indirect: s.indirect,
             pool: pool.clone(),
             in_flight: 0,
+            epoch: s.epoch,
         };
         let state = QueueState {
             ring,
@@ -513,6 +518,16 @@ impl RingState {
     /// Writes request `req` into slot `i`: payload, header, descriptors. Returns the head
     /// descriptor, the bytes the device must write, and whether the payload was bounced.
     fn place(&mut self, i: usize, req: &Request<Session>) -> Result<(u16, u32, bool)> {
+        // A destroyed session, or one not re-created after a reset, holds ids that may name
+        // another session (another key) on the device now: never send them.
+        let Some((encrypt_id, decrypt_id)) = req.session.state.ids_in(self.epoch.load(Ordering::Acquire))
+        else {
+            return Err(Error::InvalidSession);
+        };
+        let session_id = match req.direction {
+            Direction::Encrypt => encrypt_id,
+            Direction::Decrypt => decrypt_id,
+        };
         let n = req.data.len();
         let slot = &mut self.slots[i];
         let (data_iova, bounced) = match &req.data {
@@ -541,7 +556,7 @@ impl RingState {
         let base = i * SLOT_STRIDE;
         let slot_iova = self.slot_mem.iova() + base as u64;
         let lens = Lengths { iv: req.iv.as_slice().len(), aad: req.aad.len(), data: n };
-        let plan = layout::plan(&req.session, req.direction, lens, slot_iova, data_iova, aad_ext);
+        let plan = layout::plan(&req.session, session_id, req.direction, lens, slot_iova, data_iova, aad_ext);
         let v = self.slot_mem.volatile();
         let iv = req.iv.as_slice();
         let mut head = [0u8; IV + 16];

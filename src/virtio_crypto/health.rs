@@ -120,21 +120,44 @@ impl DeviceHealth {
         }
         st.reason = reason;
         if !stop_device(&self.pci) {
-            log::error!(
-                "the device did not stop after a reset and a function-level reset: unmapping all its DMA \
-                 memory and giving it up"
-            );
-            self.pool.revoke_device_access();
-            st.reason = format!(
-                "{}; then the device ignored a reset and a function-level reset, so its DMA memory was \
-                 unmapped and it is not used again",
-                st.reason
-            );
-            st.gave_up = Some(Error::DeviceFailed(st.reason.clone()));
+            self.give_up_unstoppable(&mut st);
         }
         self.pci.fail();
         self.failed.store(true, Ordering::Release);
         self.changed.notify_all();
+    }
+
+    /// Stops the device again (after a recovery attempt failed or was cut short), and gives it
+    /// up with its DMA access revoked if it does not stop: [`DeviceHealth::fail`] does nothing
+    /// while the device is already failed, and a device that ignores its resets may still write
+    /// the control buffer (a late session answer) the next attempt would wipe and reuse.
+    /// Returns whether the device stopped.
+    pub(crate) fn stop_again(&self) -> bool {
+        let mut st = self.lock();
+        if stop_device(&self.pci) {
+            return true;
+        }
+        self.give_up_unstoppable(&mut st);
+        self.pci.fail();
+        self.changed.notify_all();
+        false
+    }
+
+    /// The device completed neither a reset nor a function-level reset: only the IOMMU can stop
+    /// it now, so all its DMA memory is unmapped before any buffer goes back, and it is never
+    /// used again.
+    fn give_up_unstoppable(&self, st: &mut State) {
+        log::error!(
+            "the device did not stop after a reset and a function-level reset: unmapping all its DMA \
+             memory and giving it up"
+        );
+        self.pool.revoke_device_access();
+        st.reason = format!(
+            "{}; then the device ignored a reset and a function-level reset, so its DMA memory was \
+             unmapped and it is not used again",
+            st.reason
+        );
+        st.gave_up = Some(Error::DeviceFailed(st.reason.clone()));
     }
 
     /// Marks the engine closing: the device is stopped and not recovered.

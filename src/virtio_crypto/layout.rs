@@ -110,9 +110,11 @@ pub struct Lengths {
 }
 
 /// Lays out a request; `slot` and `data` are the IOVAs of the slot memory and the payload,
-/// `aad_ext` of bounced AAD (when too long to inline).
+/// `aad_ext` of bounced AAD (when too long to inline); `session_id` is the device id of the
+/// session's half for `direction`, checked current by the caller.
 pub fn plan(
     session: &DeviceSession,
+    session_id: u64,
     direction: Direction,
     lens: Lengths,
     slot: u64,
@@ -150,10 +152,6 @@ pub fn plan(
             (op::AEAD_DECRYPT, p, n)
         }
     };
-    let session_id = match direction {
-        Direction::Encrypt => session.encrypt_id(),
-        Direction::Decrypt => session.decrypt_id(),
-    };
     let header = DataRequest { opcode, algo, session_id, flag: 0, params }.encode();
     let mut s = Segments::default();
     let at = |off: usize| slot + off as u64;
@@ -189,7 +187,7 @@ mod tests {
     fn aead_header_writes_tag_len() {
         let session = DeviceSession::for_test(Mode::Gcm, 7, 8);
         for (dir, src, dst) in [(Direction::Encrypt, 64u32, 80u32), (Direction::Decrypt, 80, 64)] {
-            let p = plan(&session, dir, Lengths { iv: 12, aad: 20, data: 64 }, 0x1000, 0x2000, None);
+            let p = plan(&session, 7, dir, Lengths { iv: 12, aad: 20, data: 64 }, 0x1000, 0x2000, None);
             let h = &p.header;
             let at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
             assert_eq!((at(24), at(28), at(32), at(36)), (12, 20, src, dst), "{dir:?}");

@@ -113,9 +113,10 @@ pub(crate) struct Core {
     sessions: SessionRegistry,
     config_irq: Option<EventNotifier>,
     interrupts: bool,
-    /// Incarnation of the device: counts resets the engine recovered from. Changed and read
-    /// only with the control queue held; session ids are valid only in their incarnation.
-    epoch: std::sync::atomic::AtomicU64,
+    /// Incarnation of the device: counts resets the engine recovered from. Changed only with
+    /// the control queue held; session ids are valid only in their incarnation, and the data
+    /// queues (which share it) send no others.
+    epoch: Arc<std::sync::atomic::AtomicU64>,
     /// Which engine this is: sessions of another engine are refused.
     id: crate::engine::EngineId,
 }
@@ -234,6 +235,7 @@ impl VirtioCrypto {
             options.request_timeout,
             health.closing_flag.clone(),
         )?;
+        let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
         for q in 0..nqueues {
             let index = q as u16;
             let max = pci.queue_max_size(index);
@@ -252,6 +254,7 @@ impl VirtioCrypto {
                 max_size: usize::try_from(info.max_size).unwrap_or(usize::MAX),
                 msix_vector: if interrupts { index + 1 } else { VIRTIO_MSI_NO_VECTOR },
                 irq: notifiers.get_mut(q + 1).and_then(Option::take),
+                epoch: epoch.clone(),
             };
             guard.queues.push(Arc::new(DataQueueShared::new(&pci, &pool, health.clone(), setup)?));
         }
@@ -284,7 +287,7 @@ impl VirtioCrypto {
             sessions: SessionRegistry::default(),
             config_irq,
             interrupts,
-            epoch: std::sync::atomic::AtomicU64::new(0),
+            epoch,
             id: crate::engine::EngineId::new(),
         });
         let recovery =
@@ -429,8 +432,11 @@ impl Engine for VirtioCrypto {
         if session.engine != core.id {
             return Err(Error::InvalidSession);
         }
-        session.state.destroyed.store(true, std::sync::atomic::Ordering::Release);
+        // Marked destroyed only once the control queue is held (a recovery, which holds it, then
+        // cannot be under way): if the device does not come back in time the session stays
+        // live, so a recovery still re-creates it and its handle keeps ids that name it.
         let mut ctl = core.working_control()?;
+        session.state.destroyed.store(true, std::sync::atomic::Ordering::Release);
         if session.state.epoch() != core.epoch.load(std::sync::atomic::Ordering::Acquire) {
             // Its device sessions died with a reset and it was not re-created: nothing to
             // destroy, and its old ids may name another session now.

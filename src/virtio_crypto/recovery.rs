@@ -26,14 +26,17 @@ pub(crate) fn spawn(core: Arc<Core>) -> std::io::Result<JoinHandle<()>> {
             match recover(&core) {
                 Ok(()) => DataQueueShared::resume_all(&core.queues, || core.health.recovered()),
                 Err(_) if core.health.closing() => {
-                    // Cut short by the engine closing: leave the device stopped.
-                    let _ = super::health::stop_device(&core.pci);
+                    // Cut short by the engine closing: leave the device stopped (or, if it
+                    // will not stop, without access to any memory) before buffers go back.
+                    core.health.stop_again();
                     fail_queues(&core);
                 }
                 Err(e) => {
                     core.health.recovery_failed(&e);
-                    // Leave the device stopped before the next attempt or giving up.
-                    let _ = super::health::stop_device(&core.pci);
+                    // Leave the device stopped before the next attempt or giving up. One that
+                    // will not stop may still answer a control request of this attempt into
+                    // the buffer the next one would reuse: it is given up, its DMA revoked.
+                    core.health.stop_again();
                     fail_queues(&core);
                 }
             }

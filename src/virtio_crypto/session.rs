@@ -7,7 +7,7 @@
 //! installs it again after the reset, updating the device ids in place.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use crypt_vfio_cores::Mode;
@@ -31,7 +31,8 @@ pub(crate) struct SessionState {
     pub(crate) key: Zeroizing<Vec<u8>>,
     encrypt_id: AtomicU64,
     decrypt_id: AtomicU64,
-    /// Which incarnation of the device (counted by recoveries) the ids belong to.
+    /// Which incarnation of the device (counted by recoveries) the ids belong to;
+    /// [`CHANGING`] while [`SessionState::set_ids`] replaces them.
     epoch: AtomicU64,
     /// Destroyed by the caller: never re-created.
     pub(crate) destroyed: AtomicBool,
@@ -79,12 +80,36 @@ impl DeviceSession {
     }
 }
 
+/// The epoch a session reads as while its ids are replaced: no device incarnation has it.
+const CHANGING: u64 = u64::MAX;
+
 impl SessionState {
     /// Installs the ids of the session re-created after a reset, in device incarnation `epoch`.
+    /// The epoch is taken away first and stored last (a sequence lock), so a reader that sees
+    /// `epoch` before and after reading the ids ([`SessionState::ids_in`]) has this pair.
     pub(crate) fn set_ids(&self, encrypt_id: u64, decrypt_id: u64, epoch: u64) {
-        self.encrypt_id.store(encrypt_id, Ordering::Release);
-        self.decrypt_id.store(decrypt_id, Ordering::Release);
+        self.epoch.store(CHANGING, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.encrypt_id.store(encrypt_id, Ordering::Relaxed);
+        self.decrypt_id.store(decrypt_id, Ordering::Relaxed);
         self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// The (encrypt, decrypt) device ids if they name this session on device incarnation
+    /// `current`; `None` for a destroyed session or one whose ids belong to an earlier
+    /// incarnation (not re-created after a reset): those ids may name another session, under
+    /// another key, on the device now.
+    pub(crate) fn ids_in(&self, current: u64) -> Option<(u64, u64)> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return None;
+        }
+        let before = self.epoch.load(Ordering::Acquire);
+        if before != current || before == CHANGING {
+            return None;
+        }
+        let ids = (self.encrypt_id.load(Ordering::Relaxed), self.decrypt_id.load(Ordering::Relaxed));
+        fence(Ordering::Acquire);
+        (self.epoch.load(Ordering::Relaxed) == before).then_some(ids)
     }
 
     /// The device incarnation the ids belong to.
@@ -132,5 +157,22 @@ impl SessionRegistry {
             .filter_map(|(m, w)| w.upgrade().map(|s| (*m, s)))
             .filter(|(_, s)| !s.destroyed.load(Ordering::Acquire))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_given_only_for_the_current_incarnation_of_a_live_session() {
+        let s = DeviceSession::new(EngineId::new(), Mode::Ctr, &[1; 32], 3, 4, 0);
+        assert_eq!(s.state.ids_in(0), Some((3, 4)));
+        assert_eq!(s.state.ids_in(1), None, "ids of the device before a reset");
+        s.state.set_ids(7, 8, 1);
+        assert_eq!(s.state.ids_in(1), Some((7, 8)));
+        assert_eq!(s.state.ids_in(0), None);
+        s.state.destroyed.store(true, Ordering::Release);
+        assert_eq!(s.state.ids_in(1), None, "a destroyed session");
     }
 }
