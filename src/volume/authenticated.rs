@@ -412,7 +412,8 @@ impl<E: Engine> AuthVolume<E> {
             return Err(Error::InvalidVolume(format!("{} bytes is not whole sectors", data.len())));
         }
         self.check_range(first * ss as u64, data.len() as u64)?;
-        let _range = self.sectors_in_use.shared(first, first + (data.len() / ss) as u64);
+        // Never blocks the thread: other futures on it may hold the range.
+        let _range = self.sectors_in_use.shared_async(first, first + (data.len() / ss) as u64).await;
         let mut meta = self.read_meta(first, data.len() / ss)?;
         crate::luks::keyslot::read_exact(
             &self.file,
