@@ -50,6 +50,40 @@ impl Budget {
         Some(Charge { budget: self, bytes })
     }
 
+    /// Takes `bytes` if they are free now.
+    pub(crate) fn try_acquire(&self, bytes: u64) -> Option<Charge<'_>> {
+        let mut avail = self.available.lock().unwrap_or_else(|p| p.into_inner());
+        if *avail < bytes {
+            return None;
+        }
+        *avail -= bytes;
+        Some(Charge { budget: self, bytes })
+    }
+
+    /// Takes `bytes` from this budget or, when it is short, from `reserve`, whichever has
+    /// room first; `None` once `give_up` says so.
+    pub(crate) fn acquire_or<'a>(
+        &'a self,
+        reserve: &'a Budget,
+        bytes: u64,
+        give_up: impl Fn() -> bool,
+    ) -> Option<Charge<'a>> {
+        loop {
+            if let Some(c) = self.try_acquire(bytes).or_else(|| reserve.try_acquire(bytes)) {
+                return Some(c);
+            }
+            if give_up() {
+                return None;
+            }
+            // Woken by a release of this budget; the reserve's releases are seen at the
+            // next poll.
+            let avail = self.available.lock().unwrap_or_else(|p| p.into_inner());
+            if *avail < bytes {
+                drop(self.freed.wait_timeout(avail, GIVE_UP_POLL).unwrap_or_else(|p| p.into_inner()));
+            }
+        }
+    }
+
     #[cfg(test)]
     fn available(&self) -> u64 {
         *self.available.lock().unwrap_or_else(|p| p.into_inner())

@@ -16,6 +16,7 @@ use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
@@ -29,6 +30,11 @@ use crate::volume::block::BlockDevice;
 const DISCARD_LIMIT: u64 = 128 << 20;
 /// Requests waiting for a worker, per connection.
 const QUEUE_DEPTH: usize = 64;
+/// Payload bytes each connection may hold outside the server's shared budget, for requests
+/// this small: clients that fill the shared budget and stop reading their replies cannot lock
+/// a new client's small requests out (only requests larger than this wait for the shared
+/// budget). Bounded: at most this much per connection above the server's `max_memory`.
+pub(crate) const RESERVED_PER_CONNECTION: u64 = 1 << 20;
 
 /// How a connection runs: its handshake deadline and its transmission limits.
 #[derive(Debug, Clone)]
@@ -43,6 +49,9 @@ pub(crate) struct Limits {
     pub flags: u16,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: std::time::Duration,
+    /// Time one reply has to be sent whole; a client that reads slower is dropped (and the
+    /// budget its requests hold is freed).
+    pub reply_timeout: Duration,
 }
 
 /// Where a connection is, as the server sees it.
@@ -110,6 +119,8 @@ struct Replies<'a, W> {
     broken: AtomicBool,
     control: &'a Control,
     peer: String,
+    /// How long one reply may take to send.
+    timeout: Duration,
 }
 
 impl<W: ReplySink> Replies<'_, W> {
@@ -123,7 +134,12 @@ impl<W: ReplySink> Replies<'_, W> {
             return;
         }
         let mut s = self.socket.lock().unwrap_or_else(|p| p.into_inner());
-        let r = s.write_all(header).and_then(|_| s.write_all(payload)).and_then(|_| s.flush());
+        // A deadline on the whole reply, not on each write(2): a client that reads a few
+        // bytes now and then would otherwise hold its replies' budget for ever.
+        let deadline = Instant::now() + self.timeout;
+        let r = write_all_by(&mut *s, header, deadline)
+            .and_then(|_| write_all_by(&mut *s, payload, deadline))
+            .and_then(|_| s.flush());
         if let Err(e) = r {
             if !self.broken.swap(true, Ordering::Relaxed) {
                 info!("{}: cannot send replies ({e}); dropping the connection", self.peer);
@@ -136,6 +152,24 @@ impl<W: ReplySink> Replies<'_, W> {
     fn error(&self, handle: u64, error: u32) {
         self.send(&proto::simple_reply(error, handle), &[]);
     }
+}
+
+/// Writes all of `buf` before `deadline`, or fails with `TimedOut`.
+fn write_all_by<W: ReplySink + ?Sized>(s: &mut W, mut buf: &[u8], deadline: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the client did not take a reply in time"));
+        }
+        s.set_write_timeout(left)?;
+        match s.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Why the reader stopped.
@@ -157,6 +191,9 @@ pub(crate) struct Budgets<'a> {
     pub server: &'a Budget,
     /// This connection's.
     pub connection: Budget,
+    /// This connection's own memory outside the server's, for small requests when the
+    /// server's is taken (see [`RESERVED_PER_CONNECTION`]).
+    pub reserve: Budget,
 }
 
 /// Serves requests until the client disconnects, the server stops, or the stream breaks.
@@ -176,10 +213,12 @@ pub(crate) fn transmission<R: Read, W: ReplySink>(
         broken: AtomicBool::new(false),
         control,
         peer: peer.to_string(),
+        timeout: limits.reply_timeout,
     };
     let budgets = Budgets {
         server: server_budget,
         connection: Budget::new(limits.inflight_bytes.max(u64::from(limits.max_payload))),
+        reserve: Budget::new(RESERVED_PER_CONNECTION),
     };
     let (tx, rx) = sync_channel::<Job<'_>>(QUEUE_DEPTH);
     let rx = Mutex::new(rx);
@@ -258,7 +297,11 @@ fn charge<'a, W: ReplySink>(
     }
     let give_up = || replies.gone();
     let own = budgets.connection.acquire(bytes, give_up)?;
-    let shared = budgets.server.acquire(bytes, give_up)?;
+    let shared = if bytes <= RESERVED_PER_CONNECTION {
+        budgets.server.acquire_or(&budgets.reserve, bytes, give_up)?
+    } else {
+        budgets.server.acquire(bytes, give_up)?
+    };
     Some(Some((own, shared)))
 }
 
