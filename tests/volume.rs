@@ -343,6 +343,24 @@ fn a_backlogged_request_completed_without_promoted_fails_the_io_at_once() {
 }
 
 #[test]
+fn an_encrypted_volume_says_it_holds_a_copy_of_every_io() {
+    // The NBD server charges its memory budget by this: a volume encrypts a copy of the data
+    // (reads of partial sectors too), so an I/O of n bytes holds about 2n.
+    let dir = scratch();
+    let v = Volume::open(
+        Arc::new(SoftwareEngine::new(CoreKind::Fast)),
+        backing(dir.path(), 1 << 20),
+        true,
+        &KEY64,
+        params("aes-xts-plain64", 512),
+    )
+    .unwrap();
+    for len in [1u64, 512, 4096, 1 << 20] {
+        assert!(BlockDevice::working_set(&v, len) >= 2 * len + 2 * 512, "{len}");
+    }
+}
+
+#[test]
 fn bad_parameters_get_clear_errors() {
     let engine = Arc::new(SoftwareEngine::new(CoreKind::Fast));
     let dir = scratch();

@@ -18,6 +18,7 @@ const GIVE_UP_POLL: Duration = Duration::from_millis(50);
 /// A counting semaphore over bytes.
 #[derive(Debug)]
 pub(crate) struct Budget {
+    total: u64,
     available: Mutex<u64>,
     freed: Condvar,
 }
@@ -32,7 +33,12 @@ pub(crate) struct Charge<'a> {
 impl Budget {
     /// A budget of `total` bytes.
     pub(crate) fn new(total: u64) -> Self {
-        Budget { available: Mutex::new(total), freed: Condvar::new() }
+        Budget { total, available: Mutex::new(total), freed: Condvar::new() }
+    }
+
+    /// The bytes it holds when nothing is taken.
+    pub(crate) fn total(&self) -> u64 {
+        self.total
     }
 
     /// Takes `bytes`, waiting until they are free; `None` once `give_up` says so (checked

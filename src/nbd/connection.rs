@@ -285,6 +285,18 @@ fn run<W: ReplySink>(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Re
     }
 }
 
+/// The bytes a request is charged: the memory the device holds to run it (payload buffer
+/// included), at most what the budgets hold in all (a request as large as the budget still
+/// runs, alone). Zeroing runs piece by piece: it holds the memory of one piece.
+fn cost(device: &dyn BlockDevice, kind: u16, len: u64, budgets: &Budgets<'_>) -> u64 {
+    let bytes = match kind {
+        cmd::READ | cmd::WRITE => device.working_set(len),
+        cmd::WRITE_ZEROES => device.working_set(len.min(crate::volume::block::ZERO_PIECE)),
+        _ => 0,
+    };
+    bytes.min(budgets.connection.total()).min(budgets.server.total())
+}
+
 /// Charges `bytes` to the connection, then to the server; `None` if the connection ends
 /// while waiting.
 fn charge<'a, W: ReplySink>(
@@ -369,7 +381,7 @@ fn read_requests<'a, R: Read, W: ReplySink>(
                 replies.error(req.handle, error);
                 continue;
             }
-            let Some(charges) = charge(budgets, len, replies) else {
+            let Some(charges) = charge(budgets, cost(device, req.kind, len, budgets), replies) else {
                 return End::Dropped;
             };
             let mut data = vec![0u8; req.length as usize];
@@ -393,7 +405,7 @@ fn read_requests<'a, R: Read, W: ReplySink>(
                     replies.error(req.handle, errno::EINVAL);
                     continue;
                 }
-                (Op::Read { offset: req.offset, len: req.length }, len)
+                (Op::Read { offset: req.offset, len: req.length }, cost(device, req.kind, len, budgets))
             }
             cmd::FLUSH => {
                 if req.flags & !cmd_flag::FUA != 0 || req.offset != 0 || req.length != 0 {
@@ -418,7 +430,7 @@ fn read_requests<'a, R: Read, W: ReplySink>(
                     continue;
                 }
                 // The device always writes real zeroes, so NO_HOLE is satisfied as it is.
-                (Op::WriteZeroes { offset: req.offset, len, fua }, 0)
+                (Op::WriteZeroes { offset: req.offset, len, fua }, cost(device, req.kind, len, budgets))
             }
             other => {
                 // Not advertised (cache, block status, ...); none of them carries a payload
@@ -448,5 +460,56 @@ fn refuse_change(flags: u16, allowed: u16, read_only: bool, in_bounds: bool, pas
         Some(past_end)
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device that holds a copy of every I/O's data, as an encrypted volume does.
+    struct Copying;
+
+    impl BlockDevice for Copying {
+        fn size(&self) -> u64 {
+            1 << 40
+        }
+        fn read_at(&self, _offset: u64, _buf: &mut [u8]) -> crate::Result<()> {
+            Ok(())
+        }
+        fn write_at(&self, _offset: u64, _data: &[u8]) -> crate::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> crate::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _offset: u64, _len: u64) -> crate::Result<()> {
+            Ok(())
+        }
+        fn trim(&self, _offset: u64, _len: u64) -> crate::Result<()> {
+            Ok(())
+        }
+        fn block_size(&self) -> u32 {
+            512
+        }
+        fn working_set(&self, len: u64) -> u64 {
+            2 * len
+        }
+    }
+
+    #[test]
+    fn requests_are_charged_the_memory_the_device_holds_for_them() {
+        let server = Budget::new(64 << 20);
+        let budgets = Budgets { server: &server, connection: Budget::new(16 << 20), reserve: Budget::new(0) };
+        let dev = Copying;
+        assert_eq!(cost(&dev, cmd::READ, 1 << 20, &budgets), 2 << 20);
+        assert_eq!(cost(&dev, cmd::WRITE, 1 << 20, &budgets), 2 << 20);
+        // Zeroing a gigabyte holds one piece's buffers, not nothing and not a gigabyte.
+        assert_eq!(cost(&dev, cmd::WRITE_ZEROES, 1 << 30, &budgets), 2 * crate::volume::block::ZERO_PIECE);
+        assert_eq!(cost(&dev, cmd::WRITE_ZEROES, 4096, &budgets), 8192);
+        assert_eq!(cost(&dev, cmd::TRIM, 1 << 30, &budgets), 0);
+        assert_eq!(cost(&dev, cmd::FLUSH, 0, &budgets), 0);
+        // Never more than the budget holds, or the request would wait for ever.
+        assert_eq!(cost(&dev, cmd::WRITE, 32 << 20, &budgets), 16 << 20);
     }
 }

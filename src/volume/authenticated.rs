@@ -486,6 +486,16 @@ impl<E: Engine> BlockDevice for AuthVolume<E> {
         self.sb.sector_size
     }
 
+    fn working_set(&self, len: u64) -> u64 {
+        // The caller's buffer, the sector-aligned copy (two sectors more at most), and the
+        // IVs and tags of its sectors, as read or written and as decoded.
+        let ss = u64::from(self.sb.sector_size);
+        let sectors = len / ss + 2;
+        len.saturating_mul(2)
+            .saturating_add(2 * ss)
+            .saturating_add(sectors.saturating_mul(2 * META_ENTRY_LEN as u64))
+    }
+
     fn read_only(&self) -> bool {
         !self.writable
     }

@@ -460,6 +460,12 @@ impl<E: Engine> BlockDevice for Volume<E> {
         self.params.sector_size
     }
 
+    fn working_set(&self, len: u64) -> u64 {
+        // The caller's buffer and a copy of the sector-aligned span (encrypted in place; at
+        // most two sectors more than `len`).
+        len.saturating_mul(2).saturating_add(2 * u64::from(self.params.sector_size))
+    }
+
     fn read_only(&self) -> bool {
         !self.writable
     }
