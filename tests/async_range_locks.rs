@@ -7,12 +7,13 @@ mod support;
 
 use std::fs::OpenOptions;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crypt_vfio::transport::emulated::EmulatedConfig;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
-use crypt_vfio::volume::{Volume, VolumeParams};
+use crypt_vfio::volume::{AuthVolume, Volume, VolumeParams};
 use futures::executor::block_on;
 use support::scratch;
 
@@ -83,4 +84,38 @@ fn polled_futures_writing_the_same_sectors_on_one_thread_all_finish() {
 #[test]
 fn interrupt_driven_futures_writing_the_same_sectors_on_one_thread_all_finish() {
     same_sectors_on_one_thread(CompletionMode::Interrupt);
+}
+
+#[test]
+fn authenticated_read_futures_on_one_thread_finish_while_another_thread_writes_their_sectors() {
+    // A write waiting for the first read future's range holds back the second (writer
+    // preference); the second must then wait without blocking the thread that has to poll
+    // the first, or reader, writer and thread wait on each other for ever.
+    let dir = scratch();
+    let path = dir.path().join("auth.img");
+    within(60, "authenticated read futures beside a writer", move || {
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
+        let v =
+            AuthVolume::format(Arc::new(common::device()), f, &[0x42; 32], SECTOR as u32, 64 << 10).unwrap();
+        let writing = AtomicBool::new(true);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut n = 0u8;
+                while writing.load(Ordering::SeqCst) {
+                    n = n.wrapping_add(1);
+                    v.write_at(0, &[n; 8 * SECTOR]).unwrap();
+                }
+            });
+            for _ in 0..300 {
+                let (mut a, mut b) = (vec![0u8; 8 * SECTOR], vec![0u8; 8 * SECTOR]);
+                let (ra, rb) = block_on(futures::future::join(
+                    v.read_sectors_async(0, &mut a),
+                    v.read_sectors_async(0, &mut b),
+                ));
+                ra.unwrap();
+                rb.unwrap();
+            }
+            writing.store(false, Ordering::SeqCst);
+        });
+    });
 }
