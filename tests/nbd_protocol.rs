@@ -56,6 +56,7 @@ impl Fixture {
             handshake_timeout: Duration::from_secs(2),
             // Long enough for a loaded machine: the stop test expects every request answered.
             stop_grace: Duration::from_secs(20),
+            reply_timeout: Duration::from_secs(30),
         };
         let mut config = config;
         tweak(&mut config);
@@ -816,4 +817,61 @@ fn configurations_out_of_bounds_are_refused_with_the_reason() {
             Ok(_) => panic!("{what}: accepted"),
         }
     }
+}
+
+/// A client that sends `reads` reads of `MAX_PAYLOAD` bytes and reads none of the replies:
+/// once its socket buffers are full, the replies it has not taken hold server memory.
+fn hog(f: &Fixture, reads: u64) -> Client {
+    let mut c = f.transmission();
+    for handle in 0..reads {
+        c.send(cmd::READ, 0, handle, (handle * u64::from(MAX_PAYLOAD)) % SIZE, MAX_PAYLOAD, &[]);
+    }
+    c
+}
+
+#[test]
+fn clients_that_hold_the_memory_budget_and_do_not_read_cannot_lock_a_new_client_out() {
+    // Four connections' in-flight bytes fill the server's budget; the reply deadline is far
+    // off, so only each connection's own reserve can serve the new client in time.
+    let f = Fixture::start_with(false, false, |c| c.reply_timeout = Duration::from_secs(120));
+    let _hogs: Vec<Client> = (0..5).map(|_| hog(&f, 512)).collect();
+    // Let the hogs' replies fill their sockets and the budget.
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let mut c = f.transmission();
+    // Client reads fail after IO_TIMEOUT (10 s): a new client locked out fails here.
+    let data = c.read(0, MAX_PAYLOAD).expect("a read of the new client");
+    assert_eq!(data, pattern(SIZE as usize, 1)[..MAX_PAYLOAD as usize]);
+    assert!(t.elapsed() < IO_TIMEOUT, "the new client waited {:?}", t.elapsed());
+}
+
+#[test]
+fn a_client_that_takes_its_replies_a_few_bytes_at_a_time_is_dropped_at_the_reply_deadline() {
+    const READS: u64 = 512;
+    let f = Fixture::start_with(false, false, |c| c.reply_timeout = Duration::from_secs(1));
+    let mut c = hog(&f, READS);
+    // Takes a few bytes now and then for 5 s: each write(2) of the server may make some
+    // progress, but the reply under way is far from sent whole within its deadline.
+    let mut taken = 0usize;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        let mut b = [0u8; 64];
+        match c.s.read(&mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => taken += n,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Then takes everything: a dropped client gets what was in the socket buffers and the
+    // end of the stream; a client still served gets every reply and then waits (IO_TIMEOUT).
+    let mut rest = Vec::new();
+    // (The server closing with requests unread makes a reset, which may come first.)
+    let closed = match c.s.read_to_end(&mut rest) {
+        Ok(_) => true,
+        Err(e) => e.kind() == ErrorKind::ConnectionReset,
+    };
+    taken += rest.len();
+    let all = READS as usize * (proto::SIMPLE_REPLY_LEN + MAX_PAYLOAD as usize);
+    assert!(closed, "the slow reader was still connected after {taken} of {all} bytes");
+    assert!(taken < all, "the slow reader got every reply");
 }

@@ -321,6 +321,46 @@ fn the_watchdog_fails_an_io_whose_backlogged_request_is_never_promoted() {
 }
 
 #[test]
+fn a_backlogged_request_completed_without_promoted_fails_the_io_at_once() {
+    let engine =
+        Arc::new(Wrapped::new(SoftwareEngine::new(CoreKind::Fast), Behaviour::CompleteBackloggedUnpromoted));
+    let dir = scratch();
+    let mut v =
+        Volume::open(engine, backing(dir.path(), 1 << 20), true, &KEY64, params("aes-xts-plain64", 512))
+            .unwrap();
+    // Far longer than the I/O takes: an op left waiting for the Promoted fails only here.
+    v.set_watchdog(Duration::from_secs(10));
+    let start = Instant::now();
+    let e = v.write_at(0, &[1u8; 4096]).unwrap_err();
+    let took = start.elapsed();
+    match &e {
+        Error::ContractViolation(msg) => {
+            assert!(msg.contains("sector 0") && msg.contains("without Promoted"), "{msg}");
+        }
+        other => panic!("expected a contract violation, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(5), "the I/O took {took:?}: it waited for the watchdog");
+}
+
+#[test]
+fn an_encrypted_volume_says_it_holds_a_copy_of_every_io() {
+    // The NBD server charges its memory budget by this: a volume encrypts a copy of the data
+    // (reads of partial sectors too), so an I/O of n bytes holds about 2n.
+    let dir = scratch();
+    let v = Volume::open(
+        Arc::new(SoftwareEngine::new(CoreKind::Fast)),
+        backing(dir.path(), 1 << 20),
+        true,
+        &KEY64,
+        params("aes-xts-plain64", 512),
+    )
+    .unwrap();
+    for len in [1u64, 512, 4096, 1 << 20] {
+        assert!(BlockDevice::working_set(&v, len) >= 2 * len + 2 * 512, "{len}");
+    }
+}
+
+#[test]
 fn bad_parameters_get_clear_errors() {
     let engine = Arc::new(SoftwareEngine::new(CoreKind::Fast));
     let dir = scratch();

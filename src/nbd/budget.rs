@@ -18,6 +18,7 @@ const GIVE_UP_POLL: Duration = Duration::from_millis(50);
 /// A counting semaphore over bytes.
 #[derive(Debug)]
 pub(crate) struct Budget {
+    total: u64,
     available: Mutex<u64>,
     freed: Condvar,
 }
@@ -32,7 +33,12 @@ pub(crate) struct Charge<'a> {
 impl Budget {
     /// A budget of `total` bytes.
     pub(crate) fn new(total: u64) -> Self {
-        Budget { available: Mutex::new(total), freed: Condvar::new() }
+        Budget { total, available: Mutex::new(total), freed: Condvar::new() }
+    }
+
+    /// The bytes it holds when nothing is taken.
+    pub(crate) fn total(&self) -> u64 {
+        self.total
     }
 
     /// Takes `bytes`, waiting until they are free; `None` once `give_up` says so (checked
@@ -48,6 +54,40 @@ impl Budget {
         }
         *avail -= bytes;
         Some(Charge { budget: self, bytes })
+    }
+
+    /// Takes `bytes` if they are free now.
+    pub(crate) fn try_acquire(&self, bytes: u64) -> Option<Charge<'_>> {
+        let mut avail = self.available.lock().unwrap_or_else(|p| p.into_inner());
+        if *avail < bytes {
+            return None;
+        }
+        *avail -= bytes;
+        Some(Charge { budget: self, bytes })
+    }
+
+    /// Takes `bytes` from this budget or, when it is short, from `reserve`, whichever has
+    /// room first; `None` once `give_up` says so.
+    pub(crate) fn acquire_or<'a>(
+        &'a self,
+        reserve: &'a Budget,
+        bytes: u64,
+        give_up: impl Fn() -> bool,
+    ) -> Option<Charge<'a>> {
+        loop {
+            if let Some(c) = self.try_acquire(bytes).or_else(|| reserve.try_acquire(bytes)) {
+                return Some(c);
+            }
+            if give_up() {
+                return None;
+            }
+            // Woken by a release of this budget; the reserve's releases are seen at the
+            // next poll.
+            let avail = self.available.lock().unwrap_or_else(|p| p.into_inner());
+            if *avail < bytes {
+                drop(self.freed.wait_timeout(avail, GIVE_UP_POLL).unwrap_or_else(|p| p.into_inner()));
+            }
+        }
     }
 
     #[cfg(test)]

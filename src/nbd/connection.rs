@@ -16,6 +16,7 @@ use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
@@ -29,6 +30,11 @@ use crate::volume::block::BlockDevice;
 const DISCARD_LIMIT: u64 = 128 << 20;
 /// Requests waiting for a worker, per connection.
 const QUEUE_DEPTH: usize = 64;
+/// Payload bytes each connection may hold outside the server's shared budget, for requests
+/// this small: clients that fill the shared budget and stop reading their replies cannot lock
+/// a new client's small requests out (only requests larger than this wait for the shared
+/// budget). Bounded: at most this much per connection above the server's `max_memory`.
+pub(crate) const RESERVED_PER_CONNECTION: u64 = 1 << 20;
 
 /// How a connection runs: its handshake deadline and its transmission limits.
 #[derive(Debug, Clone)]
@@ -43,6 +49,9 @@ pub(crate) struct Limits {
     pub flags: u16,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: std::time::Duration,
+    /// Time one reply has to be sent whole; a client that reads slower is dropped (and the
+    /// budget its requests hold is freed).
+    pub reply_timeout: Duration,
 }
 
 /// Where a connection is, as the server sees it.
@@ -110,6 +119,8 @@ struct Replies<'a, W> {
     broken: AtomicBool,
     control: &'a Control,
     peer: String,
+    /// How long one reply may take to send.
+    timeout: Duration,
 }
 
 impl<W: ReplySink> Replies<'_, W> {
@@ -123,7 +134,12 @@ impl<W: ReplySink> Replies<'_, W> {
             return;
         }
         let mut s = self.socket.lock().unwrap_or_else(|p| p.into_inner());
-        let r = s.write_all(header).and_then(|_| s.write_all(payload)).and_then(|_| s.flush());
+        // A deadline on the whole reply, not on each write(2): a client that reads a few
+        // bytes now and then would otherwise hold its replies' budget for ever.
+        let deadline = Instant::now() + self.timeout;
+        let r = write_all_by(&mut *s, header, deadline)
+            .and_then(|_| write_all_by(&mut *s, payload, deadline))
+            .and_then(|_| s.flush());
         if let Err(e) = r {
             if !self.broken.swap(true, Ordering::Relaxed) {
                 info!("{}: cannot send replies ({e}); dropping the connection", self.peer);
@@ -136,6 +152,24 @@ impl<W: ReplySink> Replies<'_, W> {
     fn error(&self, handle: u64, error: u32) {
         self.send(&proto::simple_reply(error, handle), &[]);
     }
+}
+
+/// Writes all of `buf` before `deadline`, or fails with `TimedOut`.
+fn write_all_by<W: ReplySink + ?Sized>(s: &mut W, mut buf: &[u8], deadline: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the client did not take a reply in time"));
+        }
+        s.set_write_timeout(left)?;
+        match s.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Why the reader stopped.
@@ -157,6 +191,9 @@ pub(crate) struct Budgets<'a> {
     pub server: &'a Budget,
     /// This connection's.
     pub connection: Budget,
+    /// This connection's own memory outside the server's, for small requests when the
+    /// server's is taken (see [`RESERVED_PER_CONNECTION`]).
+    pub reserve: Budget,
 }
 
 /// Serves requests until the client disconnects, the server stops, or the stream breaks.
@@ -176,10 +213,12 @@ pub(crate) fn transmission<R: Read, W: ReplySink>(
         broken: AtomicBool::new(false),
         control,
         peer: peer.to_string(),
+        timeout: limits.reply_timeout,
     };
     let budgets = Budgets {
         server: server_budget,
         connection: Budget::new(limits.inflight_bytes.max(u64::from(limits.max_payload))),
+        reserve: Budget::new(RESERVED_PER_CONNECTION),
     };
     let (tx, rx) = sync_channel::<Job<'_>>(QUEUE_DEPTH);
     let rx = Mutex::new(rx);
@@ -246,6 +285,18 @@ fn run<W: ReplySink>(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Re
     }
 }
 
+/// The bytes a request is charged: the memory the device holds to run it (payload buffer
+/// included), at most what the budgets hold in all (a request as large as the budget still
+/// runs, alone). Zeroing runs piece by piece: it holds the memory of one piece.
+fn cost(device: &dyn BlockDevice, kind: u16, len: u64, budgets: &Budgets<'_>) -> u64 {
+    let bytes = match kind {
+        cmd::READ | cmd::WRITE => device.working_set(len),
+        cmd::WRITE_ZEROES => device.working_set(len.min(crate::volume::block::ZERO_PIECE)),
+        _ => 0,
+    };
+    bytes.min(budgets.connection.total()).min(budgets.server.total())
+}
+
 /// Charges `bytes` to the connection, then to the server; `None` if the connection ends
 /// while waiting.
 fn charge<'a, W: ReplySink>(
@@ -258,7 +309,11 @@ fn charge<'a, W: ReplySink>(
     }
     let give_up = || replies.gone();
     let own = budgets.connection.acquire(bytes, give_up)?;
-    let shared = budgets.server.acquire(bytes, give_up)?;
+    let shared = if bytes <= RESERVED_PER_CONNECTION {
+        budgets.server.acquire_or(&budgets.reserve, bytes, give_up)?
+    } else {
+        budgets.server.acquire(bytes, give_up)?
+    };
     Some(Some((own, shared)))
 }
 
@@ -326,7 +381,7 @@ fn read_requests<'a, R: Read, W: ReplySink>(
                 replies.error(req.handle, error);
                 continue;
             }
-            let Some(charges) = charge(budgets, len, replies) else {
+            let Some(charges) = charge(budgets, cost(device, req.kind, len, budgets), replies) else {
                 return End::Dropped;
             };
             let mut data = vec![0u8; req.length as usize];
@@ -350,7 +405,7 @@ fn read_requests<'a, R: Read, W: ReplySink>(
                     replies.error(req.handle, errno::EINVAL);
                     continue;
                 }
-                (Op::Read { offset: req.offset, len: req.length }, len)
+                (Op::Read { offset: req.offset, len: req.length }, cost(device, req.kind, len, budgets))
             }
             cmd::FLUSH => {
                 if req.flags & !cmd_flag::FUA != 0 || req.offset != 0 || req.length != 0 {
@@ -375,7 +430,7 @@ fn read_requests<'a, R: Read, W: ReplySink>(
                     continue;
                 }
                 // The device always writes real zeroes, so NO_HOLE is satisfied as it is.
-                (Op::WriteZeroes { offset: req.offset, len, fua }, 0)
+                (Op::WriteZeroes { offset: req.offset, len, fua }, cost(device, req.kind, len, budgets))
             }
             other => {
                 // Not advertised (cache, block status, ...); none of them carries a payload
@@ -405,5 +460,56 @@ fn refuse_change(flags: u16, allowed: u16, read_only: bool, in_bounds: bool, pas
         Some(past_end)
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device that holds a copy of every I/O's data, as an encrypted volume does.
+    struct Copying;
+
+    impl BlockDevice for Copying {
+        fn size(&self) -> u64 {
+            1 << 40
+        }
+        fn read_at(&self, _offset: u64, _buf: &mut [u8]) -> crate::Result<()> {
+            Ok(())
+        }
+        fn write_at(&self, _offset: u64, _data: &[u8]) -> crate::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> crate::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _offset: u64, _len: u64) -> crate::Result<()> {
+            Ok(())
+        }
+        fn trim(&self, _offset: u64, _len: u64) -> crate::Result<()> {
+            Ok(())
+        }
+        fn block_size(&self) -> u32 {
+            512
+        }
+        fn working_set(&self, len: u64) -> u64 {
+            2 * len
+        }
+    }
+
+    #[test]
+    fn requests_are_charged_the_memory_the_device_holds_for_them() {
+        let server = Budget::new(64 << 20);
+        let budgets = Budgets { server: &server, connection: Budget::new(16 << 20), reserve: Budget::new(0) };
+        let dev = Copying;
+        assert_eq!(cost(&dev, cmd::READ, 1 << 20, &budgets), 2 << 20);
+        assert_eq!(cost(&dev, cmd::WRITE, 1 << 20, &budgets), 2 << 20);
+        // Zeroing a gigabyte holds one piece's buffers, not nothing and not a gigabyte.
+        assert_eq!(cost(&dev, cmd::WRITE_ZEROES, 1 << 30, &budgets), 2 * crate::volume::block::ZERO_PIECE);
+        assert_eq!(cost(&dev, cmd::WRITE_ZEROES, 4096, &budgets), 8192);
+        assert_eq!(cost(&dev, cmd::TRIM, 1 << 30, &budgets), 0);
+        assert_eq!(cost(&dev, cmd::FLUSH, 0, &budgets), 0);
+        // Never more than the budget holds, or the request would wait for ever.
+        assert_eq!(cost(&dev, cmd::WRITE, 32 << 20, &budgets), 16 << 20);
     }
 }

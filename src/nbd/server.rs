@@ -62,7 +62,8 @@ pub struct ServerConfig {
     /// whole `max_memory`); must be at least `max_payload`; at most `max_memory` is used.
     pub inflight_bytes_per_connection: u64,
     /// Payload bytes every connection together may hold in flight: the server's memory
-    /// budget; must be at least `max_payload`.
+    /// budget; must be at least `max_payload`. Each connection may in addition hold 1 MiB of
+    /// its own for small requests, so that clients holding this budget cannot lock others out.
     pub max_memory: u64,
     /// Connections served at once. When all are taken, a new client replaces the oldest one
     /// still in its handshake, or is closed right after accept if there is none.
@@ -73,6 +74,10 @@ pub struct ServerConfig {
     /// client has already sent) before it closes them: a stop takes at most this long plus
     /// the final flush, whatever clients do.
     pub stop_grace: Duration,
+    /// A reply must be sent whole within this time, or its client (one that does not read
+    /// its replies, or reads them a few bytes at a time) is dropped and the memory its
+    /// requests hold is freed for other clients.
+    pub reply_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +94,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             // Leaves most of the 2 s a stop may take to the flush and a loaded machine.
             stop_grace: Duration::from_millis(600),
+            reply_timeout: super::stream::WRITE_TIMEOUT,
         }
     }
 }
@@ -215,6 +221,12 @@ impl Server {
                 config.handshake_timeout
             ));
         }
+        if config.reply_timeout.is_zero() || config.reply_timeout > MAX_HANDSHAKE_TIMEOUT {
+            return invalid(format!(
+                "reply timeout {:?} is outside (0, {MAX_HANDSHAKE_TIMEOUT:?}]",
+                config.reply_timeout
+            ));
+        }
         if config.stop_grace > MAX_HANDSHAKE_TIMEOUT {
             return invalid(format!("stop grace {:?} is over {MAX_HANDSHAKE_TIMEOUT:?}", config.stop_grace));
         }
@@ -328,6 +340,7 @@ impl Server {
             inflight_bytes: self.config.inflight_bytes_per_connection.min(self.config.max_memory),
             flags: negotiate::transmission_flags(self.device.read_only()),
             handshake_timeout: self.config.handshake_timeout,
+            reply_timeout: self.config.reply_timeout,
         }
     }
 

@@ -20,7 +20,9 @@ pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(30);
 /// The same limit once the server is stopping: shutdown should not wait long for a stuck
 /// client.
 pub(crate) const STALL_LIMIT_STOPPING: Duration = Duration::from_secs(3);
-/// A client that does not read its replies for this long is dropped.
+/// A reply not sent whole within this long drops its client (the default of
+/// [`ServerConfig::reply_timeout`](super::ServerConfig::reply_timeout)); also the socket's
+/// write timeout outside replies.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connected client socket.
@@ -74,11 +76,23 @@ pub trait ReplySink: Write + Send {
     /// Closes the connection both ways, so that a thread blocked on it wakes up; called once
     /// replies can no longer be sent.
     fn close(&self) {}
+
+    /// Bounds how long one `write` may block (what is left of a reply's deadline).
+    fn set_write_timeout(&self, _timeout: Duration) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl ReplySink for Stream {
     fn close(&self) {
         self.shutdown();
+    }
+
+    fn set_write_timeout(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(Some(timeout)),
+            Stream::Unix(s) => s.set_write_timeout(Some(timeout)),
+        }
     }
 }
 
@@ -87,6 +101,10 @@ impl ReplySink for Vec<u8> {}
 impl<W: ReplySink + ?Sized> ReplySink for &mut W {
     fn close(&self) {
         (**self).close();
+    }
+
+    fn set_write_timeout(&self, timeout: Duration) -> io::Result<()> {
+        (**self).set_write_timeout(timeout)
     }
 }
 

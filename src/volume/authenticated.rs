@@ -436,7 +436,8 @@ impl<E: Engine> AuthVolume<E> {
             return Err(Error::InvalidVolume(format!("{} bytes is not whole sectors", data.len())));
         }
         self.check_range(first * ss as u64, data.len() as u64)?;
-        let _range = self.sectors_in_use.shared(first, first + (data.len() / ss) as u64);
+        // Never blocks the thread: other futures on it may hold the range.
+        let _range = self.sectors_in_use.shared_async(first, first + (data.len() / ss) as u64).await;
         let mut meta = self.read_meta(first, data.len() / ss)?;
         crate::luks::keyslot::read_exact(
             &self.file,
@@ -507,6 +508,16 @@ impl<E: Engine> BlockDevice for AuthVolume<E> {
 
     fn block_size(&self) -> u32 {
         self.sb.sector_size
+    }
+
+    fn working_set(&self, len: u64) -> u64 {
+        // The caller's buffer, the sector-aligned copy (two sectors more at most), and the
+        // IVs and tags of its sectors, as read or written and as decoded.
+        let ss = u64::from(self.sb.sector_size);
+        let sectors = len / ss + 2;
+        len.saturating_mul(2)
+            .saturating_add(2 * ss)
+            .saturating_add(sectors.saturating_mul(2 * META_ENTRY_LEN as u64))
     }
 
     fn read_only(&self) -> bool {

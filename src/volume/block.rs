@@ -24,10 +24,16 @@ pub trait BlockDevice: Send + Sync {
     fn read_only(&self) -> bool {
         false
     }
+    /// The most memory a read or write of `len` bytes holds while it runs, the caller's
+    /// buffer included: what an exporter charges against its memory budget.
+    fn working_set(&self, len: u64) -> u64 {
+        len
+    }
 }
 
-/// Largest piece [`write_zeroes_in_pieces`] writes at once.
-const ZERO_PIECE: u64 = 1 << 20;
+/// Largest piece [`write_zeroes_in_pieces`] writes at once (so `write_zeroes` holds at most
+/// the working set of a write of this size).
+pub const ZERO_PIECE: u64 = 1 << 20;
 
 /// Writes `len` zero bytes at `offset` through `write`, at most 1 MiB at a time, so that zeroing
 /// a large range needs no buffer of its size.

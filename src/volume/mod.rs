@@ -361,10 +361,17 @@ impl<E: Engine> Volume<E> {
             return Ok(());
         }
         let (first, span) = self.span(offset, data.len());
+        let _range = self.writing.exclusive(first, first + (span / self.params.sector_size as usize) as u64);
+        self.write_holding_range(offset, data)
+    }
+
+    /// The write itself, read-modify-write of partial sectors included; the caller holds the
+    /// range of sectors it covers.
+    fn write_holding_range(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let (first, span) = self.span(offset, data.len());
         let ss = self.params.sector_size as usize;
         let mut tmp = vec![0u8; span];
         let skip = (offset - first * ss as u64) as usize;
-        let _range = self.writing.exclusive(first, first + (span / ss) as u64);
         if skip != 0 {
             self.read_at(first * ss as u64, &mut tmp[..ss])?;
         }
@@ -377,17 +384,21 @@ impl<E: Engine> Volume<E> {
         self.write_raw(first, &tmp)
     }
 
-    /// [`write_at`](Self::write_at) as a future.
+    /// [`write_at`](Self::write_at) as a future. It waits for its sector range without
+    /// blocking the thread, so futures polled together on one thread cannot lock each other out.
     pub async fn write_at_async(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_write(offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
         let (first, span) = self.span(offset, data.len());
+        let ss = self.params.sector_size as usize;
+        let _range = self.writing.exclusive_async(first, first + (span / ss) as u64).await;
         if span != data.len() {
             // Read-modify-write reads and writes synchronously under its range lock.
-            return self.write_at(offset, data);
+            return self.write_holding_range(offset, data);
         }
         let mut tmp = data.to_vec();
-        let ss = self.params.sector_size as usize;
-        let _range = self.writing.exclusive(first, first + (span / ss) as u64);
         self.crypt_sectors_async(Direction::Encrypt, first, &mut tmp).await?;
         self.write_raw(first, &tmp)
     }
@@ -447,6 +458,12 @@ impl<E: Engine> BlockDevice for Volume<E> {
 
     fn block_size(&self) -> u32 {
         self.params.sector_size
+    }
+
+    fn working_set(&self, len: u64) -> u64 {
+        // The caller's buffer and a copy of the sector-aligned span (encrypted in place; at
+        // most two sectors more than `len`).
+        len.saturating_mul(2).saturating_add(2 * u64::from(self.params.sector_size))
     }
 
     fn read_only(&self) -> bool {

@@ -396,6 +396,17 @@ where
                         self.violation(format!("sector {sector} completed twice"));
                         continue;
                     }
+                    if !self.promoted[i] && self.backlogged.contains(&i) {
+                        // Nothing else would unblock the op: it would sit out the watchdog.
+                        let sector = self.first_sector + i as u64;
+                        self.violation(format!(
+                            "sector {sector} was backlogged and completed without Promoted"
+                        ));
+                        self.backlogged.retain(|&b| b != i);
+                        if self.blocked_on == Some(i) {
+                            self.blocked_on = None;
+                        }
+                    }
                     self.finished[i] = true;
                     self.completed += 1;
                     self.last_progress = Instant::now();
@@ -465,7 +476,12 @@ where
                     self.last_progress = Instant::now();
                     // Promoted may have come already through another thread's poll.
                     self.drain_events();
-                    if !self.promoted[index] {
+                    if self.finished[index] && !self.promoted[index] {
+                        let sector = self.first_sector + index as u64;
+                        self.violation(format!(
+                            "sector {sector} was backlogged and completed without Promoted"
+                        ));
+                    } else if !self.promoted[index] {
                         self.blocked_on = Some(index);
                         self.backlogged.push(index);
                     }

@@ -11,8 +11,16 @@
 //! The table holds the ranges in use, not one lock per sector: a request takes its whole range
 //! at once or waits, so there is no lock order to get wrong and no deadlock between
 //! overlapping multi-sector requests, and unrelated requests never wait for each other.
+//!
+//! Synchronous callers wait on a condition variable; futures ([`RangeLocks::exclusive_async`],
+//! [`RangeLocks::shared_async`]) must never block their thread (an executor that polls several
+//! of them on one thread would never poll again the future that holds the range: a hang), so
+//! they leave a waker in the table and every release wakes them.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 /// One range in use.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +37,43 @@ struct Table {
     /// Writes waiting for their range: readers arriving after them wait too, so that a
     /// steady stream of reads cannot keep a write out for ever.
     waiting_writers: Vec<Held>,
+    /// Futures waiting for a range, by request id: woken on every release.
+    wakers: Vec<(u64, Waker)>,
     next_id: u64,
+}
+
+impl Table {
+    fn register(&mut self, first: u64, end: u64, exclusive: bool) -> Held {
+        let id = self.next_id;
+        self.next_id += 1;
+        let me = Held { id, first, end, exclusive };
+        if exclusive {
+            self.waiting_writers.push(me);
+        }
+        me
+    }
+
+    /// Whether `me` must wait: for an overlapping held write (or any held range, for a write),
+    /// and a read also for an overlapping write that waits already (writer preference).
+    fn blocked(&self, me: &Held) -> bool {
+        let (first, end, exclusive) = (me.first, me.end, me.exclusive);
+        self.held.iter().any(|h| overlap(h, first, end) && (exclusive || h.exclusive))
+            || (!exclusive && self.waiting_writers.iter().any(|w| overlap(w, first, end)))
+    }
+
+    fn grant(&mut self, me: Held) {
+        if me.exclusive {
+            self.waiting_writers.retain(|w| w.id != me.id);
+        }
+        self.wakers.retain(|(id, _)| *id != me.id);
+        self.held.push(me);
+    }
+
+    /// Drops a request that gave up waiting, so that readers behind it are not kept out.
+    fn withdraw(&mut self, id: u64) {
+        self.waiting_writers.retain(|w| w.id != id);
+        self.wakers.retain(|(w, _)| *w != id);
+    }
 }
 
 fn overlap(h: &Held, first: u64, end: u64) -> bool {
@@ -74,26 +118,86 @@ impl RangeLocks {
 
     fn take(&self, first: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
         let mut t = self.table();
-        let id = t.next_id;
-        t.next_id += 1;
-        let me = Held { id, first, end, exclusive };
-        if exclusive {
-            t.waiting_writers.push(me);
-        }
+        let me = t.register(first, end, exclusive);
         // A held range never waits for the table (it was taken whole), so waiting here for
         // held ranges, and for writers queued earlier, cannot deadlock.
-        let blocked = |t: &Table| {
-            t.held.iter().any(|h| overlap(h, first, end) && (exclusive || h.exclusive))
-                || (!exclusive && t.waiting_writers.iter().any(|w| overlap(w, first, end)))
-        };
-        while blocked(&t) {
+        while t.blocked(&me) {
             t = self.released.wait(t).unwrap_or_else(|p| p.into_inner());
         }
-        if exclusive {
-            t.waiting_writers.retain(|w| w.id != id);
+        t.grant(me);
+        RangeGuard { locks: self, id: me.id }
+    }
+
+    /// [`exclusive`](Self::exclusive) for a future: waits without blocking the thread.
+    pub fn exclusive_async(&self, first: u64, end: u64) -> Acquire<'_> {
+        Acquire { locks: self, first, end, exclusive: true, me: None }
+    }
+
+    /// [`shared`](Self::shared) for a future: waits without blocking the thread.
+    pub fn shared_async(&self, first: u64, end: u64) -> Acquire<'_> {
+        Acquire { locks: self, first, end, exclusive: false, me: None }
+    }
+
+    /// Wakes every waiter, threads and futures, after the table changed.
+    fn wake_all(&self, mut t: MutexGuard<'_, Table>) {
+        let wakers = std::mem::take(&mut t.wakers);
+        drop(t);
+        self.released.notify_all();
+        for (_, w) in wakers {
+            w.wake();
         }
-        t.held.push(me);
-        RangeGuard { locks: self, id }
+    }
+}
+
+/// A future that resolves to a held range (from [`RangeLocks::exclusive_async`] or
+/// [`RangeLocks::shared_async`]). Dropping it before it resolves withdraws the request.
+#[derive(Debug)]
+#[must_use = "futures do nothing unless polled"]
+pub struct Acquire<'a> {
+    locks: &'a RangeLocks,
+    first: u64,
+    end: u64,
+    exclusive: bool,
+    /// The request once registered (a queued writer holds back later readers from then on).
+    me: Option<Held>,
+}
+
+impl<'a> Future for Acquire<'a> {
+    type Output = RangeGuard<'a>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RangeGuard<'a>> {
+        let locks = self.locks;
+        let mut t = locks.table();
+        let me = match self.me {
+            Some(me) => me,
+            None => {
+                let me = t.register(self.first, self.end, self.exclusive);
+                self.me = Some(me);
+                me
+            }
+        };
+        if t.blocked(&me) {
+            // Registered under the table lock, so a release cannot slip in unseen.
+            match t.wakers.iter_mut().find(|(id, _)| *id == me.id) {
+                Some((_, w)) => w.clone_from(cx.waker()),
+                None => t.wakers.push((me.id, cx.waker().clone())),
+            }
+            return Poll::Pending;
+        }
+        t.grant(me);
+        self.me = None;
+        Poll::Ready(RangeGuard { locks, id: me.id })
+    }
+}
+
+impl Drop for Acquire<'_> {
+    fn drop(&mut self) {
+        if let Some(me) = self.me.take() {
+            let mut t = self.locks.table();
+            t.withdraw(me.id);
+            // A withdrawn writer may have been all that kept readers waiting.
+            self.locks.wake_all(t);
+        }
     }
 }
 
@@ -103,8 +207,7 @@ impl Drop for RangeGuard<'_> {
         if let Some(i) = t.held.iter().position(|h| h.id == self.id) {
             t.held.swap_remove(i);
         }
-        drop(t);
-        self.locks.released.notify_all();
+        self.locks.wake_all(t);
     }
 }
 
@@ -112,6 +215,7 @@ impl Drop for RangeGuard<'_> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     #[test]
@@ -152,26 +256,72 @@ mod tests {
         assert!(locks.table().held.is_empty());
     }
 
+    /// Polls `f` once with a waker that does nothing.
+    fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(f).poll(&mut cx)
+    }
+
     #[test]
     fn a_waiting_writer_holds_back_new_readers() {
         let locks = RangeLocks::new();
         let first_reader = locks.shared(0, 4);
-        let wrote = AtomicBool::new(false);
         std::thread::scope(|s| {
-            s.spawn(|| {
-                let _w = locks.exclusive(2, 3);
-                wrote.store(true, Ordering::SeqCst);
-            });
-            // Let the writer queue up behind the first reader.
+            let writer = s.spawn(|| drop(locks.exclusive(2, 3)));
+            // The writer queues up behind the first reader (it cannot take the range).
             while locks.table().waiting_writers.is_empty() {
                 std::thread::yield_now();
             }
-            s.spawn(|| {
-                let _r = locks.shared(1, 3);
-                assert!(wrote.load(Ordering::SeqCst), "a reader overtook a waiting writer");
-            });
-            std::thread::sleep(Duration::from_millis(100));
+            // A reader of an overlapping range that arrives now must wait for the writer,
+            // although only readers hold the range: polled once, it is still waiting.
+            let mut late_reader = locks.shared_async(1, 3);
+            assert!(poll_once(&mut late_reader).is_pending(), "a reader overtook a waiting writer");
+            // A reader of a range the writer does not want is not held back.
+            assert!(poll_once(&mut locks.shared_async(3, 4)).is_ready());
             drop(first_reader);
+            writer.join().unwrap();
+            assert!(poll_once(&mut late_reader).is_ready(), "the reader still waits after the writer");
         });
+        assert!(locks.table().held.is_empty());
+    }
+
+    #[test]
+    fn futures_wait_without_blocking_and_are_woken_on_release() {
+        let locks = RangeLocks::new();
+        let held = locks.exclusive(0, 8);
+        let woken = Arc::new(AtomicBool::new(false));
+        let waker = Waker::from(Arc::new(Flag(woken.clone())));
+        let mut cx = Context::from_waker(&waker);
+        let mut writer = locks.exclusive_async(4, 5);
+        assert!(Pin::new(&mut writer).poll(&mut cx).is_pending());
+        // The queued writer holds back readers, not writers of other ranges.
+        assert!(poll_once(&mut locks.shared_async(4, 6)).is_pending());
+        assert!(poll_once(&mut locks.exclusive_async(8, 9)).is_ready());
+        // Any release wakes every waiting future, which polls again and waits on.
+        assert!(woken.swap(false, Ordering::SeqCst));
+        assert!(Pin::new(&mut writer).poll(&mut cx).is_pending());
+        drop(held);
+        assert!(woken.load(Ordering::SeqCst), "a release did not wake the waiting future");
+        let Poll::Ready(guard) = Pin::new(&mut writer).poll(&mut cx) else {
+            panic!("the range is free but the future still waits");
+        };
+        drop(guard);
+        // A future dropped while it waits withdraws its claim: readers are not held back.
+        let reader = locks.shared(0, 1);
+        let mut gave_up = locks.exclusive_async(0, 1);
+        assert!(poll_once(&mut gave_up).is_pending());
+        drop(gave_up);
+        assert!(poll_once(&mut locks.shared_async(0, 1)).is_ready());
+        drop(reader);
+        let t = locks.table();
+        assert!(t.held.is_empty() && t.waiting_writers.is_empty() && t.wakers.is_empty());
+    }
+
+    struct Flag(Arc<AtomicBool>);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
     }
 }

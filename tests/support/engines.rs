@@ -28,6 +28,9 @@ pub enum Behaviour {
     /// is held back until the next poll: a duplicate that arrives while a sector is still in
     /// flight (a broken engine).
     DuplicateFirstHoldLast,
+    /// Every request is backlogged and passed on at the next poll without a `Promoted`: a
+    /// backlogged request completes unannounced (a broken engine).
+    CompleteBackloggedUnpromoted,
 }
 
 /// An engine whose queues answer according to a [`Behaviour`].
@@ -170,7 +173,7 @@ impl<S: Send + Clone> Queue<S> for WrappedQueue<S> {
                 Ok(Submitted::Backlogged)
             }
             Behaviour::DuplicateFirstHoldLast => self.inner.submit(request, may_backlog),
-            Behaviour::AlwaysBacklog => {
+            Behaviour::AlwaysBacklog | Behaviour::CompleteBackloggedUnpromoted => {
                 if !may_backlog {
                     return Err(SubmitError::busy(request));
                 }
@@ -204,7 +207,9 @@ impl<S: Send + Clone> Queue<S> for WrappedQueue<S> {
             let user_data = req.user_data;
             match self.inner.submit(req, false) {
                 Ok(_) => {
-                    (self.sink)(Event::Promoted { user_data });
+                    if !matches!(self.behaviour, Behaviour::CompleteBackloggedUnpromoted) {
+                        (self.sink)(Event::Promoted { user_data });
+                    }
                     n += 1;
                 }
                 Err(e) => {

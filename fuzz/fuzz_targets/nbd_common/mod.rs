@@ -81,5 +81,6 @@ pub fn config() -> ServerConfig {
         max_connections: 1,
         handshake_timeout: Duration::from_secs(10),
         stop_grace: Duration::from_secs(1),
+        reply_timeout: Duration::from_secs(30),
     }
 }
