@@ -47,10 +47,12 @@ impl<S: Send + 'static> SyncQueue<S> {
         match self.queue.submit(req, true) {
             Ok(Submitted::InProgress | Submitted::Backlogged) => {}
             Err(e) => {
-                return Completion {
-                    request: e.request,
-                    result: Err(crypt_vfio::Error::InvalidRequest(e.kind.to_string())),
-                }
+                // A refusal keeps its typed reason, so that tests match the variant.
+                let result = match e.kind {
+                    crypt_vfio::engine::SubmitErrorKind::Rejected(err) => Err(err),
+                    busy => Err(crypt_vfio::Error::InvalidRequest(busy.to_string())),
+                };
+                return Completion { request: e.request, result };
             }
         }
         let start = Instant::now();
