@@ -645,205 +645,76 @@ fn numbers_out_of_range_get_a_clear_error_and_write_nothing() {
     let image = std::fs::read(d.join("enc.img")).unwrap();
     let files = files_in(d);
     let p = |name: &str| d.join(name).display().to_string();
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    // A command line: the words, then the paths (`@name` is a file in the scratch directory).
+    let line = |words: &[&str], format: Option<(Format, bool)>| -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for w in words {
+            v.push(w.strip_prefix('@').map_or_else(|| w.to_string(), p));
+        }
+        if let Some((f, encrypt)) = format {
+            let (args, io) = if encrypt {
+                (f.encrypt_args(d), [p("plain.raw"), p("o")])
+            } else {
+                (f.decrypt_args(d), [p("enc.img"), p("o")])
+            };
+            v.extend(args);
+            v.extend(io);
+        }
+        v
+    };
+    let luks1_key = ["--key-file", "@pass", "@plain.raw", "@o"];
+    let with = |head: &[&str], tail: &[&str]| line(&[head, tail].concat(), None);
+    let format_size = |size: &str| {
+        with(
+            &["format", "--type", "luks1", "--pbkdf-force-iterations", "1000", "--size", size],
+            &["--key-file", "@pass", "@o"],
+        )
+    };
+    let mut cases: Vec<(Vec<String>, &str)> = vec![
+        (line(&["encrypt", "--sector-size", "0"], Some((Format::Luks2, true))), "sector size"),
+        (line(&["encrypt", "--sector-size", "1000"], Some((Format::Plain, true))), "sector size"),
         (
-            vec!["encrypt", "--sector-size", "0"]
-                .into_iter()
-                .map(String::from)
-                .chain(Format::Luks2.encrypt_args(d))
-                .chain([p("plain.raw"), p("o")])
-                .collect(),
+            with(
+                &["encrypt", "--type", "authenticated", "--sector-size", "8192"],
+                &["--volume-key-file", "@vk", "@plain.raw", "@o"],
+            ),
             "sector size",
         ),
+        (line(&["decrypt", "--sector-size", "0"], Some((Format::Plain, false))), "sector size"),
+        (line(&["encrypt", "--offset", "36028797018963969"], Some((Format::Plain, true))), "--offset"),
+        (line(&["decrypt", "--offset", "36028797018963969"], Some((Format::Plain, false))), "--offset"),
+        (format_size("9223372036854775808"), "--size"),
+        (format_size("18446744073709551104"), "--size"),
+        (format_size("4611686018427387904"), "--size"),
+        (with(&["encrypt", "--type", "luks1", "--pbkdf-force-iterations", "0"], &luks1_key), "1000"),
         (
-            vec!["encrypt", "--sector-size", "1000"]
-                .into_iter()
-                .map(String::from)
-                .chain(Format::Plain.encrypt_args(d))
-                .chain([p("plain.raw"), p("o")])
-                .collect(),
-            "sector size",
-        ),
-        (
-            vec!["encrypt", "--type", "authenticated", "--sector-size", "8192", "--volume-key-file"]
-                .into_iter()
-                .map(String::from)
-                .chain([p("vk"), p("plain.raw"), p("o")])
-                .collect(),
-            "sector size",
-        ),
-        (
-            vec!["decrypt", "--sector-size", "0"]
-                .into_iter()
-                .map(String::from)
-                .chain(Format::Plain.decrypt_args(d))
-                .chain([p("enc.img"), p("o")])
-                .collect(),
-            "sector size",
-        ),
-        (
-            vec!["encrypt", "--offset", "36028797018963969"]
-                .into_iter()
-                .map(String::from)
-                .chain(Format::Plain.encrypt_args(d))
-                .chain([p("plain.raw"), p("o")])
-                .collect(),
-            "--offset",
-        ),
-        (
-            vec!["decrypt", "--offset", "36028797018963969"]
-                .into_iter()
-                .map(String::from)
-                .chain(Format::Plain.decrypt_args(d))
-                .chain([p("enc.img"), p("o")])
-                .collect(),
-            "--offset",
-        ),
-        (
-            vec![
-                "format",
-                "--type",
-                "luks1",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--size",
-                "9223372036854775808",
-                "--key-file",
-            ]
-            .into_iter()
-            .map(String::from)
-            .chain([p("pass"), p("o")])
-            .collect(),
-            "--size",
-        ),
-        (
-            vec![
-                "format",
-                "--type",
-                "luks1",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--size",
-                "18446744073709551104",
-                "--key-file",
-            ]
-            .into_iter()
-            .map(String::from)
-            .chain([p("pass"), p("o")])
-            .collect(),
-            "--size",
-        ),
-        (
-            vec![
-                "format",
-                "--type",
-                "luks1",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--size",
-                "4611686018427387904",
-                "--key-file",
-            ]
-            .into_iter()
-            .map(String::from)
-            .chain([p("pass"), p("o")])
-            .collect(),
-            "--size",
-        ),
-        (
-            vec!["encrypt", "--type", "luks1", "--pbkdf-force-iterations", "0", "--key-file"]
-                .into_iter()
-                .map(String::from)
-                .chain([p("pass"), p("plain.raw"), p("o")])
-                .collect(),
+            with(
+                &["encrypt", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "999"],
+                &luks1_key,
+            ),
             "1000",
         ),
         (
-            vec![
-                "encrypt",
-                "--type",
-                "luks2",
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "999",
-                "--key-file",
-            ]
-            .into_iter()
-            .map(String::from)
-            .chain([p("pass"), p("plain.raw"), p("o")])
-            .collect(),
-            "1000",
-        ),
-        (
-            vec![
-                "encrypt",
-                "--type",
-                "luks2",
-                "--pbkdf",
-                "argon2id",
-                "--pbkdf-force-iterations",
-                "3",
-                "--pbkdf-memory",
-                "8192",
-                "--key-file",
-            ]
-            .into_iter()
-            .map(String::from)
-            .chain([p("pass"), p("plain.raw"), p("o")])
-            .collect(),
+            with(
+                &["encrypt", "--type", "luks2", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "3"],
+                &[&["--pbkdf-memory", "8192"][..], &luks1_key].concat(),
+            ),
             "4",
         ),
+        (with(&["encrypt", "--type", "luks2", "--pbkdf-memory", "0"], &luks1_key), "pbkdf-memory"),
+        (with(&["encrypt", "--type", "luks2", "--pbkdf-parallel", "0"], &luks1_key), "pbkdf-parallel"),
+        (with(&["encrypt", "--type", "luks2", "--pbkdf-parallel", "5"], &luks1_key), "pbkdf-parallel"),
+        (with(&["encrypt", "--type", "luks1", "--iter-time", "0"], &luks1_key), "iter-time"),
         (
-            vec!["encrypt", "--type", "luks2", "--pbkdf-memory", "0", "--key-file"]
-                .into_iter()
-                .map(String::from)
-                .chain([p("pass"), p("plain.raw"), p("o")])
-                .collect(),
-            "pbkdf-memory",
-        ),
-        (
-            vec!["encrypt", "--type", "luks2", "--pbkdf-parallel", "0", "--key-file"]
-                .into_iter()
-                .map(String::from)
-                .chain([p("pass"), p("plain.raw"), p("o")])
-                .collect(),
-            "pbkdf-parallel",
-        ),
-        (
-            vec!["encrypt", "--type", "luks2", "--pbkdf-parallel", "5", "--key-file"]
-                .into_iter()
-                .map(String::from)
-                .chain([p("pass"), p("plain.raw"), p("o")])
-                .collect(),
-            "pbkdf-parallel",
-        ),
-        (
-            vec!["encrypt", "--type", "luks1", "--iter-time", "0", "--key-file"]
-                .into_iter()
-                .map(String::from)
-                .chain([p("pass"), p("plain.raw"), p("o")])
-                .collect(),
-            "iter-time",
-        ),
-        (
-            vec!["add-key", "--pbkdf-force-iterations", "0", "--new-key-file"]
-                .into_iter()
-                .map(String::from)
-                .chain([p("vk"), "--key-file".into(), p("pass"), p("enc.img")])
-                .collect(),
+            with(
+                &["add-key", "--pbkdf-force-iterations", "0", "--new-key-file", "@vk"],
+                &["--key-file", "@pass", "@enc.img"],
+            ),
             "1000",
         ),
     ];
-    let mut cases = cases;
     for (flag, value) in [("--device-workers", "0"), ("--device-queue-size", "3"), ("--device-queues", "0")] {
-        let args: Vec<String> = ["encrypt", flag, value]
-            .into_iter()
-            .map(String::from)
-            .chain(Format::Plain.encrypt_args(d))
-            .chain([p("plain.raw"), p("o")])
-            .collect();
-        cases.push((args, flag));
+        cases.push((line(&["encrypt", flag, value], Some((Format::Plain, true))), flag));
     }
     for (args, needle) in cases {
         let e = fails(cli().args(&args));
