@@ -6,12 +6,14 @@
 //! test with the reason printed (`apt-get install qemu-utils libnbd-bin`). The server listens
 //! on a random loopback port or a Unix socket; every wait is bounded.
 
+mod support;
+
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use support::start_server;
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 const SERVER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -108,26 +110,8 @@ impl Served {
         } else {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(dir.path().join("server.log")).unwrap())
-            .spawn()
-            .unwrap();
-        // The first line names the address; read it on a thread so a silent server times out.
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(SERVER_TIMEOUT).expect("the server prints its address");
-        let uri = line
-            .strip_prefix("listening on ")
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let (child, uri) =
+            start_server(cmd.stderr(File::create(dir.path().join("server.log")).unwrap()), SERVER_TIMEOUT);
         Served { child, uri, image, dir }
     }
 

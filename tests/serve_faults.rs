@@ -6,13 +6,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{have, pattern, run, scratch};
+use support::{have, pattern, run, scratch, start_server};
 
 struct Served {
     child: Child,
@@ -22,32 +20,18 @@ struct Served {
 
 impl Served {
     fn start(dir: &Path, timeout: &str, faults: &[&str]) -> Served {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--export", "vol", "--device-latency", "2ms"])
-            .args(["--request-timeout", timeout])
-            .args(faults.iter().flat_map(|f| ["--device-fault", f]))
-            .arg("--key-file")
-            .arg(dir.join("pass"))
-            .arg(dir.join("vol.luks"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("the server prints its address");
+        let (child, uri) = start_server(
+            Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--export", "vol", "--device-latency", "2ms"])
+                .args(["--request-timeout", timeout])
+                .args(faults.iter().flat_map(|f| ["--device-fault", f]))
+                .arg("--key-file")
+                .arg(dir.join("pass"))
+                .arg(dir.join("vol.luks"))
+                .stderr(Stdio::inherit()),
+            Duration::from_secs(30),
+        );
         let started = Instant::now();
-        let uri = line
-            .strip_prefix("listening on ")
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
         Served { child, uri, started }
     }
 

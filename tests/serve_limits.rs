@@ -3,13 +3,17 @@
 //! whole server and given back when clients leave, idle handshakes cannot lock new clients
 //! out, and every numeric option is bounded with a clear error.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod support;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use support::start_server;
 
 use crypt_vfio::nbd::proto::{self, be_u32, cmd, opt, rep, Request};
 
@@ -32,29 +36,20 @@ impl Served {
         let f = std::fs::File::create(&image).unwrap();
         f.set_len(IMAGE_SIZE).unwrap();
         let log = dir.path().join("server.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
-            .arg("serve")
-            .arg("--raw")
-            .arg(&image)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(START_TIMEOUT).expect("the server prints its address");
-        let addr = line
-            .strip_prefix("listening on nbd://")
+        let (child, uri) = start_server(
+            Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
+                .arg("serve")
+                .arg("--raw")
+                .arg(&image)
+                .args(["--listen", "127.0.0.1:0"])
+                .args(extra)
+                .stderr(std::fs::File::create(&log).unwrap()),
+            START_TIMEOUT,
+        );
+        let addr = uri
+            .strip_prefix("nbd://")
             .and_then(|l| l.split('/').next())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .unwrap_or_else(|| panic!("unexpected URI {uri:?}"))
             .to_string();
         Served { child, addr, log, _dir: dir }
     }

@@ -81,3 +81,27 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 pub fn scratch() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("crypt-vfio-test").tempdir().expect("temp dir")
 }
+
+/// Starts `cmd`, a `crypt-vfio serve`, with its standard output piped, and waits up to
+/// `timeout` for the first line, which names the address. Returns the child and the URI
+/// (`nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`). The line is read on a thread,
+/// so a server that never prints fails the test instead of hanging it.
+pub fn start_server(cmd: &mut Command, timeout: std::time::Duration) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child =
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(timeout).expect("the server prints its address");
+    let uri = line
+        .strip_prefix("listening on ")
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, uri)
+}
