@@ -314,6 +314,16 @@ fn a_damaged_primary_magic_opens_from_the_secondary_copy_as_cryptsetup_does() {
         assert_eq!(*header.unlock(&*engine(), &f, PASS.as_bytes()).unwrap().1, key);
         f.write_all_at(&saved, 0).unwrap();
     }
+    // The primary's magic damaged and the secondary copy damaged as well: the error says what
+    // is wrong with the secondary, never "not LUKS" (which would send the user to --plain).
+    let f = OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    f.write_all_at(b"XUKS", 0).unwrap();
+    let hdr_size = 16384;
+    let mut json = [0u8; 1];
+    f.read_exact_at(&mut json, hdr_size + 4096 + 8).unwrap();
+    f.write_all_at(&[json[0] ^ 0x20], hdr_size + 4096 + 8).unwrap();
+    let e = luks::Header::read(&f).unwrap_err();
+    assert!(!matches!(e, Error::NotLuks(_)), "a damaged LUKS2 image reported as not LUKS: {e}");
     // Nothing LUKS anywhere: still "not LUKS".
     let plain = dir.path().join("plain.img");
     std::fs::write(&plain, vec![0u8; 1 << 20]).unwrap();

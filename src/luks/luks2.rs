@@ -257,17 +257,28 @@ impl Header {
             }
         };
         let hint = newest.as_ref().map(|h| h.hdr_size);
+        // A secondary copy whose magic is there but which fails its checks: the image is LUKS2
+        // and damaged, which is worth saying rather than "not LUKS".
+        let mut damaged_secondary = None;
         for off in HDR_SIZES.iter().copied().filter(|&o| hint.is_none_or(|h| h == o)) {
-            if let Ok(h) = Self::read_copy(file, off) {
-                if newest.as_ref().is_none_or(|n| h.seqid > n.seqid) {
-                    newest = Some(h);
+            match Self::read_copy(file, off) {
+                Ok(h) => {
+                    if newest.as_ref().is_none_or(|n| h.seqid > n.seqid) {
+                        newest = Some(h);
+                    }
+                    break;
                 }
-                break;
+                // No copy there: no magic, or the file ends before that offset.
+                Err(Error::NotLuks(_) | Error::Truncated { .. }) => {}
+                Err(e) => {
+                    damaged_secondary.get_or_insert(e);
+                }
             }
         }
-        match newest {
-            Some(h) => Ok(h),
-            None => primary,
+        match (newest, &primary, damaged_secondary) {
+            (Some(h), _, _) => Ok(h),
+            (None, Err(Error::NotLuks(_)), Some(e)) => Err(e),
+            (None, _, _) => primary,
         }
     }
 

@@ -242,9 +242,12 @@ impl Header {
                     log::warn!("no LUKS magic at byte 0; using the LUKS2 secondary header");
                     Ok(Header::V2(Box::new(h)))
                 }
-                Err(_) => {
+                Err(Error::NotLuks(_)) => {
                     Err(Error::NotLuks("no LUKS magic at byte 0, and no LUKS2 secondary header".into()))
                 }
+                // A secondary copy is there but damaged too: say what is wrong with it, never
+                // "not LUKS" (which would send the user to --plain and garbage).
+                Err(e) => Err(e),
             };
         }
         // A known magic with an unknown version is refused, as cryptsetup does ("Unsupported
