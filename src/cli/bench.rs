@@ -127,6 +127,7 @@ impl FromStr for Alg {
             "aes-128-gcm" => (Mode::Gcm, 16),
             "aes-256-gcm" | "aes-gcm" => (Mode::Gcm, 32),
             "aes-256-xts" => (Mode::Xts, 32),
+            "aes-384-xts" => (Mode::Xts, 48),
             "aes-512-xts" | "aes-xts" => (Mode::Xts, 64),
             "aes-128-cbc" => (Mode::Cbc, 16),
             "aes-192-cbc" => (Mode::Cbc, 24),
@@ -136,7 +137,7 @@ impl FromStr for Alg {
             "aes-256-ctr" | "aes-ctr" => (Mode::Ctr, 32),
             _ => {
                 return Err(format!(
-                    "unknown algorithm `{s}` (aes-128-gcm, aes-256-gcm, aes-256-xts, aes-512-xts, aes-cbc, aes-ctr, \
+                    "unknown algorithm `{s}` (aes-128-gcm, aes-256-gcm, aes-256-xts, aes-384-xts, aes-512-xts, aes-cbc, aes-ctr, \
                      aes-128/192/256-cbc, aes-128/192/256-ctr)"
                 ))
             }
