@@ -13,64 +13,17 @@ use anyhow::{bail, Context};
 use clap::Args;
 use crypt_vfio::luks::{self, Header};
 use crypt_vfio::volume::file::{ensure_len, storage_len};
-use crypt_vfio::volume::{authenticated, AuthVolume, BlockDevice, CipherSpec, Volume, VolumeParams};
+use crypt_vfio::volume::{authenticated, AuthVolume, BlockDevice, Volume, VolumeParams};
 use crypt_vfio::Error;
 
 use super::device::DeviceArgs;
-use super::luks_opts::{parse_sector_size, progress, read_key_file, NewImageArgs};
+use super::luks_opts::{progress, read_key_file, NewImageArgs};
 use super::output::Output;
+use super::plain_opts::{authenticated_key, PlainArgs, PlainShapeArgs};
 
 /// Bytes per step: large enough to keep the pipeline full, small enough for a smooth progress
 /// bar.
 const CHUNK: usize = 4 << 20;
-
-/// Plain dm-crypt (no header) options, as cryptsetup's `open --type plain`.
-#[derive(Args, Debug, Clone)]
-pub struct PlainArgs {
-    /// The image is plain dm-crypt: no header, the key given by --volume-key-file.
-    #[arg(long)]
-    pub plain: bool,
-    /// File holding the raw volume key (plain mode and authenticated volumes).
-    #[arg(long, value_name = "FILE")]
-    pub volume_key_file: Option<PathBuf>,
-    /// Plain mode: start of the data in the image, in 512-byte sectors.
-    #[arg(long, short = 'o', default_value_t = 0, requires = "plain")]
-    pub offset: u64,
-    /// Plain mode: IV offset, in 512-byte sectors.
-    #[arg(long, short = 'p', default_value_t = 0, requires = "plain")]
-    pub skip: u64,
-    /// Plain mode: count IVs in sectors of --sector-size instead of 512 bytes.
-    #[arg(long, requires = "plain")]
-    pub iv_large_sectors: bool,
-}
-
-impl PlainArgs {
-    fn volume(
-        &self,
-        cipher: &str,
-        sector_size: u32,
-    ) -> anyhow::Result<(zeroize::Zeroizing<Vec<u8>>, VolumeParams)> {
-        let Some(path) = &self.volume_key_file else {
-            bail!("--plain needs --volume-key-file (the raw key)");
-        };
-        let key = read_key_file(path)?;
-        let spec: CipherSpec = cipher.parse()?;
-        spec.check_key_len(key.len())
-            .with_context(|| format!("the volume key file {} holds {} bytes", path.display(), key.len()))?;
-        let data_offset =
-            self.offset.checked_mul(512).filter(|&b| b <= i64::MAX as u64).with_context(|| {
-                format!("--offset {}: more 512-byte sectors than a file can hold", self.offset)
-            })?;
-        let params = VolumeParams {
-            sector_size,
-            data_offset,
-            iv_offset: self.skip,
-            iv_large_sectors: self.iv_large_sectors,
-            ..VolumeParams::plain(spec)
-        };
-        Ok((key, params))
-    }
-}
 
 /// Arguments of `crypt-vfio encrypt`.
 #[derive(Args, Debug)]
@@ -97,12 +50,8 @@ pub struct DecryptArgs {
     device: DeviceArgs,
     #[command(flatten)]
     plain: PlainArgs,
-    /// Plain mode: the cipher spec.
-    #[arg(long, short = 'c', default_value = "aes-xts-plain64")]
-    cipher: String,
-    /// Plain mode: sector size in bytes (512, 1024, 2048 or 4096).
-    #[arg(long, default_value_t = 512, value_parser = parse_sector_size)]
-    sector_size: u32,
+    #[command(flatten)]
+    shape: PlainShapeArgs,
     /// File holding the passphrase (`-`: standard input).
     #[arg(long, short = 'd', value_name = "FILE")]
     key_file: Option<PathBuf>,
@@ -127,7 +76,7 @@ pub fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
         let total = checked_end(params.data_offset, data_len, "--offset and the input's size")?;
         NewImage::Plain { key, params, total }
     } else if args.image.luks_type == "authenticated" {
-        let key = authenticated_key(&args.plain)?;
+        let key = authenticated_key(args.plain.volume_key_file.as_deref())?;
         let data_len = in_len.next_multiple_of(u64::from(args.image.sector_size));
         NewImage::Authenticated { key, data_len }
     } else {
@@ -179,10 +128,10 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     // Before the key derivation: an output that is the input is refused at once.
     let out = Output::open(&args.output, &input, &args.input)?;
     let volume: Box<dyn BlockDevice> = if args.plain.plain {
-        let (key, params) = args.plain.volume(&args.cipher, args.sector_size)?;
+        let (key, params) = args.plain.volume(&args.shape.cipher, args.shape.sector_size)?;
         Box::new(Volume::open(engine, input.try_clone()?, false, &key, params)?)
     } else if is_authenticated(&input) {
-        let key = authenticated_key(&args.plain)?;
+        let key = authenticated_key(args.plain.volume_key_file.as_deref())?;
         Box::new(AuthVolume::open(engine, input.try_clone()?, false, &key)?)
     } else {
         let header = match Header::read(&input) {
@@ -233,22 +182,6 @@ enum Direction {
 fn is_authenticated(file: &File) -> bool {
     let mut magic = [0u8; 8];
     std::os::unix::fs::FileExt::read_exact_at(file, &mut magic, 0).is_ok() && magic == authenticated::MAGIC
-}
-
-/// The raw key of an authenticated volume (AES-128 or AES-256 for GCM).
-fn authenticated_key(plain: &PlainArgs) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
-    let Some(path) = &plain.volume_key_file else {
-        bail!("an authenticated volume needs --volume-key-file (a raw 16- or 32-byte AES-GCM key)");
-    };
-    let key = read_key_file(path)?;
-    if key.len() != 16 && key.len() != 32 {
-        bail!(
-            "{} holds {} bytes; an authenticated volume takes a 16- or 32-byte key",
-            path.display(),
-            key.len()
-        );
-    }
-    Ok(key)
 }
 
 /// Buffers in flight between the file thread and the thread driving the engine.

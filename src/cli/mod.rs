@@ -11,6 +11,7 @@ mod keys;
 mod luks_opts;
 mod output;
 mod overwrite_check;
+mod plain_opts;
 mod plot;
 mod progress;
 mod selftest;

@@ -31,6 +31,7 @@ use crypt_vfio::Error;
 use super::device::DeviceArgs;
 use super::duration::{parse_within, Bounds};
 use super::luks_opts::read_key_file;
+use super::plain_opts::{PlainArgs, PlainShapeArgs};
 
 /// Arguments of `crypt-vfio serve`.
 #[derive(Args, Debug)]
@@ -40,11 +41,16 @@ pub struct ServeArgs {
     pub image: PathBuf,
     /// File holding the passphrase of a LUKS image, or the raw key of an authenticated volume
     /// (`-`: standard input).
-    #[arg(long, value_name = "F", required_unless_present = "raw", conflicts_with = "raw")]
+    #[arg(long, value_name = "F", required_unless_present_any = ["raw", "plain"], conflicts_with_all = ["raw", "plain"])]
     pub key_file: Option<PathBuf>,
     /// Export IMG as it is, unencrypted (serves a plain image; tests the NBD server alone).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "plain")]
     pub raw: bool,
+    /// A headerless dm-crypt image (as `cryptsetup open --type plain`), keyed by --volume-key-file.
+    #[command(flatten)]
+    pub plain: PlainArgs,
+    #[command(flatten)]
+    pub plain_shape: PlainShapeArgs,
     /// TCP address to listen on (port 0 picks a free port; the address is printed).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10809", conflicts_with = "socket")]
     pub listen: String,
@@ -132,6 +138,20 @@ pub fn open_export(args: &ServeArgs) -> anyhow::Result<Export> {
         let dev = FileBlockDevice::open(&args.image, args.read_only)
             .with_context(|| format!("opening {} to export it raw", args.image.display()))?;
         return Ok((Arc::new(dev), None));
+    }
+    if args.plain.plain {
+        // The key and every plain option are checked before the device is opened, and all of it
+        // before anything listens.
+        let (key, params) = args.plain.volume(&args.plain_shape.cipher, args.plain_shape.sector_size)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!args.read_only)
+            .open(&args.image)
+            .with_context(|| format!("opening {}", args.image.display()))?;
+        let engine = Arc::new(args.device.open(&args.device.options())?);
+        let volume = Volume::open(engine.clone(), file, !args.read_only, &key, params)
+            .with_context(|| format!("opening {} as a plain dm-crypt image", args.image.display()))?;
+        return Ok((Arc::new(volume), Some(engine)));
     }
     let key_file = args.key_file.as_deref().context("--key-file is needed to unlock the volume")?;
     let file = OpenOptions::new()
