@@ -1,6 +1,7 @@
-//! `serve --plain` (a headerless dm-crypt image, as `cryptsetup open --type plain`): nbdcopy
-//! reads what `encrypt --plain` wrote, a qemu-io write through NBD is what `decrypt --plain` then
-//! sees, and a bad key or option is refused by name before anything listens. Skipped (saying why) when a tool is missing.
+//! `serve --plain` (a headerless dm-crypt image, as `cryptsetup open --type plain`) and
+//! `format --type authenticated`: nbdcopy reads what `encrypt --plain` wrote, a qemu-io write
+//! through NBD is what `decrypt --plain` then sees, and every bad key or size is refused by name
+//! before anything listens or is written. Skipped (saying why) when a tool is missing.
 
 mod support;
 
@@ -110,4 +111,58 @@ fn serve_plain_refuses_bad_keys_and_options_before_listening() {
     assert!(err.contains("cannot be used with"), "--plain with --raw: {err}");
     let err = fails(serve().args(["--plain", "--key-file"]).arg(&short).arg(d.join("enc.img")));
     assert!(err.contains("cannot be used with"), "--plain with --key-file: {err}");
+}
+
+#[test]
+fn format_authenticated_makes_a_zeroed_volume() {
+    let dir = scratch();
+    let d = dir.path();
+    let key = d.join("vk32.bin");
+    std::fs::write(&key, pattern(32, 3)).unwrap();
+    let vk = ["--type", "authenticated", "--sector-size", "4096", "--volume-key-file"];
+
+    // A new image of --size bytes of data.
+    run(cli().arg("format").args(vk).arg(&key).args(["--size", "1048576"]).arg(d.join("auth.img")));
+    run(cli()
+        .arg("decrypt")
+        .arg("--volume-key-file")
+        .arg(&key)
+        .arg(d.join("auth.img"))
+        .arg(d.join("out.raw")));
+    assert!(std::fs::read(d.join("out.raw")).unwrap() == vec![0u8; 1 << 20], "not 1 MiB of zeroes");
+
+    // Over an existing file: it fills the file and never grows it; its superblock is not
+    // overwritten unasked.
+    std::fs::write(d.join("old.img"), pattern(3 << 20, 5)).unwrap();
+    run(cli().arg("format").args(vk).arg(&key).arg(d.join("old.img")));
+    assert_eq!(std::fs::metadata(d.join("old.img")).unwrap().len(), 3 << 20);
+    run(cli()
+        .arg("decrypt")
+        .arg("--volume-key-file")
+        .arg(&key)
+        .arg(d.join("old.img"))
+        .arg(d.join("old.raw")));
+    let data = std::fs::read(d.join("old.raw")).unwrap();
+    assert!(
+        !data.is_empty() && data.len() % 4096 == 0 && data.len() > (3 << 20) - 64 * 4096,
+        "{}",
+        data.len()
+    );
+    assert!(data.iter().all(|&b| b == 0), "not all zeroes");
+    let err = fails(cli().arg("format").args(vk).arg(&key).arg(d.join("old.img")));
+    assert!(err.contains("authenticated volume's superblock"), "{err}");
+    run(cli().arg("format").args(vk).arg(&key).arg("-q").arg(d.join("old.img")));
+
+    // Bad keys and sizes: refused by name, nothing created.
+    let bad = d.join("vk24.bin");
+    std::fs::write(&bad, [9u8; 24]).unwrap();
+    let err = fails(cli().arg("format").args(vk).arg(&bad).args(["--size", "1048576"]).arg(d.join("a.img")));
+    assert!(err.contains("24 bytes"), "{err}");
+    for size in ["0", "1000", "6144"] {
+        let err = fails(cli().arg("format").args(vk).arg(&key).args(["--size", size]).arg(d.join("a.img")));
+        assert!(err.contains("multiple of the sector size"), "--size {size}: {err}");
+    }
+    let err = fails(cli().args(["format", "--type", "authenticated", "--size", "4096"]).arg(d.join("a.img")));
+    assert!(err.contains("--volume-key-file"), "{err}");
+    assert!(!d.join("a.img").exists(), "a refused format left a file behind");
 }

@@ -141,7 +141,7 @@ impl KdfArgs {
 #[derive(Args, Debug, Clone)]
 pub struct NewImageArgs {
     /// LUKS version, or `authenticated` (AES-GCM per sector, see docs/authenticated-format.md;
-    /// `encrypt` only, keyed by --volume-key-file).
+    /// `encrypt` and `format`, keyed by --volume-key-file).
     #[arg(long = "type", default_value = "luks2", value_parser = ["luks1", "luks2", "authenticated"])]
     pub luks_type: String,
     /// dm-crypt cipher spec.
