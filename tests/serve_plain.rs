@@ -111,6 +111,13 @@ fn serve_plain_refuses_bad_keys_and_options_before_listening() {
     assert!(err.contains("cannot be used with"), "--plain with --raw: {err}");
     let err = fails(serve().args(["--plain", "--key-file"]).arg(&short).arg(d.join("enc.img")));
     assert!(err.contains("cannot be used with"), "--plain with --key-file: {err}");
+    let err = fails(
+        serve().arg("--key-file").arg(&short).arg("--volume-key-file").arg(&short).arg(d.join("enc.img")),
+    );
+    assert!(
+        err.contains("--volume-key-file goes with --plain"),
+        "a raw key without --plain is not ignored: {err}"
+    );
 }
 
 #[test]

@@ -153,6 +153,13 @@ pub fn open_export(args: &ServeArgs) -> anyhow::Result<Export> {
             .with_context(|| format!("opening {} as a plain dm-crypt image", args.image.display()))?;
         return Ok((Arc::new(volume), Some(engine)));
     }
+    if args.plain.volume_key_file.is_some() {
+        // Not ignored: a user who gave a raw key expects it to be the one used.
+        bail!(
+            "--volume-key-file goes with --plain; a LUKS passphrase or an authenticated volume's raw key \
+             goes to --key-file"
+        );
+    }
     let key_file = args.key_file.as_deref().context("--key-file is needed to unlock the volume")?;
     let file = OpenOptions::new()
         .read(true)
