@@ -48,7 +48,7 @@ enum Command {
     /// Run every algorithm and key size the device accepts against the software implementation,
     /// and bad input that must be refused.
     Selftest(SelftestArgs),
-    /// Export the decrypted view of a volume (or, with --raw, an image as it is) over NBD.
+    /// Export the decrypted view of a volume (LUKS, authenticated, or plain dm-crypt with --plain; or, with --raw, an image as it is) over NBD.
     Serve(ServeArgs),
     /// Write a new LUKS1 or LUKS2 header on an image (like `cryptsetup luksFormat`).
     Format(format::FormatArgs),

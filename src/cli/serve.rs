@@ -36,7 +36,7 @@ use super::plain_opts::{PlainArgs, PlainShapeArgs};
 /// Arguments of `crypt-vfio serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// The image: an encrypted volume (with --key-file), or any file or block device with --raw.
+    /// The image: an encrypted volume (with --key-file), a plain dm-crypt image (with --plain), or any file or block device with --raw.
     #[arg(value_name = "IMG")]
     pub image: PathBuf,
     /// File holding the passphrase of a LUKS image, or the raw key of an authenticated volume
