@@ -107,6 +107,19 @@ impl Rig {
         self.submit(Buf::Host(plain(id, len))).expect("request accepted")
     }
 
+    /// Submits `n` requests in 4 KiB DMA buffers, which the device may write directly: the
+    /// buffers a device that ignores its reset could still change.
+    fn submit_dma(&mut self, n: usize) -> Vec<u64> {
+        (0..n)
+            .map(|_| {
+                let id = self.next.load(Ordering::Relaxed);
+                let Buf::Dma(mut b) = self.dev.alloc_buffer(4096).unwrap() else { panic!("DMA buffer") };
+                b.as_mut_slice().copy_from_slice(&plain(id, 4096));
+                self.submit(Buf::Dma(b)).unwrap()
+            })
+            .collect()
+    }
+
     /// Waits for the final completions of `ids` (polling in poll mode only).
     fn wait(&mut self, ids: &[u64]) -> Vec<Completion<DeviceSession>> {
         let start = Instant::now();
@@ -364,31 +377,30 @@ fn answer_after_the_timeout() {
 
 // ---- Item 4: a reset that does not complete ------------------------------------------------
 
-#[test]
-fn a_device_that_ignores_reset_is_stopped_by_flr_before_buffers_go_back() {
-    let mut r = rig(CompletionMode::Poll);
-    r.t.inject(EmulatedFault::NeverAnswer);
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        let id = r.next.load(Ordering::Relaxed);
-        let Buf::Dma(mut b) = r.dev.alloc_buffer(4096).unwrap() else { panic!("DMA buffer") };
-        b.as_mut_slice().copy_from_slice(&plain(id, 4096));
-        ids.push(r.submit(Buf::Dma(b)).unwrap());
-    }
-    std::thread::sleep(Duration::from_millis(50));
-    r.t.inject(EmulatedFault::IgnoreReset { flr_too: false });
-    let back = r.wait(&ids);
-    let snapshot: Vec<Vec<u8>> = back.iter().map(|c| c.request.data.as_slice().to_vec()).collect();
-    assert!(r.t.stats().late_writes > 0, "the device kept writing after the reset it ignored");
-    std::thread::sleep(Duration::from_millis(300));
-    for (c, before) in back.iter().zip(&snapshot) {
-        device_failed(c, "no completion");
+/// Each request failed with `why`, and its buffer holds what it held when it came back.
+fn unchanged_since_hand_back(back: &[Completion<DeviceSession>], snapshot: &[Vec<u8>], why: &str) {
+    for (c, before) in back.iter().zip(snapshot) {
+        device_failed(c, why);
         assert_eq!(
             c.request.data.as_slice(),
             &before[..],
             "the device wrote a buffer after it was handed back"
         );
     }
+}
+
+#[test]
+fn a_device_that_ignores_reset_is_stopped_by_flr_before_buffers_go_back() {
+    let mut r = rig(CompletionMode::Poll);
+    r.t.inject(EmulatedFault::NeverAnswer);
+    let ids = r.submit_dma(4);
+    std::thread::sleep(Duration::from_millis(50));
+    r.t.inject(EmulatedFault::IgnoreReset { flr_too: false });
+    let back = r.wait(&ids);
+    let snapshot: Vec<Vec<u8>> = back.iter().map(|c| c.request.data.as_slice().to_vec()).collect();
+    assert!(r.t.stats().late_writes > 0, "the device kept writing after the reset it ignored");
+    std::thread::sleep(Duration::from_millis(300));
+    unchanged_since_hand_back(&back, &snapshot, "no completion");
     r.assert_recovered();
     r.report();
 }
@@ -397,27 +409,14 @@ fn a_device_that_ignores_reset_is_stopped_by_flr_before_buffers_go_back() {
 fn a_device_that_ignores_every_reset_loses_its_dma_mappings_and_is_given_up() {
     let mut r = rig(CompletionMode::Poll);
     r.t.inject(EmulatedFault::NeverAnswer);
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        let id = r.next.load(Ordering::Relaxed);
-        let Buf::Dma(mut b) = r.dev.alloc_buffer(4096).unwrap() else { panic!("DMA buffer") };
-        b.as_mut_slice().copy_from_slice(&plain(id, 4096));
-        ids.push(r.submit(Buf::Dma(b)).unwrap());
-    }
+    let ids = r.submit_dma(4);
     std::thread::sleep(Duration::from_millis(50));
     r.t.inject(EmulatedFault::IgnoreReset { flr_too: true });
     let back = r.wait(&ids);
     let snapshot: Vec<Vec<u8>> = back.iter().map(|c| c.request.data.as_slice().to_vec()).collect();
     let faults_then = r.t.stats().iommu_faults;
     std::thread::sleep(Duration::from_millis(300));
-    for (c, before) in back.iter().zip(&snapshot) {
-        device_failed(c, "ignored a reset");
-        assert_eq!(
-            c.request.data.as_slice(),
-            &before[..],
-            "the device wrote a buffer after it was handed back"
-        );
-    }
+    unchanged_since_hand_back(&back, &snapshot, "ignored a reset");
     assert!(r.t.stats().iommu_faults > faults_then, "the IOMMU must have blocked the late writes");
     assert!(!r.dev.wait_working(Duration::from_secs(1)), "a device that will not stop is not used again");
     match r.submit(Buf::Host(vec![0; 64])) {

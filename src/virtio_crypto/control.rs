@@ -115,18 +115,11 @@ impl ControlQueue {
         let invalid = SessionInput { session_id: 0, status: u32::from(status::ERR) }.encode();
         let wrote = wrote && v.write_slice(&invalid, INPUT_OFF).is_ok();
         let result = if wrote {
-            exchange(
-                &mut self.vq,
-                &mut self.dirty,
-                &self.cancel,
-                self.buf.iova(),
-                self.timeout,
-                KEY_OFF + key.len(),
-                crypto::SESSION_INPUT_SIZE,
-            )
+            self.exchange(KEY_OFF + key.len(), crypto::SESSION_INPUT_SIZE)
         } else {
             Err(Error::Dma("control buffer write failed".into()))
         };
+        let v = self.buf.volatile();
         // Wipe the key from DMA memory once the device is done with it: after its answer, or
         // (when the queue is dirty) at the restart that follows the reset.
         if self.dirty.is_none() {
@@ -153,38 +146,24 @@ impl ControlQueue {
         let v = self.buf.volatile();
         v.write_slice(&req.encode(), 0).map_err(|e| Error::Dma(e.to_string()))?;
         v.write_obj(status::ERR, INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))?;
-        exchange(
-            &mut self.vq,
-            &mut self.dirty,
-            &self.cancel,
-            self.buf.iova(),
-            self.timeout,
-            crypto::CTRL_REQ_SIZE,
-            crypto::INHDR_SIZE,
-        )?;
+        self.exchange(crypto::CTRL_REQ_SIZE, crypto::INHDR_SIZE)?;
+        let v = self.buf.volatile();
         match v.read_obj::<u8>(INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))? {
             status::OK => Ok(()),
             status::INVSESS => Err(Error::InvalidSession),
             s => Err(Error::DeviceError(s)),
         }
     }
-}
 
-/// Runs the prepared request; a timeout or an impossible answer leaves the queue `dirty`.
-fn exchange(
-    vq: &mut SplitQueue,
-    dirty: &mut Option<String>,
-    cancel: &AtomicBool,
-    iova: u64,
-    timeout: Duration,
-    out_len: usize,
-    in_len: usize,
-) -> Result<()> {
-    let r = run(vq, cancel, iova, timeout, out_len, in_len);
-    if let Err(e) = &r {
-        *dirty = Some(e.to_string());
+    /// Runs the request prepared in the buffer; a timeout or an impossible answer leaves the
+    /// queue `dirty`.
+    fn exchange(&mut self, out_len: usize, in_len: usize) -> Result<()> {
+        let r = run(&mut self.vq, &self.cancel, self.buf.iova(), self.timeout, out_len, in_len);
+        if let Err(e) = &r {
+            self.dirty = Some(e.to_string());
+        }
+        r
     }
-    r
 }
 
 /// Sends the prepared request (`out_len` readable bytes at `iova`, `in_len` writable at the
