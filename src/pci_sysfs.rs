@@ -270,6 +270,16 @@ impl Sysfs {
         Ok(self.functions()?.into_iter().filter(|f| f.kind() != CryptoKind::Other).collect())
     }
 
+    /// The modern virtio-crypto functions bound to vfio-pci, in address order: the devices
+    /// `--device auto` may pick (a legacy function or one a host driver holds is not offered).
+    pub fn vfio_bound_crypto(&self) -> Result<Vec<PciFunction>> {
+        Ok(self
+            .functions()?
+            .into_iter()
+            .filter(|f| f.kind() == CryptoKind::VirtioCrypto && f.is_vfio())
+            .collect())
+    }
+
     /// The function at `bdf`.
     pub fn function(&self, bdf: &Bdf) -> Result<PciFunction> {
         let dir = self.device_dir(bdf);
@@ -572,6 +582,19 @@ mod tests {
             Err(Error::WrongDriver { driver, .. }) => assert_eq!(driver, "virtio-pci"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn only_modern_functions_held_by_vfio_pci_are_offered_for_auto() {
+        let fake = FakeSysfs::new("auto");
+        assert!(fake.sysfs().vfio_bound_crypto().unwrap().is_empty());
+        fake.function("0000:00:05.0", CRYPTO, Some("vfio-pci"), Some(5));
+        fake.function("0000:00:04.0", CRYPTO, Some("virtio-pci"), Some(4));
+        fake.function("0000:00:06.0", LEGACY, Some("vfio-pci"), Some(6));
+        fake.function("0000:00:07.0", AUDIO, Some("vfio-pci"), Some(7));
+        fake.function("0000:00:03.0", CRYPTO, Some("vfio-pci"), Some(3));
+        let found: Vec<Bdf> = fake.sysfs().vfio_bound_crypto().unwrap().iter().map(|f| f.bdf).collect();
+        assert_eq!(found, [bdf("0000:00:03.0"), bdf("0000:00:05.0")]);
     }
 
     #[test]

@@ -62,3 +62,53 @@ fn list_explains_a_machine_without_vfio_and_succeeds() {
         assert!(out.starts_with("VFIO is not usable on this machine: "), "{out}");
     }
 }
+
+/// Block commands default to `--device auto`: with no virtio-crypto function bound to vfio-pci
+/// (none is, on the machines the tests run on) that is the software engine, and the command says
+/// so on standard error; `--device emulated` still picks the emulated device, and both engines
+/// produce the same ciphertext.
+#[test]
+fn block_commands_default_to_the_software_engine_here_and_say_which_engine_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let plain: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(d.join("plain.raw"), &plain).unwrap();
+    std::fs::write(d.join("vk"), (0..64u8).collect::<Vec<_>>()).unwrap();
+    let vk = d.join("vk").display().to_string();
+    let plain_opts = ["--plain", "--cipher", "aes-xts-plain64", "--volume-key-file", vk.as_str()];
+    let run = |args: &[&str], out: &str| {
+        let p = |f: &str| d.join(f).display().to_string();
+        let (input, output) = (p(if args[0] == "encrypt" { "plain.raw" } else { "sw.img" }), p(out));
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend_from_slice(&plain_opts);
+        all.push(&input);
+        all.push(&output);
+        let o = crypt_vfio(&all);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{all:?}: {err}");
+        err
+    };
+    let err = run(&["encrypt"], "sw.img");
+    assert!(err.contains("engine: software") && err.contains("--device auto"), "{err}");
+    let err = run(&["encrypt", "--device", "emulated"], "emu.img");
+    assert!(err.contains("engine: virtio-crypto on emulated"), "{err}");
+    assert_eq!(std::fs::read(d.join("sw.img")).unwrap(), std::fs::read(d.join("emu.img")).unwrap());
+    let err = run(&["decrypt", "--device", "software"], "back.raw");
+    assert!(err.contains("engine: software") && !err.contains("auto"), "{err}");
+    assert_eq!(std::fs::read(d.join("back.raw")).unwrap(), plain);
+}
+
+#[test]
+fn emulated_device_options_without_the_emulated_device_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.img");
+    std::fs::write(&input, [0u8; 4096]).unwrap();
+    let (input, output) = (input.display().to_string(), dir.path().join("out.raw").display().to_string());
+    let o = crypt_vfio(&["decrypt", "--device-workers", "2", "--plain", &input, &output]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("--device-workers") && err.contains("--device emulated"), "{err}");
+    let o = crypt_vfio(&["info", "--device", "software"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("emulated"), "{err}");
+}

@@ -438,7 +438,7 @@ fn interrupted(signal: i32) {
     make_image(d, Format::Luks2, 12 << 20, 60);
     let files = files_in(d);
     let mut child = cli()
-        .args(["decrypt", "--device-latency", "50ms"])
+        .args(["decrypt", "--device", "emulated", "--device-latency", "50ms"])
         .args(Format::Luks2.decrypt_args(d))
         .arg(d.join("enc.img"))
         .arg(d.join("out.raw"))

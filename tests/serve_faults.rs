@@ -22,7 +22,8 @@ impl Served {
     fn start(dir: &Path, timeout: &str, faults: &[&str]) -> Served {
         let (child, uri) = start_server(
             Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
-                .args(["serve", "--listen", "127.0.0.1:0", "--export", "vol", "--device-latency", "2ms"])
+                .args(["serve", "--listen", "127.0.0.1:0", "--export", "vol", "--device", "emulated"])
+                .args(["--device-latency", "2ms"])
                 .args(["--request-timeout", timeout])
                 .args(faults.iter().flat_map(|f| ["--device-fault", f]))
                 .arg("--key-file")

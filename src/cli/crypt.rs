@@ -11,12 +11,13 @@ use std::sync::{mpsc, Arc};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use crypt_vfio::engine::Engine;
 use crypt_vfio::luks::{self, Header};
 use crypt_vfio::volume::file::{ensure_len, storage_len};
 use crypt_vfio::volume::{authenticated, AuthVolume, BlockDevice, Volume, VolumeParams};
 use crypt_vfio::Error;
 
-use super::device::DeviceArgs;
+use super::device::{with_block_engine, DeviceArgs};
 use super::luks_opts::{progress, read_key_file, NewImageArgs};
 use super::output::Output;
 use super::plain_opts::{authenticated_key, PlainArgs, PlainShapeArgs};
@@ -86,8 +87,19 @@ pub fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
         let pass = read_key_file(args.key_file.as_deref().context("--key-file is needed")?)?;
         NewImage::Luks { opts, pass, total }
     };
-    let engine = Arc::new(args.device.open(&args.device.options())?);
-    let out = Output::open(&args.output, &input, &args.input)?;
+    let engine = args.device.open_block()?;
+    with_block_engine!(engine, |e| encrypt_on(Arc::new(e), &args, new, &input, in_len))
+}
+
+/// `encrypt` from the engine on: the output, its header and the copy.
+fn encrypt_on<E: Engine + 'static>(
+    engine: Arc<E>,
+    args: &EncryptArgs,
+    new: NewImage,
+    input: &File,
+    in_len: u64,
+) -> anyhow::Result<()> {
+    let out = Output::open(&args.output, input, &args.input)?;
     let volume: Box<dyn BlockDevice> = match new {
         NewImage::Plain { key, params, total } => {
             out.check_room(total)?;
@@ -108,7 +120,7 @@ pub fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
             data_len,
         )?),
     };
-    copy(&input, in_len, &*volume, Direction::Encrypt, &args.input, &args.output)?;
+    copy(input, in_len, &*volume, Direction::Encrypt, &args.input, &args.output)?;
     volume.flush()?;
     drop(volume);
     out.commit()
@@ -124,17 +136,22 @@ enum NewImage {
 /// `crypt-vfio decrypt`.
 pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     let input = open_input(&args.input)?;
-    let engine = Arc::new(args.device.open(&args.device.options())?);
+    let engine = args.device.open_block()?;
+    with_block_engine!(engine, |e| decrypt_on(Arc::new(e), &args, &input))
+}
+
+/// `decrypt` from the engine on: unlocking, the output and the copy.
+fn decrypt_on<E: Engine + 'static>(engine: Arc<E>, args: &DecryptArgs, input: &File) -> anyhow::Result<()> {
     // Before the key derivation: an output that is the input is refused at once.
-    let out = Output::open(&args.output, &input, &args.input)?;
+    let out = Output::open(&args.output, input, &args.input)?;
     let volume: Box<dyn BlockDevice> = if args.plain.plain {
         let (key, params) = args.plain.volume(&args.shape.cipher, args.shape.sector_size)?;
         Box::new(Volume::open(engine, input.try_clone()?, false, &key, params)?)
-    } else if is_authenticated(&input) {
+    } else if is_authenticated(input) {
         let key = authenticated_key(args.plain.volume_key_file.as_deref())?;
         Box::new(AuthVolume::open(engine, input.try_clone()?, false, &key)?)
     } else {
-        let header = match Header::read(&input) {
+        let header = match Header::read(input) {
             Err(Error::NotLuks(why)) => bail!(
                 "{} is not a LUKS image ({why}); for a plain dm-crypt image use --plain --cipher SPEC \
                  --volume-key-file FILE",
@@ -143,7 +160,7 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
             other => other?,
         };
         let pass = read_key_file(args.key_file.as_deref().context("--key-file is needed")?)?;
-        let (slot, key) = header.unlock(&*engine, &input, &pass)?;
+        let (slot, key) = header.unlock(&*engine, input, &pass)?;
         log::info!("key slot {slot} opened");
         Box::new(Volume::open(engine, input.try_clone()?, false, &key, header.volume_params())?)
     };

@@ -1,12 +1,18 @@
-//! Opening a device from command-line arguments (`emulated` or a PCI address bound to vfio-pci),
-//! and `crypt-vfio info`.
+//! Opening a device or choosing an engine from command-line arguments, and `crypt-vfio info`.
+//!
+//! Device commands (`info`, `selftest`, `bench`) drive a virtio-crypto device: `emulated` (the
+//! default) or a PCI address bound to vfio-pci. Block commands (`encrypt`, `decrypt`, `serve`,
+//! `format`, `add-key`, `remove-key`) only need AES done somewhere, so they default to `auto`:
+//! the device if exactly one is bound to vfio-pci, else the software engine; which one runs is
+//! printed on standard error.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use crypt_vfio::pci_sysfs::Bdf;
+use crypt_vfio::engine::software::SoftwareEngine;
+use crypt_vfio::pci_sysfs::{Bdf, PciFunction, Sysfs};
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTransport};
 use crypt_vfio::transport::vfio::VfioTransport;
 use crypt_vfio::transport::Transport;
@@ -19,9 +25,13 @@ use super::duration::{parse_delay, parse_device_latency, parse_period, parse_req
 /// Which device to open and how.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
-    /// `emulated` (the software device model) or a PCI address bound to vfio-pci.
-    #[arg(long, default_value = "emulated")]
-    pub device: String,
+    /// `emulated` (the software device model), a PCI address bound to vfio-pci, and for block
+    /// commands also `software` (the AES cores on the calling threads) or `auto`: the one
+    /// virtio-crypto function bound to vfio-pci if there is one, else the software engine (with
+    /// several bound, name one). Default: `auto` for block commands (encrypt, decrypt, serve,
+    /// format, add-key, remove-key), `emulated` for the others.
+    #[arg(long, value_name = "DEV")]
+    pub device: Option<String>,
     /// Completion by polling or by MSI-X interrupts.
     #[arg(long, default_value = "poll", value_parser = ["poll", "irq"])]
     pub mode: String,
@@ -144,11 +154,24 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 }
 
 impl DeviceArgs {
+    /// The device a device command drives: `--device`, or the emulated device.
+    fn device_name(&self) -> &str {
+        self.device.as_deref().unwrap_or("emulated")
+    }
+
     /// The transport the arguments name: the emulated device, or the function at a PCI address
     /// through VFIO.
     pub fn transport(&self) -> anyhow::Result<Arc<dyn Transport>> {
-        if self.device != "emulated" {
-            let bdf: Bdf = self.device.parse()?;
+        let name = self.device_name();
+        if name == "auto" || name == "software" {
+            bail!(
+                "--device {name} chooses an engine for the block commands (encrypt, decrypt, serve, format, \
+                 add-key, remove-key); this command drives a virtio-crypto device: give `emulated` or the \
+                 PCI address of a function bound to vfio-pci (see `crypt-vfio list`)"
+            );
+        }
+        if name != "emulated" {
+            let bdf: Bdf = name.parse()?;
             // The library's errors already say what to do; no context to add.
             return Ok(Arc::new(VfioTransport::open(&bdf)?));
         }
@@ -186,13 +209,18 @@ impl DeviceArgs {
     /// Opens the device for a command that keeps its results: the null device, which completes
     /// requests without encrypting, is refused (it would store the plaintext as the ciphertext).
     pub fn open(&self, options: &DeviceOptions) -> anyhow::Result<VirtioCrypto> {
+        self.refuse_null()?;
+        self.open_for_bench(options)
+    }
+
+    fn refuse_null(&self) -> anyhow::Result<()> {
         if self.device_null {
             bail!(
                 "--device-null is for `crypt-vfio bench` only: it completes requests without doing \
                  AES, so the data would be written unencrypted or decrypted to garbage"
             );
         }
-        self.open_for_bench(options)
+        Ok(())
     }
 
     /// Opens the device, the null device included (for `bench`, which measures the driver and
@@ -201,6 +229,128 @@ impl DeviceArgs {
         let t = self.transport()?;
         let name = t.name();
         VirtioCrypto::open(t, options).with_context(|| format!("opening {name}"))
+    }
+}
+
+/// The engine a block command runs on: a virtio-crypto device (emulated or bound to vfio-pci)
+/// or the software engine. Run generic code on it with [`with_block_engine!`].
+pub enum BlockEngine {
+    /// A virtio-crypto device.
+    Device(VirtioCrypto),
+    /// The AES cores on the calling threads.
+    Software(SoftwareEngine),
+}
+
+/// Runs `$body` with `$e` bound to the engine inside a [`BlockEngine`], whichever it is (the
+/// body is compiled once per engine type, so the hot path has no dynamic dispatch).
+macro_rules! with_block_engine {
+    ($engine:expr, |$e:ident| $body:expr) => {
+        match $engine {
+            $crate::cli::device::BlockEngine::Device($e) => $body,
+            $crate::cli::device::BlockEngine::Software($e) => $body,
+        }
+    };
+}
+pub(crate) use with_block_engine;
+
+/// What `--device auto` runs on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AutoChoice {
+    /// The one virtio-crypto function bound to vfio-pci.
+    Device(Bdf),
+    /// The software engine: no function is bound.
+    Software,
+}
+
+/// `--device auto` over the virtio-crypto functions bound to vfio-pci: the device when there is
+/// exactly one, the software engine when there is none. Several are refused with their
+/// addresses rather than one picked: which device encrypts a volume must not depend on the
+/// order sysfs lists them in, and the user knows which one is meant.
+pub fn auto_choice(bound: &[PciFunction]) -> anyhow::Result<AutoChoice> {
+    match bound {
+        [] => Ok(AutoChoice::Software),
+        [one] => Ok(AutoChoice::Device(one.bdf)),
+        several => {
+            let list: Vec<String> = several.iter().map(|f| f.bdf.to_string()).collect();
+            bail!(
+                "--device auto: {} virtio-crypto functions are bound to vfio-pci ({}); choose one with \
+                 --device BDF, or --device software",
+                several.len(),
+                list.join(", ")
+            )
+        }
+    }
+}
+
+impl DeviceArgs {
+    /// Options that only configure the emulated device and were changed from their defaults.
+    fn emulated_only_options(&self) -> Vec<&'static str> {
+        let all_algs = ["gcm", "xts", "cbc", "ctr"].iter().all(|a| self.device_algs.iter().any(|b| b == a));
+        [
+            ("--device-latency", !self.device_latency.is_zero()),
+            ("--device-workers", self.device_workers != 1),
+            ("--device-queue-size", self.device_queue_size != 256),
+            ("--device-queues", self.device_queues != 4),
+            ("--device-null", self.device_null),
+            ("--device-algs", !all_algs),
+            ("--device-fault", !self.device_fault.is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+    }
+
+    /// The engine of a block command: `--device` (default `auto`), opened, with one line on
+    /// standard error saying which engine runs and, for `auto`, why.
+    pub fn open_block(&self) -> anyhow::Result<BlockEngine> {
+        self.refuse_null()?;
+        let given = self.device.as_deref().unwrap_or("auto");
+        let why = match given {
+            "software" => String::new(),
+            "auto" => match Sysfs::system().vfio_bound_crypto() {
+                Ok(bound) => match auto_choice(&bound)? {
+                    AutoChoice::Software => {
+                        " (--device auto: no virtio-crypto function is bound to vfio-pci)".to_string()
+                    }
+                    AutoChoice::Device(bdf) => {
+                        let mut args = self.clone();
+                        args.device = Some(bdf.to_string());
+                        return args.open_block_device(
+                            " (--device auto: the one virtio-crypto function bound to vfio-pci)",
+                        );
+                    }
+                },
+                // A machine whose sysfs cannot be read has no device crypt-vfio could open.
+                Err(e) => format!(" (--device auto: could not list PCI functions: {e})"),
+            },
+            _ => return self.open_block_device(""),
+        };
+        self.refuse_emulated_options("the software engine")?;
+        let engine = SoftwareEngine::new(self.core);
+        eprintln!("crypt-vfio: engine: {}{why}", crypt_vfio::engine::Engine::describe(&engine));
+        Ok(BlockEngine::Software(engine))
+    }
+
+    fn open_block_device(&self, why: &str) -> anyhow::Result<BlockEngine> {
+        if self.device_name() != "emulated" {
+            self.refuse_emulated_options(self.device_name())?;
+        }
+        let dev = self.open(&self.options())?;
+        eprintln!("crypt-vfio: engine: {}{why}", crypt_vfio::engine::Engine::describe(&dev));
+        Ok(BlockEngine::Device(dev))
+    }
+
+    /// Options of the emulated device given to a command that runs on `engine` are an error,
+    /// not silently dropped: the user meant the emulated device.
+    fn refuse_emulated_options(&self, engine: &str) -> anyhow::Result<()> {
+        let given = self.emulated_only_options();
+        if !given.is_empty() {
+            bail!(
+                "{} configure(s) the emulated device, but this command runs on {engine}: add --device emulated",
+                given.join(", ")
+            );
+        }
+        Ok(())
     }
 }
 
@@ -218,10 +368,10 @@ impl DeviceArgs {
     /// Takes a positional device address into `--device`; refuses two different ones.
     pub fn with_target(mut self, target: Option<String>) -> anyhow::Result<Self> {
         if let Some(t) = target {
-            if self.device != "emulated" && self.device != t {
-                bail!("two devices given ({t} and --device {}): give one", self.device);
+            if let Some(d) = self.device.as_deref().filter(|&d| d != "emulated" && d != t) {
+                bail!("two devices given ({t} and --device {d}): give one");
             }
-            self.device = t;
+            self.device = Some(t);
         }
         Ok(self)
     }
@@ -258,4 +408,35 @@ pub fn info(args: InfoArgs) -> anyhow::Result<()> {
         println!("  {:<8} {usable:<24} ({adv})", mode.to_string());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bound(bdf: &str) -> PciFunction {
+        PciFunction {
+            bdf: bdf.parse().unwrap(),
+            vendor: 0x1af4,
+            device: 0x1054,
+            class: 0x100000,
+            driver: Some("vfio-pci".into()),
+            iommu_group: Some(1),
+        }
+    }
+
+    #[test]
+    fn auto_runs_software_without_a_device_and_the_device_when_there_is_one() {
+        assert_eq!(auto_choice(&[]).unwrap(), AutoChoice::Software);
+        assert_eq!(
+            auto_choice(&[bound("0000:00:04.0")]).unwrap(),
+            AutoChoice::Device("0000:00:04.0".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn auto_refuses_to_guess_between_several_devices_and_names_them() {
+        let e = auto_choice(&[bound("0000:00:04.0"), bound("0000:00:05.0")]).unwrap_err().to_string();
+        assert!(e.contains("0000:00:04.0") && e.contains("0000:00:05.0") && e.contains("--device"), "{e}");
+    }
 }

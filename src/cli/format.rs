@@ -15,7 +15,7 @@ use crypt_vfio::volume::authenticated::{Superblock, META_ENTRY_LEN, SUPERBLOCK_L
 use crypt_vfio::volume::AuthVolume;
 use std::sync::Arc;
 
-use super::device::DeviceArgs;
+use super::device::{with_block_engine, DeviceArgs};
 use super::luks_opts::{read_key_file, NewImageArgs};
 use super::plain_opts::authenticated_key;
 
@@ -70,7 +70,7 @@ pub fn run(args: FormatArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let engine = args.device.open(&args.device.options())?;
+    let engine = args.device.open_block()?;
     let (file, created) =
         match new_len {
             Some(len) => {
@@ -94,7 +94,7 @@ pub fn run(args: FormatArgs) -> anyhow::Result<()> {
     if created.is_none() {
         super::overwrite_check::confirm_overwrite(&file, path, args.batch.batch_mode)?;
     }
-    luks::format(&engine, &file, &opts, &pass, None)
+    with_block_engine!(&engine, |e| luks::format(e, &file, &opts, &pass, None))
         .with_context(|| format!("formatting {}", path.display()))?;
     file.sync_all().with_context(|| format!("flushing {}", path.display()))?;
     if let Some(created) = created {
@@ -121,7 +121,7 @@ fn format_authenticated(args: &FormatArgs) -> anyhow::Result<()> {
             bail!("--size {size}: with the metadata that is more than the largest file ({} bytes)", i64::MAX);
         }
     }
-    let engine = Arc::new(args.device.open(&args.device.options())?);
+    let engine = args.device.open_block()?;
     let (file, created, size) =
         match args.size {
             Some(size) => {
@@ -150,9 +150,10 @@ fn format_authenticated(args: &FormatArgs) -> anyhow::Result<()> {
     if created.is_none() {
         super::overwrite_check::confirm_overwrite(&file, path, args.batch.batch_mode)?;
     }
-    let volume = AuthVolume::format(engine, file.try_clone()?, &key, ss, size)
+    let data = file.try_clone()?;
+    // The volume is dropped (its engine queues closed) before the file is synced.
+    with_block_engine!(engine, |e| AuthVolume::format(Arc::new(e), data, &key, ss, size).map(drop))
         .with_context(|| format!("formatting {}", path.display()))?;
-    drop(volume);
     file.sync_all().with_context(|| format!("flushing {}", path.display()))?;
     if let Some(created) = created {
         created.keep();

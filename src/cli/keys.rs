@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Args;
 use crypt_vfio::luks::{Header, LuksVersion};
 
-use super::device::DeviceArgs;
+use super::device::{with_block_engine, DeviceArgs};
 use super::luks_opts::{read_key_file, KdfArgs, KeyFileArgs};
 
 /// Arguments of `crypt-vfio add-key`.
@@ -56,8 +56,9 @@ pub fn add(args: AddKeyArgs) -> anyhow::Result<()> {
         Header::V1(_) => LuksVersion::Luks1,
         Header::V2(_) => LuksVersion::Luks2,
     };
-    let engine = args.device.open(&args.device.options())?;
-    let slot = header.add_passphrase(&engine, &f, &pass, &new, &args.kdf.options(version)?)?;
+    let kdf = args.kdf.options(version)?;
+    let engine = args.device.open_block()?;
+    let slot = with_block_engine!(&engine, |e| header.add_passphrase(e, &f, &pass, &new, &kdf))?;
     eprintln!("key slot {slot} added");
     Ok(())
 }
@@ -71,8 +72,8 @@ pub fn remove(args: RemoveKeyArgs) -> anyhow::Result<()> {
         .open(&args.image)
         .with_context(|| format!("opening {}", args.image.display()))?;
     let mut header = Header::read(&f)?;
-    let engine = args.device.open(&args.device.options())?;
-    let slot = header.remove_passphrase(&engine, &f, &pass)?;
+    let engine = args.device.open_block()?;
+    let slot = with_block_engine!(&engine, |e| header.remove_passphrase(e, &f, &pass))?;
     eprintln!("key slot {slot} removed");
     Ok(())
 }

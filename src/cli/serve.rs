@@ -17,6 +17,7 @@ use std::os::unix::fs::FileExt;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use crypt_vfio::engine::Engine;
 use crypt_vfio::luks::Header;
 use crypt_vfio::nbd::{
     Listener, Server, ServerConfig, MAX_CONNECTIONS, MAX_MEMORY_LIMIT, MAX_PAYLOAD_LIMIT,
@@ -25,10 +26,12 @@ use crypt_vfio::nbd::{
 use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::block::BlockDevice;
 use crypt_vfio::volume::file::FileBlockDevice;
+use crypt_vfio::volume::VolumeParams;
 use crypt_vfio::volume::{authenticated, AuthVolume, Volume};
 use crypt_vfio::Error;
+use zeroize::Zeroizing;
 
-use super::device::DeviceArgs;
+use super::device::{BlockEngine, DeviceArgs};
 use super::duration::{parse_within, Bounds};
 use super::luks_opts::read_key_file;
 use super::plain_opts::{PlainArgs, PlainShapeArgs};
@@ -139,40 +142,64 @@ pub fn open_export(args: &ServeArgs) -> anyhow::Result<Export> {
             .with_context(|| format!("opening {} to export it raw", args.image.display()))?;
         return Ok((Arc::new(dev), None));
     }
-    if args.plain.plain {
+    let unlock = if args.plain.plain {
         // The key and every plain option are checked before the device is opened, and all of it
         // before anything listens.
         let (key, params) = args.plain.volume(&args.plain_shape.cipher, args.plain_shape.sector_size)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!args.read_only)
-            .open(&args.image)
-            .with_context(|| format!("opening {}", args.image.display()))?;
-        let engine = Arc::new(args.device.open(&args.device.options())?);
-        let volume = Volume::open(engine.clone(), file, !args.read_only, &key, params)
-            .with_context(|| format!("opening {} as a plain dm-crypt image", args.image.display()))?;
-        return Ok((Arc::new(volume), Some(engine)));
-    }
-    if args.plain.volume_key_file.is_some() {
-        // Not ignored: a user who gave a raw key expects it to be the one used.
-        bail!(
-            "--volume-key-file goes with --plain; a LUKS passphrase or an authenticated volume's raw key \
-             goes to --key-file"
-        );
-    }
-    let key_file = args.key_file.as_deref().context("--key-file is needed to unlock the volume")?;
+        Unlock::Plain(key, params)
+    } else {
+        if args.plain.volume_key_file.is_some() {
+            // Not ignored: a user who gave a raw key expects it to be the one used.
+            bail!(
+                "--volume-key-file goes with --plain; a LUKS passphrase or an authenticated volume's raw \
+                 key goes to --key-file"
+            );
+        }
+        let key_file = args.key_file.as_deref().context("--key-file is needed to unlock the volume")?;
+        Unlock::Secret(key_file)
+    };
     let file = OpenOptions::new()
         .read(true)
         .write(!args.read_only)
         .open(&args.image)
         .with_context(|| format!("opening {}", args.image.display()))?;
-    let secret = read_key_file(key_file)?;
-    let engine = Arc::new(args.device.open(&args.device.options())?);
+    match args.device.open_block()? {
+        BlockEngine::Device(d) => {
+            let d = Arc::new(d);
+            Ok((export_on(Arc::clone(&d), args, file, unlock)?, Some(d)))
+        }
+        BlockEngine::Software(s) => Ok((export_on(Arc::new(s), args, file, unlock)?, None)),
+    }
+}
+
+/// How the volume is keyed.
+enum Unlock<'a> {
+    /// A plain dm-crypt image: its key and shape.
+    Plain(Zeroizing<Vec<u8>>, VolumeParams),
+    /// The file holding a passphrase or an authenticated volume's key.
+    Secret(&'a std::path::Path),
+}
+
+/// The volume in `file`, unlocked and opened on `engine`.
+fn export_on<E: Engine + 'static>(
+    engine: Arc<E>,
+    args: &ServeArgs,
+    file: std::fs::File,
+    unlock: Unlock<'_>,
+) -> anyhow::Result<Arc<dyn BlockDevice>> {
     let writable = !args.read_only;
+    let secret = match unlock {
+        Unlock::Plain(key, params) => {
+            let volume = Volume::open(engine, file, writable, &key, params)
+                .with_context(|| format!("opening {} as a plain dm-crypt image", args.image.display()))?;
+            return Ok(Arc::new(volume));
+        }
+        Unlock::Secret(path) => read_key_file(path)?,
+    };
     let mut magic = [0u8; 8];
     if file.read_exact_at(&mut magic, 0).is_ok() && magic == authenticated::MAGIC {
         // An authenticated volume: the key file holds the raw AES-GCM key.
-        return Ok((Arc::new(AuthVolume::open(engine.clone(), file, writable, &secret)?), Some(engine)));
+        return Ok(Arc::new(AuthVolume::open(engine, file, writable, &secret)?));
     }
     let header = match Header::read(&file) {
         Err(Error::NotLuks(why)) => bail!(
@@ -183,7 +210,7 @@ pub fn open_export(args: &ServeArgs) -> anyhow::Result<Export> {
     };
     let (slot, key) = header.unlock(&*engine, &file, &secret)?;
     log::info!("key slot {slot} opened");
-    Ok((Arc::new(Volume::open(engine.clone(), file, writable, &key, header.volume_params())?), Some(engine)))
+    Ok(Arc::new(Volume::open(engine, file, writable, &key, header.volume_params())?))
 }
 
 /// How long a stop waits for requests on the device before it fails them: a stop must end
