@@ -16,7 +16,7 @@ mod request;
 pub mod software;
 pub(crate) mod sync;
 
-use crypt_vfio_cores::Mode;
+use crypt_vfio_cores::{CipherCore, Mode};
 
 pub use delivery::{deliver_one, Delivery, EventSink, Outbox};
 pub use identity::EngineId;
@@ -58,6 +58,14 @@ pub trait Engine: Send + Sync {
     /// A buffer the engine can use without copying (DMA memory for a device).
     fn alloc_buffer(&self, len: usize) -> Result<Buf> {
         Ok(Buf::Host(vec![0; len]))
+    }
+
+    /// The keyed cipher of `session` when this engine would run it on the submitting thread
+    /// anyway (the software engine), so that a caller with many units (a volume's sectors) may
+    /// run them in place in one go instead of a request, two copies and an event each. `None`
+    /// (the default, and every engine that must see its requests): submit through a queue.
+    fn inline_cipher<'s>(&self, _session: &'s Self::Session) -> Option<&'s dyn CipherCore> {
+        None
     }
 }
 

@@ -100,6 +100,11 @@ impl Engine for SoftwareEngine {
     fn max_request_len(&self) -> usize {
         MAX_REQUEST
     }
+
+    fn inline_cipher<'s>(&self, session: &'s SoftwareSession) -> Option<&'s dyn CipherCore> {
+        // Another engine's session goes to a queue, which refuses it as it refuses any request.
+        (session.engine == self.id).then(|| &*session.cipher)
+    }
 }
 
 struct SoftwareQueue {

@@ -21,6 +21,7 @@ pub mod authenticated;
 pub mod block;
 pub mod cipher_spec;
 pub mod file;
+mod inline;
 pub mod iv;
 pub mod pipeline;
 pub mod range_lock;
@@ -237,10 +238,28 @@ impl<E: Engine> Volume<E> {
         }
     }
 
+    /// The whole I/O in place on this thread when the engine runs its cipher inline (see
+    /// [`inline`]); `None` when the sectors go through the engine's queue.
+    fn crypt_inline(&self, direction: Direction, first_sector: u64, data: &mut [u8]) -> Option<Result<()>> {
+        let cipher = self.engine.inline_cipher(&self.session)?;
+        Some(inline::crypt_in_place(
+            cipher,
+            &self.ivgen,
+            self.numbering,
+            self.params.sector_size as usize,
+            direction,
+            first_sector,
+            data,
+        ))
+    }
+
     /// Encrypts or decrypts whole sectors in memory, `data` starting at volume sector
     /// `first_sector`, on this thread.
     pub fn crypt_sectors(&self, direction: Direction, first_sector: u64, data: &mut [u8]) -> Result<()> {
         self.check_whole(data.len())?;
+        if let Some(r) = self.crypt_inline(direction, first_sector, data) {
+            return r;
+        }
         let mut guard = self.lanes.take(&*self.engine, self.watchdog)?;
         let r = CryptOp::new(self.context(), guard.lane(), direction, first_sector, data).run();
         guard.finish();
@@ -255,6 +274,9 @@ impl<E: Engine> Volume<E> {
         data: &mut [u8],
     ) -> Result<()> {
         self.check_whole(data.len())?;
+        if let Some(r) = self.crypt_inline(direction, first_sector, data) {
+            return r;
+        }
         let mut guard = self.lanes.take(&*self.engine, self.watchdog)?;
         let r =
             CryptFuture::new(CryptOp::new(self.context(), guard.lane(), direction, first_sector, data)).await;

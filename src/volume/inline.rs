@@ -1,0 +1,40 @@
+//! A whole I/O on an engine that runs its cipher on the caller's thread (the software engine;
+//! see [`Engine::inline_cipher`](crate::engine::Engine::inline_cipher)).
+//!
+//! Such an engine would compute each sector inside `submit` anyway; going through its queue a
+//! sector at a time adds a request, a copy in, a copy out and an event per sector, which cost
+//! more than AES itself on 512-byte sectors. Here the sectors are transformed where they lie in
+//! the caller's buffer, each under its own IV, with no copy and no allocation. A device keeps
+//! the pipelined queue path ([`super::pipeline`]), which overlaps its sectors on the device.
+
+use crypt_vfio_cores::CipherCore;
+
+use super::iv::IvGenerator;
+use super::pipeline::IvNumbering;
+use crate::engine::Direction;
+use crate::error::{Error, Result};
+
+/// Encrypts or decrypts `data` (whole sectors of `sector_size` bytes, the first being volume
+/// sector `first_sector`) in place with `cipher`. A failing sector fails the I/O, named as the
+/// pipeline names it.
+pub fn crypt_in_place(
+    cipher: &dyn CipherCore,
+    ivgen: &IvGenerator,
+    numbering: IvNumbering,
+    sector_size: usize,
+    direction: Direction,
+    first_sector: u64,
+    data: &mut [u8],
+) -> Result<()> {
+    debug_assert_eq!(data.len() % sector_size, 0);
+    for (i, unit) in data.chunks_exact_mut(sector_size).enumerate() {
+        let sector = first_sector + i as u64;
+        let iv = ivgen.iv(numbering.iv_sector(sector));
+        let r = match direction {
+            Direction::Encrypt => cipher.encrypt(&iv, &[], unit, &mut []),
+            Direction::Decrypt => cipher.decrypt(&iv, &[], unit, &[]),
+        };
+        r.map_err(|e| Error::Sector { sector, source: Box::new(e.into()) })?;
+    }
+    Ok(())
+}
