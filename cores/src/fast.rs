@@ -180,12 +180,28 @@ impl Xts256 {
 
     fn run(&self, encrypt: bool, iv: &[u8], data: &mut [u8]) -> Result<(), CoreError> {
         check_op(Mode::Xts, iv, data.len(), 0)?;
-        let pool = &self.pools[usize::from(encrypt)];
-        let popped = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let ctx = match popped {
-            Some(c) => c,
-            None => self.new_ctx(encrypt)?,
-        };
+        let iv: &[u8; 16] = iv.try_into().map_err(|_| CoreError::IvLength {
+            mode: Mode::Xts,
+            len: iv.len(),
+            expected: 16,
+        })?;
+        let ctx = self.take_ctx(encrypt)?;
+        let r = Self::update(&ctx, iv, data);
+        self.pools[usize::from(encrypt)].lock().unwrap_or_else(|e| e.into_inner()).push(ctx);
+        r
+    }
+
+    /// A context keyed for the direction, from the pool or new; the caller gives it back.
+    fn take_ctx(&self, encrypt: bool) -> Result<EvpCtx, CoreError> {
+        let popped = self.pools[usize::from(encrypt)].lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match popped {
+            Some(c) => Ok(c),
+            None => self.new_ctx(encrypt),
+        }
+    }
+
+    /// One data unit through `ctx` under the tweak `iv`.
+    fn update(ctx: &EvpCtx, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CoreError> {
         let len = i32::try_from(data.len()).map_err(|_| CoreError::DataLength {
             mode: Mode::Xts,
             len: data.len(),
@@ -193,7 +209,7 @@ impl Xts256 {
         })?;
         let mut out_len = 0i32;
         // SAFETY: ctx is keyed for this direction; passing null cipher and key keeps them and sets
-        // only the 16-byte tweak (iv was length-checked). Update reads and writes `len` bytes of
+        // only the 16-byte tweak (iv is 16 bytes by its type). Update reads and writes `len` bytes of
         // `data`, in place, which aws-lc's XTS supports.
         let ok = unsafe {
             aws_lc_sys::EVP_CipherInit_ex(
@@ -212,7 +228,6 @@ impl Xts256 {
                     len,
                 ) == 1
         };
-        pool.lock().unwrap_or_else(|e| e.into_inner()).push(ctx);
         if ok && out_len == len {
             Ok(())
         } else {
@@ -232,5 +247,23 @@ impl CipherCore for Xts256 {
 
     fn decrypt(&self, iv: &[u8], _aad: &[u8], data: &mut [u8], _tag: &[u8]) -> Result<(), CoreError> {
         self.run(false, iv, data)
+    }
+
+    fn crypt_units(
+        &self,
+        encrypt: bool,
+        unit: usize,
+        iv_of: &dyn Fn(usize) -> [u8; crate::BLOCK_LEN],
+        data: &mut [u8],
+    ) -> Result<(), (usize, CoreError)> {
+        crate::check_units(Mode::Xts, unit, data.len())?;
+        // One context for the whole run: the pool's lock is taken twice per run, not per unit.
+        let ctx = self.take_ctx(encrypt).map_err(|e| (0, e))?;
+        let r = data
+            .chunks_exact_mut(unit)
+            .enumerate()
+            .try_for_each(|(i, u)| Self::update(&ctx, &iv_of(i), u).map_err(|e| (i, e)));
+        self.pools[usize::from(encrypt)].lock().unwrap_or_else(|e| e.into_inner()).push(ctx);
+        r
     }
 }

@@ -189,6 +189,39 @@ pub trait CipherCore: Send + Sync {
     /// Decrypts `data` in place. For GCM, `tag` is checked and on mismatch `data` is wiped and
     /// [`CoreError::AuthFailed`] returned.
     fn decrypt(&self, iv: &[u8], aad: &[u8], data: &mut [u8], tag: &[u8]) -> Result<(), CoreError>;
+
+    /// Encrypts (or, with `encrypt` false, decrypts) `data` in place as consecutive data units
+    /// of `unit` bytes, unit `i` under the IV `iv_of(i)`: a run of disk sectors in one call, so
+    /// that what a call sets up (a cipher context, for aws-lc's XTS) is set up once per run and
+    /// not once per 512-byte sector. Not for GCM, whose units each need a tag. On failure the
+    /// error comes with the index of the unit that failed; the units before it are transformed.
+    fn crypt_units(
+        &self,
+        encrypt: bool,
+        unit: usize,
+        iv_of: &dyn Fn(usize) -> [u8; BLOCK_LEN],
+        data: &mut [u8],
+    ) -> Result<(), (usize, CoreError)> {
+        check_units(self.mode(), unit, data.len())?;
+        for (i, u) in data.chunks_exact_mut(unit).enumerate() {
+            let iv = iv_of(i);
+            let r = if encrypt { self.encrypt(&iv, &[], u, &mut []) } else { self.decrypt(&iv, &[], u, &[]) };
+            r.map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks the shape of a [`CipherCore::crypt_units`] call: a mode without tags, and `len` a
+/// whole number of units that each take one operation of the mode.
+pub(crate) fn check_units(mode: Mode, unit: usize, len: usize) -> Result<(), (usize, CoreError)> {
+    if mode.is_aead() {
+        return Err((0, CoreError::TagLength(0)));
+    }
+    if unit == 0 || !len.is_multiple_of(unit) {
+        return Err((0, CoreError::DataLength { mode, len, rule: "a whole number of data units" }));
+    }
+    mode.check_data_len(unit).map_err(|e| (0, e))
 }
 
 /// Builds a keyed context of `mode` on the core `kind`.
@@ -229,6 +262,47 @@ mod tests {
 
     fn key(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + 1) as u8).collect()
+    }
+
+    /// A run of units in one call gives the bytes of one call per unit, for every mode, key size
+    /// and core (aws-lc's XTS overrides the loop).
+    #[test]
+    fn a_run_of_units_equals_one_call_per_unit() {
+        for kind in [CoreKind::Reference, CoreKind::Fast] {
+            for mode in [Mode::Xts, Mode::Cbc, Mode::Ctr] {
+                for &klen in mode.key_lengths() {
+                    let c = new_cipher(kind, mode, &key(klen)).unwrap();
+                    let iv_of = |i: usize| {
+                        let mut iv = [0u8; BLOCK_LEN];
+                        iv[..8].copy_from_slice(&(1000 + i as u64).to_le_bytes());
+                        iv
+                    };
+                    let plain: Vec<u8> = (0..8 * 512).map(|i| (i * 13 + 5) as u8).collect();
+                    let mut one_by_one = plain.clone();
+                    for (i, u) in one_by_one.chunks_exact_mut(512).enumerate() {
+                        c.encrypt(&iv_of(i), &[], u, &mut []).unwrap();
+                    }
+                    let mut run = plain.clone();
+                    c.crypt_units(true, 512, &iv_of, &mut run).unwrap();
+                    assert!(run == one_by_one, "{kind} {mode} {klen}: encrypting a run");
+                    c.crypt_units(false, 512, &iv_of, &mut run).unwrap();
+                    assert!(run == plain, "{kind} {mode} {klen}: decrypting a run");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_run_of_units_refuses_gcm_and_partial_units() {
+        let iv_of = |_| [0u8; BLOCK_LEN];
+        let gcm = new_cipher(CoreKind::Fast, Mode::Gcm, &key(32)).unwrap();
+        assert!(gcm.crypt_units(true, 512, &iv_of, &mut [0u8; 1024]).is_err());
+        let xts = new_cipher(CoreKind::Fast, Mode::Xts, &key(64)).unwrap();
+        assert!(matches!(
+            xts.crypt_units(true, 512, &iv_of, &mut [0u8; 1000]),
+            Err((0, CoreError::DataLength { .. }))
+        ));
+        assert!(xts.crypt_units(true, 0, &iv_of, &mut []).is_err());
     }
 
     #[test]
