@@ -57,6 +57,7 @@ impl Fixture {
             // Long enough for a loaded machine: the stop test expects every request answered.
             stop_grace: Duration::from_secs(20),
             reply_timeout: Duration::from_secs(30),
+            tls: None,
         };
         let mut config = config;
         tweak(&mut config);

@@ -16,8 +16,9 @@
 //! does not authenticate, so the next read of that sector fails naming it, and writing the
 //! sector again repairs it. Two writes to one sector at once would interleave the same way
 //! (the data of one with the tag of the other), so a write holds its sectors exclusively and a
-//! read holds them shared (see [`RangeLocks`]). Formatting writes every sector (sealed zeroes), so there is no
-//! "never written" state an attacker could restore.
+//! read holds them shared (see [`RangeLocks`]). Formatting gives every sector an entry (the
+//! trimmed mark with the tag of sealed zeroes, see [`ENTRY_TRIMMED`]), so there is no
+//! "never written" state an attacker could restore, and the data area stays sparse.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -219,7 +220,8 @@ pub struct AuthVolume<E: Engine> {
 
 impl<E: Engine> AuthVolume<E> {
     /// Writes a new authenticated volume of `size` bytes of data onto `file` (which is resized
-    /// to fit), every sector sealed zeroes, and opens it. `key` is an AES-128 or AES-256 key.
+    /// to fit), every sector trimmed (reading as authenticated zeroes, the data area a hole
+    /// where the filesystem allows), and opens it. `key` is an AES-128 or AES-256 key.
     pub fn format(engine: Arc<E>, file: File, key: &[u8], sector_size: u32, size: u64) -> Result<Self> {
         if !(512..=4096).contains(&sector_size) || !sector_size.is_power_of_two() {
             return Err(Error::InvalidVolume(format!("sector size {sector_size} (512, 1024, 2048 or 4096)")));
@@ -239,7 +241,8 @@ impl<E: Engine> AuthVolume<E> {
         sb.check_ct.copy_from_slice(&done.data.as_slice());
         super::file::ensure_len(&file, sb.image_len())?;
         let v = Self::with(engine, session, sb, file, true);
-        v.write_zeroes(0, size)?;
+        // Every sector trimmed: sealed zeroes in the metadata, nothing in the data area.
+        v.trim(0, size)?;
         v.file.write_all_at(&sb.to_bytes(), 0).map_err(|e| Error::os("writing the superblock", e))?;
         v.flush()?;
         Ok(v)
