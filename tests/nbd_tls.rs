@@ -67,18 +67,58 @@ fn make_pki(dir: &Path) {
     )
     .unwrap();
     ossl(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days",
-        "2", "-subj", "/CN=crypt-vfio test CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=crypt-vfio test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
         "keyUsage=critical,keyCertSign,cRLSign",
     ]);
     for (who, ext, cn) in [("server", "srv", "localhost"), ("client", "cli", "client")] {
         let key = format!("{who}-key.pem");
         let csr = format!("{who}.csr");
         let cert = format!("{who}-cert.pem");
-        ossl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}")]);
         ossl(&[
-            "x509", "-req", "-in", &csr, "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-out",
-            &cert, "-days", "2", "-extfile", "ext.cnf", "-extensions", ext,
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={cn}"),
+        ]);
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-extensions",
+            ext,
         ]);
     }
 }
@@ -152,8 +192,11 @@ fn a_client_certificate_is_required_with_verify_peer() {
     std::fs::create_dir(&pki).unwrap();
     make_pki(&pki);
     let (img, _) = image(d);
-    let served =
-        Served::start(&img, &["--tls-certificates", pki.to_str().unwrap(), "--tls-verify-peer"], &d.join("log"));
+    let served = Served::start(
+        &img,
+        &["--tls-certificates", pki.to_str().unwrap(), "--tls-verify-peer"],
+        &d.join("log"),
+    );
     // libnbd presents client-cert.pem when the directory has one.
     let with_cert = format!("{}?tls-certificates={}", served.uri, pki.display());
     run(Command::new("nbdinfo").arg(&with_cert));
@@ -177,7 +220,8 @@ fn psk_tls_serves_nbdinfo_nbdcopy_and_qemu_img_and_refuses_a_wrong_key() {
     std::fs::write(&keys, format!("alice:{key}\n")).unwrap();
     let served = Served::start(&img, &["--tls-psk", keys.to_str().unwrap()], &d.join("log"));
     let hostport = served.uri.trim_start_matches("nbds://").split('/').next().unwrap().to_string();
-    let uri = |user: &str, file: &Path| format!("nbds://{user}@{hostport}/disk?tls-psk-file={}", file.display());
+    let uri =
+        |user: &str, file: &Path| format!("nbds://{user}@{hostport}/disk?tls-psk-file={}", file.display());
 
     let map = String::from_utf8(run(Command::new("nbdinfo").args(["--map", &uri("alice", &keys)]))).unwrap();
     assert!(map.contains("hole,zero"), "{map}");
@@ -186,7 +230,8 @@ fn psk_tls_serves_nbdinfo_nbdcopy_and_qemu_img_and_refuses_a_wrong_key() {
 
     let port = served.port().to_string();
     let opts = format!("driver=nbd,host=127.0.0.1,port={port},export=disk,tls-creds=tls0");
-    let creds = format!("tls-creds-psk,id=tls0,endpoint=client,dir={},username=alice", d.join("psk").display());
+    let creds =
+        format!("tls-creds-psk,id=tls0,endpoint=client,dir={},username=alice", d.join("psk").display());
     let json = String::from_utf8(run(Command::new("qemu-img").args([
         "map",
         "--output=json",
