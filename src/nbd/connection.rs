@@ -236,7 +236,8 @@ pub(crate) struct Budgets<'a> {
     pub reserve: Budget,
 }
 
-/// Serves requests until the client disconnects, the server stops, or the stream breaks.
+/// Serves requests (as `session` negotiated them, for the client called `peer` in the log)
+/// until the client disconnects, the server stops, or the stream breaks.
 /// Returns once every request that was read has been answered (or dropped, if the server
 /// gave up on the connection).
 pub(crate) fn transmission<R: Read, W: ReplySink>(
@@ -246,8 +247,7 @@ pub(crate) fn transmission<R: Read, W: ReplySink>(
     limits: &Limits,
     server_budget: &Budget,
     control: &Control,
-    peer: &str,
-    session: Session,
+    (peer, session): (&str, Session),
 ) -> End {
     let replies = Replies {
         socket: Mutex::new(writer),

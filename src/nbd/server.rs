@@ -513,8 +513,7 @@ fn after_handshake<R: Read, W: ReplySink>(
                 &shared.limits,
                 &shared.budget,
                 control,
-                peer,
-                session,
+                (peer, session),
             );
             info!("{peer}: transmission ended ({end:?})");
         }
