@@ -110,9 +110,15 @@ fn a_sparse_luks_volume_reads_zeroes_and_discard_punches_holes_clients_see() {
     qemu_io(&served.uri, &["discard 1M 1M", "read -P 0 1M 1M", "read -P 0xcd 2M 1M"]);
     assert!(std::fs::metadata(&img).unwrap().blocks() < allocated, "the discard freed no space");
 
+    // Write-zeroes that may unmap (no NBD_CMD_FLAG_NO_HOLE) punches; one that may not writes.
+    qemu_io(
+        &served.uri,
+        &["write -z -u 2M 512k", "write -z 2560k 256k", "read -P 0 2M 768k", "read -P 0xcd 2816k 256k"],
+    );
     let map = nbd_map(&served.uri);
     assert!(covered(&map, M, 2 * M, "hole,zero"), "{map:?}");
-    assert!(covered(&map, 2 * M, 3 * M, "data"), "{map:?}");
+    assert!(covered(&map, 2 * M, 2560 << 10, "hole,zero"), "{map:?}");
+    assert!(covered(&map, 2560 << 10, 3 * M, "data"), "{map:?}");
     assert!(covered(&map, 4096, 4608, "data"), "{map:?}");
     assert!(covered(&map, 3 * M, 8 * M, "hole,zero"), "{map:?}");
 
@@ -127,7 +133,7 @@ fn a_sparse_luks_volume_reads_zeroes_and_discard_punches_holes_clients_see() {
 
     let mut expected = vec![0u8; 8 << 20];
     expected[4096..4608].fill(0xab);
-    expected[2 << 20..3 << 20].fill(0xcd);
+    expected[2816 << 10..3 << 20].fill(0xcd);
     assert!(qemu_read(&served.uri, &d.join("out.raw")) == expected, "the export reads different data");
     served.stop();
     let log = std::fs::read_to_string(d.join("log")).unwrap();

@@ -104,12 +104,33 @@ impl Control {
 
 /// A checked request ready for the device.
 enum Op {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Vec<u8>, fua: bool },
-    WriteZeroes { offset: u64, len: u64, fua: bool },
-    Trim { offset: u64, len: u64, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    /// `punch`: the client allows a hole (no `NBD_CMD_FLAG_NO_HOLE`).
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        punch: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
     Flush,
-    BlockStatus { offset: u64, len: u32, one: bool },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        one: bool,
+    },
 }
 
 struct Job<'a> {
@@ -348,7 +369,10 @@ fn run<W: ReplySink>(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Re
             return;
         }
         Op::Write { offset, data, fua } => device.write_at(offset, &data).and_then(|_| durable(fua)),
-        Op::WriteZeroes { offset, len, fua } => device.write_zeroes(offset, len).and_then(|_| durable(fua)),
+        Op::WriteZeroes { offset, len, fua, punch } => {
+            let r = if punch { device.zero_or_punch(offset, len) } else { device.write_zeroes(offset, len) };
+            r.and_then(|_| durable(fua))
+        }
         Op::Trim { offset, len, fua } => device.trim(offset, len).and_then(|_| durable(fua)),
         Op::Flush => device.flush(),
     };
@@ -511,8 +535,12 @@ fn read_requests<'a, R: Read, W: ReplySink>(
                     replies.fail(req, error);
                     continue;
                 }
-                // The device always writes real zeroes, so NO_HOLE is satisfied as it is.
-                (Op::WriteZeroes { offset: req.offset, len, fua }, cost(device, req.kind, len, budgets))
+                // Without NO_HOLE the device may punch a hole that reads as zeroes.
+                let punch = req.flags & cmd_flag::NO_HOLE == 0;
+                (
+                    Op::WriteZeroes { offset: req.offset, len, fua, punch },
+                    cost(device, req.kind, len, budgets),
+                )
             }
             cmd::BLOCK_STATUS => {
                 if !session.base_allocation

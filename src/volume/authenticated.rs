@@ -684,6 +684,19 @@ impl<E: Engine> BlockDevice for AuthVolume<E> {
         AuthVolume::trim(self, offset, len)
     }
 
+    fn zero_or_punch(&self, offset: u64, len: u64) -> Result<()> {
+        // Trimmed sectors read as zeroes whether or not the filesystem punched their data.
+        self.check_range(offset, len)?;
+        let ss = u64::from(self.sb.sector_size);
+        let (a, b) = (offset.div_ceil(ss) * ss, (offset + len) / ss * ss);
+        if a >= b {
+            return AuthVolume::write_zeroes(self, offset, len);
+        }
+        AuthVolume::trim(self, a, b - a)?;
+        AuthVolume::write_zeroes(self, offset, a - offset)?;
+        AuthVolume::write_zeroes(self, b, offset + len - b)
+    }
+
     fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<super::block::Extent>> {
         AuthVolume::block_status(self, offset, len, max_extents)
     }

@@ -16,6 +16,11 @@ pub trait BlockDevice: Send + Sync {
     fn flush(&self) -> crate::Result<()>;
     /// Writes zeroes over `len` bytes at `offset` (encrypted zeroes for a volume).
     fn write_zeroes(&self, offset: u64, len: u64) -> crate::Result<()>;
+    /// Zeroes `len` bytes at `offset`, freeing storage where it can (a hole that reads as
+    /// zeroes) and writing zeroes elsewhere. The default writes zeroes everywhere.
+    fn zero_or_punch(&self, offset: u64, len: u64) -> crate::Result<()> {
+        self.write_zeroes(offset, len)
+    }
     /// Discards `len` bytes at `offset` (may do nothing). Devices that free space here
     /// report the freed ranges through [`BlockDevice::block_status`] and read them as zeroes.
     fn trim(&self, offset: u64, len: u64) -> crate::Result<()>;

@@ -154,6 +154,17 @@ impl BlockDevice for FileBlockDevice {
         Ok(())
     }
 
+    fn zero_or_punch(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let (a, b) = super::sparse::inner_aligned(offset, offset + len, u64::from(self.block_size));
+        if a >= b || !super::sparse::punch(&self.file, a, b)? {
+            return self.write_zeroes(offset, len);
+        }
+        self.write_zeroes(offset, a - offset)?;
+        self.write_zeroes(b, offset + len - b)
+    }
+
     fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
         let mut out = Vec::new();

@@ -536,6 +536,29 @@ impl<E: Engine> Volume<E> {
         Ok(())
     }
 
+    /// Zeroes `len` bytes at `offset`: the whole hole units inside are punched (they read as
+    /// zeroes), the edges get encrypted zeroes. Where the filesystem cannot punch, all of it is
+    /// written.
+    pub fn zero_or_punch(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write(offset, 0)?;
+        self.check_range(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let ss = u64::from(self.params.sector_size);
+        let d = self.params.data_offset;
+        let (a, b) = sparse::inner_aligned(d + offset, d + offset + len, self.hole_unit);
+        if d % ss != 0 || a >= b {
+            return self.write_zeroes(offset, len);
+        }
+        let punched = {
+            let _range = self.writing.exclusive((a - d) / ss, (b - d) / ss);
+            sparse::punch(&self.file, a, b)?
+        };
+        if !punched {
+            return self.write_zeroes(offset, len);
+        }
+        self.write_zeroes(offset, a - d - offset)?;
+        self.write_zeroes(b - d, offset + len - (b - d))
+    }
+
     /// What `len` bytes at `offset` hold: holes (whole sectors only) read as zeroes.
     pub fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<block::Extent>> {
         self.check_range(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
@@ -609,6 +632,10 @@ impl<E: Engine> BlockDevice for Volume<E> {
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
         Volume::trim(self, offset, len)
+    }
+
+    fn zero_or_punch(&self, offset: u64, len: u64) -> Result<()> {
+        Volume::zero_or_punch(self, offset, len)
     }
 
     fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<block::Extent>> {
