@@ -610,7 +610,7 @@ impl<E: Engine> AuthVolume<E> {
     }
 
     /// What `len` bytes at `offset` hold: trimmed sectors read as zeroes, and are holes where
-    /// their data area is one. At most [`STATUS_SECTORS`] sectors are looked at per call.
+    /// their data area is one. At most 65536 sectors are looked at per call.
     pub fn block_status(
         &self,
         offset: u64,
