@@ -326,3 +326,34 @@ fn tls_options_are_checked_before_anything_is_served() {
     assert!(serve(&["--tls-psk", d.join("bad.psk").to_str().unwrap()]).contains("line 1"));
     assert!(serve(&["--tls-verify-peer"]).contains("--tls-certificates"));
 }
+
+#[test]
+fn a_client_that_stalls_in_the_tls_handshake_is_dropped_at_the_handshake_deadline() {
+    let dir = scratch();
+    let d = dir.path();
+    let (img, _) = image(d);
+    let keys = d.join("keys.psk");
+    std::fs::write(&keys, "alice:00112233445566778899aabbccddeeff\n").unwrap();
+    let served = Served::start(
+        &img,
+        &["--tls-psk", keys.to_str().unwrap(), "--handshake-timeout", "1s"],
+        &d.join("log"),
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", served.port())).unwrap();
+    // Far longer than the deadline: a server that waited for ever would fail the read below
+    // with a timeout instead of closing.
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    s.write_all(&proto::client::FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+    send_option(&mut s, opt::STARTTLS, &[]);
+    assert_eq!(option_reply(&mut s).1, rep::ACK);
+    // Half a ClientHello, then nothing.
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    drop(served);
+}
