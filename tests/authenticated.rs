@@ -154,3 +154,46 @@ fn a_wrong_key_or_a_modified_superblock_is_refused() {
     let e = AuthVolume::open(engine(), File::open(&img).unwrap(), false, &KEY).err().unwrap();
     assert!(matches!(e, Error::NotLuks(_)), "{e}");
 }
+
+#[test]
+fn trimmed_sectors_read_as_authenticated_zeroes_and_their_mark_cannot_forge_zeroes() {
+    use crypt_vfio::volume::authenticated::ENTRY_TRIMMED;
+    let dir = scratch();
+    let img = dir.path().join("auth.img");
+    let v = new_volume(&img, 512, 64 << 10);
+    let data = pattern(64 << 10, 3);
+    v.write_at(0, &data).unwrap();
+    // Sectors 2..=9 whole; the partial sectors at the edges keep their data.
+    v.trim(1000, 4200).unwrap();
+    let mut back = vec![1u8; 64 << 10];
+    v.read_at(0, &mut back).unwrap();
+    let mut expected = data.clone();
+    expected[1024..5120].fill(0);
+    assert!(back == expected, "trimmed sectors read as zeroes, the rest unchanged");
+    let mut sectors = vec![1u8; 4096];
+    futures::executor::block_on(v.read_sectors_async(0, &mut sectors)).unwrap();
+    assert!(sectors[..] == expected[..4096], "the async path agrees");
+
+    let sb = *v.superblock();
+    let raw = rw(&img);
+    let entry = |s: u64| sb.meta_offset + s * META_ENTRY_LEN as u64;
+    // The mark on a sector that holds data does not make it read as zeroes: its tag is not
+    // that of zeroes.
+    raw.write_all_at(&ENTRY_TRIMMED, entry(12) + 28).unwrap();
+    expect_sector_failure(&v, 12 * 512, 512, 12);
+    // A changed tag of a trimmed sector fails; so does a mark other than 0 or 1.
+    let mut b = [0u8];
+    raw.read_exact_at(&mut b, entry(4) + 20).unwrap();
+    raw.write_all_at(&[b[0] ^ 1], entry(4) + 20).unwrap();
+    expect_sector_failure(&v, 2048, 512, 4);
+    raw.write_all_at(&2u32.to_le_bytes(), entry(6) + 28).unwrap();
+    expect_sector_failure(&v, 3072, 512, 6);
+    // Writing a trimmed sector again makes it an ordinary one.
+    v.write_at(4 * 512, &[7u8; 512]).unwrap();
+    let mut one = [0u8; 512];
+    v.read_at(4 * 512, &mut one).unwrap();
+    assert_eq!(one, [7u8; 512]);
+    let mut e = [0u8; 4];
+    raw.read_exact_at(&mut e, entry(4) + 28).unwrap();
+    assert_eq!(e, [0; 4]);
+}

@@ -57,6 +57,7 @@ impl Fixture {
             // Long enough for a loaded machine: the stop test expects every request answered.
             stop_grace: Duration::from_secs(20),
             reply_timeout: Duration::from_secs(30),
+            tls: None,
         };
         let mut config = config;
         tweak(&mut config);
@@ -310,8 +311,8 @@ fn options_are_answered_and_refusals_keep_the_handshake_going() {
     let i = c.info_or_go(opt::INFO, "", &[]).unwrap();
     assert_eq!((i.size, i.block), (SIZE, Some((1, 4096, MAX_PAYLOAD))));
 
-    for refused in [opt::STRUCTURED_REPLY, opt::STARTTLS, opt::SET_META_CONTEXT, opt::EXTENDED_HEADERS, 4242]
-    {
+    // Without TLS credentials STARTTLS is not supported.
+    for refused in [opt::STARTTLS, opt::EXTENDED_HEADERS, 4242] {
         c.option(refused, &[]);
         let (kind, msg) = c.option_reply(refused);
         assert_eq!(kind, rep::ERR_UNSUP, "option {refused}");
@@ -403,8 +404,8 @@ fn commands_read_write_flush_trim_and_write_zeroes() {
     assert_eq!(c.call(cmd::FLUSH, 0, 0, 0, &[]), 0);
     assert_eq!(c.call(cmd::WRITE_ZEROES, 0, 8192, 4096, &[]), 0);
     assert_eq!(c.call(cmd::WRITE_ZEROES, cmd_flag::NO_HOLE | cmd_flag::FUA, 131072, 300_000, &[]), 0);
-    assert_eq!(c.call(cmd::TRIM, 0, 0, 4096, &[]), 0);
-    assert_eq!(c.call(cmd::TRIM, cmd_flag::FUA, 4096, 4096, &[]), 0);
+    assert_eq!(c.call(cmd::TRIM, 0, 524288, 4096, &[]), 0);
+    assert_eq!(c.call(cmd::TRIM, cmd_flag::FUA, 528384, 4096, &[]), 0);
     // Zero-length transfers are legal and harmless.
     assert_eq!(c.read(0, 0).unwrap(), Vec::<u8>::new());
     assert_eq!(c.write(0, &[], 0), 0);
@@ -416,6 +417,9 @@ fn commands_read_write_flush_trim_and_write_zeroes() {
 
     let disk = f.on_disk();
     assert_eq!(&disk[4096..8192], &data[..4096]);
+    // Trimmed: holes (or the data, on a filesystem without them).
+    let trimmed = &disk[524288..532480];
+    assert!(trimmed.iter().all(|&b| b == 0) || trimmed == &pattern(SIZE as usize, 1)[524288..532480]);
     assert!(disk[8192..12288].iter().all(|&b| b == 0));
     assert_eq!(&disk[65536..69632], &data[..4096]);
     assert!(disk[131072..131072 + 300_000].iter().all(|&b| b == 0));
@@ -613,6 +617,9 @@ fn a_unix_socket_serves_the_same_protocol() {
     let mut f = Fixture::start(false, true);
     let sock = f.socket.clone().unwrap();
     assert!(sock.exists());
+    // Whoever can connect reads the export: owner only, from the start (umask at bind).
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
     let mut c = f.transmission();
     assert_eq!(c.write(512, b"over unix", cmd_flag::FUA), 0);
     assert_eq!(c.read(512, 9).unwrap(), b"over unix");
@@ -874,4 +881,140 @@ fn a_client_that_takes_its_replies_a_few_bytes_at_a_time_is_dropped_at_the_reply
     let all = READS as usize * (proto::SIMPLE_REPLY_LEN + MAX_PAYLOAD as usize);
     assert!(closed, "the slow reader was still connected after {taken} of {all} bytes");
     assert!(taken < all, "the slow reader got every reply");
+}
+
+/// Option data for `NBD_OPT_{LIST,SET}_META_CONTEXT`.
+fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+/// One structured reply chunk: (flags, type, handle, payload).
+fn chunk(c: &mut Client) -> (u16, u16, u64, Vec<u8>) {
+    let h = c.read_n(proto::STRUCTURED_REPLY_LEN);
+    assert_eq!(be_u32(&h), proto::STRUCTURED_REPLY_MAGIC, "a structured reply chunk");
+    let payload = c.read_n(be_u32(&h[16..]) as usize);
+    (be_u16(&h[4..]), be_u16(&h[6..]), be_u64(&h[8..]), payload)
+}
+
+/// A client with structured replies and `base:allocation`, in transmission.
+fn structured_client(f: &Fixture) -> (Client, u32) {
+    let mut c = f.connect();
+    c.handshake(proto::client::FIXED_NEWSTYLE | proto::client::NO_ZEROES);
+    // Metadata contexts need structured replies first.
+    c.option(opt::SET_META_CONTEXT, &meta_data("disk", &[proto::BASE_ALLOCATION]));
+    assert_eq!(c.option_reply(opt::SET_META_CONTEXT).0, rep::ERR_INVALID);
+    c.option(opt::STRUCTURED_REPLY, b"x");
+    assert_eq!(c.option_reply(opt::STRUCTURED_REPLY).0, rep::ERR_INVALID);
+    c.option(opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply(opt::STRUCTURED_REPLY).0, rep::ACK);
+    // LIST with no query lists every context.
+    c.option(opt::LIST_META_CONTEXT, &meta_data("disk", &[]));
+    let (kind, d) = c.option_reply(opt::LIST_META_CONTEXT);
+    assert_eq!(kind, rep::META_CONTEXT);
+    assert_eq!(&d[4..], proto::BASE_ALLOCATION.as_bytes());
+    assert_eq!(c.option_reply(opt::LIST_META_CONTEXT).0, rep::ACK);
+    c.option(opt::SET_META_CONTEXT, &meta_data("nosuch", &[proto::BASE_ALLOCATION]));
+    assert_eq!(c.option_reply(opt::SET_META_CONTEXT).0, rep::ERR_UNKNOWN);
+    // Hostile lengths: a query count no data could hold, a query length past the end, a
+    // trailing byte, a name length past the end. Each is refused; the handshake goes on.
+    let good = meta_data("disk", &[proto::BASE_ALLOCATION]);
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let mut long_query = good.clone();
+    long_query[12..16].copy_from_slice(&1000u32.to_be_bytes());
+    let mut many = good.clone();
+    many[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+    for bad in [trailing, long_query, many, vec![0, 0, 0, 9, b'd'], vec![0, 0]] {
+        c.option(opt::SET_META_CONTEXT, &bad);
+        assert_eq!(c.option_reply(opt::SET_META_CONTEXT).0, rep::ERR_INVALID, "{bad:?}");
+    }
+    c.option(opt::SET_META_CONTEXT, &good);
+    let (kind, d) = c.option_reply(opt::SET_META_CONTEXT);
+    assert_eq!(kind, rep::META_CONTEXT);
+    let id = be_u32(&d);
+    assert_eq!(&d[4..], proto::BASE_ALLOCATION.as_bytes());
+    assert_eq!(c.option_reply(opt::SET_META_CONTEXT).0, rep::ACK);
+    let go = c.go("disk", &[]).unwrap();
+    assert_ne!(go.flags & tflags::SEND_DF, 0, "reads come in one chunk: DF is offered");
+    (c, id)
+}
+
+/// Block status descriptors from a `BLOCK_STATUS` chunk: (length, flags).
+fn extents(id: u32, payload: &[u8]) -> Vec<(u32, u32)> {
+    assert_eq!(be_u32(payload), id, "the context id chosen in SET_META_CONTEXT");
+    assert_eq!((payload.len() - 4) % 8, 0);
+    payload[4..].chunks_exact(8).map(|d| (be_u32(d), be_u32(&d[4..]))).collect()
+}
+
+#[test]
+fn structured_replies_and_block_status_frame_as_the_protocol_says() {
+    use proto::{reply_flag, reply_type, state};
+    let mut f = Fixture::start(false, false);
+    let (mut c, id) = structured_client(&f);
+
+    // A read: one OFFSET_DATA chunk, the last, with the offset before the data.
+    c.send(cmd::READ, cmd_flag::DF, 7, 4096, 100, &[]);
+    let (flags, kind, handle, p) = chunk(&mut c);
+    assert_eq!((flags, kind, handle), (reply_flag::DONE, reply_type::OFFSET_DATA, 7));
+    assert_eq!(be_u64(&p), 4096);
+    assert_eq!(&p[8..], &pattern(SIZE as usize, 1)[4096..4196]);
+    // A zero-length read has no data chunk.
+    c.send(cmd::READ, 0, 8, 0, 0, &[]);
+    assert_eq!(chunk(&mut c), (reply_flag::DONE, reply_type::NONE, 8, vec![]));
+    // A read error is a structured error chunk.
+    c.send(cmd::READ, 0, 9, SIZE, 1, &[]);
+    let (flags, kind, handle, p) = chunk(&mut c);
+    assert_eq!((flags, kind, handle), (reply_flag::DONE, reply_type::ERROR, 9));
+    assert_eq!(be_u32(&p), errno::EINVAL);
+    assert_eq!(be_u16(&p[4..]) as usize, p.len() - 6, "the message length covers the rest");
+    // Other commands keep simple replies.
+    assert_eq!(c.call(cmd::TRIM, 0, 16384, 32768, &[]), 0);
+
+    c.send(cmd::BLOCK_STATUS, 0, 10, 0, SIZE as u32, &[]);
+    let (flags, kind, handle, p) = chunk(&mut c);
+    assert_eq!((flags, kind, handle), (reply_flag::DONE, reply_type::BLOCK_STATUS, 10));
+    let e = extents(id, &p);
+    assert!(e.iter().all(|&(len, _)| len > 0));
+    assert!(e.iter().map(|&(len, _)| u64::from(len)).sum::<u64>() <= SIZE);
+    if e.len() > 1 {
+        // The filesystem has holes: the trimmed range is one.
+        assert_eq!(e[..2], [(16384, 0), (32768, state::HOLE | state::ZERO)]);
+    }
+    // REQ_ONE: exactly one extent, here from the middle of the hole.
+    c.send(cmd::BLOCK_STATUS, cmd_flag::REQ_ONE, 11, 20480, 65536, &[]);
+    let (_, kind, _, p) = chunk(&mut c);
+    assert_eq!(kind, reply_type::BLOCK_STATUS);
+    let one = extents(id, &p);
+    assert_eq!(one.len(), 1);
+    assert!(one[0].0 <= 65536);
+    // The hole reads as zeroes.
+    c.send(cmd::READ, 0, 12, 16384, 32768, &[]);
+    let (_, _, _, p) = chunk(&mut c);
+    assert!(p[8..].iter().all(|&b| b == 0));
+    // Bad block status requests: no length, past the end, an unknown flag.
+    for (flags, offset, len) in [(0, 0, 0), (0, SIZE - 1, 2), (cmd_flag::FUA, 0, 512)] {
+        c.send(cmd::BLOCK_STATUS, flags, 13, offset, len, &[]);
+        let (_, kind, handle, p) = chunk(&mut c);
+        assert_eq!((kind, handle, be_u32(&p)), (reply_type::ERROR, 13, errno::EINVAL));
+    }
+    c.disconnect();
+    f.stop();
+}
+
+#[test]
+fn block_status_without_a_metadata_context_is_refused() {
+    let mut f = Fixture::start(false, false);
+    let mut c = f.transmission();
+    // No structured replies: a simple error reply, and the connection goes on.
+    assert_eq!(c.call(cmd::BLOCK_STATUS, 0, 0, 4096, &[]), errno::EINVAL);
+    assert_eq!(c.read(0, 4).unwrap(), pattern(4, 1));
+    c.disconnect();
+    f.stop();
 }

@@ -103,7 +103,8 @@ pub fn run(args: FormatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `format --type authenticated`: a new authenticated volume (every sector sealed zeroes) on a
+/// `format --type authenticated`: a new authenticated volume (every sector trimmed: sealed zeroes
+/// in its entry, no ciphertext stored) on a
 /// new image of `--size` bytes of data, or filling an existing image.
 fn format_authenticated(args: &FormatArgs) -> anyhow::Result<()> {
     let ss = args.image.sector_size;

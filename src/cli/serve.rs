@@ -20,8 +20,8 @@ use clap::Args;
 use crypt_vfio::engine::Engine;
 use crypt_vfio::luks::Header;
 use crypt_vfio::nbd::{
-    Listener, Server, ServerConfig, MAX_CONNECTIONS, MAX_MEMORY_LIMIT, MAX_PAYLOAD_LIMIT,
-    MAX_WORKERS_PER_CONNECTION,
+    Listener, Server, ServerConfig, TlsConfig, TlsCredentials, MAX_CONNECTIONS, MAX_MEMORY_LIMIT,
+    MAX_PAYLOAD_LIMIT, MAX_WORKERS_PER_CONNECTION,
 };
 use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::block::BlockDevice;
@@ -57,9 +57,24 @@ pub struct ServeArgs {
     /// TCP address to listen on (port 0 picks a free port; the address is printed).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10809", conflicts_with = "socket")]
     pub listen: String,
-    /// Listen on a Unix socket at PATH instead of TCP (PATH must not exist).
+    /// Listen on a Unix socket at PATH instead of TCP (PATH must not exist; it is created with
+    /// mode 0600, owner only).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// TLS: `off`, `on` (clients may use it) or `require` (clients that do not are refused).
+    /// Default: `require` with --tls-certificates or --tls-psk, `off` without.
+    #[arg(long, value_name = "MODE", value_parser = ["off", "on", "require"])]
+    pub tls: Option<String>,
+    /// x509 credentials: a directory with server-cert.pem, server-key.pem (and ca-cert.pem
+    /// with --tls-verify-peer), laid out as for qemu-nbd and nbdkit.
+    #[arg(long, value_name = "DIR", conflicts_with = "tls_psk")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Pre-shared keys: a file of `username:hexkey` lines (as `psktool` writes them).
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
+    /// With --tls-certificates: require a client certificate signed by ca-cert.pem.
+    #[arg(long, requires = "tls_certificates")]
+    pub tls_verify_peer: bool,
     /// Export name; clients asking for the default export (the empty name) get it too.
     #[arg(long, value_name = "NAME", default_value = "")]
     pub export: String,
@@ -129,6 +144,26 @@ fn parse_handshake_timeout(s: &str) -> Result<Duration, String> {
             too_long: "an idle client would hold its slot that long",
         },
     )
+}
+
+/// The TLS setup the options ask for; `None` for no TLS.
+fn tls_config(args: &ServeArgs) -> anyhow::Result<Option<TlsConfig>> {
+    let credentials = match (&args.tls_certificates, &args.tls_psk) {
+        (Some(dir), _) => Some(TlsCredentials::X509 { dir: dir.clone(), verify_peer: args.tls_verify_peer }),
+        (None, Some(file)) => Some(TlsCredentials::Psk { file: file.clone() }),
+        (None, None) => None,
+    };
+    let mode = args.tls.as_deref().unwrap_or(if credentials.is_some() { "require" } else { "off" });
+    match (mode, credentials) {
+        ("off", None) => Ok(None),
+        ("off", Some(_)) => {
+            bail!("--tls off with TLS credentials: drop the credentials or choose --tls on/require")
+        }
+        (_, None) => bail!("--tls {mode} needs credentials: --tls-certificates DIR or --tls-psk FILE"),
+        (mode, Some(c)) => {
+            Ok(Some(TlsConfig::new(&c, mode == "require").context("loading the TLS credentials")?))
+        }
+    }
 }
 
 /// What `serve` exports, and the engine under it (to abort it when stopping).
@@ -240,6 +275,8 @@ fn abort_on_stop(stop: Arc<AtomicBool>, engine: Weak<VirtioCrypto>) -> anyhow::R
 
 /// `crypt-vfio serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Credentials are checked before the volume is unlocked.
+    let tls = tls_config(&args)?;
     let (device, engine) = open_export(&args)?;
     let size = device.size();
     let config = ServerConfig {
@@ -250,6 +287,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections as usize,
         max_memory: args.max_memory,
         handshake_timeout: args.handshake_timeout,
+        tls: tls.clone(),
         ..ServerConfig::default()
     };
     let server = Server::new(device, config).context("configuring the NBD server")?;
@@ -272,8 +310,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => Listener::unix(path)?,
         None => Listener::tcp(args.listen.as_str())?,
     };
+    if args.socket.is_none() && !args.raw && !tls.as_ref().is_some_and(|t| t.required) {
+        log::warn!(
+            "serving the decrypted volume on TCP {} without {} TLS: anyone who can reach the port \
+             reads and writes the plaintext (use --tls-certificates/--tls-psk, or --socket)",
+            args.listen,
+            if tls.is_some() { "required" } else { "any" }
+        );
+    }
     // Scripts and tests read this line to find the port when --listen asked for port 0.
-    println!("listening on {} ({} bytes)", listener.uri(&args.export), size);
+    let uri = listener.uri(&args.export);
+    // The scheme says how to connect: nbds:// (nbds+unix://) when TLS is offered.
+    let uri = if tls.is_some() { uri.replacen("nbd", "nbds", 1) } else { uri };
+    println!("listening on {uri} ({size} bytes)");
     std::io::stdout().flush().context("writing to stdout")?;
 
     let report = server.serve(listener).context("serving")?;

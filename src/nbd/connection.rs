@@ -21,13 +21,19 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use super::budget::{Budget, Charge};
-use super::proto::{self, cmd, cmd_flag, errno, tflags, Request};
+use super::negotiate::{Session, BASE_ALLOCATION_ID};
+use super::proto::{self, cmd, cmd_flag, errno, reply_flag, reply_type, state, tflags, Request};
 use super::stream::{ClientReader, Next, ReplySink};
 use crate::volume::block::BlockDevice;
 
 /// A write longer than the maximum payload but at most this long is read and dropped with an
 /// `EINVAL` reply; a longer one ends the connection rather than swallowing gigabytes.
 const DISCARD_LIMIT: u64 = 128 << 20;
+/// Extents one block status reply holds at most (the client asks again for the rest).
+const MAX_EXTENTS: usize = 4096;
+/// What a block status request is charged: the most metadata a device reads to answer one
+/// (an authenticated volume reads 32 bytes per sector, at most 65536 sectors) and the reply.
+const STATUS_COST: u64 = (2 << 20) + 8 * MAX_EXTENTS as u64;
 /// Requests waiting for a worker, per connection.
 const QUEUE_DEPTH: usize = 64;
 /// Payload bytes each connection may hold outside the server's shared budget, for requests
@@ -98,11 +104,33 @@ impl Control {
 
 /// A checked request ready for the device.
 enum Op {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Vec<u8>, fua: bool },
-    WriteZeroes { offset: u64, len: u64, fua: bool },
-    Trim { offset: u64, len: u64, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    /// `punch`: the client allows a hole (no `NBD_CMD_FLAG_NO_HOLE`).
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        punch: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
     Flush,
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        one: bool,
+    },
 }
 
 struct Job<'a> {
@@ -121,6 +149,8 @@ struct Replies<'a, W> {
     peer: String,
     /// How long one reply may take to send.
     timeout: Duration,
+    /// Reads and block status are answered in structured replies.
+    structured: bool,
 }
 
 impl<W: ReplySink> Replies<'_, W> {
@@ -149,8 +179,39 @@ impl<W: ReplySink> Replies<'_, W> {
         }
     }
 
+    /// A reply without data: success (`error` 0) or an error. Simple, except where the
+    /// protocol wants a structured one (reads and block status, once negotiated).
     fn error(&self, handle: u64, error: u32) {
         self.send(&proto::simple_reply(error, handle), &[]);
+    }
+
+    /// An error reply to `req`, in the form its command needs.
+    fn fail(&self, req: Request, error: u32) {
+        if self.structured && matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS) {
+            self.send(&proto::structured_error(error, req.handle), &[]);
+        } else {
+            self.error(req.handle, error);
+        }
+    }
+
+    /// The data of a successful read at `offset`.
+    fn data(&self, handle: u64, offset: u64, data: &[u8]) {
+        if !self.structured {
+            self.send(&proto::simple_reply(0, handle), data);
+        } else if data.is_empty() {
+            self.send(&proto::structured_header(reply_flag::DONE, reply_type::NONE, handle, 0), &[]);
+        } else {
+            // One chunk for the whole read: NBD_CMD_FLAG_DF holds whether asked or not.
+            let mut h = proto::structured_header(
+                reply_flag::DONE,
+                reply_type::OFFSET_DATA,
+                handle,
+                8 + data.len() as u32,
+            )
+            .to_vec();
+            h.extend_from_slice(&offset.to_be_bytes());
+            self.send(&h, data);
+        }
     }
 }
 
@@ -196,7 +257,8 @@ pub(crate) struct Budgets<'a> {
     pub reserve: Budget,
 }
 
-/// Serves requests until the client disconnects, the server stops, or the stream breaks.
+/// Serves requests (as `session` negotiated them, for the client called `peer` in the log)
+/// until the client disconnects, the server stops, or the stream breaks.
 /// Returns once every request that was read has been answered (or dropped, if the server
 /// gave up on the connection).
 pub(crate) fn transmission<R: Read, W: ReplySink>(
@@ -206,7 +268,7 @@ pub(crate) fn transmission<R: Read, W: ReplySink>(
     limits: &Limits,
     server_budget: &Budget,
     control: &Control,
-    peer: &str,
+    (peer, session): (&str, Session),
 ) -> End {
     let replies = Replies {
         socket: Mutex::new(writer),
@@ -214,6 +276,7 @@ pub(crate) fn transmission<R: Read, W: ReplySink>(
         control,
         peer: peer.to_string(),
         timeout: limits.reply_timeout,
+        structured: session.structured,
     };
     let budgets = Budgets {
         server: server_budget,
@@ -238,7 +301,8 @@ pub(crate) fn transmission<R: Read, W: ReplySink>(
         if started == 0 {
             return End::Dropped;
         }
-        let end = read_requests(reader, device, limits, &replies, &budgets, |job| tx.send(job).is_ok());
+        let end =
+            read_requests(reader, device, limits, session, &replies, &budgets, |job| tx.send(job).is_ok());
         // Closing the queue lets the workers finish what was read, then leave.
         drop(tx);
         end
@@ -260,19 +324,55 @@ fn worker<W: ReplySink>(rx: &Mutex<Receiver<Job<'_>>>, device: &dyn BlockDevice,
 
 fn run<W: ReplySink>(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Replies<'_, W>) {
     let durable = |fua: bool| if fua { device.flush() } else { Ok(()) };
+    let read_failed = matches!(op, Op::Read { .. });
     let result = match op {
         Op::Read { offset, len } => {
             let mut buf = vec![0u8; len as usize];
             match device.read_at(offset, &mut buf) {
                 Ok(()) => {
-                    replies.send(&proto::simple_reply(0, handle), &buf);
+                    replies.data(handle, offset, &buf);
                     return;
                 }
                 Err(e) => Err(e),
             }
         }
+        Op::BlockStatus { offset, len, one } => {
+            let max = if one { 1 } else { MAX_EXTENTS };
+            let req = Request { flags: 0, kind: cmd::BLOCK_STATUS, handle, offset, length: len };
+            match device.block_status(offset, u64::from(len), max) {
+                Ok(extents) if !extents.is_empty() => {
+                    let n = extents.len().min(max);
+                    let mut payload = Vec::with_capacity(4 + 8 * n);
+                    payload.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+                    for e in &extents[..n] {
+                        // Never longer than the request, which fits in 32 bits.
+                        let l = u32::try_from(e.len.min(u64::from(len))).unwrap_or(u32::MAX);
+                        let flags =
+                            if e.hole { state::HOLE } else { 0 } | if e.zero { state::ZERO } else { 0 };
+                        payload.extend_from_slice(&l.to_be_bytes());
+                        payload.extend_from_slice(&flags.to_be_bytes());
+                    }
+                    let h = proto::structured_header(
+                        reply_flag::DONE,
+                        reply_type::BLOCK_STATUS,
+                        handle,
+                        payload.len() as u32,
+                    );
+                    replies.send(&h, &payload);
+                }
+                Ok(_) => replies.fail(req, errno::EIO),
+                Err(e) => {
+                    debug!("{}: block status {handle:#x} failed: {e}", replies.peer);
+                    replies.fail(req, proto::errno_of(&e));
+                }
+            }
+            return;
+        }
         Op::Write { offset, data, fua } => device.write_at(offset, &data).and_then(|_| durable(fua)),
-        Op::WriteZeroes { offset, len, fua } => device.write_zeroes(offset, len).and_then(|_| durable(fua)),
+        Op::WriteZeroes { offset, len, fua, punch } => {
+            let r = if punch { device.zero_or_punch(offset, len) } else { device.write_zeroes(offset, len) };
+            r.and_then(|_| durable(fua))
+        }
         Op::Trim { offset, len, fua } => device.trim(offset, len).and_then(|_| durable(fua)),
         Op::Flush => device.flush(),
     };
@@ -280,7 +380,9 @@ fn run<W: ReplySink>(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Re
         Ok(()) => replies.error(handle, 0),
         Err(e) => {
             debug!("{}: request {handle:#x} failed: {e}", replies.peer);
-            replies.error(handle, proto::errno_of(&e));
+            // The command decides the reply's form: a failed read's is structured if negotiated.
+            let kind = if read_failed { cmd::READ } else { cmd::WRITE };
+            replies.fail(Request { flags: 0, kind, handle, offset: 0, length: 0 }, proto::errno_of(&e));
         }
     }
 }
@@ -291,7 +393,9 @@ fn run<W: ReplySink>(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Re
 fn cost(device: &dyn BlockDevice, kind: u16, len: u64, budgets: &Budgets<'_>) -> u64 {
     let bytes = match kind {
         cmd::READ | cmd::WRITE => device.working_set(len),
-        cmd::WRITE_ZEROES => device.working_set(len.min(crate::volume::block::ZERO_PIECE)),
+        // Zeroing and trimming (which seals zeroes on an authenticated volume) run piece by piece.
+        cmd::WRITE_ZEROES | cmd::TRIM => device.working_set(len.min(crate::volume::block::ZERO_PIECE)),
+        cmd::BLOCK_STATUS => STATUS_COST,
         _ => 0,
     };
     bytes.min(budgets.connection.total()).min(budgets.server.total())
@@ -322,6 +426,7 @@ fn read_requests<'a, R: Read, W: ReplySink>(
     reader: &mut ClientReader<R>,
     device: &dyn BlockDevice,
     limits: &Limits,
+    session: Session,
     replies: &Replies<'_, W>,
     budgets: &'a Budgets<'a>,
     submit: impl Fn(Job<'a>) -> bool,
@@ -369,7 +474,7 @@ fn read_requests<'a, R: Read, W: ReplySink>(
                     return fail("skipping an oversized write", e);
                 }
                 debug!("{peer}: write of {len} bytes refused (limit {})", limits.max_payload);
-                replies.error(req.handle, errno::EINVAL);
+                replies.fail(req, errno::EINVAL);
                 continue;
             }
             if let Some(error) = refuse_change(req.flags, cmd_flag::FUA, read_only, in_bounds, errno::ENOSPC)
@@ -378,7 +483,7 @@ fn read_requests<'a, R: Read, W: ReplySink>(
                 if let Err(e) = reader.discard(len) {
                     return fail("skipping a refused write", e);
                 }
-                replies.error(req.handle, error);
+                replies.fail(req, error);
                 continue;
             }
             let Some(charges) = charge(budgets, cost(device, req.kind, len, budgets), replies) else {
@@ -401,15 +506,16 @@ fn read_requests<'a, R: Read, W: ReplySink>(
         let (op, bytes) = match req.kind {
             cmd::DISC => return End::Disconnect,
             cmd::READ => {
-                if req.flags & !cmd_flag::FUA != 0 || req.length > limits.max_payload || !in_bounds {
-                    replies.error(req.handle, errno::EINVAL);
+                let allowed = if session.structured { cmd_flag::FUA | cmd_flag::DF } else { cmd_flag::FUA };
+                if req.flags & !allowed != 0 || req.length > limits.max_payload || !in_bounds {
+                    replies.fail(req, errno::EINVAL);
                     continue;
                 }
                 (Op::Read { offset: req.offset, len: req.length }, cost(device, req.kind, len, budgets))
             }
             cmd::FLUSH => {
                 if req.flags & !cmd_flag::FUA != 0 || req.offset != 0 || req.length != 0 {
-                    replies.error(req.handle, errno::EINVAL);
+                    replies.fail(req, errno::EINVAL);
                     continue;
                 }
                 (Op::Flush, 0)
@@ -418,25 +524,44 @@ fn read_requests<'a, R: Read, W: ReplySink>(
                 if let Some(error) =
                     refuse_change(req.flags, cmd_flag::FUA, read_only, in_bounds, errno::EINVAL)
                 {
-                    replies.error(req.handle, error);
+                    replies.fail(req, error);
                     continue;
                 }
-                (Op::Trim { offset: req.offset, len, fua }, 0)
+                (Op::Trim { offset: req.offset, len, fua }, cost(device, req.kind, len, budgets))
             }
             cmd::WRITE_ZEROES => {
                 let allowed = cmd_flag::FUA | cmd_flag::NO_HOLE;
                 if let Some(error) = refuse_change(req.flags, allowed, read_only, in_bounds, errno::ENOSPC) {
-                    replies.error(req.handle, error);
+                    replies.fail(req, error);
                     continue;
                 }
-                // The device always writes real zeroes, so NO_HOLE is satisfied as it is.
-                (Op::WriteZeroes { offset: req.offset, len, fua }, cost(device, req.kind, len, budgets))
+                // Without NO_HOLE the device may punch a hole that reads as zeroes.
+                let punch = req.flags & cmd_flag::NO_HOLE == 0;
+                (
+                    Op::WriteZeroes { offset: req.offset, len, fua, punch },
+                    cost(device, req.kind, len, budgets),
+                )
+            }
+            cmd::BLOCK_STATUS => {
+                if !session.base_allocation
+                    || req.flags & !cmd_flag::REQ_ONE != 0
+                    || req.length == 0
+                    || !in_bounds
+                {
+                    replies.fail(req, errno::EINVAL);
+                    continue;
+                }
+                let one = req.flags & cmd_flag::REQ_ONE != 0;
+                (
+                    Op::BlockStatus { offset: req.offset, len: req.length, one },
+                    cost(device, req.kind, len, budgets),
+                )
             }
             other => {
-                // Not advertised (cache, block status, ...); none of them carries a payload
+                // Not advertised (cache, ...); none of them carries a payload
                 // without extended headers, so the stream stays in step.
                 debug!("{peer}: unsupported command {other}");
-                replies.error(req.handle, errno::EINVAL);
+                replies.fail(req, errno::EINVAL);
                 continue;
             }
         };
@@ -507,7 +632,7 @@ mod tests {
         // Zeroing a gigabyte holds one piece's buffers, not nothing and not a gigabyte.
         assert_eq!(cost(&dev, cmd::WRITE_ZEROES, 1 << 30, &budgets), 2 * crate::volume::block::ZERO_PIECE);
         assert_eq!(cost(&dev, cmd::WRITE_ZEROES, 4096, &budgets), 8192);
-        assert_eq!(cost(&dev, cmd::TRIM, 1 << 30, &budgets), 0);
+        assert_eq!(cost(&dev, cmd::TRIM, 1 << 30, &budgets), 2 * crate::volume::block::ZERO_PIECE);
         assert_eq!(cost(&dev, cmd::FLUSH, 0, &budgets), 0);
         // Never more than the budget holds, or the request would wait for ever.
         assert_eq!(cost(&dev, cmd::WRITE, 32 << 20, &budgets), 16 << 20);

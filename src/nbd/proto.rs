@@ -1,4 +1,5 @@
-//! NBD wire constants and message layouts (the fixed newstyle handshake and simple replies).
+//! NBD wire constants and message layouts (the fixed newstyle handshake, simple and
+//! structured replies).
 //!
 //! Kept apart from the server logic so that the protocol's numbers live in one place and the
 //! tests' client can use the very same definitions. Every integer on the wire is big-endian.
@@ -13,6 +14,10 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// The one metadata context this server offers: which ranges are holes and which read as zeroes.
+pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// Handshake flags the server sends.
 pub mod handshake {
@@ -90,6 +95,8 @@ pub mod rep {
     pub const SERVER: u32 = 2;
     /// One item of information in answer to `NBD_OPT_INFO`/`NBD_OPT_GO`.
     pub const INFO: u32 = 3;
+    /// One metadata context in answer to `NBD_OPT_LIST_META_CONTEXT`/`NBD_OPT_SET_META_CONTEXT`.
+    pub const META_CONTEXT: u32 = 4;
     /// Bit 31 marks every error reply.
     pub const ERR: u32 = 1 << 31;
     /// The option is not known to this server.
@@ -98,6 +105,8 @@ pub mod rep {
     pub const ERR_POLICY: u32 = ERR | 2;
     /// The option is malformed.
     pub const ERR_INVALID: u32 = ERR | 3;
+    /// TLS is required before this option.
+    pub const ERR_TLS_REQD: u32 = ERR | 5;
     /// No such export.
     pub const ERR_UNKNOWN: u32 = ERR | 6;
     /// The server is shutting down.
@@ -138,6 +147,34 @@ pub mod cmd {
     pub const BLOCK_STATUS: u16 = 7;
 }
 
+/// Structured reply chunk types.
+pub mod reply_type {
+    /// No payload (ends a reply that had nothing else to say).
+    pub const NONE: u16 = 0;
+    /// Data read at an offset.
+    pub const OFFSET_DATA: u16 = 1;
+    /// A range of a read that is all zeroes.
+    pub const OFFSET_HOLE: u16 = 2;
+    /// Block status descriptors of one metadata context.
+    pub const BLOCK_STATUS: u16 = 5;
+    /// An error, with a message.
+    pub const ERROR: u16 = (1 << 15) | 1;
+}
+
+/// Structured reply chunk flags.
+pub mod reply_flag {
+    /// The last chunk of the reply.
+    pub const DONE: u16 = 1 << 0;
+}
+
+/// `base:allocation` status flags.
+pub mod state {
+    /// No storage is allocated.
+    pub const HOLE: u32 = 1 << 0;
+    /// Reads as zeroes.
+    pub const ZERO: u32 = 1 << 1;
+}
+
 /// Command flags in a request.
 pub mod cmd_flag {
     /// Reply only once the command's writes are durable.
@@ -176,6 +213,8 @@ pub mod errno {
 pub const REQUEST_LEN: usize = 28;
 /// Bytes of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Bytes of a structured reply chunk header.
+pub const STRUCTURED_REPLY_LEN: usize = 20;
 /// Bytes of an option header: the `IHAVEOPT` magic, the option type and the data length.
 pub const OPTION_HEADER_LEN: usize = 16;
 /// Zero bytes that end an `NBD_OPT_EXPORT_NAME` reply unless both sides agreed to drop them.
@@ -231,6 +270,25 @@ pub fn simple_reply(error: u32, handle: u64) -> [u8; SIMPLE_REPLY_LEN] {
     b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     b[4..8].copy_from_slice(&error.to_be_bytes());
     b[8..16].copy_from_slice(&handle.to_be_bytes());
+    b
+}
+
+/// A structured reply chunk header announcing `len` bytes of chunk payload.
+pub fn structured_header(flags: u16, kind: u16, handle: u64, len: u32) -> [u8; STRUCTURED_REPLY_LEN] {
+    let mut b = [0u8; STRUCTURED_REPLY_LEN];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&handle.to_be_bytes());
+    b[16..20].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// A whole final `NBD_REPLY_TYPE_ERROR` chunk (error, empty message).
+pub fn structured_error(error: u32, handle: u64) -> Vec<u8> {
+    let mut b = structured_header(reply_flag::DONE, reply_type::ERROR, handle, 6).to_vec();
+    b.extend_from_slice(&error.to_be_bytes());
+    b.extend_from_slice(&0u16.to_be_bytes());
     b
 }
 
@@ -311,6 +369,12 @@ mod tests {
         assert_eq!(o[20], b'x');
         assert_eq!(&NBDMAGIC.to_be_bytes(), b"NBDMAGIC");
         assert_eq!(&IHAVEOPT.to_be_bytes(), b"IHAVEOPT");
+        let e = structured_error(errno::EIO, 9);
+        assert_eq!(&e[..8], &[0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1]);
+        assert_eq!(be_u64(&e[8..]), 9);
+        assert_eq!(be_u32(&e[16..]), 6);
+        assert_eq!(be_u32(&e[20..]), 5);
+        assert_eq!(e.len(), 26);
     }
 
     #[test]

@@ -26,8 +26,9 @@ use log::{debug, error, info, warn};
 
 use super::budget::{self, Budget};
 use super::connection::{self, Control, Limits};
-use super::negotiate::{self, ExportInfo, Outcome};
+use super::negotiate::{self, ExportInfo, Negotiation, Outcome, TlsPolicy};
 use super::stream::{ClientReader, ReplySink, Stream};
+use super::tls::TlsConfig;
 use crate::error::{Error, Result};
 use crate::volume::block::BlockDevice;
 
@@ -78,6 +79,8 @@ pub struct ServerConfig {
     /// its replies, or reads them a few bytes at a time) is dropped and the memory its
     /// requests hold is freed for other clients.
     pub reply_timeout: Duration,
+    /// TLS credentials, and whether clients must use them; `None`: no TLS.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +98,7 @@ impl Default for ServerConfig {
             // Leaves most of the 2 s a stop may take to the flush and a loaded machine.
             stop_grace: Duration::from_millis(600),
             reply_timeout: super::stream::WRITE_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -121,11 +125,18 @@ impl Listener {
     }
 
     /// Binds a Unix socket at `path`, which must not exist: an existing socket may belong to
-    /// a running server.
+    /// a running server. The socket is created with mode 0600 (owner only: whoever can
+    /// connect reads the export).
+    ///
+    /// The mode comes from the umask in force at `bind`, so the process umask is set to 0177
+    /// for the call (a chmod after binding would leave a moment when others could connect);
+    /// files other threads create meanwhile get that umask too.
     pub fn unix(path: impl AsRef<Path>) -> Result<Listener> {
         let path = path.as_ref().to_path_buf();
-        let l = UnixListener::bind(&path)
-            .map_err(|e| Error::os(format!("listening on {}", path.display()), e))?;
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let bound = UnixListener::bind(&path);
+        rustix::process::umask(old);
+        let l = bound.map_err(|e| Error::os(format!("listening on {}", path.display()), e))?;
         Ok(Listener::Unix { listener: l, path })
     }
 
@@ -274,6 +285,7 @@ impl Server {
             export: self.export_info(),
             limits: self.limits(),
             budget: Budget::new(self.config.max_memory),
+            tls: self.config.tls.clone(),
         });
         let mut clients: Vec<Client> = Vec::new();
         let mut accepted = 0u64;
@@ -381,6 +393,17 @@ struct Shared {
     limits: Limits,
     /// The server's memory budget.
     budget: Budget,
+    tls: Option<TlsConfig>,
+}
+
+impl Shared {
+    fn tls_policy(&self) -> TlsPolicy {
+        match &self.tls {
+            None => TlsPolicy::Off,
+            Some(t) if t.required => TlsPolicy::Required,
+            Some(_) => TlsPolicy::Allowed,
+        }
+    }
 }
 
 /// A connection as the accept loop keeps it.
@@ -419,30 +442,67 @@ fn serve_client(
     control: &Control,
     stop: Arc<AtomicBool>,
 ) {
-    let writer = match stream.prepare().and_then(|_| stream.try_clone()) {
+    let mut writer = match stream.prepare().and_then(|_| stream.try_clone()) {
         Ok(w) => w,
         Err(e) => {
             warn!("{peer}: setting up the socket: {e}");
             return;
         }
     };
-    let mut reader = ClientReader::new(stream, stop);
-    serve_connection(&mut reader, writer, peer, device, shared, control);
+    // One deadline for the whole handshake, TLS included.
+    let deadline = Instant::now() + shared.limits.handshake_timeout;
+    let mut reader = ClientReader::new(stream, Arc::clone(&stop));
+    reader.set_deadline(Some(deadline));
+    let mut negotiation = Negotiation::new(&shared.export, shared.tls_policy());
+    let outcome = handshake(&mut negotiation, &mut reader, &mut writer, &stop);
+    let Ok(Outcome::StartTls) = outcome else {
+        return after_handshake(outcome, &mut reader, writer, peer, device, shared, control);
+    };
+    let Some(tls) = &shared.tls else {
+        return; // STARTTLS is only accepted with TLS configured
+    };
+    drop(writer);
+    let session = match tls.accept(reader.into_inner(), deadline) {
+        Ok(s) => s,
+        Err(e) => {
+            info!("{peer}: {e}");
+            return;
+        }
+    };
+    debug!("{peer}: TLS started");
+    negotiation.tls_started();
+    let mut reader = ClientReader::new(session.reader(), Arc::clone(&stop));
+    reader.set_deadline(Some(deadline));
+    let mut writer = session.writer();
+    let outcome = negotiation.options(&mut reader, &mut writer, &stop);
+    after_handshake(outcome, &mut reader, writer, peer, device, shared, control);
 }
 
-/// One connection from the first byte to the last: handshake, then transmission.
-fn serve_connection<R: Read, W: ReplySink>(
+/// The greeting and the options, up to the export's choice or `STARTTLS`.
+fn handshake<R: Read, W: std::io::Write>(
+    negotiation: &mut Negotiation<'_>,
     reader: &mut ClientReader<R>,
-    mut writer: W,
+    writer: &mut W,
+    stop: &AtomicBool,
+) -> Result<Outcome> {
+    if !negotiation.greet(reader, writer)? {
+        return Ok(Outcome::Ended);
+    }
+    negotiation.options(reader, writer, stop)
+}
+
+/// Transmission, if the handshake chose the export.
+fn after_handshake<R: Read, W: ReplySink>(
+    outcome: Result<Outcome>,
+    reader: &mut ClientReader<R>,
+    writer: W,
     peer: &str,
     device: &dyn BlockDevice,
     shared: &Shared,
     control: &Control,
 ) {
-    reader.set_deadline(Some(Instant::now() + shared.limits.handshake_timeout));
-    let stop = reader.stop_flag();
-    match negotiate::negotiate(reader, &mut writer, &shared.export, &stop) {
-        Ok(Outcome::Transmission) if control.enter_transmission() => {
+    match outcome {
+        Ok(Outcome::Transmission(session)) if control.enter_transmission() => {
             // A client in transmission may rightly stay idle for as long as it likes.
             reader.set_deadline(None);
             info!("{peer}: transmission started");
@@ -453,14 +513,30 @@ fn serve_connection<R: Read, W: ReplySink>(
                 &shared.limits,
                 &shared.budget,
                 control,
-                peer,
+                (peer, session),
             );
             info!("{peer}: transmission ended ({end:?})");
         }
-        Ok(Outcome::Transmission) => debug!("{peer}: closed in the handshake to make room"),
-        Ok(Outcome::Ended) => debug!("{peer}: left during the handshake"),
+        Ok(Outcome::Transmission(_)) => debug!("{peer}: closed in the handshake to make room"),
+        Ok(Outcome::Ended | Outcome::StartTls) => debug!("{peer}: left during the handshake"),
         Err(e) => info!("{peer}: handshake failed: {e}"),
     }
+}
+
+/// One connection without TLS from the first byte to the last: handshake, then transmission.
+fn serve_connection<R: Read, W: ReplySink>(
+    reader: &mut ClientReader<R>,
+    mut writer: W,
+    peer: &str,
+    device: &dyn BlockDevice,
+    shared: &Shared,
+    control: &Control,
+) {
+    reader.set_deadline(Some(Instant::now() + shared.limits.handshake_timeout));
+    let stop = reader.stop_flag();
+    let mut negotiation = Negotiation::new(&shared.export, TlsPolicy::Off);
+    let outcome = handshake(&mut negotiation, reader, &mut writer, &stop);
+    after_handshake(outcome, reader, writer, peer, device, shared, control);
 }
 
 /// Serves one client whose bytes are `input`, over an in-memory stream, and returns what the
@@ -473,6 +549,7 @@ pub fn serve_bytes(device: Arc<dyn BlockDevice>, config: ServerConfig, input: &[
         export: server.export_info(),
         limits: server.limits(),
         budget: Budget::new(server.config.max_memory),
+        tls: None,
     };
     let mut out = Vec::new();
     let mut reader = ClientReader::new(input, Arc::clone(&server.stop));

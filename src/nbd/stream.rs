@@ -61,6 +61,22 @@ impl Stream {
         }
     }
 
+    /// Sets the read and write timeouts (a blocking TLS handshake is bounded by them).
+    pub(crate) fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(read).and_then(|_| s.set_write_timeout(write)),
+            Stream::Unix(s) => s.set_read_timeout(read).and_then(|_| s.set_write_timeout(write)),
+        }
+    }
+
+    /// Makes the socket non-blocking (a TLS session waits for it with `poll`).
+    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
     /// Shuts down both directions, which also wakes a thread blocked on the socket.
     pub fn shutdown(&self) {
         // The peer may already be gone; there is nothing to do about a failure here.
@@ -68,6 +84,15 @@ impl Stream {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
         };
+    }
+}
+
+impl std::os::fd::AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
     }
 }
 
@@ -159,6 +184,11 @@ fn timed_out(e: &io::Error) -> bool {
 impl<R: Read> ClientReader<R> {
     pub(crate) fn new(inner: R, stop: Arc<AtomicBool>) -> Self {
         ClientReader { inner, stop, deadline: None }
+    }
+
+    /// The reader's source, given back (to upgrade it to TLS).
+    pub(crate) fn into_inner(self) -> R {
+        self.inner
     }
 
     /// From now on, waiting for a message past `deadline` fails; `None` waits for ever.

@@ -16,8 +16,9 @@
 //! does not authenticate, so the next read of that sector fails naming it, and writing the
 //! sector again repairs it. Two writes to one sector at once would interleave the same way
 //! (the data of one with the tag of the other), so a write holds its sectors exclusively and a
-//! read holds them shared (see [`RangeLocks`]). Formatting writes every sector (sealed zeroes), so there is no
-//! "never written" state an attacker could restore.
+//! read holds them shared (see [`RangeLocks`]). Formatting gives every sector an entry (the
+//! trimmed mark with the tag of sealed zeroes, see [`ENTRY_TRIMMED`]), so there is no
+//! "never written" state an attacker could restore, and the data area stays sparse.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -39,6 +40,13 @@ pub const MAGIC: [u8; 8] = *b"CVFAUTH1";
 pub const SUPERBLOCK_LEN: u64 = 4096;
 /// Bytes of metadata per sector.
 pub const META_ENTRY_LEN: usize = 32;
+/// Bytes 28..32 of a metadata entry of a trimmed sector (little-endian 1): the sector holds
+/// zeroes, its ciphertext is not stored (the data area there may be a hole), and the entry's IV
+/// and tag are those of sealing zeroes there. Any other non-zero value is damage.
+pub const ENTRY_TRIMMED: [u8; 4] = 1u32.to_le_bytes();
+/// Sectors whose metadata one block status query reads at most (a bounded answer; the client
+/// asks again for the rest).
+const STATUS_SECTORS: u64 = 1 << 16;
 /// Length of the part of the superblock the key check authenticates (everything before it).
 const SB_AUTH_LEN: usize = 56;
 /// Where the superblock's fields end: the rest of it is zero.
@@ -212,7 +220,8 @@ pub struct AuthVolume<E: Engine> {
 
 impl<E: Engine> AuthVolume<E> {
     /// Writes a new authenticated volume of `size` bytes of data onto `file` (which is resized
-    /// to fit), every sector sealed zeroes, and opens it. `key` is an AES-128 or AES-256 key.
+    /// to fit), every sector trimmed (reading as authenticated zeroes, the data area a hole
+    /// where the filesystem allows), and opens it. `key` is an AES-128 or AES-256 key.
     pub fn format(engine: Arc<E>, file: File, key: &[u8], sector_size: u32, size: u64) -> Result<Self> {
         if !(512..=4096).contains(&sector_size) || !sector_size.is_power_of_two() {
             return Err(Error::InvalidVolume(format!("sector size {sector_size} (512, 1024, 2048 or 4096)")));
@@ -232,7 +241,8 @@ impl<E: Engine> AuthVolume<E> {
         sb.check_ct.copy_from_slice(&done.data.as_slice());
         super::file::ensure_len(&file, sb.image_len())?;
         let v = Self::with(engine, session, sb, file, true);
-        v.write_zeroes(0, size)?;
+        // Every sector trimmed: sealed zeroes in the metadata, nothing in the data area.
+        v.trim(0, size)?;
         v.file.write_all_at(&sb.to_bytes(), 0).map_err(|e| Error::os("writing the superblock", e))?;
         v.flush()?;
         Ok(v)
@@ -312,22 +322,96 @@ impl<E: Engine> AuthVolume<E> {
         Ok(())
     }
 
-    fn read_meta(&self, first: u64, count: usize) -> Result<Vec<SectorMeta>> {
+    fn read_meta_raw(&self, first: u64, count: usize) -> Result<Vec<u8>> {
         let mut raw = vec![0u8; count * META_ENTRY_LEN];
         let at = self.sb.meta_offset + first * META_ENTRY_LEN as u64;
         crate::luks::keyslot::read_exact(&self.file, &mut raw, at, "sector metadata")?;
-        // Bytes 28..32 of an entry are outside the tag's reach: they must be zero, or anyone
-        // could change them unnoticed. A sector whose entry breaks that fails like a bad tag.
-        if let Some(i) = raw.chunks_exact(META_ENTRY_LEN).position(|e| e[28..] != [0; 4]) {
+        Ok(raw)
+    }
+
+    /// The IVs and tags of `count` sectors from `first`, and which of them are trimmed.
+    fn read_meta(&self, first: u64, count: usize) -> Result<(Vec<SectorMeta>, Vec<bool>)> {
+        let raw = self.read_meta_raw(first, count)?;
+        // Bytes 28..32 of an entry are outside the tag's reach: they are zero or the trimmed
+        // mark, which only says how to check the tag (against sealed zeroes, not stored
+        // ciphertext): set on a sector that does not hold zeroes, its check fails. Anything
+        // else fails like a bad tag.
+        if let Some(i) =
+            raw.chunks_exact(META_ENTRY_LEN).position(|e| e[28..] != [0; 4] && e[28..] != ENTRY_TRIMMED)
+        {
             return Err(Error::SectorAuthFailed { sector: first + i as u64 });
         }
-        Ok(raw
+        let meta = raw
             .chunks_exact(META_ENTRY_LEN)
             .map(|e| SectorMeta {
                 iv: e[..12].try_into().expect("12 bytes"),
                 tag: e[12..28].try_into().expect("16 bytes"),
             })
-            .collect())
+            .collect();
+        let trimmed = raw.chunks_exact(META_ENTRY_LEN).map(|e| e[28..] == ENTRY_TRIMMED).collect();
+        Ok((meta, trimmed))
+    }
+
+    /// Seals zeroes into `count` sectors from `first` under the IVs in `meta`, filling the tags.
+    fn seal_zeroes(&self, first: u64, meta: &mut [SectorMeta]) -> Result<()> {
+        let mut zeroes = vec![0u8; meta.len() * self.sb.sector_size as usize];
+        let mut guard = self.lanes.take(&*self.engine, self.watchdog)?;
+        let r = CryptOp::new(self.context(), guard.lane(), Direction::Encrypt, first, &mut zeroes)
+            .with_aead(meta, self.sb.volume_id)
+            .run();
+        guard.finish();
+        r
+    }
+
+    /// Checks trimmed sectors: each entry must be the IV and tag of sealed zeroes at its place.
+    fn check_trimmed(&self, first: u64, stored: &[SectorMeta]) -> Result<()> {
+        let mut fresh: Vec<SectorMeta> = stored.to_vec();
+        self.seal_zeroes(first, &mut fresh)?;
+        for (i, (a, b)) in stored.iter().zip(&fresh).enumerate() {
+            // Constant time: how much of a forged tag matches is nobody's business.
+            if a.tag.iter().zip(&b.tag).fold(0u8, |acc, (x, y)| acc | (x ^ y)) != 0 {
+                return Err(Error::SectorAuthFailed { sector: first + i as u64 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies whole sectors from `first` given their entries: trimmed runs against sealed
+    /// zeroes, the others by decrypting the data area. `data` ends as the plaintext.
+    fn open_sectors(
+        &self,
+        first: u64,
+        data: &mut [u8],
+        meta: &mut [SectorMeta],
+        trimmed: &[bool],
+    ) -> Result<()> {
+        let ss = self.sb.sector_size as usize;
+        let mut i = 0;
+        while i < trimmed.len() {
+            let kind = trimmed[i];
+            let j = trimmed[i..].iter().position(|&t| t != kind).map_or(trimmed.len(), |n| i + n);
+            let at = first + i as u64;
+            let run = &mut data[i * ss..j * ss];
+            if kind {
+                self.check_trimmed(at, &meta[i..j])?;
+                run.fill(0);
+            } else {
+                crate::luks::keyslot::read_exact(
+                    &self.file,
+                    run,
+                    self.sb.data_offset + at * ss as u64,
+                    "sector data",
+                )?;
+                let mut guard = self.lanes.take(&*self.engine, self.watchdog)?;
+                let r = CryptOp::new(self.context(), guard.lane(), Direction::Decrypt, at, run)
+                    .with_aead(&mut meta[i..j], self.sb.volume_id)
+                    .run();
+                guard.finish();
+                r?;
+            }
+            i = j;
+        }
+        Ok(())
     }
 
     /// Reads and verifies whole sectors from `first`; on any failure `data` is zeroed, so no
@@ -336,7 +420,10 @@ impl<E: Engine> AuthVolume<E> {
         let ss = self.sb.sector_size as usize;
         let count = data.len() / ss;
         let result = (|| {
-            let mut meta = self.read_meta(first, count)?;
+            let (mut meta, trimmed) = self.read_meta(first, count)?;
+            if trimmed.contains(&true) {
+                return self.open_sectors(first, data, &mut meta, &trimmed);
+            }
             let at = self.sb.data_offset + first * ss as u64;
             crate::luks::keyslot::read_exact(&self.file, data, at, "sector data")?;
             let mut guard = self.lanes.take(&*self.engine, self.watchdog)?;
@@ -438,7 +525,15 @@ impl<E: Engine> AuthVolume<E> {
         self.check_range(first * ss as u64, data.len() as u64)?;
         // Never blocks the thread: other futures on it may hold the range.
         let _range = self.sectors_in_use.shared_async(first, first + (data.len() / ss) as u64).await;
-        let mut meta = self.read_meta(first, data.len() / ss)?;
+        let (mut meta, trimmed) = self.read_meta(first, data.len() / ss)?;
+        if trimmed.contains(&true) {
+            // Rare (a trimmed sector): checked on this thread, as a partial-sector write is.
+            let r = self.open_sectors(first, data, &mut meta, &trimmed);
+            if r.is_err() {
+                data.fill(0);
+            }
+            return r;
+        }
         crate::luks::keyslot::read_exact(
             &self.file,
             data,
@@ -468,6 +563,90 @@ impl<E: Engine> AuthVolume<E> {
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         super::block::write_zeroes_in_pieces(offset, len, |at, zeroes| self.write_at(at, zeroes))
+    }
+
+    /// Trims the whole sectors in `len` bytes at `offset`: each gets the trimmed mark with the
+    /// IV and tag of sealed zeroes (so it reads as zeroes, authenticated: erasing or forging an
+    /// entry still fails the read), then the whole filesystem blocks of their data are freed.
+    /// Partial sectors at the edges are left alone (a trim is a hint).
+    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        self.check_range(offset, len)?;
+        let ss = u64::from(self.sb.sector_size);
+        let (first, end) = (offset.div_ceil(ss), (offset + len) / ss);
+        if first >= end {
+            return Ok(());
+        }
+        let _range = self.sectors_in_use.exclusive(first, end);
+        let piece = (super::block::ZERO_PIECE / ss).max(1);
+        let mut at = first;
+        while at < end {
+            let n = piece.min(end - at);
+            let mut meta = vec![SectorMeta::default(); n as usize];
+            for m in &mut meta {
+                rand::fill(&mut m.iv);
+            }
+            self.seal_zeroes(at, &mut meta)?;
+            let mut raw = vec![0u8; n as usize * META_ENTRY_LEN];
+            for (e, m) in raw.chunks_exact_mut(META_ENTRY_LEN).zip(&meta) {
+                e[..12].copy_from_slice(&m.iv);
+                e[12..28].copy_from_slice(&m.tag);
+                e[28..].copy_from_slice(&ENTRY_TRIMMED);
+            }
+            self.file
+                .write_all_at(&raw, self.sb.meta_offset + at * META_ENTRY_LEN as u64)
+                .map_err(|e| Error::os("writing sector metadata", e))?;
+            at += n;
+        }
+        // The marks are on the file first: a crash before the punch leaves sectors that read
+        // as zeroes over old ciphertext, never a hole under an entry that expects ciphertext.
+        let d = self.sb.data_offset;
+        let unit = super::sparse::block_granularity(&self.file).max(ss);
+        let (a, b) = super::sparse::inner_aligned(d + first * ss, d + end * ss, unit);
+        super::sparse::punch(&self.file, a, b)?;
+        Ok(())
+    }
+
+    /// What `len` bytes at `offset` hold: trimmed sectors read as zeroes, and are holes where
+    /// their data area is one. At most 65536 sectors are looked at per call.
+    pub fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<super::block::Extent>> {
+        use super::block::{push_extent, Extent};
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let ss = u64::from(self.sb.sector_size);
+        let first = offset / ss;
+        let end = (offset + len).div_ceil(ss).min(first + STATUS_SECTORS);
+        let _range = self.sectors_in_use.shared(first, end);
+        let raw = self.read_meta_raw(first, (end - first) as usize)?;
+        let d = self.sb.data_offset;
+        let holes = super::sparse::runs(&self.file, d + first * ss, d + end * ss, usize::MAX)?;
+        let mut out = Vec::new();
+        let mut h = holes.iter().peekable();
+        for (i, e) in raw.chunks_exact(META_ENTRY_LEN).enumerate() {
+            let s = first + i as u64;
+            let (a, b) = ((s * ss).max(offset), ((s + 1) * ss).min(offset + len));
+            let pos = d + s * ss;
+            while h.peek().is_some_and(|r| r.end <= pos) {
+                h.next();
+            }
+            let zero = e[28..] == ENTRY_TRIMMED;
+            let hole = zero && h.peek().is_some_and(|r| r.hole && r.start <= pos && r.end >= pos + ss);
+            push_extent(&mut out, Extent { len: b - a, hole, zero });
+            if out.len() > max_extents.max(1) {
+                out.pop();
+                break;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -502,8 +681,24 @@ impl<E: Engine> BlockDevice for AuthVolume<E> {
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        // Discarding would turn sectors into unauthenticated zeroes: accepted and ignored.
-        self.check_range(offset, len)
+        AuthVolume::trim(self, offset, len)
+    }
+
+    fn zero_or_punch(&self, offset: u64, len: u64) -> Result<()> {
+        // Trimmed sectors read as zeroes whether or not the filesystem punched their data.
+        self.check_range(offset, len)?;
+        let ss = u64::from(self.sb.sector_size);
+        let (a, b) = (offset.div_ceil(ss) * ss, (offset + len) / ss * ss);
+        if a >= b {
+            return AuthVolume::write_zeroes(self, offset, len);
+        }
+        AuthVolume::trim(self, a, b - a)?;
+        AuthVolume::write_zeroes(self, offset, a - offset)?;
+        AuthVolume::write_zeroes(self, b, offset + len - b)
+    }
+
+    fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<super::block::Extent>> {
+        AuthVolume::block_status(self, offset, len, max_extents)
     }
 
     fn block_size(&self) -> u32 {

@@ -16,7 +16,13 @@ pub trait BlockDevice: Send + Sync {
     fn flush(&self) -> crate::Result<()>;
     /// Writes zeroes over `len` bytes at `offset` (encrypted zeroes for a volume).
     fn write_zeroes(&self, offset: u64, len: u64) -> crate::Result<()>;
-    /// Discards `len` bytes at `offset` (may do nothing).
+    /// Zeroes `len` bytes at `offset`, freeing storage where it can (a hole that reads as
+    /// zeroes) and writing zeroes elsewhere. The default writes zeroes everywhere.
+    fn zero_or_punch(&self, offset: u64, len: u64) -> crate::Result<()> {
+        self.write_zeroes(offset, len)
+    }
+    /// Discards `len` bytes at `offset` (may do nothing). Devices that free space here
+    /// report the freed ranges through [`BlockDevice::block_status`] and read them as zeroes.
     fn trim(&self, offset: u64, len: u64) -> crate::Result<()>;
     /// Preferred I/O granularity (the sector size).
     fn block_size(&self) -> u32;
@@ -28,6 +34,36 @@ pub trait BlockDevice: Send + Sync {
     /// buffer included: what an exporter charges against its memory budget.
     fn working_set(&self, len: u64) -> u64 {
         len
+    }
+    /// What `[offset, offset + len)` holds without reading it: extents in order, starting at
+    /// `offset`, at most `max_extents` of them. They may cover less than `len` (never
+    /// nothing, unless `len` is 0). The default: all of it is data.
+    fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> crate::Result<Vec<Extent>> {
+        let _ = (offset, max_extents);
+        Ok(if len == 0 { Vec::new() } else { vec![Extent { len, hole: false, zero: false }] })
+    }
+}
+
+/// One extent of a block status answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes.
+    pub len: u64,
+    /// No storage is allocated for it.
+    pub hole: bool,
+    /// It reads as zeroes.
+    pub zero: bool,
+}
+
+/// Appends an extent, merging it into the last one when they agree (fewer, longer extents
+/// are what clients want).
+pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if e.len == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.hole == e.hole && last.zero == e.zero => last.len += e.len,
+        _ => out.push(e),
     }
 }
 

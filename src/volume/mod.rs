@@ -25,6 +25,7 @@ mod inline;
 pub mod iv;
 pub mod pipeline;
 pub mod range_lock;
+pub mod sparse;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -108,9 +109,13 @@ pub struct Volume<E: Engine> {
     writable: bool,
     size: u64,
     lanes: LanePool<E::Session>,
-    /// Sectors being written: a write holds its range until its last byte is on the file.
+    /// Sectors in use: a write or trim holds its range alone until its last byte is on the
+    /// file; reads hold theirs shared, so that a trim cannot punch the ciphertext a read is
+    /// about to decrypt.
     writing: range_lock::RangeLocks,
     watchdog: Duration,
+    /// The unit holes are punched in: the filesystem block, at least a sector.
+    hole_unit: u64,
 }
 
 impl<E: Engine> std::fmt::Debug for Volume<E> {
@@ -189,10 +194,11 @@ impl<E: Engine> Volume<E> {
             session,
             params,
             numbering,
-            file,
             writable,
             size,
             lanes: LanePool::new(params.sector_size as usize),
+            hole_unit: sparse::block_granularity(&file).max(ss),
+            file,
             writing: range_lock::RangeLocks::new(),
             watchdog: DEFAULT_WATCHDOG,
         })
@@ -333,37 +339,84 @@ impl<E: Engine> Volume<E> {
             .map_err(|e| Error::os(format!("writing {} bytes at {pos} of the backing file", data.len()), e))
     }
 
-    /// Reads and decrypts `buf.len()` bytes at `offset` of the decrypted view.
+    /// Reads and decrypts `buf.len()` bytes at `offset` of the decrypted view. Sectors that are
+    /// holes in the image (never written, or trimmed) read as zeroes.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len())?;
         if buf.is_empty() {
             return Ok(());
         }
         let (first, span) = self.span(offset, buf.len());
+        let _range = self.writing.shared(first, first + (span / self.params.sector_size as usize) as u64);
+        self.read_holding_range(offset, buf)
+    }
+
+    /// The read itself; the caller holds (at least shared) the sectors it covers.
+    fn read_holding_range(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let (first, span) = self.span(offset, buf.len());
         if span == buf.len() {
-            self.read_raw(first, buf)?;
-            return self.crypt_sectors(Direction::Decrypt, first, buf);
+            return self.read_sectors(first, buf);
         }
         let mut tmp = vec![0u8; span];
-        self.read_raw(first, &mut tmp)?;
-        self.crypt_sectors(Direction::Decrypt, first, &mut tmp)?;
+        self.read_sectors(first, &mut tmp)?;
         let skip = (offset - first * u64::from(self.params.sector_size)) as usize;
         buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
         Ok(())
+    }
+
+    /// Reads and decrypts whole sectors from `first`, holes as zeroes.
+    fn read_sectors(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        let holes = self.hole_sectors(first, buf.len())?;
+        if holes.iter().any(|&(a, b)| a == 0 && b == buf.len()) {
+            buf.fill(0);
+            return Ok(());
+        }
+        self.read_raw(first, buf)?;
+        self.crypt_sectors(Direction::Decrypt, first, buf)?;
+        holes.into_iter().for_each(|(a, b)| buf[a..b].fill(0));
+        Ok(())
+    }
+
+    /// The byte ranges of a sector-aligned buffer (`len` bytes from sector `first`) whose
+    /// sectors lie wholly in holes of the image: they read as zeroes, not as decrypted zeroes.
+    fn hole_sectors(&self, first: u64, len: usize) -> Result<Vec<(usize, usize)>> {
+        let ss = u64::from(self.params.sector_size);
+        let base = self.params.data_offset + first * ss;
+        let runs = sparse::runs(&self.file, base, base + len as u64, usize::MAX)?;
+        Ok(runs
+            .into_iter()
+            .filter(|r| r.hole)
+            .filter_map(|r| {
+                // Whole sectors only: a sector partly in a hole (an image punched elsewhere,
+                // out of step with the sectors) is data.
+                let a = (r.start - base).div_ceil(ss) * ss;
+                let b = (r.end - base) / ss * ss;
+                (a < b).then_some((a as usize, b as usize))
+            })
+            .collect())
     }
 
     /// [`read_at`](Self::read_at) as a future (the backing file is read synchronously; the
     /// cryptography is what is awaited).
     pub async fn read_at_async(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
         let (first, span) = self.span(offset, buf.len());
+        let _range =
+            self.writing.shared_async(first, first + (span / self.params.sector_size as usize) as u64).await;
+        let holes = self.hole_sectors(first, span)?;
         if span == buf.len() {
             self.read_raw(first, buf)?;
-            return self.crypt_sectors_async(Direction::Decrypt, first, buf).await;
+            self.crypt_sectors_async(Direction::Decrypt, first, buf).await?;
+            holes.into_iter().for_each(|(a, b)| buf[a..b].fill(0));
+            return Ok(());
         }
         let mut tmp = vec![0u8; span];
         self.read_raw(first, &mut tmp)?;
         self.crypt_sectors_async(Direction::Decrypt, first, &mut tmp).await?;
+        holes.into_iter().for_each(|(a, b)| tmp[a..b].fill(0));
         let skip = (offset - first * u64::from(self.params.sector_size)) as usize;
         buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
         Ok(())
@@ -382,9 +435,63 @@ impl<E: Engine> Volume<E> {
         if data.is_empty() {
             return Ok(());
         }
-        let (first, span) = self.span(offset, data.len());
-        let _range = self.writing.exclusive(first, first + (span / self.params.sector_size as usize) as u64);
-        self.write_holding_range(offset, data)
+        let (first, end) = self.lock_span(offset, data.len());
+        let _range = self.writing.exclusive(first, end);
+        match self.fill_holes_around(offset, data)? {
+            Some((at, padded)) => self.write_holding_range(at, &padded),
+            None => self.write_holding_range(offset, data),
+        }
+    }
+
+    /// The sectors a write at `offset` must hold: its own, widened to whole hole units
+    /// (see [`fill_holes_around`](Self::fill_holes_around)).
+    fn lock_span(&self, offset: u64, len: usize) -> (u64, u64) {
+        let ss = u64::from(self.params.sector_size);
+        let (d, unit) = (self.params.data_offset, self.hole_unit);
+        let (first, span) = self.span(offset, len);
+        // Units are aligned in the file, not in the volume.
+        let a = d + first * ss;
+        let b = a + span as u64;
+        let ua = (a / unit * unit).max(d);
+        let ub = b.div_ceil(unit).saturating_mul(unit).min(d + self.size);
+        ((ua - d) / ss, (ub - d).div_ceil(ss))
+    }
+
+    /// A write that lands in a hole would make the filesystem allocate the hole's whole block,
+    /// and the other sectors of that block would then read as decrypted zero bytes: garbage
+    /// where zeroes were. So a write into a hole also writes encrypted zeroes over the rest of
+    /// the hole's unit: the padded write (offset and data), or `None` when no edge is in a hole.
+    fn fill_holes_around(&self, offset: u64, data: &[u8]) -> Result<Option<(u64, Vec<u8>)>> {
+        let ss = u64::from(self.params.sector_size);
+        if self.params.data_offset % ss != 0 {
+            // Sectors out of step with filesystem blocks: holes are never punched here.
+            return Ok(None);
+        }
+        let unit = self.hole_unit;
+        let pos = |v: u64| self.params.data_offset + v;
+        let end = offset + data.len() as u64;
+        let mut start = offset;
+        let mut stop = end;
+        // The unit around each edge, in volume bytes, clipped to the volume.
+        let unit_of = |v: u64| {
+            let a = (pos(v) / unit * unit).max(self.params.data_offset) - self.params.data_offset;
+            (a, (a + unit).min(self.size))
+        };
+        let (ha, hb) = unit_of(offset);
+        if ha < offset && sparse::is_hole(&self.file, pos(ha), pos(hb))? {
+            start = ha;
+        }
+        let (ta, tb) = unit_of(end - 1);
+        if tb > end && sparse::is_hole(&self.file, pos(ta), pos(tb))? {
+            stop = tb;
+        }
+        if start == offset && stop == end {
+            return Ok(None);
+        }
+        let mut padded = vec![0u8; (stop - start) as usize];
+        let at = (offset - start) as usize;
+        padded[at..at + data.len()].copy_from_slice(data);
+        Ok(Some((start, padded)))
     }
 
     /// The write itself, read-modify-write of partial sectors included; the caller holds the
@@ -395,11 +502,11 @@ impl<E: Engine> Volume<E> {
         let mut tmp = vec![0u8; span];
         let skip = (offset - first * ss as u64) as usize;
         if skip != 0 {
-            self.read_at(first * ss as u64, &mut tmp[..ss])?;
+            self.read_holding_range(first * ss as u64, &mut tmp[..ss])?;
         }
         if (skip + data.len()) % ss != 0 && (span > ss || skip == 0) {
             let last = span - ss;
-            self.read_at((first * ss as u64) + last as u64, &mut tmp[last..])?;
+            self.read_holding_range((first * ss as u64) + last as u64, &mut tmp[last..])?;
         }
         tmp[skip..skip + data.len()].copy_from_slice(data);
         self.crypt_sectors(Direction::Encrypt, first, &mut tmp)?;
@@ -414,8 +521,11 @@ impl<E: Engine> Volume<E> {
             return Ok(());
         }
         let (first, span) = self.span(offset, data.len());
-        let ss = self.params.sector_size as usize;
-        let _range = self.writing.exclusive_async(first, first + (span / ss) as u64).await;
+        let (lock_first, lock_end) = self.lock_span(offset, data.len());
+        let _range = self.writing.exclusive_async(lock_first, lock_end).await;
+        if let Some((at, padded)) = self.fill_holes_around(offset, data)? {
+            return self.write_holding_range(at, &padded);
+        }
         if span != data.len() {
             // Read-modify-write reads and writes synchronously under its range lock.
             return self.write_holding_range(offset, data);
@@ -423,6 +533,76 @@ impl<E: Engine> Volume<E> {
         let mut tmp = data.to_vec();
         self.crypt_sectors_async(Direction::Encrypt, first, &mut tmp).await?;
         self.write_raw(first, &tmp)
+    }
+
+    /// Frees the whole hole units (filesystem blocks) of the image that lie in `len` bytes at
+    /// `offset`: they then read as zeroes, and [`BlockDevice::block_status`] reports them as
+    /// holes. Sectors at the edges that do not fill a unit keep their data (a trim is a hint).
+    ///
+    /// Like dm-crypt with `allow_discards`, this shows which parts of the volume are unused to
+    /// anyone who can see the image.
+    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write(offset, 0)?;
+        self.check_range(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let ss = u64::from(self.params.sector_size);
+        if self.params.data_offset % ss != 0 || len == 0 {
+            return Ok(());
+        }
+        let d = self.params.data_offset;
+        let (a, b) = sparse::inner_aligned(d + offset, d + offset + len, self.hole_unit);
+        if a >= b {
+            return Ok(());
+        }
+        let _range = self.writing.exclusive((a - d) / ss, (b - d) / ss);
+        sparse::punch(&self.file, a, b)?;
+        Ok(())
+    }
+
+    /// Zeroes `len` bytes at `offset`: the whole hole units inside are punched (they read as
+    /// zeroes), the edges get encrypted zeroes. Where the filesystem cannot punch, all of it is
+    /// written.
+    pub fn zero_or_punch(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write(offset, 0)?;
+        self.check_range(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let ss = u64::from(self.params.sector_size);
+        let d = self.params.data_offset;
+        let (a, b) = sparse::inner_aligned(d + offset, d + offset + len, self.hole_unit);
+        if d % ss != 0 || a >= b {
+            return self.write_zeroes(offset, len);
+        }
+        let punched = {
+            let _range = self.writing.exclusive((a - d) / ss, (b - d) / ss);
+            sparse::punch(&self.file, a, b)?
+        };
+        if !punched {
+            return self.write_zeroes(offset, len);
+        }
+        self.write_zeroes(offset, a - d - offset)?;
+        self.write_zeroes(b - d, offset + len - (b - d))
+    }
+
+    /// What `len` bytes at `offset` hold: holes (whole sectors only) read as zeroes.
+    pub fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<block::Extent>> {
+        self.check_range(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let ss = u64::from(self.params.sector_size);
+        let d = self.params.data_offset;
+        let mut out = Vec::new();
+        for r in sparse::runs(&self.file, d + offset, d + offset + len, max_extents)? {
+            let (start, end) = (r.start - d, r.end - d);
+            let (a, b) = if r.hole {
+                // Round inward to whole sectors, except at the request's own edges (a run
+                // starting there may have started before it).
+                let a = if start == offset { start } else { start.div_ceil(ss) * ss }.min(end);
+                let b = if end == offset + len { end } else { end / ss * ss }.max(a);
+                (a, b)
+            } else {
+                (start, start)
+            };
+            block::push_extent(&mut out, block::Extent { len: a - start, hole: false, zero: false });
+            block::push_extent(&mut out, block::Extent { len: b - a, hole: true, zero: true });
+            block::push_extent(&mut out, block::Extent { len: end - b, hole: false, zero: false });
+        }
+        Ok(out)
     }
 
     /// Makes written data durable.
@@ -473,9 +653,15 @@ impl<E: Engine> BlockDevice for Volume<E> {
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        // Like dm-crypt without `allow_discards`: passing discards down would reveal which
-        // sectors are unused, so they are accepted and ignored.
-        self.check_range(offset, usize::try_from(len).unwrap_or(usize::MAX))
+        Volume::trim(self, offset, len)
+    }
+
+    fn zero_or_punch(&self, offset: u64, len: u64) -> Result<()> {
+        Volume::zero_or_punch(self, offset, len)
+    }
+
+    fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<block::Extent>> {
+        Volume::block_status(self, offset, len, max_extents)
     }
 
     fn block_size(&self) -> u32 {

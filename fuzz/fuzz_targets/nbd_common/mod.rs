@@ -82,5 +82,6 @@ pub fn config() -> ServerConfig {
         handshake_timeout: Duration::from_secs(10),
         stop_grace: Duration::from_secs(1),
         reply_timeout: Duration::from_secs(30),
+        tls: None,
     }
 }
