@@ -3,7 +3,9 @@
 //!
 //! Each submitting thread owns one queue and `qd` buffers (DMA memory for a device, so the run
 //! measures zero-copy submission). It submits while requests go `InProgress`; after a
-//! `Backlogged` it waits for that request's `Promoted`; completions recycle buffers. Every
+//! `Backlogged` it waits for that request's `Promoted`; completions recycle buffers. With
+//! `--batch N` (the default) it submits up to N requests per `submit_batch` call and takes its
+//! events in runs; `--batch 1` submits and takes events one at a time, for comparison. Every
 //! 256th request is checked against the AES core called directly, so a fast wrong answer fails
 //! the run instead of being reported.
 //!
@@ -12,6 +14,7 @@
 //! seconds), counts and sizes are bounded, and sizes are checked against the engine's largest
 //! request once it is open.
 
+use std::collections::VecDeque;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use crypt_vfio::engine::software::SoftwareEngine;
-use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Request, SubmitErrorKind, Submitted};
+use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted};
 use crypt_vfio::{CoreKind, Mode};
 use crypt_vfio_cores::new_cipher;
 use hdrhistogram::Histogram;
@@ -40,6 +43,8 @@ const MAX_QD: usize = 65_536;
 const MAX_QUEUES: usize = 256;
 /// Runs per configuration.
 const MAX_REPEAT: usize = 1000;
+/// Requests per submit call: a ring holds no more.
+const MAX_BATCH: usize = 4096;
 /// Buffer memory of a run (size × qd × queues): the bench must not exhaust the machine.
 const MAX_BUFFER_BYTES: u128 = 1 << 30;
 
@@ -81,6 +86,11 @@ pub fn parse_qd(s: &str) -> Result<usize, String> {
 /// Parses `--queues`: submitting threads.
 pub fn parse_queues(s: &str) -> Result<usize, String> {
     parse_bounded(s, MAX_QUEUES as u64, "no thread would submit anything").map(|v| v as usize)
+}
+
+/// Parses `--batch`: requests per submit call.
+pub fn parse_batch(s: &str) -> Result<usize, String> {
+    parse_bounded(s, MAX_BATCH as u64, "a batch of no requests submits nothing").map(|v| v as usize)
 }
 
 /// Parses `--repeat`: runs per configuration.
@@ -186,6 +196,10 @@ pub struct BenchArgs {
     /// Submit one request and wait for it before the next (the 2015 dm-crypt behaviour).
     #[arg(long)]
     wait_each: bool,
+    /// Requests per submit call, with events taken in runs (1 to 4096); 1 submits and takes
+    /// events one at a time.
+    #[arg(long, default_value = "32", value_parser = parse_batch)]
+    batch: usize,
     /// Runs per configuration; the median run is reported (1 to 1000).
     #[arg(long, default_value = "1", value_parser = parse_repeat)]
     repeat: usize,
@@ -260,6 +274,7 @@ struct RunResult {
     cpu_seconds: f64,
     lat: Histogram<u64>,
     wait_each: bool,
+    batch: usize,
     promoted: u64,
 }
 
@@ -285,6 +300,7 @@ impl RunResult {
             "qd": self.qd,
             "queues": self.queues,
             "wait_each": self.wait_each,
+            "batch": self.batch,
             "ops": self.ops,
             "seconds": self.seconds,
             "gbps": self.gbps(),
@@ -297,11 +313,12 @@ impl RunResult {
 
     fn row(&self) -> String {
         format!(
-            "{:<34} {:>12} {:>6} {:>4} {:>3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>9.1} {:>9.0}",
+            "{:<34} {:>12} {:>6} {:>4} {:>5} {:>3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>9.1} {:>9.0}",
             self.engine,
             self.alg.to_string(),
             self.size,
             if self.wait_each { "1*".to_string() } else { self.qd.to_string() },
+            self.batch,
             self.queues,
             self.gbps(),
             self.mops(),
@@ -313,7 +330,7 @@ impl RunResult {
     }
 }
 
-const HEADER: &str = "engine                                      alg   size   qd   q     GB/s   Mops/s   p50(us)   p99(us) p99.9(us)  cpu(ns/op)";
+const HEADER: &str = "engine                                      alg   size   qd batch   q     GB/s   Mops/s   p50(us)   p99(us) p99.9(us)  cpu(ns/op)";
 
 /// Runs the benchmark.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -518,6 +535,7 @@ fn run_once<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Re
         cpu_seconds,
         lat,
         wait_each: args.wait_each,
+        batch: batch_of(args, point),
         promoted,
     })
 }
@@ -548,6 +566,15 @@ fn iv_for(mode: Mode, seq: u64) -> Iv {
     Iv::new(&b[..mode.iv_len()]).unwrap_or_default()
 }
 
+/// Requests per submit call in a run: never more than are in flight.
+fn batch_of(args: &BenchArgs, point: Point) -> usize {
+    if args.wait_each {
+        1
+    } else {
+        args.batch.min(point.qd)
+    }
+}
+
 fn worker<E: Engine>(
     engine: &E,
     session: E::Session,
@@ -561,17 +588,30 @@ fn worker<E: Engine>(
         Arc::new(Inbox { events: Mutex::new(Vec::new()), ready: Condvar::new() });
     let sink_inbox = inbox.clone();
     let poll_mode = args.device.mode == "poll" || args.engine == "software";
-    let mut q = engine.open_queue(
-        queue,
-        Arc::new(move |ev| {
-            sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).push(ev);
-            // A polling thread reads its inbox right after polling: waking it would only cost
-            // a futex call per event.
-            if !poll_mode {
-                sink_inbox.ready.notify_one();
-            }
-        }),
-    )?;
+    let batch = batch_of(args, point);
+    let mut q = if batch == 1 {
+        engine.open_queue(
+            queue,
+            Arc::new(move |ev| {
+                sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).push(ev);
+                // A polling thread reads its inbox right after polling: waking it would only cost
+                // a futex call per event.
+                if !poll_mode {
+                    sink_inbox.ready.notify_one();
+                }
+            }),
+        )?
+    } else {
+        engine.open_batch_queue(
+            queue,
+            Arc::new(move |events| {
+                sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).extend(events);
+                if !poll_mode {
+                    sink_inbox.ready.notify_one();
+                }
+            }),
+        )?
+    };
     let qd = if args.wait_each { 1 } else { point.qd };
     let mode = args.alg.mode;
     let reference = new_cipher(CoreKind::Fast, mode, &KEY[..args.alg.key_len])?;
@@ -581,56 +621,46 @@ fn worker<E: Engine>(
         b.as_mut_slice().iter_mut().enumerate().for_each(|(j, x)| *x = (i * 31 + j) as u8);
         slots.push(Some(b));
     }
-    let mut free: Vec<usize> = (0..qd).rev().collect();
-    let mut submitted_at = vec![Instant::now(); qd];
+    let mut st = Submitter {
+        free: (0..qd).rev().collect(),
+        slots,
+        submitted_at: vec![Instant::now(); qd],
+        seq: 0,
+        in_flight: 0,
+        promoted: 0,
+        blocked: None,
+        sample: None,
+        check: !(args.device.device_null && args.engine != "software"),
+        mode,
+        batch: VecDeque::with_capacity(batch),
+        ids: Vec::with_capacity(batch),
+    };
     let mut lat = Histogram::<u64>::new(3).map_err(|e| anyhow!("histogram: {e}"))?;
     let mut local: Vec<Event<E::Session>> = Vec::new();
-    let (mut seq, mut ops, mut in_flight, mut promoted) = (0u64, 0u64, 0usize, 0u64);
-    let mut blocked: Option<u64> = None;
-    let mut sample: Option<Sample> = None;
+    let mut ops = 0u64;
     let limit = args.count.unwrap_or(u64::MAX);
     let mut out_of_time = false;
     loop {
         // Submit while the pipeline allows: not waiting for a promotion, buffers free.
-        while blocked.is_none() && !out_of_time && seq < limit {
-            let Some(slot) = free.pop() else { break };
-            if seq % 64 == 0
+        while st.blocked.is_none() && !out_of_time && st.seq < limit && !st.free.is_empty() {
+            // The clock is read once per batch, or every 64 requests one at a time.
+            if (batch > 1 || st.seq % 64 == 0)
                 && (Instant::now() >= deadline && args.count.is_none() || stop.load(Ordering::Relaxed))
             {
-                free.push(slot);
                 out_of_time = true;
                 break;
             }
-            let data = slots[slot].take().ok_or_else(|| anyhow!("buffer {slot} missing"))?;
-            let iv = iv_for(mode, seq);
-            // A device in null mode does no AES by design: nothing to check.
-            if seq % 256 == 0 && sample.is_none() && !(args.device.device_null && args.engine != "software") {
-                sample = Some(Sample { slot, input: data.as_slice().to_vec(), iv });
+            let n = batch.min(st.free.len()).min((limit - st.seq).try_into().unwrap_or(usize::MAX));
+            let more = if batch == 1 {
+                st.submit_one(&mut *q, &session)?
+            } else {
+                st.submit_batch(&mut *q, &session, n)?
+            };
+            if !more {
+                break;
             }
-            let req = Request::new(session.clone(), Direction::Encrypt, iv, data, slot as u64);
-            submitted_at[slot] = Instant::now();
-            match q.submit(req, true) {
-                Ok(Submitted::InProgress) => {}
-                Ok(Submitted::Backlogged) => {
-                    blocked = Some(slot as u64);
-                    promoted += 1;
-                }
-                Err(e) => match e.kind {
-                    SubmitErrorKind::Busy => {
-                        slots[slot] = Some(e.request.data);
-                        free.push(slot);
-                        if sample.as_ref().is_some_and(|s| s.slot == slot) {
-                            sample = None;
-                        }
-                        break;
-                    }
-                    SubmitErrorKind::Rejected(err) => return Err(err).context("submit refused"),
-                },
-            }
-            seq += 1;
-            in_flight += 1;
         }
-        if in_flight == 0 && (out_of_time || seq >= limit) {
+        if st.in_flight == 0 && (out_of_time || st.seq >= limit) {
             break;
         }
         if poll_mode && q.poll() == 0 {
@@ -651,18 +681,20 @@ fn worker<E: Engine>(
             }
             std::mem::swap(&mut *ev, &mut local);
         }
+        let now = Instant::now();
         for ev in local.drain(..) {
             match ev {
                 Event::Promoted { user_data } => {
-                    if blocked == Some(user_data) {
-                        blocked = None;
+                    if st.blocked == Some(user_data) {
+                        st.blocked = None;
                     }
                 }
                 Event::Completed(c) => {
                     let slot = c.request.user_data as usize;
                     c.result.with_context(|| format!("request on queue {queue} failed"))?;
-                    let _ = lat.record(submitted_at[slot].elapsed().as_nanos() as u64);
-                    if let Some(s) = sample.take_if(|s| s.slot == slot) {
+                    let _ =
+                        lat.record(now.saturating_duration_since(st.submitted_at[slot]).as_nanos() as u64);
+                    if let Some(s) = st.sample.take_if(|s| s.slot == slot) {
                         let mut expect = s.input;
                         let mut tag = [0u8; 16];
                         let t: &mut [u8] = if mode.is_aead() { &mut tag } else { &mut [] };
@@ -675,13 +707,110 @@ fn worker<E: Engine>(
                             );
                         }
                     }
-                    slots[slot] = Some(c.request.data);
-                    free.push(slot);
-                    in_flight -= 1;
+                    st.slots[slot] = Some(c.request.data);
+                    st.free.push(slot);
+                    st.in_flight -= 1;
                     ops += 1;
                 }
             }
         }
     }
-    Ok(ThreadResult { ops, promoted, lat })
+    Ok(ThreadResult { ops, promoted: st.promoted, lat })
+}
+
+/// A bench thread's submission side: its buffers and what it has in flight.
+struct Submitter<S> {
+    free: Vec<usize>,
+    slots: Vec<Option<Buf>>,
+    submitted_at: Vec<Instant>,
+    seq: u64,
+    in_flight: usize,
+    promoted: u64,
+    /// The backlogged request whose `Promoted` the thread waits for before submitting more.
+    blocked: Option<u64>,
+    sample: Option<Sample>,
+    /// Whether results are checked (a null device does no AES by design).
+    check: bool,
+    mode: Mode,
+    batch: VecDeque<Request<S>>,
+    /// The ids of the batch being submitted, in order.
+    ids: Vec<u64>,
+}
+
+impl<S: Clone> Submitter<S> {
+    /// The request for buffer `slot`, the next in sequence.
+    fn request(&mut self, session: &S, slot: usize, now: Instant) -> anyhow::Result<Request<S>> {
+        let data = self.slots[slot].take().ok_or_else(|| anyhow!("buffer {slot} missing"))?;
+        let iv = iv_for(self.mode, self.seq);
+        if self.check && self.seq % 256 == 0 && self.sample.is_none() {
+            self.sample = Some(Sample { slot, input: data.as_slice().to_vec(), iv });
+        }
+        self.submitted_at[slot] = now;
+        self.seq += 1;
+        Ok(Request::new(session.clone(), Direction::Encrypt, iv, data, slot as u64))
+    }
+
+    /// A refused request's buffer goes back to the free list (and stops being the sample).
+    fn refused(&mut self, request: Request<S>) {
+        let slot = request.user_data as usize;
+        self.slots[slot] = Some(request.data);
+        self.free.push(slot);
+        self.seq -= 1;
+        if self.sample.as_ref().is_some_and(|s| s.slot == slot) {
+            self.sample = None;
+        }
+    }
+
+    /// Submits one request with `submit`; returns whether to go on submitting.
+    fn submit_one(&mut self, q: &mut dyn Queue<S>, session: &S) -> anyhow::Result<bool> {
+        let Some(slot) = self.free.pop() else { return Ok(false) };
+        let req = self.request(session, slot, Instant::now())?;
+        match q.submit(req, true) {
+            Ok(Submitted::InProgress) => {}
+            Ok(Submitted::Backlogged) => {
+                self.blocked = Some(slot as u64);
+                self.promoted += 1;
+            }
+            Err(e) => match e.kind {
+                SubmitErrorKind::Busy => {
+                    self.refused(e.request);
+                    return Ok(false);
+                }
+                SubmitErrorKind::Rejected(err) => return Err(err).context("submit refused"),
+            },
+        }
+        self.in_flight += 1;
+        Ok(true)
+    }
+
+    /// Submits `n` requests with one `submit_batch`; returns whether to go on submitting.
+    fn submit_batch(&mut self, q: &mut dyn Queue<S>, session: &S, n: usize) -> anyhow::Result<bool> {
+        let now = Instant::now();
+        let mut batch = std::mem::take(&mut self.batch);
+        self.ids.clear();
+        for _ in 0..n {
+            let Some(slot) = self.free.pop() else { break };
+            batch.push_back(self.request(session, slot, now)?);
+            self.ids.push(slot as u64);
+        }
+        // The last taken request's id, to wait for its Promoted if it was backlogged: the
+        // promotions come in order, so earlier backlogged ones are promoted by then.
+        let r = q.submit_batch(&mut batch, true);
+        let taken = r.accepted();
+        self.in_flight += taken;
+        if r.backlogged > 0 {
+            self.blocked = Some(self.ids[taken - 1]);
+            self.promoted += r.backlogged as u64;
+        }
+        // Untaken requests are handed back in reverse so that `seq` unwinds in order.
+        while let Some(req) = batch.pop_back() {
+            self.refused(req);
+        }
+        self.batch = batch;
+        match r.refused {
+            Some(SubmitErrorKind::Rejected(err)) => Err(err).context("submit refused"),
+            Some(SubmitErrorKind::Busy) => Ok(false),
+            None => Ok(taken > 0),
+        }
+    }
 }

@@ -18,6 +18,10 @@
 //!
 //! A callback that panics must not stop delivery for the other users of the queue: each call is
 //! isolated with `catch_unwind`, the panic is logged, and delivery goes on.
+//!
+//! Events for one callback that sit next to each other in the outbox go to it in one call when
+//! the callback takes batches ([`BatchSink`]): one hand-off per batch rather than per event, so
+//! a caller that moves events into its own queue takes its lock once per batch.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -29,8 +33,84 @@ use super::sync::{fence, AtomicBool, Ordering};
 /// queue (or on the interrupt thread), and it may submit.
 pub type EventSink<S> = Arc<dyn Fn(Event<S>) + Send + Sync>;
 
+/// A callback that receives a run of one submitter's events, in order, in one call. It must
+/// take them all (they are the only copy): events it leaves in the iterator are dropped, with an
+/// error logged. Like [`EventSink`], it may run on any polling thread and may submit.
+pub type BatchSink<S> = Arc<dyn Fn(&mut dyn Iterator<Item = Event<S>>) + Send + Sync>;
+
 /// Events with their destinations, in order.
 pub type Outbox<S> = Vec<(EventSink<S>, Event<S>)>;
+
+/// Where an outbox entry's event goes: a per-event or a batch callback.
+pub trait Sink<S>: Clone {
+    /// Whether `self` and `other` are the same callback (so that their events form one run).
+    fn same(&self, other: &Self) -> bool;
+    /// Hands the events `run` yields to the callback, counting them in `taken` (kept exact
+    /// when the callback panics, which unwinds out of here; the caller isolates it).
+    fn take_run(&self, run: &mut dyn Iterator<Item = Event<S>>, taken: &mut usize);
+}
+
+impl<S> Sink<S> for EventSink<S> {
+    fn same(&self, _other: &Self) -> bool {
+        // One event per call: runs of one.
+        false
+    }
+
+    fn take_run(&self, run: &mut dyn Iterator<Item = Event<S>>, taken: &mut usize) {
+        for event in run {
+            *taken += 1;
+            self(event);
+        }
+    }
+}
+
+impl<S> Sink<S> for BatchSink<S> {
+    fn same(&self, other: &Self) -> bool {
+        // The data pointers alone: a vtable pointer may differ between codegen units.
+        std::ptr::eq(Arc::as_ptr(self) as *const (), Arc::as_ptr(other) as *const ())
+    }
+
+    fn take_run(&self, run: &mut dyn Iterator<Item = Event<S>>, taken: &mut usize) {
+        self(&mut Counted { inner: run, n: taken });
+    }
+}
+
+/// An iterator that counts what it yields.
+struct Counted<'a, S> {
+    inner: &'a mut dyn Iterator<Item = Event<S>>,
+    n: &'a mut usize,
+}
+
+impl<S> Iterator for Counted<'_, S> {
+    type Item = Event<S>;
+
+    fn next(&mut self) -> Option<Event<S>> {
+        let e = self.inner.next();
+        *self.n += usize::from(e.is_some());
+        e
+    }
+}
+
+/// The events at the head of an outbox drain that go to `sink`.
+struct Run<'a, 'd, S, K: Sink<S>> {
+    sink: &'a K,
+    rest: &'a mut std::iter::Peekable<std::vec::Drain<'d, (K, Event<S>)>>,
+    first: Option<Event<S>>,
+}
+
+impl<S, K: Sink<S>> Iterator for Run<'_, '_, S, K> {
+    type Item = Event<S>;
+
+    fn next(&mut self) -> Option<Event<S>> {
+        if let Some(e) = self.first.take() {
+            return Some(e);
+        }
+        match self.rest.peek() {
+            Some((k, _)) if k.same(self.sink) => self.rest.next().map(|(_, e)| e),
+            _ => None,
+        }
+    }
+}
 
 /// The single-deliverer protocol of one queue.
 #[derive(Debug, Default)]
@@ -64,15 +144,52 @@ pub fn deliver_one<S>(sink: &EventSink<S>, event: Event<S>) -> bool {
     match catch_unwind(AssertUnwindSafe(|| sink(event))) {
         Ok(()) => true,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-string payload".into());
-            log::error!("an event callback panicked ({what}); its event is dropped, delivery goes on");
+            log_panic(&*panic);
             false
         }
     }
+}
+
+fn log_panic(panic: &(dyn std::any::Any + Send)) {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string payload".into());
+    log::error!("an event callback panicked ({what}); its event is dropped, delivery goes on");
+}
+
+/// Delivers an outbox's events, each run of one callback's events in one call. A panicking
+/// callback loses the event it was handling, as [`deliver_one`] does; the rest of its run is
+/// handed to it again. Returns how many events were handed over.
+pub fn deliver_runs<S, K: Sink<S>>(events: std::vec::Drain<'_, (K, Event<S>)>) -> usize {
+    let mut rest = events.peekable();
+    let mut delivered = 0;
+    while let Some((sink, first)) = rest.next() {
+        let mut run = Run { sink: &sink, rest: &mut rest, first: Some(first) };
+        loop {
+            let before = delivered;
+            match catch_unwind(AssertUnwindSafe(|| sink.take_run(&mut run, &mut delivered))) {
+                Ok(()) => break,
+                Err(panic) => {
+                    log_panic(&*panic);
+                    // The panic ended the call; what the run still holds goes in a new one. A
+                    // callback that panics before taking anything loses the next event, so
+                    // that each call makes progress.
+                    if delivered == before && run.next().is_none() {
+                        break;
+                    }
+                }
+            }
+        }
+        // A callback that returned without taking its whole run: the remainder is dropped
+        // with a log line rather than delivered to nobody silently.
+        let left = run.count();
+        if left > 0 {
+            log::error!("an event callback returned with {left} of its events untaken; they are dropped");
+        }
+    }
+    delivered
 }
 
 impl Delivery {
@@ -85,7 +202,11 @@ impl Delivery {
     /// Delivers pending events unless another thread is already doing so. `take` swaps the
     /// queue's outbox with the (empty) vector it is given, under the queue lock. Returns how many
     /// events this thread delivered.
-    pub fn run<S>(&self, scratch: &mut Outbox<S>, mut take: impl FnMut(&mut Outbox<S>)) -> usize {
+    pub fn run<S, K: Sink<S>>(
+        &self,
+        scratch: &mut Vec<(K, Event<S>)>,
+        mut take: impl FnMut(&mut Vec<(K, Event<S>)>),
+    ) -> usize {
         let mut delivered = 0;
         // Between our `pending = true` (mark_pending) and the attempt on `delivering`.
         store_load_barrier();
@@ -101,10 +222,7 @@ impl Delivery {
                 if scratch.is_empty() {
                     break;
                 }
-                for (sink, event) in scratch.drain(..) {
-                    deliver_one(&sink, event);
-                    delivered += 1;
-                }
+                delivered += deliver_runs(scratch.drain(..));
             }
             drop(guard);
             // Between our `delivering = false` and the re-check of `pending`.
