@@ -46,15 +46,31 @@ pub(crate) struct Pending {
     sink: BatchSink<Session>,
 }
 
-#[derive(Default)]
+/// One ring slot. The request sits here, moved in once at placement and out once into the
+/// completion event; the device's answer is decoded from the slot memory in place.
 struct Slot {
-    pending: Option<Pending>,
+    req: Option<Request<Session>>,
+    sink: Option<BatchSink<Session>>,
     bounce: Option<DmaBuffer>,
     aad_bounce: Option<DmaBuffer>,
     bounced: bool,
     expect: u32,
     /// When the request went to the device: the watchdog times each request from here.
-    submitted: Option<Instant>,
+    submitted: Instant,
+}
+
+impl Slot {
+    fn new(now: Instant) -> Self {
+        Self {
+            req: None,
+            sink: None,
+            bounce: None,
+            aad_bounce: None,
+            bounced: false,
+            expect: 0,
+            submitted: now,
+        }
+    }
 }
 
 /// The device-facing half of a queue: rings, slots, bounce buffers.
@@ -148,7 +164,7 @@ impl DataQueueShared {
         let ring = RingState {
             vq,
             slot_mem,
-            slots: (0..nslots).map(|_| Slot::default()).collect(),
+            slots: (0..nslots).map(|_| Slot::new(Instant::now())).collect(),
             free: (0..nslots as u16).rev().collect(),
             indirect: s.indirect,
             pool: pool.clone(),
@@ -332,7 +348,11 @@ impl DataQueueShared {
         for _ in 0..n {
             let used = st.ring.vq.take_used();
             // The id must name a slot with a request in it: anything else is a device bug.
-            let Some((p, result)) = st.ring.slot_of(used.id).and_then(|i| st.ring.finish(i, used.len)) else {
+            let finished = st.ring.slot_of(used.id).and_then(|i| Some((i, st.ring.finish(i, used.len)?)));
+            let Some((request, sink, result)) = finished.and_then(|(i, result)| {
+                let slot = &mut st.ring.slots[i];
+                Some((slot.req.take()?, slot.sink.take()?, result))
+            }) else {
                 self.health.fail(format!(
                     "data queue {}: device returned descriptor {} which is not a request in flight",
                     self.index, used.id
@@ -348,7 +368,7 @@ impl DataQueueShared {
                 Err(Error::DeviceFailed(why)) => Some(why.clone()),
                 _ => None,
             };
-            st.outbox.push((p.sink, Event::Completed(Completion { request: p.req, result })));
+            st.outbox.push((sink, Event::Completed(Completion { request, result })));
             if let Some(why) = lie {
                 self.outstanding.fetch_sub(done, Ordering::Relaxed);
                 self.health.fail(format!("data queue {}: {why}", self.index));
@@ -385,7 +405,7 @@ impl DataQueueShared {
         }
         // Each request is timed from its own submission: the oldest decides. (Timing from the
         // last completion would fail the first request after any idle spell.)
-        let oldest = st.ring.slots.iter().filter(|s| s.pending.is_some()).filter_map(|s| s.submitted).min();
+        let oldest = st.ring.slots.iter().filter(|s| s.req.is_some()).map(|s| s.submitted).min();
         let waited = oldest.map_or(Duration::ZERO, |t| t.elapsed());
         if waited > self.health.timeout {
             self.health.fail(format!(
@@ -402,11 +422,10 @@ impl DataQueueShared {
         st.failed = true;
         let reason = self.health.reason();
         for slot in &mut st.ring.slots {
-            slot.submitted = None;
-            if let Some(p) = slot.pending.take() {
+            if let (Some(request), Some(sink)) = (slot.req.take(), slot.sink.take()) {
                 self.outstanding.fetch_sub(1, Ordering::Relaxed);
                 let result = Err(Error::DeviceFailed(reason.clone()));
-                st.outbox.push((p.sink, Event::Completed(Completion { request: p.req, result })));
+                st.outbox.push((sink, Event::Completed(Completion { request, result })));
             }
         }
         st.ring.in_flight = 0;
@@ -513,15 +532,15 @@ impl RingState {
             }
             id / MAX_DESCS
         };
-        self.slots.get(i).filter(|s| s.pending.is_some()).map(|_| i)
+        self.slots.get(i).filter(|s| s.req.is_some()).map(|_| i)
     }
 
-    /// Takes slot `i`'s request back and decides its outcome from what the device wrote;
-    /// `None` if the slot holds no request.
-    fn finish(&mut self, i: usize, written: u32) -> Option<(Pending, Result<()>)> {
+    /// Decides the outcome of slot `i`'s request from what the device wrote, puts the result
+    /// into the request (still in the slot, for the caller to take) and frees the slot; `None`
+    /// if the slot holds no request.
+    fn finish(&mut self, i: usize, written: u32) -> Option<Result<()>> {
         let slot = self.slots.get_mut(i)?;
-        let mut p = slot.pending.take()?;
-        slot.submitted = None;
+        let req = slot.req.as_mut()?;
         self.free.push(i as u16);
         self.in_flight -= 1;
         let base = i * SLOT_STRIDE;
@@ -534,7 +553,7 @@ impl RingState {
                 slot.expect
             ))),
             status::BADMSG => Err(Error::AuthFailed),
-            status::NOTSUPP => Err(Error::NotSupported(format!("{} request", p.req.session.mode))),
+            status::NOTSUPP => Err(Error::NotSupported(format!("{} request", req.session.mode))),
             status::INVSESS => Err(Error::InvalidSession),
             status::NOSPC => Err(Error::NoSpace("device out of resources for the request".into())),
             0xff => Err(Error::DeviceFailed("device completed a request without writing its status".into())),
@@ -543,7 +562,6 @@ impl RingState {
             ))),
             s => Err(Error::DeviceError(s)),
         };
-        let req = &mut p.req;
         match &result {
             Ok(()) => {
                 if slot.bounced {
@@ -558,7 +576,7 @@ impl RingState {
             Err(Error::AuthFailed) => req.data.zeroize(),
             Err(_) => {}
         }
-        Some((p, result))
+        Some(result)
     }
 }
 
@@ -575,10 +593,11 @@ impl Ring<Pending> for RingState {
         match self.place(usize::from(i), &p.req) {
             Ok((head, expect, bounced)) => {
                 let slot = &mut self.slots[usize::from(i)];
-                slot.pending = Some(p);
+                slot.req = Some(p.req);
+                slot.sink = Some(p.sink);
                 slot.expect = expect;
                 slot.bounced = bounced;
-                slot.submitted = Some(self.stamp);
+                slot.submitted = self.stamp;
                 self.vq.push_avail(head);
                 self.in_flight += 1;
                 Ok(())
