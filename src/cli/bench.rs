@@ -313,24 +313,24 @@ impl RunResult {
 
     fn row(&self) -> String {
         format!(
-            "{:<34} {:>12} {:>6} {:>4} {:>5} {:>3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>9.1} {:>9.0}",
+            "{:<34} {:>12} {:>6} {:>4} {:>3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>5}",
             self.engine,
             self.alg.to_string(),
             self.size,
             if self.wait_each { "1*".to_string() } else { self.qd.to_string() },
-            self.batch,
             self.queues,
             self.gbps(),
             self.mops(),
             self.lat_us(0.5),
             self.lat_us(0.99),
             self.lat_us(0.999),
-            self.cpu_ns_per_op()
+            self.cpu_ns_per_op(),
+            self.batch
         )
     }
 }
 
-const HEADER: &str = "engine                                      alg   size   qd batch   q     GB/s   Mops/s   p50(us)   p99(us) p99.9(us)  cpu(ns/op)";
+const HEADER: &str = "engine                                      alg   size   qd   q     GB/s   Mops/s   p50(us)   p99(us) p99.9(us)  cpu(ns/op) batch";
 
 /// Runs the benchmark.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {

@@ -425,7 +425,8 @@ mod tests {
         assert_eq!((r.in_progress, r.backlogged, r.refused), (1, 2, 1));
         let text = r.violations.join("\n");
         assert!(text.contains("promoted out of batch order"), "{text}");
-        // Request 4 came back and may be submitted again; in order, all is well.
+        // A batch that ends after a Backlogged request hands the rest back; request 3 goes
+        // again in a batch of its own. In order, all is well.
         let c = ContractChecker::new();
         c.begin_batch(0, &[1, 2, 3]);
         let r = BatchSubmitted { in_progress: 1, backlogged: 1, refused: None };

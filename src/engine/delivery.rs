@@ -98,6 +98,13 @@ struct Run<'a, 'd, S, K: Sink<S>> {
     first: Option<Event<S>>,
 }
 
+impl<S, K: Sink<S>> Run<'_, '_, S, K> {
+    /// Whether the run has events left.
+    fn has_more(&mut self) -> bool {
+        self.first.is_some() || self.rest.peek().is_some_and(|(k, _)| k.same(self.sink))
+    }
+}
+
 impl<S, K: Sink<S>> Iterator for Run<'_, '_, S, K> {
     type Item = Event<S>;
 
@@ -176,7 +183,10 @@ pub fn deliver_runs<S, K: Sink<S>>(events: std::vec::Drain<'_, (K, Event<S>)>) -
                     // The panic ended the call; what the run still holds goes in a new one. A
                     // callback that panics before taking anything loses the next event, so
                     // that each call makes progress.
-                    if delivered == before && run.next().is_none() {
+                    if delivered == before {
+                        drop(run.next());
+                    }
+                    if !run.has_more() {
                         break;
                     }
                 }
@@ -229,5 +239,77 @@ impl Delivery {
             store_load_barrier();
         }
         delivered
+    }
+}
+
+#[cfg(all(test, not(feature = "loom-model")))]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn promoted(id: u64) -> Event<()> {
+        Event::Promoted { user_data: id }
+    }
+
+    fn ids(run: &mut dyn Iterator<Item = Event<()>>) -> Vec<u64> {
+        run.map(|e| match e {
+            Event::Promoted { user_data } => user_data,
+            Event::Completed(c) => c.request.user_data,
+        })
+        .collect()
+    }
+
+    #[test]
+    fn each_callback_gets_its_neighbouring_events_in_one_call_in_order() {
+        let calls: Arc<Mutex<Vec<(char, Vec<u64>)>>> = Arc::default();
+        let sink = |name: char| -> BatchSink<()> {
+            let calls = calls.clone();
+            Arc::new(move |run| {
+                let got = ids(run);
+                calls.lock().unwrap().push((name, got));
+            })
+        };
+        let (a, b) = (sink('a'), sink('b'));
+        let mut outbox: Vec<(BatchSink<()>, Event<()>)> =
+            [(&a, 1), (&a, 2), (&b, 3), (&a, 4), (&a, 5), (&a, 6)]
+                .into_iter()
+                .map(|(s, id)| (s.clone(), promoted(id)))
+                .collect();
+        assert_eq!(deliver_runs(outbox.drain(..)), 6);
+        assert_eq!(*calls.lock().unwrap(), [('a', vec![1, 2]), ('b', vec![3]), ('a', vec![4, 5, 6])]);
+    }
+
+    #[test]
+    fn a_panic_in_a_run_loses_only_the_event_in_hand() {
+        let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let sink: BatchSink<()> = {
+            let seen = seen.clone();
+            Arc::new(move |run| {
+                for e in run {
+                    let Event::Promoted { user_data } = e else { continue };
+                    if user_data == 2 || user_data == 3 {
+                        panic!("callback fails on {user_data}");
+                    }
+                    seen.lock().unwrap().push(user_data);
+                }
+            })
+        };
+        let mut outbox: Vec<_> = (1..=5).map(|id| (sink.clone(), promoted(id))).collect();
+        // 2 and 3 were taken (and lost in the panics); 4 and 5 come in a new call.
+        assert_eq!(deliver_runs(outbox.drain(..)), 5);
+        assert_eq!(*seen.lock().unwrap(), [1, 4, 5]);
+        // A callback that panics before taking anything loses one event per call, not all.
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let refuses: BatchSink<()> = {
+            let calls = calls.clone();
+            Arc::new(move |_| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                panic!("callback fails before taking");
+            })
+        };
+        let mut outbox: Vec<_> = (1..=3).map(|id| (refuses.clone(), promoted(id))).collect();
+        assert_eq!(deliver_runs(outbox.drain(..)), 0);
+        assert_eq!(calls.load(Ordering::Relaxed), 3, "one call per event, each losing one");
     }
 }
