@@ -276,6 +276,8 @@ struct RunResult {
     wait_each: bool,
     batch: usize,
     promoted: u64,
+    /// Estimated time the submitting threads spent in the engine's submit and (non-empty) poll.
+    driver_ns: u64,
 }
 
 impl RunResult {
@@ -290,6 +292,9 @@ impl RunResult {
     }
     fn cpu_ns_per_op(&self) -> f64 {
         self.cpu_seconds * 1e9 / self.ops.max(1) as f64
+    }
+    fn driver_ns_per_op(&self) -> f64 {
+        self.driver_ns as f64 / self.ops.max(1) as f64
     }
 
     fn json(&self) -> serde_json::Value {
@@ -307,13 +312,14 @@ impl RunResult {
             "mops": self.mops(),
             "lat_us": { "p50": self.lat_us(0.5), "p99": self.lat_us(0.99), "p999": self.lat_us(0.999) },
             "cpu_ns_per_op": self.cpu_ns_per_op(),
+            "driver_ns_per_op": self.driver_ns_per_op(),
             "backlogged": self.promoted,
         })
     }
 
     fn row(&self) -> String {
         format!(
-            "{:<34} {:>12} {:>6} {:>4} {:>3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>5}",
+            "{:<34} {:>12} {:>6} {:>4} {:>3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>5} {:>9.0}",
             self.engine,
             self.alg.to_string(),
             self.size,
@@ -325,12 +331,13 @@ impl RunResult {
             self.lat_us(0.99),
             self.lat_us(0.999),
             self.cpu_ns_per_op(),
-            self.batch
+            self.batch,
+            self.driver_ns_per_op()
         )
     }
 }
 
-const HEADER: &str = "engine                                      alg   size   qd   q     GB/s   Mops/s   p50(us)   p99(us) p99.9(us)  cpu(ns/op) batch";
+const HEADER: &str = "engine                                      alg   size   qd   q     GB/s   Mops/s   p50(us)   p99(us) p99.9(us)  cpu(ns/op) batch drv(ns/op)";
 
 /// Runs the benchmark.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -517,11 +524,12 @@ fn run_once<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Re
     let cpu_seconds = cpu_time() - cpu0;
     let _ = engine.destroy_session(&session);
     let mut lat = Histogram::<u64>::new(3).map_err(|e| anyhow!("histogram: {e}"))?;
-    let (mut ops, mut promoted) = (0, 0);
+    let (mut ops, mut promoted, mut driver_ns) = (0, 0, 0);
     for r in results {
         let r = r?;
         ops += r.ops;
         promoted += r.promoted;
+        driver_ns += r.driver_ns;
         lat.add(&r.lat).map_err(|e| anyhow!("histogram: {e}"))?;
     }
     Ok(RunResult {
@@ -537,6 +545,7 @@ fn run_once<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Re
         wait_each: args.wait_each,
         batch: batch_of(args, point),
         promoted,
+        driver_ns,
     })
 }
 
@@ -544,6 +553,52 @@ struct ThreadResult {
     ops: u64,
     promoted: u64,
     lat: Histogram<u64>,
+    driver_ns: u64,
+}
+
+/// One call in this many into the engine is timed for [`DriverClock`].
+const SAMPLE_ONE_IN: u64 = 8;
+
+/// Estimates the time a submitting thread spends inside the engine doing work: submits, and
+/// polls that delivered something (an empty poll is waiting for the device, not driver cost).
+/// Timing every call would add two clock reads per request in per-request mode, so a random
+/// one call in [`SAMPLE_ONE_IN`] is timed and the sum scaled up; random rather than every
+/// eighth so that a periodic pattern of busy and empty polls cannot alias with the sampling.
+/// Unlike throughput, this holds up on a machine where other processes compete for the CPUs:
+/// a timed call is rarely preempted, while the waits between calls stretch with the load.
+struct DriverClock {
+    rng: u64,
+    sampled_ns: u64,
+}
+
+impl DriverClock {
+    fn new(seed: u64) -> Self {
+        Self { rng: seed | 1, sampled_ns: 0 }
+    }
+
+    /// Runs `call`, timing it if sampled; `worked` says whether the call did driver work.
+    #[inline]
+    fn time<T>(&mut self, call: impl FnOnce() -> T, worked: impl FnOnce(&T) -> bool) -> T {
+        // xorshift64: cheap and good enough to pick calls.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        if self.rng % SAMPLE_ONE_IN != 0 {
+            return call();
+        }
+        let t = Instant::now();
+        let r = call();
+        let ns = t.elapsed().as_nanos() as u64;
+        if worked(&r) {
+            self.sampled_ns += ns;
+        }
+        r
+    }
+
+    /// The estimated total.
+    fn total_ns(&self) -> u64 {
+        self.sampled_ns * SAMPLE_ONE_IN
+    }
 }
 
 /// Events delivered to this thread's callback, and a way to sleep until one arrives.
@@ -634,6 +689,7 @@ fn worker<E: Engine>(
         mode,
         batch: VecDeque::with_capacity(batch),
         ids: Vec::with_capacity(batch),
+        clock: DriverClock::new(0x9e37_79b9_7f4a_7c15 ^ queue as u64),
     };
     let mut lat = Histogram::<u64>::new(3).map_err(|e| anyhow!("histogram: {e}"))?;
     let mut local: Vec<Event<E::Session>> = Vec::new();
@@ -663,7 +719,7 @@ fn worker<E: Engine>(
         if st.in_flight == 0 && (out_of_time || st.seq >= limit) {
             break;
         }
-        if poll_mode && q.poll() == 0 {
+        if poll_mode && st.clock.time(|| q.poll(), |&n| n > 0) == 0 {
             // Nothing came back: pause briefly before polling again, so that a spinning poller
             // leaves the core's execution resources (and the ring's cache lines) to the device.
             for _ in 0..32 {
@@ -716,7 +772,7 @@ fn worker<E: Engine>(
             }
         }
     }
-    Ok(ThreadResult { ops, promoted: st.promoted, lat })
+    Ok(ThreadResult { ops, promoted: st.promoted, lat, driver_ns: st.clock.total_ns() })
 }
 
 /// A bench thread's submission side: its buffers and what it has in flight.
@@ -736,6 +792,7 @@ struct Submitter<S> {
     batch: VecDeque<Request<S>>,
     /// The ids of the batch being submitted, in order.
     ids: Vec<u64>,
+    clock: DriverClock,
 }
 
 impl<S: Clone> Submitter<S> {
@@ -766,7 +823,7 @@ impl<S: Clone> Submitter<S> {
     fn submit_one(&mut self, q: &mut dyn Queue<S>, session: &S) -> anyhow::Result<bool> {
         let Some(slot) = self.free.pop() else { return Ok(false) };
         let req = self.request(session, slot, Instant::now())?;
-        match q.submit(req, true) {
+        match self.clock.time(|| q.submit(req, true), |_| true) {
             Ok(Submitted::InProgress) => {}
             Ok(Submitted::Backlogged) => {
                 self.blocked = Some(slot as u64);
@@ -796,7 +853,7 @@ impl<S: Clone> Submitter<S> {
         }
         // The last taken request's id, to wait for its Promoted if it was backlogged: the
         // promotions come in order, so earlier backlogged ones are promoted by then.
-        let r = q.submit_batch(&mut batch, true);
+        let r = self.clock.time(|| q.submit_batch(&mut batch, true), |_| true);
         let taken = r.accepted();
         self.in_flight += taken;
         if r.backlogged > 0 {
