@@ -262,7 +262,8 @@ mod tests {
 
     #[test]
     fn each_callback_gets_its_neighbouring_events_in_one_call_in_order() {
-        let calls: Arc<Mutex<Vec<(char, Vec<u64>)>>> = Arc::default();
+        type Calls = Mutex<Vec<(char, Vec<u64>)>>;
+        let calls: Arc<Calls> = Arc::default();
         let sink = |name: char| -> BatchSink<()> {
             let calls = calls.clone();
             Arc::new(move |run| {
