@@ -618,7 +618,12 @@ struct Sample {
 fn iv_for(mode: Mode, seq: u64) -> Iv {
     let mut b = [0u8; 16];
     b[..8].copy_from_slice(&seq.to_le_bytes());
-    Iv::new(&b[..mode.iv_len()]).unwrap_or_default()
+    // The fixed-size constructors: no variable-length copy per request.
+    match mode.iv_len() {
+        12 => Iv::from([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], 0, 0, 0, 0]),
+        16 => Iv::from(b),
+        n => Iv::new(&b[..n]).unwrap_or_default(),
+    }
 }
 
 /// Requests per submit call in a run: never more than are in flight.
