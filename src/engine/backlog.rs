@@ -84,7 +84,7 @@ impl<T> Backlog<T> {
     }
 
     /// Submits `item`: to the ring, to the backlog, or back to the caller.
-    #[inline]
+    #[inline(always)]
     pub fn submit<R: Ring<T>>(
         &mut self,
         item: T,
