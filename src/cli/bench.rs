@@ -802,15 +802,22 @@ struct Submitter<S> {
 
 impl<S: Clone> Submitter<S> {
     /// The request for buffer `slot`, the next in sequence.
-    fn request(&mut self, session: &S, slot: usize, now: Instant) -> anyhow::Result<Request<S>> {
-        let data = self.slots[slot].take().ok_or_else(|| anyhow!("buffer {slot} missing"))?;
+    /// Infallible, so that the request is built where it goes rather than moved out of a
+    /// `Result`.
+    #[inline]
+    fn request(&mut self, session: &S, slot: usize, data: Buf, now: Instant) -> Request<S> {
         let iv = iv_for(self.mode, self.seq);
         if self.check && self.seq % 256 == 0 && self.sample.is_none() {
             self.sample = Some(Sample { slot, input: data.as_slice().to_vec(), iv });
         }
         self.submitted_at[slot] = now;
         self.seq += 1;
-        Ok(Request::new(session.clone(), Direction::Encrypt, iv, data, slot as u64))
+        Request::new(session.clone(), Direction::Encrypt, iv, data, slot as u64)
+    }
+
+    /// Free buffer `slot`'s memory.
+    fn buffer(&mut self, slot: usize) -> anyhow::Result<Buf> {
+        self.slots[slot].take().ok_or_else(|| anyhow!("buffer {slot} missing"))
     }
 
     /// A refused request's buffer goes back to the free list (and stops being the sample).
@@ -827,7 +834,8 @@ impl<S: Clone> Submitter<S> {
     /// Submits one request with `submit`; returns whether to go on submitting.
     fn submit_one(&mut self, q: &mut dyn Queue<S>, session: &S) -> anyhow::Result<bool> {
         let Some(slot) = self.free.pop() else { return Ok(false) };
-        let req = self.request(session, slot, Instant::now())?;
+        let data = self.buffer(slot)?;
+        let req = self.request(session, slot, data, Instant::now());
         // The refused request comes back in the error by design (the contract's "handed back
         // whole"), so the error is as large as a request.
         #[allow(clippy::result_large_err)]
@@ -857,7 +865,8 @@ impl<S: Clone> Submitter<S> {
         self.ids.clear();
         for _ in 0..n {
             let Some(slot) = self.free.pop() else { break };
-            batch.push_back(self.request(session, slot, now)?);
+            let data = self.buffer(slot)?;
+            batch.push_back(self.request(session, slot, data, now));
             self.ids.push(slot as u64);
         }
         // The last taken request's id, to wait for its Promoted if it was backlogged: the
