@@ -37,6 +37,23 @@ fn json_has_the_documented_keys_and_consistent_numbers() {
             (r["size"].as_u64(), r["qd"].as_u64(), r["queues"].as_u64()),
             (Some(1024), Some(16), Some(1))
         );
+        assert_eq!(r["batch"].as_u64(), Some(16), "the default batch of 32, capped at qd 16: {r}");
+    }
+}
+
+#[test]
+fn batched_and_per_request_runs_do_the_same_work() {
+    // --count is exact whatever the batch, on the device and on the software engine, and the
+    // result samples are checked against the AES core in both modes.
+    for batch in ["1", "5"] {
+        let out = ok(&bench(&[
+            "--json", "--engine", "both", "--count", "2001", "--qd", "12", "--size", "512", "--batch", batch,
+        ]));
+        for line in out.lines() {
+            let r: serde_json::Value = serde_json::from_str(line).expect("a JSON object per line");
+            assert_eq!(r["ops"].as_u64(), Some(2001), "{r}");
+            assert_eq!(r["batch"].as_u64(), batch.parse().ok(), "{r}");
+        }
     }
 }
 
@@ -56,7 +73,7 @@ fn the_table_shows_the_same_run_as_json_would() {
     ]));
     let row = out.lines().find(|l| l.starts_with("virtio-crypto")).unwrap_or_else(|| panic!("{out}"));
     let cols: Vec<&str> = row.split_whitespace().collect();
-    // engine (3 words), alg, size, qd, queues, GB/s, Mops/s, p50, p99, p99.9, cpu
+    // engine (3 words), alg, size, qd, queues, GB/s, Mops/s, p50, p99, p99.9, cpu, batch
     assert_eq!(&cols[3..7], ["aes-512-xts", "512", "8", "2"], "{row}");
     let (gbps, mops): (f64, f64) = (cols[7].parse().unwrap(), cols[8].parse().unwrap());
     assert!((gbps - mops * 512.0 / 1000.0).abs() < 0.002 + gbps * 0.01, "GB/s and Mops/s disagree: {row}");
@@ -78,6 +95,7 @@ fn a_sweep_draws_a_plot_and_wait_each_keeps_one_in_flight() {
     let out = ok(&bench(&["--wait-each", "--count", "300", "--device-latency", "50us", "--json"]));
     let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(r["wait_each"], true);
+    assert_eq!(r["batch"], 1, "one request at a time is a batch of one: {r}");
     assert!(
         r["lat_us"]["p50"].as_f64().unwrap() >= 50.0,
         "one request at a time waits the full latency: {r}"
@@ -93,6 +111,8 @@ fn bad_arguments_are_refused_by_name() {
         (&["--sweep", "depth=1,2"][..], "cannot sweep"),
         (&["--device-latency", "5parsecs"][..], "unknown unit"),
         (&["--qd", "0"][..], "at least 1"),
+        (&["--batch", "0"][..], "a batch of no requests submits nothing"),
+        (&["--batch", "5000"][..], "more than the 4096 allowed"),
     ] {
         let o = bench(args);
         assert!(!o.status.success(), "{args:?} accepted");

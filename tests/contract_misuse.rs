@@ -2,9 +2,12 @@
 //! it accepted, whatever the caller does meanwhile (drops its queue, the engine or the transport
 //! with work in flight, destroys a session in use, submits and polls from inside the callback,
 //! panics in the callback), and refuses sessions of another engine. `ContractChecker` judges.
+//! Every case runs twice per engine: submitting one request at a time with a per-event callback,
+//! and in batches (`submit_batch`) with a batch callback (`open_batch_queue`).
 
 mod common;
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use crypt_vfio::engine::contract::ContractChecker;
 use crypt_vfio::engine::software::SoftwareEngine;
-use crypt_vfio::engine::{Buf, Direction, Engine, Event, EventSink, Iv, Queue, Request, SubmitErrorKind};
+use crypt_vfio::engine::{
+    BatchSink, Buf, Direction, Engine, Event, EventSink, Iv, Queue, Request, SubmitErrorKind,
+};
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedTransport};
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
 use crypt_vfio::{CoreKind, Error, Mode};
@@ -85,11 +90,16 @@ impl<S: 'static> Handle for TypedHandle<S> {
 struct Keyed<E: Engine> {
     subject: Subject<E>,
     session: E::Session,
+    /// Batch submits and batch callbacks.
+    batched: bool,
 }
 
-fn keyed<E: Engine + 'static>(subject: Subject<E>) -> Keyed<E> {
+/// Requests per batch submit: not a divisor of N, so that batches also straddle a full ring.
+const BATCH: usize = 7;
+
+fn keyed<E: Engine + 'static>(subject: Subject<E>, batched: bool) -> Keyed<E> {
     let session = subject.engine.create_session(Mode::Xts, &KEY).unwrap();
-    Keyed { subject, session }
+    Keyed { subject, session, batched }
 }
 
 fn request<S>(session: S, id: u64) -> Request<S> {
@@ -100,17 +110,43 @@ fn request<S>(session: S, id: u64) -> Request<S> {
 impl<E: Engine + 'static> AnySubject for Keyed<E> {
     fn open(&self, checker: &Arc<ContractChecker>, sink: Arc<dyn Fn(u64) + Send + Sync>) -> Box<dyn Handle> {
         let checker = checker.clone();
-        let events: EventSink<E::Session> = Arc::new(move |ev: Event<E::Session>| {
+        let one = move |ev: Event<E::Session>| {
             checker.event(&ev);
             if let Event::Completed(c) = &ev {
                 sink(c.request.user_data);
             }
-        });
-        Box::new(TypedHandle(self.subject.engine.open_queue(0, events).unwrap()))
+        };
+        let engine = &self.subject.engine;
+        let q = if self.batched {
+            let events: BatchSink<E::Session> = Arc::new(move |run| run.for_each(&one));
+            engine.open_batch_queue(0, events)
+        } else {
+            let events: EventSink<E::Session> = Arc::new(one);
+            engine.open_queue(0, events)
+        };
+        Box::new(TypedHandle(q.unwrap()))
     }
 
     fn submit(&self, h: &mut dyn Handle, checker: &ContractChecker, first: u64, n: u64) {
         let h = h.as_any_mut().downcast_mut::<TypedHandle<E::Session>>().expect("a handle of this engine");
+        if self.batched {
+            let mut ids: VecDeque<u64> = (first..first + n).collect();
+            while !ids.is_empty() {
+                let batch: Vec<u64> = ids.iter().take(BATCH).copied().collect();
+                let mut requests: VecDeque<_> =
+                    batch.iter().map(|&id| request(self.session.clone(), id)).collect();
+                checker.begin_batch(0, &batch);
+                let r = h.0.submit_batch(&mut requests, true);
+                checker.submitted_batch(&batch, &r);
+                if let Some(kind) = &r.refused {
+                    panic!("request {} refused: {kind}", batch[r.accepted()]);
+                }
+                let left: Vec<u64> = requests.iter().map(|r| r.user_data).collect();
+                assert_eq!(left, batch[r.accepted()..], "the untaken requests come back in order");
+                ids.drain(..r.accepted());
+            }
+            return;
+        }
         for id in first..first + n {
             checker.begin_submit(0, id);
             let r = h.0.submit(request(self.session.clone(), id), true);
@@ -126,7 +162,7 @@ impl<E: Engine + 'static> AnySubject for Keyed<E> {
     }
 
     fn drop_engine(self: Box<Self>) -> Box<dyn AnySubjectRest> {
-        let Keyed { subject, session } = *self;
+        let Keyed { subject, session, .. } = *self;
         drop(subject.engine);
         Box::new((subject.transport, session))
     }
@@ -142,6 +178,20 @@ impl<E: Engine + 'static> AnySubject for Keyed<E> {
             Err(e) if matches!(e.kind, SubmitErrorKind::Rejected(Error::InvalidSession)) => {}
             Err(e) => return Err(format!("submit refused with {}, not InvalidSession", e.kind)),
             Ok(s) => return Err(format!("another engine's session was accepted ({s:?})")),
+        }
+        // In a batch, the foreign request ends it and comes back; the one before it went in.
+        let mut q = self.subject.engine.open_batch_queue(0, Arc::new(|run| run.for_each(drop))).unwrap();
+        let mut batch: VecDeque<_> =
+            [request(self.session.clone(), 1), request(other.session.clone(), 2)].into_iter().collect();
+        let r = q.submit_batch(&mut batch, true);
+        match (&r.refused, r.accepted(), batch.front().map(|r| r.user_data)) {
+            (Some(SubmitErrorKind::Rejected(Error::InvalidSession)), 1, Some(2)) if batch.len() == 1 => {}
+            _ => return Err(format!("a batch with another engine's session gave {r:?}")),
+        }
+        drop(batch);
+        let start = Instant::now();
+        while q.outstanding() > 0 && start.elapsed() < Duration::from_secs(10) {
+            q.poll();
         }
         match self.subject.engine.destroy_session(&other.session) {
             Err(Error::InvalidSession) => Ok(()),
@@ -176,21 +226,29 @@ fn settle(checker: &ContractChecker, mut h: Option<&mut dyn Handle>, what: &str)
     }
 }
 
-fn subject<E: Engine + 'static>(s: Subject<E>) -> Box<dyn AnySubject> {
-    Box::new(keyed(s))
+fn subject<E: Engine + 'static>(s: Subject<E>, batched: bool) -> Box<dyn AnySubject> {
+    Box::new(keyed(s, batched))
 }
 
 fn make(kind: &str) -> Box<dyn AnySubject> {
-    match kind {
-        "software" => subject(software()),
-        "device, polling" => subject(device(CompletionMode::Poll)),
-        _ => subject(device(CompletionMode::Interrupt)),
+    let batched = kind.ends_with("batched");
+    match kind.trim_end_matches(", batched") {
+        "software" => subject(software(), batched),
+        "device, polling" => subject(device(CompletionMode::Poll), batched),
+        _ => subject(device(CompletionMode::Interrupt), batched),
     }
 }
 
-/// Runs `case` against every engine.
+/// Runs `case` against every engine, one request at a time and in batches.
 fn each(case: impl Fn(&str)) {
-    for name in ["software", "device, polling", "device, interrupts"] {
+    for name in [
+        "software",
+        "device, polling",
+        "device, interrupts",
+        "software, batched",
+        "device, polling, batched",
+        "device, interrupts, batched",
+    ] {
         case(name);
     }
 }

@@ -1,5 +1,6 @@
 //! Model checks (loom) of the engine's concurrent hand-offs, on the real code: event delivery
-//! ([`Delivery`]), submit/reap/promote around a data queue's [`Backlog`], and the async API's
+//! ([`Delivery`]), submit/reap/promote around a data queue's [`Backlog`] (one request at a time
+//! and in batches), and the async API's
 //! handling of a `Promoted` that races with its `Backlogged`.
 //!
 //! Run with `cargo test --features loom-model --test loom_models` (the feature builds the
@@ -18,8 +19,8 @@ use crypt_vfio::engine::async_api::AsyncQueue;
 use crypt_vfio::engine::backlog::{self, Backlog, Ring};
 use crypt_vfio::engine::contract::ContractChecker;
 use crypt_vfio::engine::{
-    Buf, Completion, Delivery, Direction, Engine, Event, EventSink, Iv, Outbox, Queue, Request, SubmitError,
-    Submitted,
+    BatchSubmitted, Buf, Completion, Delivery, Direction, Engine, Event, EventSink, Iv, Outbox, Queue,
+    Request, SubmitError, Submitted,
 };
 use crypt_vfio::{Error, Mode, Result};
 use loom::sync::atomic::{AtomicUsize, Ordering};
@@ -188,6 +189,60 @@ fn submit_reap_and_promote_keep_the_contract() {
         let report = checker.report();
         assert!(report.violations.is_empty(), "{:?}", report.violations);
         assert_eq!(report.completed, 3);
+    });
+}
+
+#[test]
+fn a_batch_that_half_fits_keeps_the_contract() {
+    // A submitter hands a batch of three to a one-slot ring under one lock (the first fits, the
+    // rest are backlogged behind it, in order) while a reaper completes and promotes; then one
+    // more request. Every interleaving: one Promoted per backlogged request, in batch order and
+    // before its completion, and the later request does not overtake the backlog.
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(|| {
+        let checker = Arc::new(ContractChecker::new());
+        let q = Arc::new(DataQueue {
+            state: Mutex::new((Backlog::new(8), OneSlot::default())),
+            out: Outboxed::new(),
+        });
+        let sink: EventSink<()> = {
+            let checker = checker.clone();
+            Arc::new(move |ev| checker.event(&ev))
+        };
+        let submitter = {
+            let (q, checker) = (q.clone(), checker.clone());
+            thread::spawn(move || {
+                for ids in [&[1u64, 2, 3][..], &[4]] {
+                    checker.begin_batch(0, ids);
+                    let r = {
+                        let mut st = q.state.lock().unwrap();
+                        let (backlog, ring) = &mut *st;
+                        backlog.submit_batch(ids.iter().copied(), true, ring)
+                    };
+                    assert!(r.refused.is_none(), "the backlog has room");
+                    let r = BatchSubmitted {
+                        in_progress: r.in_progress,
+                        backlogged: r.backlogged,
+                        refused: None,
+                    };
+                    checker.submitted_batch(ids, &r);
+                    q.out.deliver();
+                }
+            })
+        };
+        let reaper = {
+            let (q, sink) = (q.clone(), sink.clone());
+            thread::spawn(move || q.reap(&sink))
+        };
+        submitter.join().unwrap();
+        reaper.join().unwrap();
+        for _ in 0..5 {
+            q.reap(&sink);
+        }
+        let report = checker.report();
+        assert!(report.violations.is_empty(), "{:?}", report.violations);
+        assert_eq!(report.completed, 4);
     });
 }
 

@@ -3,7 +3,9 @@
 //!
 //! Each submitting thread owns one queue and `qd` buffers (DMA memory for a device, so the run
 //! measures zero-copy submission). It submits while requests go `InProgress`; after a
-//! `Backlogged` it waits for that request's `Promoted`; completions recycle buffers. Every
+//! `Backlogged` it waits for that request's `Promoted`; completions recycle buffers. With
+//! `--batch N` (the default) it submits up to N requests per `submit_batch` call and takes its
+//! events in runs; `--batch 1` submits and takes events one at a time, for comparison. Every
 //! 256th request is checked against the AES core called directly, so a fast wrong answer fails
 //! the run instead of being reported.
 //!
@@ -12,6 +14,7 @@
 //! seconds), counts and sizes are bounded, and sizes are checked against the engine's largest
 //! request once it is open.
 
+use std::collections::VecDeque;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use crypt_vfio::engine::software::SoftwareEngine;
-use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Request, SubmitErrorKind, Submitted};
+use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted};
 use crypt_vfio::{CoreKind, Mode};
 use crypt_vfio_cores::new_cipher;
 use hdrhistogram::Histogram;
@@ -40,6 +43,8 @@ const MAX_QD: usize = 65_536;
 const MAX_QUEUES: usize = 256;
 /// Runs per configuration.
 const MAX_REPEAT: usize = 1000;
+/// Requests per submit call: a ring holds no more.
+const MAX_BATCH: usize = 4096;
 /// Buffer memory of a run (size × qd × queues): the bench must not exhaust the machine.
 const MAX_BUFFER_BYTES: u128 = 1 << 30;
 
@@ -81,6 +86,11 @@ pub fn parse_qd(s: &str) -> Result<usize, String> {
 /// Parses `--queues`: submitting threads.
 pub fn parse_queues(s: &str) -> Result<usize, String> {
     parse_bounded(s, MAX_QUEUES as u64, "no thread would submit anything").map(|v| v as usize)
+}
+
+/// Parses `--batch`: requests per submit call.
+pub fn parse_batch(s: &str) -> Result<usize, String> {
+    parse_bounded(s, MAX_BATCH as u64, "a batch of no requests submits nothing").map(|v| v as usize)
 }
 
 /// Parses `--repeat`: runs per configuration.
@@ -186,6 +196,10 @@ pub struct BenchArgs {
     /// Submit one request and wait for it before the next (the 2015 dm-crypt behaviour).
     #[arg(long)]
     wait_each: bool,
+    /// Requests per submit call, with events taken in runs (1 to 4096); 1 submits and takes
+    /// events one at a time.
+    #[arg(long, default_value = "32", value_parser = parse_batch)]
+    batch: usize,
     /// Runs per configuration; the median run is reported (1 to 1000).
     #[arg(long, default_value = "1", value_parser = parse_repeat)]
     repeat: usize,
@@ -260,7 +274,10 @@ struct RunResult {
     cpu_seconds: f64,
     lat: Histogram<u64>,
     wait_each: bool,
+    batch: usize,
     promoted: u64,
+    /// Estimated time the submitting threads spent in the engine's submit and (non-empty) poll.
+    driver_ns: u64,
 }
 
 impl RunResult {
@@ -276,6 +293,9 @@ impl RunResult {
     fn cpu_ns_per_op(&self) -> f64 {
         self.cpu_seconds * 1e9 / self.ops.max(1) as f64
     }
+    fn driver_ns_per_op(&self) -> f64 {
+        self.driver_ns as f64 / self.ops.max(1) as f64
+    }
 
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -285,19 +305,21 @@ impl RunResult {
             "qd": self.qd,
             "queues": self.queues,
             "wait_each": self.wait_each,
+            "batch": self.batch,
             "ops": self.ops,
             "seconds": self.seconds,
             "gbps": self.gbps(),
             "mops": self.mops(),
             "lat_us": { "p50": self.lat_us(0.5), "p99": self.lat_us(0.99), "p999": self.lat_us(0.999) },
             "cpu_ns_per_op": self.cpu_ns_per_op(),
+            "driver_ns_per_op": self.driver_ns_per_op(),
             "backlogged": self.promoted,
         })
     }
 
     fn row(&self) -> String {
         format!(
-            "{:<34} {:>12} {:>6} {:>4} {:>3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>9.1} {:>9.0}",
+            "{:<34} {:>12} {:>6} {:>4} {:>3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>5} {:>9.0}",
             self.engine,
             self.alg.to_string(),
             self.size,
@@ -308,12 +330,14 @@ impl RunResult {
             self.lat_us(0.5),
             self.lat_us(0.99),
             self.lat_us(0.999),
-            self.cpu_ns_per_op()
+            self.cpu_ns_per_op(),
+            self.batch,
+            self.driver_ns_per_op()
         )
     }
 }
 
-const HEADER: &str = "engine                                      alg   size   qd   q     GB/s   Mops/s   p50(us)   p99(us) p99.9(us)  cpu(ns/op)";
+const HEADER: &str = "engine                                      alg   size   qd   q     GB/s   Mops/s   p50(us)   p99(us) p99.9(us)  cpu(ns/op) batch drv(ns/op)";
 
 /// Runs the benchmark.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -500,11 +524,12 @@ fn run_once<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Re
     let cpu_seconds = cpu_time() - cpu0;
     let _ = engine.destroy_session(&session);
     let mut lat = Histogram::<u64>::new(3).map_err(|e| anyhow!("histogram: {e}"))?;
-    let (mut ops, mut promoted) = (0, 0);
+    let (mut ops, mut promoted, mut driver_ns) = (0, 0, 0);
     for r in results {
         let r = r?;
         ops += r.ops;
         promoted += r.promoted;
+        driver_ns += r.driver_ns;
         lat.add(&r.lat).map_err(|e| anyhow!("histogram: {e}"))?;
     }
     Ok(RunResult {
@@ -518,7 +543,9 @@ fn run_once<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Re
         cpu_seconds,
         lat,
         wait_each: args.wait_each,
+        batch: batch_of(args, point),
         promoted,
+        driver_ns,
     })
 }
 
@@ -526,6 +553,52 @@ struct ThreadResult {
     ops: u64,
     promoted: u64,
     lat: Histogram<u64>,
+    driver_ns: u64,
+}
+
+/// One call in this many into the engine is timed for [`DriverClock`].
+const SAMPLE_ONE_IN: u64 = 8;
+
+/// Estimates the time a submitting thread spends inside the engine doing work: submits, and
+/// polls that delivered something (an empty poll is waiting for the device, not driver cost).
+/// Timing every call would add two clock reads per request in per-request mode, so a random
+/// one call in [`SAMPLE_ONE_IN`] is timed and the sum scaled up; random rather than every
+/// eighth so that a periodic pattern of busy and empty polls cannot alias with the sampling.
+/// Unlike throughput, this holds up on a machine where other processes compete for the CPUs:
+/// a timed call is rarely preempted, while the waits between calls stretch with the load.
+struct DriverClock {
+    rng: u64,
+    sampled_ns: u64,
+}
+
+impl DriverClock {
+    fn new(seed: u64) -> Self {
+        Self { rng: seed | 1, sampled_ns: 0 }
+    }
+
+    /// Runs `call`, timing it if sampled; `worked` says whether the call did driver work.
+    #[inline]
+    fn time<T>(&mut self, call: impl FnOnce() -> T, worked: impl FnOnce(&T) -> bool) -> T {
+        // xorshift64: cheap and good enough to pick calls.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        if self.rng % SAMPLE_ONE_IN != 0 {
+            return call();
+        }
+        let t = Instant::now();
+        let r = call();
+        let ns = t.elapsed().as_nanos() as u64;
+        if worked(&r) {
+            self.sampled_ns += ns;
+        }
+        r
+    }
+
+    /// The estimated total.
+    fn total_ns(&self) -> u64 {
+        self.sampled_ns * SAMPLE_ONE_IN
+    }
 }
 
 /// Events delivered to this thread's callback, and a way to sleep until one arrives.
@@ -545,7 +618,21 @@ struct Sample {
 fn iv_for(mode: Mode, seq: u64) -> Iv {
     let mut b = [0u8; 16];
     b[..8].copy_from_slice(&seq.to_le_bytes());
-    Iv::new(&b[..mode.iv_len()]).unwrap_or_default()
+    // The fixed-size constructors: no variable-length copy per request.
+    match mode.iv_len() {
+        12 => Iv::from([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], 0, 0, 0, 0]),
+        16 => Iv::from(b),
+        n => Iv::new(&b[..n]).unwrap_or_default(),
+    }
+}
+
+/// Requests per submit call in a run: never more than are in flight.
+fn batch_of(args: &BenchArgs, point: Point) -> usize {
+    if args.wait_each {
+        1
+    } else {
+        args.batch.min(point.qd)
+    }
 }
 
 fn worker<E: Engine>(
@@ -561,17 +648,30 @@ fn worker<E: Engine>(
         Arc::new(Inbox { events: Mutex::new(Vec::new()), ready: Condvar::new() });
     let sink_inbox = inbox.clone();
     let poll_mode = args.device.mode == "poll" || args.engine == "software";
-    let mut q = engine.open_queue(
-        queue,
-        Arc::new(move |ev| {
-            sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).push(ev);
-            // A polling thread reads its inbox right after polling: waking it would only cost
-            // a futex call per event.
-            if !poll_mode {
-                sink_inbox.ready.notify_one();
-            }
-        }),
-    )?;
+    let batch = batch_of(args, point);
+    let mut q = if batch == 1 {
+        engine.open_queue(
+            queue,
+            Arc::new(move |ev| {
+                sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).push(ev);
+                // A polling thread reads its inbox right after polling: waking it would only cost
+                // a futex call per event.
+                if !poll_mode {
+                    sink_inbox.ready.notify_one();
+                }
+            }),
+        )?
+    } else {
+        engine.open_batch_queue(
+            queue,
+            Arc::new(move |events| {
+                sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).extend(events);
+                if !poll_mode {
+                    sink_inbox.ready.notify_one();
+                }
+            }),
+        )?
+    };
     let qd = if args.wait_each { 1 } else { point.qd };
     let mode = args.alg.mode;
     let reference = new_cipher(CoreKind::Fast, mode, &KEY[..args.alg.key_len])?;
@@ -581,59 +681,50 @@ fn worker<E: Engine>(
         b.as_mut_slice().iter_mut().enumerate().for_each(|(j, x)| *x = (i * 31 + j) as u8);
         slots.push(Some(b));
     }
-    let mut free: Vec<usize> = (0..qd).rev().collect();
-    let mut submitted_at = vec![Instant::now(); qd];
+    let mut st = Submitter {
+        free: (0..qd).rev().collect(),
+        slots,
+        submitted_at: vec![Instant::now(); qd],
+        seq: 0,
+        in_flight: 0,
+        promoted: 0,
+        blocked: None,
+        sample: None,
+        check: !(args.device.device_null && args.engine != "software"),
+        mode,
+        batch: VecDeque::with_capacity(batch),
+        ids: Vec::with_capacity(batch),
+        clock: DriverClock::new(0x9e37_79b9_7f4a_7c15 ^ queue as u64),
+    };
     let mut lat = Histogram::<u64>::new(3).map_err(|e| anyhow!("histogram: {e}"))?;
     let mut local: Vec<Event<E::Session>> = Vec::new();
-    let (mut seq, mut ops, mut in_flight, mut promoted) = (0u64, 0u64, 0usize, 0u64);
-    let mut blocked: Option<u64> = None;
-    let mut sample: Option<Sample> = None;
+    let mut ops = 0u64;
     let limit = args.count.unwrap_or(u64::MAX);
     let mut out_of_time = false;
     loop {
         // Submit while the pipeline allows: not waiting for a promotion, buffers free.
-        while blocked.is_none() && !out_of_time && seq < limit {
-            let Some(slot) = free.pop() else { break };
-            if seq % 64 == 0
+        while st.blocked.is_none() && !out_of_time && st.seq < limit && !st.free.is_empty() {
+            // The clock is read once per batch, or every 64 requests one at a time.
+            if (batch > 1 || st.seq % 64 == 0)
                 && (Instant::now() >= deadline && args.count.is_none() || stop.load(Ordering::Relaxed))
             {
-                free.push(slot);
                 out_of_time = true;
                 break;
             }
-            let data = slots[slot].take().ok_or_else(|| anyhow!("buffer {slot} missing"))?;
-            let iv = iv_for(mode, seq);
-            // A device in null mode does no AES by design: nothing to check.
-            if seq % 256 == 0 && sample.is_none() && !(args.device.device_null && args.engine != "software") {
-                sample = Some(Sample { slot, input: data.as_slice().to_vec(), iv });
+            let n = batch.min(st.free.len()).min((limit - st.seq).try_into().unwrap_or(usize::MAX));
+            let more = if batch == 1 {
+                st.submit_one(&mut *q, &session)?
+            } else {
+                st.submit_batch(&mut *q, &session, n)?
+            };
+            if !more {
+                break;
             }
-            let req = Request::new(session.clone(), Direction::Encrypt, iv, data, slot as u64);
-            submitted_at[slot] = Instant::now();
-            match q.submit(req, true) {
-                Ok(Submitted::InProgress) => {}
-                Ok(Submitted::Backlogged) => {
-                    blocked = Some(slot as u64);
-                    promoted += 1;
-                }
-                Err(e) => match e.kind {
-                    SubmitErrorKind::Busy => {
-                        slots[slot] = Some(e.request.data);
-                        free.push(slot);
-                        if sample.as_ref().is_some_and(|s| s.slot == slot) {
-                            sample = None;
-                        }
-                        break;
-                    }
-                    SubmitErrorKind::Rejected(err) => return Err(err).context("submit refused"),
-                },
-            }
-            seq += 1;
-            in_flight += 1;
         }
-        if in_flight == 0 && (out_of_time || seq >= limit) {
+        if st.in_flight == 0 && (out_of_time || st.seq >= limit) {
             break;
         }
-        if poll_mode && q.poll() == 0 {
+        if poll_mode && st.clock.time(|| q.poll(), |&n| n > 0) == 0 {
             // Nothing came back: pause briefly before polling again, so that a spinning poller
             // leaves the core's execution resources (and the ring's cache lines) to the device.
             for _ in 0..32 {
@@ -651,18 +742,21 @@ fn worker<E: Engine>(
             }
             std::mem::swap(&mut *ev, &mut local);
         }
+        // One clock read per run of events (none while spinning on an empty inbox).
+        let now = if local.is_empty() { continue } else { Instant::now() };
         for ev in local.drain(..) {
             match ev {
                 Event::Promoted { user_data } => {
-                    if blocked == Some(user_data) {
-                        blocked = None;
+                    if st.blocked == Some(user_data) {
+                        st.blocked = None;
                     }
                 }
                 Event::Completed(c) => {
                     let slot = c.request.user_data as usize;
                     c.result.with_context(|| format!("request on queue {queue} failed"))?;
-                    let _ = lat.record(submitted_at[slot].elapsed().as_nanos() as u64);
-                    if let Some(s) = sample.take_if(|s| s.slot == slot) {
+                    let _ =
+                        lat.record(now.saturating_duration_since(st.submitted_at[slot]).as_nanos() as u64);
+                    if let Some(s) = st.sample.take_if(|s| s.slot == slot) {
                         let mut expect = s.input;
                         let mut tag = [0u8; 16];
                         let t: &mut [u8] = if mode.is_aead() { &mut tag } else { &mut [] };
@@ -675,13 +769,124 @@ fn worker<E: Engine>(
                             );
                         }
                     }
-                    slots[slot] = Some(c.request.data);
-                    free.push(slot);
-                    in_flight -= 1;
+                    st.slots[slot] = Some(c.request.data);
+                    st.free.push(slot);
+                    st.in_flight -= 1;
                     ops += 1;
                 }
             }
         }
     }
-    Ok(ThreadResult { ops, promoted, lat })
+    Ok(ThreadResult { ops, promoted: st.promoted, lat, driver_ns: st.clock.total_ns() })
+}
+
+/// A bench thread's submission side: its buffers and what it has in flight.
+struct Submitter<S> {
+    free: Vec<usize>,
+    slots: Vec<Option<Buf>>,
+    submitted_at: Vec<Instant>,
+    seq: u64,
+    in_flight: usize,
+    promoted: u64,
+    /// The backlogged request whose `Promoted` the thread waits for before submitting more.
+    blocked: Option<u64>,
+    sample: Option<Sample>,
+    /// Whether results are checked (a null device does no AES by design).
+    check: bool,
+    mode: Mode,
+    batch: VecDeque<Request<S>>,
+    /// The ids of the batch being submitted, in order.
+    ids: Vec<u64>,
+    clock: DriverClock,
+}
+
+impl<S: Clone> Submitter<S> {
+    /// The request for buffer `slot`, the next in sequence.
+    /// Infallible, so that the request is built where it goes rather than moved out of a
+    /// `Result`.
+    #[inline]
+    fn request(&mut self, session: &S, slot: usize, data: Buf, now: Instant) -> Request<S> {
+        let iv = iv_for(self.mode, self.seq);
+        if self.check && self.seq % 256 == 0 && self.sample.is_none() {
+            self.sample = Some(Sample { slot, input: data.as_slice().to_vec(), iv });
+        }
+        self.submitted_at[slot] = now;
+        self.seq += 1;
+        Request::new(session.clone(), Direction::Encrypt, iv, data, slot as u64)
+    }
+
+    /// Free buffer `slot`'s memory.
+    fn buffer(&mut self, slot: usize) -> anyhow::Result<Buf> {
+        self.slots[slot].take().ok_or_else(|| anyhow!("buffer {slot} missing"))
+    }
+
+    /// A refused request's buffer goes back to the free list (and stops being the sample).
+    fn refused(&mut self, request: Request<S>) {
+        let slot = request.user_data as usize;
+        self.slots[slot] = Some(request.data);
+        self.free.push(slot);
+        self.seq -= 1;
+        if self.sample.as_ref().is_some_and(|s| s.slot == slot) {
+            self.sample = None;
+        }
+    }
+
+    /// Submits one request with `submit`; returns whether to go on submitting.
+    fn submit_one(&mut self, q: &mut dyn Queue<S>, session: &S) -> anyhow::Result<bool> {
+        let Some(slot) = self.free.pop() else { return Ok(false) };
+        let data = self.buffer(slot)?;
+        let req = self.request(session, slot, data, Instant::now());
+        // The refused request comes back in the error by design (the contract's "handed back
+        // whole"), so the error is as large as a request.
+        #[allow(clippy::result_large_err)]
+        let submit = || q.submit(req, true);
+        match self.clock.time(submit, |_| true) {
+            Ok(Submitted::InProgress) => {}
+            Ok(Submitted::Backlogged) => {
+                self.blocked = Some(slot as u64);
+                self.promoted += 1;
+            }
+            Err(e) => match e.kind {
+                SubmitErrorKind::Busy => {
+                    self.refused(e.request);
+                    return Ok(false);
+                }
+                SubmitErrorKind::Rejected(err) => return Err(err).context("submit refused"),
+            },
+        }
+        self.in_flight += 1;
+        Ok(true)
+    }
+
+    /// Submits `n` requests with one `submit_batch`; returns whether to go on submitting.
+    fn submit_batch(&mut self, q: &mut dyn Queue<S>, session: &S, n: usize) -> anyhow::Result<bool> {
+        let now = Instant::now();
+        let mut batch = std::mem::take(&mut self.batch);
+        self.ids.clear();
+        for _ in 0..n {
+            let Some(slot) = self.free.pop() else { break };
+            let data = self.buffer(slot)?;
+            batch.push_back(self.request(session, slot, data, now));
+            self.ids.push(slot as u64);
+        }
+        // The last taken request's id, to wait for its Promoted if it was backlogged: the
+        // promotions come in order, so earlier backlogged ones are promoted by then.
+        let r = self.clock.time(|| q.submit_batch(&mut batch, true), |_| true);
+        let taken = r.accepted();
+        self.in_flight += taken;
+        if r.backlogged > 0 {
+            self.blocked = Some(self.ids[taken - 1]);
+            self.promoted += r.backlogged as u64;
+        }
+        // Untaken requests are handed back in reverse so that `seq` unwinds in order.
+        while let Some(req) = batch.pop_back() {
+            self.refused(req);
+        }
+        self.batch = batch;
+        match r.refused {
+            Some(SubmitErrorKind::Rejected(err)) => Err(err).context("submit refused"),
+            Some(SubmitErrorKind::Busy) => Ok(false),
+            None => Ok(taken > 0),
+        }
+    }
 }

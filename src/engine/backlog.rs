@@ -11,6 +11,9 @@
 //!   one `Promoted` before anything else is said about it, including when the move fails.
 //! * When the device fails, every backlogged request is promoted and then failed, so that no
 //!   caller waiting for `Promoted` waits forever.
+//! * A batch ([`Backlog::submit_batch`]) is the same rules applied to its requests in order,
+//!   under one lock: the ones that fit go to the ring, and once one does not, the rest of the
+//!   batch goes to the backlog behind it, in order; the first refused request ends the batch.
 //!
 //! This is the fix for the 2015 CAAM behaviour, where "busy" meant "dropped" and dm-crypt waited
 //! for a callback that never came.
@@ -46,6 +49,17 @@ pub enum Refused {
     Rejected(Error),
 }
 
+/// What [`Backlog::submit_batch`] did with a batch.
+#[derive(Debug)]
+pub struct BatchResult<T> {
+    /// Items placed on the ring (the first ones taken).
+    pub in_progress: usize,
+    /// Items backlogged after them.
+    pub backlogged: usize,
+    /// The item that ended the batch, and why; the source's later items were not taken.
+    pub refused: Option<(T, Refused)>,
+}
+
 /// The software backlog in front of a ring.
 #[derive(Debug)]
 pub struct Backlog<T> {
@@ -70,7 +84,7 @@ impl<T> Backlog<T> {
     }
 
     /// Submits `item`: to the ring, to the backlog, or back to the caller.
-    #[inline]
+    #[inline(always)]
     pub fn submit<R: Ring<T>>(
         &mut self,
         item: T,
@@ -89,6 +103,31 @@ impl<T> Backlog<T> {
         } else {
             Err((item, Refused::Busy))
         }
+    }
+
+    /// Submits the items of `items` in order, as [`submit`](Self::submit) would one by one,
+    /// until it runs out or an item is refused; nothing else can happen in between (the caller
+    /// holds the queue lock), so the accepted items are ring placements followed by backlogged
+    /// ones, never the reverse.
+    #[inline]
+    pub fn submit_batch<R: Ring<T>>(
+        &mut self,
+        items: impl Iterator<Item = T>,
+        may_backlog: bool,
+        ring: &mut R,
+    ) -> BatchResult<T> {
+        let mut out = BatchResult { in_progress: 0, backlogged: 0, refused: None };
+        for item in items {
+            match self.submit(item, may_backlog, ring) {
+                Ok(Submitted::InProgress) => out.in_progress += 1,
+                Ok(Submitted::Backlogged) => out.backlogged += 1,
+                Err(refused) => {
+                    out.refused = Some(refused);
+                    break;
+                }
+            }
+        }
+        out
     }
 
     /// Moves backlogged requests to the ring, oldest first, while it has room. Returns how many
@@ -167,6 +206,35 @@ mod tests {
         assert_eq!(b.promote(&mut ring, &mut log), 1);
         assert_eq!(log.0, ["P2"]);
         assert_eq!(ring.items, [2]);
+    }
+
+    #[test]
+    fn a_batch_that_half_fits_backlogs_the_rest_in_order() {
+        let mut ring = TestRing { cap: 2, items: vec![], reject: None };
+        let mut b = Backlog::new(3);
+        let mut source = 1..=7u32;
+        let r = b.submit_batch(&mut source, true, &mut ring);
+        // 1 and 2 fit, 3..5 fill the backlog, 6 is refused and ends the batch; 7 is untouched.
+        assert_eq!((r.in_progress, r.backlogged), (2, 3));
+        assert!(matches!(r.refused, Some((6, Refused::Busy))));
+        assert_eq!(source.next(), Some(7));
+        assert_eq!(ring.items, [1, 2]);
+        // Room again, but the backlog is older: a new batch queues behind it, never overtakes.
+        ring.items.clear();
+        let r = b.submit_batch([8u32].into_iter(), true, &mut ring);
+        assert_eq!((r.in_progress, r.backlogged), (0, 0));
+        assert!(matches!(r.refused, Some((8, Refused::Busy))), "backlog full");
+        let mut log = Log::default();
+        assert_eq!(b.promote(&mut ring, &mut log), 2);
+        assert_eq!(log.0, ["P3", "P4"]);
+        let r = b.submit_batch([9u32, 10].into_iter(), false, &mut ring);
+        assert_eq!((r.in_progress, r.backlogged), (0, 0), "a backlog exists: without backlog, busy");
+        assert!(matches!(r.refused, Some((9, Refused::Busy))));
+        let r = b.submit_batch([11u32, 12].into_iter(), true, &mut ring);
+        assert_eq!((r.in_progress, r.backlogged), (0, 2));
+        ring.items.clear();
+        b.promote(&mut ring, &mut log);
+        assert_eq!(log.0, ["P3", "P4", "P5", "P11"]);
     }
 
     #[test]

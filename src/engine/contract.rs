@@ -12,12 +12,18 @@
 //! arrival order (each rule is checked whichever of the two comes second), and it checks the
 //! ordering rules only between requests where one's `Backlogged` return happened before the
 //! other's submit began, which is the order the engine must respect.
+//!
+//! A batch submit ([`begin_batch`](ContractChecker::begin_batch),
+//! [`submitted_batch`](ContractChecker::submitted_batch)) is judged as its requests submitted in
+//! order: the counts must describe a prefix of the batch, and the backlogged requests of one
+//! batch must be promoted in batch order (their submits all begin before any returns, so the
+//! timing rule above cannot order them).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::{Event, SubmitError, SubmitErrorKind, Submitted};
+use super::{BatchSubmitted, Event, SubmitError, SubmitErrorKind, Submitted};
 
 #[derive(Debug, Default, Clone)]
 struct Track {
@@ -28,6 +34,8 @@ struct Track {
     promoted: Vec<u64>,
     completed: Vec<u64>,
     refused: bool,
+    /// The batch it was last submitted in, and its place there.
+    batch: Option<(u64, usize)>,
 }
 
 /// Counts and violations seen by a [`ContractChecker`].
@@ -53,6 +61,7 @@ pub struct ContractReport {
 #[derive(Debug, Default)]
 pub struct ContractChecker {
     clock: AtomicU64,
+    batches: AtomicU64,
     tracks: Mutex<HashMap<u64, Track>>,
     violations: Mutex<Vec<String>>,
 }
@@ -90,11 +99,61 @@ impl ContractChecker {
         track.submit_start = t;
         track.submit_return = None;
         track.refused = false;
+        track.batch = None;
         t
+    }
+
+    /// Call right before `submit_batch` with the ids of the batch's requests, in order, then
+    /// call [`submitted_batch`](Self::submitted_batch) with the same ids and the result.
+    pub fn begin_batch(&self, queue: usize, ids: &[u64]) {
+        let batch = self.batches.fetch_add(1, Ordering::Relaxed);
+        for (i, &id) in ids.iter().enumerate() {
+            self.begin_submit(queue, id);
+            let mut tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(t) = tracks.get_mut(&id) {
+                t.batch = Some((batch, i));
+            }
+        }
+    }
+
+    /// Call with a batch submit's result: the first `in_progress` ids went InProgress, the
+    /// next `backlogged` Backlogged, and the rest came back untouched (refused).
+    pub fn submitted_batch(&self, ids: &[u64], result: &BatchSubmitted) {
+        let accepted = result.in_progress + result.backlogged;
+        if accepted > ids.len() {
+            self.violation(format!("a batch of {} requests reported {accepted} accepted", ids.len()));
+        }
+        if accepted < ids.len() && result.refused.is_none() && result.backlogged == 0 {
+            self.violation(format!(
+                "a batch took {accepted} of {} requests without a refusal or a backlogged request",
+                ids.len()
+            ));
+        }
+        for (i, &id) in ids.iter().enumerate() {
+            let outcome = if i < result.in_progress {
+                Ok(Submitted::InProgress)
+            } else if i < accepted {
+                Ok(Submitted::Backlogged)
+            } else {
+                Err(result.refused.as_ref().map_or_else(|| "handed back".to_string(), kind))
+            };
+            self.settle(id, outcome);
+        }
     }
 
     /// Call with the submit's result.
     pub fn submitted<S>(&self, user_data: u64, result: &Result<Submitted, SubmitError<S>>) {
+        if let Err(e) = result {
+            if e.request.user_data != user_data {
+                self.violation(format!("request {user_data}: refused submit returned another request"));
+                return;
+            }
+        }
+        self.settle(user_data, result.as_ref().copied().map_err(|e| kind(&e.kind)));
+    }
+
+    /// Records a submit's outcome (`Err` carries the refusal's description).
+    fn settle(&self, user_data: u64, result: Result<Submitted, String>) {
         let t = self.tick();
         let mut tracks = self.tracks.lock().unwrap_or_else(|e| e.into_inner());
         let Some(track) = tracks.get_mut(&user_data) else {
@@ -105,7 +164,7 @@ impl ContractChecker {
         track.submit_return = Some(t);
         match result {
             Ok(s) => {
-                track.outcome = Some(*s);
+                track.outcome = Some(s);
                 // Events that came before this result, checked now that the result is known.
                 let problem = match s {
                     Submitted::InProgress if !track.promoted.is_empty() => {
@@ -121,20 +180,12 @@ impl ContractChecker {
                     self.violation(format!("request {user_data}: {p}"));
                 }
             }
-            Err(e) => {
+            Err(why) => {
                 track.refused = true;
                 let early = !track.promoted.is_empty() || !track.completed.is_empty();
-                if e.request.user_data != user_data {
-                    drop(tracks);
-                    self.violation(format!("request {user_data}: refused submit returned another request"));
-                    return;
-                }
                 if early {
                     drop(tracks);
-                    self.violation(format!(
-                        "request {user_data}: refused ({}) yet events were delivered",
-                        kind(&e.kind)
-                    ));
+                    self.violation(format!("request {user_data}: refused ({why}) yet events were delivered"));
                 }
             }
         }
@@ -191,6 +242,8 @@ impl ContractChecker {
         // Per queue: backlogged requests (submit return, first Promoted or never) and
         // in-progress ones (submit start, first completion).
         let mut overtaking: HashMap<usize, (Vec<Span>, Vec<Span>)> = HashMap::new();
+        // Per batch: (place in the batch, first Promoted) of its backlogged requests.
+        let mut batches: HashMap<u64, Vec<(usize, u64)>> = HashMap::new();
         for (&id, t) in tracks.iter() {
             r.promoted += t.promoted.len() as u64;
             r.completed += t.completed.len() as u64;
@@ -210,6 +263,9 @@ impl ContractChecker {
                     if let Some(ret) = t.submit_return {
                         let promoted = t.promoted.first().copied().unwrap_or(u64::MAX);
                         overtaking.entry(t.queue).or_default().0.push((ret, promoted));
+                    }
+                    if let (Some((b, i)), Some(&p)) = (t.batch, t.promoted.first()) {
+                        batches.entry(b).or_default().push((i, p));
                     }
                     if t.promoted.is_empty() {
                         r.violations.push(format!("request {id}: backlogged and never promoted"));
@@ -241,6 +297,14 @@ impl ContractChecker {
                     break;
                 }
                 max_start = max_start.max(start);
+            }
+        }
+        for (batch, mut list) in batches {
+            list.sort_unstable();
+            if list.windows(2).any(|w| w[1].1 < w[0].1) {
+                r.violations.push(format!(
+                    "batch {batch}: FIFO broken, its backlogged requests were promoted out of batch order"
+                ));
             }
         }
         for (queue, (mut backlogged, mut in_progress)) in overtaking {
@@ -344,6 +408,47 @@ mod tests {
         c.event(&Event::<()>::Promoted { user_data: 1 });
         c.event(&done(1));
         assert!(c.report().violations.is_empty(), "{:?}", c.report().violations);
+    }
+
+    #[test]
+    fn judges_a_batch_as_its_requests_in_order() {
+        let c = ContractChecker::new();
+        c.begin_batch(0, &[1, 2, 3, 4]);
+        let r = BatchSubmitted { in_progress: 1, backlogged: 2, refused: Some(SubmitErrorKind::Busy) };
+        c.submitted_batch(&[1, 2, 3, 4], &r);
+        c.event(&done(1));
+        c.event(&Event::<()>::Promoted { user_data: 3 });
+        c.event(&Event::<()>::Promoted { user_data: 2 });
+        c.event(&done(2));
+        c.event(&done(3));
+        let r = c.report();
+        assert_eq!((r.in_progress, r.backlogged, r.refused), (1, 2, 1));
+        let text = r.violations.join("\n");
+        assert!(text.contains("promoted out of batch order"), "{text}");
+        // A batch that ends after a Backlogged request hands the rest back; request 3 goes
+        // again in a batch of its own. In order, all is well.
+        let c = ContractChecker::new();
+        c.begin_batch(0, &[1, 2, 3]);
+        let r = BatchSubmitted { in_progress: 1, backlogged: 1, refused: None };
+        c.submitted_batch(&[1, 2, 3], &r);
+        c.begin_batch(0, &[3]);
+        c.submitted_batch(&[3], &BatchSubmitted { in_progress: 0, backlogged: 1, refused: None });
+        for e in [Event::<()>::Promoted { user_data: 2 }, Event::Promoted { user_data: 3 }] {
+            c.event(&e);
+        }
+        for id in 1..=3 {
+            c.event(&done(id));
+        }
+        assert!(c.report().violations.is_empty(), "{:?}", c.report().violations);
+        // Counts that cannot be true of the batch.
+        let c = ContractChecker::new();
+        c.begin_batch(0, &[1, 2]);
+        c.submitted_batch(&[1, 2], &BatchSubmitted { in_progress: 1, backlogged: 0, refused: None });
+        c.begin_batch(0, &[5]);
+        c.submitted_batch(&[5], &BatchSubmitted { in_progress: 2, backlogged: 0, refused: None });
+        let text = c.report().violations.join("\n");
+        assert!(text.contains("took 1 of 2 requests without a refusal"), "{text}");
+        assert!(text.contains("a batch of 1 requests reported 2 accepted"), "{text}");
     }
 
     #[test]

@@ -16,12 +16,16 @@ mod request;
 pub mod software;
 pub(crate) mod sync;
 
+use std::collections::VecDeque;
+use std::sync::Arc;
+
 use crypt_vfio_cores::{CipherCore, Mode};
 
-pub use delivery::{deliver_one, Delivery, EventSink, Outbox};
+pub use delivery::{deliver_one, deliver_runs, BatchSink, Delivery, EventSink, Outbox, Sink};
 pub use identity::EngineId;
 pub use request::{
-    Buf, BufMut, Completion, Direction, Event, Iv, Request, SubmitError, SubmitErrorKind, Submitted, TAG_LEN,
+    BatchSubmitted, Buf, BufMut, Completion, Direction, Event, Iv, Request, SubmitError, SubmitErrorKind,
+    Submitted, TAG_LEN,
 };
 
 use crate::error::{Error, Result};
@@ -52,6 +56,17 @@ pub trait Engine: Send + Sync {
         sink: EventSink<Self::Session>,
     ) -> Result<Box<dyn Queue<Self::Session>>>;
 
+    /// Opens a submission handle whose events go to `sink` in runs: every event a poll (or the
+    /// interrupt thread) has for this handle, in order, in one call. Engines that deliver one
+    /// event at a time hand the runs over one event long.
+    fn open_batch_queue(
+        &self,
+        index: usize,
+        sink: BatchSink<Self::Session>,
+    ) -> Result<Box<dyn Queue<Self::Session>>> {
+        self.open_queue(index, Arc::new(move |event| sink(&mut std::iter::once(event))))
+    }
+
     /// The largest `data` one request may carry.
     fn max_request_len(&self) -> usize;
 
@@ -75,6 +90,35 @@ pub trait Queue<S>: Send {
     /// ([`Submitted::Backlogged`]); without, a full ring refuses it with `Busy`. A refused
     /// request comes back whole in the error.
     fn submit(&mut self, request: Request<S>, may_backlog: bool) -> Result<Submitted, SubmitError<S>>;
+
+    /// Submits the requests at the front of `requests`, in order, taking each one it accepts
+    /// off the front, and stops at the first it refuses (which stays at the front, untouched,
+    /// with the others behind it). What happened to each taken request follows from the counts
+    /// in the result, exactly as if each had been given to [`submit`](Self::submit) in turn:
+    /// InProgress for the first ones, Backlogged for the rest once one did not fit. A call may
+    /// also end after a Backlogged request without a refusal, leaving the rest with the caller
+    /// (`refused` is `None` then). A device engine takes its queue lock once, publishes the ring
+    /// once and rings the doorbell at most once per call, and backlogs the whole rest of a batch
+    /// that half fits. The default submits one at a time and ends after the first Backlogged
+    /// (the backlog could drain before its next submit, which would then go InProgress).
+    fn submit_batch(&mut self, requests: &mut VecDeque<Request<S>>, may_backlog: bool) -> BatchSubmitted {
+        let mut out = BatchSubmitted::default();
+        while let Some(request) = requests.pop_front() {
+            match self.submit(request, may_backlog) {
+                Ok(Submitted::InProgress) => out.in_progress += 1,
+                Ok(Submitted::Backlogged) => {
+                    out.backlogged += 1;
+                    break;
+                }
+                Err(e) => {
+                    requests.push_front(e.request);
+                    out.refused = Some(e.kind);
+                    break;
+                }
+            }
+        }
+        out
+    }
 
     /// Reaps finished requests, promotes backlogged ones and delivers the resulting events to
     /// their callbacks. Returns how many events this call delivered. Engines that complete

@@ -202,6 +202,29 @@ pub enum Submitted {
     Backlogged,
 }
 
+/// What a batch submit did: the first `in_progress` requests taken went to the ring, the next
+/// `backlogged` to the backlog (each gets one [`Event::Promoted`], in this order, before its
+/// final completion). A batch never has an `InProgress` after a `Backlogged`: once a backlog
+/// exists, later requests queue behind it. Requests not taken stay with the caller, untouched
+/// and in order; `refused` says why the first of them was not taken (`None` when all were taken,
+/// or when the engine ended the batch after a Backlogged one).
+#[derive(Debug, Default)]
+pub struct BatchSubmitted {
+    /// Requests taken that went to the ring.
+    pub in_progress: usize,
+    /// Requests taken, after those, that went to the backlog.
+    pub backlogged: usize,
+    /// Why the batch stopped at a request it refused.
+    pub refused: Option<SubmitErrorKind>,
+}
+
+impl BatchSubmitted {
+    /// Requests the engine took (and now owns until their final completions).
+    pub fn accepted(&self) -> usize {
+        self.in_progress + self.backlogged
+    }
+}
+
 /// Why a submit refused a request.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitErrorKind {

@@ -7,6 +7,7 @@
 //! impossible, stops answering, or flags DEVICE_NEEDS_RESET is reset and every request on it is
 //! failed, promoted first where it was backlogged, so no caller is left waiting.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -24,8 +25,8 @@ use super::session::DeviceSession;
 use crate::dma::{DmaBuffer, DmaPool};
 use crate::engine::backlog::{self, Backlog, Refused, Ring};
 use crate::engine::{
-    validate_request, Buf, Completion, Delivery, Direction, Event, EventSink, Outbox, Queue, Request,
-    SubmitError, Submitted, TAG_LEN,
+    validate_request, BatchSink, BatchSubmitted, Buf, Completion, Delivery, Direction, Event, EventSink,
+    Queue, Request, SubmitError, SubmitErrorKind, Submitted, TAG_LEN,
 };
 use crate::error::{Error, Result};
 use crate::transport::EventNotifier;
@@ -33,24 +34,43 @@ use crate::virtio::{SplitQueue, VirtioPci};
 
 type Session = DeviceSession;
 
+/// Events with the callbacks they go to, in order (delivered in runs per callback).
+pub(crate) type Outbox = Vec<(BatchSink<Session>, Event<Session>)>;
+
 /// Polls (with requests in flight) between two watchdog checks.
 const WATCHDOG_EVERY: u32 = 64;
 
 /// A request the engine owns, with the callback its events go to.
 pub(crate) struct Pending {
     req: Request<Session>,
-    sink: EventSink<Session>,
+    sink: BatchSink<Session>,
 }
 
-#[derive(Default)]
+/// One ring slot. The request sits here, moved in once at placement and out once into the
+/// completion event; the device's answer is decoded from the slot memory in place.
 struct Slot {
-    pending: Option<Pending>,
+    req: Option<Request<Session>>,
+    sink: Option<BatchSink<Session>>,
     bounce: Option<DmaBuffer>,
     aad_bounce: Option<DmaBuffer>,
     bounced: bool,
     expect: u32,
     /// When the request went to the device: the watchdog times each request from here.
-    submitted: Option<Instant>,
+    submitted: Instant,
+}
+
+impl Slot {
+    fn new(now: Instant) -> Self {
+        Self {
+            req: None,
+            sink: None,
+            bounce: None,
+            aad_bounce: None,
+            bounced: false,
+            expect: 0,
+            submitted: now,
+        }
+    }
 }
 
 /// The device-facing half of a queue: rings, slots, bounce buffers.
@@ -64,12 +84,15 @@ struct RingState {
     in_flight: usize,
     /// The engine's device incarnation: only session ids of this one are sent.
     epoch: Arc<AtomicU64>,
+    /// When the current submission began: the watchdog's start for every request it places
+    /// (one clock read per batch, not per request).
+    stamp: Instant,
 }
 
 struct QueueState {
     ring: RingState,
     backlog: Backlog<Pending>,
-    outbox: Outbox<Session>,
+    outbox: Outbox,
     failed: bool,
     polls: u32,
 }
@@ -91,7 +114,7 @@ pub(crate) struct DataQueueShared {
 
 /// Where the backlog's promotions and failures go: the queue's outbox.
 struct ToOutbox<'a> {
-    outbox: &'a mut Outbox<Session>,
+    outbox: &'a mut Outbox,
     outstanding: &'a AtomicUsize,
 }
 
@@ -141,12 +164,13 @@ impl DataQueueShared {
         let ring = RingState {
             vq,
             slot_mem,
-            slots: (0..nslots).map(|_| Slot::default()).collect(),
+            slots: (0..nslots).map(|_| Slot::new(Instant::now())).collect(),
             free: (0..nslots as u16).rev().collect(),
             indirect: s.indirect,
             pool: pool.clone(),
             in_flight: 0,
             epoch: s.epoch,
+            stamp: Instant::now(),
         };
         let state = QueueState {
             ring,
@@ -187,7 +211,7 @@ impl DataQueueShared {
     fn submit(
         &self,
         req: Request<Session>,
-        sink: &EventSink<Session>,
+        sink: &BatchSink<Session>,
         may_backlog: bool,
     ) -> Result<Submitted, SubmitError<Session>> {
         let mode = req.session.mode;
@@ -206,6 +230,7 @@ impl DataQueueShared {
             return Err(SubmitError::rejected(req, self.health.error()));
         }
         let pending = Pending { req, sink: sink.clone() };
+        st.ring.stamp = Instant::now();
         match st.backlog.submit(pending, may_backlog, &mut st.ring) {
             Ok(s) => {
                 self.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -219,8 +244,84 @@ impl DataQueueShared {
         }
     }
 
+    /// Submits the front of `requests` under one lock with one ring publish (so at most one
+    /// doorbell): see [`Queue::submit_batch`]. `engine` is the engine the handle belongs to.
+    fn submit_batch(
+        &self,
+        requests: &mut VecDeque<Request<Session>>,
+        sink: &BatchSink<Session>,
+        may_backlog: bool,
+        engine: crate::engine::EngineId,
+    ) -> BatchSubmitted {
+        let mut out = BatchSubmitted::default();
+        if requests.is_empty() {
+            return out;
+        }
+        if self.health.is_failed() {
+            out.refused = Some(SubmitErrorKind::Rejected(self.health.error()));
+            return out;
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.failed {
+            drop(guard);
+            out.refused = Some(SubmitErrorKind::Rejected(self.health.error()));
+            return out;
+        }
+        st.ring.stamp = Instant::now();
+        // Requests are checked as they are taken: a bad one ends the batch where it stands.
+        let mut invalid = None;
+        let source = std::iter::from_fn(|| {
+            let req = requests.pop_front()?;
+            let checked = if req.session.engine != engine {
+                Err(Error::InvalidSession)
+            } else {
+                validate_request(
+                    req.session.mode,
+                    req.iv.as_slice(),
+                    req.aad.len(),
+                    req.data.len(),
+                    self.max_size,
+                )
+            };
+            match checked {
+                Ok(()) => Some(Pending { req, sink: sink.clone() }),
+                Err(e) => {
+                    invalid = Some((req, e));
+                    None
+                }
+            }
+        });
+        let r = st.backlog.submit_batch(source, may_backlog, &mut st.ring);
+        let accepted = r.in_progress + r.backlogged;
+        if accepted > 0 {
+            self.outstanding.fetch_add(accepted, Ordering::Relaxed);
+        }
+        if r.in_progress > 0 {
+            st.ring.vq.publish();
+        }
+        drop(guard);
+        out.in_progress = r.in_progress;
+        out.backlogged = r.backlogged;
+        match (r.refused, invalid) {
+            (Some((p, why)), _) => {
+                requests.push_front(p.req);
+                out.refused = Some(match why {
+                    Refused::Busy => SubmitErrorKind::Busy,
+                    Refused::Rejected(e) => SubmitErrorKind::Rejected(e),
+                });
+            }
+            (None, Some((req, e))) => {
+                requests.push_front(req);
+                out.refused = Some(SubmitErrorKind::Rejected(e));
+            }
+            (None, None) => {}
+        }
+        out
+    }
+
     /// Reaps, promotes and delivers. Returns the number of events this call delivered.
-    pub(crate) fn poll(&self, scratch: &mut Outbox<Session>) -> usize {
+    pub(crate) fn poll(&self, scratch: &mut Outbox) -> usize {
         {
             let mut guard = self.lock();
             self.reap(&mut guard);
@@ -243,17 +344,20 @@ impl DataQueueShared {
             ));
             return self.fail_locked(st);
         }
+        let mut done = 0;
         for _ in 0..n {
             let used = st.ring.vq.take_used();
             // The id must name a slot with a request in it: anything else is a device bug.
-            let Some((p, result)) = st.ring.slot_of(used.id).and_then(|i| st.ring.finish(i, used.len)) else {
+            let finished = st.ring.slot_of(used.id).and_then(|i| Some((i, st.ring.finish(i, used.len)?)));
+            let Some((i, result)) = finished else {
                 self.health.fail(format!(
                     "data queue {}: device returned descriptor {} which is not a request in flight",
                     self.index, used.id
                 ));
+                self.outstanding.fetch_sub(done, Ordering::Relaxed);
                 return self.fail_locked(st);
             };
-            self.outstanding.fetch_sub(1, Ordering::Relaxed);
+            done += 1;
             // An answer that cannot be true (no status, too few bytes) means the device may not
             // be done with the request, or lies about others: stop it before this request (or
             // the slot's buffers, reused by the next one) goes anywhere.
@@ -261,11 +365,19 @@ impl DataQueueShared {
                 Err(Error::DeviceFailed(why)) => Some(why.clone()),
                 _ => None,
             };
-            st.outbox.push((p.sink, Event::Completed(Completion { request: p.req, result })));
+            // Moved straight from the slot into the outbox (a slot holds both or neither).
+            let slot = &mut st.ring.slots[i];
+            if let (Some(request), Some(sink)) = (slot.req.take(), slot.sink.take()) {
+                st.outbox.push((sink, Event::Completed(Completion { request, result })));
+            }
             if let Some(why) = lie {
+                self.outstanding.fetch_sub(done, Ordering::Relaxed);
                 self.health.fail(format!("data queue {}: {why}", self.index));
                 return self.fail_locked(st);
             }
+        }
+        if done > 0 {
+            self.outstanding.fetch_sub(done, Ordering::Relaxed);
         }
         // Checked every few polls whether or not others complete: one request stuck behind a
         // stream of completions must be noticed too.
@@ -294,7 +406,7 @@ impl DataQueueShared {
         }
         // Each request is timed from its own submission: the oldest decides. (Timing from the
         // last completion would fail the first request after any idle spell.)
-        let oldest = st.ring.slots.iter().filter(|s| s.pending.is_some()).filter_map(|s| s.submitted).min();
+        let oldest = st.ring.slots.iter().filter(|s| s.req.is_some()).map(|s| s.submitted).min();
         let waited = oldest.map_or(Duration::ZERO, |t| t.elapsed());
         if waited > self.health.timeout {
             self.health.fail(format!(
@@ -311,11 +423,10 @@ impl DataQueueShared {
         st.failed = true;
         let reason = self.health.reason();
         for slot in &mut st.ring.slots {
-            slot.submitted = None;
-            if let Some(p) = slot.pending.take() {
+            if let (Some(request), Some(sink)) = (slot.req.take(), slot.sink.take()) {
                 self.outstanding.fetch_sub(1, Ordering::Relaxed);
                 let result = Err(Error::DeviceFailed(reason.clone()));
-                st.outbox.push((p.sink, Event::Completed(Completion { request: p.req, result })));
+                st.outbox.push((sink, Event::Completed(Completion { request, result })));
             }
         }
         st.ring.in_flight = 0;
@@ -327,7 +438,7 @@ impl DataQueueShared {
 
     /// Fails every request of the queue because the device failed (and was stopped), and
     /// delivers their completions.
-    pub(crate) fn fail_all(&self, scratch: &mut Outbox<Session>) {
+    pub(crate) fn fail_all(&self, scratch: &mut Outbox) {
         {
             let mut st = self.lock();
             if !st.failed {
@@ -365,7 +476,7 @@ impl DataQueueShared {
     }
 
     /// Fails the queue because the engine is closing.
-    pub(crate) fn close(&self, scratch: &mut Outbox<Session>) {
+    pub(crate) fn close(&self, scratch: &mut Outbox) {
         self.stop.store(true, Ordering::Release);
         if let Some(irq) = &self.irq {
             let _ = irq.signal();
@@ -422,15 +533,15 @@ impl RingState {
             }
             id / MAX_DESCS
         };
-        self.slots.get(i).filter(|s| s.pending.is_some()).map(|_| i)
+        self.slots.get(i).filter(|s| s.req.is_some()).map(|_| i)
     }
 
-    /// Takes slot `i`'s request back and decides its outcome from what the device wrote;
-    /// `None` if the slot holds no request.
-    fn finish(&mut self, i: usize, written: u32) -> Option<(Pending, Result<()>)> {
+    /// Decides the outcome of slot `i`'s request from what the device wrote, puts the result
+    /// into the request (still in the slot, for the caller to take) and frees the slot; `None`
+    /// if the slot holds no request.
+    fn finish(&mut self, i: usize, written: u32) -> Option<Result<()>> {
         let slot = self.slots.get_mut(i)?;
-        let mut p = slot.pending.take()?;
-        slot.submitted = None;
+        let req = slot.req.as_mut()?;
         self.free.push(i as u16);
         self.in_flight -= 1;
         let base = i * SLOT_STRIDE;
@@ -443,7 +554,7 @@ impl RingState {
                 slot.expect
             ))),
             status::BADMSG => Err(Error::AuthFailed),
-            status::NOTSUPP => Err(Error::NotSupported(format!("{} request", p.req.session.mode))),
+            status::NOTSUPP => Err(Error::NotSupported(format!("{} request", req.session.mode))),
             status::INVSESS => Err(Error::InvalidSession),
             status::NOSPC => Err(Error::NoSpace("device out of resources for the request".into())),
             0xff => Err(Error::DeviceFailed("device completed a request without writing its status".into())),
@@ -452,7 +563,6 @@ impl RingState {
             ))),
             s => Err(Error::DeviceError(s)),
         };
-        let req = &mut p.req;
         match &result {
             Ok(()) => {
                 if slot.bounced {
@@ -467,7 +577,7 @@ impl RingState {
             Err(Error::AuthFailed) => req.data.zeroize(),
             Err(_) => {}
         }
-        Some((p, result))
+        Some(result)
     }
 }
 
@@ -476,7 +586,9 @@ impl Ring<Pending> for RingState {
         !self.free.is_empty()
     }
 
-    #[inline]
+    // Inlined into the batch loop, so that the request is not copied once more into an
+    // argument slot on its way to the ring slot.
+    #[inline(always)]
     fn push(&mut self, p: Pending) -> Result<(), (Pending, Error)> {
         let Some(i) = self.free.pop() else {
             return Err((p, Error::InvalidRequest("ring full".into())));
@@ -484,10 +596,11 @@ impl Ring<Pending> for RingState {
         match self.place(usize::from(i), &p.req) {
             Ok((head, expect, bounced)) => {
                 let slot = &mut self.slots[usize::from(i)];
-                slot.pending = Some(p);
+                slot.req = Some(p.req);
+                slot.sink = Some(p.sink);
                 slot.expect = expect;
                 slot.bounced = bounced;
-                slot.submitted = Some(Instant::now());
+                slot.submitted = self.stamp;
                 self.vq.push_avail(head);
                 self.in_flight += 1;
                 Ok(())
@@ -592,15 +705,26 @@ impl RingState {
 /// A submitter's handle on a data queue.
 pub struct DeviceQueue {
     shared: Arc<DataQueueShared>,
-    sink: EventSink<Session>,
-    scratch: Outbox<Session>,
+    sink: BatchSink<Session>,
+    scratch: Outbox,
     engine: crate::engine::EngineId,
 }
 
 impl DeviceQueue {
+    /// A handle whose events go to `sink` one at a time.
     pub(crate) fn new(
         shared: Arc<DataQueueShared>,
         sink: EventSink<Session>,
+        engine: crate::engine::EngineId,
+    ) -> Self {
+        let sink: BatchSink<Session> = Arc::new(move |events| events.for_each(|e| sink(e)));
+        Self::batched(shared, sink, engine)
+    }
+
+    /// A handle whose events go to `sink` in runs.
+    pub(crate) fn batched(
+        shared: Arc<DataQueueShared>,
+        sink: BatchSink<Session>,
         engine: crate::engine::EngineId,
     ) -> Self {
         Self { shared, sink, scratch: Vec::new(), engine }
@@ -618,6 +742,14 @@ impl Queue<Session> for DeviceQueue {
             return Err(SubmitError::rejected(request, Error::InvalidSession));
         }
         self.shared.submit(request, &self.sink, may_backlog)
+    }
+
+    fn submit_batch(
+        &mut self,
+        requests: &mut VecDeque<Request<Session>>,
+        may_backlog: bool,
+    ) -> BatchSubmitted {
+        self.shared.submit_batch(requests, &self.sink, may_backlog, self.engine)
     }
 
     fn poll(&mut self) -> usize {

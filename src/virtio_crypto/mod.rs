@@ -30,7 +30,7 @@ use health::DeviceHealth;
 use session::SessionRegistry;
 
 use crate::dma::DmaPool;
-use crate::engine::{Buf, Direction, Engine, EventSink, Queue};
+use crate::engine::{BatchSink, Buf, Direction, Engine, EventSink, Queue};
 use crate::error::{Error, Result};
 use crate::transport::{EventNotifier, Transport};
 use crate::virtio::VirtioPci;
@@ -460,6 +460,16 @@ impl Engine for VirtioCrypto {
         let queues = &self.core.queues;
         let shared = queues[index % queues.len()].clone();
         Ok(Box::new(DeviceQueue::new(shared, sink, self.core.id)))
+    }
+
+    fn open_batch_queue(
+        &self,
+        index: usize,
+        sink: BatchSink<DeviceSession>,
+    ) -> Result<Box<dyn Queue<DeviceSession>>> {
+        let queues = &self.core.queues;
+        let shared = queues[index % queues.len()].clone();
+        Ok(Box::new(DeviceQueue::batched(shared, sink, self.core.id)))
     }
 
     fn max_request_len(&self) -> usize {
