@@ -223,6 +223,11 @@ impl Sysfs {
         self.path("sys/bus/pci/drivers").join(driver)
     }
 
+    /// The sysfs directory of the function at `bdf`, as VFIO opens functions by it.
+    pub fn device_path(&self, bdf: &Bdf) -> PathBuf {
+        self.device_dir(bdf)
+    }
+
     /// The VFIO group device node of `group`.
     pub fn group_node(&self, group: u32) -> PathBuf {
         self.path("dev/vfio").join(group.to_string())
