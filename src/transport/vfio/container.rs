@@ -227,6 +227,25 @@ fn open_error(sysfs: &Sysfs, e: VfioError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci_sysfs::tests::FakeSysfs;
+
+    #[test]
+    fn container_errors_say_what_to_do() {
+        let t = FakeSysfs::new("vfio-container-errors");
+        let s = t.sysfs();
+        let missing = || VfioError::OpenContainer(io::Error::from(io::ErrorKind::NotFound));
+        let e = open_error(&s, missing());
+        assert!(matches!(e, Error::NoVfio(_)) && e.to_string().contains("modprobe vfio-pci"), "{e}");
+        assert!(!e.to_string().contains("iommufd"), "{e}");
+        // A kernel with only the iommufd interface: say so rather than "load vfio-pci".
+        std::fs::create_dir_all(t.root.join("dev/vfio/devices")).unwrap();
+        assert!(open_error(&s, missing()).to_string().contains("only the iommufd device interface"));
+        let denied = VfioError::OpenContainer(io::Error::from(io::ErrorKind::PermissionDenied));
+        assert!(
+            matches!(open_error(&s, denied), Error::PermissionDenied { path, .. } if path.ends_with("dev/vfio/vfio"))
+        );
+        assert!(open_error(&s, VfioError::VfioExtension).to_string().contains("vfio_iommu_type1"));
+    }
 
     const G: u64 = 1 << 30;
 

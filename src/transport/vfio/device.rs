@@ -61,7 +61,9 @@ fn open_error(sysfs: &Sysfs, bdf: &Bdf, group: u32, e: VfioError) -> Error {
             }
             Some(libc::EACCES) | Some(libc::EPERM) => Error::vfio_permission(node.display().to_string()),
             Some(libc::EBUSY) => Error::Transport(format!(
-                "{} is busy: another process (another crypt-vfio, or a VM) holds IOMMU group {group}; stop it first",
+                "{} is busy: another process (another crypt-vfio, or a VM) holds IOMMU group {group}; stop it \
+                 first. Within one process, open the functions of a group in one container \
+                 (VfioTransport::open_in)",
                 node.display()
             )),
             _ => Error::os(format!("opening {}", node.display()), io),
@@ -165,4 +167,36 @@ pub(super) fn reset(device: &vfio_ioctls::VfioDevice) -> Result<bool> {
         return Err(Error::os("VFIO_DEVICE_RESET", e));
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci_sysfs::tests::FakeSysfs;
+
+    #[test]
+    fn group_errors_name_the_blockers_and_what_to_do() {
+        let t = FakeSysfs::new("vfio-group-errors");
+        t.function("0000:01:00.0", (0x1af4, 0x1054), Some("vfio-pci"), Some(7));
+        t.function("0000:01:00.1", (0x8086, 0x1234), Some("snd_hda_intel"), Some(7));
+        t.function("0000:01:00.2", (0x8086, 0x1235), Some("vfio-pci"), Some(7));
+        let s = t.sysfs();
+        let bdf: Bdf = "0000:01:00.0".parse().unwrap();
+        match open_error(&s, &bdf, 7, VfioError::GroupViable) {
+            Error::GroupNotViable { group: 7, blockers } => {
+                assert_eq!(blockers, "0000:01:00.1 (snd_hda_intel)")
+            }
+            e => panic!("not GroupNotViable: {e}"),
+        }
+        let os = |errno| VfioError::OpenGroup(io::Error::from_raw_os_error(errno), "7".into());
+        match open_error(&s, &bdf, 7, os(libc::EACCES)) {
+            Error::PermissionDenied { path, fix } => {
+                assert!(path.ends_with("dev/vfio/7"), "{path}");
+                assert!(fix.contains("ulimit -l"), "{fix}");
+            }
+            e => panic!("not PermissionDenied: {e}"),
+        }
+        assert!(open_error(&s, &bdf, 7, os(libc::EBUSY)).to_string().contains("holds IOMMU group 7"));
+        assert!(matches!(open_error(&s, &bdf, 7, os(libc::ENOENT)), Error::NoVfio(_)));
+    }
 }
