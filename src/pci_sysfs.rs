@@ -223,6 +223,11 @@ impl Sysfs {
         self.path("sys/bus/pci/drivers").join(driver)
     }
 
+    /// The sysfs directory of the function at `bdf`, as VFIO opens functions by it.
+    pub fn device_path(&self, bdf: &Bdf) -> PathBuf {
+        self.device_dir(bdf)
+    }
+
     /// The VFIO group device node of `group`.
     pub fn group_node(&self, group: u32) -> PathBuf {
         self.path("dev/vfio").join(group.to_string())
@@ -462,18 +467,19 @@ fn accessible(path: &Path) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::symlink;
 
     use super::*;
 
-    /// A sysfs-shaped tree in a temporary directory, removed on drop.
-    struct FakeSysfs {
-        root: PathBuf,
+    /// A sysfs-shaped tree in a temporary directory, removed on drop (also used by the VFIO
+    /// transport's tests of its messages).
+    pub(crate) struct FakeSysfs {
+        pub(crate) root: PathBuf,
     }
 
     impl FakeSysfs {
-        fn new(name: &str) -> Self {
+        pub(crate) fn new(name: &str) -> Self {
             let root = std::env::temp_dir().join(format!("crypt-vfio-sysfs-{name}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&root);
             for d in ["sys/bus/pci/devices", "sys/bus/pci/drivers", "sys/kernel/iommu_groups", "dev/vfio"] {
@@ -483,7 +489,7 @@ mod tests {
             Self { root }
         }
 
-        fn sysfs(&self) -> Sysfs {
+        pub(crate) fn sysfs(&self) -> Sysfs {
             Sysfs::at(&self.root)
         }
 
@@ -493,7 +499,7 @@ mod tests {
             fs::write(d.join("unbind"), "").unwrap();
         }
 
-        fn function(&self, bdf: &str, id: (u16, u16), driver: Option<&str>, group: Option<u32>) {
+        pub(crate) fn function(&self, bdf: &str, id: (u16, u16), driver: Option<&str>, group: Option<u32>) {
             let dir = self.root.join("sys/bus/pci/devices").join(bdf);
             fs::create_dir_all(&dir).unwrap();
             fs::write(dir.join("vendor"), format!("{:#06x}\n", id.0)).unwrap();

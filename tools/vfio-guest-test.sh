@@ -7,8 +7,11 @@
 # QEMU's virtio-crypto-pci device behind it. Inside the guest it lists, binds and shows the
 # device (and sees a bind refused for a second one whose IOMMU group a host driver shares), runs
 # the self-test (every algorithm and key size the device accepts, bit-exact against the software
-# implementation, in polling and interrupt mode, plus bad input), a short bench, and unbinds. It
-# prints one line
+# implementation, in polling and interrupt mode, plus bad input), a short bench, and unbinds. A
+# third function, in an IOMMU group of its own, is then opened beside the first in one VFIO
+# container by the library's guest test (src/transport/vfio/mod.rs, guest_tests, built as a
+# static test harness): both encrypt at once, bit-exact against software, then one leaves and
+# comes back while the other goes on. It prints one line
 #   vfio-guest-test: PASS (...)   or   vfio-guest-test: FAIL (reason)
 # and exits non-zero on failure, or when the guest did not boot or finish.
 #
@@ -32,6 +35,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$ROOT/target/vfio-guest
 TRIPLE=x86_64-unknown-linux-gnu
 BIN=$ROOT/target/$TRIPLE/release/crypt-vfio
+# The library's tests that need real functions (guest_tests), run in the guest.
+GUEST_TESTS=transport::vfio::guest_tests::functions_in_one_container_work_side_by_side_and_leave_one_by_one
 TIMEOUT=${VFIO_GUEST_TIMEOUT:-600}
 CORRUPT=${VFIO_GUEST_CORRUPT:-0}
 # The modules vfio-pci needs, in load order (busybox insmod resolves no dependencies).
@@ -189,6 +194,13 @@ say "building crypt-vfio statically (target/$TRIPLE)"
 (cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target $TRIPLE \
     --bin crypt-vfio >"$WORK/build.log" 2>&1) || { tail -30 "$WORK/build.log"; fail "cargo build of the static binary failed"; }
 ldd "$BIN" 2>&1 | grep -qE "not a dynamic executable|statically linked" || fail "$BIN is not statically linked"
+say "building the library's guest tests statically"
+(cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static" cargo test --release --locked --target $TRIPLE --lib \
+    --no-run --message-format=json >"$WORK/tests-build.json" 2>"$WORK/tests-build.log") ||
+    { tail -30 "$WORK/tests-build.log"; fail "cargo build of the static test harness failed"; }
+TESTBIN=$(grep -o '"executable":"[^"]*/deps/crypt_vfio-[^"]*"' "$WORK/tests-build.json" | tail -1 | cut -d'"' -f4)
+[ -x "$TESTBIN" ] || fail "cargo did not name the library's test harness (see $WORK/tests-build.json)"
+ldd "$TESTBIN" 2>&1 | grep -qE "not a dynamic executable|statically linked" || fail "$TESTBIN is not statically linked"
 
 # --- The initramfs ----------------------------------------------------------------------------
 INITRD=$WORK/initramfs
@@ -198,6 +210,9 @@ printf 'root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n' >"$INITRD/etc/
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$INITRD/etc/group"
 cp "$BUSYBOX" "$INITRD/bin/busybox"
 cp "$BIN" "$INITRD/bin/crypt-vfio"
+# The harness carries line tables; the guest needs none of them (nor the initramfs their size).
+cp "$TESTBIN" "$INITRD/bin/crypt-vfio-tests"
+if command -v strip >/dev/null; then strip "$INITRD/bin/crypt-vfio-tests"; fi
 cp "$KDIR"/modules/*.ko "$INITRD/lib/modules/"
 selftest_extra=""
 [ "$CORRUPT" = 1 ] && selftest_extra="--corrupt-one"
@@ -212,7 +227,7 @@ mount -t devtmpfs dev /dev
 # Huge pages make each DMA region physically contiguous. QEMU 7.2's virtio behind its emulated
 # IOMMU misreads a descriptor table that spans non-contiguous pages (a 1024-entry table is 16 KiB),
 # which real devices do not; userspace drivers use huge pages anyway.
-echo 64 >/proc/sys/vm/nr_hugepages
+echo 128 >/proc/sys/vm/nr_hugepages
 result=PASS
 reason=
 failed() {
@@ -228,7 +243,11 @@ step() {
     "\$@" >/tmp/out 2>&1
     rc=\$?
     cat /tmp/out
-    if [ \$rc = 0 ]; then
+    if [ \$rc = 0 ] && grep -q "Could not unbind VFIO group" /tmp/out; then
+        # vfio-ioctls could not take the group out of its container: the function was still
+        # held (a BAR mapping outliving the device, say), so the kernel could not have it back.
+        failed "\$name" "a VFIO group was not released on close"
+    elif [ \$rc = 0 ]; then
         echo "=== \$name: ok"
     else
         why=\$(grep -E "^selftest: FAIL|^crypt-vfio: " /tmp/out | head -1)
@@ -251,20 +270,22 @@ refused() {
 for m in $MODULES; do
     insmod /lib/modules/\$m.ko || failed insmod "insmod \$m failed"
 done
-# The device under test sits on the root bus; a second one shares its IOMMU group with a serial
-# port the host's driver holds (both behind a PCIe-to-PCI bridge), so binding it must be refused.
+# The device under test sits on the root bus, and so does a second one (each in an IOMMU group
+# of its own) that joins it in one container; a third shares its IOMMU group with a serial port
+# the host's driver holds (both behind a PCIe-to-PCI bridge), so binding it must be refused.
 BDF=
+BDF2=
 SHARED=
 for d in /sys/bus/pci/devices/*; do
     if [ "\$(cat \$d/vendor)" = 0x1af4 ] && [ "\$(cat \$d/device)" = 0x1054 ]; then
         case \${d##*/} in
-            0000:00:*) BDF=\${d##*/} ;;
+            0000:00:*) if [ -z "\$BDF" ]; then BDF=\${d##*/}; else BDF2=\${d##*/}; fi ;;
             *) SHARED=\${d##*/} ;;
         esac
     fi
 done
-if [ -z "\$BDF" ] || [ -z "\$SHARED" ]; then
-    failed find-devices "the guest lacks one of its two virtio-crypto functions (1af4:1054)"
+if [ -z "\$BDF" ] || [ -z "\$BDF2" ] || [ -z "\$SHARED" ]; then
+    failed find-devices "the guest lacks one of its three virtio-crypto functions (1af4:1054)"
 else
     step list crypt-vfio list
     refused wrong-address "no PCI function at 0000:00:1f.7" crypt-vfio info 0000:00:1f.7
@@ -288,6 +309,12 @@ else
     step bench-poll crypt-vfio bench --device \$BDF --alg aes-256-cbc --size 4096 --qd 16 --duration 1s
     step bench-irq crypt-vfio bench --device \$BDF --mode irq --alg aes-256-xts --size 65536 --qd 4 --duration 1s
     refused bench-unsupported "not supported" crypt-vfio bench --device \$BDF --alg aes-256-gcm --duration 1s
+    # Two functions of two IOMMU groups in one container, from the library's own test; the
+    # harness says "1 passed" only if the test ran (a wrong name would run none and succeed).
+    step bind-second crypt-vfio bind \$BDF2
+    step one-container sh -c "CRYPT_VFIO_GUEST_FUNCTIONS=\$BDF,\$BDF2 crypt-vfio-tests --ignored --exact \
+        --test-threads 1 --nocapture $GUEST_TESTS >/tmp/harness 2>&1; cat /tmp/harness; grep -q '1 passed' /tmp/harness"
+    step unbind-second crypt-vfio unbind \$BDF2
     step unbind crypt-vfio unbind \$BDF
     faults=\$(dmesg | grep -c "DMAR: \[DMA")
     if [ "\$faults" != 0 ]; then
@@ -314,6 +341,8 @@ timeout "$TIMEOUT" env LD_LIBRARY_PATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_
     -device intel-iommu,intremap=on,device-iotlb=off \
     -object cryptodev-backend-builtin,id=cryptodev0 \
     -device virtio-crypto-pci,id=crypto0,cryptodev=cryptodev0,iommu_platform=on,disable-legacy=on \
+    -object cryptodev-backend-builtin,id=cryptodev2 \
+    -device virtio-crypto-pci,id=crypto2,cryptodev=cryptodev2,iommu_platform=on,disable-legacy=on \
     -device pcie-pci-bridge,id=br0,bus=pcie.0 -object cryptodev-backend-builtin,id=cryptodev1 \
     -device virtio-crypto-pci,id=crypto1,cryptodev=cryptodev1,iommu_platform=on,disable-legacy=on,bus=br0,addr=1 \
     -device pci-serial,bus=br0,addr=2 \

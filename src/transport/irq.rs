@@ -28,6 +28,11 @@ impl EventNotifier {
         self.fd.as_raw_fd()
     }
 
+    /// The eventfd, for interfaces that take one (VFIO's interrupt routing).
+    pub(crate) fn event_fd(&self) -> &EventFd {
+        &self.fd
+    }
+
     /// A second descriptor for the same eventfd, for the party that signals it.
     pub fn dup(&self) -> Result<OwnedFd> {
         // SAFETY: the descriptor is owned by self.fd and open for the duration of this call.

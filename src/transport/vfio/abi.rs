@@ -1,11 +1,16 @@
-//! The VFIO ioctl numbers, and the one helper every variable-size query shares.
+//! The two VFIO requests `vfio-ioctls` does not make the way we need, and the capability-chain
+//! reader they share.
 //!
-//! `vfio-bindings` carries the kernel's structures and constants but not the request numbers
-//! (bindgen cannot expand `_IO()`), so they are spelled out here from the uapi's numbering:
-//! `_IO(VFIO_TYPE, VFIO_BASE + n)`.
+//! `vfio-ioctls` 0.10 never asks the IOMMU for its valid IOVA ranges (VFIO_IOMMU_GET_INFO and its
+//! capability chain): a VMM maps guest memory at guest-physical addresses it does not choose, so
+//! it has no use for them, while a driver that picks IOVAs must stay inside them. And its
+//! `VfioDevice::reset` drops the result of VFIO_DEVICE_RESET, where we must know whether the
+//! function was stopped before its DMA memory goes back. `vfio-bindings` carries the structures
+//! but not the request numbers (bindgen cannot expand `_IO()`), so these two are spelled out here
+//! from the uapi's numbering, `_IO(VFIO_TYPE, VFIO_BASE + n)`.
 
-use std::fs::File;
 use std::mem::size_of;
+use std::os::fd::AsRawFd;
 
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
 use vmm_sys_util::ioctl::ioctl_with_mut_ptr;
@@ -13,20 +18,8 @@ use vmm_sys_util::ioctl_io_nr;
 
 use crate::error::{Error, Result};
 
-ioctl_io_nr!(VFIO_GET_API_VERSION, VFIO_TYPE as u32, VFIO_BASE);
-ioctl_io_nr!(VFIO_CHECK_EXTENSION, VFIO_TYPE as u32, VFIO_BASE + 1);
-ioctl_io_nr!(VFIO_SET_IOMMU, VFIO_TYPE as u32, VFIO_BASE + 2);
-ioctl_io_nr!(VFIO_GROUP_GET_STATUS, VFIO_TYPE as u32, VFIO_BASE + 3);
-ioctl_io_nr!(VFIO_GROUP_SET_CONTAINER, VFIO_TYPE as u32, VFIO_BASE + 4);
-ioctl_io_nr!(VFIO_GROUP_GET_DEVICE_FD, VFIO_TYPE as u32, VFIO_BASE + 6);
-ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 7);
-ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, VFIO_TYPE as u32, VFIO_BASE + 8);
-ioctl_io_nr!(VFIO_DEVICE_GET_IRQ_INFO, VFIO_TYPE as u32, VFIO_BASE + 9);
-ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE as u32, VFIO_BASE + 10);
 ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE as u32, VFIO_BASE + 11);
 ioctl_io_nr!(VFIO_IOMMU_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 12);
-ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 13);
-ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 14);
 
 /// Largest info reply accepted: far above any real capability chain, small enough that a
 /// kernel (or a fake) asking for more cannot make us allocate without bound.
@@ -36,7 +29,7 @@ const MAX_INFO_SIZE: usize = 64 * 1024;
 /// when `argsz` leaves room for one: asks once with the bare structure, and again with the size
 /// the kernel asked for. Returns the structure and the whole reply.
 pub(super) fn query_with_caps<T: Copy>(
-    fd: &File,
+    fd: &impl AsRawFd,
     request: libc::c_ulong,
     init: T,
     what: &str,

@@ -1,145 +1,202 @@
-//! The VFIO device descriptor: what the function has (regions, interrupts), its reset, and the
-//! routing of its MSI-X vectors to eventfds.
+//! A function's VFIO device, opened through `vfio-ioctls`: what the function has (regions,
+//! interrupts), its reset, and the routing of its MSI-X vectors to eventfds.
+//!
+//! `vfio-ioctls` opens the group (checking viability), joins it to the container, gets the device
+//! descriptor, reads every region's and interrupt's description, and sets interrupts. Opening
+//! errors are turned here into ones that say what to do; the reset is our own request (see
+//! `abi.rs`) because the crate's drops its result.
 
-use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_info, vfio_irq_info, vfio_irq_set, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET,
-    VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
-    VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
-use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ptr};
+use vfio_ioctls::{VfioError, VfioOps, VfioRegionInfoCap};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::ioctl::ioctl;
 
 use super::abi;
+use super::container::{chain, VfioContainer};
 use super::region::RegionInfo;
 use crate::error::{Error, Result};
+use crate::pci_sysfs::{Bdf, Sysfs};
 
-/// An open VFIO PCI device.
-pub(super) struct VfioDevice {
-    fd: Arc<File>,
-    flags: u32,
-    num_regions: u32,
-    num_irqs: u32,
+/// Smallest config space of a PCI function.
+const CONFIG_MIN: u64 = 256;
+
+/// Opens the VFIO device of `bdf` in `container` (joining its group to the container unless
+/// another function of the group is already open there).
+pub(super) fn open(
+    sysfs: &Sysfs,
+    container: &VfioContainer,
+    bdf: &Bdf,
+    group: u32,
+) -> Result<Arc<vfio_ioctls::VfioDevice>> {
+    let ops: Arc<dyn VfioOps> = container.ops();
+    let device = vfio_ioctls::VfioDevice::new(&sysfs.device_path(bdf), ops, false)
+        .map_err(|e| open_error(sysfs, bdf, group, e))?;
+    // vfio-ioctls keeps the regions it could describe in a list and reaches them by position, so
+    // one that failed would shift the config region's place: check that index 7 is config space.
+    let config = VFIO_PCI_CONFIG_REGION_INDEX;
+    if device.get_region_size(config) < CONFIG_MIN
+        || device.get_region_flags(config) & VFIO_REGION_INFO_FLAG_READ == 0
+    {
+        return Err(Error::UnsupportedDevice(format!(
+            "{bdf}: VFIO describes no readable config space (region {config}: {} bytes)",
+            device.get_region_size(config)
+        )));
+    }
+    Ok(Arc::new(device))
 }
 
-impl VfioDevice {
-    /// Wraps a device descriptor and checks that it is a PCI device.
-    pub fn new(fd: File) -> Result<Self> {
-        let mut info =
-            vfio_device_info { argsz: std::mem::size_of::<vfio_device_info>() as u32, ..Default::default() };
-        // SAFETY: the kernel fills the structure, which lives across the call; argsz bounds it.
-        if unsafe { ioctl_with_mut_ref(&fd, abi::VFIO_DEVICE_GET_INFO(), &mut info) } < 0 {
-            return Err(Error::last_os("VFIO_DEVICE_GET_INFO"));
+/// What to tell the user when a function's group or device cannot be opened.
+fn open_error(sysfs: &Sysfs, bdf: &Bdf, group: u32, e: VfioError) -> Error {
+    let node = sysfs.group_node(group);
+    match e {
+        VfioError::OpenGroup(io, _) => match io.raw_os_error() {
+            Some(libc::ENOENT) => {
+                Error::NoVfio(format!("{} is missing although {bdf} is in group {group}", node.display()))
+            }
+            Some(libc::EACCES) | Some(libc::EPERM) => Error::vfio_permission(node.display().to_string()),
+            Some(libc::EBUSY) => Error::Transport(format!(
+                "{} is busy: another process (another crypt-vfio, or a VM) holds IOMMU group {group}; stop it \
+                 first. Within one process, open the functions of a group in one container \
+                 (VfioTransport::open_in)",
+                node.display()
+            )),
+            _ => Error::os(format!("opening {}", node.display()), io),
+        },
+        VfioError::GroupViable => {
+            let blockers = sysfs
+                .group_members(group)
+                .map(|m| {
+                    m.iter()
+                        .filter(|f| {
+                            f.bdf != *bdf && f.driver.as_deref().is_some_and(|d| d != crate::pci_sysfs::VFIO_PCI)
+                        })
+                        .map(|f| format!("{} ({})", f.bdf, f.driver_name()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            let blockers = if blockers.is_empty() { "functions of the group".to_string() } else { blockers };
+            Error::GroupNotViable { group, blockers }
         }
-        if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
-            return Err(Error::UnsupportedDevice("the VFIO device is not a PCI device".into()));
-        }
-        if info.num_regions <= VFIO_PCI_CONFIG_REGION_INDEX {
-            return Err(Error::UnsupportedDevice(format!(
-                "the VFIO device has {} regions, too few for a PCI function",
-                info.num_regions
-            )));
-        }
-        Ok(Self {
-            fd: Arc::new(fd),
-            flags: info.flags,
-            num_regions: info.num_regions,
-            num_irqs: info.num_irqs,
-        })
+        VfioError::VfioDeviceGetInfoPCI | VfioError::VfioDeviceGetInfoOther => Error::UnsupportedDevice(format!(
+            "{bdf}: the VFIO device is not a PCI function with config space and MSI-X ({})",
+            chain(&e)
+        )),
+        e => Error::Transport(format!("{bdf}: opening its VFIO device in IOMMU group {group}: {}", chain(&e))),
     }
+}
 
-    /// The descriptor, shared with the regions that read and map through it.
-    pub fn fd(&self) -> &Arc<File> {
-        &self.fd
+/// What the kernel said about region `index`, if the function has it.
+pub(super) fn region(device: &vfio_ioctls::VfioDevice, index: u32) -> RegionInfo {
+    let flags = device.get_region_flags(index);
+    let size = device.get_region_size(index);
+    let mut mmap = Vec::new();
+    if flags & VFIO_REGION_INFO_FLAG_MMAP != 0 {
+        let sparse = device.get_region_caps(index).into_iter().find_map(|c| match c {
+            VfioRegionInfoCap::SparseMmap(s) => Some(s.areas.iter().map(|a| (a.offset, a.size)).collect()),
+            _ => None,
+        });
+        mmap = sparse.unwrap_or_else(|| vec![(0, size)]);
+        // An area outside the region is the kernel's mistake; never map it.
+        mmap.retain(|&(o, l)| l > 0 && o.checked_add(l).is_some_and(|end| end <= size));
     }
-
-    /// What the kernel says about region `index`.
-    pub fn region(&self, index: u32) -> Result<RegionInfo> {
-        if index >= self.num_regions {
-            return Err(Error::Transport(format!("the device has no region {index}")));
-        }
-        RegionInfo::query(&self.fd, index)
+    RegionInfo {
+        index,
+        size,
+        offset: device.get_region_offset(index),
+        read: flags & VFIO_REGION_INFO_FLAG_READ != 0,
+        write: flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
+        mmap,
     }
+}
 
-    /// How many vectors interrupt `index` (INTx, MSI, MSI-X…) has, 0 if it cannot signal
-    /// eventfds.
-    pub fn irq_count(&self, index: u32) -> Result<u32> {
-        if index >= self.num_irqs {
-            return Ok(0);
-        }
-        let mut info =
-            vfio_irq_info { argsz: std::mem::size_of::<vfio_irq_info>() as u32, index, ..Default::default() };
-        // SAFETY: the kernel fills the structure, which lives across the call.
-        if unsafe { ioctl_with_mut_ref(&*self.fd, abi::VFIO_DEVICE_GET_IRQ_INFO(), &mut info) } < 0 {
-            return Err(Error::last_os(format!("VFIO_DEVICE_GET_IRQ_INFO {index}")));
-        }
-        Ok(if info.flags & VFIO_IRQ_INFO_EVENTFD != 0 { info.count } else { 0 })
+/// How many vectors interrupt `index` (INTx, MSI, MSI-X…) has, 0 if it cannot signal eventfds.
+pub(super) fn irq_count(device: &vfio_ioctls::VfioDevice, index: u32) -> u32 {
+    device.get_irq_info(index).filter(|i| i.flags & VFIO_IRQ_INFO_EVENTFD != 0).map_or(0, |i| i.count)
+}
+
+/// Routes vectors `0..fds.len()` of interrupt `index` to the eventfds, enabling the interrupt.
+pub(super) fn set_irq_eventfds(
+    device: &vfio_ioctls::VfioDevice,
+    index: u32,
+    fds: Vec<&EventFd>,
+) -> Result<()> {
+    let n = fds.len();
+    if n == 0 || irq_count(device, index) < n as u32 {
+        return Err(Error::Transport(format!(
+            "routing {n} vectors of interrupt {index}, which has {}",
+            irq_count(device, index)
+        )));
     }
+    // The crate's error names the step but not the kernel's reason; its checks of the vector
+    // count were made before the call, so a failure here is the ioctl's and errno is its.
+    device.enable_irq(index, fds).map_err(|e| {
+        Error::os(
+            format!("{e} (VFIO_DEVICE_SET_IRQS routing {n} vectors of interrupt {index})"),
+            io::Error::last_os_error(),
+        )
+    })
+}
 
-    /// Routes vectors `0..fds.len()` of interrupt `index` to the eventfds (-1 leaves a vector
-    /// unrouted), enabling the interrupt.
-    pub fn set_irq_eventfds(&self, index: u32, fds: &[i32]) -> Result<()> {
-        let header = std::mem::size_of::<vfio_irq_set>();
-        let len = header + std::mem::size_of_val(fds);
-        // u32 words: vfio_irq_set is five u32s followed by the descriptors.
-        let mut buf = vec![0u32; len.div_ceil(4)];
-        let set = vfio_irq_set {
-            argsz: len as u32,
-            flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-            index,
-            start: 0,
-            count: fds.len() as u32,
-            ..Default::default()
-        };
-        let p = buf.as_mut_ptr().cast::<u8>();
-        // SAFETY: the buffer is `len` bytes, 4-byte aligned like vfio_irq_set; the header goes
-        // first and the descriptors right after it, inside the buffer.
-        unsafe {
-            std::ptr::write(p.cast::<vfio_irq_set>(), set);
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr().cast::<u8>(),
-                p.add(header),
-                std::mem::size_of_val(fds),
-            );
-        }
-        // SAFETY: the kernel reads argsz bytes from the buffer, which is that long.
-        if unsafe { ioctl_with_ptr(&*self.fd, abi::VFIO_DEVICE_SET_IRQS(), p) } < 0 {
-            return Err(Error::os(
-                format!("VFIO_DEVICE_SET_IRQS routing {} vectors of interrupt {index}", fds.len()),
-                io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
-    }
+/// Disables interrupt `index` and disconnects its eventfds.
+pub(super) fn disable_irq(device: &vfio_ioctls::VfioDevice, index: u32) -> Result<()> {
+    device.disable_irq(index).map_err(|e| {
+        Error::os(
+            format!("{e} (VFIO_DEVICE_SET_IRQS disabling interrupt {index})"),
+            io::Error::last_os_error(),
+        )
+    })
+}
 
-    /// Disables interrupt `index` and disconnects its eventfds.
-    pub fn disable_irq(&self, index: u32) -> Result<()> {
-        let set = vfio_irq_set {
-            argsz: std::mem::size_of::<vfio_irq_set>() as u32,
-            flags: VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
-            index,
-            start: 0,
-            count: 0,
-            ..Default::default()
-        };
-        // SAFETY: the kernel reads the header-only structure.
-        if unsafe { ioctl_with_ptr(&*self.fd, abi::VFIO_DEVICE_SET_IRQS(), &set) } < 0 {
-            return Err(Error::last_os(format!("VFIO_DEVICE_SET_IRQS disabling interrupt {index}")));
-        }
-        Ok(())
-    }
-
-    /// Resets the function if the kernel can (FLR, PM or bus reset). Returns whether it did.
-    pub fn reset(&self) -> Result<bool> {
-        if self.flags & VFIO_DEVICE_FLAGS_RESET == 0 {
+/// Resets the function if the kernel can (FLR, PM or bus reset). Returns whether it did.
+pub(super) fn reset(device: &vfio_ioctls::VfioDevice) -> Result<bool> {
+    // SAFETY: an ioctl without argument on the device descriptor, which `device` keeps open.
+    if unsafe { ioctl(device, abi::VFIO_DEVICE_RESET()) } < 0 {
+        let e = io::Error::last_os_error();
+        // vfio-pci answers EINVAL when the function has no reset method; ENOTTY when the
+        // device is not one that resets at all.
+        if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTTY)) {
             return Ok(false);
         }
-        // SAFETY: an ioctl without argument on a descriptor we own.
-        if unsafe { ioctl(&*self.fd, abi::VFIO_DEVICE_RESET()) } < 0 {
-            return Err(Error::last_os("VFIO_DEVICE_RESET"));
+        return Err(Error::os("VFIO_DEVICE_RESET", e));
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci_sysfs::tests::FakeSysfs;
+
+    #[test]
+    fn group_errors_name_the_blockers_and_what_to_do() {
+        let t = FakeSysfs::new("vfio-group-errors");
+        t.function("0000:01:00.0", (0x1af4, 0x1054), Some("vfio-pci"), Some(7));
+        t.function("0000:01:00.1", (0x8086, 0x1234), Some("snd_hda_intel"), Some(7));
+        t.function("0000:01:00.2", (0x8086, 0x1235), Some("vfio-pci"), Some(7));
+        let s = t.sysfs();
+        let bdf: Bdf = "0000:01:00.0".parse().unwrap();
+        match open_error(&s, &bdf, 7, VfioError::GroupViable) {
+            Error::GroupNotViable { group: 7, blockers } => {
+                assert_eq!(blockers, "0000:01:00.1 (snd_hda_intel)")
+            }
+            e => panic!("not GroupNotViable: {e}"),
         }
-        Ok(true)
+        let os = |errno| VfioError::OpenGroup(io::Error::from_raw_os_error(errno), "7".into());
+        match open_error(&s, &bdf, 7, os(libc::EACCES)) {
+            Error::PermissionDenied { path, fix } => {
+                assert!(path.ends_with("dev/vfio/7"), "{path}");
+                assert!(fix.contains("ulimit -l"), "{fix}");
+            }
+            e => panic!("not PermissionDenied: {e}"),
+        }
+        assert!(open_error(&s, &bdf, 7, os(libc::EBUSY)).to_string().contains("holds IOMMU group 7"));
+        assert!(matches!(open_error(&s, &bdf, 7, os(libc::ENOENT)), Error::NoVfio(_)));
     }
 }

@@ -3,37 +3,42 @@
 //! Opening follows the kernel's VFIO model: a container (one IOMMU address space, type1v2), the
 //! function's group (which must be viable), and the device descriptor; then the function is reset
 //! and its memory decoding and bus mastering are turned on. BARs are mmapped where the kernel
-//! allows and otherwise reached with pread/pwrite; configuration space goes through the config
-//! region; DMA regions are mapped at IOVAs inside the ranges the IOMMU reports; MSI-X vectors are
-//! routed to eventfds. Closing resets the function again, so it never keeps DMAing into memory
-//! this process is about to give back.
+//! allows and otherwise reached through the descriptor; DMA regions are mapped at IOVAs inside the
+//! ranges the IOMMU reports; MSI-X vectors are routed to eventfds. Closing resets the function
+//! again and turns its bus mastering off, so it never keeps DMAing into memory this process is
+//! about to give back.
 //!
-//! This module is the only code that issues VFIO ioctls. The iommufd interface
-//! (`/dev/vfio/devices/vfioN`, `/dev/iommu`) is not driven yet: the kernels this was tested on
-//! (Debian 12's) do not build it, and opening explains that when it is the only interface there.
+//! The container, group, device and interrupt requests are rust-vmm's `vfio-ioctls`. What it
+//! lacks stays here, each with its reason in its module: BAR mmap with volatile accesses
+//! (`region.rs`), the IOMMU's valid IOVA ranges and their division between the functions of one
+//! container (`container.rs`), and a reset that reports failure (`device.rs`, `abi.rs`).
+//!
+//! Several functions can share one container ([`VfioTransport::open_in`]), from one IOMMU group
+//! or several: each gets its own IOVA window, and each can be closed while the others go on.
+//!
+//! The iommufd interface (`/dev/vfio/devices/vfioN`, `/dev/iommu`) is not driven yet: the kernels
+//! this was tested on (Debian 12's) do not build it, and opening explains that when it is the only
+//! interface there.
 
 mod abi;
 mod container;
 mod device;
-mod group;
 mod region;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crypt_vfio_spec::pci::{cfg, COMMAND_BUS_MASTER, COMMAND_MEMORY};
 use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{Bar, EventNotifier, Transport};
 use crate::dma::DmaRegion;
 use crate::error::{Error, Result};
 use crate::pci_sysfs::{Bdf, Sysfs};
-use container::Container;
-use device::VfioDevice;
-use group::Group;
+pub use container::VfioContainer;
 use region::{RegionInfo, VfioBar};
 
 /// Number of memory BARs of a type-0 PCI function.
@@ -42,54 +47,80 @@ const BARS: usize = 6;
 /// A PCI function bound to vfio-pci.
 pub struct VfioTransport {
     bdf: Bdf,
-    // Field order is drop order: the device descriptor goes before its group, and the group
-    // before the container it joined.
-    device: VfioDevice,
-    _group: Group,
-    container: Container,
+    device: Arc<vfio_ioctls::VfioDevice>,
+    container: Arc<VfioContainer>,
     config: RegionInfo,
     bars: Mutex<[Option<Arc<VfioBar>>; BARS]>,
+    /// This function's share of the container's IOVA space.
+    window: Range<u64>,
+    /// The valid IOVA ranges inside the window.
     iova: Vec<Range<u64>>,
     iommu_page: u64,
     msix: u16,
     /// Whether MSI-X is routed: the kernel refuses to disable what is not enabled.
     msix_enabled: AtomicBool,
+    /// Eventfds standing in for vectors the driver leaves unrouted (`vfio-ioctls` routes every
+    /// vector it enables to an eventfd); nobody waits on them.
+    msix_unrouted: Mutex<Vec<EventFd>>,
     /// Live DMA mappings by IOVA, holding their regions so the memory outlives the mapping.
     dma: Mutex<BTreeMap<u64, Arc<DmaRegion>>>,
 }
 
 impl VfioTransport {
-    /// Opens the function at `bdf`, which must be bound to vfio-pci. Each refusal says what to
-    /// do: wrong address, no IOMMU, not bound, group not viable, no permission.
+    /// Opens the function at `bdf`, which must be bound to vfio-pci, in a container of its own.
+    /// Each refusal says what to do: wrong address, no IOMMU, not bound, group not viable, no
+    /// permission.
     pub fn open(bdf: &Bdf) -> Result<Self> {
-        Self::open_in(&Sysfs::system(), bdf)
+        let sysfs = Sysfs::system();
+        check(&sysfs, bdf)?;
+        Self::open_with(&sysfs, &VfioContainer::open()?, bdf)
     }
 
-    fn open_in(sysfs: &Sysfs, bdf: &Bdf) -> Result<Self> {
-        let f = sysfs.function(bdf)?;
-        let group_id = f.iommu_group.ok_or_else(|| Error::NoIommu(bdf.to_string()))?;
-        if f.driver.as_deref() != Some(crate::pci_sysfs::VFIO_PCI) {
-            return Err(Error::WrongDriver { bdf: bdf.to_string(), driver: f.driver_name().to_string() });
+    /// Opens the function at `bdf` in `container`, beside the functions already open there (of
+    /// the same IOMMU group or of others). They share one IOMMU address space; each maps its DMA
+    /// memory in a window of its own.
+    pub fn open_in(container: &Arc<VfioContainer>, bdf: &Bdf) -> Result<Self> {
+        Self::open_with(&Sysfs::system(), container, bdf)
+    }
+
+    /// Opens every function of `bdfs` in one new container.
+    pub fn open_all(bdfs: &[Bdf]) -> Result<Vec<Self>> {
+        let sysfs = Sysfs::system();
+        for bdf in bdfs {
+            check(&sysfs, bdf)?;
         }
-        let container = Container::open(sysfs)?;
-        let group = Group::open(sysfs, group_id, bdf)?;
-        group.set_container(&container)?;
-        container.set_iommu()?;
-        let (iova, iommu_page) = container.iova_ranges()?;
-        let device = VfioDevice::new(group.device(bdf)?)?;
-        let config = device.region(VFIO_PCI_CONFIG_REGION_INDEX)?;
-        let msix = u16::try_from(device.irq_count(VFIO_PCI_MSIX_IRQ_INDEX)?).unwrap_or(u16::MAX);
+        let container = VfioContainer::open()?;
+        bdfs.iter().map(|bdf| Self::open_with(&sysfs, &container, bdf)).collect()
+    }
+
+    fn open_with(sysfs: &Sysfs, container: &Arc<VfioContainer>, bdf: &Bdf) -> Result<Self> {
+        let group = check(sysfs, bdf)?;
+        let device = device::open(sysfs, container, bdf, group)?;
+        // Asked after the group joined: the IOMMU is set only then, and each group's reserved
+        // regions narrow the ranges.
+        let (valid, iommu_page) = container.iova_ranges()?;
+        let window = container.take_window(&valid)?;
+        let iova = valid
+            .iter()
+            .filter_map(|r| {
+                let (start, end) = (r.start.max(window.start), r.end.min(window.end));
+                (start < end).then_some(start..end)
+            })
+            .collect();
+        let config = device::region(&device, VFIO_PCI_CONFIG_REGION_INDEX);
+        let msix = u16::try_from(device::irq_count(&device, VFIO_PCI_MSIX_IRQ_INDEX)).unwrap_or(u16::MAX);
         let t = Self {
             bdf: *bdf,
             device,
-            _group: group,
-            container,
+            container: container.clone(),
             config,
             bars: Mutex::default(),
+            window,
             iova,
             iommu_page,
             msix,
             msix_enabled: AtomicBool::new(false),
+            msix_unrouted: Mutex::default(),
             dma: Mutex::default(),
         };
         // A previous user may have left the function running (or DMAing): start from reset.
@@ -99,8 +130,8 @@ impl VfioTransport {
         let cmd = u16::from_le_bytes(cmd) | COMMAND_MEMORY | COMMAND_BUS_MASTER;
         t.write_config(cfg::COMMAND, &cmd.to_le_bytes())?;
         log::info!(
-            "{bdf}: VFIO group {group_id}, IOVA ranges {:x?}, IOMMU page {:#x}, {} MSI-X vectors",
-            t.iova,
+            "{bdf}: VFIO group {group}, IOVA window {:x?} of valid ranges {valid:x?}, IOMMU page {:#x}, {} MSI-X vectors",
+            t.window,
             t.iommu_page,
             t.msix
         );
@@ -112,11 +143,16 @@ impl VfioTransport {
         self.bdf
     }
 
+    /// The container the function was opened in, to open more functions beside it.
+    pub fn container(&self) -> &Arc<VfioContainer> {
+        &self.container
+    }
+
     fn dma(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<DmaRegion>>> {
         self.dma.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn config_access(&self, offset: u16, len: usize) -> Result<u64> {
+    fn config_access(&self, offset: u16, len: usize) -> Result<()> {
         let end = u64::from(offset) + len as u64;
         if end > self.config.size {
             return Err(Error::Transport(format!(
@@ -124,8 +160,19 @@ impl VfioTransport {
                 self.config.size
             )));
         }
-        Ok(self.config.offset + u64::from(offset))
+        Ok(())
     }
+}
+
+/// Checks what sysfs shows before VFIO is asked, so that the usual mistakes get their own
+/// message; returns the function's IOMMU group.
+fn check(sysfs: &Sysfs, bdf: &Bdf) -> Result<u32> {
+    let f = sysfs.function(bdf)?;
+    let group = f.iommu_group.ok_or_else(|| Error::NoIommu(bdf.to_string()))?;
+    if f.driver.as_deref() != Some(crate::pci_sysfs::VFIO_PCI) {
+        return Err(Error::WrongDriver { bdf: bdf.to_string(), driver: f.driver_name().to_string() });
+    }
+    Ok(group)
 }
 
 impl Transport for VfioTransport {
@@ -134,19 +181,18 @@ impl Transport for VfioTransport {
     }
 
     fn read_config(&self, offset: u16, data: &mut [u8]) -> Result<()> {
-        let at = self.config_access(offset, data.len())?;
-        self.device
-            .fd()
-            .read_exact_at(data, at)
-            .map_err(|e| Error::os(format!("{}: reading config space at {offset:#x}", self.bdf), e))
+        self.config_access(offset, data.len())?;
+        // vfio-ioctls logs a failed read and leaves the buffer alone: all ones is then what the
+        // caller sees, as from a function that no longer answers.
+        data.fill(0xff);
+        self.device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, data, u64::from(offset));
+        Ok(())
     }
 
     fn write_config(&self, offset: u16, data: &[u8]) -> Result<()> {
-        let at = self.config_access(offset, data.len())?;
-        self.device
-            .fd()
-            .write_all_at(data, at)
-            .map_err(|e| Error::os(format!("{}: writing config space at {offset:#x}", self.bdf), e))
+        self.config_access(offset, data.len())?;
+        self.device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, data, u64::from(offset));
+        Ok(())
     }
 
     fn bar(&self, index: u8) -> Result<Arc<dyn Bar>> {
@@ -158,11 +204,11 @@ impl Transport for VfioTransport {
         if let Some(b) = &bars[i] {
             return Ok(b.clone());
         }
-        let info = self.device.region(u32::from(index))?;
+        let info = device::region(&self.device, u32::from(index));
         if info.size == 0 {
             return Err(Error::Transport(format!("{}: BAR {index} is not implemented", self.bdf)));
         }
-        let bar = Arc::new(VfioBar::new(self.device.fd().clone(), info)?);
+        let bar = Arc::new(VfioBar::new(self.device.clone(), info)?);
         if !bar.is_mapped() {
             log::info!("{}: BAR {index} is not mmappable; register accesses go through the kernel", self.bdf);
         }
@@ -187,7 +233,7 @@ impl Transport for VfioTransport {
             .is_some_and(|end| self.iova.iter().any(|r| r.start <= iova && end <= r.end));
         if !fits {
             return Err(Error::Dma(format!(
-                "IOVA {iova:#x}+{len:#x} lies outside the IOMMU's valid ranges {:x?}",
+                "IOVA {iova:#x}+{len:#x} lies outside this function's valid ranges {:x?}",
                 self.iova
             )));
         }
@@ -199,7 +245,10 @@ impl Transport for VfioTransport {
         {
             return Err(Error::Dma(format!("IOVA {iova:#x}+{len:#x} overlaps a live mapping")));
         }
-        self.container.map(iova, region.as_ptr() as u64, len)?;
+        // SAFETY: the region stays allocated while it is in `dma` (until its unmap succeeded, or
+        // for good when that fails), and DmaRegion's memory is reached only through raw pointers
+        // and volatile copies.
+        unsafe { self.container.map(iova, region.as_ptr(), len)? };
         dma.insert(iova, region.clone());
         Ok(())
     }
@@ -229,8 +278,17 @@ impl Transport for VfioTransport {
                 self.msix
             )));
         }
-        let fds: Vec<i32> = notifiers.iter().map(|n| n.map_or(-1, |n| n.raw_fd())).collect();
-        self.device.set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, &fds)?;
+        let mut unrouted = self.msix_unrouted.lock().unwrap_or_else(|e| e.into_inner());
+        *unrouted = notifiers
+            .iter()
+            .filter(|n| n.is_none())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| Error::os("eventfd", e))?;
+        let mut spare = unrouted.iter();
+        let fds: Vec<&EventFd> =
+            notifiers.iter().filter_map(|n| n.map(|n| n.event_fd()).or_else(|| spare.next())).collect();
+        device::set_irq_eventfds(&self.device, VFIO_PCI_MSIX_IRQ_INDEX, fds)?;
         self.msix_enabled.store(true, Ordering::Release);
         Ok(())
     }
@@ -239,11 +297,13 @@ impl Transport for VfioTransport {
         if !self.msix_enabled.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        self.device.disable_irq(VFIO_PCI_MSIX_IRQ_INDEX)
+        device::disable_irq(&self.device, VFIO_PCI_MSIX_IRQ_INDEX)?;
+        self.msix_unrouted.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        Ok(())
     }
 
     fn reset(&self) -> Result<()> {
-        if !self.device.reset()? {
+        if !device::reset(&self.device)? {
             log::debug!(
                 "{}: the kernel cannot reset this function; relying on the virtio status reset",
                 self.bdf
@@ -268,10 +328,102 @@ impl Drop for VfioTransport {
             let _ = self.write_config(cfg::COMMAND, &cmd.to_le_bytes());
         }
         let dma = std::mem::take(&mut *self.dma());
+        let mut all_unmapped = true;
         for (iova, region) in dma {
             if let Err(e) = self.container.unmap(iova, region.len() as u64) {
-                log::warn!("{}: {e}", self.bdf);
+                log::warn!("{}: {e}; the memory is kept and the IOVA window never reused", self.bdf);
+                // The device may still reach it: the memory must never be freed or reused.
+                std::mem::forget(region);
+                all_unmapped = false;
             }
         }
+        if all_unmapped {
+            self.container.release_window(&self.window);
+        }
+    }
+}
+
+/// Run in a QEMU guest by tools/vfio-guest-test.sh, on real virtio-crypto functions behind a
+/// real vfio-pci and IOMMU; there is nothing to run them on elsewhere, so they are ignored.
+#[cfg(test)]
+mod guest_tests {
+    use futures::executor::block_on;
+
+    use super::*;
+    use crate::engine::async_api::AsyncQueue;
+    use crate::engine::software::SoftwareEngine;
+    use crate::engine::{Buf, Engine};
+    use crate::virtio_crypto::{DeviceOptions, VirtioCrypto};
+    use crate::{CoreKind, Mode};
+
+    /// The functions to use, from CRYPT_VFIO_GUEST_FUNCTIONS (comma-separated addresses).
+    fn functions() -> Vec<Bdf> {
+        let list = std::env::var("CRYPT_VFIO_GUEST_FUNCTIONS")
+            .expect("CRYPT_VFIO_GUEST_FUNCTIONS must name the functions bound to vfio-pci");
+        list.split(',').map(|s| s.parse().expect("a PCI address")).collect()
+    }
+
+    /// Encrypts the same data on `dev` and in software, with XTS and CBC; `seed` keeps the data
+    /// of two devices apart.
+    fn matches_software(dev: &VirtioCrypto, seed: u8) {
+        let sw = SoftwareEngine::new(CoreKind::Reference);
+        let (hq, sq) = (AsyncQueue::new(dev, 0, true).unwrap(), AsyncQueue::new(&sw, 0, true).unwrap());
+        for (mode, key_len) in [(Mode::Xts, 64), (Mode::Cbc, 32)] {
+            let key: Vec<u8> = (0..key_len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect();
+            let (hs, ss) = (dev.create_session(mode, &key).unwrap(), sw.create_session(mode, &key).unwrap());
+            for round in 0..8u8 {
+                let data: Vec<u8> = (0..65536).map(|i| (i as u8) ^ round ^ seed).collect();
+                let iv = [round ^ seed; 16];
+                let (on_device, _) =
+                    block_on(hq.encrypt(hs.clone(), &iv, &[], Buf::Host(data.clone()))).unwrap();
+                let (in_software, _) = block_on(sq.encrypt(ss.clone(), &iv, &[], Buf::Host(data))).unwrap();
+                assert!(
+                    on_device.as_slice() == in_software.as_slice(),
+                    "{}: {mode} round {round} differs from software",
+                    dev.describe()
+                );
+            }
+            dev.destroy_session(&hs).unwrap();
+        }
+    }
+
+    #[test]
+    #[ignore = "needs virtio-crypto functions bound to vfio-pci: run by tools/vfio-guest-test.sh"]
+    fn functions_in_one_container_work_side_by_side_and_leave_one_by_one() {
+        // vfio-ioctls reports trouble (a group it could not release) only in its log.
+        let _ = env_logger::builder().is_test(true).filter_level(log::LevelFilter::Warn).try_init();
+        let bdfs = functions();
+        assert!(bdfs.len() >= 2, "two functions or more are needed, got {bdfs:?}");
+        let container = VfioContainer::open().unwrap();
+        let opened: Vec<VfioTransport> =
+            bdfs.iter().map(|b| VfioTransport::open_in(&container, b).unwrap()).collect();
+        for (i, a) in opened.iter().enumerate() {
+            assert!(Arc::ptr_eq(a.container(), &container));
+            for b in &opened[i + 1..] {
+                assert!(a.window.end <= b.window.start || b.window.end <= a.window.start, "windows overlap");
+            }
+        }
+        let windows: Vec<Range<u64>> = opened.iter().map(|t| t.window.clone()).collect();
+        let mut devices: Vec<VirtioCrypto> = opened
+            .into_iter()
+            .map(|t| VirtioCrypto::open(Arc::new(t), &DeviceOptions::default()).unwrap())
+            .collect();
+        // All at once: each device DMAs into its own window of the one IOMMU address space.
+        std::thread::scope(|s| {
+            for (i, dev) in devices.iter().enumerate() {
+                s.spawn(move || matches_software(dev, i as u8));
+            }
+        });
+        // The first one leaves: its window goes back, the others go on.
+        drop(devices.remove(0));
+        assert_eq!(container.windows().len(), bdfs.len() - 1, "closing a function releases its IOVA window");
+        for (i, dev) in devices.iter().enumerate() {
+            matches_software(dev, 0x40 + i as u8);
+        }
+        // And comes back into the same container, beside them.
+        let back = VfioTransport::open_in(&container, &bdfs[0]).unwrap();
+        assert_eq!(back.window, windows[0], "the released window is the first free one");
+        let back = VirtioCrypto::open(Arc::new(back), &DeviceOptions::default()).unwrap();
+        matches_software(&back, 0x80);
     }
 }

@@ -1,16 +1,13 @@
 //! A device region (BAR or config space) reached through the device descriptor: mmapped where the
-//! kernel allows it, read and written with pread/pwrite on the descriptor everywhere else.
+//! kernel allows it, read and written through the kernel everywhere else.
+//!
+//! `vfio-ioctls` describes regions and reads and writes them with pread/pwrite, but maps none:
+//! a VMM hands BAR mappings to the hypervisor, not to its own code. A driver reads its registers
+//! at every request, so the mapping and its volatile, bounds-checked accesses live here.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use vfio_bindings::bindings::vfio::{
-    vfio_region_info, VFIO_REGION_INFO_CAP_SPARSE_MMAP, VFIO_REGION_INFO_FLAG_CAPS,
-    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
-};
-
-use super::abi::{self, cap_u32, cap_u64};
 use crate::error::Result;
 use crate::transport::Bar;
 
@@ -23,58 +20,12 @@ pub(super) struct RegionInfo {
     pub size: u64,
     /// Where the region starts in the device descriptor's offset space.
     pub offset: u64,
-    /// Readable and writable through the descriptor.
+    /// Readable through the descriptor.
     pub read: bool,
     /// Writable.
     pub write: bool,
     /// Parts that may be mmapped, as (offset, length) inside the region.
     pub mmap: Vec<(u64, u64)>,
-}
-
-impl RegionInfo {
-    /// Asks the kernel about region `index` of the device `fd`.
-    pub fn query(fd: &File, index: u32) -> Result<Self> {
-        let init = vfio_region_info { index, ..Default::default() };
-        let (info, reply) = abi::query_with_caps(
-            fd,
-            abi::VFIO_DEVICE_GET_REGION_INFO(),
-            init,
-            &format!("VFIO_DEVICE_GET_REGION_INFO {index}"),
-        )?;
-        let mut mmap = Vec::new();
-        if info.flags & VFIO_REGION_INFO_FLAG_MMAP != 0 {
-            let mut sparse = None;
-            if info.flags & VFIO_REGION_INFO_FLAG_CAPS != 0 {
-                let fixed = std::mem::size_of::<vfio_region_info>();
-                for cap in abi::capabilities(&reply, fixed, info.cap_offset) {
-                    if u32::from(cap.id) != VFIO_REGION_INFO_CAP_SPARSE_MMAP {
-                        continue;
-                    }
-                    // Header (8), nr_areas (4), reserved (4), then {offset, size} pairs.
-                    let n = cap_u32(cap.bytes, 8).unwrap_or(0) as usize;
-                    let mut areas = Vec::new();
-                    for i in 0..n {
-                        match (cap_u64(cap.bytes, 16, 2 * i), cap_u64(cap.bytes, 16, 2 * i + 1)) {
-                            (Some(o), Some(l)) => areas.push((o, l)),
-                            _ => break,
-                        }
-                    }
-                    sparse = Some(areas);
-                }
-            }
-            mmap = sparse.unwrap_or_else(|| vec![(0, info.size)]);
-            // An area outside the region is the kernel's mistake; never map it.
-            mmap.retain(|&(o, l)| l > 0 && o.checked_add(l).is_some_and(|end| end <= info.size));
-        }
-        Ok(Self {
-            index,
-            size: info.size,
-            offset: info.offset,
-            read: info.flags & VFIO_REGION_INFO_FLAG_READ != 0,
-            write: info.flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
-            mmap,
-        })
-    }
 }
 
 /// One mmapped part of a region.
@@ -100,20 +51,24 @@ impl Drop for Mapping {
 /// same width. Out-of-range reads give all ones and out-of-range writes are dropped, as
 /// [`Bar`] promises.
 pub(super) struct VfioBar {
-    device: Arc<File>,
-    info: RegionInfo,
+    // Field order is drop order: the mappings go first. A mapping holds the device file open in
+    // the kernel, so were the device (its last reference) closed before them, the kernel would
+    // not release the function and vfio-ioctls could not take its group out of the container.
     maps: Vec<Mapping>,
+    /// Keeps the descriptor the mappings come from open, and reaches the rest of the BAR.
+    device: Arc<vfio_ioctls::VfioDevice>,
+    info: RegionInfo,
 }
 
 // SAFETY: the mappings are device memory reached only through volatile accesses, which are
-// sound from any thread; the descriptor is a File (Send + Sync).
+// sound from any thread; the device is Send + Sync.
 unsafe impl Send for VfioBar {}
 // SAFETY: see Send: shared references only perform volatile accesses and pread/pwrite.
 unsafe impl Sync for VfioBar {}
 
 impl VfioBar {
     /// Maps what the kernel lets us map of `info`; the rest stays reachable through `device`.
-    pub fn new(device: Arc<File>, info: RegionInfo) -> Result<Self> {
+    pub fn new(device: Arc<vfio_ioctls::VfioDevice>, info: RegionInfo) -> Result<Self> {
         let mut maps = Vec::new();
         for &(off, len) in &info.mmap {
             let prot = if info.write { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
@@ -129,7 +84,7 @@ impl VfioBar {
                     len as usize,
                     prot,
                     libc::MAP_SHARED,
-                    std::os::fd::AsRawFd::as_raw_fd(&*device),
+                    device.as_raw_fd(),
                     file_off,
                 )
             };
@@ -150,7 +105,7 @@ impl VfioBar {
             info.size,
             maps.iter().map(|m| m.len).sum::<u64>()
         );
-        Ok(Self { device, info, maps })
+        Ok(Self { maps, device, info })
     }
 
     /// Whether any part of the BAR is mmapped.
@@ -173,16 +128,16 @@ impl VfioBar {
     }
 
     fn pread(&self, offset: u64, buf: &mut [u8]) {
-        if !self.info.read || self.device.read_exact_at(buf, self.info.offset + offset).is_err() {
-            buf.fill(0xff);
+        // A read that fails (vfio-ioctls logs it) leaves the all-ones of an unclaimed PCI read.
+        buf.fill(0xff);
+        if self.info.read {
+            self.device.region_read(self.info.index, buf, offset);
         }
     }
 
     fn pwrite(&self, offset: u64, buf: &[u8]) {
         if self.info.write {
-            if let Err(e) = self.device.write_all_at(buf, self.info.offset + offset) {
-                log::debug!("BAR {} write at {offset:#x} failed: {e}", self.info.index);
-            }
+            self.device.region_write(self.info.index, buf, offset);
         }
     }
 }
