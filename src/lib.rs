@@ -24,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod luks;
 pub mod nbd;
+mod open;
 pub mod pci_sysfs;
 pub mod transport;
 pub mod virtio;
@@ -31,4 +32,6 @@ pub mod virtio_crypto;
 pub mod volume;
 
 pub use crypt_vfio_cores::{CoreKind, Mode};
+pub use engine::{AnyEngine, AnySession, BlockingQueue};
 pub use error::{Error, Result};
+pub use open::{open, open_device, open_with, DeviceName, OpenOptions};

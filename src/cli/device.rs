@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use crypt_vfio::pci_sysfs::Bdf;
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTransport};
-use crypt_vfio::transport::vfio::VfioTransport;
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
+use crypt_vfio::DeviceName;
 use crypt_vfio::{CoreKind, Mode};
 use crypt_vfio_spec::crypto::{aead, cipher};
 
@@ -144,15 +143,9 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 }
 
 impl DeviceArgs {
-    /// The transport the arguments name: the emulated device, or the function at a PCI address
-    /// through VFIO.
-    pub fn transport(&self) -> anyhow::Result<Arc<dyn Transport>> {
-        if self.device != "emulated" {
-            let bdf: Bdf = self.device.parse()?;
-            // The library's errors already say what to do; no context to add.
-            return Ok(Arc::new(VfioTransport::open(&bdf)?));
-        }
-        let config = EmulatedConfig {
+    /// The emulated device the arguments describe.
+    fn emulated_config(&self) -> EmulatedConfig {
+        EmulatedConfig {
             data_queues: self.device_queues,
             max_queue_size: self.device_queue_size,
             workers: self.device_workers,
@@ -166,12 +159,34 @@ impl DeviceArgs {
                 .collect(),
             aead_algos: if self.device_algs.iter().any(|a| a == "gcm") { vec![aead::GCM] } else { vec![] },
             ..EmulatedConfig::default()
-        };
-        let t = Arc::new(EmulatedTransport::new(config).context("creating the emulated device")?);
-        for plan in &self.device_fault {
-            plan.schedule(&t, self.request_timeout)?;
         }
-        Ok(t)
+    }
+
+    /// The transport the arguments name: the emulated device, or the function at a PCI address
+    /// through VFIO (the library's [`DeviceName`] decides which).
+    pub fn transport(&self) -> anyhow::Result<Arc<dyn Transport>> {
+        let name: DeviceName = self.device.parse()?;
+        match name {
+            DeviceName::Software => bail!(
+                "`software` is the software engine, not a device: give `emulated` or a PCI address \
+                 (`bench --engine software` measures the software engine)"
+            ),
+            // Fault plans need the emulated device itself, to arm and disarm them.
+            DeviceName::Emulated if !self.device_fault.is_empty() => {
+                let t = Arc::new(
+                    EmulatedTransport::new(self.emulated_config()).context("creating the emulated device")?,
+                );
+                for plan in &self.device_fault {
+                    plan.schedule(&t, self.request_timeout)?;
+                }
+                Ok(t)
+            }
+            DeviceName::Emulated => {
+                name.transport(self.emulated_config()).context("creating the emulated device")
+            }
+            // The library's errors already say what to do; no context to add.
+            DeviceName::Pci(_) => Ok(name.transport(self.emulated_config())?),
+        }
     }
 
     /// Driver options from the arguments.

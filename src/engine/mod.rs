@@ -7,8 +7,10 @@
 //! crypto API with `CRYPTO_TFM_REQ_MAY_BACKLOG`; [`backlog`] implements it and
 //! [`contract::ContractChecker`] checks it from the outside.
 
+mod any;
 pub mod async_api;
 pub mod backlog;
+mod blocking;
 pub mod contract;
 mod delivery;
 mod identity;
@@ -18,6 +20,8 @@ pub(crate) mod sync;
 
 use crypt_vfio_cores::Mode;
 
+pub use any::{AnyEngine, AnySession};
+pub use blocking::{BlockingQueue, DEFAULT_WAIT};
 pub use delivery::{deliver_one, Delivery, EventSink, Outbox};
 pub use identity::EngineId;
 pub use request::{

@@ -17,6 +17,8 @@ pub mod luks2;
 pub mod raw_dump;
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -443,6 +445,49 @@ pub fn format<E: Engine>(
             Ok((key, h.volume_params()))
         }
     }
+}
+
+/// Creates a new LUKS image file at `path` with room for `data_len` bytes of data (a positive
+/// multiple of the sector size) and `passphrase` in key slot 0; returns where its data is.
+///
+/// An existing file is never overwritten ([`Error::Os`] with `AlreadyExists`); the new file is
+/// readable by its owner only, and removed again if formatting fails.
+pub fn create<E: Engine>(
+    engine: &E,
+    path: impl AsRef<Path>,
+    opts: &FormatOptions,
+    passphrase: &[u8],
+    data_len: u64,
+) -> Result<VolumeParams> {
+    let path = path.as_ref();
+    opts.check()?;
+    if data_len == 0 || data_len % u64::from(opts.sector_size) != 0 {
+        return Err(Error::InvalidVolume(format!(
+            "data length {data_len} is not a positive multiple of the sector size {}",
+            opts.sector_size
+        )));
+    }
+    let total = opts.data_offset().checked_add(data_len).ok_or_else(|| {
+        Error::InvalidVolume(format!("data length {data_len} does not fit after the LUKS header"))
+    })?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::os(format!("creating {}", path.display()), e))?;
+    let made = crate::volume::file::ensure_len(&file, total)
+        .and_then(|()| format(engine, &file, opts, passphrase, None))
+        .and_then(|(_key, params)| {
+            file.sync_all().map_err(|e| Error::os(format!("flushing {}", path.display()), e))?;
+            Ok(params)
+        });
+    if made.is_err() {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+    }
+    made
 }
 
 /// Opens the decrypted view of a LUKS image with `passphrase`.

@@ -297,6 +297,12 @@ impl VirtioCrypto {
         Ok(Self { core, threads, recovery: Some(recovery) })
     }
 
+    /// Whether completions are delivered by the engine's own threads (interrupt mode) rather
+    /// than by callers' [`Queue::poll`].
+    pub fn interrupts(&self) -> bool {
+        self.core.interrupts
+    }
+
     /// The device configuration read at start-up.
     pub fn info(&self) -> &DeviceInfo {
         &self.core.info

@@ -21,6 +21,7 @@ pub mod authenticated;
 pub mod block;
 pub mod cipher_spec;
 pub mod file;
+mod image;
 pub mod iv;
 pub mod pipeline;
 pub mod range_lock;
@@ -35,6 +36,7 @@ use zeroize::Zeroizing;
 pub use authenticated::AuthVolume;
 pub use block::BlockDevice;
 pub use cipher_spec::{CipherSpec, IvMode};
+pub use image::AnyVolume;
 pub use iv::IvGenerator;
 use pipeline::{CryptContext, CryptFuture, CryptOp, IvNumbering, LanePool};
 

@@ -1,0 +1,112 @@
+//! The entry points a newcomer uses: opening by name, the blocking queue, opening images by path.
+
+use std::sync::Arc;
+
+use crypt_vfio::engine::{Buf, Direction, Engine, Iv, Queue, Request, SubmitErrorKind};
+use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion};
+use crypt_vfio::volume::{AnyVolume, AuthVolume};
+use crypt_vfio::{BlockingQueue, DeviceName, Error, Mode};
+
+fn fast_luks(version: LuksVersion) -> FormatOptions {
+    let mut opts = FormatOptions::new(version);
+    opts.kdf = LuksKdfOptions::pbkdf2_iterations(1000);
+    opts
+}
+
+#[test]
+fn device_names_parse_and_bad_ones_say_what_is_expected() {
+    assert_eq!(" emulated ".parse::<DeviceName>().unwrap(), DeviceName::Emulated);
+    assert!(matches!("0000:00:04.0".parse::<DeviceName>().unwrap(), DeviceName::Pci(_)));
+    let e = crypt_vfio::open("emulatd").unwrap_err();
+    assert!(matches!(e, Error::InvalidAddress(_)), "{e:?}");
+    assert!(e.to_string().contains("is not a PCI address"), "{e}");
+    let e = DeviceName::Software.transport(Default::default()).err().expect("software has no transport");
+    assert!(matches!(e, Error::NotSupported(_)), "{e:?}");
+}
+
+#[test]
+fn a_session_of_the_other_engine_is_refused_with_its_request_back() {
+    let device = crypt_vfio::open("emulated").unwrap();
+    let software = crypt_vfio::open("software").unwrap();
+    let foreign = software.create_session(Mode::Ctr, &[3; 16]).unwrap();
+    assert!(matches!(device.destroy_session(&foreign), Err(Error::InvalidSession)));
+    let mut q: Box<dyn Queue<_>> = device.open_queue(0, Arc::new(|_| {})).unwrap();
+    let req = Request::new(foreign, Direction::Encrypt, Iv::from([0; 16]), Buf::Host(vec![9; 32]), 77);
+    let e = q.submit(req, true).expect_err("refused");
+    assert!(matches!(e.kind, SubmitErrorKind::Rejected(Error::InvalidSession)), "{:?}", e.kind);
+    assert_eq!(e.request.user_data, 77);
+    assert_eq!(e.request.data.as_slice().as_ref(), &[9; 32][..]);
+}
+
+#[test]
+fn blocking_queue_matches_the_software_engine_on_a_device_and_keeps_data_on_auth_failure() {
+    let device = crypt_vfio::open("emulated").unwrap();
+    let software = crypt_vfio::open("software").unwrap();
+    let (mut dq, mut sq) = (BlockingQueue::open(&device).unwrap(), BlockingQueue::open(&software).unwrap());
+    let key: Vec<u8> = (0..32).collect();
+    let (ds, ss) =
+        (device.create_session(Mode::Cbc, &key).unwrap(), software.create_session(Mode::Cbc, &key).unwrap());
+    let (mut a, mut b) = (vec![5u8; 4096], vec![5u8; 4096]);
+    dq.encrypt(&ds, &[1; 16], &mut a).unwrap();
+    sq.encrypt(&ss, &[1; 16], &mut b).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, vec![5u8; 4096]);
+
+    let gcm = device.create_session(Mode::Gcm, &key).unwrap();
+    let mut data = b"sealed".to_vec();
+    let tag = dq.seal(&gcm, &[2; 12], b"aad", &mut data).unwrap();
+    let ciphertext = data.clone();
+    let e = dq.open_sealed(&gcm, &[2; 12], b"other aad", &mut data, &tag).unwrap_err();
+    assert!(matches!(e, Error::AuthFailed), "{e:?}");
+    assert_eq!(data, ciphertext, "a failed check must not release anything");
+    let e = dq.encrypt(&ds, &[0; 17], &mut data).unwrap_err();
+    assert!(matches!(e, Error::InvalidRequest(_)), "{e:?}");
+}
+
+#[test]
+fn images_open_by_path_whatever_their_format() {
+    let engine = Arc::new(crypt_vfio::open("software").unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    for (name, version) in [("v1.img", LuksVersion::Luks1), ("v2.img", LuksVersion::Luks2)] {
+        let path = dir.path().join(name);
+        luks::create(&*engine, &path, &fast_luks(version), b"pw", 1 << 20).unwrap();
+        let e = luks::create(&*engine, &path, &fast_luks(version), b"pw", 1 << 20).unwrap_err();
+        assert!(
+            matches!(&e, Error::Os { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists),
+            "{e:?}"
+        );
+        let v = AnyVolume::open(engine.clone(), &path, b"pw", true).unwrap();
+        assert_eq!(v.size(), 1 << 20);
+        v.write_at(511, b"across a sector edge").unwrap();
+        drop(v);
+        let v = AnyVolume::open(engine.clone(), &path, b"pw", false).unwrap();
+        let mut back = [0u8; 20];
+        v.read_at(511, &mut back).unwrap();
+        assert_eq!(&back, b"across a sector edge");
+        assert!(matches!(
+            AnyVolume::open(engine.clone(), &path, b"nope", false),
+            Err(Error::WrongPassphrase)
+        ));
+    }
+
+    // A failed create leaves no file behind.
+    let bad = dir.path().join("bad.img");
+    let e = luks::create(&*engine, &bad, &fast_luks(LuksVersion::Luks1), b"pw", 1000).unwrap_err();
+    assert!(matches!(e, Error::InvalidVolume(_)), "{e:?}");
+    assert!(!bad.exists());
+
+    let auth = dir.path().join("auth.img");
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&auth).unwrap();
+    drop(AuthVolume::format(engine.clone(), file, &[4; 32], 512, 64 << 10).unwrap());
+    let v = AnyVolume::open(engine.clone(), &auth, &[4; 32], true).unwrap();
+    assert!(matches!(v, AnyVolume::Authenticated(_)));
+    v.write_at(100, b"tagged").unwrap();
+    let mut back = [0u8; 6];
+    v.read_at(100, &mut back).unwrap();
+    assert_eq!(&back, b"tagged");
+    assert!(matches!(AnyVolume::open(engine.clone(), &auth, &[5; 32], false), Err(Error::WrongKey)));
+
+    let junk = dir.path().join("junk.img");
+    std::fs::write(&junk, vec![0u8; 1 << 16]).unwrap();
+    assert!(matches!(AnyVolume::open(engine, &junk, b"pw", false), Err(Error::NotLuks(_))));
+}
