@@ -27,7 +27,7 @@ fn the_memory_view_outlives_its_pool_and_buffers_safely() {
     big.copy_from_slice(&[0xa5; 64]);
     small.copy_from_slice(&[0x3c; 256]);
     let (big_iova, small_iova) = (big.iova(), small.iova());
-    let mem = pool.memory();
+    let mem = crypt_vfio::testing::dma_memory(&pool);
     drop(big);
     drop(small);
     drop(pool);
@@ -62,7 +62,7 @@ fn buffers_are_read_and_written_by_copies() {
     assert_eq!(&b.to_vec()[..6], b"head\x07\x07");
     // What the device sees at the buffer's IOVA is what the copies wrote.
     let mut seen = [0u8; 6];
-    pool.memory().read_slice(&mut seen, GuestAddress(b.iova())).unwrap();
+    crypt_vfio::testing::dma_memory(&pool).read_slice(&mut seen, GuestAddress(b.iova())).unwrap();
     assert_eq!(&seen, b"head\x07\x07");
     b.fill(0);
     assert!(b.to_vec().iter().all(|&x| x == 0));

@@ -17,9 +17,9 @@ use crypt_vfio::engine::contract::{ContractChecker, ContractReport};
 use crypt_vfio::engine::{
     Buf, Completion, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted,
 };
+use crypt_vfio::testing::VirtioPci;
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTransport};
 use crypt_vfio::transport::Transport;
-use crypt_vfio::virtio::VirtioPci;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, DeviceSession, VirtioCrypto};
 use crypt_vfio::volume::{Volume, VolumeParams};
 use crypt_vfio::{CoreKind, Error, Mode};

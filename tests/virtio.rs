@@ -106,7 +106,7 @@ fn pool_buffers_are_visible_at_their_iova_through_the_vm_memory_view() {
     let mut b = pool.alloc(3 << 20).unwrap(); // larger than a region: a dedicated mapping
     a.as_mut_slice().copy_from_slice(&[0x5a; 100]);
     b.as_mut_slice()[..4].copy_from_slice(b"tail");
-    let mem = pool.memory();
+    let mem = crypt_vfio::testing::dma_memory(&pool);
     let mut back = [0u8; 100];
     mem.read_slice(&mut back, GuestAddress(a.iova())).unwrap();
     assert_eq!(back, [0x5a; 100]);
@@ -118,7 +118,7 @@ fn pool_buffers_are_visible_at_their_iova_through_the_vm_memory_view() {
     let (ia, ib) = (a.iova(), b.iova());
     drop(b);
     assert!(
-        pool.memory().read_slice(&mut tail, GuestAddress(ib)).is_err(),
+        crypt_vfio::testing::dma_memory(&pool).read_slice(&mut tail, GuestAddress(ib)).is_err(),
         "a dropped dedicated region is unmapped"
     );
     drop(a);

@@ -168,7 +168,7 @@ impl DmaPool {
     /// keeps those regions' host memory alive for as long as it exists (a region unmapped later,
     /// its buffer dropped, stays readable here but is no longer the device's), and reaches the
     /// bytes only with volatile copies.
-    pub fn memory(&self) -> DmaMemory {
+    pub(crate) fn memory(&self) -> DmaMemory {
         let st = self.state();
         DmaMemory {
             view: st.memory.clone(),
@@ -232,7 +232,7 @@ fn view_region(region: &DmaRegion, iova: u64) -> Result<Arc<GuestRegionMmap>> {
         .ok_or_else(|| Error::Dma(format!("IOVA {iova:#x} overflows the address space")))
 }
 
-/// A snapshot of a pool's mapped memory, addressed by IOVA (see [`DmaPool::memory`]).
+/// A snapshot of a pool's mapped memory, addressed by IOVA (see `DmaPool::memory`).
 ///
 /// Only byte copies go through it (the [`Bytes`] trait of `vm-memory`, volatile accesses): no
 /// reference into memory the device may write, and no handle that could outlive the regions,

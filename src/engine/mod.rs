@@ -4,15 +4,15 @@
 //! the caller's thread. Callers open one [`Queue`] per submitting thread and submit requests
 //! with or without backlog; events ([`Event::Promoted`] and the final completion) come back
 //! through the callback given when the queue was opened. The contract is that of the Linux
-//! crypto API with `CRYPTO_TFM_REQ_MAY_BACKLOG`; [`backlog`] implements it and
+//! crypto API with `CRYPTO_TFM_REQ_MAY_BACKLOG`; `backlog` implements it and
 //! [`contract::ContractChecker`] checks it from the outside.
 
 mod any;
 pub mod async_api;
-pub mod backlog;
+pub(crate) mod backlog;
 mod blocking;
 pub mod contract;
-mod delivery;
+pub(crate) mod delivery;
 mod identity;
 mod request;
 pub mod software;
@@ -22,8 +22,9 @@ use crypt_vfio_cores::Mode;
 
 pub use any::{AnyEngine, AnySession};
 pub use blocking::{BlockingQueue, DEFAULT_WAIT};
-pub use delivery::{deliver_one, Delivery, EventSink, Outbox};
-pub use identity::EngineId;
+pub use delivery::EventSink;
+pub(crate) use delivery::{deliver_one, Delivery, Outbox};
+pub(crate) use identity::EngineId;
 pub use request::{
     Buf, BufMut, Completion, Direction, Event, Iv, Request, SubmitError, SubmitErrorKind, Submitted, TAG_LEN,
 };

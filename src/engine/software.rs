@@ -54,7 +54,7 @@ impl SoftwareSession {
 }
 
 /// Runs `req` through `cipher` in place.
-pub fn run_cipher<S>(cipher: &dyn CipherCore, req: &mut Request<S>) -> Result<()> {
+pub(crate) fn run_cipher<S>(cipher: &dyn CipherCore, req: &mut Request<S>) -> Result<()> {
     let Request { direction, iv, aad, data, tag, .. } = req;
     let tag_slice: &mut [u8] = if cipher.mode().is_aead() { tag } else { &mut [] };
     match direction {

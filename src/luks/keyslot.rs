@@ -11,8 +11,9 @@ use super::af;
 use super::kdf::HashAlg;
 use crate::engine::{Direction, Engine};
 use crate::error::{Error, Result};
+use crate::volume::iv::IvGenerator;
 use crate::volume::pipeline::{CryptContext, CryptOp, IvNumbering, Lane};
-use crate::volume::{CipherSpec, IvGenerator, VolumeKey, DEFAULT_WATCHDOG};
+use crate::volume::{CipherSpec, VolumeKey, DEFAULT_WATCHDOG};
 
 /// Where a slot's material is and how it is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

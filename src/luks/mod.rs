@@ -8,9 +8,9 @@
 //! Changes are checked completely before anything is written, so a wrong passphrase, a corrupt
 //! header or a full set of key slots leaves the image as it was.
 
-pub mod af;
+pub(crate) mod af;
 pub mod kdf;
-pub mod keyslot;
+pub(crate) mod keyslot;
 pub mod lock;
 pub mod luks1;
 pub mod luks2;

@@ -2,13 +2,13 @@
 //!
 //! Everything specific to virtio-crypto lives here: its configuration, sessions on the control
 //! queue, and the layout of data requests. It reaches the device only through
-//! [`crate::virtio`] and [`crate::transport`], so a second device family would sit beside this
+//! `crate::virtio` and [`crate::transport`], so a second device family would sit beside this
 //! module without touching the layers under it.
 
 mod config;
 mod control;
 mod data_queue;
-pub mod health;
+mod health;
 mod layout;
 mod recovery;
 mod session;
@@ -21,11 +21,11 @@ use crypt_vfio_cores::Mode;
 use crypt_vfio_spec::pci::{feature, VIRTIO_CRYPTO_DEVICE_ID, VIRTIO_MSI_NO_VECTOR};
 
 pub use config::DeviceInfo;
-pub use data_queue::DeviceQueue;
+pub use health::{FAILURE_WINDOW, MAX_FAILURES};
 pub use session::DeviceSession;
 
 use control::ControlQueue;
-use data_queue::{DataQueueShared, QueueSetup};
+use data_queue::{DataQueueShared, DeviceQueue, QueueSetup};
 use health::DeviceHealth;
 use session::SessionRegistry;
 
@@ -70,7 +70,7 @@ pub struct DeviceOptions {
     /// Use EVENT_IDX notification suppression when the device offers it.
     pub event_idx: bool,
     /// Failures within a window after which the device is not recovered again (default
-    /// [`health::MAX_FAILURES`] within [`health::FAILURE_WINDOW`]).
+    /// [`MAX_FAILURES`] within [`FAILURE_WINDOW`]).
     pub failure_budget: (usize, Duration),
 }
 
@@ -94,7 +94,9 @@ impl Default for DeviceOptions {
 /// When the device fails (a request times out, it writes something impossible, a control
 /// request goes unanswered), every request on it completes with an error, the device is
 /// stopped, and a recovery thread resets and re-initialises it, re-creates the live sessions
-/// from the keys they hold, and lets new requests in again; see [`health`] for when it gives up.
+/// from the keys they hold, and lets new requests in again. It gives up after
+/// [`DeviceOptions::failure_budget`] failures in a window ([`MAX_FAILURES`] within
+/// [`FAILURE_WINDOW`] by default).
 pub struct VirtioCrypto {
     core: Arc<Core>,
     threads: Vec<JoinHandle<()>>,

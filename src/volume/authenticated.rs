@@ -16,7 +16,7 @@
 //! does not authenticate, so the next read of that sector fails naming it, and writing the
 //! sector again repairs it. Two writes to one sector at once would interleave the same way
 //! (the data of one with the tag of the other), so a write holds its sectors exclusively and a
-//! read holds them shared (see [`RangeLocks`]). Formatting writes every sector (sealed zeroes), so there is no
+//! read holds them shared (see `RangeLocks`). Formatting writes every sector (sealed zeroes), so there is no
 //! "never written" state an attacker could restore.
 
 use std::fs::File;

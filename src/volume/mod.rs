@@ -3,7 +3,7 @@
 //! A [`Volume`] is what dm-crypt calls a mapping: a cipher spec (`aes-xts-plain64`, ...), a
 //! volume key, a sector size (512 to 4096 bytes), a data offset into the backing storage and an
 //! IV offset. Reads and writes of any size and alignment are split into sector requests and
-//! pipelined through an [`Engine`] (see [`pipeline`]); unaligned writes read, patch and rewrite
+//! pipelined through an [`Engine`] (the `pipeline` module); unaligned writes read, patch and rewrite
 //! the sectors at their edges.
 //!
 //! [`block::BlockDevice`] is what the NBD server exports; [`file::FileBlockDevice`] exports an
@@ -13,7 +13,7 @@
 //! concurrent I/O takes a lane (a submission handle of its own on one of the engine's queues,
 //! chosen round-robin) from a pool, and returns it after; the pool grows to the number of I/Os
 //! that were ever concurrent, and no I/O waits for another's lane. Every write holds its
-//! sectors in [`range_lock::RangeLocks`] until it is on the file, so two writes into one sector
+//! sectors in range locks until it is on the file, so two writes into one sector
 //! (two partial ones, or a whole-sector write and a read-modify-write) cannot lose each
 //! other's update, while writes to other sectors go on in parallel.
 
@@ -22,9 +22,9 @@ pub mod block;
 pub mod cipher_spec;
 pub mod file;
 mod image;
-pub mod iv;
-pub mod pipeline;
-pub mod range_lock;
+pub(crate) mod iv;
+pub(crate) mod pipeline;
+pub(crate) mod range_lock;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -37,7 +37,7 @@ pub use authenticated::AuthVolume;
 pub use block::BlockDevice;
 pub use cipher_spec::{CipherSpec, IvMode};
 pub use image::AnyVolume;
-pub use iv::IvGenerator;
+use iv::IvGenerator;
 use pipeline::{CryptContext, CryptFuture, CryptOp, IvNumbering, LanePool};
 
 use crate::engine::{Direction, Engine};

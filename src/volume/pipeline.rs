@@ -101,11 +101,6 @@ impl<S: Send + 'static> Lane<S> {
         }
     }
 
-    /// Whether the lane lost requests to a misbehaving engine and must not be reused.
-    pub fn is_poisoned(&self) -> bool {
-        self.poisoned
-    }
-
     fn buffer<E: Engine<Session = S>>(&mut self, engine: &E) -> Result<Buf> {
         match self.free.pop() {
             Some(b) => Ok(b),
