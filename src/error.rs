@@ -18,12 +18,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// Device-visible memory could not be allocated or mapped.
-    #[error("DMA memory: {0}")]
-    Dma(String),
-    /// The transport (VFIO or the emulated device) refused an access or an operation.
-    #[error("transport: {0}")]
-    Transport(String),
     /// The PCI function is not a device this driver can run.
     #[error("unsupported device: {0}")]
     UnsupportedDevice(String),
@@ -76,52 +70,6 @@ pub enum Error {
     /// The device reported a failure for this request.
     #[error("device reported an error (status {0})")]
     DeviceError(u8),
-    /// The text given as a PCI address is not one.
-    #[error("`{0}` is not a PCI address: expected DDDD:BB:DD.F or BB:DD.F, e.g. 0000:00:02.0")]
-    InvalidAddress(String),
-    /// No PCI function exists at the address.
-    #[error("no PCI function at {0}: check the address with `crypt-vfio list` (or lspci -D)")]
-    NoSuchDevice(String),
-    /// The function has no IOMMU group: the kernel runs without an IOMMU, so VFIO cannot
-    /// protect memory from the device.
-    #[error(
-        "{0} has no IOMMU group: the IOMMU is off. Enable it on the kernel command line \
-         (intel_iommu=on on Intel, amd_iommu=on on AMD; check that VT-d/AMD-Vi is on in the firmware) and reboot"
-    )]
-    NoIommu(String),
-    /// The kernel offers no VFIO for PCI.
-    #[error("VFIO is not available: {0}. Load it with `modprobe vfio-pci` (as root)")]
-    NoVfio(String),
-    /// The caller may not use a file the driver needs.
-    #[error("permission denied on {path}: {fix}")]
-    PermissionDenied {
-        /// The file.
-        path: String,
-        /// What to do about it.
-        fix: String,
-    },
-    /// The function is bound to another driver than vfio-pci.
-    #[error(
-        "{bdf} is not bound to vfio-pci (its driver: {driver}): run `crypt-vfio bind {bdf}` (as root) first"
-    )]
-    WrongDriver {
-        /// The function.
-        bdf: String,
-        /// Its current driver (`no driver` when unbound).
-        driver: String,
-    },
-    /// Other functions in the IOMMU group are still used by host drivers, so the kernel will not
-    /// hand the group to userspace.
-    #[error(
-        "IOMMU group {group} is not viable: {blockers} still bound to host drivers; unbind them or \
-         bind them to vfio-pci too (the whole group goes to userspace together)"
-    )]
-    GroupNotViable {
-        /// The group number.
-        group: u32,
-        /// The functions in the way, with their drivers (`0000:00:1f.3 (snd_hda_intel)`).
-        blockers: String,
-    },
     /// A block device access falls outside the device.
     #[error("{len} bytes at offset {offset} fall outside the device of {size} bytes")]
     OutOfRange {
@@ -224,6 +172,67 @@ pub enum Error {
     /// LUKS2 reencryption in progress): the image is not corrupt, it needs another tool.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// VFIO or the emulated transport failed: see [`VfioError`].
+    #[error(transparent)]
+    Vfio(#[from] VfioError),
+}
+
+/// The platform around the device: VFIO, sysfs, the IOMMU, device-visible memory and the
+/// transport's accesses.
+#[derive(Debug, thiserror::Error)]
+pub enum VfioError {
+    /// Device-visible memory could not be allocated or mapped.
+    #[error("DMA memory: {0}")]
+    Dma(String),
+    /// The transport (VFIO or the emulated device) refused an access or an operation.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The text given as a PCI address is not one.
+    #[error("`{0}` is not a PCI address: expected DDDD:BB:DD.F or BB:DD.F, e.g. 0000:00:02.0")]
+    InvalidAddress(String),
+    /// No PCI function exists at the address.
+    #[error("no PCI function at {0}: check the address with `crypt-vfio list` (or lspci -D)")]
+    NoSuchDevice(String),
+    /// The function has no IOMMU group: the kernel runs without an IOMMU, so VFIO cannot
+    /// protect memory from the device.
+    #[error(
+        "{0} has no IOMMU group: the IOMMU is off. Enable it on the kernel command line \
+         (intel_iommu=on on Intel, amd_iommu=on on AMD; check that VT-d/AMD-Vi is on in the firmware) and reboot"
+    )]
+    NoIommu(String),
+    /// The kernel offers no VFIO for PCI.
+    #[error("VFIO is not available: {0}. Load it with `modprobe vfio-pci` (as root)")]
+    NoVfio(String),
+    /// The caller may not use a file the driver needs.
+    #[error("permission denied on {path}: {fix}")]
+    PermissionDenied {
+        /// The file.
+        path: String,
+        /// What to do about it.
+        fix: String,
+    },
+    /// The function is bound to another driver than vfio-pci.
+    #[error(
+        "{bdf} is not bound to vfio-pci (its driver: {driver}): run `crypt-vfio bind {bdf}` (as root) first"
+    )]
+    WrongDriver {
+        /// The function.
+        bdf: String,
+        /// Its current driver (`no driver` when unbound).
+        driver: String,
+    },
+    /// Other functions in the IOMMU group are still used by host drivers, so the kernel will not
+    /// hand the group to userspace.
+    #[error(
+        "IOMMU group {group} is not viable: {blockers} still bound to host drivers; unbind them or \
+         bind them to vfio-pci too (the whole group goes to userspace together)"
+    )]
+    GroupNotViable {
+        /// The group number.
+        group: u32,
+        /// The functions in the way, with their drivers (`0000:00:1f.3 (snd_hda_intel)`).
+        blockers: String,
+    },
 }
 
 impl Error {
@@ -234,7 +243,7 @@ impl Error {
             "run as root, or give your user the VFIO device files (e.g. chown $USER {path}) and a locked-memory \
              limit (ulimit -l) large enough for the DMA memory"
         );
-        Error::PermissionDenied { path, fix }
+        VfioError::PermissionDenied { path, fix }.into()
     }
 
     /// Wraps an OS error with what was being attempted.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crypt_vfio::engine::{Buf, Direction, Engine, Iv, Queue, Request, SubmitErrorKind};
 use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion};
 use crypt_vfio::volume::{AnyVolume, AuthVolume};
-use crypt_vfio::{BlockingQueue, DeviceName, Error, Mode};
+use crypt_vfio::{BlockingQueue, DeviceName, Error, Mode, VfioError};
 
 fn fast_luks(version: LuksVersion) -> FormatOptions {
     let mut opts = FormatOptions::new(version);
@@ -18,7 +18,7 @@ fn device_names_parse_and_bad_ones_say_what_is_expected() {
     assert_eq!(" emulated ".parse::<DeviceName>().unwrap(), DeviceName::Emulated);
     assert!(matches!("0000:00:04.0".parse::<DeviceName>().unwrap(), DeviceName::Pci(_)));
     let e = crypt_vfio::open("emulatd").unwrap_err();
-    assert!(matches!(e, Error::InvalidAddress(_)), "{e:?}");
+    assert!(matches!(e, Error::Vfio(VfioError::InvalidAddress(_))), "{e:?}");
     assert!(e.to_string().contains("is not a PCI address"), "{e}");
     let e = DeviceName::Software.transport(Default::default()).err().expect("software has no transport");
     assert!(matches!(e, Error::NotSupported(_)), "{e:?}");

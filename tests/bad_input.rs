@@ -7,7 +7,7 @@ use crypt_vfio::engine::software::SoftwareEngine;
 use crypt_vfio::engine::{Buf, Direction, Engine, Iv, Request, SubmitErrorKind};
 use crypt_vfio::transport::emulated::EmulatedConfig;
 use crypt_vfio::virtio_crypto::DeviceOptions;
-use crypt_vfio::{CoreKind, Error, Mode};
+use crypt_vfio::{CoreKind, Error, Mode, VfioError};
 use crypt_vfio_spec::crypto::cipher;
 
 const KEY: [u8; 32] = [9; 32];
@@ -119,7 +119,7 @@ fn a_buffer_not_mapped_for_the_device_is_refused() {
     let req = Request::new(s, Direction::Encrypt, Iv::from([0; 16]), foreign, 1);
     let e = q.try_submit(req).unwrap_err();
     assert!(
-        matches!(e.kind, SubmitErrorKind::Rejected(Error::Dma(ref m)) if m.contains("not mapped")),
+        matches!(e.kind, SubmitErrorKind::Rejected(Error::Vfio(VfioError::Dma(ref m))) if m.contains("not mapped")),
         "{:?}",
         e.kind
     );

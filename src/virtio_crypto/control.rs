@@ -23,7 +23,7 @@ use vm_memory::Bytes;
 use super::config::wire_algo;
 use crate::dma::{DmaBuffer, DmaPool};
 use crate::engine::Direction;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 use crate::virtio::{SplitQueue, VirtioPci};
 
 const KEY_OFF: usize = crypto::CTRL_REQ_SIZE;
@@ -117,7 +117,7 @@ impl ControlQueue {
         let result = if wrote {
             self.exchange(KEY_OFF + key.len(), crypto::SESSION_INPUT_SIZE)
         } else {
-            Err(Error::Dma("control buffer write failed".into()))
+            Err(Error::Vfio(VfioError::Dma("control buffer write failed".into())))
         };
         let v = self.buf.volatile();
         // Wipe the key from DMA memory once the device is done with it: after its answer, or
@@ -127,7 +127,7 @@ impl ControlQueue {
         }
         result?;
         let mut input = [0u8; crypto::SESSION_INPUT_SIZE];
-        v.read_slice(&mut input, INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))?;
+        v.read_slice(&mut input, INPUT_OFF).map_err(|e| Error::Vfio(VfioError::Dma(e.to_string())))?;
         let input = SessionInput::decode(&input);
         match u8::try_from(input.status).unwrap_or(status::ERR) {
             status::OK => Ok(input.session_id),
@@ -144,11 +144,11 @@ impl ControlQueue {
             CtrlRequest { opcode, algo, flag: 0, queue_id: 0, payload: CtrlPayload::Destroy { session_id } };
         self.check_clean()?;
         let v = self.buf.volatile();
-        v.write_slice(&req.encode(), 0).map_err(|e| Error::Dma(e.to_string()))?;
-        v.write_obj(status::ERR, INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))?;
+        v.write_slice(&req.encode(), 0).map_err(|e| Error::Vfio(VfioError::Dma(e.to_string())))?;
+        v.write_obj(status::ERR, INPUT_OFF).map_err(|e| Error::Vfio(VfioError::Dma(e.to_string())))?;
         self.exchange(crypto::CTRL_REQ_SIZE, crypto::INHDR_SIZE)?;
         let v = self.buf.volatile();
-        match v.read_obj::<u8>(INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))? {
+        match v.read_obj::<u8>(INPUT_OFF).map_err(|e| Error::Vfio(VfioError::Dma(e.to_string())))? {
             status::OK => Ok(()),
             status::INVSESS => Err(Error::InvalidSession),
             s => Err(Error::DeviceError(s)),

@@ -27,7 +27,7 @@ use crate::engine::{
     validate_request, Buf, Completion, Delivery, Direction, Event, EventSink, Outbox, Queue, Request,
     SubmitError, Submitted, TAG_LEN,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 use crate::transport::EventNotifier;
 use crate::virtio::{SplitQueue, VirtioPci};
 
@@ -533,9 +533,9 @@ impl RingState {
         let (data_iova, bounced) = match &req.data {
             Buf::Dma(b) => {
                 if !b.belongs_to(&self.pool) {
-                    return Err(Error::Dma(
+                    return Err(Error::Vfio(VfioError::Dma(
                         "the buffer is not mapped for this device (it comes from another DMA pool)".into(),
-                    ));
+                    )));
                 }
                 (b.iova(), false)
             }
@@ -571,7 +571,7 @@ impl RingState {
             }
         }
         if !ok {
-            return Err(Error::Dma("slot memory write out of bounds".into()));
+            return Err(Error::Vfio(VfioError::Dma("slot memory write out of bounds".into())));
         }
         let mut table = [0u8; MAX_DESCS * DESC_SIZE as usize];
         let head = if self.indirect {

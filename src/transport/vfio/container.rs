@@ -14,7 +14,7 @@ use vfio_bindings::bindings::vfio::{
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
 use super::abi::{self, cap_u32, cap_u64};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 use crate::pci_sysfs::Sysfs;
 
 /// Where DMA may go when the kernel does not report valid ranges (kernels before 5.4): below the
@@ -33,7 +33,7 @@ impl Container {
         let fd = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => {
                 let cdev = sysfs.vfio_support().cdev;
-                Error::NoVfio(if cdev {
+                Error::Vfio(VfioError::NoVfio(if cdev {
                     format!(
                         "{} is missing: this kernel offers only the iommufd device interface (/dev/vfio/devices), \
                          which crypt-vfio does not drive yet",
@@ -41,7 +41,7 @@ impl Container {
                     )
                 } else {
                     format!("{} is missing", path.display())
-                })
+                }))
             }
             io::ErrorKind::PermissionDenied => Error::vfio_permission(path.display().to_string()),
             _ => Error::os(format!("opening {}", path.display()), e),
@@ -49,16 +49,16 @@ impl Container {
         // SAFETY: a plain ioctl without argument on a descriptor we own.
         let version = unsafe { ioctl(&fd, abi::VFIO_GET_API_VERSION()) };
         if version != VFIO_API_VERSION as i32 {
-            return Err(Error::NoVfio(format!(
+            return Err(Error::Vfio(VfioError::NoVfio(format!(
                 "the kernel's VFIO API version is {version}, not {VFIO_API_VERSION}"
-            )));
+            ))));
         }
         // SAFETY: as above, with an integer argument.
         let type1v2 = unsafe { ioctl_with_val(&fd, abi::VFIO_CHECK_EXTENSION(), VFIO_TYPE1v2_IOMMU.into()) };
         if type1v2 <= 0 {
-            return Err(Error::NoVfio(
+            return Err(Error::Vfio(VfioError::NoVfio(
                 "the kernel has no type1v2 IOMMU backend for VFIO (modprobe vfio_iommu_type1)".into(),
-            ));
+            )));
         }
         Ok(Self { fd })
     }
@@ -137,9 +137,9 @@ impl Container {
                 }
                 _ => "",
             };
-            return Err(Error::Dma(format!(
+            return Err(Error::Vfio(VfioError::Dma(format!(
                 "VFIO_IOMMU_MAP_DMA of {len:#x} bytes at IOVA {iova:#x}: {e}{hint}"
-            )));
+            ))));
         }
         Ok(())
     }
@@ -156,16 +156,16 @@ impl Container {
         // SAFETY: the kernel reads the structure and writes back the unmapped size into it.
         let r = unsafe { ioctl_with_mut_ref(&self.fd, abi::VFIO_IOMMU_UNMAP_DMA(), &mut unmap) };
         if r < 0 {
-            return Err(Error::Dma(format!(
+            return Err(Error::Vfio(VfioError::Dma(format!(
                 "VFIO_IOMMU_UNMAP_DMA of {len:#x} bytes at IOVA {iova:#x}: {}",
                 io::Error::last_os_error()
-            )));
+            ))));
         }
         if unmap.size != len {
-            return Err(Error::Dma(format!(
+            return Err(Error::Vfio(VfioError::Dma(format!(
                 "VFIO_IOMMU_UNMAP_DMA at IOVA {iova:#x} unmapped {:#x} bytes, not {len:#x}",
                 unmap.size
-            )));
+            ))));
         }
         Ok(())
     }

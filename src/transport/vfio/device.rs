@@ -14,7 +14,7 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ptr};
 
 use super::abi;
 use super::region::RegionInfo;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 
 /// An open VFIO PCI device.
 pub(super) struct VfioDevice {
@@ -58,7 +58,7 @@ impl VfioDevice {
     /// What the kernel says about region `index`.
     pub fn region(&self, index: u32) -> Result<RegionInfo> {
         if index >= self.num_regions {
-            return Err(Error::Transport(format!("the device has no region {index}")));
+            return Err(Error::Vfio(VfioError::Transport(format!("the device has no region {index}"))));
         }
         RegionInfo::query(&self.fd, index)
     }

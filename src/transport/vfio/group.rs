@@ -11,7 +11,7 @@ use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref};
 
 use super::abi;
 use super::container::Container;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 use crate::pci_sysfs::{Bdf, Sysfs};
 
 /// An open, viable group.
@@ -26,13 +26,13 @@ impl Group {
         let path = sysfs.group_node(id);
         let fd = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| match e.raw_os_error() {
             Some(libc::ENOENT) => {
-                Error::NoVfio(format!("{} is missing although {bdf} is in group {id}", path.display()))
+                Error::Vfio(VfioError::NoVfio(format!("{} is missing although {bdf} is in group {id}", path.display())))
             }
             Some(libc::EACCES) | Some(libc::EPERM) => Error::vfio_permission(path.display().to_string()),
-            Some(libc::EBUSY) => Error::Transport(format!(
+            Some(libc::EBUSY) => Error::Vfio(VfioError::Transport(format!(
                 "{} is busy: another process (another crypt-vfio, or a VM) holds IOMMU group {id}; stop it first",
                 path.display()
-            )),
+            ))),
             _ => Error::os(format!("opening {}", path.display()), e),
         })?;
         let mut status =
@@ -56,7 +56,7 @@ impl Group {
                 })
                 .unwrap_or_default();
             let blockers = if blockers.is_empty() { "functions of the group".to_string() } else { blockers };
-            return Err(Error::GroupNotViable { group: id, blockers });
+            return Err(Error::Vfio(VfioError::GroupNotViable { group: id, blockers }));
         }
         Ok(Self { fd, id })
     }
@@ -73,7 +73,8 @@ impl Group {
 
     /// A descriptor for the function `bdf` of this group.
     pub fn device(&self, bdf: &Bdf) -> Result<File> {
-        let name = CString::new(bdf.to_string()).map_err(|_| Error::InvalidAddress(bdf.to_string()))?;
+        let name = CString::new(bdf.to_string())
+            .map_err(|_| Error::Vfio(VfioError::InvalidAddress(bdf.to_string())))?;
         // SAFETY: the kernel reads the NUL-terminated name, which lives across the call.
         let fd = unsafe { ioctl_with_ptr(&self.fd, abi::VFIO_GROUP_GET_DEVICE_FD(), name.as_ptr()) };
         if fd < 0 {

@@ -29,7 +29,7 @@ use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_
 
 use super::{Bar, EventNotifier, Transport};
 use crate::dma::DmaRegion;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 use crate::pci_sysfs::{Bdf, Sysfs};
 use container::Container;
 use device::VfioDevice;
@@ -67,9 +67,12 @@ impl VfioTransport {
 
     fn open_in(sysfs: &Sysfs, bdf: &Bdf) -> Result<Self> {
         let f = sysfs.function(bdf)?;
-        let group_id = f.iommu_group.ok_or_else(|| Error::NoIommu(bdf.to_string()))?;
+        let group_id = f.iommu_group.ok_or_else(|| Error::Vfio(VfioError::NoIommu(bdf.to_string())))?;
         if f.driver.as_deref() != Some(crate::pci_sysfs::VFIO_PCI) {
-            return Err(Error::WrongDriver { bdf: bdf.to_string(), driver: f.driver_name().to_string() });
+            return Err(Error::Vfio(VfioError::WrongDriver {
+                bdf: bdf.to_string(),
+                driver: f.driver_name().to_string(),
+            }));
         }
         let container = Container::open(sysfs)?;
         let group = Group::open(sysfs, group_id, bdf)?;
@@ -119,10 +122,10 @@ impl VfioTransport {
     fn config_access(&self, offset: u16, len: usize) -> Result<u64> {
         let end = u64::from(offset) + len as u64;
         if end > self.config.size {
-            return Err(Error::Transport(format!(
+            return Err(Error::Vfio(VfioError::Transport(format!(
                 "config access {offset:#x}+{len} beyond the {:#x}-byte config space",
                 self.config.size
-            )));
+            ))));
         }
         Ok(self.config.offset + u64::from(offset))
     }
@@ -152,7 +155,7 @@ impl Transport for VfioTransport {
     fn bar(&self, index: u8) -> Result<Arc<dyn Bar>> {
         let i = usize::from(index);
         if i >= BARS {
-            return Err(Error::Transport(format!("{}: there is no BAR {index}", self.bdf)));
+            return Err(Error::Vfio(VfioError::Transport(format!("{}: there is no BAR {index}", self.bdf))));
         }
         let mut bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = &bars[i] {
@@ -160,7 +163,10 @@ impl Transport for VfioTransport {
         }
         let info = self.device.region(u32::from(index))?;
         if info.size == 0 {
-            return Err(Error::Transport(format!("{}: BAR {index} is not implemented", self.bdf)));
+            return Err(Error::Vfio(VfioError::Transport(format!(
+                "{}: BAR {index} is not implemented",
+                self.bdf
+            ))));
         }
         let bar = Arc::new(VfioBar::new(self.device.fd().clone(), info)?);
         if !bar.is_mapped() {
@@ -178,18 +184,18 @@ impl Transport for VfioTransport {
         let len = region.len() as u64;
         let page = self.iommu_page;
         if iova % page != 0 || len % page != 0 || (region.as_ptr() as u64) % page != 0 {
-            return Err(Error::Dma(format!(
+            return Err(Error::Vfio(VfioError::Dma(format!(
                 "mapping {len:#x} bytes at IOVA {iova:#x}: not aligned to the IOMMU page of {page:#x} bytes"
-            )));
+            ))));
         }
         let fits = iova
             .checked_add(len)
             .is_some_and(|end| self.iova.iter().any(|r| r.start <= iova && end <= r.end));
         if !fits {
-            return Err(Error::Dma(format!(
+            return Err(Error::Vfio(VfioError::Dma(format!(
                 "IOVA {iova:#x}+{len:#x} lies outside the IOMMU's valid ranges {:x?}",
                 self.iova
-            )));
+            ))));
         }
         let mut dma = self.dma();
         if dma
@@ -197,7 +203,9 @@ impl Transport for VfioTransport {
             .next_back()
             .is_some_and(|(&at, r)| at + r.len() as u64 > iova)
         {
-            return Err(Error::Dma(format!("IOVA {iova:#x}+{len:#x} overlaps a live mapping")));
+            return Err(Error::Vfio(VfioError::Dma(format!(
+                "IOVA {iova:#x}+{len:#x} overlaps a live mapping"
+            ))));
         }
         self.container.map(iova, region.as_ptr() as u64, len)?;
         dma.insert(iova, region.clone());
@@ -208,7 +216,11 @@ impl Transport for VfioTransport {
         let mut dma = self.dma();
         match dma.get(&iova) {
             Some(r) if r.len() as u64 == len => {}
-            _ => return Err(Error::Dma(format!("no mapping of {len:#x} bytes at IOVA {iova:#x}"))),
+            _ => {
+                return Err(Error::Vfio(VfioError::Dma(format!(
+                    "no mapping of {len:#x} bytes at IOVA {iova:#x}"
+                ))))
+            }
         }
         self.container.unmap(iova, len)?;
         // Only now may the memory go: the IOMMU no longer translates to it.
@@ -222,12 +234,12 @@ impl Transport for VfioTransport {
 
     fn enable_msix(&self, notifiers: &[Option<&EventNotifier>]) -> Result<()> {
         if notifiers.len() > usize::from(self.msix) {
-            return Err(Error::Transport(format!(
+            return Err(Error::Vfio(VfioError::Transport(format!(
                 "{}: {} MSI-X vectors asked, the function has {}",
                 self.bdf,
                 notifiers.len(),
                 self.msix
-            )));
+            ))));
         }
         let fds: Vec<i32> = notifiers.iter().map(|n| n.map_or(-1, |n| n.raw_fd())).collect();
         self.device.set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, &fds)?;
