@@ -18,19 +18,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The PCI function is not a device this driver can run.
-    #[error("unsupported device: {0}")]
-    UnsupportedDevice(String),
-    /// The device did not accept the feature set or status handshake.
-    #[error("device initialisation failed: {0}")]
-    Init(String),
-    /// The device broke the protocol: it wrote something impossible or stopped answering.
-    /// Every request in flight on it has failed; the device needs a reset.
-    #[error("device failed: {0}")]
-    DeviceFailed(String),
-    /// The device did not answer within the deadline.
-    #[error("device timed out after {0:?} waiting for {1}")]
-    Timeout(std::time::Duration, &'static str),
     /// The key has a length the algorithm does not take.
     #[error("{mode} does not take a {len}-byte key (expected one of {expected:?} bytes)")]
     KeyLength {
@@ -86,10 +73,6 @@ pub enum Error {
     /// A network peer broke the protocol (NBD): the connection cannot go on.
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// The engine broke the backlog contract (for example it never promoted a backlogged
-    /// request before the deadline).
-    #[error("engine contract violation: {0}")]
-    ContractViolation(String),
     /// No key slot of the LUKS header opens with the passphrase given.
     #[error("no key slot opens with this passphrase (wrong passphrase?)")]
     WrongPassphrase,
@@ -151,23 +134,6 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
-    /// The device's configuration kept changing while it was read (its `config_generation`
-    /// never settled), so no consistent copy could be taken.
-    #[error("device configuration did not settle: config_generation changed on each of {attempts} reads")]
-    ConfigUnsettled {
-        /// How many consistent reads were attempted.
-        attempts: u32,
-    },
-    /// The device failed too often to be recovered again; it stays failed.
-    #[error("device failed {failures} times within {window:?}; giving up on it (last failure: {last})")]
-    DeviceGaveUp {
-        /// Failures counted in the window.
-        failures: usize,
-        /// The window.
-        window: std::time::Duration,
-        /// Why it failed last.
-        last: String,
-    },
     /// A valid header asks for something crypt-vfio does not implement (a hash, a cipher, a
     /// LUKS2 reencryption in progress): the image is not corrupt, it needs another tool.
     #[error("unsupported: {0}")]
@@ -175,6 +141,9 @@ pub enum Error {
     /// VFIO or the emulated transport failed: see [`VfioError`].
     #[error(transparent)]
     Vfio(#[from] VfioError),
+    /// The device failed: see [`DeviceError`].
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
 
 /// The platform around the device: VFIO, sysfs, the IOMMU, device-visible memory and the
@@ -232,6 +201,46 @@ pub enum VfioError {
         group: u32,
         /// The functions in the way, with their drivers (`0000:00:1f.3 (snd_hda_intel)`).
         blockers: String,
+    },
+}
+
+/// The device as a whole: it is not one this driver runs, it did not initialise, it failed
+/// (and is being recovered), or it broke the engine contract.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The PCI function is not a device this driver can run.
+    #[error("unsupported device: {0}")]
+    Unsupported(String),
+    /// The device did not accept the feature set or status handshake.
+    #[error("device initialisation failed: {0}")]
+    Init(String),
+    /// The device broke the protocol: it wrote something impossible or stopped answering.
+    /// Every request in flight on it has failed; the device needs a reset.
+    #[error("device failed: {0}")]
+    Failed(String),
+    /// The device did not answer within the deadline.
+    #[error("device timed out after {0:?} waiting for {1}")]
+    Timeout(std::time::Duration, &'static str),
+    /// The engine broke the backlog contract (for example it never promoted a backlogged
+    /// request before the deadline).
+    #[error("engine contract violation: {0}")]
+    ContractViolation(String),
+    /// The device's configuration kept changing while it was read (its `config_generation`
+    /// never settled), so no consistent copy could be taken.
+    #[error("device configuration did not settle: config_generation changed on each of {attempts} reads")]
+    ConfigUnsettled {
+        /// How many consistent reads were attempted.
+        attempts: u32,
+    },
+    /// The device failed too often to be recovered again; it stays failed.
+    #[error("device failed {failures} times within {window:?}; giving up on it (last failure: {last})")]
+    GaveUp {
+        /// Failures counted in the window.
+        failures: usize,
+        /// The window.
+        window: std::time::Duration,
+        /// Why it failed last.
+        last: String,
     },
 }
 

@@ -16,7 +16,7 @@ use std::str::FromStr;
 
 use crypt_vfio_spec::pci::{VIRTIO_CRYPTO_DEVICE_ID, VIRTIO_CRYPTO_LEGACY_DEVICE_ID, VIRTIO_VENDOR_ID};
 
-use crate::error::{Error, Result, VfioError};
+use crate::error::{DeviceError, Error, Result, VfioError};
 
 /// The driver that hands a PCI function to userspace.
 pub const VFIO_PCI: &str = "vfio-pci";
@@ -280,9 +280,9 @@ impl Sysfs {
         let device = read_hex(&dir.join("device"))?;
         let class = read_hex(&dir.join("class"))?;
         let (Ok(vendor), Ok(device)) = (u16::try_from(vendor), u16::try_from(device)) else {
-            return Err(Error::UnsupportedDevice(format!(
+            return Err(Error::Device(DeviceError::Unsupported(format!(
                 "{bdf}: impossible vendor/device {vendor:#x}:{device:#x}"
-            )));
+            ))));
         };
         let driver = link_name(&dir.join("driver"));
         let iommu_group = link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok());
@@ -403,16 +403,16 @@ impl Sysfs {
 fn check_supported(f: &PciFunction) -> Result<()> {
     match f.kind() {
         CryptoKind::VirtioCrypto => Ok(()),
-        CryptoKind::LegacyVirtioCrypto => Err(Error::UnsupportedDevice(format!(
+        CryptoKind::LegacyVirtioCrypto => Err(Error::Device(DeviceError::Unsupported(format!(
             "{} is a legacy (transitional) virtio-crypto device {:04x}:{:04x}; crypt-vfio drives only modern \
              virtio-crypto ({VIRTIO_VENDOR_ID:04x}:{VIRTIO_CRYPTO_DEVICE_ID:04x}); with QEMU, add disable-legacy=on",
             f.bdf, f.vendor, f.device
-        ))),
-        CryptoKind::Other => Err(Error::UnsupportedDevice(format!(
+        )))),
+        CryptoKind::Other => Err(Error::Device(DeviceError::Unsupported(format!(
             "{} is {:04x}:{:04x}, not a virtio-crypto device; crypt-vfio binds only crypto functions (use \
              driverctl or dpdk-devbind for others)",
             f.bdf, f.vendor, f.device
-        ))),
+        )))),
     }
 }
 
@@ -421,7 +421,10 @@ fn read_hex(path: &Path) -> Result<u32> {
     let text = fs::read_to_string(path).map_err(|e| Error::os(format!("reading {}", path.display()), e))?;
     let t = text.trim();
     u32::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16).map_err(|_| {
-        Error::UnsupportedDevice(format!("{}: `{t}` is not a hexadecimal number", path.display()))
+        Error::Device(DeviceError::Unsupported(format!(
+            "{}: `{t}` is not a hexadecimal number",
+            path.display()
+        )))
     })
 }
 
@@ -569,7 +572,7 @@ mod tests {
         assert_eq!(found[0].iommu_group, Some(2));
         assert_eq!(found[1].kind(), CryptoKind::LegacyVirtioCrypto);
         assert!(
-            matches!(s.check_ready(&found[1]), Err(Error::UnsupportedDevice(m)) if m.contains("disable-legacy"))
+            matches!(s.check_ready(&found[1]), Err(Error::Device(DeviceError::Unsupported(m))) if m.contains("disable-legacy"))
         );
         match s.check_ready(&found[0]) {
             Err(Error::Vfio(VfioError::WrongDriver { driver, .. })) => assert_eq!(driver, "virtio-pci"),
@@ -666,7 +669,7 @@ mod tests {
             matches!(s.bind(&bdf("0000:00:05.0")), Err(Error::Vfio(VfioError::NoSuchDevice(b))) if b == "0000:00:05.0")
         );
         assert!(
-            matches!(s.bind(&bdf("0000:00:1f.3")), Err(Error::UnsupportedDevice(m)) if m.contains("driverctl"))
+            matches!(s.bind(&bdf("0000:00:1f.3")), Err(Error::Device(DeviceError::Unsupported(m))) if m.contains("driverctl"))
         );
         assert_eq!(t.read("sys/bus/pci/drivers_probe"), "");
     }

@@ -10,7 +10,7 @@ use crypt_vfio::engine::{Buf, Direction, Engine};
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedTransport};
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
-use crypt_vfio::{Error, Mode};
+use crypt_vfio::{DeviceError, Error, Mode};
 use crypt_vfio_spec::pci::feature;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -19,7 +19,9 @@ fn a_device_without_version_1_is_refused_by_name() {
     let config = EmulatedConfig { features: 1 << feature::ACCESS_PLATFORM, ..Default::default() };
     let t = Arc::new(EmulatedTransport::new(config).unwrap());
     match VirtioCrypto::open(t, &DeviceOptions::default()) {
-        Err(Error::Init(m)) => assert!(m.contains("[32]"), "the missing bit is named: {m}"),
+        Err(Error::Device(DeviceError::Init(m))) => {
+            assert!(m.contains("[32]"), "the missing bit is named: {m}")
+        }
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("opened a device without VERSION_1"),
     }

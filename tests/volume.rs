@@ -16,7 +16,7 @@ use crypt_vfio::engine::Engine;
 use crypt_vfio::transport::emulated::EmulatedConfig;
 use crypt_vfio::virtio_crypto::DeviceOptions;
 use crypt_vfio::volume::{BlockDevice, CipherSpec, Volume, VolumeParams};
-use crypt_vfio::{CoreKind, Error};
+use crypt_vfio::{CoreKind, DeviceError, Error};
 use support::engines::{Behaviour, Wrapped};
 use support::{have_python_cryptography, pattern, run, scratch, tool_script};
 
@@ -307,7 +307,7 @@ fn the_watchdog_fails_an_io_whose_backlogged_request_is_never_promoted() {
     let e = v.read_at(0, &mut buf).unwrap_err();
     let took = start.elapsed();
     match &e {
-        Error::ContractViolation(msg) => {
+        Error::Device(DeviceError::ContractViolation(msg)) => {
             assert!(msg.contains("sector 16") && msg.contains("never promoted"), "{msg}");
             assert!(msg.contains("test wrapper"), "the engine is named: {msg}");
         }
@@ -334,7 +334,7 @@ fn a_backlogged_request_completed_without_promoted_fails_the_io_at_once() {
     let e = v.write_at(0, &[1u8; 4096]).unwrap_err();
     let took = start.elapsed();
     match &e {
-        Error::ContractViolation(msg) => {
+        Error::Device(DeviceError::ContractViolation(msg)) => {
             assert!(msg.contains("sector 0") && msg.contains("without Promoted"), "{msg}");
         }
         other => panic!("expected a contract violation, got {other:?}"),
@@ -406,7 +406,7 @@ fn the_watchdog_also_ends_an_async_io() {
     v.set_watchdog(Duration::from_millis(200));
     let mut buf = vec![0u8; 8192];
     let e = futures::executor::block_on(v.read_at_async(0, &mut buf)).unwrap_err();
-    assert!(matches!(&e, Error::ContractViolation(m) if m.contains("sector 4")), "{e}");
+    assert!(matches!(&e, Error::Device(DeviceError::ContractViolation(m)) if m.contains("sector 4")), "{e}");
 }
 
 #[test]
@@ -445,7 +445,10 @@ fn a_duplicate_completion_fails_the_io_and_writes_no_plaintext() {
     let v = Volume::open(engine, file, true, &KEY64, params("aes-xts-plain64", 512)).unwrap();
     let plain = pattern(8 * 512, 7);
     let err = v.write_at(0, &plain).expect_err("a duplicate completion must fail the write");
-    assert!(matches!(err, Error::ContractViolation(ref m) if m.contains("completed twice")), "{err}");
+    assert!(
+        matches!(err, Error::Device(DeviceError::ContractViolation(ref m)) if m.contains("completed twice")),
+        "{err}"
+    );
     let mut raw = vec![0u8; plain.len()];
     std::os::unix::fs::FileExt::read_exact_at(&disk, &mut raw, 0).unwrap();
     for (i, (r, p)) in raw.chunks(512).zip(plain.chunks(512)).enumerate() {

@@ -115,11 +115,13 @@ def main():
                 p = os.path.join(dp, f)
                 if p == 'src/error.rs': continue
                 text = open(p).read()
-                new, bare = rewrite(text, variants, outer, enum, None)
-                if new == text: continue
+                new, _ = rewrite(text, variants, outer, enum, None)
                 lib = p.startswith('src/') and not p.startswith('src/cli') and p != 'src/main.rs'
-                if bare and not re.search(r'\b' + enum + r'\b', text):
+                # Bare uses need an import (also after an earlier run that missed one).
+                bare = re.search(r'(?<![\w:])' + enum + r'::', new)
+                if bare and not re.search(r'^\s*use [^;]*\b' + enum + r'\b[^;]*;', new, re.M):
                     new = add_import(new, enum, lib)
+                if new == text: continue
                 open(p, 'w').write(new)
                 print('rewrote', p)
 

@@ -120,6 +120,7 @@ impl<T> Backlog<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::DeviceError;
 
     struct TestRing {
         cap: usize,
@@ -180,7 +181,7 @@ mod tests {
         b.promote(&mut ring, &mut log);
         assert_eq!(log.0, ["P2", "F2", "P3"]);
         b.submit(4, true, &mut ring).unwrap();
-        b.fail_all(&mut log, || Error::DeviceFailed("gone".into()));
+        b.fail_all(&mut log, || Error::Device(DeviceError::Failed("gone".into())));
         assert_eq!(log.0, ["P2", "F2", "P3", "P4", "F4"]);
         assert!(b.is_empty());
     }

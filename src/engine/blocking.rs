@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::{Buf, Completion, Engine, Event, Iv, Queue, Request, SubmitErrorKind, TAG_LEN};
 use crate::engine::Direction;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 
 /// How long [`BlockingQueue::run`] waits by default before giving a request up.
 ///
@@ -81,7 +81,7 @@ impl<S: Send + 'static> BlockingQueue<S> {
     }
 
     /// Sets how long [`run`](Self::run) waits for a completion before it returns
-    /// [`Error::Timeout`] (default [`DEFAULT_WAIT`]).
+    /// [`Error::Device(DeviceError::Timeout)`] (default [`DEFAULT_WAIT`]).
     pub fn set_wait(&mut self, wait: Duration) {
         self.wait = wait;
     }
@@ -113,7 +113,7 @@ impl<S: Send + 'static> BlockingQueue<S> {
                 return c.result.map(|()| c.request);
             }
             if start.elapsed() > self.wait {
-                return Err(Error::Timeout(self.wait, "a blocking request"));
+                return Err(Error::Device(DeviceError::Timeout(self.wait, "a blocking request")));
             }
             if spins < SPINS {
                 spins += 1;

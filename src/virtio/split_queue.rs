@@ -14,7 +14,7 @@ use vm_memory::Bytes;
 
 use super::Doorbell;
 use crate::dma::{DmaBuffer, DmaPool};
-use crate::error::{Error, Result, VfioError};
+use crate::error::{DeviceError, Error, Result, VfioError};
 
 /// One split virtqueue's rings and indices.
 pub struct SplitQueue {
@@ -50,7 +50,9 @@ impl SplitQueue {
         doorbell_for: impl FnOnce([u64; 3]) -> Result<Doorbell>,
     ) -> Result<Self> {
         if !size.is_power_of_two() || size > ring::MAX_QUEUE_SIZE {
-            return Err(Error::Init(format!("queue size {size} is not a power of two up to 32768")));
+            return Err(Error::Device(DeviceError::Init(format!(
+                "queue size {size} is not a power of two up to 32768"
+            ))));
         }
         let desc_len = ring::desc_table_size(size) as usize;
         let avail_off = desc_len;

@@ -23,7 +23,7 @@ use vm_memory::Bytes;
 use super::config::wire_algo;
 use crate::dma::{DmaBuffer, DmaPool};
 use crate::engine::Direction;
-use crate::error::{Error, Result, VfioError};
+use crate::error::{DeviceError, Error, Result, VfioError};
 use crate::virtio::{SplitQueue, VirtioPci};
 
 const KEY_OFF: usize = crypto::CTRL_REQ_SIZE;
@@ -55,9 +55,9 @@ impl ControlQueue {
     ) -> Result<Self> {
         let size = pci.queue_max_size(index).min(16);
         if size < 2 {
-            return Err(Error::Init(format!(
+            return Err(Error::Device(DeviceError::Init(format!(
                 "control queue {index} has room for {size} descriptors, needs 2"
-            )));
+            ))));
         }
         let size = 1 << (15 - size.leading_zeros()); // largest power of two not above it
         let vq = SplitQueue::new(pool, size, event_idx, |rings| {
@@ -85,7 +85,9 @@ impl ControlQueue {
 
     fn check_clean(&self) -> Result<()> {
         match &self.dirty {
-            Some(why) => Err(Error::DeviceFailed(format!("control queue awaits a device reset: {why}"))),
+            Some(why) => {
+                Err(Error::Device(DeviceError::Failed(format!("control queue awaits a device reset: {why}"))))
+            }
             None => Ok(()),
         }
     }
@@ -184,10 +186,10 @@ fn run(
     let mut spins = 0u32;
     while vq.used_pending() == 0 {
         if start.elapsed() > timeout {
-            return Err(Error::Timeout(timeout, "a control queue answer"));
+            return Err(Error::Device(DeviceError::Timeout(timeout, "a control queue answer")));
         }
         if cancel.load(Ordering::Acquire) {
-            return Err(Error::DeviceFailed("the engine is closing".into()));
+            return Err(Error::Device(DeviceError::Failed("the engine is closing".into())));
         }
         spins += 1;
         if spins > 1000 {
@@ -199,10 +201,10 @@ fn run(
     let pending = vq.used_pending();
     let used = vq.take_used();
     if pending != 1 || used.id != 0 {
-        return Err(Error::DeviceFailed(format!(
+        return Err(Error::Device(DeviceError::Failed(format!(
             "control queue: device returned descriptor {} ({} used) for the one request in flight",
             used.id, pending
-        )));
+        ))));
     }
     if (used.len as usize) < in_len {
         log::debug!("control queue: device reported {} bytes written, expected {in_len}", used.len);

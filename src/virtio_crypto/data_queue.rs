@@ -27,7 +27,7 @@ use crate::engine::{
     validate_request, Buf, Completion, Delivery, Direction, Event, EventSink, Outbox, Queue, Request,
     SubmitError, Submitted, TAG_LEN,
 };
-use crate::error::{Error, Result, VfioError};
+use crate::error::{DeviceError, Error, Result, VfioError};
 use crate::transport::EventNotifier;
 use crate::virtio::{SplitQueue, VirtioPci};
 
@@ -132,10 +132,10 @@ impl DataQueueShared {
         })?;
         let nslots = if s.indirect { usize::from(s.size) } else { (usize::from(s.size) / MAX_DESCS).max(1) };
         if !s.indirect && usize::from(s.size) < MAX_DESCS {
-            return Err(Error::Init(format!(
+            return Err(Error::Device(DeviceError::Init(format!(
                 "data queue {}: {} descriptors cannot hold one request ({MAX_DESCS} needed) without indirect descriptors",
                 s.index, s.size
-            )));
+            ))));
         }
         let slot_mem = pool.alloc(nslots * SLOT_STRIDE)?;
         let ring = RingState {
@@ -258,7 +258,7 @@ impl DataQueueShared {
             // be done with the request, or lies about others: stop it before this request (or
             // the slot's buffers, reused by the next one) goes anywhere.
             let lie = match &result {
-                Err(Error::DeviceFailed(why)) => Some(why.clone()),
+                Err(Error::Device(DeviceError::Failed(why))) => Some(why.clone()),
                 _ => None,
             };
             st.outbox.push((p.sink, Event::Completed(Completion { request: p.req, result })));
@@ -314,13 +314,13 @@ impl DataQueueShared {
             slot.submitted = None;
             if let Some(p) = slot.pending.take() {
                 self.outstanding.fetch_sub(1, Ordering::Relaxed);
-                let result = Err(Error::DeviceFailed(reason.clone()));
+                let result = Err(Error::Device(DeviceError::Failed(reason.clone())));
                 st.outbox.push((p.sink, Event::Completed(Completion { request: p.req, result })));
             }
         }
         st.ring.in_flight = 0;
         st.backlog.fail_all(&mut ToOutbox { outbox: &mut st.outbox, outstanding: &self.outstanding }, || {
-            Error::DeviceFailed(reason.clone())
+            Error::Device(DeviceError::Failed(reason.clone()))
         });
         self.delivery.mark_pending();
     }
@@ -438,18 +438,20 @@ impl RingState {
         let code = v.read_obj::<u8>(base + STATUS).unwrap_or(status::ERR);
         let result = match code {
             status::OK if written >= slot.expect => Ok(()),
-            status::OK => Err(Error::DeviceFailed(format!(
+            status::OK => Err(Error::Device(DeviceError::Failed(format!(
                 "device reported success but wrote {written} of {} bytes",
                 slot.expect
-            ))),
+            )))),
             status::BADMSG => Err(Error::AuthFailed),
             status::NOTSUPP => Err(Error::NotSupported(format!("{} request", p.req.session.mode))),
             status::INVSESS => Err(Error::InvalidSession),
             status::NOSPC => Err(Error::NoSpace("device out of resources for the request".into())),
-            0xff => Err(Error::DeviceFailed("device completed a request without writing its status".into())),
-            s if s > status::KEY_REJECTED => Err(Error::DeviceFailed(format!(
-                "device wrote status {s:#04x}, which virtio-crypto does not define"
+            0xff => Err(Error::Device(DeviceError::Failed(
+                "device completed a request without writing its status".into(),
             ))),
+            s if s > status::KEY_REJECTED => Err(Error::Device(DeviceError::Failed(format!(
+                "device wrote status {s:#04x}, which virtio-crypto does not define"
+            )))),
             s => Err(Error::DeviceError(s)),
         };
         let req = &mut p.req;

@@ -31,7 +31,7 @@ use session::SessionRegistry;
 
 use crate::dma::DmaPool;
 use crate::engine::{Buf, Direction, Engine, EventSink, Queue};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 use crate::transport::{EventNotifier, Transport};
 use crate::virtio::VirtioPci;
 
@@ -159,11 +159,11 @@ impl VirtioCrypto {
     pub fn open(transport: Arc<dyn Transport>, options: &DeviceOptions) -> Result<Self> {
         let pci = Arc::new(VirtioPci::probe(transport.clone())?);
         if pci.device_id() != VIRTIO_CRYPTO_DEVICE_ID {
-            return Err(Error::UnsupportedDevice(format!(
+            return Err(Error::Device(DeviceError::Unsupported(format!(
                 "{}: virtio device {:#06x} is not virtio-crypto ({VIRTIO_CRYPTO_DEVICE_ID:#06x})",
                 transport.name(),
                 pci.device_id()
-            )));
+            ))));
         }
         let mut guard =
             OpenGuard { pci: pci.clone(), threads: Vec::new(), queues: Vec::new(), msix: false, armed: true };
@@ -178,22 +178,22 @@ impl VirtioCrypto {
         let features = pci.negotiate(1 << feature::VERSION_1, wanted)?;
         let info = DeviceInfo::read(&pci)?;
         if !info.ready() {
-            return Err(Error::Init(format!(
+            return Err(Error::Device(DeviceError::Init(format!(
                 "{}: the device says it is not ready (status {})",
                 transport.name(),
                 info.status
-            )));
+            ))));
         }
         let available = info.max_dataqueues as usize;
         let ctrl_index = u16::try_from(info.max_dataqueues)
             .ok()
             .filter(|&i| i >= 1 && i < pci.num_queues())
             .ok_or_else(|| {
-                Error::Init(format!(
+                Error::Device(DeviceError::Init(format!(
                     "device reports {} data queues but {} virtqueues in all",
                     info.max_dataqueues,
                     pci.num_queues()
-                ))
+                )))
             })?;
         let nqueues = if options.data_queues == 0 { available } else { options.data_queues.min(available) };
         if options.data_queues > available {
@@ -216,9 +216,9 @@ impl VirtioCrypto {
             let need = nqueues + 1;
             let have = usize::from(transport.msix_vectors());
             if have < need {
-                return Err(Error::Init(format!(
+                return Err(Error::Device(DeviceError::Init(format!(
                     "interrupt mode needs {need} MSI-X vectors, the device has {have}; use polling"
-                )));
+                ))));
             }
             for _ in 0..need {
                 notifiers.push(Some(EventNotifier::new()?));
@@ -243,9 +243,9 @@ impl VirtioCrypto {
             let max = pci.queue_max_size(index);
             let size = if options.queue_size == 0 { max.min(DEFAULT_QUEUE_SIZE) } else { options.queue_size };
             if size == 0 || size > max || !size.is_power_of_two() {
-                return Err(Error::Init(format!(
+                return Err(Error::Device(DeviceError::Init(format!(
                     "data queue {q}: size {size} is not a power of two up to the device's maximum of {max}"
-                )));
+                ))));
             }
             let setup = QueueSetup {
                 index,

@@ -31,7 +31,7 @@ use crypt_vfio_cores::Mode;
 use super::pipeline::{CryptContext, CryptFuture, CryptOp, IvNumbering, LanePool, SectorMeta};
 use super::{BlockDevice, DEFAULT_WATCHDOG};
 use crate::engine::{Direction, Engine, Iv, Request};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 
 /// Magic at byte 0.
 pub const MAGIC: [u8; 8] = *b"CVFAUTH1";
@@ -181,7 +181,9 @@ fn run_one<E: Engine>(
     )?;
     req.session = session.clone();
     q.submit(req, true).map_err(|e| match e.kind {
-        crate::engine::SubmitErrorKind::Busy => Error::DeviceFailed("busy on an idle queue".into()),
+        crate::engine::SubmitErrorKind::Busy => {
+            Error::Device(DeviceError::Failed("busy on an idle queue".into()))
+        }
         crate::engine::SubmitErrorKind::Rejected(e) => e,
     })?;
     let start = std::time::Instant::now();
@@ -191,7 +193,7 @@ fn run_one<E: Engine>(
             return c.result.map(|()| c.request);
         }
         if start.elapsed() > DEFAULT_WATCHDOG {
-            return Err(Error::Timeout(DEFAULT_WATCHDOG, "the key check"));
+            return Err(Error::Device(DeviceError::Timeout(DEFAULT_WATCHDOG, "the key check")));
         }
         std::thread::yield_now();
     }

@@ -10,14 +10,14 @@
 //! Completions are tracked per sector, not counted: an engine that completes a sector twice (or
 //! completes a request the op never submitted) would otherwise make the count reach its end while
 //! another sector is still in flight, and the I/O would end with that sector untransformed
-//! (plaintext written to disk). A duplicate or unknown event is an [`Error::ContractViolation`]
+//! (plaintext written to disk). A duplicate or unknown event is an [`Error::Device(DeviceError::ContractViolation)`]
 //! that fails the I/O; the op still waits for every sector it submitted, and the volume writes
 //! nothing of a failed I/O.
 //!
 //! The watchdog: if nothing happens for [`Lane::watchdog`] while the op waits for a `Promoted`
 //! or for completions, the op fails instead of hanging. An engine that said `Backlogged` and
-//! then never promoted (the 2015 CAAM behaviour) gets an [`Error::ContractViolation`] naming the
-//! sector; an engine that accepted requests and never completed them gets [`Error::Timeout`].
+//! then never promoted (the 2015 CAAM behaviour) gets an [`Error::Device(DeviceError::ContractViolation)`] naming the
+//! sector; an engine that accepted requests and never completed them gets [`Error::Device(DeviceError::Timeout)`].
 //! The lane is then poisoned: the engine still owns those requests, so the queue is not reused.
 //!
 //! [`CryptOp::step`] never blocks, so the same state machine serves the blocking API (a spin
@@ -33,7 +33,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted, TAG_LEN};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 
 use super::iv::IvGenerator;
 
@@ -326,7 +326,8 @@ where
     fn fail(&mut self, index: usize, error: Error) {
         let sector = self.first_sector + index as u64;
         let error = match error {
-            e @ (Error::ContractViolation(_) | Error::Timeout(..)) => e,
+            e @ (Error::Device(DeviceError::ContractViolation(_))
+            | Error::Device(DeviceError::Timeout(..))) => e,
             Error::AuthFailed if self.aead.is_some() => Error::SectorAuthFailed { sector },
             e => Error::Sector { sector, source: Box::new(e) },
         };
@@ -340,11 +341,14 @@ where
     /// own error; the first violation wins). The lane is not reused: more stray events may come.
     fn violation(&mut self, what: String) {
         self.lane.poisoned = true;
-        if matches!(self.error, Some((_, Error::ContractViolation(_)))) {
+        if matches!(self.error, Some((_, Error::Device(DeviceError::ContractViolation(_))))) {
             return;
         }
         let index = self.error.as_ref().map_or(self.count, |(i, _)| *i);
-        self.error = Some((index, Error::ContractViolation(format!("{}: {what}", self.lane.describe))));
+        self.error = Some((
+            index,
+            Error::Device(DeviceError::ContractViolation(format!("{}: {what}", self.lane.describe))),
+        ));
     }
 
     /// The sector an event names, if it is one this op has submitted.
@@ -521,7 +525,7 @@ where
             // A contract violation already seen (a duplicate standing in for a missing
             // completion) says more than the timeout it led to.
             return Poll::Ready(Err(match self.error.take() {
-                Some((_, e @ Error::ContractViolation(_))) => e,
+                Some((_, e @ Error::Device(DeviceError::ContractViolation(_)))) => e,
                 _ => self.watchdog_error(),
             }));
         }
@@ -532,13 +536,13 @@ where
         let d = self.lane.watchdog;
         if let Some(&i) = self.backlogged.first() {
             let sector = self.first_sector + i as u64;
-            Error::ContractViolation(format!(
+            Error::Device(DeviceError::ContractViolation(format!(
                 "{}: the request for sector {sector} was backlogged but never promoted within {d:?} \
                  (a backlogged request must be kept and promoted exactly once; this engine dropped it)",
                 self.lane.describe
-            ))
+            )))
         } else {
-            Error::Timeout(d, "sector completions from the engine")
+            Error::Device(DeviceError::Timeout(d, "sector completions from the engine"))
         }
     }
 

@@ -14,7 +14,7 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ptr};
 
 use super::abi;
 use super::region::RegionInfo;
-use crate::error::{Error, Result, VfioError};
+use crate::error::{DeviceError, Error, Result, VfioError};
 
 /// An open VFIO PCI device.
 pub(super) struct VfioDevice {
@@ -34,13 +34,15 @@ impl VfioDevice {
             return Err(Error::last_os("VFIO_DEVICE_GET_INFO"));
         }
         if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
-            return Err(Error::UnsupportedDevice("the VFIO device is not a PCI device".into()));
+            return Err(Error::Device(DeviceError::Unsupported(
+                "the VFIO device is not a PCI device".into(),
+            )));
         }
         if info.num_regions <= VFIO_PCI_CONFIG_REGION_INDEX {
-            return Err(Error::UnsupportedDevice(format!(
+            return Err(Error::Device(DeviceError::Unsupported(format!(
                 "the VFIO device has {} regions, too few for a PCI function",
                 info.num_regions
-            )));
+            ))));
         }
         Ok(Self {
             fd: Arc::new(fd),
