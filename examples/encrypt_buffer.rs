@@ -35,7 +35,9 @@ fn main() -> Result<(), crypt_vfio::Error> {
     let mut forged = data.clone();
     forged[0] ^= 1;
     match queue.open_sealed(&gcm, &nonce, b"message 1", &mut forged, &tag) {
-        Err(crypt_vfio::Error::AuthFailed) => println!("forged message refused"),
+        Err(crypt_vfio::Error::Crypto(crypt_vfio::CryptoError::AuthFailed)) => {
+            println!("forged message refused")
+        }
         other => panic!("a forged message was not refused: {other:?}"),
     }
     queue.open_sealed(&gcm, &nonce, b"message 1", &mut data, &tag)?;

@@ -18,45 +18,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The key has a length the algorithm does not take.
-    #[error("{mode} does not take a {len}-byte key (expected one of {expected:?} bytes)")]
-    KeyLength {
-        /// The algorithm.
-        mode: Mode,
-        /// Bytes given.
-        len: usize,
-        /// Bytes accepted.
-        expected: &'static [usize],
-    },
-    /// The key was refused (for example an XTS key with equal halves).
-    #[error("key rejected: {0}")]
-    KeyRejected(String),
-    /// A request parameter is wrong: IV length, tag length, data length for the mode.
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
-    /// The request exceeds what the device accepts in one request.
-    #[error("request of {len} bytes exceeds the device's limit of {max} bytes")]
-    TooLarge {
-        /// Bytes in the request.
-        len: u64,
-        /// The device's `max_size`.
-        max: u64,
-    },
-    /// The device (or engine) does not offer this algorithm or operation.
-    #[error("not supported by the device: {0}")]
-    NotSupported(String),
-    /// The session does not exist (never created, destroyed, or lost in a device reset).
-    #[error("invalid session")]
-    InvalidSession,
-    /// The device is out of a resource (sessions).
-    #[error("device out of resources: {0}")]
-    NoSpace(String),
-    /// AEAD tag verification failed; no plaintext was released.
-    #[error("authentication failed: the data or its tag was modified")]
-    AuthFailed,
-    /// The device reported a failure for this request.
-    #[error("device reported an error (status {0})")]
-    DeviceError(u8),
     /// A block device access falls outside the device.
     #[error("{len} bytes at offset {offset} fall outside the device of {size} bytes")]
     OutOfRange {
@@ -144,6 +105,9 @@ pub enum Error {
     /// The device failed: see [`DeviceError`].
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A request or session failed: see [`CryptoError`].
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
 }
 
 /// The platform around the device: VFIO, sysfs, the IOMMU, device-visible memory and the
@@ -244,6 +208,51 @@ pub enum DeviceError {
     },
 }
 
+/// One request or session, as any engine (device or software) reports it: keys, parameters,
+/// algorithms, sessions, authentication.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// The key has a length the algorithm does not take.
+    #[error("{mode} does not take a {len}-byte key (expected one of {expected:?} bytes)")]
+    KeyLength {
+        /// The algorithm.
+        mode: Mode,
+        /// Bytes given.
+        len: usize,
+        /// Bytes accepted.
+        expected: &'static [usize],
+    },
+    /// The key was refused (for example an XTS key with equal halves).
+    #[error("key rejected: {0}")]
+    KeyRejected(String),
+    /// A request parameter is wrong: IV length, tag length, data length for the mode.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The request exceeds what the device accepts in one request.
+    #[error("request of {len} bytes exceeds the device's limit of {max} bytes")]
+    TooLarge {
+        /// Bytes in the request.
+        len: u64,
+        /// The device's `max_size`.
+        max: u64,
+    },
+    /// The device (or engine) does not offer this algorithm or operation.
+    #[error("not supported by the device: {0}")]
+    NotSupported(String),
+    /// The session does not exist (never created, destroyed, or lost in a device reset).
+    #[error("invalid session")]
+    InvalidSession,
+    /// The device is out of a resource (sessions).
+    #[error("device out of resources: {0}")]
+    NoSpace(String),
+    /// AEAD tag verification failed; no plaintext was released.
+    #[error("authentication failed: the data or its tag was modified")]
+    AuthFailed,
+    /// The device reported a failure for this request.
+    #[error("device reported an error (status {0})")]
+    Status(u8),
+}
+
 impl Error {
     /// No access to a VFIO device node: root, or the node and a locked-memory limit for the user.
     pub fn vfio_permission(path: impl Into<String>) -> Self {
@@ -268,15 +277,15 @@ impl Error {
 
 impl From<CoreError> for Error {
     fn from(e: CoreError) -> Self {
-        match e {
-            CoreError::KeyLength { mode, len, expected } => Error::KeyLength { mode, len, expected },
-            CoreError::KeyRejected { .. } => Error::KeyRejected(e.to_string()),
-            CoreError::AuthFailed => Error::AuthFailed,
+        Error::Crypto(match e {
+            CoreError::KeyLength { mode, len, expected } => CryptoError::KeyLength { mode, len, expected },
+            CoreError::KeyRejected { .. } => CryptoError::KeyRejected(e.to_string()),
+            CoreError::AuthFailed => CryptoError::AuthFailed,
             CoreError::IvLength { .. } | CoreError::DataLength { .. } | CoreError::TagLength(_) => {
-                Error::InvalidRequest(e.to_string())
+                CryptoError::InvalidRequest(e.to_string())
             }
-            CoreError::Internal { .. } => Error::DeviceError(crypt_vfio_spec::crypto::status::ERR),
-        }
+            CoreError::Internal { .. } => CryptoError::Status(crypt_vfio_spec::crypto::status::ERR),
+        })
     }
 }
 

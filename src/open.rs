@@ -14,7 +14,7 @@ use crypt_vfio_cores::CoreKind;
 
 use crate::engine::software::SoftwareEngine;
 use crate::engine::AnyEngine;
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, Error, Result};
 use crate::pci_sysfs::Bdf;
 use crate::transport::emulated::{EmulatedConfig, EmulatedTransport};
 use crate::transport::vfio::VfioTransport;
@@ -69,14 +69,14 @@ impl fmt::Display for DeviceName {
 impl DeviceName {
     /// The PCI function this name reaches: the emulated device (built from `emulated`) or the
     /// function at a PCI address through VFIO. `software` has none and gives
-    /// [`Error::NotSupported`].
+    /// [`CryptoError::NotSupported`].
     pub fn transport(&self, emulated: EmulatedConfig) -> Result<Arc<dyn Transport>> {
         match self {
             DeviceName::Emulated => Ok(Arc::new(EmulatedTransport::new(emulated)?)),
             DeviceName::Pci(bdf) => Ok(Arc::new(VfioTransport::open(bdf)?)),
-            DeviceName::Software => Err(Error::NotSupported(
+            DeviceName::Software => Err(Error::Crypto(CryptoError::NotSupported(
                 "`software` is the software engine, not a device: name `emulated` or a PCI address".into(),
-            )),
+            ))),
         }
     }
 }

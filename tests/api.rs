@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crypt_vfio::engine::{Buf, Direction, Engine, Iv, Queue, Request, SubmitErrorKind};
 use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion};
 use crypt_vfio::volume::{AnyVolume, AuthVolume};
-use crypt_vfio::{BlockingQueue, DeviceName, Error, Mode, VfioError};
+use crypt_vfio::{BlockingQueue, CryptoError, DeviceName, Error, Mode, VfioError};
 
 fn fast_luks(version: LuksVersion) -> FormatOptions {
     let mut opts = FormatOptions::new(version);
@@ -21,7 +21,7 @@ fn device_names_parse_and_bad_ones_say_what_is_expected() {
     assert!(matches!(e, Error::Vfio(VfioError::InvalidAddress(_))), "{e:?}");
     assert!(e.to_string().contains("is not a PCI address"), "{e}");
     let e = DeviceName::Software.transport(Default::default()).err().expect("software has no transport");
-    assert!(matches!(e, Error::NotSupported(_)), "{e:?}");
+    assert!(matches!(e, Error::Crypto(CryptoError::NotSupported(_))), "{e:?}");
 }
 
 #[test]
@@ -29,11 +29,15 @@ fn a_session_of_the_other_engine_is_refused_with_its_request_back() {
     let device = crypt_vfio::open("emulated").unwrap();
     let software = crypt_vfio::open("software").unwrap();
     let foreign = software.create_session(Mode::Ctr, &[3; 16]).unwrap();
-    assert!(matches!(device.destroy_session(&foreign), Err(Error::InvalidSession)));
+    assert!(matches!(device.destroy_session(&foreign), Err(Error::Crypto(CryptoError::InvalidSession))));
     let mut q: Box<dyn Queue<_>> = device.open_queue(0, Arc::new(|_| {})).unwrap();
     let req = Request::new(foreign, Direction::Encrypt, Iv::from([0; 16]), Buf::Host(vec![9; 32]), 77);
     let e = q.submit(req, true).expect_err("refused");
-    assert!(matches!(e.kind, SubmitErrorKind::Rejected(Error::InvalidSession)), "{:?}", e.kind);
+    assert!(
+        matches!(e.kind, SubmitErrorKind::Rejected(Error::Crypto(CryptoError::InvalidSession))),
+        "{:?}",
+        e.kind
+    );
     assert_eq!(e.request.user_data, 77);
     assert_eq!(e.request.data.as_slice().as_ref(), &[9; 32][..]);
 }
@@ -57,10 +61,10 @@ fn blocking_queue_matches_the_software_engine_on_a_device_and_keeps_data_on_auth
     let tag = dq.seal(&gcm, &[2; 12], b"aad", &mut data).unwrap();
     let ciphertext = data.clone();
     let e = dq.open_sealed(&gcm, &[2; 12], b"other aad", &mut data, &tag).unwrap_err();
-    assert!(matches!(e, Error::AuthFailed), "{e:?}");
+    assert!(matches!(e, Error::Crypto(CryptoError::AuthFailed)), "{e:?}");
     assert_eq!(data, ciphertext, "a failed check must not release anything");
     let e = dq.encrypt(&ds, &[0; 17], &mut data).unwrap_err();
-    assert!(matches!(e, Error::InvalidRequest(_)), "{e:?}");
+    assert!(matches!(e, Error::Crypto(CryptoError::InvalidRequest(_))), "{e:?}");
 }
 
 #[test]

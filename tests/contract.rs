@@ -17,7 +17,7 @@ use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Request, SubmitError
 use crypt_vfio::transport::emulated::EmulatedConfig;
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions};
-use crypt_vfio::{CoreKind, DeviceError, Error, Mode};
+use crypt_vfio::{CoreKind, CryptoError, DeviceError, Error, Mode};
 use crypt_vfio_cores::new_cipher;
 use rand::{Rng, SeedableRng};
 
@@ -136,7 +136,7 @@ where
                                         }
                                         local.ok += 1;
                                     }
-                                    Err(Error::DeviceError(_)) => local.device_errors += 1,
+                                    Err(Error::Crypto(CryptoError::Status(_))) => local.device_errors += 1,
                                     Err(Error::Device(DeviceError::Failed(_))) => local.failed += 1,
                                     Err(e) => panic!("request {id} failed: {e}"),
                                 }

@@ -15,7 +15,7 @@ use crypt_vfio::engine::software::SoftwareEngine;
 use crypt_vfio::engine::{Buf, Direction, Engine, Event, EventSink, Iv, Queue, Request, SubmitErrorKind};
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedTransport};
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
-use crypt_vfio::{CoreKind, Error, Mode};
+use crypt_vfio::{CoreKind, CryptoError, Error, Mode};
 
 const KEY: [u8; 64] = {
     let mut k = [0u8; 64];
@@ -139,12 +139,16 @@ impl<E: Engine + 'static> AnySubject for Keyed<E> {
         let other = other.as_any().downcast_ref::<Keyed<E>>().ok_or("another kind of engine")?;
         let mut q = self.subject.engine.open_queue(0, Arc::new(|_| {})).unwrap();
         match q.submit(request(other.session.clone(), 1), true) {
-            Err(e) if matches!(e.kind, SubmitErrorKind::Rejected(Error::InvalidSession)) => {}
+            Err(e)
+                if matches!(
+                    e.kind,
+                    SubmitErrorKind::Rejected(Error::Crypto(CryptoError::InvalidSession))
+                ) => {}
             Err(e) => return Err(format!("submit refused with {}, not InvalidSession", e.kind)),
             Ok(s) => return Err(format!("another engine's session was accepted ({s:?})")),
         }
         match self.subject.engine.destroy_session(&other.session) {
-            Err(Error::InvalidSession) => Ok(()),
+            Err(Error::Crypto(CryptoError::InvalidSession)) => Ok(()),
             r => Err(format!("destroying another engine's session gave {r:?}")),
         }
     }

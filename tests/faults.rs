@@ -22,7 +22,7 @@ use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTra
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, DeviceSession, VirtioCrypto};
 use crypt_vfio::volume::{Volume, VolumeParams};
-use crypt_vfio::{CoreKind, DeviceError, Error, Mode};
+use crypt_vfio::{CoreKind, CryptoError, DeviceError, Error, Mode};
 use crypt_vfio_cores::new_cipher;
 
 const KEY: [u8; 32] = [0x42; 32];
@@ -559,7 +559,7 @@ fn a_session_destroyed_during_a_recovery_never_runs_under_another_sessions_key()
     };
     let (id, got) = encrypt(&doomed, &mut r);
     match got {
-        Err(Error::InvalidSession) => {}
+        Err(Error::Crypto(CryptoError::InvalidSession)) => {}
         Ok(data) => {
             assert_ne!(data, under(&key_c, id), "a destroyed session ran under another session's key");
             panic!("a destroyed session ran");

@@ -893,7 +893,10 @@ fn run_against_software(options: DeviceOptions, rounds: usize) -> Arc<VirtioQueu
                 bad[0] ^= 1;
                 let r =
                     common::crypt(&mut hq, hs.clone(), Direction::Decrypt, &iv, &aad, Buf::Host(hw_ct), bad);
-                assert!(matches!(r, Err(crypt_vfio::Error::AuthFailed)), "{mode} request {i}: {r:?}");
+                assert!(
+                    matches!(r, Err(crypt_vfio::Error::Crypto(crypt_vfio::CryptoError::AuthFailed))),
+                    "{mode} request {i}: {r:?}"
+                );
             }
         }
         dev.destroy_session(&hs).unwrap();

@@ -105,6 +105,22 @@ def add_import(text, enum, lib):
         return text[:m.start()] + line + text[m.start():]
     return line + text
 
+def rewrite_comments(text, variant_map, enum, lib):
+    """In comments, `Error::X` names the variant where it now lives: `LayerError::Y`; a doc link
+    gets an explicit target, so that it resolves without an import."""
+    pat = re.compile(r'(\[`)?(?<![\w:])(?:crypt_vfio::|crate::error::|crate::)?Error::(' + '|'.join(variant_map) + r')\b(?!\s*::)(`\](?!\())?')
+    def fix(line):
+        if not line.lstrip().startswith('//'):
+            return line
+        def sub(m):
+            name = f'{enum}::{variant_map[m.group(2)]}'
+            if m.group(1) and m.group(3):
+                target = ('crate::error::' if lib else 'crypt_vfio::') + name
+                return f'[`{name}`]({target})'
+            return (m.group(1) or '') + name + (m.group(3) or '')
+        return pat.sub(sub, line)
+    return '\n'.join(fix(l) for l in text.split('\n'))
+
 def main():
     outer, enum, variants = LAYERS[sys.argv[1]]
     roots = sys.argv[2:] or ['src', 'tests', 'benches', 'examples', 'fuzz/src', 'fuzz/fuzz_targets']
@@ -115,12 +131,17 @@ def main():
                 p = os.path.join(dp, f)
                 if p == 'src/error.rs': continue
                 text = open(p).read()
-                new, _ = rewrite(text, variants, outer, enum, None)
                 lib = p.startswith('src/') and not p.startswith('src/cli') and p != 'src/main.rs'
+                new = rewrite_comments(text, variants, enum, lib)
+                new, _ = rewrite(new, variants, outer, enum, None)
                 # Bare uses need an import (also after an earlier run that missed one).
-                bare = re.search(r'(?<![\w:])' + enum + r'::', new)
+                code = '\n'.join(l for l in new.split('\n') if not l.lstrip().startswith('//'))
+                bare = re.search(r'(?<![\w:])' + enum + r'::', code)
                 if bare and not re.search(r'^\s*use [^;]*\b' + enum + r'\b[^;]*;', new, re.M):
                     new = add_import(new, enum, lib)
+                if re.search(r'^\s*use [^;]*\b' + enum + r'\b[^;]*;', new, re.M):
+                    # In scope: an explicit link target would be redundant (rustdoc warns).
+                    new = re.sub(r'\[`(' + enum + r'::\w+)`\]\((?:crate::error|crypt_vfio)::\1\)', r'[`\1`]', new)
                 if new == text: continue
                 open(p, 'w').write(new)
                 print('rewrote', p)

@@ -74,7 +74,7 @@ impl DmaPool {
     }
 
     /// A zeroed buffer of `len` bytes, aligned to at least 64 bytes (and to its size class).
-    /// A length no mapping can hold (2^63 bytes and more) gives [`Error::Vfio(VfioError::Dma)`].
+    /// A length no mapping can hold (2^63 bytes and more) gives [`VfioError::Dma`].
     pub fn alloc(&self, len: usize) -> Result<DmaBuffer> {
         let len_nonzero = len.max(1);
         let Some(class_len) = len_nonzero.checked_next_power_of_two() else {

@@ -13,7 +13,7 @@ use crypt_vfio_cores::Mode;
 
 use super::software::{SoftwareEngine, SoftwareSession};
 use super::{Buf, Completion, Engine, Event, EventSink, Queue, Request, SubmitError, Submitted};
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, Error, Result};
 use crate::virtio_crypto::{DeviceSession, VirtioCrypto};
 
 /// A device or the software engine, behind one type.
@@ -133,7 +133,7 @@ impl Engine for AnyEngine {
         match (self, session) {
             (AnyEngine::Device(d), AnySession::Device(s)) => d.destroy_session(s),
             (AnyEngine::Software(e), AnySession::Software(s)) => e.destroy_session(s),
-            _ => Err(Error::InvalidSession),
+            _ => Err(Error::Crypto(CryptoError::InvalidSession)),
         }
     }
 
@@ -207,9 +207,10 @@ impl Queue<AnySession> for AnyQueue {
                 forward(&mut **q, map_session(rest, |()| s), may_backlog, AnySession::Software)
             }
             // A session of the other kind of engine names nothing here.
-            (_, session) => {
-                Err(SubmitError::rejected(map_session(rest, |()| session), Error::InvalidSession))
-            }
+            (_, session) => Err(SubmitError::rejected(
+                map_session(rest, |()| session),
+                Error::Crypto(CryptoError::InvalidSession),
+            )),
         }
     }
 

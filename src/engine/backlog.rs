@@ -120,7 +120,7 @@ impl<T> Backlog<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::DeviceError;
+    use crate::error::{CryptoError, DeviceError};
 
     struct TestRing {
         cap: usize,
@@ -134,7 +134,7 @@ mod tests {
         }
         fn push(&mut self, item: u32) -> Result<(), (u32, Error)> {
             if Some(item) == self.reject {
-                return Err((item, Error::InvalidSession));
+                return Err((item, Error::Crypto(CryptoError::InvalidSession)));
             }
             self.items.push(item);
             Ok(())

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::{Buf, Completion, Engine, Event, Iv, Queue, Request, SubmitErrorKind, TAG_LEN};
 use crate::engine::Direction;
-use crate::error::{DeviceError, Error, Result};
+use crate::error::{CryptoError, DeviceError, Error, Result};
 
 /// How long [`BlockingQueue::run`] waits by default before giving a request up.
 ///
@@ -81,7 +81,7 @@ impl<S: Send + 'static> BlockingQueue<S> {
     }
 
     /// Sets how long [`run`](Self::run) waits for a completion before it returns
-    /// [`Error::Device(DeviceError::Timeout)`] (default [`DEFAULT_WAIT`]).
+    /// [`DeviceError::Timeout`] (default [`DEFAULT_WAIT`]).
     pub fn set_wait(&mut self, wait: Duration) {
         self.wait = wait;
     }
@@ -148,8 +148,9 @@ impl<S: Clone + Send + 'static> BlockingQueue<S> {
         data: &mut [u8],
         tag: [u8; TAG_LEN],
     ) -> Result<[u8; TAG_LEN]> {
-        let iv = Iv::new(iv)
-            .ok_or_else(|| Error::InvalidRequest(format!("a {}-byte IV (16 bytes at most)", iv.len())))?;
+        let iv = Iv::new(iv).ok_or_else(|| {
+            Error::Crypto(CryptoError::InvalidRequest(format!("a {}-byte IV (16 bytes at most)", iv.len())))
+        })?;
         let mut req = Request::new(session.clone(), direction, iv, Buf::Host(data.to_vec()), 0);
         req.aad = aad.to_vec();
         req.tag = tag;
@@ -177,7 +178,7 @@ impl<S: Clone + Send + 'static> BlockingQueue<S> {
     }
 
     /// Checks `tag` over `aad` and `data` with an AES-GCM session and decrypts `data` in place.
-    /// On [`Error::AuthFailed`] `data` is left as it was: no unauthenticated plaintext.
+    /// On [`CryptoError::AuthFailed`] `data` is left as it was: no unauthenticated plaintext.
     pub fn open_sealed(
         &mut self,
         session: &S,

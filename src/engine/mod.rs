@@ -29,7 +29,7 @@ pub use request::{
     Buf, BufMut, Completion, Direction, Event, Iv, Request, SubmitError, SubmitErrorKind, Submitted, TAG_LEN,
 };
 
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, Error, Result};
 
 /// A provider of AES sessions and submission queues.
 pub trait Engine: Send + Sync {
@@ -39,12 +39,12 @@ pub trait Engine: Send + Sync {
     /// A short description for logs and reports (`virtio-crypto on 0000:00:04.0`, `software`).
     fn describe(&self) -> String;
 
-    /// Creates a session of `mode` with `key`. Bad key lengths give [`Error::KeyLength`]; modes
-    /// the engine lacks give [`Error::NotSupported`].
+    /// Creates a session of `mode` with `key`. Bad key lengths give [`CryptoError::KeyLength`]; modes
+    /// the engine lacks give [`CryptoError::NotSupported`].
     fn create_session(&self, mode: Mode, key: &[u8]) -> Result<Self::Session>;
 
     /// Destroys a session. Requests still in flight on it may fail with
-    /// [`Error::InvalidSession`].
+    /// [`CryptoError::InvalidSession`].
     fn destroy_session(&self, session: &Self::Session) -> Result<()>;
 
     /// How many independent submission queues the engine has.
@@ -86,17 +86,19 @@ pub trait Queue<S>: Send {
 /// data length rules of the mode.
 pub fn validate_request(mode: Mode, iv: &[u8], aad_len: usize, data_len: usize, max: usize) -> Result<()> {
     if iv.len() != mode.iv_len() {
-        return Err(Error::InvalidRequest(format!(
+        return Err(Error::Crypto(CryptoError::InvalidRequest(format!(
             "{mode} takes a {}-byte IV, got {} bytes",
             mode.iv_len(),
             iv.len()
-        )));
+        ))));
     }
     if !mode.is_aead() && aad_len != 0 {
-        return Err(Error::InvalidRequest(format!("{mode} takes no additional authenticated data")));
+        return Err(Error::Crypto(CryptoError::InvalidRequest(format!(
+            "{mode} takes no additional authenticated data"
+        ))));
     }
     if data_len > max {
-        return Err(Error::TooLarge { len: data_len as u64, max: max as u64 });
+        return Err(Error::Crypto(CryptoError::TooLarge { len: data_len as u64, max: max as u64 }));
     }
     mode.check_data_len(data_len).map_err(Error::from)
 }

@@ -15,7 +15,7 @@ use super::{
     deliver_one, validate_request, Completion, Direction, Engine, EngineId, Event, EventSink, Queue, Request,
     SubmitError, Submitted,
 };
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, Error, Result};
 
 /// The AES cores as an engine.
 #[derive(Debug, Clone)]
@@ -80,7 +80,7 @@ impl Engine for SoftwareEngine {
 
     fn destroy_session(&self, session: &SoftwareSession) -> Result<()> {
         if session.engine != self.id {
-            return Err(Error::InvalidSession);
+            return Err(Error::Crypto(CryptoError::InvalidSession));
         }
         Ok(())
     }
@@ -115,7 +115,7 @@ impl Queue<SoftwareSession> for SoftwareQueue {
         _may_backlog: bool,
     ) -> Result<Submitted, SubmitError<SoftwareSession>> {
         if request.session.engine != self.engine {
-            return Err(SubmitError::rejected(request, Error::InvalidSession));
+            return Err(SubmitError::rejected(request, Error::Crypto(CryptoError::InvalidSession)));
         }
         let mode = request.session.mode;
         if let Err(e) =

@@ -265,10 +265,10 @@ pub fn be_u64(b: &[u8]) -> u64 {
 /// The reply error for a failed device operation: the protocol only has a few values, so
 /// everything without a closer match is an I/O error.
 pub fn errno_of(e: &crate::Error) -> u32 {
-    use crate::Error;
+    use crate::{CryptoError, Error};
     match e {
         Error::ReadOnly => errno::EPERM,
-        Error::OutOfRange { .. } | Error::InvalidRequest(_) => errno::EINVAL,
+        Error::OutOfRange { .. } | Error::Crypto(CryptoError::InvalidRequest(_)) => errno::EINVAL,
         Error::Os { source, .. } => match source.raw_os_error() {
             Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => errno::ENOSPC,
             Some(libc::EPERM | libc::EACCES | libc::EROFS) => errno::EPERM,
@@ -321,6 +321,6 @@ mod tests {
         assert_eq!(errno_of(&os(libc::EIO)), errno::EIO);
         assert_eq!(errno_of(&crate::Error::ReadOnly), errno::EPERM);
         assert_eq!(errno_of(&crate::Error::OutOfRange { offset: 1, len: 1, size: 1 }), errno::EINVAL);
-        assert_eq!(errno_of(&crate::Error::AuthFailed), errno::EIO);
+        assert_eq!(errno_of(&crate::Error::Crypto(crate::error::CryptoError::AuthFailed)), errno::EIO);
     }
 }

@@ -282,7 +282,7 @@ impl VirtioPci {
     }
 
     /// Reads device configuration consistently: retries while `config_generation` changes,
-    /// up to [`CONFIG_READ_ATTEMPTS`] times, then fails with [`Error::Device(DeviceError::ConfigUnsettled)`] (a device
+    /// up to [`CONFIG_READ_ATTEMPTS`] times, then fails with [`DeviceError::ConfigUnsettled`] (a device
     /// whose generation never settles would otherwise hold the driver forever).
     pub fn read_device_config<T>(&self, read: impl Fn(&BarWindow) -> T) -> Result<T> {
         for _ in 0..CONFIG_READ_ATTEMPTS {

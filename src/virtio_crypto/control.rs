@@ -23,7 +23,7 @@ use vm_memory::Bytes;
 use super::config::wire_algo;
 use crate::dma::{DmaBuffer, DmaPool};
 use crate::engine::Direction;
-use crate::error::{DeviceError, Error, Result, VfioError};
+use crate::error::{CryptoError, DeviceError, Error, Result, VfioError};
 use crate::virtio::{SplitQueue, VirtioPci};
 
 const KEY_OFF: usize = crypto::CTRL_REQ_SIZE;
@@ -95,7 +95,11 @@ impl ControlQueue {
     /// Creates a one-direction session; returns the device's session id.
     pub fn create(&mut self, mode: Mode, direction: Direction, key: &[u8]) -> Result<u64> {
         if key.len() > MAX_KEY {
-            return Err(Error::KeyLength { mode, len: key.len(), expected: mode.key_lengths() });
+            return Err(Error::Crypto(CryptoError::KeyLength {
+                mode,
+                len: key.len(),
+                expected: mode.key_lengths(),
+            }));
         }
         self.check_clean()?;
         let (svc, algo) = wire_algo(mode);
@@ -152,8 +156,8 @@ impl ControlQueue {
         let v = self.buf.volatile();
         match v.read_obj::<u8>(INPUT_OFF).map_err(|e| Error::Vfio(VfioError::Dma(e.to_string())))? {
             status::OK => Ok(()),
-            status::INVSESS => Err(Error::InvalidSession),
-            s => Err(Error::DeviceError(s)),
+            status::INVSESS => Err(Error::Crypto(CryptoError::InvalidSession)),
+            s => Err(Error::Crypto(CryptoError::Status(s))),
         }
     }
 
@@ -217,10 +221,14 @@ pub const MAX_AAD: u32 = 64 * 1024;
 
 fn session_error(status_code: u8, mode: Mode, key_len: usize) -> Error {
     match status_code {
-        status::NOTSUPP => Error::NotSupported(format!("{mode} with a {}-bit key", key_len * 8)),
-        status::NOSPC => Error::NoSpace("the device has no free session".into()),
-        status::INVSESS => Error::InvalidSession,
-        status::KEY_REJECTED => Error::KeyRejected(format!("the device refused the {mode} key")),
-        s => Error::DeviceError(s),
+        status::NOTSUPP => {
+            Error::Crypto(CryptoError::NotSupported(format!("{mode} with a {}-bit key", key_len * 8)))
+        }
+        status::NOSPC => Error::Crypto(CryptoError::NoSpace("the device has no free session".into())),
+        status::INVSESS => Error::Crypto(CryptoError::InvalidSession),
+        status::KEY_REJECTED => {
+            Error::Crypto(CryptoError::KeyRejected(format!("the device refused the {mode} key")))
+        }
+        s => Error::Crypto(CryptoError::Status(s)),
     }
 }

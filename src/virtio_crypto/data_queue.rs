@@ -27,7 +27,7 @@ use crate::engine::{
     validate_request, Buf, Completion, Delivery, Direction, Event, EventSink, Outbox, Queue, Request,
     SubmitError, Submitted, TAG_LEN,
 };
-use crate::error::{DeviceError, Error, Result, VfioError};
+use crate::error::{CryptoError, DeviceError, Error, Result, VfioError};
 use crate::transport::EventNotifier;
 use crate::virtio::{SplitQueue, VirtioPci};
 
@@ -442,17 +442,21 @@ impl RingState {
                 "device reported success but wrote {written} of {} bytes",
                 slot.expect
             )))),
-            status::BADMSG => Err(Error::AuthFailed),
-            status::NOTSUPP => Err(Error::NotSupported(format!("{} request", p.req.session.mode))),
-            status::INVSESS => Err(Error::InvalidSession),
-            status::NOSPC => Err(Error::NoSpace("device out of resources for the request".into())),
+            status::BADMSG => Err(Error::Crypto(CryptoError::AuthFailed)),
+            status::NOTSUPP => {
+                Err(Error::Crypto(CryptoError::NotSupported(format!("{} request", p.req.session.mode))))
+            }
+            status::INVSESS => Err(Error::Crypto(CryptoError::InvalidSession)),
+            status::NOSPC => {
+                Err(Error::Crypto(CryptoError::NoSpace("device out of resources for the request".into())))
+            }
             0xff => Err(Error::Device(DeviceError::Failed(
                 "device completed a request without writing its status".into(),
             ))),
             s if s > status::KEY_REJECTED => Err(Error::Device(DeviceError::Failed(format!(
                 "device wrote status {s:#04x}, which virtio-crypto does not define"
             )))),
-            s => Err(Error::DeviceError(s)),
+            s => Err(Error::Crypto(CryptoError::Status(s))),
         };
         let req = &mut p.req;
         match &result {
@@ -466,7 +470,7 @@ impl RingState {
                     let _ = v.read_slice(&mut req.tag, base + TAG_OUT);
                 }
             }
-            Err(Error::AuthFailed) => req.data.zeroize(),
+            Err(Error::Crypto(CryptoError::AuthFailed)) => req.data.zeroize(),
             Err(_) => {}
         }
         Some((p, result))
@@ -481,7 +485,7 @@ impl Ring<Pending> for RingState {
     #[inline]
     fn push(&mut self, p: Pending) -> Result<(), (Pending, Error)> {
         let Some(i) = self.free.pop() else {
-            return Err((p, Error::InvalidRequest("ring full".into())));
+            return Err((p, Error::Crypto(CryptoError::InvalidRequest("ring full".into()))));
         };
         match self.place(usize::from(i), &p.req) {
             Ok((head, expect, bounced)) => {
@@ -524,7 +528,7 @@ impl RingState {
         // another session (another key) on the device now: never send them.
         let Some((encrypt_id, decrypt_id)) = req.session.state.ids_in(self.epoch.load(Ordering::Acquire))
         else {
-            return Err(Error::InvalidSession);
+            return Err(Error::Crypto(CryptoError::InvalidSession));
         };
         let session_id = match req.direction {
             Direction::Encrypt => encrypt_id,
@@ -617,7 +621,7 @@ impl Queue<Session> for DeviceQueue {
     ) -> Result<Submitted, SubmitError<Session>> {
         // Another device's session ids name other keys here.
         if request.session.engine != self.engine {
-            return Err(SubmitError::rejected(request, Error::InvalidSession));
+            return Err(SubmitError::rejected(request, Error::Crypto(CryptoError::InvalidSession)));
         }
         self.shared.submit(request, &self.sink, may_backlog)
     }

@@ -31,7 +31,7 @@ use session::SessionRegistry;
 
 use crate::dma::DmaPool;
 use crate::engine::{Buf, Direction, Engine, EventSink, Queue};
-use crate::error::{DeviceError, Error, Result};
+use crate::error::{CryptoError, DeviceError, Error, Result};
 use crate::transport::{EventNotifier, Transport};
 use crate::virtio::VirtioPci;
 
@@ -355,10 +355,10 @@ impl VirtioCrypto {
                 Ok(true)
             }
             Err(
-                Error::NotSupported(_)
-                | Error::KeyLength { .. }
-                | Error::KeyRejected(_)
-                | Error::DeviceError(_),
+                Error::Crypto(CryptoError::NotSupported(_))
+                | Error::Crypto(CryptoError::KeyLength { .. })
+                | Error::Crypto(CryptoError::KeyRejected(_))
+                | Error::Crypto(CryptoError::Status(_)),
             ) => Ok(false),
             Err(e) => Err(e),
         }
@@ -416,10 +416,12 @@ impl Engine for VirtioCrypto {
         // the same typed errors before the device sees them.
         let expected = mode.key_lengths();
         if !expected.contains(&key.len()) {
-            return Err(Error::KeyLength { mode, len: key.len(), expected });
+            return Err(Error::Crypto(CryptoError::KeyLength { mode, len: key.len(), expected }));
         }
         if mode == Mode::Xts && key[..key.len() / 2] == key[key.len() / 2..] {
-            return Err(Error::KeyRejected(format!("{mode} key rejected: the two key halves are equal")));
+            return Err(Error::Crypto(CryptoError::KeyRejected(format!(
+                "{mode} key rejected: the two key halves are equal"
+            ))));
         }
         let core = &self.core;
         let mut ctl = core.working_control()?;
@@ -438,7 +440,7 @@ impl Engine for VirtioCrypto {
     fn destroy_session(&self, session: &DeviceSession) -> Result<()> {
         let core = &self.core;
         if session.engine != core.id {
-            return Err(Error::InvalidSession);
+            return Err(Error::Crypto(CryptoError::InvalidSession));
         }
         // Marked destroyed only once the control queue is held (a recovery, which holds it, then
         // cannot be under way): if the device does not come back in time the session stays

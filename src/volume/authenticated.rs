@@ -31,7 +31,7 @@ use crypt_vfio_cores::Mode;
 use super::pipeline::{CryptContext, CryptFuture, CryptOp, IvNumbering, LanePool, SectorMeta};
 use super::{BlockDevice, DEFAULT_WATCHDOG};
 use crate::engine::{Direction, Engine, Iv, Request};
-use crate::error::{DeviceError, Error, Result};
+use crate::error::{CryptoError, DeviceError, Error, Result};
 
 /// Magic at byte 0.
 pub const MAGIC: [u8; 8] = *b"CVFAUTH1";
@@ -265,7 +265,7 @@ impl<E: Engine> AuthVolume<E> {
         check.tag = sb.check_tag;
         match run_one(&*engine, &session, check) {
             Ok(_) => {}
-            Err(Error::AuthFailed) => {
+            Err(Error::Crypto(CryptoError::AuthFailed)) => {
                 let _ = engine.destroy_session(&session);
                 return Err(Error::WrongKey);
             }

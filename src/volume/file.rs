@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use super::block::BlockDevice;
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, Error, Result};
 
 /// The sector size reported unless another is chosen: what a disk image is addressed in.
 pub const DEFAULT_BLOCK_SIZE: u32 = 512;
@@ -75,9 +75,9 @@ impl FileBlockDevice {
     /// (what NBD can advertise as a block size).
     pub fn with_block_size(mut self, block_size: u32) -> Result<Self> {
         if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
-            return Err(Error::InvalidRequest(format!(
+            return Err(Error::Crypto(CryptoError::InvalidRequest(format!(
                 "block size {block_size} is not a power of two from 512 to 65536"
-            )));
+            ))));
         }
         self.block_size = block_size;
         Ok(self)

@@ -10,14 +10,14 @@
 //! Completions are tracked per sector, not counted: an engine that completes a sector twice (or
 //! completes a request the op never submitted) would otherwise make the count reach its end while
 //! another sector is still in flight, and the I/O would end with that sector untransformed
-//! (plaintext written to disk). A duplicate or unknown event is an [`Error::Device(DeviceError::ContractViolation)`]
+//! (plaintext written to disk). A duplicate or unknown event is an [`DeviceError::ContractViolation`]
 //! that fails the I/O; the op still waits for every sector it submitted, and the volume writes
 //! nothing of a failed I/O.
 //!
 //! The watchdog: if nothing happens for [`Lane::watchdog`] while the op waits for a `Promoted`
 //! or for completions, the op fails instead of hanging. An engine that said `Backlogged` and
-//! then never promoted (the 2015 CAAM behaviour) gets an [`Error::Device(DeviceError::ContractViolation)`] naming the
-//! sector; an engine that accepted requests and never completed them gets [`Error::Device(DeviceError::Timeout)`].
+//! then never promoted (the 2015 CAAM behaviour) gets an [`DeviceError::ContractViolation`] naming the
+//! sector; an engine that accepted requests and never completed them gets [`DeviceError::Timeout`].
 //! The lane is then poisoned: the engine still owns those requests, so the queue is not reused.
 //!
 //! [`CryptOp::step`] never blocks, so the same state machine serves the blocking API (a spin
@@ -33,7 +33,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted, TAG_LEN};
-use crate::error::{DeviceError, Error, Result};
+use crate::error::{CryptoError, DeviceError, Error, Result};
 
 use super::iv::IvGenerator;
 
@@ -328,7 +328,9 @@ where
         let error = match error {
             e @ (Error::Device(DeviceError::ContractViolation(_))
             | Error::Device(DeviceError::Timeout(..))) => e,
-            Error::AuthFailed if self.aead.is_some() => Error::SectorAuthFailed { sector },
+            Error::Crypto(CryptoError::AuthFailed) if self.aead.is_some() => {
+                Error::SectorAuthFailed { sector }
+            }
             e => Error::Sector { sector, source: Box::new(e) },
         };
         match &self.error {
