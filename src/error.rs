@@ -18,28 +18,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A block device access falls outside the device.
-    #[error("{len} bytes at offset {offset} fall outside the device of {size} bytes")]
-    OutOfRange {
-        /// First byte asked for.
-        offset: u64,
-        /// Bytes asked for.
-        len: u64,
-        /// The device's size.
-        size: u64,
-    },
-    /// A write to a block device that was opened read-only.
-    #[error("the device is read-only")]
-    ReadOnly,
     /// A network peer broke the protocol (NBD): the connection cannot go on.
     #[error("protocol violation: {0}")]
     Protocol(String),
     /// No key slot of the LUKS header opens with the passphrase given.
     #[error("no key slot opens with this passphrase (wrong passphrase?)")]
     WrongPassphrase,
-    /// The key does not open an authenticated volume.
-    #[error("the key does not open this volume (wrong key, or its superblock was modified)")]
-    WrongKey,
     /// The file does not start with a LUKS header.
     #[error("not a LUKS image: {0}")]
     NotLuks(String),
@@ -51,50 +35,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// The file is shorter than its header (or the caller) says it must be.
-    #[error("truncated image: {what} needs {needed} bytes but the file has {have}")]
-    Truncated {
-        /// What does not fit.
-        what: String,
-        /// Bytes needed.
-        needed: u64,
-        /// Bytes present.
-        have: u64,
-    },
-    /// The cipher specification is not one this volume layer implements.
-    #[error("unsupported cipher spec `{spec}`: {reason}")]
-    UnsupportedCipher {
-        /// The spec as given (`aes-xts-plain64`).
-        spec: String,
-        /// Why it is refused, with what is supported.
-        reason: String,
-    },
-    /// The image cannot hold what is to be written into it (a header and at least one sector).
-    #[error("the image is too small: {0}")]
-    TooSmall(String),
-    /// A volume parameter or an I/O request does not fit the volume.
-    #[error("invalid volume request: {0}")]
-    InvalidVolume(String),
     /// A key slot operation cannot be done (all slots full, slot not active, last slot).
     #[error("key slot: {0}")]
     Keyslot(String),
-    /// An authenticated sector failed its check; nothing of it was returned.
-    #[error(
-        "sector {sector}: authentication failed (the data or its tag was modified, or a write was torn)"
-    )]
-    SectorAuthFailed {
-        /// The sector, counted from the start of the volume's data.
-        sector: u64,
-    },
-    /// The engine failed the request of one sector.
-    #[error("sector {sector}: {source}")]
-    Sector {
-        /// The sector, counted from the start of the volume's data.
-        sector: u64,
-        /// What the engine reported.
-        #[source]
-        source: Box<Error>,
-    },
     /// A valid header asks for something crypt-vfio does not implement (a hash, a cipher, a
     /// LUKS2 reencryption in progress): the image is not corrupt, it needs another tool.
     #[error("unsupported: {0}")]
@@ -108,6 +51,9 @@ pub enum Error {
     /// A request or session failed: see [`CryptoError`].
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// A volume failed: see [`VolumeError`].
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
 }
 
 /// The platform around the device: VFIO, sysfs, the IOMMU, device-visible memory and the
@@ -251,6 +197,69 @@ pub enum CryptoError {
     /// The device reported a failure for this request.
     #[error("device reported an error (status {0})")]
     Status(u8),
+}
+
+/// The block layer: volume parameters, I/O ranges, images that are too small or truncated,
+/// authenticated sectors.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// A block device access falls outside the device.
+    #[error("{len} bytes at offset {offset} fall outside the device of {size} bytes")]
+    OutOfRange {
+        /// First byte asked for.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// The device's size.
+        size: u64,
+    },
+    /// A write to a block device that was opened read-only.
+    #[error("the device is read-only")]
+    ReadOnly,
+    /// The key does not open an authenticated volume.
+    #[error("the key does not open this volume (wrong key, or its superblock was modified)")]
+    WrongKey,
+    /// The file is shorter than its header (or the caller) says it must be.
+    #[error("truncated image: {what} needs {needed} bytes but the file has {have}")]
+    Truncated {
+        /// What does not fit.
+        what: String,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes present.
+        have: u64,
+    },
+    /// The cipher specification is not one this volume layer implements.
+    #[error("unsupported cipher spec `{spec}`: {reason}")]
+    UnsupportedCipher {
+        /// The spec as given (`aes-xts-plain64`).
+        spec: String,
+        /// Why it is refused, with what is supported.
+        reason: String,
+    },
+    /// The image cannot hold what is to be written into it (a header and at least one sector).
+    #[error("the image is too small: {0}")]
+    TooSmall(String),
+    /// A volume parameter or an I/O request does not fit the volume.
+    #[error("invalid volume request: {0}")]
+    Invalid(String),
+    /// An authenticated sector failed its check; nothing of it was returned.
+    #[error(
+        "sector {sector}: authentication failed (the data or its tag was modified, or a write was torn)"
+    )]
+    SectorAuthFailed {
+        /// The sector, counted from the start of the volume's data.
+        sector: u64,
+    },
+    /// The engine failed the request of one sector.
+    #[error("sector {sector}: {source}")]
+    Sector {
+        /// The sector, counted from the start of the volume's data.
+        sector: u64,
+        /// What the engine reported.
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {

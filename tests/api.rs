@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crypt_vfio::engine::{Buf, Direction, Engine, Iv, Queue, Request, SubmitErrorKind};
 use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion};
 use crypt_vfio::volume::{AnyVolume, AuthVolume};
-use crypt_vfio::{BlockingQueue, CryptoError, DeviceName, Error, Mode, VfioError};
+use crypt_vfio::{BlockingQueue, CryptoError, DeviceName, Error, Mode, VfioError, VolumeError};
 
 fn fast_luks(version: LuksVersion) -> FormatOptions {
     let mut opts = FormatOptions::new(version);
@@ -96,7 +96,7 @@ fn images_open_by_path_whatever_their_format() {
     // A failed create leaves no file behind.
     let bad = dir.path().join("bad.img");
     let e = luks::create(&*engine, &bad, &fast_luks(LuksVersion::Luks1), b"pw", 1000).unwrap_err();
-    assert!(matches!(e, Error::InvalidVolume(_)), "{e:?}");
+    assert!(matches!(e, Error::Volume(VolumeError::Invalid(_))), "{e:?}");
     assert!(!bad.exists());
 
     let auth = dir.path().join("auth.img");
@@ -108,7 +108,10 @@ fn images_open_by_path_whatever_their_format() {
     let mut back = [0u8; 6];
     v.read_at(100, &mut back).unwrap();
     assert_eq!(&back, b"tagged");
-    assert!(matches!(AnyVolume::open(engine.clone(), &auth, &[5; 32], false), Err(Error::WrongKey)));
+    assert!(matches!(
+        AnyVolume::open(engine.clone(), &auth, &[5; 32], false),
+        Err(Error::Volume(VolumeError::WrongKey))
+    ));
 
     let junk = dir.path().join("junk.img");
     std::fs::write(&junk, vec![0u8; 1 << 16]).unwrap();

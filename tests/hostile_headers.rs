@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion};
 use crypt_vfio::volume::authenticated::META_ENTRY_LEN;
 use crypt_vfio::volume::AuthVolume;
-use crypt_vfio::Error;
+use crypt_vfio::{Error, VolumeError};
 use serde_json::{json, Value};
 use support::scratch;
 
@@ -210,7 +210,7 @@ fn authenticated_superblock_reserved_bytes_and_entry_padding_are_checked() {
     v.read_at(2 * 512, &mut buf).unwrap();
     assert_eq!(buf, [7u8; 512]);
     let e = v.read_at(3 * 512, &mut buf).unwrap_err();
-    assert!(matches!(e, Error::SectorAuthFailed { sector: 3 }), "{e}");
+    assert!(matches!(e, Error::Volume(VolumeError::SectorAuthFailed { sector: 3 })), "{e}");
     assert_eq!(buf, [0u8; 512], "nothing unauthenticated is handed out");
 }
 

@@ -16,7 +16,7 @@ use crypt_vfio::engine::Engine;
 use crypt_vfio::transport::emulated::EmulatedConfig;
 use crypt_vfio::virtio_crypto::DeviceOptions;
 use crypt_vfio::volume::{BlockDevice, CipherSpec, Volume, VolumeParams};
-use crypt_vfio::{CoreKind, DeviceError, Error};
+use crypt_vfio::{CoreKind, DeviceError, Error, VolumeError};
 use support::engines::{Behaviour, Wrapped};
 use support::{have_python_cryptography, pattern, run, scratch, tool_script};
 
@@ -259,10 +259,10 @@ fn a_failed_sector_fails_the_io_and_names_the_sector() {
     .unwrap();
     let mut buf = vec![0u8; 1 << 20];
     match v.read_at(0, &mut buf) {
-        Err(Error::Sector { sector, source }) => {
+        Err(Error::Volume(VolumeError::Sector { sector, source })) => {
             assert!(sector < 2048, "sector {sector}");
-            assert!(!matches!(*source, Error::Sector { .. }));
-            let msg = Error::Sector { sector, source }.to_string();
+            assert!(!matches!(*source, Error::Volume(VolumeError::Sector { .. })));
+            let msg = Error::Volume(VolumeError::Sector { sector, source }).to_string();
             assert!(msg.starts_with(&format!("sector {sector}:")), "{msg}");
         }
         other => panic!("a 1% error rate over 2048 sectors gave {other:?}"),
@@ -376,7 +376,7 @@ fn bad_parameters_get_clear_errors() {
     let e =
         Volume::open(engine.clone(), backing(dir.path(), 100), true, &KEY64, params("aes-xts-plain64", 512))
             .unwrap_err();
-    assert!(matches!(e, Error::Truncated { .. }), "{e}");
+    assert!(matches!(e, Error::Volume(VolumeError::Truncated { .. })), "{e}");
     let e = Volume::open(
         engine.clone(),
         backing(dir.path(), 1 << 16),
@@ -388,10 +388,13 @@ fn bad_parameters_get_clear_errors() {
     assert!(e.to_string().contains("192-bit"), "{e}");
     let v = Volume::open(engine, backing(dir.path(), 1 << 16), false, &KEY64, params("aes-xts-plain64", 512))
         .unwrap();
-    assert!(matches!(v.write_at(0, b"x"), Err(Error::ReadOnly)));
+    assert!(matches!(v.write_at(0, b"x"), Err(Error::Volume(VolumeError::ReadOnly))));
     let mut buf = [0u8; 10];
     let e = v.read_at((1 << 16) - 5, &mut buf).unwrap_err();
-    assert!(matches!(e, Error::OutOfRange { offset: 65531, len: 10, size: 65536 }), "{e}");
+    assert!(
+        matches!(e, Error::Volume(VolumeError::OutOfRange { offset: 65531, len: 10, size: 65536 })),
+        "{e}"
+    );
     assert!("aes-xts-essiv:sha256".parse::<CipherSpec>().is_err());
 }
 
@@ -428,7 +431,7 @@ fn write_zeroes_and_trim_as_the_nbd_server_uses_them() {
     let raw = std::fs::read(dir.path().join("disk")).unwrap();
     assert!(!raw[1024..5632].windows(64).any(|w| w.iter().all(|&b| b == 0)));
     dev.trim(0, 4096).unwrap();
-    assert!(matches!(dev.trim(1 << 16, 1), Err(Error::OutOfRange { .. })));
+    assert!(matches!(dev.trim(1 << 16, 1), Err(Error::Volume(VolumeError::OutOfRange { .. }))));
     dev.read_at(0, &mut back).unwrap();
     assert!(back == expected, "trim changes nothing");
 }
@@ -465,7 +468,7 @@ fn offsets_and_sizes_near_u64_max_give_errors_not_overflows() {
         let engine = Arc::new(SoftwareEngine::new(CoreKind::Fast));
         let r = Volume::open(engine, backing(dir.path(), 1 << 16), true, &KEY64, p);
         assert!(
-            matches!(r, Err(Error::InvalidVolume(ref m)) if m.contains("beyond")),
+            matches!(r, Err(Error::Volume(VolumeError::Invalid(ref m))) if m.contains("beyond")),
             "offset {data_offset}, size {size:?}: {:?}",
             r.err()
         );

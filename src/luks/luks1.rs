@@ -10,7 +10,7 @@ use super::kdf::{HashAlg, Kdf};
 use super::keyslot::{self, AreaLayout};
 use super::{hex, LuksKdfOptions};
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VolumeError};
 use crate::volume::{CipherSpec, VolumeKey, VolumeParams};
 
 /// The magic at byte 0.
@@ -92,11 +92,11 @@ impl Header {
     /// Parses and checks the first [`HEADER_LEN`] bytes of an image.
     pub fn parse(b: &[u8]) -> Result<Self> {
         if b.len() < HEADER_LEN {
-            return Err(Error::Truncated {
+            return Err(Error::Volume(VolumeError::Truncated {
                 what: "the LUKS1 header".into(),
                 needed: HEADER_LEN as u64,
                 have: b.len() as u64,
-            });
+            }));
         }
         if b[..6] != MAGIC {
             return Err(Error::NotLuks("no LUKS magic at byte 0".into()));
@@ -446,12 +446,12 @@ mod tests {
         assert!(msg.contains("key slot 0 active"), "{msg}");
         let mut b = good;
         b[40..52].copy_from_slice(b"ecb-plain64\0");
-        assert!(matches!(Header::parse(&b), Err(Error::UnsupportedCipher { .. })));
+        assert!(matches!(Header::parse(&b), Err(Error::Volume(VolumeError::UnsupportedCipher { .. }))));
         let mut b = good;
         b[108..112].copy_from_slice(&20u32.to_be_bytes());
         let msg = Header::parse(&b).unwrap_err().to_string();
         assert!(msg.contains("key_bytes"), "{msg}");
-        assert!(matches!(Header::parse(&good[..300]), Err(Error::Truncated { .. })));
+        assert!(matches!(Header::parse(&good[..300]), Err(Error::Volume(VolumeError::Truncated { .. }))));
     }
 
     #[test]

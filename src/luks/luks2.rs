@@ -17,7 +17,7 @@ use super::kdf::{Argon2Kind, HashAlg, Kdf};
 use super::keyslot::{self, AreaLayout};
 use super::{hex, LuksKdfOptions};
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VolumeError};
 use crate::volume::{CipherSpec, VolumeKey, VolumeParams};
 
 /// Magic of the primary header.
@@ -269,7 +269,7 @@ impl Header {
                     break;
                 }
                 // No copy there: no magic, or the file ends before that offset.
-                Err(Error::NotLuks(_) | Error::Truncated { .. }) => {}
+                Err(Error::NotLuks(_) | Error::Volume(VolumeError::Truncated { .. })) => {}
                 Err(e) => {
                     damaged_secondary.get_or_insert(e);
                 }
@@ -359,10 +359,10 @@ impl Header {
             return Err(corrupt(&format!("{path}.type"), "only `crypt` segments are supported"));
         }
         if seg.get("integrity").is_some() {
-            return Err(Error::UnsupportedCipher {
+            return Err(Error::Volume(VolumeError::UnsupportedCipher {
                 spec: get_str(seg, &path, "encryption")?.to_string(),
                 reason: "LUKS2 with dm-integrity is not supported".into(),
-            });
+            }));
         }
         let size = match get_str(seg, &path, "size")? {
             "dynamic" => None,
@@ -867,6 +867,9 @@ mod tests {
         assert!(e.contains("segments.0.offset"), "{e}");
         let mut j = h.json.clone();
         j["segments"]["0"]["encryption"] = json!("aes-xts-benbi");
-        assert!(matches!(Header::from_json(j, h.hdr_size, &[0; 4096]), Err(Error::UnsupportedCipher { .. })));
+        assert!(matches!(
+            Header::from_json(j, h.hdr_size, &[0; 4096]),
+            Err(Error::Volume(VolumeError::UnsupportedCipher { .. }))
+        ));
     }
 }

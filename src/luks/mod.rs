@@ -25,7 +25,7 @@ use std::time::Duration;
 use kdf::{Argon2Kind, HashAlg, Kdf};
 
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VolumeError};
 use crate::volume::{CipherSpec, Volume, VolumeKey, VolumeParams};
 
 /// Lower-case hex, for dumps.
@@ -184,18 +184,18 @@ impl FormatOptions {
             LuksVersion::Luks1 => {
                 luks1::Header::kdf_check(&self.kdf)?;
                 if self.sector_size != 512 {
-                    return Err(Error::InvalidVolume(format!(
+                    return Err(Error::Volume(VolumeError::Invalid(format!(
                         "LUKS1 has 512-byte sectors only, not {} (use LUKS2)",
                         self.sector_size
-                    )));
+                    ))));
                 }
             }
             LuksVersion::Luks2 => {
                 if !(512..=4096).contains(&self.sector_size) || !self.sector_size.is_power_of_two() {
-                    return Err(Error::InvalidVolume(format!(
+                    return Err(Error::Volume(VolumeError::Invalid(format!(
                         "sector size {} (it must be 512, 1024, 2048 or 4096)",
                         self.sector_size
-                    )));
+                    ))));
                 }
             }
         }
@@ -228,11 +228,11 @@ impl Header {
     pub fn read(file: &File) -> Result<Self> {
         let len = crate::volume::file::storage_len(file)?;
         if len < luks1::HEADER_LEN as u64 {
-            return Err(Error::Truncated {
+            return Err(Error::Volume(VolumeError::Truncated {
                 what: "a LUKS header".into(),
                 needed: luks1::HEADER_LEN as u64,
                 have: len,
-            });
+            }));
         }
         let mut b = vec![0u8; luks1::HEADER_LEN];
         keyslot::read_exact(file, &mut b, 0, "the LUKS header")?;
@@ -398,12 +398,12 @@ pub fn format<E: Engine>(
     let len = crate::volume::file::storage_len(file)?;
     let needed = opts.data_offset() + u64::from(opts.sector_size);
     if len < needed {
-        return Err(Error::TooSmall(format!(
+        return Err(Error::Volume(VolumeError::TooSmall(format!(
             "it has {len} bytes; this LUKS header and its key slots take {} bytes, and at least one \
              {}-byte sector of data must follow ({needed} bytes in all)",
             opts.data_offset(),
             opts.sector_size
-        )));
+        ))));
     }
     let key = match volume_key {
         Some(k) => {
@@ -462,13 +462,15 @@ pub fn create<E: Engine>(
     let path = path.as_ref();
     opts.check()?;
     if data_len == 0 || data_len % u64::from(opts.sector_size) != 0 {
-        return Err(Error::InvalidVolume(format!(
+        return Err(Error::Volume(VolumeError::Invalid(format!(
             "data length {data_len} is not a positive multiple of the sector size {}",
             opts.sector_size
-        )));
+        ))));
     }
     let total = opts.data_offset().checked_add(data_len).ok_or_else(|| {
-        Error::InvalidVolume(format!("data length {data_len} does not fit after the LUKS header"))
+        Error::Volume(VolumeError::Invalid(format!(
+            "data length {data_len} does not fit after the LUKS header"
+        )))
     })?;
     let file = std::fs::OpenOptions::new()
         .read(true)

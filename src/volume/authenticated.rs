@@ -31,7 +31,7 @@ use crypt_vfio_cores::Mode;
 use super::pipeline::{CryptContext, CryptFuture, CryptOp, IvNumbering, LanePool, SectorMeta};
 use super::{BlockDevice, DEFAULT_WATCHDOG};
 use crate::engine::{Direction, Engine, Iv, Request};
-use crate::error::{CryptoError, DeviceError, Error, Result};
+use crate::error::{CryptoError, DeviceError, Error, Result, VolumeError};
 
 /// Magic at byte 0.
 pub const MAGIC: [u8; 8] = *b"CVFAUTH1";
@@ -107,11 +107,11 @@ impl Superblock {
             return Err(Error::NotLuks("no crypt-vfio authenticated volume magic (CVFAUTH1)".into()));
         }
         if b.len() < SUPERBLOCK_LEN as usize {
-            return Err(Error::Truncated {
+            return Err(Error::Volume(VolumeError::Truncated {
                 what: "the authenticated volume superblock".into(),
                 needed: SUPERBLOCK_LEN,
                 have: b.len() as u64,
-            });
+            }));
         }
         // The key check authenticates bytes 0..56 only: the rest must be exactly what format
         // writes, so that nothing in the superblock can be changed unnoticed.
@@ -217,12 +217,14 @@ impl<E: Engine> AuthVolume<E> {
     /// to fit), every sector sealed zeroes, and opens it. `key` is an AES-128 or AES-256 key.
     pub fn format(engine: Arc<E>, file: File, key: &[u8], sector_size: u32, size: u64) -> Result<Self> {
         if !(512..=4096).contains(&sector_size) || !sector_size.is_power_of_two() {
-            return Err(Error::InvalidVolume(format!("sector size {sector_size} (512, 1024, 2048 or 4096)")));
+            return Err(Error::Volume(VolumeError::Invalid(format!(
+                "sector size {sector_size} (512, 1024, 2048 or 4096)"
+            ))));
         }
         if size == 0 || size % u64::from(sector_size) != 0 {
-            return Err(Error::InvalidVolume(format!(
+            return Err(Error::Volume(VolumeError::Invalid(format!(
                 "size {size} is not a positive multiple of the sector size {sector_size}"
-            )));
+            ))));
         }
         let mut sb = Superblock::new(sector_size, size / u64::from(sector_size));
         let session = engine.create_session(Mode::Gcm, key)?;
@@ -247,11 +249,11 @@ impl<E: Engine> AuthVolume<E> {
         let sb = Superblock::parse(&b)?;
         let len = super::file::storage_len(&file)?;
         if len < sb.image_len() {
-            return Err(Error::Truncated {
+            return Err(Error::Volume(VolumeError::Truncated {
                 what: "the authenticated volume".into(),
                 needed: sb.image_len(),
                 have: len,
-            });
+            }));
         }
         let session = engine.create_session(Mode::Gcm, key)?;
         let mut check = Request::new(
@@ -267,7 +269,7 @@ impl<E: Engine> AuthVolume<E> {
             Ok(_) => {}
             Err(Error::Crypto(CryptoError::AuthFailed)) => {
                 let _ = engine.destroy_session(&session);
-                return Err(Error::WrongKey);
+                return Err(Error::Volume(VolumeError::WrongKey));
             }
             Err(e) => return Err(e),
         }
@@ -309,7 +311,7 @@ impl<E: Engine> AuthVolume<E> {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.size()) {
-            return Err(Error::OutOfRange { offset, len, size: self.size() });
+            return Err(Error::Volume(VolumeError::OutOfRange { offset, len, size: self.size() }));
         }
         Ok(())
     }
@@ -321,7 +323,7 @@ impl<E: Engine> AuthVolume<E> {
         // Bytes 28..32 of an entry are outside the tag's reach: they must be zero, or anyone
         // could change them unnoticed. A sector whose entry breaks that fails like a bad tag.
         if let Some(i) = raw.chunks_exact(META_ENTRY_LEN).position(|e| e[28..] != [0; 4]) {
-            return Err(Error::SectorAuthFailed { sector: first + i as u64 });
+            return Err(Error::Volume(VolumeError::SectorAuthFailed { sector: first + i as u64 }));
         }
         Ok(raw
             .chunks_exact(META_ENTRY_LEN)
@@ -382,7 +384,7 @@ impl<E: Engine> AuthVolume<E> {
     }
 
     /// Reads `buf.len()` verified bytes at `offset`. A sector that fails its check fails the
-    /// read with [`Error::SectorAuthFailed`] naming it, and `buf` is zeroed.
+    /// read with [`VolumeError::SectorAuthFailed`] naming it, and `buf` is zeroed.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
@@ -408,7 +410,7 @@ impl<E: Engine> AuthVolume<E> {
     /// Writes `data` at `offset` (partial sectors are read, verified, patched and resealed).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         if !self.writable {
-            return Err(Error::ReadOnly);
+            return Err(Error::Volume(VolumeError::ReadOnly));
         }
         self.check_range(offset, data.len() as u64)?;
         if data.is_empty() {
@@ -435,7 +437,10 @@ impl<E: Engine> AuthVolume<E> {
     pub async fn read_sectors_async(&self, first: u64, data: &mut [u8]) -> Result<()> {
         let ss = self.sb.sector_size as usize;
         if data.len() % ss != 0 {
-            return Err(Error::InvalidVolume(format!("{} bytes is not whole sectors", data.len())));
+            return Err(Error::Volume(VolumeError::Invalid(format!(
+                "{} bytes is not whole sectors",
+                data.len()
+            ))));
         }
         self.check_range(first * ss as u64, data.len() as u64)?;
         // Never blocks the thread: other futures on it may hold the range.

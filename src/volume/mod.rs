@@ -41,7 +41,7 @@ use iv::IvGenerator;
 use pipeline::{CryptContext, CryptFuture, CryptOp, IvNumbering, LanePool};
 
 use crate::engine::{Direction, Engine};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VolumeError};
 
 /// A volume key (zeroed when dropped).
 pub type VolumeKey = Zeroizing<Vec<u8>>;
@@ -75,23 +75,23 @@ impl VolumeParams {
 
     fn check(&self) -> Result<()> {
         if !(512..=4096).contains(&self.sector_size) || !self.sector_size.is_power_of_two() {
-            return Err(Error::InvalidVolume(format!(
+            return Err(Error::Volume(VolumeError::Invalid(format!(
                 "sector size {} (it must be 512, 1024, 2048 or 4096)",
                 self.sector_size
-            )));
+            ))));
         }
         if self.data_offset % 512 != 0 {
-            return Err(Error::InvalidVolume(format!(
+            return Err(Error::Volume(VolumeError::Invalid(format!(
                 "data offset {} is not a multiple of 512 bytes",
                 self.data_offset
-            )));
+            ))));
         }
         if let Some(size) = self.size {
             if size % u64::from(self.sector_size) != 0 {
-                return Err(Error::InvalidVolume(format!(
+                return Err(Error::Volume(VolumeError::Invalid(format!(
                     "size {size} is not a multiple of the sector size {}",
                     self.sector_size
-                )));
+                ))));
             }
         }
         Ok(())
@@ -141,10 +141,10 @@ impl<E: Engine> Volume<E> {
         // Offsets and sizes come from headers and command lines: near u64::MAX they must give
         // an error, not an overflow.
         let beyond = |what: &str| {
-            Error::InvalidVolume(format!(
+            Error::Volume(VolumeError::Invalid(format!(
                 "{what} (data offset {} bytes) lies beyond the largest file offset",
                 params.data_offset
-            ))
+            )))
         };
         let size = match params.size {
             Some(size) => {
@@ -154,11 +154,11 @@ impl<E: Engine> Volume<E> {
                     .filter(|&end| end <= i64::MAX as u64)
                     .ok_or_else(|| beyond(&format!("the end of a data area of {size} bytes")))?;
                 if len < needed {
-                    return Err(Error::Truncated {
+                    return Err(Error::Volume(VolumeError::Truncated {
                         what: "the volume's data area".into(),
                         needed,
                         have: len,
-                    });
+                    }));
                 }
                 size
             }
@@ -169,11 +169,11 @@ impl<E: Engine> Volume<E> {
                     .filter(|&end| end <= i64::MAX as u64)
                     .ok_or_else(|| beyond("the first sector"))?;
                 if len < needed {
-                    return Err(Error::Truncated {
+                    return Err(Error::Volume(VolumeError::Truncated {
                         what: "the volume's data area (at least one sector)".into(),
                         needed,
                         have: len,
-                    });
+                    }));
                 }
                 (len - params.data_offset) / ss * ss
             }
@@ -266,10 +266,10 @@ impl<E: Engine> Volume<E> {
 
     fn check_whole(&self, len: usize) -> Result<()> {
         if len % self.params.sector_size as usize != 0 {
-            return Err(Error::InvalidVolume(format!(
+            return Err(Error::Volume(VolumeError::Invalid(format!(
                 "{len} bytes is not a whole number of {}-byte sectors",
                 self.params.sector_size
-            )));
+            ))));
         }
         Ok(())
     }
@@ -277,7 +277,7 @@ impl<E: Engine> Volume<E> {
     fn check_range(&self, offset: u64, len: usize) -> Result<()> {
         let end = offset.checked_add(len as u64);
         if end.is_none_or(|end| end > self.size) {
-            return Err(Error::OutOfRange { offset, len: len as u64, size: self.size });
+            return Err(Error::Volume(VolumeError::OutOfRange { offset, len: len as u64, size: self.size }));
         }
         Ok(())
     }
@@ -295,11 +295,11 @@ impl<E: Engine> Volume<E> {
         self.file.read_exact_at(buf, pos).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 let have = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-                Error::Truncated {
+                Error::Volume(VolumeError::Truncated {
                     what: format!("sector {first_sector} of the volume"),
                     needed: pos + buf.len() as u64,
                     have,
-                }
+                })
             } else {
                 Error::os(format!("reading {} bytes at {pos} of the backing file", buf.len()), e)
             }
@@ -351,7 +351,7 @@ impl<E: Engine> Volume<E> {
 
     fn check_write(&self, offset: u64, len: usize) -> Result<()> {
         if !self.writable {
-            return Err(Error::ReadOnly);
+            return Err(Error::Volume(VolumeError::ReadOnly));
         }
         self.check_range(offset, len)
     }

@@ -33,7 +33,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted, TAG_LEN};
-use crate::error::{CryptoError, DeviceError, Error, Result};
+use crate::error::{CryptoError, DeviceError, Error, Result, VolumeError};
 
 use super::iv::IvGenerator;
 
@@ -329,9 +329,9 @@ where
             e @ (Error::Device(DeviceError::ContractViolation(_))
             | Error::Device(DeviceError::Timeout(..))) => e,
             Error::Crypto(CryptoError::AuthFailed) if self.aead.is_some() => {
-                Error::SectorAuthFailed { sector }
+                Error::Volume(VolumeError::SectorAuthFailed { sector })
             }
-            e => Error::Sector { sector, source: Box::new(e) },
+            e => Error::Volume(VolumeError::Sector { sector, source: Box::new(e) }),
         };
         match &self.error {
             Some((i, _)) if *i <= index => {}
@@ -449,8 +449,10 @@ where
             req.tag = m.tag;
             return Ok(req);
         }
-        let ivgen =
-            self.ctx.ivgen.ok_or_else(|| Error::InvalidVolume("no IV generator for the sectors".into()))?;
+        let ivgen = self
+            .ctx
+            .ivgen
+            .ok_or_else(|| Error::Volume(VolumeError::Invalid("no IV generator for the sectors".into())))?;
         let iv = ivgen.iv(self.ctx.numbering.iv_sector(sector));
         Ok(Request::new(self.ctx.session.clone(), self.direction, Iv::from(iv), buf, user_data))
     }
