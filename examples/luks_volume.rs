@@ -56,7 +56,9 @@ fn round_trip(engine: Arc<crypt_vfio::AnyEngine>, path: &std::path::Path) -> Res
     assert_ne!(on_disk, b"hello, encrypted world");
 
     match AnyVolume::open(engine.clone(), path, b"wrong", false) {
-        Err(crypt_vfio::Error::WrongPassphrase) => println!("wrong passphrase refused"),
+        Err(crypt_vfio::Error::Luks(crypt_vfio::LuksError::WrongPassphrase)) => {
+            println!("wrong passphrase refused")
+        }
         other => panic!("a wrong passphrase was not refused: {other:?}"),
     }
     let volume = AnyVolume::open(engine, path, b"correct horse", false)?;

@@ -21,27 +21,6 @@ pub enum Error {
     /// A network peer broke the protocol (NBD): the connection cannot go on.
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// No key slot of the LUKS header opens with the passphrase given.
-    #[error("no key slot opens with this passphrase (wrong passphrase?)")]
-    WrongPassphrase,
-    /// The file does not start with a LUKS header.
-    #[error("not a LUKS image: {0}")]
-    NotLuks(String),
-    /// A LUKS header field holds a value that cannot be right.
-    #[error("corrupt LUKS header: {field}: {reason}")]
-    CorruptHeader {
-        /// The field, as the format specification names it.
-        field: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A key slot operation cannot be done (all slots full, slot not active, last slot).
-    #[error("key slot: {0}")]
-    Keyslot(String),
-    /// A valid header asks for something crypt-vfio does not implement (a hash, a cipher, a
-    /// LUKS2 reencryption in progress): the image is not corrupt, it needs another tool.
-    #[error("unsupported: {0}")]
-    Unsupported(String),
     /// VFIO or the emulated transport failed: see [`VfioError`].
     #[error(transparent)]
     Vfio(#[from] VfioError),
@@ -54,6 +33,9 @@ pub enum Error {
     /// A volume failed: see [`VolumeError`].
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    /// A LUKS header failed: see [`LuksError`].
+    #[error(transparent)]
+    Luks(#[from] LuksError),
 }
 
 /// The platform around the device: VFIO, sysfs, the IOMMU, device-visible memory and the
@@ -260,6 +242,32 @@ pub enum VolumeError {
         #[source]
         source: Box<Error>,
     },
+}
+
+/// LUKS headers and key slots.
+#[derive(Debug, thiserror::Error)]
+pub enum LuksError {
+    /// No key slot of the LUKS header opens with the passphrase given.
+    #[error("no key slot opens with this passphrase (wrong passphrase?)")]
+    WrongPassphrase,
+    /// The file does not start with a LUKS header.
+    #[error("not a LUKS image: {0}")]
+    NotLuks(String),
+    /// A LUKS header field holds a value that cannot be right.
+    #[error("corrupt LUKS header: {field}: {reason}")]
+    CorruptHeader {
+        /// The field, as the format specification names it.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A key slot operation cannot be done (all slots full, slot not active, last slot).
+    #[error("key slot: {0}")]
+    Keyslot(String),
+    /// A valid header asks for something crypt-vfio does not implement (a hash, a cipher, a
+    /// LUKS2 reencryption in progress): the image is not corrupt, it needs another tool.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 impl Error {

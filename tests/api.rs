@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crypt_vfio::engine::{Buf, Direction, Engine, Iv, Queue, Request, SubmitErrorKind};
 use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion};
 use crypt_vfio::volume::{AnyVolume, AuthVolume};
-use crypt_vfio::{BlockingQueue, CryptoError, DeviceName, Error, Mode, VfioError, VolumeError};
+use crypt_vfio::{BlockingQueue, CryptoError, DeviceName, Error, LuksError, Mode, VfioError, VolumeError};
 
 fn fast_luks(version: LuksVersion) -> FormatOptions {
     let mut opts = FormatOptions::new(version);
@@ -89,7 +89,7 @@ fn images_open_by_path_whatever_their_format() {
         assert_eq!(&back, b"across a sector edge");
         assert!(matches!(
             AnyVolume::open(engine.clone(), &path, b"nope", false),
-            Err(Error::WrongPassphrase)
+            Err(Error::Luks(LuksError::WrongPassphrase))
         ));
     }
 
@@ -115,5 +115,5 @@ fn images_open_by_path_whatever_their_format() {
 
     let junk = dir.path().join("junk.img");
     std::fs::write(&junk, vec![0u8; 1 << 16]).unwrap();
-    assert!(matches!(AnyVolume::open(engine, &junk, b"pw", false), Err(Error::NotLuks(_))));
+    assert!(matches!(AnyVolume::open(engine, &junk, b"pw", false), Err(Error::Luks(LuksError::NotLuks(_)))));
 }

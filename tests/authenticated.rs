@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::authenticated::META_ENTRY_LEN;
 use crypt_vfio::volume::{AuthVolume, BlockDevice};
-use crypt_vfio::{Error, VolumeError};
+use crypt_vfio::{Error, LuksError, VolumeError};
 use support::{pattern, scratch};
 
 const KEY: [u8; 32] = [0x42; 32];
@@ -152,5 +152,5 @@ fn a_wrong_key_or_a_modified_superblock_is_refused() {
     assert!(matches!(e, Error::Volume(VolumeError::WrongKey)), "{e}");
     raw.write_all_at(b"XXXX", 0).unwrap();
     let e = AuthVolume::open(engine(), File::open(&img).unwrap(), false, &KEY).err().unwrap();
-    assert!(matches!(e, Error::NotLuks(_)), "{e}");
+    assert!(matches!(e, Error::Luks(LuksError::NotLuks(_))), "{e}");
 }

@@ -14,7 +14,7 @@ use clap::Args;
 use crypt_vfio::luks::{self, Header};
 use crypt_vfio::volume::file::{ensure_len, storage_len};
 use crypt_vfio::volume::{authenticated, AuthVolume, BlockDevice, Volume, VolumeParams};
-use crypt_vfio::Error;
+use crypt_vfio::{Error, LuksError};
 
 use super::device::DeviceArgs;
 use super::luks_opts::{progress, read_key_file, NewImageArgs};
@@ -135,7 +135,7 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
         Box::new(AuthVolume::open(engine, input.try_clone()?, false, &key)?)
     } else {
         let header = match Header::read(&input) {
-            Err(Error::NotLuks(why)) => bail!(
+            Err(Error::Luks(LuksError::NotLuks(why))) => bail!(
                 "{} is not a LUKS image ({why}); for a plain dm-crypt image use --plain --cipher SPEC \
                  --volume-key-file FILE",
                 args.input.display()

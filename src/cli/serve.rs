@@ -26,7 +26,7 @@ use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::block::BlockDevice;
 use crypt_vfio::volume::file::FileBlockDevice;
 use crypt_vfio::volume::{authenticated, AuthVolume, Volume};
-use crypt_vfio::Error;
+use crypt_vfio::{Error, LuksError};
 
 use super::device::DeviceArgs;
 use super::duration::{parse_within, Bounds};
@@ -175,7 +175,7 @@ pub fn open_export(args: &ServeArgs) -> anyhow::Result<Export> {
         return Ok((Arc::new(AuthVolume::open(engine.clone(), file, writable, &secret)?), Some(engine)));
     }
     let header = match Header::read(&file) {
-        Err(Error::NotLuks(why)) => bail!(
+        Err(Error::Luks(LuksError::NotLuks(why))) => bail!(
             "{} is neither a LUKS image nor an authenticated volume ({why}); use --raw to export it as it is",
             args.image.display()
         ),

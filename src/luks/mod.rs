@@ -25,7 +25,7 @@ use std::time::Duration;
 use kdf::{Argon2Kind, HashAlg, Kdf};
 
 use crate::engine::Engine;
-use crate::error::{Error, Result, VolumeError};
+use crate::error::{Error, LuksError, Result, VolumeError};
 use crate::volume::{CipherSpec, Volume, VolumeKey, VolumeParams};
 
 /// Lower-case hex, for dumps.
@@ -128,7 +128,9 @@ impl LuksKdfOptions {
 impl luks1::Header {
     fn kdf_check(kdf: &LuksKdfOptions) -> Result<()> {
         if kdf.pbkdf != PbkdfType::Pbkdf2 {
-            return Err(Error::Keyslot("LUKS1 key slots use PBKDF2 only (use --pbkdf pbkdf2)".into()));
+            return Err(Error::Luks(LuksError::Keyslot(
+                "LUKS1 key slots use PBKDF2 only (use --pbkdf pbkdf2)".into(),
+            )));
         }
         Ok(())
     }
@@ -244,9 +246,9 @@ impl Header {
                     log::warn!("no LUKS magic at byte 0; using the LUKS2 secondary header");
                     Ok(Header::V2(Box::new(h)))
                 }
-                Err(Error::NotLuks(_)) => {
-                    Err(Error::NotLuks("no LUKS magic at byte 0, and no LUKS2 secondary header".into()))
-                }
+                Err(Error::Luks(LuksError::NotLuks(_))) => Err(Error::Luks(LuksError::NotLuks(
+                    "no LUKS magic at byte 0, and no LUKS2 secondary header".into(),
+                ))),
                 // A secondary copy is there but damaged too: say what is wrong with it, never
                 // "not LUKS" (which would send the user to --plain and garbage).
                 Err(e) => Err(e),
@@ -257,10 +259,10 @@ impl Header {
         match u16::from_be_bytes([b[6], b[7]]) {
             1 => Ok(Header::V1(Box::new(luks1::Header::parse(&b)?))),
             2 => Ok(Header::V2(Box::new(luks2::Header::read(file)?))),
-            v => Err(Error::CorruptHeader {
+            v => Err(Error::Luks(LuksError::CorruptHeader {
                 field: "version".into(),
                 reason: format!("{v} (1 and 2 are known)"),
-            }),
+            })),
         }
     }
 

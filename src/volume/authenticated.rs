@@ -31,7 +31,7 @@ use crypt_vfio_cores::Mode;
 use super::pipeline::{CryptContext, CryptFuture, CryptOp, IvNumbering, LanePool, SectorMeta};
 use super::{BlockDevice, DEFAULT_WATCHDOG};
 use crate::engine::{Direction, Engine, Iv, Request};
-use crate::error::{CryptoError, DeviceError, Error, Result, VolumeError};
+use crate::error::{CryptoError, DeviceError, Error, LuksError, Result, VolumeError};
 
 /// Magic at byte 0.
 pub const MAGIC: [u8; 8] = *b"CVFAUTH1";
@@ -102,9 +102,13 @@ impl Superblock {
 
     /// Parses and checks a superblock (not the key check, which needs the key).
     pub fn parse(b: &[u8]) -> Result<Self> {
-        let corrupt = |field: &str, reason: String| Error::CorruptHeader { field: field.into(), reason };
+        let corrupt = |field: &str, reason: String| {
+            Error::Luks(LuksError::CorruptHeader { field: field.into(), reason })
+        };
         if b.len() < 8 || b[..8] != MAGIC {
-            return Err(Error::NotLuks("no crypt-vfio authenticated volume magic (CVFAUTH1)".into()));
+            return Err(Error::Luks(LuksError::NotLuks(
+                "no crypt-vfio authenticated volume magic (CVFAUTH1)".into(),
+            )));
         }
         if b.len() < SUPERBLOCK_LEN as usize {
             return Err(Error::Volume(VolumeError::Truncated {

@@ -68,7 +68,7 @@ impl<E: Engine> AnyVolume<E> {
     /// Opens the image at `path`: a LUKS image with the passphrase `secret`, or an
     /// authenticated volume with the raw key `secret`. `writable` allows writes.
     ///
-    /// A file that is neither gives [`Error::NotLuks`]; a plain dm-crypt image opens with
+    /// A file that is neither gives [`LuksError::NotLuks`](crate::error::LuksError::NotLuks); a plain dm-crypt image opens with
     /// [`open_plain`](Self::open_plain).
     pub fn open(engine: Arc<E>, path: impl AsRef<Path>, secret: &[u8], writable: bool) -> Result<Self> {
         let file = open_file(path.as_ref(), writable)?;
