@@ -1,15 +1,31 @@
-//! The library's error type.
+//! The library's errors: one enum per layer, all wrapped by [`Error`].
 //!
-//! One enum for every layer, so a caller can match on what went wrong (a bad key, an
-//! unsupported algorithm, an authentication failure, a device that misbehaved) without knowing
-//! which layer noticed it.
+//! A caller matches the layer and the variant, never the text:
+//! `Err(Error::Luks(LuksError::WrongPassphrase))`, `Err(Error::Crypto(CryptoError::AuthFailed))`.
+//! The layers are those of the crate: the platform ([`VfioError`]), the device as a whole
+//! ([`DeviceError`]), one request or session on any engine ([`CryptoError`]), volumes
+//! ([`VolumeError`]), LUKS headers ([`LuksError`]) and NBD peers ([`NbdError`]); a failed
+//! system call is [`Error::Os`] whichever layer made it. Messages say what went wrong and, where
+//! there is something to do, what to do.
+//!
+//! ```
+//! use crypt_vfio::engine::Engine;
+//! use crypt_vfio::{CryptoError, Error, Mode};
+//!
+//! let engine = crypt_vfio::open("software")?;
+//! match engine.create_session(Mode::Xts, &[0u8; 20]) {
+//!     Err(Error::Crypto(CryptoError::KeyLength { len: 20, .. })) => {}
+//!     other => panic!("a 20-byte XTS key was not refused: {other:?}"),
+//! }
+//! # Ok::<(), Error>(())
+//! ```
 
 use crypt_vfio_cores::{CoreError, Mode};
 
 /// Everything that can go wrong in crypt-vfio.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The platform refused or failed an operation on the device (VFIO ioctl, sysfs, mmap).
+    /// A system call failed (a VFIO ioctl, sysfs, mmap, a file read or write).
     #[error("{context}: {source}")]
     Os {
         /// What was being done.
@@ -18,24 +34,24 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A network peer broke the protocol (NBD): the connection cannot go on.
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-    /// VFIO or the emulated transport failed: see [`VfioError`].
+    /// The platform (VFIO, sysfs, DMA memory, the transport) failed: see [`VfioError`].
     #[error(transparent)]
     Vfio(#[from] VfioError),
-    /// The device failed: see [`DeviceError`].
+    /// The device cannot be used, or failed: see [`DeviceError`].
     #[error(transparent)]
     Device(#[from] DeviceError),
-    /// A request or session failed: see [`CryptoError`].
+    /// A request or a session was refused or failed: see [`CryptoError`].
     #[error(transparent)]
     Crypto(#[from] CryptoError),
-    /// A volume failed: see [`VolumeError`].
+    /// A volume refused or failed an operation: see [`VolumeError`].
     #[error(transparent)]
     Volume(#[from] VolumeError),
-    /// A LUKS header failed: see [`LuksError`].
+    /// A LUKS image cannot be opened or changed: see [`LuksError`].
     #[error(transparent)]
     Luks(#[from] LuksError),
+    /// An NBD peer broke the protocol: see [`NbdError`].
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
 }
 
 /// The platform around the device: VFIO, sysfs, the IOMMU, device-visible memory and the
@@ -268,6 +284,14 @@ pub enum LuksError {
     /// LUKS2 reencryption in progress): the image is not corrupt, it needs another tool.
     #[error("unsupported: {0}")]
     Unsupported(String),
+}
+
+/// The NBD server's peers.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    /// A network peer broke the protocol (NBD): the connection cannot go on.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
 }
 
 impl Error {

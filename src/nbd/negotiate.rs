@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::proto::{self, be_u16, be_u32, handshake, info, opt, rep, tflags};
 use super::stream::{ClientReader, Next};
-use crate::error::{Error, Result};
+use crate::error::{Error, NbdError, Result};
 
 /// Option data larger than this is not a real client's: the connection is dropped.
 const MAX_OPTION_DATA: u32 = 64 * 1024;
@@ -95,7 +95,7 @@ pub(crate) fn negotiate<R: Read, W: Write>(
     }
     let client_flags = be_u32(&flags);
     if client_flags & !proto::client::KNOWN != 0 {
-        return Err(Error::Protocol(format!("unknown client flags {client_flags:#x}")));
+        return Err(Error::Nbd(NbdError::Protocol(format!("unknown client flags {client_flags:#x}"))));
     }
     let fixed = client_flags & proto::client::FIXED_NEWSTYLE != 0;
     let no_zeroes = client_flags & proto::client::NO_ZEROES != 0;
@@ -106,17 +106,21 @@ pub(crate) fn negotiate<R: Read, W: Write>(
             return Ok(Outcome::Ended);
         }
         if proto::be_u64(&header) != proto::IHAVEOPT {
-            return Err(Error::Protocol("option without the IHAVEOPT magic".into()));
+            return Err(Error::Nbd(NbdError::Protocol("option without the IHAVEOPT magic".into())));
         }
         let option = be_u32(&header[8..]);
         let len = be_u32(&header[12..]);
         if len > MAX_OPTION_DATA {
-            return Err(Error::Protocol(format!("option {option} carries {len} bytes of data")));
+            return Err(Error::Nbd(NbdError::Protocol(format!(
+                "option {option} carries {len} bytes of data"
+            ))));
         }
         let mut data = vec![0u8; len as usize];
         reader.read_exact(&mut data).map_err(io("reading option data"))?;
         if !fixed && option != opt::EXPORT_NAME {
-            return Err(Error::Protocol(format!("option {option} from a client without fixed newstyle")));
+            return Err(Error::Nbd(NbdError::Protocol(format!(
+                "option {option} from a client without fixed newstyle"
+            ))));
         }
         if stop.load(Ordering::Relaxed) {
             if option == opt::EXPORT_NAME {
@@ -131,10 +135,10 @@ pub(crate) fn negotiate<R: Read, W: Write>(
         match option {
             opt::EXPORT_NAME => {
                 if !export.matches(&data) {
-                    return Err(Error::Protocol(format!(
+                    return Err(Error::Nbd(NbdError::Protocol(format!(
                         "NBD_OPT_EXPORT_NAME asked for unknown export {:?}",
                         String::from_utf8_lossy(&data)
-                    )));
+                    ))));
                 }
                 let mut r = Vec::with_capacity(10 + proto::EXPORT_NAME_PADDING);
                 r.extend_from_slice(&export.size.to_be_bytes());
@@ -177,7 +181,7 @@ pub(crate) fn negotiate<R: Read, W: Write>(
             _ => reply(w, option, rep::ERR_UNSUP, format!("option {option} is not supported").as_bytes())?,
         }
     }
-    Err(Error::Protocol(format!("more than {MAX_OPTIONS} options without choosing an export")))
+    Err(Error::Nbd(NbdError::Protocol(format!("more than {MAX_OPTIONS} options without choosing an export"))))
 }
 
 /// Answers `NBD_OPT_INFO` or `NBD_OPT_GO`; true when it ended with `NBD_REP_ACK`.
