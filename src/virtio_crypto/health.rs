@@ -111,11 +111,17 @@ impl DeviceHealth {
     /// Marks the device failed and stops it, so that it touches no memory before any buffer
     /// goes back to its owner.
     pub(crate) fn fail(&self, reason: String) {
+        self.stop(reason, false);
+    }
+
+    /// Stops the device for `reason`; `closing` when the engine is closing rather than the
+    /// device failing (nothing to log as an error, no failure counted).
+    fn stop(&self, reason: String, closing: bool) {
         let mut st = self.lock();
         if self.failed.load(Ordering::Acquire) {
             return;
         }
-        if reason == CLOSED {
+        if closing {
             log::debug!("virtio-crypto device closed");
             st.closing = true;
         } else {
@@ -167,7 +173,7 @@ impl DeviceHealth {
     /// Marks the engine closing: the device is stopped and not recovered.
     pub(crate) fn close(&self) {
         self.closing_flag.store(true, Ordering::Release);
-        self.fail(CLOSED.into());
+        self.stop(CLOSED.into(), true);
         self.lock().closing = true;
         self.changed.notify_all();
     }
