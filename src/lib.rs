@@ -1,5 +1,11 @@
 //! crypt-vfio: a userspace driver for PCIe crypto accelerators.
 //!
+//! Start with [`open`]: it turns a device name (`emulated`, a PCI address bound to vfio-pci, or
+//! `software`) into an [`AnyEngine`]. [`BlockingQueue`] runs one request at a time on it;
+//! [`engine::async_api::AsyncQueue`] runs many under any executor; [`volume::AnyVolume`] opens a
+//! LUKS or authenticated image by path with `read_at`/`write_at`. Errors are one enum per layer
+//! inside [`Error`] (see [`error`]). The `examples/` directory has each of these as a program.
+//!
 //! Layers, bottom up:
 //!
 //! * [`transport`]: a PCI function as a driver sees it (config space, BARs, DMA mapping,
