@@ -117,3 +117,21 @@ fn images_open_by_path_whatever_their_format() {
     std::fs::write(&junk, vec![0u8; 1 << 16]).unwrap();
     assert!(matches!(AnyVolume::open(engine, &junk, b"pw", false), Err(Error::Luks(LuksError::NotLuks(_)))));
 }
+
+#[test]
+fn blocking_queue_waits_for_an_engine_that_completes_on_its_own_thread() {
+    use crypt_vfio::virtio_crypto::CompletionMode;
+    let mut options = crypt_vfio::OpenOptions::default();
+    options.driver.completion = CompletionMode::Interrupt;
+    let engine = crypt_vfio::open_with(&DeviceName::Emulated, &options).unwrap();
+    assert!(engine.completes_by_itself());
+    assert!(!crypt_vfio::open("emulated").unwrap().completes_by_itself());
+    let session = engine.create_session(Mode::Ctr, &[8; 16]).unwrap();
+    let mut q = BlockingQueue::open(&engine).unwrap();
+    for len in [1usize, 4096, 65536] {
+        let mut data = vec![0x5a; len];
+        q.encrypt(&session, &[0; 16], &mut data).unwrap();
+        q.decrypt(&session, &[0; 16], &mut data).unwrap();
+        assert_eq!(data, vec![0x5a; len]);
+    }
+}
