@@ -1,5 +1,7 @@
 //! The entry points a newcomer uses: opening by name, the blocking queue, opening images by path.
 
+mod support;
+
 use std::sync::Arc;
 
 use crypt_vfio::engine::{Buf, Direction, Engine, Iv, Queue, Request, SubmitErrorKind};
@@ -134,4 +136,18 @@ fn blocking_queue_waits_for_an_engine_that_completes_on_its_own_thread() {
         q.decrypt(&session, &[0; 16], &mut data).unwrap();
         assert_eq!(data, vec![0x5a; len]);
     }
+}
+
+#[test]
+fn blocking_queue_gives_up_on_an_engine_that_never_answers() {
+    use support::engines::{Behaviour, Wrapped};
+    // Every request is answered Backlogged and dropped: no completion ever comes.
+    let engine = Wrapped::new(crypt_vfio::open("software").unwrap(), Behaviour::DropBacklogged { ring: 0 });
+    let session = engine.create_session(Mode::Ctr, &[8; 16]).unwrap();
+    let mut q = BlockingQueue::open(&engine).unwrap();
+    q.set_wait(std::time::Duration::from_millis(50));
+    let mut data = vec![1u8; 64];
+    let e = q.encrypt(&session, &[0; 16], &mut data).unwrap_err();
+    assert!(matches!(e, Error::Device(crypt_vfio::DeviceError::Timeout(..))), "{e:?}");
+    assert_eq!(data, vec![1u8; 64], "nothing came back, so nothing was written");
 }
