@@ -9,7 +9,7 @@ use clap::Args;
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTransport};
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
-use crypt_vfio::DeviceName;
+use crypt_vfio::{AnyEngine, DeviceName};
 use crypt_vfio::{CoreKind, Mode};
 use crypt_vfio_spec::crypto::{aead, cipher};
 
@@ -18,7 +18,8 @@ use super::duration::{parse_delay, parse_device_latency, parse_period, parse_req
 /// Which device to open and how.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
-    /// `emulated` (the software device model) or a PCI address bound to vfio-pci.
+    /// `emulated` (the software device model), a PCI address bound to vfio-pci, or `software`
+    /// (the AES cores on this thread, no device; not for info and selftest).
     #[arg(long, default_value = "emulated")]
     pub device: String,
     /// Completion by polling or by MSI-X interrupts.
@@ -168,8 +169,8 @@ impl DeviceArgs {
         let name: DeviceName = self.device.parse()?;
         match name {
             DeviceName::Software => bail!(
-                "`software` is the software engine, not a device: give `emulated` or a PCI address \
-                 (`bench --engine software` measures the software engine)"
+                "`software` is the software engine, not a device: this command needs `emulated` or a \
+                 PCI address (`bench --engine software` measures the software engine)"
             ),
             // Fault plans need the emulated device itself, to arm and disarm them.
             DeviceName::Emulated if !self.device_fault.is_empty() => {
@@ -198,16 +199,33 @@ impl DeviceArgs {
         }
     }
 
-    /// Opens the device for a command that keeps its results: the null device, which completes
-    /// requests without encrypting, is refused (it would store the plaintext as the ciphertext).
-    pub fn open(&self, options: &DeviceOptions) -> anyhow::Result<VirtioCrypto> {
+    /// Opens the engine for a command that keeps its results: the device, or the software
+    /// engine for `--device software`. The null device, which completes requests without
+    /// encrypting, is refused (it would store the plaintext as the ciphertext).
+    pub fn open(&self, options: &DeviceOptions) -> anyhow::Result<AnyEngine> {
+        self.refuse_null()?;
+        if self.device.parse::<DeviceName>().ok() == Some(DeviceName::Software) {
+            let options = crypt_vfio::OpenOptions { core: self.core, ..Default::default() };
+            return Ok(crypt_vfio::open_with(&DeviceName::Software, &options)?);
+        }
+        Ok(AnyEngine::Device(self.open_for_bench(options)?))
+    }
+
+    /// Opens the device itself, for commands about the device (`info`, `selftest`); the null
+    /// device is refused as by [`open`](Self::open).
+    pub fn open_device(&self, options: &DeviceOptions) -> anyhow::Result<VirtioCrypto> {
+        self.refuse_null()?;
+        self.open_for_bench(options)
+    }
+
+    fn refuse_null(&self) -> anyhow::Result<()> {
         if self.device_null {
             bail!(
                 "--device-null is for `crypt-vfio bench` only: it completes requests without doing \
                  AES, so the data would be written unencrypted or decrypted to garbage"
             );
         }
-        self.open_for_bench(options)
+        Ok(())
     }
 
     /// Opens the device, the null device included (for `bench`, which measures the driver and
@@ -245,7 +263,7 @@ impl DeviceArgs {
 /// `crypt-vfio info`.
 pub fn info(args: InfoArgs) -> anyhow::Result<()> {
     let args = args.device.with_target(args.target)?;
-    let dev = args.open(&args.options())?;
+    let dev = args.open_device(&args.options())?;
     let info = dev.info();
     println!("device:        {}", crypt_vfio::engine::Engine::describe(&dev));
     println!("features:      {:#x}", dev.features());

@@ -337,7 +337,7 @@ fn run_checks(dev: &VirtioCrypto, corrupt_one: bool) -> anyhow::Result<Tally> {
 pub fn run(args: SelftestArgs) -> anyhow::Result<()> {
     let device = args.device.with_target(args.target)?;
     let start = Instant::now();
-    let result = device.open(&device.options()).and_then(|dev| {
+    let result = device.open_device(&device.options()).and_then(|dev| {
         println!("selftest on {} ({} completion)", dev.describe(), device.mode);
         run_checks(&dev, args.corrupt_one)
     });

@@ -22,11 +22,10 @@ use crypt_vfio::nbd::{
     Listener, Server, ServerConfig, MAX_CONNECTIONS, MAX_MEMORY_LIMIT, MAX_PAYLOAD_LIMIT,
     MAX_WORKERS_PER_CONNECTION,
 };
-use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::block::BlockDevice;
 use crypt_vfio::volume::file::FileBlockDevice;
 use crypt_vfio::volume::{authenticated, AuthVolume, Volume};
-use crypt_vfio::{Error, LuksError};
+use crypt_vfio::{AnyEngine, Error, LuksError};
 
 use super::device::DeviceArgs;
 use super::duration::{parse_within, Bounds};
@@ -129,7 +128,7 @@ fn parse_handshake_timeout(s: &str) -> Result<Duration, String> {
 }
 
 /// What `serve` exports, and the engine under it (to abort it when stopping).
-pub type Export = (Arc<dyn BlockDevice>, Option<Arc<VirtioCrypto>>);
+pub type Export = (Arc<dyn BlockDevice>, Option<Arc<AnyEngine>>);
 
 /// The block device `args` name (the one place that decides what is exported), and the engine
 /// under it (none for `--raw`).
@@ -192,7 +191,7 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Once `stop` is set, gives requests [`STOP_GRACE`] to finish, then aborts whatever is still
 /// on the device so that the server can answer every client and exit.
-fn abort_on_stop(stop: Arc<AtomicBool>, engine: Weak<VirtioCrypto>) -> anyhow::Result<()> {
+fn abort_on_stop(stop: Arc<AtomicBool>, engine: Weak<AnyEngine>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("crypt-vfio-stop".into())
         .spawn(move || {
@@ -203,8 +202,9 @@ fn abort_on_stop(stop: Arc<AtomicBool>, engine: Weak<VirtioCrypto>) -> anyhow::R
                 std::thread::sleep(Duration::from_millis(20));
             }
             std::thread::sleep(STOP_GRACE);
-            if let Some(e) = engine.upgrade() {
-                e.abort();
+            // The software engine finishes each request inside its submit: nothing to abort.
+            if let Some(device) = engine.upgrade().as_deref().and_then(AnyEngine::device) {
+                device.abort();
             }
         })
         .context("starting the stop watcher")?;
