@@ -1,15 +1,31 @@
-//! The library's error type.
+//! The library's errors: one enum per layer, all wrapped by [`Error`].
 //!
-//! One enum for every layer, so a caller can match on what went wrong (a bad key, an
-//! unsupported algorithm, an authentication failure, a device that misbehaved) without knowing
-//! which layer noticed it.
+//! A caller matches the layer and the variant, never the text:
+//! `Err(Error::Luks(LuksError::WrongPassphrase))`, `Err(Error::Crypto(CryptoError::AuthFailed))`.
+//! The layers are those of the crate: the platform ([`VfioError`]), the device as a whole
+//! ([`DeviceError`]), one request or session on any engine ([`CryptoError`]), volumes
+//! ([`VolumeError`]), LUKS headers ([`LuksError`]) and NBD peers ([`NbdError`]); a failed
+//! system call is [`Error::Os`] whichever layer made it. Messages say what went wrong and, where
+//! there is something to do, what to do.
+//!
+//! ```
+//! use crypt_vfio::engine::Engine;
+//! use crypt_vfio::{CryptoError, Error, Mode};
+//!
+//! let engine = crypt_vfio::open("software")?;
+//! match engine.create_session(Mode::Xts, &[0u8; 20]) {
+//!     Err(Error::Crypto(CryptoError::KeyLength { len: 20, .. })) => {}
+//!     other => panic!("a 20-byte XTS key was not refused: {other:?}"),
+//! }
+//! # Ok::<(), Error>(())
+//! ```
 
 use crypt_vfio_cores::{CoreError, Mode};
 
 /// Everything that can go wrong in crypt-vfio.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The platform refused or failed an operation on the device (VFIO ioctl, sysfs, mmap).
+    /// A system call failed (a VFIO ioctl, sysfs, mmap, a file read or write).
     #[error("{context}: {source}")]
     Os {
         /// What was being done.
@@ -18,64 +34,36 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The platform (VFIO, sysfs, DMA memory, the transport) failed: see [`VfioError`].
+    #[error(transparent)]
+    Vfio(#[from] VfioError),
+    /// The device cannot be used, or failed: see [`DeviceError`].
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A request or a session was refused or failed: see [`CryptoError`].
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// A volume refused or failed an operation: see [`VolumeError`].
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    /// A LUKS image cannot be opened or changed: see [`LuksError`].
+    #[error(transparent)]
+    Luks(#[from] LuksError),
+    /// An NBD peer broke the protocol: see [`NbdError`].
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+}
+
+/// The platform around the device: VFIO, sysfs, the IOMMU, device-visible memory and the
+/// transport's accesses.
+#[derive(Debug, thiserror::Error)]
+pub enum VfioError {
     /// Device-visible memory could not be allocated or mapped.
     #[error("DMA memory: {0}")]
     Dma(String),
     /// The transport (VFIO or the emulated device) refused an access or an operation.
     #[error("transport: {0}")]
     Transport(String),
-    /// The PCI function is not a device this driver can run.
-    #[error("unsupported device: {0}")]
-    UnsupportedDevice(String),
-    /// The device did not accept the feature set or status handshake.
-    #[error("device initialisation failed: {0}")]
-    Init(String),
-    /// The device broke the protocol: it wrote something impossible or stopped answering.
-    /// Every request in flight on it has failed; the device needs a reset.
-    #[error("device failed: {0}")]
-    DeviceFailed(String),
-    /// The device did not answer within the deadline.
-    #[error("device timed out after {0:?} waiting for {1}")]
-    Timeout(std::time::Duration, &'static str),
-    /// The key has a length the algorithm does not take.
-    #[error("{mode} does not take a {len}-byte key (expected one of {expected:?} bytes)")]
-    KeyLength {
-        /// The algorithm.
-        mode: Mode,
-        /// Bytes given.
-        len: usize,
-        /// Bytes accepted.
-        expected: &'static [usize],
-    },
-    /// The key was refused (for example an XTS key with equal halves).
-    #[error("key rejected: {0}")]
-    KeyRejected(String),
-    /// A request parameter is wrong: IV length, tag length, data length for the mode.
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
-    /// The request exceeds what the device accepts in one request.
-    #[error("request of {len} bytes exceeds the device's limit of {max} bytes")]
-    TooLarge {
-        /// Bytes in the request.
-        len: u64,
-        /// The device's `max_size`.
-        max: u64,
-    },
-    /// The device (or engine) does not offer this algorithm or operation.
-    #[error("not supported by the device: {0}")]
-    NotSupported(String),
-    /// The session does not exist (never created, destroyed, or lost in a device reset).
-    #[error("invalid session")]
-    InvalidSession,
-    /// The device is out of a resource (sessions).
-    #[error("device out of resources: {0}")]
-    NoSpace(String),
-    /// AEAD tag verification failed; no plaintext was released.
-    #[error("authentication failed: the data or its tag was modified")]
-    AuthFailed,
-    /// The device reported a failure for this request.
-    #[error("device reported an error (status {0})")]
-    DeviceError(u8),
     /// The text given as a PCI address is not one.
     #[error("`{0}` is not a PCI address: expected DDDD:BB:DD.F or BB:DD.F, e.g. 0000:00:02.0")]
     InvalidAddress(String),
@@ -122,6 +110,97 @@ pub enum Error {
         /// The functions in the way, with their drivers (`0000:00:1f.3 (snd_hda_intel)`).
         blockers: String,
     },
+}
+
+/// The device as a whole: it is not one this driver runs, it did not initialise, it failed
+/// (and is being recovered), or it broke the engine contract.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The PCI function is not a device this driver can run.
+    #[error("unsupported device: {0}")]
+    Unsupported(String),
+    /// The device did not accept the feature set or status handshake.
+    #[error("device initialisation failed: {0}")]
+    Init(String),
+    /// The device broke the protocol: it wrote something impossible or stopped answering.
+    /// Every request in flight on it has failed; the device needs a reset.
+    #[error("device failed: {0}")]
+    Failed(String),
+    /// The device did not answer within the deadline.
+    #[error("device timed out after {0:?} waiting for {1}")]
+    Timeout(std::time::Duration, &'static str),
+    /// The engine broke the backlog contract (for example it never promoted a backlogged
+    /// request before the deadline).
+    #[error("engine contract violation: {0}")]
+    ContractViolation(String),
+    /// The device's configuration kept changing while it was read (its `config_generation`
+    /// never settled), so no consistent copy could be taken.
+    #[error("device configuration did not settle: config_generation changed on each of {attempts} reads")]
+    ConfigUnsettled {
+        /// How many consistent reads were attempted.
+        attempts: u32,
+    },
+    /// The device failed too often to be recovered again; it stays failed.
+    #[error("device failed {failures} times within {window:?}; giving up on it (last failure: {last})")]
+    GaveUp {
+        /// Failures counted in the window.
+        failures: usize,
+        /// The window.
+        window: std::time::Duration,
+        /// Why it failed last.
+        last: String,
+    },
+}
+
+/// One request or session, as any engine (device or software) reports it: keys, parameters,
+/// algorithms, sessions, authentication.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// The key has a length the algorithm does not take.
+    #[error("{mode} does not take a {len}-byte key (expected one of {expected:?} bytes)")]
+    KeyLength {
+        /// The algorithm.
+        mode: Mode,
+        /// Bytes given.
+        len: usize,
+        /// Bytes accepted.
+        expected: &'static [usize],
+    },
+    /// The key was refused (for example an XTS key with equal halves).
+    #[error("key rejected: {0}")]
+    KeyRejected(String),
+    /// A request parameter is wrong: IV length, tag length, data length for the mode.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The request exceeds what the device accepts in one request.
+    #[error("request of {len} bytes exceeds the device's limit of {max} bytes")]
+    TooLarge {
+        /// Bytes in the request.
+        len: u64,
+        /// The device's `max_size`.
+        max: u64,
+    },
+    /// The device (or engine) does not offer this algorithm or operation.
+    #[error("not supported by the device: {0}")]
+    NotSupported(String),
+    /// The session does not exist (never created, destroyed, or lost in a device reset).
+    #[error("invalid session")]
+    InvalidSession,
+    /// The device is out of a resource (sessions).
+    #[error("device out of resources: {0}")]
+    NoSpace(String),
+    /// AEAD tag verification failed; no plaintext was released.
+    #[error("authentication failed: the data or its tag was modified")]
+    AuthFailed,
+    /// The device reported a failure for this request.
+    #[error("device reported an error (status {0})")]
+    Status(u8),
+}
+
+/// The block layer: volume parameters, I/O ranges, images that are too small or truncated,
+/// authenticated sectors.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
     /// A block device access falls outside the device.
     #[error("{len} bytes at offset {offset} fall outside the device of {size} bytes")]
     OutOfRange {
@@ -135,30 +214,9 @@ pub enum Error {
     /// A write to a block device that was opened read-only.
     #[error("the device is read-only")]
     ReadOnly,
-    /// A network peer broke the protocol (NBD): the connection cannot go on.
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-    /// The engine broke the backlog contract (for example it never promoted a backlogged
-    /// request before the deadline).
-    #[error("engine contract violation: {0}")]
-    ContractViolation(String),
-    /// No key slot of the LUKS header opens with the passphrase given.
-    #[error("no key slot opens with this passphrase (wrong passphrase?)")]
-    WrongPassphrase,
     /// The key does not open an authenticated volume.
     #[error("the key does not open this volume (wrong key, or its superblock was modified)")]
     WrongKey,
-    /// The file does not start with a LUKS header.
-    #[error("not a LUKS image: {0}")]
-    NotLuks(String),
-    /// A LUKS header field holds a value that cannot be right.
-    #[error("corrupt LUKS header: {field}: {reason}")]
-    CorruptHeader {
-        /// The field, as the format specification names it.
-        field: String,
-        /// What is wrong with it.
-        reason: String,
-    },
     /// The file is shorter than its header (or the caller) says it must be.
     #[error("truncated image: {what} needs {needed} bytes but the file has {have}")]
     Truncated {
@@ -182,10 +240,7 @@ pub enum Error {
     TooSmall(String),
     /// A volume parameter or an I/O request does not fit the volume.
     #[error("invalid volume request: {0}")]
-    InvalidVolume(String),
-    /// A key slot operation cannot be done (all slots full, slot not active, last slot).
-    #[error("key slot: {0}")]
-    Keyslot(String),
+    Invalid(String),
     /// An authenticated sector failed its check; nothing of it was returned.
     #[error(
         "sector {sector}: authentication failed (the data or its tag was modified, or a write was torn)"
@@ -203,27 +258,40 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
-    /// The device's configuration kept changing while it was read (its `config_generation`
-    /// never settled), so no consistent copy could be taken.
-    #[error("device configuration did not settle: config_generation changed on each of {attempts} reads")]
-    ConfigUnsettled {
-        /// How many consistent reads were attempted.
-        attempts: u32,
+}
+
+/// LUKS headers and key slots.
+#[derive(Debug, thiserror::Error)]
+pub enum LuksError {
+    /// No key slot of the LUKS header opens with the passphrase given.
+    #[error("no key slot opens with this passphrase (wrong passphrase?)")]
+    WrongPassphrase,
+    /// The file does not start with a LUKS header.
+    #[error("not a LUKS image: {0}")]
+    NotLuks(String),
+    /// A LUKS header field holds a value that cannot be right.
+    #[error("corrupt LUKS header: {field}: {reason}")]
+    CorruptHeader {
+        /// The field, as the format specification names it.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
     },
-    /// The device failed too often to be recovered again; it stays failed.
-    #[error("device failed {failures} times within {window:?}; giving up on it (last failure: {last})")]
-    DeviceGaveUp {
-        /// Failures counted in the window.
-        failures: usize,
-        /// The window.
-        window: std::time::Duration,
-        /// Why it failed last.
-        last: String,
-    },
+    /// A key slot operation cannot be done (all slots full, slot not active, last slot).
+    #[error("key slot: {0}")]
+    Keyslot(String),
     /// A valid header asks for something crypt-vfio does not implement (a hash, a cipher, a
     /// LUKS2 reencryption in progress): the image is not corrupt, it needs another tool.
     #[error("unsupported: {0}")]
     Unsupported(String),
+}
+
+/// The NBD server's peers.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    /// A network peer broke the protocol (NBD): the connection cannot go on.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
 }
 
 impl Error {
@@ -234,7 +302,7 @@ impl Error {
             "run as root, or give your user the VFIO device files (e.g. chown $USER {path}) and a locked-memory \
              limit (ulimit -l) large enough for the DMA memory"
         );
-        Error::PermissionDenied { path, fix }
+        VfioError::PermissionDenied { path, fix }.into()
     }
 
     /// Wraps an OS error with what was being attempted.
@@ -250,15 +318,15 @@ impl Error {
 
 impl From<CoreError> for Error {
     fn from(e: CoreError) -> Self {
-        match e {
-            CoreError::KeyLength { mode, len, expected } => Error::KeyLength { mode, len, expected },
-            CoreError::KeyRejected { .. } => Error::KeyRejected(e.to_string()),
-            CoreError::AuthFailed => Error::AuthFailed,
+        Error::Crypto(match e {
+            CoreError::KeyLength { mode, len, expected } => CryptoError::KeyLength { mode, len, expected },
+            CoreError::KeyRejected { .. } => CryptoError::KeyRejected(e.to_string()),
+            CoreError::AuthFailed => CryptoError::AuthFailed,
             CoreError::IvLength { .. } | CoreError::DataLength { .. } | CoreError::TagLength(_) => {
-                Error::InvalidRequest(e.to_string())
+                CryptoError::InvalidRequest(e.to_string())
             }
-            CoreError::Internal { .. } => Error::DeviceError(crypt_vfio_spec::crypto::status::ERR),
-        }
+            CoreError::Internal { .. } => CryptoError::Status(crypt_vfio_spec::crypto::status::ERR),
+        })
     }
 }
 

@@ -16,7 +16,7 @@ use std::str::FromStr;
 
 use crypt_vfio_spec::pci::{VIRTIO_CRYPTO_DEVICE_ID, VIRTIO_CRYPTO_LEGACY_DEVICE_ID, VIRTIO_VENDOR_ID};
 
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result, VfioError};
 
 /// The driver that hands a PCI function to userspace.
 pub const VFIO_PCI: &str = "vfio-pci";
@@ -48,7 +48,7 @@ impl FromStr for Bdf {
 
     /// Parses `DDDD:BB:DD.F`, or `BB:DD.F` in domain 0 (the forms lspci prints).
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::InvalidAddress(s.to_string());
+        let bad = || Error::Vfio(VfioError::InvalidAddress(s.to_string()));
         let hex = |part: &str, max_len: usize| -> Result<u32> {
             if part.is_empty() || part.len() > max_len || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(bad());
@@ -289,15 +289,15 @@ impl Sysfs {
     pub fn function(&self, bdf: &Bdf) -> Result<PciFunction> {
         let dir = self.device_dir(bdf);
         if !dir.is_dir() {
-            return Err(Error::NoSuchDevice(bdf.to_string()));
+            return Err(Error::Vfio(VfioError::NoSuchDevice(bdf.to_string())));
         }
         let vendor = read_hex(&dir.join("vendor"))?;
         let device = read_hex(&dir.join("device"))?;
         let class = read_hex(&dir.join("class"))?;
         let (Ok(vendor), Ok(device)) = (u16::try_from(vendor), u16::try_from(device)) else {
-            return Err(Error::UnsupportedDevice(format!(
+            return Err(Error::Device(DeviceError::Unsupported(format!(
                 "{bdf}: impossible vendor/device {vendor:#x}:{device:#x}"
-            )));
+            ))));
         };
         let driver = link_name(&dir.join("driver"));
         let iommu_group = link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok());
@@ -336,21 +336,24 @@ impl Sysfs {
     /// Whether crypt-vfio can open `f` now; if not, the error says why and what to do.
     pub fn check_ready(&self, f: &PciFunction) -> Result<()> {
         check_supported(f)?;
-        let group = f.iommu_group.ok_or_else(|| Error::NoIommu(f.bdf.to_string()))?;
+        let group = f.iommu_group.ok_or_else(|| Error::Vfio(VfioError::NoIommu(f.bdf.to_string())))?;
         if !f.is_vfio() {
-            return Err(Error::WrongDriver { bdf: f.bdf.to_string(), driver: f.driver_name().to_string() });
+            return Err(Error::Vfio(VfioError::WrongDriver {
+                bdf: f.bdf.to_string(),
+                driver: f.driver_name().to_string(),
+            }));
         }
         let blockers = self.blockers(f, group)?;
         if !blockers.is_empty() {
-            return Err(Error::GroupNotViable { group, blockers: blockers.join(", ") });
+            return Err(Error::Vfio(VfioError::GroupNotViable { group, blockers: blockers.join(", ") }));
         }
         let node = self.group_node(group);
         if !node.exists() {
-            return Err(Error::NoVfio(format!(
+            return Err(Error::Vfio(VfioError::NoVfio(format!(
                 "{} does not exist although vfio-pci holds {}",
                 node.display(),
                 f.bdf
-            )));
+            ))));
         }
         for path in [node, self.container_node()] {
             if !accessible(&path) {
@@ -367,16 +370,16 @@ impl Sysfs {
     pub fn bind(&self, bdf: &Bdf) -> Result<BindOutcome> {
         let f = self.function(bdf)?;
         check_supported(&f)?;
-        let group = f.iommu_group.ok_or_else(|| Error::NoIommu(bdf.to_string()))?;
+        let group = f.iommu_group.ok_or_else(|| Error::Vfio(VfioError::NoIommu(bdf.to_string())))?;
         if f.is_vfio() {
             return Ok(BindOutcome { previous: None, already: true, group });
         }
         if !self.driver_dir(VFIO_PCI).is_dir() {
-            return Err(Error::NoVfio("the vfio-pci driver is not loaded".into()));
+            return Err(Error::Vfio(VfioError::NoVfio("the vfio-pci driver is not loaded".into())));
         }
         let blockers = self.blockers(&f, group)?;
         if !blockers.is_empty() {
-            return Err(Error::GroupNotViable { group, blockers: blockers.join(", ") });
+            return Err(Error::Vfio(VfioError::GroupNotViable { group, blockers: blockers.join(", ") }));
         }
         let dir = self.device_dir(bdf);
         write_attr(&dir.join("driver_override"), VFIO_PCI)?;
@@ -387,10 +390,10 @@ impl Sysfs {
         write_attr(&self.path("sys/bus/pci/drivers_probe"), &bdf.to_string())?;
         let now = self.function(bdf)?;
         if !now.is_vfio() {
-            return Err(Error::NoVfio(format!(
+            return Err(Error::Vfio(VfioError::NoVfio(format!(
                 "vfio-pci did not take {bdf} after drivers_probe (its driver is now {})",
                 now.driver_name()
-            )));
+            ))));
         }
         Ok(BindOutcome { previous: f.driver, already: false, group })
     }
@@ -415,16 +418,16 @@ impl Sysfs {
 fn check_supported(f: &PciFunction) -> Result<()> {
     match f.kind() {
         CryptoKind::VirtioCrypto => Ok(()),
-        CryptoKind::LegacyVirtioCrypto => Err(Error::UnsupportedDevice(format!(
+        CryptoKind::LegacyVirtioCrypto => Err(Error::Device(DeviceError::Unsupported(format!(
             "{} is a legacy (transitional) virtio-crypto device {:04x}:{:04x}; crypt-vfio drives only modern \
              virtio-crypto ({VIRTIO_VENDOR_ID:04x}:{VIRTIO_CRYPTO_DEVICE_ID:04x}); with QEMU, add disable-legacy=on",
             f.bdf, f.vendor, f.device
-        ))),
-        CryptoKind::Other => Err(Error::UnsupportedDevice(format!(
+        )))),
+        CryptoKind::Other => Err(Error::Device(DeviceError::Unsupported(format!(
             "{} is {:04x}:{:04x}, not a virtio-crypto device; crypt-vfio binds only crypto functions (use \
              driverctl or dpdk-devbind for others)",
             f.bdf, f.vendor, f.device
-        ))),
+        )))),
     }
 }
 
@@ -433,7 +436,10 @@ fn read_hex(path: &Path) -> Result<u32> {
     let text = fs::read_to_string(path).map_err(|e| Error::os(format!("reading {}", path.display()), e))?;
     let t = text.trim();
     u32::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16).map_err(|_| {
-        Error::UnsupportedDevice(format!("{}: `{t}` is not a hexadecimal number", path.display()))
+        Error::Device(DeviceError::Unsupported(format!(
+            "{}: `{t}` is not a hexadecimal number",
+            path.display()
+        )))
     })
 }
 
@@ -451,10 +457,10 @@ fn write_attr(path: &Path, value: &str) -> Result<()> {
         .open(path)
         .and_then(|mut f| io::Write::write_all(&mut f, value.as_bytes()));
     r.map_err(|e| match e.kind() {
-        io::ErrorKind::PermissionDenied => Error::PermissionDenied {
+        io::ErrorKind::PermissionDenied => Error::Vfio(VfioError::PermissionDenied {
             path: path.display().to_string(),
             fix: "changing a function's driver needs root: run crypt-vfio bind/unbind as root".into(),
-        },
+        }),
         _ => Error::os(format!("writing `{}` to {}", value.trim(), path.display()), e),
     })
 }
@@ -561,7 +567,7 @@ pub(crate) mod tests {
             "1:2:3:4.0",
         ] {
             match bad.parse::<Bdf>() {
-                Err(Error::InvalidAddress(s)) => assert_eq!(s, bad),
+                Err(Error::Vfio(VfioError::InvalidAddress(s))) => assert_eq!(s, bad),
                 other => panic!("`{bad}` parsed as {other:?}"),
             }
         }
@@ -582,10 +588,10 @@ pub(crate) mod tests {
         assert_eq!(found[0].iommu_group, Some(2));
         assert_eq!(found[1].kind(), CryptoKind::LegacyVirtioCrypto);
         assert!(
-            matches!(s.check_ready(&found[1]), Err(Error::UnsupportedDevice(m)) if m.contains("disable-legacy"))
+            matches!(s.check_ready(&found[1]), Err(Error::Device(DeviceError::Unsupported(m))) if m.contains("disable-legacy"))
         );
         match s.check_ready(&found[0]) {
-            Err(Error::WrongDriver { driver, .. }) => assert_eq!(driver, "virtio-pci"),
+            Err(Error::Vfio(VfioError::WrongDriver { driver, .. })) => assert_eq!(driver, "virtio-pci"),
             other => panic!("{other:?}"),
         }
     }
@@ -612,9 +618,9 @@ pub(crate) mod tests {
         assert!(support.pci_bus && !support.iommu && !support.vfio_pci);
         assert!(support.problem().unwrap().contains("intel_iommu=on"));
         let f = s.function(&bdf("00:02.0")).unwrap();
-        assert!(matches!(s.check_ready(&f), Err(Error::NoIommu(_))));
-        assert!(matches!(s.bind(&bdf("00:02.0")), Err(Error::NoIommu(_))));
-        let msg = Error::NoIommu("0000:00:02.0".into()).to_string();
+        assert!(matches!(s.check_ready(&f), Err(Error::Vfio(VfioError::NoIommu(_)))));
+        assert!(matches!(s.bind(&bdf("00:02.0")), Err(Error::Vfio(VfioError::NoIommu(_)))));
+        let msg = Error::Vfio(VfioError::NoIommu("0000:00:02.0".into())).to_string();
         assert!(msg.contains("kernel command line"), "{msg}");
         assert!(Sysfs::at(t.root.join("nowhere")).vfio_support().problem().unwrap().contains("no PCI bus"));
     }
@@ -627,7 +633,7 @@ pub(crate) mod tests {
         let s = t.sysfs();
         // The fake kernel does not move the function: bind must notice and say so.
         match s.bind(&bdf("0000:00:02.0")) {
-            Err(Error::NoVfio(m)) => assert!(m.contains("now virtio-pci"), "{m}"),
+            Err(Error::Vfio(VfioError::NoVfio(m))) => assert!(m.contains("now virtio-pci"), "{m}"),
             other => panic!("{other:?}"),
         }
         assert_eq!(t.read("sys/bus/pci/devices/0000:00:02.0/driver_override"), "vfio-pci");
@@ -661,7 +667,7 @@ pub(crate) mod tests {
         t.function("0000:00:01.0", (0x8086, 0x1901), Some("pcieport"), Some(7));
         let s = t.sysfs();
         match s.bind(&bdf("0000:00:02.0")) {
-            Err(Error::GroupNotViable { group, blockers }) => {
+            Err(Error::Vfio(VfioError::GroupNotViable { group, blockers })) => {
                 assert_eq!(group, 7);
                 assert_eq!(blockers, "0000:00:02.1 (snd_hda_intel)", "the bridge's pcieport is harmless");
             }
@@ -674,7 +680,9 @@ pub(crate) mod tests {
         t.rebind("0000:00:02.0", VFIO_PCI);
         let f = s.function(&bdf("0000:00:02.0")).unwrap();
         // The group node is missing in the fake tree: that is the next thing reported.
-        assert!(matches!(s.check_ready(&f), Err(Error::NoVfio(m)) if m.contains("/dev/vfio/7")));
+        assert!(
+            matches!(s.check_ready(&f), Err(Error::Vfio(VfioError::NoVfio(m))) if m.contains("/dev/vfio/7"))
+        );
         fs::write(t.root.join("dev/vfio/7"), "").unwrap();
         fs::write(t.root.join("dev/vfio/vfio"), "").unwrap();
         s.check_ready(&f).unwrap();
@@ -686,9 +694,11 @@ pub(crate) mod tests {
         t.driver(VFIO_PCI);
         t.function("0000:00:1f.3", AUDIO, Some("snd_hda_intel"), Some(3));
         let s = t.sysfs();
-        assert!(matches!(s.bind(&bdf("0000:00:05.0")), Err(Error::NoSuchDevice(b)) if b == "0000:00:05.0"));
         assert!(
-            matches!(s.bind(&bdf("0000:00:1f.3")), Err(Error::UnsupportedDevice(m)) if m.contains("driverctl"))
+            matches!(s.bind(&bdf("0000:00:05.0")), Err(Error::Vfio(VfioError::NoSuchDevice(b))) if b == "0000:00:05.0")
+        );
+        assert!(
+            matches!(s.bind(&bdf("0000:00:1f.3")), Err(Error::Device(DeviceError::Unsupported(m))) if m.contains("driverctl"))
         );
         assert_eq!(t.read("sys/bus/pci/drivers_probe"), "");
     }

@@ -11,7 +11,7 @@ use crypt_vfio::engine::software::SoftwareEngine;
 use crypt_vfio::engine::{Buf, Engine};
 use crypt_vfio::transport::emulated::EmulatedConfig;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions};
-use crypt_vfio::{CoreKind, Error, Mode};
+use crypt_vfio::{CoreKind, CryptoError, Error, Mode};
 use futures::executor::block_on;
 use futures::future::join_all;
 use support::engines::{Behaviour, Wrapped};
@@ -70,10 +70,13 @@ fn errors_come_back_typed() {
     let q = AsyncQueue::new(&dev, 0, true).unwrap();
     let (ct, mut tag) = block_on(q.encrypt(s.clone(), &[1; 12], &[], Buf::Host(vec![1; 64]))).unwrap();
     tag[5] ^= 0x80;
-    assert!(matches!(block_on(q.decrypt(s.clone(), &[1; 12], &[], ct, tag)), Err(Error::AuthFailed)));
+    assert!(matches!(
+        block_on(q.decrypt(s.clone(), &[1; 12], &[], ct, tag)),
+        Err(Error::Crypto(CryptoError::AuthFailed))
+    ));
     assert!(matches!(
         block_on(q.encrypt(s, &[1; 16], &[], Buf::Host(vec![1; 64]))),
-        Err(Error::InvalidRequest(_))
+        Err(Error::Crypto(CryptoError::InvalidRequest(_)))
     ));
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::authenticated::META_ENTRY_LEN;
 use crypt_vfio::volume::{AuthVolume, BlockDevice};
-use crypt_vfio::Error;
+use crypt_vfio::{Error, LuksError, VolumeError};
 use support::{pattern, scratch};
 
 const KEY: [u8; 32] = [0x42; 32];
@@ -51,14 +51,14 @@ fn data_round_trips_at_any_offset_and_survives_reopening() {
         let mut whole = vec![0u8; 2 * ss as usize];
         futures::executor::block_on(v.read_sectors_async(0, &mut whole)).unwrap();
         assert_eq!(whole[777..2 * ss as usize], data[..2 * ss as usize - 777]);
-        assert!(matches!(BlockDevice::write_at(&v, 0, b"x"), Err(Error::ReadOnly)));
+        assert!(matches!(BlockDevice::write_at(&v, 0, b"x"), Err(Error::Volume(VolumeError::ReadOnly))));
     }
 }
 
 fn expect_sector_failure(v: &AuthVolume<VirtioCrypto>, offset: u64, len: usize, sector: u64) {
     let mut buf = vec![0xeeu8; len];
     match v.read_at(offset, &mut buf) {
-        Err(Error::SectorAuthFailed { sector: s }) => assert_eq!(s, sector),
+        Err(Error::Volume(VolumeError::SectorAuthFailed { sector: s })) => assert_eq!(s, sector),
         other => panic!("expected sector {sector} to fail its check, got {other:?}"),
     }
     assert!(buf.iter().all(|&b| b == 0), "nothing unauthenticated is returned");
@@ -144,15 +144,15 @@ fn a_wrong_key_or_a_modified_superblock_is_refused() {
     let img = dir.path().join("auth.img");
     drop(new_volume(&img, 512, 16 << 10));
     let e = AuthVolume::open(engine(), File::open(&img).unwrap(), false, &[0x43; 32]).err().unwrap();
-    assert!(matches!(e, Error::WrongKey), "{e}");
+    assert!(matches!(e, Error::Volume(VolumeError::WrongKey)), "{e}");
     // Claim fewer sectors (still consistent geometry): the key check covers the superblock.
     let raw = rw(&img);
     raw.write_all_at(&16u64.to_le_bytes(), 16).unwrap();
     let e = AuthVolume::open(engine(), File::open(&img).unwrap(), false, &KEY).err().unwrap();
-    assert!(matches!(e, Error::WrongKey), "{e}");
+    assert!(matches!(e, Error::Volume(VolumeError::WrongKey)), "{e}");
     raw.write_all_at(b"XXXX", 0).unwrap();
     let e = AuthVolume::open(engine(), File::open(&img).unwrap(), false, &KEY).err().unwrap();
-    assert!(matches!(e, Error::NotLuks(_)), "{e}");
+    assert!(matches!(e, Error::Luks(LuksError::NotLuks(_))), "{e}");
 }
 
 #[test]

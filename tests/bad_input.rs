@@ -7,7 +7,7 @@ use crypt_vfio::engine::software::SoftwareEngine;
 use crypt_vfio::engine::{Buf, Direction, Engine, Iv, Request, SubmitErrorKind};
 use crypt_vfio::transport::emulated::EmulatedConfig;
 use crypt_vfio::virtio_crypto::DeviceOptions;
-use crypt_vfio::{CoreKind, Error, Mode};
+use crypt_vfio::{CoreKind, CryptoError, Error, Mode, VfioError};
 use crypt_vfio_spec::crypto::cipher;
 
 const KEY: [u8; 32] = [9; 32];
@@ -35,10 +35,10 @@ fn wrong_key_lengths_are_refused_with_the_lengths_named() {
         let key = vec![1u8; len];
         for r in [dev.create_session(mode, &key).err(), sw.create_session(mode, &key).err()] {
             match r {
-                Some(Error::KeyLength { mode: m, len: l, expected }) => {
+                Some(Error::Crypto(CryptoError::KeyLength { mode: m, len: l, expected })) => {
                     assert_eq!((m, l), (mode, len));
                     assert!(!expected.is_empty());
-                    let msg = Error::KeyLength { mode: m, len: l, expected }.to_string();
+                    let msg = Error::Crypto(CryptoError::KeyLength { mode: m, len: l, expected }).to_string();
                     assert!(msg.contains(&format!("{len}-byte key")), "{msg}");
                 }
                 other => panic!("{mode} with {len} bytes: {other:?}"),
@@ -52,7 +52,10 @@ fn wrong_key_lengths_are_refused_with_the_lengths_named() {
 #[test]
 fn xts_key_with_equal_halves_is_rejected() {
     let dev = device();
-    assert!(matches!(dev.create_session(Mode::Xts, &[7; 64]), Err(Error::KeyRejected(_))));
+    assert!(matches!(
+        dev.create_session(Mode::Xts, &[7; 64]),
+        Err(Error::Crypto(CryptoError::KeyRejected(_)))
+    ));
     let mut q = SyncQueue::open(&dev, 0);
     still_works(&dev, &mut q);
 }
@@ -66,7 +69,7 @@ fn an_algorithm_the_device_does_not_offer_is_not_supported() {
     for mode in [Mode::Gcm, Mode::Xts, Mode::Ctr] {
         let key: Vec<u8> = (0..mode.key_lengths()[0] as u8).collect();
         let r = dev.create_session(mode, &key);
-        assert!(matches!(r, Err(Error::NotSupported(_))), "{mode}: {r:?}");
+        assert!(matches!(r, Err(Error::Crypto(CryptoError::NotSupported(_)))), "{mode}: {r:?}");
         assert!(!dev.probe(mode, key.len()).unwrap());
     }
     assert!(dev.probe(Mode::Cbc, 16).unwrap());
@@ -81,8 +84,8 @@ fn a_destroyed_session_is_an_invalid_session() {
     let s = dev.create_session(Mode::Ctr, &KEY).unwrap();
     dev.destroy_session(&s).unwrap();
     let r = crypt(&mut q, s.clone(), Direction::Encrypt, &[0; 16], &[], Buf::Host(vec![0; 32]), [0; 16]);
-    assert!(matches!(r, Err(Error::InvalidSession)), "{r:?}");
-    assert!(matches!(dev.destroy_session(&s), Err(Error::InvalidSession)));
+    assert!(matches!(r, Err(Error::Crypto(CryptoError::InvalidSession))), "{r:?}");
+    assert!(matches!(dev.destroy_session(&s), Err(Error::Crypto(CryptoError::InvalidSession))));
     still_works(&dev, &mut q);
 }
 
@@ -96,7 +99,7 @@ fn an_oversized_request_comes_back_whole_with_the_limit() {
         Request::new(s, Direction::Encrypt, Iv::from([0; 16]), Buf::Host(vec![0xaa; 64 * 1024 + 16]), 1);
     let e = q.try_submit(req).unwrap_err();
     match e.kind {
-        SubmitErrorKind::Rejected(Error::TooLarge { len, max }) => {
+        SubmitErrorKind::Rejected(Error::Crypto(CryptoError::TooLarge { len, max })) => {
             assert_eq!((len, max), (64 * 1024 + 16, 64 * 1024))
         }
         k => panic!("{k:?}"),
@@ -119,7 +122,7 @@ fn a_buffer_not_mapped_for_the_device_is_refused() {
     let req = Request::new(s, Direction::Encrypt, Iv::from([0; 16]), foreign, 1);
     let e = q.try_submit(req).unwrap_err();
     assert!(
-        matches!(e.kind, SubmitErrorKind::Rejected(Error::Dma(ref m)) if m.contains("not mapped")),
+        matches!(e.kind, SubmitErrorKind::Rejected(Error::Vfio(VfioError::Dma(ref m))) if m.contains("not mapped")),
         "{:?}",
         e.kind
     );
@@ -141,7 +144,7 @@ fn wrong_iv_and_data_lengths_are_invalid_requests() {
         let req = Request::new(s, Direction::Encrypt, Iv::new(iv).unwrap(), Buf::Host(vec![0; len]), 1);
         let e = q.try_submit(req).unwrap_err();
         match e.kind {
-            SubmitErrorKind::Rejected(Error::InvalidRequest(m)) => {
+            SubmitErrorKind::Rejected(Error::Crypto(CryptoError::InvalidRequest(m))) => {
                 assert!(m.contains(words), "{m}")
             }
             k => panic!("{k:?}"),
@@ -151,7 +154,7 @@ fn wrong_iv_and_data_lengths_are_invalid_requests() {
     req.aad = vec![1, 2, 3];
     assert!(matches!(
         q.try_submit(req).unwrap_err().kind,
-        SubmitErrorKind::Rejected(Error::InvalidRequest(_))
+        SubmitErrorKind::Rejected(Error::Crypto(CryptoError::InvalidRequest(_)))
     ));
     still_works(&dev, &mut q);
 }
@@ -177,12 +180,12 @@ fn a_modified_gcm_tag_fails_authentication_without_releasing_plaintext() {
     req.aad = b"hdr".to_vec();
     req.tag = tag;
     let c = q.run(req);
-    assert!(matches!(c.result, Err(Error::AuthFailed)), "{:?}", c.result);
+    assert!(matches!(c.result, Err(Error::Crypto(CryptoError::AuthFailed))), "{:?}", c.result);
     assert!(c.request.data.as_slice().iter().all(|&b| b == 0), "no plaintext after a failed tag check");
     let r = crypt(&mut q, s, Direction::Decrypt, &[4; 12], b"hdx", Buf::Host(ct), {
         tag[0] ^= 1;
         tag
     });
-    assert!(matches!(r, Err(Error::AuthFailed)), "modified AAD must fail too");
+    assert!(matches!(r, Err(Error::Crypto(CryptoError::AuthFailed))), "modified AAD must fail too");
     still_works(&dev, &mut q);
 }

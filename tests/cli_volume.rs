@@ -326,3 +326,28 @@ fn authenticated_images_round_trip_and_a_tampered_sector_is_named() {
     );
     assert!(e.contains("the key does not open this volume"), "{e}");
 }
+
+#[test]
+fn the_software_engine_writes_what_the_device_reads_and_device_commands_refuse_it() {
+    let dir = scratch();
+    let d = dir.path();
+    let plain = pattern(100_000, 3);
+    std::fs::write(d.join("plain.raw"), &plain).unwrap();
+    std::fs::write(d.join("pass"), PASS).unwrap();
+    run(cli()
+        .args(["encrypt", "--device", "software", "--type", "luks2", "--pbkdf", "pbkdf2"])
+        .args(["--pbkdf-force-iterations", "1000", "--key-file"])
+        .arg(d.join("pass"))
+        .arg(d.join("plain.raw"))
+        .arg(d.join("enc.luks")));
+    run(cli()
+        .args(["decrypt", "--device", "emulated", "--key-file"])
+        .arg(d.join("pass"))
+        .arg(d.join("enc.luks"))
+        .arg(d.join("back.raw")));
+    let back = std::fs::read(d.join("back.raw")).unwrap();
+    assert!(back[..plain.len()] == plain[..] && back[plain.len()..].iter().all(|&b| b == 0));
+
+    let e = fails(cli().args(["info", "software"]));
+    assert!(e.contains("--device software chooses an engine for the block commands"), "{e}");
+}

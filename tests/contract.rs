@@ -17,7 +17,7 @@ use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Request, SubmitError
 use crypt_vfio::transport::emulated::EmulatedConfig;
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions};
-use crypt_vfio::{CoreKind, Error, Mode};
+use crypt_vfio::{CoreKind, CryptoError, DeviceError, Error, Mode};
 use crypt_vfio_cores::new_cipher;
 use rand::{Rng, SeedableRng};
 
@@ -98,7 +98,7 @@ where
                                 assert_eq!(e.request.user_data, id, "a refused request comes back whole");
                                 match e.kind {
                                     SubmitErrorKind::Busy => break,
-                                    SubmitErrorKind::Rejected(Error::DeviceFailed(_)) => {
+                                    SubmitErrorKind::Rejected(Error::Device(DeviceError::Failed(_))) => {
                                         local.failed += 1;
                                         sent = per_thread;
                                         break;
@@ -136,8 +136,8 @@ where
                                         }
                                         local.ok += 1;
                                     }
-                                    Err(Error::DeviceError(_)) => local.device_errors += 1,
-                                    Err(Error::DeviceFailed(_)) => local.failed += 1,
+                                    Err(Error::Crypto(CryptoError::Status(_))) => local.device_errors += 1,
+                                    Err(Error::Device(DeviceError::Failed(_))) => local.failed += 1,
                                     Err(e) => panic!("request {id} failed: {e}"),
                                 }
                             }

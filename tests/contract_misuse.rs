@@ -20,7 +20,7 @@ use crypt_vfio::engine::{
 };
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedTransport};
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
-use crypt_vfio::{CoreKind, Error, Mode};
+use crypt_vfio::{CoreKind, CryptoError, Error, Mode};
 
 const KEY: [u8; 64] = {
     let mut k = [0u8; 64];
@@ -175,7 +175,11 @@ impl<E: Engine + 'static> AnySubject for Keyed<E> {
         let other = other.as_any().downcast_ref::<Keyed<E>>().ok_or("another kind of engine")?;
         let mut q = self.subject.engine.open_queue(0, Arc::new(|_| {})).unwrap();
         match q.submit(request(other.session.clone(), 1), true) {
-            Err(e) if matches!(e.kind, SubmitErrorKind::Rejected(Error::InvalidSession)) => {}
+            Err(e)
+                if matches!(
+                    e.kind,
+                    SubmitErrorKind::Rejected(Error::Crypto(CryptoError::InvalidSession))
+                ) => {}
             Err(e) => return Err(format!("submit refused with {}, not InvalidSession", e.kind)),
             Ok(s) => return Err(format!("another engine's session was accepted ({s:?})")),
         }
@@ -185,7 +189,8 @@ impl<E: Engine + 'static> AnySubject for Keyed<E> {
             [request(self.session.clone(), 1), request(other.session.clone(), 2)].into_iter().collect();
         let r = q.submit_batch(&mut batch, true);
         match (&r.refused, r.accepted(), batch.front().map(|r| r.user_data)) {
-            (Some(SubmitErrorKind::Rejected(Error::InvalidSession)), 1, Some(2)) if batch.len() == 1 => {}
+            (Some(SubmitErrorKind::Rejected(Error::Crypto(CryptoError::InvalidSession))), 1, Some(2))
+                if batch.len() == 1 => {}
             _ => return Err(format!("a batch with another engine's session gave {r:?}")),
         }
         drop(batch);
@@ -194,7 +199,7 @@ impl<E: Engine + 'static> AnySubject for Keyed<E> {
             q.poll();
         }
         match self.subject.engine.destroy_session(&other.session) {
-            Err(Error::InvalidSession) => Ok(()),
+            Err(Error::Crypto(CryptoError::InvalidSession)) => Ok(()),
             r => Err(format!("destroying another engine's session gave {r:?}")),
         }
     }

@@ -14,7 +14,7 @@ use crypt_vfio::engine::contract::{ContractChecker, ContractReport};
 use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Request, SubmitErrorKind, Submitted};
 use crypt_vfio::transport::emulated::EmulatedConfig;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions};
-use crypt_vfio::{Error, Mode};
+use crypt_vfio::{CryptoError, Error, Mode};
 use proptest::prelude::*;
 
 /// What the device does.
@@ -261,7 +261,7 @@ fn run(b: &DeviceBehaviour, schedule: &Schedule) -> ContractReport {
                             Event::Completed(c) => {
                                 in_flight -= 1;
                                 match c.result {
-                                    Ok(()) | Err(Error::DeviceError(_)) => {}
+                                    Ok(()) | Err(Error::Crypto(CryptoError::Status(_))) => {}
                                     Err(e) => panic!("request {} failed: {e}", c.request.user_data),
                                 }
                             }

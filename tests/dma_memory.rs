@@ -10,7 +10,7 @@ use crypt_vfio::engine::Engine;
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedTransport};
 use crypt_vfio::transport::{Bar, EventNotifier, Transport};
 use crypt_vfio::virtio_crypto::{DeviceOptions, VirtioCrypto};
-use crypt_vfio::Error;
+use crypt_vfio::{Error, VfioError};
 use vm_memory::{Bytes, GuestAddress};
 
 fn pool() -> DmaPool {
@@ -27,7 +27,7 @@ fn the_memory_view_outlives_its_pool_and_buffers_safely() {
     big.copy_from_slice(&[0xa5; 64]);
     small.copy_from_slice(&[0x3c; 256]);
     let (big_iova, small_iova) = (big.iova(), small.iova());
-    let mem = pool.memory();
+    let mem = crypt_vfio::testing::dma_memory(&pool);
     drop(big);
     drop(small);
     drop(pool);
@@ -62,7 +62,7 @@ fn buffers_are_read_and_written_by_copies() {
     assert_eq!(&b.to_vec()[..6], b"head\x07\x07");
     // What the device sees at the buffer's IOVA is what the copies wrote.
     let mut seen = [0u8; 6];
-    pool.memory().read_slice(&mut seen, GuestAddress(b.iova())).unwrap();
+    crypt_vfio::testing::dma_memory(&pool).read_slice(&mut seen, GuestAddress(b.iova())).unwrap();
     assert_eq!(&seen, b"head\x07\x07");
     b.fill(0);
     assert!(b.to_vec().iter().all(|&x| x == 0));
@@ -72,12 +72,12 @@ fn buffers_are_read_and_written_by_copies() {
 fn buffers_of_2_pow_63_bytes_and_more_are_errors_not_overflows() {
     let pool = pool();
     for len in [1usize << 63, (1usize << 63) + 1, usize::MAX] {
-        assert!(matches!(pool.alloc(len), Err(Error::Dma(_))), "{len} bytes");
+        assert!(matches!(pool.alloc(len), Err(Error::Vfio(VfioError::Dma(_)))), "{len} bytes");
     }
     let t: Arc<dyn Transport> = Arc::new(EmulatedTransport::new(EmulatedConfig::default()).unwrap());
     let dev = VirtioCrypto::open(t, &DeviceOptions::default()).unwrap();
     for len in [1usize << 63, usize::MAX] {
-        assert!(matches!(dev.alloc_buffer(len), Err(Error::Dma(_))), "alloc_buffer({len})");
+        assert!(matches!(dev.alloc_buffer(len), Err(Error::Vfio(VfioError::Dma(_)))), "alloc_buffer({len})");
     }
 }
 
@@ -128,7 +128,7 @@ impl Transport for UnmapFails {
     }
     fn dma_unmap(&self, iova: u64, len: u64) -> crypt_vfio::Result<()> {
         if self.fail_unmap.load(Ordering::SeqCst) {
-            return Err(Error::Dma(format!("unmap {iova:#x}: refused (test)")));
+            return Err(Error::Vfio(VfioError::Dma(format!("unmap {iova:#x}: refused (test)"))));
         }
         self.inner.dma_unmap(iova, len)?;
         self.mapped.lock().unwrap().retain(|&(a, _)| a != iova);
@@ -183,7 +183,7 @@ fn buffers_of_a_region_whose_revocation_failed_are_never_handed_out_again() {
             "a buffer of the region the device can still write was handed out again at {:#x}",
             b.iova()
         ),
-        Err(Error::Dma(why)) => assert!(why.contains("revoked"), "{why}"),
+        Err(Error::Vfio(VfioError::Dma(why))) => assert!(why.contains("revoked"), "{why}"),
         Err(e) => panic!("{e}"),
     }
 }

@@ -17,12 +17,12 @@ use crypt_vfio::engine::contract::{ContractChecker, ContractReport};
 use crypt_vfio::engine::{
     Buf, Completion, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted,
 };
+use crypt_vfio::testing::VirtioPci;
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTransport};
 use crypt_vfio::transport::Transport;
-use crypt_vfio::virtio::VirtioPci;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, DeviceSession, VirtioCrypto};
 use crypt_vfio::volume::{Volume, VolumeParams};
-use crypt_vfio::{CoreKind, Error, Mode};
+use crypt_vfio::{CoreKind, CryptoError, DeviceError, Error, Mode};
 use crypt_vfio_cores::new_cipher;
 
 const KEY: [u8; 32] = [0x42; 32];
@@ -180,7 +180,9 @@ impl Rig {
 
 fn device_failed(c: &Completion<DeviceSession>, needle: &str) {
     match &c.result {
-        Err(Error::DeviceFailed(why)) => assert!(why.contains(needle), "{why:?} should mention {needle:?}"),
+        Err(Error::Device(DeviceError::Failed(why))) => {
+            assert!(why.contains(needle), "{why:?} should mention {needle:?}")
+        }
         other => panic!("request {}: expected DeviceFailed ({needle}), got {other:?}", c.request.user_data),
     }
 }
@@ -246,7 +248,7 @@ fn a_device_that_keeps_failing_is_given_up() {
     }
     assert!(!r.dev.wait_working(Duration::from_secs(2)));
     match r.submit(Buf::Host(vec![0; 64])) {
-        Err(Error::DeviceGaveUp { failures: 3, .. }) => {}
+        Err(Error::Device(DeviceError::GaveUp { failures: 3, .. })) => {}
         other => panic!("expected DeviceGaveUp, got {other:?}"),
     }
     assert_eq!(r.dev.recoveries(), 2);
@@ -353,7 +355,7 @@ fn a_completion_before_the_work_is_done_never_corrupts_later_requests() {
         for c in r.wait(&ids) {
             match &c.result {
                 Ok(()) => r.check_ok(&c),
-                Err(Error::DeviceFailed(_)) => {}
+                Err(Error::Device(DeviceError::Failed(_))) => {}
                 Err(e) => panic!("request {}: {e} (a late device write reached it)", c.request.user_data),
             }
         }
@@ -420,7 +422,7 @@ fn a_device_that_ignores_every_reset_loses_its_dma_mappings_and_is_given_up() {
     assert!(r.t.stats().iommu_faults > faults_then, "the IOMMU must have blocked the late writes");
     assert!(!r.dev.wait_working(Duration::from_secs(1)), "a device that will not stop is not used again");
     match r.submit(Buf::Host(vec![0; 64])) {
-        Err(Error::DeviceFailed(why)) => assert!(why.contains("ignored a reset"), "{why}"),
+        Err(Error::Device(DeviceError::Failed(why))) => assert!(why.contains("ignored a reset"), "{why}"),
         other => panic!("{other:?}"),
     }
     r.report();
@@ -435,7 +437,7 @@ fn a_late_create_session_answer_never_gives_a_session_the_wrong_key() {
     let key_x = [0x11u8; 32];
     let key_y = [0x77u8; 32];
     match r.dev.create_session(Mode::Ctr, &key_x) {
-        Err(Error::Timeout(..)) => {}
+        Err(Error::Device(DeviceError::Timeout(..))) => {}
         other => panic!("expected a control timeout, got {other:?}"),
     }
     // The next session must be created (after the reset and recovery) under its own key.
@@ -496,7 +498,7 @@ fn a_control_answer_late_during_a_recovery_from_a_device_that_ignores_every_rese
     }
     assert!(!r.dev.wait_working(Duration::from_secs(1)), "a device that will not stop is not used again");
     match r.submit(Buf::Host(vec![0; 64])) {
-        Err(Error::DeviceFailed(why)) => assert!(why.contains("ignored a reset"), "{why}"),
+        Err(Error::Device(DeviceError::Failed(why))) => assert!(why.contains("ignored a reset"), "{why}"),
         other => panic!("{other:?}"),
     }
     r.report();
@@ -557,7 +559,7 @@ fn a_session_destroyed_during_a_recovery_never_runs_under_another_sessions_key()
     };
     let (id, got) = encrypt(&doomed, &mut r);
     match got {
-        Err(Error::InvalidSession) => {}
+        Err(Error::Crypto(CryptoError::InvalidSession)) => {}
         Ok(data) => {
             assert_ne!(data, under(&key_c, id), "a destroyed session ran under another session's key");
             panic!("a destroyed session ran");
@@ -579,7 +581,7 @@ fn a_config_generation_that_never_settles_fails_open_cleanly() {
         t.inject(EmulatedFault::ConfigGenerationUnsettled);
         let options = DeviceOptions { completion: mode, ..Default::default() };
         match VirtioCrypto::open(t.clone() as Arc<dyn Transport>, &options) {
-            Err(Error::ConfigUnsettled { attempts }) => assert!(attempts > 1),
+            Err(Error::Device(DeviceError::ConfigUnsettled { attempts })) => assert!(attempts > 1),
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("opened a device whose configuration never settles"),
         }
@@ -593,7 +595,10 @@ fn a_failed_open_leaves_the_device_reset_and_failed() {
     let t = Arc::new(EmulatedTransport::new(EmulatedConfig::default()).unwrap());
     let options =
         DeviceOptions { completion: CompletionMode::Interrupt, queue_size: 3, ..Default::default() };
-    assert!(matches!(VirtioCrypto::open(t.clone() as Arc<dyn Transport>, &options), Err(Error::Init(_))));
+    assert!(matches!(
+        VirtioCrypto::open(t.clone() as Arc<dyn Transport>, &options),
+        Err(Error::Device(DeviceError::Init(_)))
+    ));
     let pci = VirtioPci::probe(t.clone() as Arc<dyn Transport>).unwrap();
     assert_eq!(pci.status(), 0x80, "status left behind");
 }

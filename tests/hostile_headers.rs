@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion};
 use crypt_vfio::volume::authenticated::META_ENTRY_LEN;
 use crypt_vfio::volume::AuthVolume;
-use crypt_vfio::Error;
+use crypt_vfio::{Error, LuksError, VolumeError};
 use serde_json::{json, Value};
 use support::scratch;
 
@@ -56,7 +56,7 @@ fn luks2_with(dir: &Path, edit: impl FnOnce(&mut Value)) -> File {
 
 fn field_named(e: &Error, field: &str) {
     let text = e.to_string();
-    assert!(matches!(e, Error::CorruptHeader { .. }), "{text}");
+    assert!(matches!(e, Error::Luks(LuksError::CorruptHeader { .. })), "{text}");
     assert!(text.contains(field), "`{field}` not named: {text}");
 }
 
@@ -152,7 +152,7 @@ fn unsupported_luks2_requirements_are_unsupported_not_corrupt() {
         j["config"]["requirements"] = json!({"mandatory": ["online-reencrypt-v2"]});
     });
     let e = outcome(&f);
-    assert!(matches!(e, Error::Unsupported(_)), "{e}");
+    assert!(matches!(e, Error::Luks(LuksError::Unsupported(_))), "{e}");
     assert!(e.to_string().starts_with("unsupported: ") && e.to_string().contains("reencrypt"), "{e}");
 }
 
@@ -210,7 +210,7 @@ fn authenticated_superblock_reserved_bytes_and_entry_padding_are_checked() {
     v.read_at(2 * 512, &mut buf).unwrap();
     assert_eq!(buf, [7u8; 512]);
     let e = v.read_at(3 * 512, &mut buf).unwrap_err();
-    assert!(matches!(e, Error::SectorAuthFailed { sector: 3 }), "{e}");
+    assert!(matches!(e, Error::Volume(VolumeError::SectorAuthFailed { sector: 3 })), "{e}");
     assert_eq!(buf, [0u8; 512], "nothing unauthenticated is handed out");
 }
 
@@ -228,7 +228,10 @@ fn unsupported_but_valid_headers_are_dumped_and_refused_as_unsupported() {
     let f = luks_image(&img, LuksVersion::Luks1);
     f.write_all_at(b"whirlpool\0", 72).unwrap();
     let e = luks::Header::read(&f).unwrap_err();
-    assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains("whirlpool"), "{e}");
+    assert!(
+        matches!(e, Error::Luks(LuksError::Unsupported(_))) && e.to_string().contains("whirlpool"),
+        "{e}"
+    );
     let out = cli().arg("dump").arg(&img).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -270,7 +273,10 @@ fn add_key_refuses_a_free_luks1_slot_whose_area_overlaps_data_or_another_slot() 
         let before = std::fs::read(&img).unwrap();
         let mut h = luks::Header::read(&f).unwrap();
         let e = h.add_passphrase(&engine, &f, PASS, b"second", &kdf).unwrap_err();
-        assert!(matches!(e, Error::Keyslot(_)) && e.to_string().contains("overlaps"), "{what}: {e}");
+        assert!(
+            matches!(e, Error::Luks(LuksError::Keyslot(_))) && e.to_string().contains("overlaps"),
+            "{what}: {e}"
+        );
         assert!(std::fs::read(&img).unwrap() == before, "{what}: the image is unchanged");
         luks::Header::read(&f).unwrap().unlock(&engine, &f, PASS).unwrap();
     }

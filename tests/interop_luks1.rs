@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion};
 use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::{CipherSpec, Volume};
-use crypt_vfio::Error;
+use crypt_vfio::{Error, LuksError};
 use support::{have, have_python_cryptography, pattern, run, scratch, tool, tool_script};
 
 const PASS: &str = "correct horse battery staple";
@@ -109,7 +109,7 @@ fn a_wrong_passphrase_is_refused_and_the_image_is_untouched() {
     let e =
         luks::open(engine(), OpenOptions::new().read(true).write(true).open(&img).unwrap(), true, b"wrong")
             .unwrap_err();
-    assert!(matches!(e, Error::WrongPassphrase), "{e}");
+    assert!(matches!(e, Error::Luks(LuksError::WrongPassphrase)), "{e}");
     assert_eq!(std::fs::read(&img).unwrap(), before);
 }
 
@@ -184,7 +184,7 @@ fn cryptsetup_luks1_images_unlock_to_cryptsetups_volume_key_and_decrypt_exactly(
         let (slot, key) = header.unlock(&*engine, &f, PASS.as_bytes()).unwrap();
         assert_eq!(slot, 0);
         assert_eq!(*key, std::fs::read(&vk).unwrap(), "{spec} {bits}");
-        assert!(matches!(header.unlock(&*engine, &f, b"nope"), Err(Error::WrongPassphrase)));
+        assert!(matches!(header.unlock(&*engine, &f, b"nope"), Err(Error::Luks(LuksError::WrongPassphrase))));
 
         let dump =
             String::from_utf8(run(Command::new(tool("cryptsetup")).arg("luksDump").arg(&img))).unwrap();
@@ -301,7 +301,7 @@ fn qemu_img_aes_192_xts_images_unlock() {
     assert_eq!(key.len(), 48);
     assert!(matches!(
         luks::Header::read(&f).unwrap().unlock(&*engine(), &f, b"wrong"),
-        Err(Error::WrongPassphrase)
+        Err(Error::Luks(LuksError::WrongPassphrase))
     ));
     // And the data path: what we write with that key reads back through a fresh open.
     let rw = OpenOptions::new().read(true).write(true).open(&img).unwrap();

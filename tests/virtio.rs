@@ -10,7 +10,7 @@ use crypt_vfio::engine::{Buf, Direction, Engine};
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedTransport};
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
-use crypt_vfio::{Error, Mode};
+use crypt_vfio::{DeviceError, Error, Mode};
 use crypt_vfio_spec::pci::feature;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -19,7 +19,9 @@ fn a_device_without_version_1_is_refused_by_name() {
     let config = EmulatedConfig { features: 1 << feature::ACCESS_PLATFORM, ..Default::default() };
     let t = Arc::new(EmulatedTransport::new(config).unwrap());
     match VirtioCrypto::open(t, &DeviceOptions::default()) {
-        Err(Error::Init(m)) => assert!(m.contains("[32]"), "the missing bit is named: {m}"),
+        Err(Error::Device(DeviceError::Init(m))) => {
+            assert!(m.contains("[32]"), "the missing bit is named: {m}")
+        }
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("opened a device without VERSION_1"),
     }
@@ -106,7 +108,7 @@ fn pool_buffers_are_visible_at_their_iova_through_the_vm_memory_view() {
     let mut b = pool.alloc(3 << 20).unwrap(); // larger than a region: a dedicated mapping
     a.as_mut_slice().copy_from_slice(&[0x5a; 100]);
     b.as_mut_slice()[..4].copy_from_slice(b"tail");
-    let mem = pool.memory();
+    let mem = crypt_vfio::testing::dma_memory(&pool);
     let mut back = [0u8; 100];
     mem.read_slice(&mut back, GuestAddress(a.iova())).unwrap();
     assert_eq!(back, [0x5a; 100]);
@@ -118,7 +120,7 @@ fn pool_buffers_are_visible_at_their_iova_through_the_vm_memory_view() {
     let (ia, ib) = (a.iova(), b.iova());
     drop(b);
     assert!(
-        pool.memory().read_slice(&mut tail, GuestAddress(ib)).is_err(),
+        crypt_vfio::testing::dma_memory(&pool).read_slice(&mut tail, GuestAddress(ib)).is_err(),
         "a dropped dedicated region is unmapped"
     );
     drop(a);

@@ -754,7 +754,7 @@ impl Transport for VirtioQueueTransport {
 
     fn bar(&self, index: u8) -> crypt_vfio::Result<Arc<dyn Bar>> {
         if index != 0 {
-            return Err(crypt_vfio::Error::Transport(format!("no BAR {index}")));
+            return Err(crypt_vfio::Error::Vfio(crypt_vfio::VfioError::Transport(format!("no BAR {index}"))));
         }
         Ok(Arc::new(Bar0 { shared: self.shared.clone() }))
     }
@@ -776,21 +776,24 @@ impl Transport for VirtioQueueTransport {
                 libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
             )
         }
-        .map_err(|e| crypt_vfio::Error::Dma(format!("{e}")))?;
-        let view = GuestRegionMmap::new(mmap, GuestAddress(iova))
-            .ok_or_else(|| crypt_vfio::Error::Dma(format!("IOVA {iova:#x} overflows")))?;
+        .map_err(|e| crypt_vfio::Error::Vfio(crypt_vfio::VfioError::Dma(format!("{e}"))))?;
+        let view = GuestRegionMmap::new(mmap, GuestAddress(iova)).ok_or_else(|| {
+            crypt_vfio::Error::Vfio(crypt_vfio::VfioError::Dma(format!("IOVA {iova:#x} overflows")))
+        })?;
         let mut d = self.shared.lock();
-        d.mem = d.mem.insert_region(Arc::new(view)).map_err(|e| crypt_vfio::Error::Dma(format!("{e}")))?;
+        d.mem = d
+            .mem
+            .insert_region(Arc::new(view))
+            .map_err(|e| crypt_vfio::Error::Vfio(crypt_vfio::VfioError::Dma(format!("{e}"))))?;
         d.owners.insert(iova, region.clone());
         Ok(())
     }
 
     fn dma_unmap(&self, iova: u64, len: u64) -> crypt_vfio::Result<()> {
         let mut d = self.shared.lock();
-        let (mem, _) = d
-            .mem
-            .remove_region(GuestAddress(iova), len)
-            .map_err(|e| crypt_vfio::Error::Dma(format!("unmap {iova:#x}: {e}")))?;
+        let (mem, _) = d.mem.remove_region(GuestAddress(iova), len).map_err(|e| {
+            crypt_vfio::Error::Vfio(crypt_vfio::VfioError::Dma(format!("unmap {iova:#x}: {e}")))
+        })?;
         d.mem = mem;
         d.owners.remove(&iova);
         Ok(())
@@ -803,8 +806,9 @@ impl Transport for VirtioQueueTransport {
     fn enable_msix(&self, notifiers: &[Option<&EventNotifier>]) -> crypt_vfio::Result<()> {
         let mut d = self.shared.lock();
         for (v, n) in notifiers.iter().enumerate() {
-            let slot =
-                d.irqs.get_mut(v).ok_or_else(|| crypt_vfio::Error::Transport(format!("vector {v}")))?;
+            let slot = d.irqs.get_mut(v).ok_or_else(|| {
+                crypt_vfio::Error::Vfio(crypt_vfio::VfioError::Transport(format!("vector {v}")))
+            })?;
             *slot = n.map(|n| n.dup()).transpose()?.map(File::from);
         }
         Ok(())
@@ -889,7 +893,10 @@ fn run_against_software(options: DeviceOptions, rounds: usize) -> Arc<VirtioQueu
                 bad[0] ^= 1;
                 let r =
                     common::crypt(&mut hq, hs.clone(), Direction::Decrypt, &iv, &aad, Buf::Host(hw_ct), bad);
-                assert!(matches!(r, Err(crypt_vfio::Error::AuthFailed)), "{mode} request {i}: {r:?}");
+                assert!(
+                    matches!(r, Err(crypt_vfio::Error::Crypto(crypt_vfio::CryptoError::AuthFailed))),
+                    "{mode} request {i}: {r:?}"
+                );
             }
         }
         dev.destroy_session(&hs).unwrap();

@@ -16,7 +16,7 @@ use crypt_vfio::engine::Engine;
 use crypt_vfio::transport::emulated::EmulatedConfig;
 use crypt_vfio::virtio_crypto::DeviceOptions;
 use crypt_vfio::volume::{BlockDevice, CipherSpec, Volume, VolumeParams};
-use crypt_vfio::{CoreKind, Error};
+use crypt_vfio::{CoreKind, DeviceError, Error, VolumeError};
 use support::engines::{Behaviour, Wrapped};
 use support::{have_python_cryptography, pattern, run, scratch, tool_script};
 
@@ -268,10 +268,10 @@ fn a_failed_sector_fails_the_io_and_names_the_sector() {
     .unwrap();
     let mut buf = vec![0u8; 1 << 20];
     match v.read_at(0, &mut buf) {
-        Err(Error::Sector { sector, source }) => {
+        Err(Error::Volume(VolumeError::Sector { sector, source })) => {
             assert!(sector < 2048, "sector {sector}");
-            assert!(!matches!(*source, Error::Sector { .. }));
-            let msg = Error::Sector { sector, source }.to_string();
+            assert!(!matches!(*source, Error::Volume(VolumeError::Sector { .. })));
+            let msg = Error::Volume(VolumeError::Sector { sector, source }).to_string();
             assert!(msg.starts_with(&format!("sector {sector}:")), "{msg}");
         }
         other => panic!("a 1% error rate over 2048 sectors gave {other:?}"),
@@ -316,7 +316,7 @@ fn the_watchdog_fails_an_io_whose_backlogged_request_is_never_promoted() {
     let e = v.read_at(0, &mut buf).unwrap_err();
     let took = start.elapsed();
     match &e {
-        Error::ContractViolation(msg) => {
+        Error::Device(DeviceError::ContractViolation(msg)) => {
             assert!(msg.contains("sector 16") && msg.contains("never promoted"), "{msg}");
             assert!(msg.contains("test wrapper"), "the engine is named: {msg}");
         }
@@ -343,7 +343,7 @@ fn a_backlogged_request_completed_without_promoted_fails_the_io_at_once() {
     let e = v.write_at(0, &[1u8; 4096]).unwrap_err();
     let took = start.elapsed();
     match &e {
-        Error::ContractViolation(msg) => {
+        Error::Device(DeviceError::ContractViolation(msg)) => {
             assert!(msg.contains("sector 0") && msg.contains("without Promoted"), "{msg}");
         }
         other => panic!("expected a contract violation, got {other:?}"),
@@ -385,7 +385,7 @@ fn bad_parameters_get_clear_errors() {
     let e =
         Volume::open(engine.clone(), backing(dir.path(), 100), true, &KEY64, params("aes-xts-plain64", 512))
             .unwrap_err();
-    assert!(matches!(e, Error::Truncated { .. }), "{e}");
+    assert!(matches!(e, Error::Volume(VolumeError::Truncated { .. })), "{e}");
     let e = Volume::open(
         engine.clone(),
         backing(dir.path(), 1 << 16),
@@ -397,10 +397,13 @@ fn bad_parameters_get_clear_errors() {
     assert!(e.to_string().contains("192-bit"), "{e}");
     let v = Volume::open(engine, backing(dir.path(), 1 << 16), false, &KEY64, params("aes-xts-plain64", 512))
         .unwrap();
-    assert!(matches!(v.write_at(0, b"x"), Err(Error::ReadOnly)));
+    assert!(matches!(v.write_at(0, b"x"), Err(Error::Volume(VolumeError::ReadOnly))));
     let mut buf = [0u8; 10];
     let e = v.read_at((1 << 16) - 5, &mut buf).unwrap_err();
-    assert!(matches!(e, Error::OutOfRange { offset: 65531, len: 10, size: 65536 }), "{e}");
+    assert!(
+        matches!(e, Error::Volume(VolumeError::OutOfRange { offset: 65531, len: 10, size: 65536 })),
+        "{e}"
+    );
     assert!("aes-xts-essiv:sha256".parse::<CipherSpec>().is_err());
 }
 
@@ -415,7 +418,7 @@ fn the_watchdog_also_ends_an_async_io() {
     v.set_watchdog(Duration::from_millis(200));
     let mut buf = vec![0u8; 8192];
     let e = futures::executor::block_on(v.read_at_async(0, &mut buf)).unwrap_err();
-    assert!(matches!(&e, Error::ContractViolation(m) if m.contains("sector 4")), "{e}");
+    assert!(matches!(&e, Error::Device(DeviceError::ContractViolation(m)) if m.contains("sector 4")), "{e}");
 }
 
 #[test]
@@ -437,7 +440,7 @@ fn write_zeroes_and_trim_as_the_nbd_server_uses_them() {
     let raw = std::fs::read(dir.path().join("disk")).unwrap();
     assert!(!raw[1024..5632].windows(64).any(|w| w.iter().all(|&b| b == 0)));
     dev.trim(0, 4096).unwrap();
-    assert!(matches!(dev.trim(1 << 16, 1), Err(Error::OutOfRange { .. })));
+    assert!(matches!(dev.trim(1 << 16, 1), Err(Error::Volume(VolumeError::OutOfRange { .. }))));
     dev.read_at(0, &mut back).unwrap();
     // Trim punches the block: it reads as zeroes (on a filesystem that can punch holes).
     let punched = dev.block_status(0, 4096, 4).unwrap()[0].hole;
@@ -459,7 +462,10 @@ fn a_duplicate_completion_fails_the_io_and_writes_no_plaintext() {
     let v = Volume::open(engine, file, true, &KEY64, params("aes-xts-plain64", 512)).unwrap();
     let plain = pattern(8 * 512, 7);
     let err = v.write_at(0, &plain).expect_err("a duplicate completion must fail the write");
-    assert!(matches!(err, Error::ContractViolation(ref m) if m.contains("completed twice")), "{err}");
+    assert!(
+        matches!(err, Error::Device(DeviceError::ContractViolation(ref m)) if m.contains("completed twice")),
+        "{err}"
+    );
     let mut raw = vec![0u8; plain.len()];
     std::os::unix::fs::FileExt::read_exact_at(&disk, &mut raw, 0).unwrap();
     for (i, (r, p)) in raw.chunks(512).zip(plain.chunks(512)).enumerate() {
@@ -476,7 +482,7 @@ fn offsets_and_sizes_near_u64_max_give_errors_not_overflows() {
         let engine = Arc::new(SoftwareEngine::new(CoreKind::Fast));
         let r = Volume::open(engine, backing(dir.path(), 1 << 16), true, &KEY64, p);
         assert!(
-            matches!(r, Err(Error::InvalidVolume(ref m)) if m.contains("beyond")),
+            matches!(r, Err(Error::Volume(VolumeError::Invalid(ref m))) if m.contains("beyond")),
             "offset {data_offset}, size {size:?}: {:?}",
             r.err()
         );

@@ -11,7 +11,7 @@
 //!
 //! All operations work in place: callers copy the source into the destination first.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 mod fast;
 mod reference;

@@ -24,7 +24,7 @@
 //! duplicated or lying completions, ignored resets, late control answers) from [`Fault`],
 //! armed while a driver runs.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 mod bar;
 mod chain;

@@ -7,7 +7,7 @@
 //! against the specification, and the driver is also run against QEMU's own device.
 
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod crypto;
 pub mod le;

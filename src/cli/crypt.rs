@@ -15,7 +15,7 @@ use crypt_vfio::engine::Engine;
 use crypt_vfio::luks::{self, Header};
 use crypt_vfio::volume::file::{ensure_len, storage_len};
 use crypt_vfio::volume::{authenticated, AuthVolume, BlockDevice, Volume, VolumeParams};
-use crypt_vfio::Error;
+use crypt_vfio::{Error, LuksError};
 
 use super::device::{with_block_engine, DeviceArgs};
 use super::luks_opts::{progress, read_key_file, NewImageArgs};
@@ -152,7 +152,7 @@ fn decrypt_on<E: Engine + 'static>(engine: Arc<E>, args: &DecryptArgs, input: &F
         Box::new(AuthVolume::open(engine, input.try_clone()?, false, &key)?)
     } else {
         let header = match Header::read(input) {
-            Err(Error::NotLuks(why)) => bail!(
+            Err(Error::Luks(LuksError::NotLuks(why))) => bail!(
                 "{} is not a LUKS image ({why}); for a plain dm-crypt image use --plain --cipher SPEC \
                  --volume-key-file FILE",
                 args.input.display()

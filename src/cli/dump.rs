@@ -32,7 +32,10 @@ pub fn run(args: DumpArgs) -> anyhow::Result<()> {
             print!("{header}");
         }
         // A valid header asking for what crypt-vfio does not implement is still shown.
-        Err(e @ (crypt_vfio::Error::Unsupported(_) | crypt_vfio::Error::UnsupportedCipher { .. })) => {
+        Err(
+            e @ (crypt_vfio::Error::Luks(crypt_vfio::LuksError::Unsupported(_))
+            | crypt_vfio::Error::Volume(crypt_vfio::VolumeError::UnsupportedCipher { .. })),
+        ) => {
             let text = raw_dump(&f).with_context(|| format!("reading {}", args.image.display()))?;
             println!("LUKS header information for {}\n", args.image.display());
             print!("{text}");

@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted};
 use crypt_vfio::virtio_crypto::{DeviceSession, VirtioCrypto};
-use crypt_vfio::{CoreKind, Error, Mode};
+use crypt_vfio::{CoreKind, CryptoError, Error, Mode};
 use crypt_vfio_cores::new_cipher;
 
 use super::device::DeviceArgs;
@@ -180,7 +180,9 @@ fn check_one(
         }
     };
     let (out, out_tag) = match q.run(session, Direction::Encrypt, &iv, buf(&plain)?, [0; 16])? {
-        Err(e @ (Error::DeviceError(_) | Error::NotSupported(_))) if size % 16 != 0 => {
+        Err(e @ (Error::Crypto(CryptoError::Status(_)) | Error::Crypto(CryptoError::NotSupported(_))))
+            if size % 16 != 0 =>
+        {
             println!("  {alg:<12} note: the device refuses {size} bytes (not whole blocks): {e}");
             return Ok(false);
         }
@@ -226,7 +228,9 @@ fn bad_input(
         Some(&mode) => {
             let k = key(mode.key_lengths()[0], 99);
             match dev.create_session(mode, &k) {
-                Err(e @ (Error::NotSupported(_) | Error::DeviceError(_))) => {
+                Err(
+                    e @ (Error::Crypto(CryptoError::NotSupported(_)) | Error::Crypto(CryptoError::Status(_))),
+                ) => {
                     println!("  bad input: {mode} session (unsupported) -> refused cleanly: {e}")
                 }
                 Err(e) => bail!("bad input: a {mode} session was refused with the wrong error: {e}"),
@@ -243,14 +247,16 @@ fn bad_input(
         }
     }
     match dev.create_session(Mode::Cbc, &[7u8; 17]) {
-        Err(e @ Error::KeyLength { .. }) => println!("  bad input: 17-byte aes-cbc key -> refused: {e}"),
+        Err(e @ Error::Crypto(CryptoError::KeyLength { .. })) => {
+            println!("  bad input: 17-byte aes-cbc key -> refused: {e}")
+        }
         other => bail!("bad input: a 17-byte AES key gave {other:?}, not a key length error"),
     }
     let Some((mode, key_len)) = usable else { return Ok(()) };
     let session = dev.create_session(mode, &key(key_len, 5))?;
     let iv = vec![0u8; mode.iv_len() - 1];
     match q.run(&session, Direction::Encrypt, &iv, Buf::Host(vec![0; 64]), [0; 16])? {
-        Err(e @ Error::InvalidRequest(_)) => {
+        Err(e @ Error::Crypto(CryptoError::InvalidRequest(_))) => {
             println!("  bad input: {}-byte IV for {mode} -> refused: {e}", iv.len())
         }
         Err(e) => bail!("bad input: a wrong IV length was refused with the wrong error: {e}"),

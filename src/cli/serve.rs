@@ -28,7 +28,7 @@ use crypt_vfio::volume::block::BlockDevice;
 use crypt_vfio::volume::file::FileBlockDevice;
 use crypt_vfio::volume::VolumeParams;
 use crypt_vfio::volume::{authenticated, AuthVolume, Volume};
-use crypt_vfio::Error;
+use crypt_vfio::{Error, LuksError};
 use zeroize::Zeroizing;
 
 use super::device::{BlockEngine, DeviceArgs};
@@ -237,7 +237,7 @@ fn export_on<E: Engine + 'static>(
         return Ok(Arc::new(AuthVolume::open(engine, file, writable, &secret)?));
     }
     let header = match Header::read(&file) {
-        Err(Error::NotLuks(why)) => bail!(
+        Err(Error::Luks(LuksError::NotLuks(why))) => bail!(
             "{} is neither a LUKS image nor an authenticated volume ({why}); use --raw to export it as it is",
             args.image.display()
         ),

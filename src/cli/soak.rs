@@ -20,7 +20,7 @@ use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Request, SubmitError
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTransport};
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{DeviceOptions, DeviceSession, VirtioCrypto};
-use crypt_vfio::{CoreKind, Error, Mode};
+use crypt_vfio::{CoreKind, DeviceError, Error, Mode};
 use crypt_vfio_cores::new_cipher;
 use rand::{Rng, SeedableRng};
 
@@ -242,7 +242,8 @@ fn push(
                 Err(e) => {
                     totals.refused.fetch_add(1, Ordering::Relaxed);
                     match e.kind {
-                        SubmitErrorKind::Rejected(Error::DeviceFailed(_)) | SubmitErrorKind::Busy => {
+                        SubmitErrorKind::Rejected(Error::Device(DeviceError::Failed(_)))
+                        | SubmitErrorKind::Busy => {
                             // Recovering: let it finish.
                             std::thread::sleep(Duration::from_micros(200));
                             break;

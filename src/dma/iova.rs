@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 
 /// Hands out aligned IOVA ranges inside the ranges the IOMMU accepts.
 ///
@@ -52,7 +52,9 @@ impl IovaAllocator {
             }
             return Ok(start);
         }
-        Err(Error::Dma(format!("no free IOVA range of {len} bytes left in the IOMMU's valid ranges")))
+        Err(Error::Vfio(VfioError::Dma(format!(
+            "no free IOVA range of {len} bytes left in the IOMMU's valid ranges"
+        ))))
     }
 
     /// Gives back a range taken by [`alloc`](Self::alloc).

@@ -12,9 +12,9 @@
 //! and out with volatile accesses (`DmaBuffer::copy_to_slice`, `VolatileSlice`, `DmaMemory`).
 
 mod iova;
-mod pool;
+pub(crate) mod pool;
 mod region;
 
-pub use iova::IovaAllocator;
-pub use pool::{DmaBuffer, DmaBytesMut, DmaMemory, DmaPool};
+pub(crate) use iova::IovaAllocator;
+pub use pool::{DmaBuffer, DmaBytesMut, DmaPool};
 pub use region::{DmaRegion, REGION_SIZE};

@@ -11,7 +11,7 @@ use vm_memory::{
 
 use super::region::{DmaRegion, REGION_SIZE};
 use super::IovaAllocator;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 use crate::transport::Transport;
 
 /// Smallest buffer handed out (a cache line, so buffers never share one).
@@ -74,11 +74,13 @@ impl DmaPool {
     }
 
     /// A zeroed buffer of `len` bytes, aligned to at least 64 bytes (and to its size class).
-    /// A length no mapping can hold (2^63 bytes and more) gives [`Error::Dma`].
+    /// A length no mapping can hold (2^63 bytes and more) gives [`VfioError::Dma`].
     pub fn alloc(&self, len: usize) -> Result<DmaBuffer> {
         let len_nonzero = len.max(1);
         let Some(class_len) = len_nonzero.checked_next_power_of_two() else {
-            return Err(Error::Dma(format!("a buffer of {len} bytes exceeds the address space")));
+            return Err(Error::Vfio(VfioError::Dma(format!(
+                "a buffer of {len} bytes exceeds the address space"
+            ))));
         };
         let shift = class_len.trailing_zeros().max(MIN_CLASS_SHIFT);
         let mut st = self.state();
@@ -97,7 +99,9 @@ impl DmaPool {
             };
             (slot.0, slot.1, Some(class as u8))
         };
-        let mapped = st.regions[region_idx].as_ref().ok_or_else(|| Error::Dma("region vanished".into()))?;
+        let mapped = st.regions[region_idx]
+            .as_ref()
+            .ok_or_else(|| Error::Vfio(VfioError::Dma("region vanished".into())))?;
         let buf = DmaBuffer {
             pool: self.inner.clone(),
             region: mapped.region.clone(),
@@ -139,7 +143,9 @@ impl DmaPool {
 
     fn map_region(&self, st: &mut PoolState, len: usize) -> Result<usize> {
         if st.revoked {
-            return Err(Error::Dma("the device's DMA access was revoked after it ignored a reset".into()));
+            return Err(Error::Vfio(VfioError::Dma(
+                "the device's DMA access was revoked after it ignored a reset".into(),
+            )));
         }
         let region = Arc::new(DmaRegion::new(len)?);
         let rlen = region.len() as u64;
@@ -151,7 +157,9 @@ impl DmaPool {
         log::debug!("DMA region of {rlen} bytes at IOVA {iova:#x} (huge pages: {})", region.is_huge());
         let view = view_region(&region, iova)?;
         st.memory = Arc::new(
-            st.memory.insert_region(view).map_err(|e| Error::Dma(format!("IOVA view of {iova:#x}: {e}")))?,
+            st.memory
+                .insert_region(view)
+                .map_err(|e| Error::Vfio(VfioError::Dma(format!("IOVA view of {iova:#x}: {e}"))))?,
         );
         let idx = match st.regions.iter().position(Option::is_none) {
             Some(i) => i,
@@ -168,7 +176,7 @@ impl DmaPool {
     /// keeps those regions' host memory alive for as long as it exists (a region unmapped later,
     /// its buffer dropped, stays readable here but is no longer the device's), and reaches the
     /// bytes only with volatile copies.
-    pub fn memory(&self) -> DmaMemory {
+    pub(crate) fn memory(&self) -> DmaMemory {
         let st = self.state();
         DmaMemory {
             view: st.memory.clone(),
@@ -226,13 +234,13 @@ fn view_region(region: &DmaRegion, iova: u64) -> Result<Arc<GuestRegionMmap>> {
             libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
         )
     }
-    .map_err(|e| Error::Dma(format!("vm-memory view: {e}")))?;
+    .map_err(|e| Error::Vfio(VfioError::Dma(format!("vm-memory view: {e}"))))?;
     GuestRegionMmap::new(mmap, GuestAddress(iova))
         .map(Arc::new)
-        .ok_or_else(|| Error::Dma(format!("IOVA {iova:#x} overflows the address space")))
+        .ok_or_else(|| Error::Vfio(VfioError::Dma(format!("IOVA {iova:#x} overflows the address space"))))
 }
 
-/// A snapshot of a pool's mapped memory, addressed by IOVA (see [`DmaPool::memory`]).
+/// A snapshot of a pool's mapped memory, addressed by IOVA (see `DmaPool::memory`).
 ///
 /// Only byte copies go through it (the [`Bytes`] trait of `vm-memory`, volatile accesses): no
 /// reference into memory the device may write, and no handle that could outlive the regions,

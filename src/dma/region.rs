@@ -2,7 +2,7 @@
 
 use mmap_rs::{MmapFlags, MmapMut, MmapOptions, PageSize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 
 /// Size of the regions the pool allocates (a huge page, where the system has them).
 pub const REGION_SIZE: usize = 2 << 20;
@@ -29,11 +29,12 @@ impl DmaRegion {
         }
         let page = MmapOptions::page_size();
         let len = len.div_ceil(page) * page;
-        let options = MmapOptions::new(len).map_err(|e| Error::Dma(format!("{len} bytes: {e}")))?;
+        let options =
+            MmapOptions::new(len).map_err(|e| Error::Vfio(VfioError::Dma(format!("{len} bytes: {e}"))))?;
         let mut map = options
             .with_flags(MmapFlags::POPULATE | MmapFlags::TRANSPARENT_HUGE_PAGES)
             .map_mut()
-            .map_err(|e| Error::Dma(format!("cannot map {len} bytes: {e}")))?;
+            .map_err(|e| Error::Vfio(VfioError::Dma(format!("cannot map {len} bytes: {e}"))))?;
         if let Err(e) = map.lock() {
             log::debug!("DMA region of {len} bytes not locked ({e}); VFIO pins it when mapped");
         }

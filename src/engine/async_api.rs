@@ -24,7 +24,7 @@ use std::task::{Context, Poll, Waker};
 use super::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
 
 use super::{Buf, Completion, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, TAG_LEN};
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, Error, Result};
 
 enum Slot<S> {
     /// Accepted (or being submitted), not completed; `promoted` once its `Promoted` came.
@@ -166,7 +166,8 @@ impl<S: Clone + Send + Sync + 'static> AsyncQueue<S> {
         aad: &[u8],
         data: Buf,
     ) -> Result<(Buf, [u8; TAG_LEN])> {
-        let iv = Iv::new(iv).ok_or_else(|| Error::InvalidRequest(format!("{}-byte IV", iv.len())))?;
+        let iv = Iv::new(iv)
+            .ok_or_else(|| Error::Crypto(CryptoError::InvalidRequest(format!("{}-byte IV", iv.len()))))?;
         let mut req = Request::new(session, Direction::Encrypt, iv, data, 0);
         req.aad = aad.to_vec();
         let (req, result) = self.run(req).await;
@@ -182,7 +183,8 @@ impl<S: Clone + Send + Sync + 'static> AsyncQueue<S> {
         data: Buf,
         tag: [u8; TAG_LEN],
     ) -> Result<Buf> {
-        let iv = Iv::new(iv).ok_or_else(|| Error::InvalidRequest(format!("{}-byte IV", iv.len())))?;
+        let iv = Iv::new(iv)
+            .ok_or_else(|| Error::Crypto(CryptoError::InvalidRequest(format!("{}-byte IV", iv.len()))))?;
         let mut req = Request::new(session, Direction::Decrypt, iv, data, 0);
         req.aad = aad.to_vec();
         req.tag = tag;
@@ -274,7 +276,10 @@ impl<S> Future for RunFuture<S> {
         shared.state().slots.insert(id, Slot::Waiting { waker: Some(cx.waker().clone()), promoted: false });
         let outcome = match shared.queue.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             Some(q) => q.submit(req, true),
-            None => Err(super::SubmitError::rejected(req, Error::InvalidRequest("queue not open".into()))),
+            None => Err(super::SubmitError::rejected(
+                req,
+                Error::Crypto(CryptoError::InvalidRequest("queue not open".into())),
+            )),
         };
         match outcome {
             Ok(s) => {

@@ -159,6 +159,7 @@ impl<T> Backlog<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{CryptoError, DeviceError};
 
     struct TestRing {
         cap: usize,
@@ -172,7 +173,7 @@ mod tests {
         }
         fn push(&mut self, item: u32) -> Result<(), (u32, Error)> {
             if Some(item) == self.reject {
-                return Err((item, Error::InvalidSession));
+                return Err((item, Error::Crypto(CryptoError::InvalidSession)));
             }
             self.items.push(item);
             Ok(())
@@ -248,7 +249,7 @@ mod tests {
         b.promote(&mut ring, &mut log);
         assert_eq!(log.0, ["P2", "F2", "P3"]);
         b.submit(4, true, &mut ring).unwrap();
-        b.fail_all(&mut log, || Error::DeviceFailed("gone".into()));
+        b.fail_all(&mut log, || Error::Device(DeviceError::Failed("gone".into())));
         assert_eq!(log.0, ["P2", "F2", "P3", "P4", "F4"]);
         assert!(b.is_empty());
     }

@@ -3,7 +3,7 @@
 //! Session ids are small numbers that every device starts counting at 1, so a session created on
 //! one device names some other session (another key) on a second device. Every engine takes a
 //! unique [`EngineId`] when it is created, stamps it into its sessions, and refuses sessions that
-//! carry another id with [`Error::InvalidSession`](crate::Error::InvalidSession).
+//! carry another id with [`CryptoError::InvalidSession`](crate::error::CryptoError::InvalidSession).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -4,13 +4,15 @@
 //! the caller's thread. Callers open one [`Queue`] per submitting thread and submit requests
 //! with or without backlog; events ([`Event::Promoted`] and the final completion) come back
 //! through the callback given when the queue was opened. The contract is that of the Linux
-//! crypto API with `CRYPTO_TFM_REQ_MAY_BACKLOG`; [`backlog`] implements it and
+//! crypto API with `CRYPTO_TFM_REQ_MAY_BACKLOG`; `backlog` implements it and
 //! [`contract::ContractChecker`] checks it from the outside.
 
+mod any;
 pub mod async_api;
-pub mod backlog;
+pub(crate) mod backlog;
+mod blocking;
 pub mod contract;
-mod delivery;
+pub(crate) mod delivery;
 mod identity;
 mod request;
 pub mod software;
@@ -21,14 +23,17 @@ use std::sync::Arc;
 
 use crypt_vfio_cores::{CipherCore, Mode};
 
-pub use delivery::{deliver_one, deliver_runs, BatchSink, Delivery, EventSink, Outbox, Sink};
-pub use identity::EngineId;
+pub use any::{AnyEngine, AnySession};
+pub use blocking::{BlockingQueue, DEFAULT_WAIT};
+pub(crate) use delivery::{deliver_one, Delivery};
+pub use delivery::{BatchSink, EventSink, Sink};
+pub(crate) use identity::EngineId;
 pub use request::{
     BatchSubmitted, Buf, BufMut, Completion, Direction, Event, Iv, Request, SubmitError, SubmitErrorKind,
     Submitted, TAG_LEN,
 };
 
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, Error, Result};
 
 /// A provider of AES sessions and submission queues.
 pub trait Engine: Send + Sync {
@@ -38,12 +43,12 @@ pub trait Engine: Send + Sync {
     /// A short description for logs and reports (`virtio-crypto on 0000:00:04.0`, `software`).
     fn describe(&self) -> String;
 
-    /// Creates a session of `mode` with `key`. Bad key lengths give [`Error::KeyLength`]; modes
-    /// the engine lacks give [`Error::NotSupported`].
+    /// Creates a session of `mode` with `key`. Bad key lengths give [`CryptoError::KeyLength`]; modes
+    /// the engine lacks give [`CryptoError::NotSupported`].
     fn create_session(&self, mode: Mode, key: &[u8]) -> Result<Self::Session>;
 
     /// Destroys a session. Requests still in flight on it may fail with
-    /// [`Error::InvalidSession`].
+    /// [`CryptoError::InvalidSession`].
     fn destroy_session(&self, session: &Self::Session) -> Result<()>;
 
     /// How many independent submission queues the engine has.
@@ -133,17 +138,19 @@ pub trait Queue<S>: Send {
 /// data length rules of the mode.
 pub fn validate_request(mode: Mode, iv: &[u8], aad_len: usize, data_len: usize, max: usize) -> Result<()> {
     if iv.len() != mode.iv_len() {
-        return Err(Error::InvalidRequest(format!(
+        return Err(Error::Crypto(CryptoError::InvalidRequest(format!(
             "{mode} takes a {}-byte IV, got {} bytes",
             mode.iv_len(),
             iv.len()
-        )));
+        ))));
     }
     if !mode.is_aead() && aad_len != 0 {
-        return Err(Error::InvalidRequest(format!("{mode} takes no additional authenticated data")));
+        return Err(Error::Crypto(CryptoError::InvalidRequest(format!(
+            "{mode} takes no additional authenticated data"
+        ))));
     }
     if data_len > max {
-        return Err(Error::TooLarge { len: data_len as u64, max: max as u64 });
+        return Err(Error::Crypto(CryptoError::TooLarge { len: data_len as u64, max: max as u64 }));
     }
     mode.check_data_len(data_len).map_err(Error::from)
 }

@@ -15,7 +15,7 @@ use super::{
     deliver_one, validate_request, Completion, Direction, Engine, EngineId, Event, EventSink, Queue, Request,
     SubmitError, Submitted,
 };
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, Error, Result};
 
 /// The AES cores as an engine.
 #[derive(Debug, Clone)]
@@ -54,7 +54,7 @@ impl SoftwareSession {
 }
 
 /// Runs `req` through `cipher` in place.
-pub fn run_cipher<S>(cipher: &dyn CipherCore, req: &mut Request<S>) -> Result<()> {
+pub(crate) fn run_cipher<S>(cipher: &dyn CipherCore, req: &mut Request<S>) -> Result<()> {
     let Request { direction, iv, aad, data, tag, .. } = req;
     let tag_slice: &mut [u8] = if cipher.mode().is_aead() { tag } else { &mut [] };
     match direction {
@@ -80,7 +80,7 @@ impl Engine for SoftwareEngine {
 
     fn destroy_session(&self, session: &SoftwareSession) -> Result<()> {
         if session.engine != self.id {
-            return Err(Error::InvalidSession);
+            return Err(Error::Crypto(CryptoError::InvalidSession));
         }
         Ok(())
     }
@@ -120,7 +120,7 @@ impl Queue<SoftwareSession> for SoftwareQueue {
         _may_backlog: bool,
     ) -> Result<Submitted, SubmitError<SoftwareSession>> {
         if request.session.engine != self.engine {
-            return Err(SubmitError::rejected(request, Error::InvalidSession));
+            return Err(SubmitError::rejected(request, Error::Crypto(CryptoError::InvalidSession)));
         }
         let mode = request.session.mode;
         if let Err(e) =

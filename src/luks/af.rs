@@ -8,7 +8,7 @@
 use zeroize::Zeroizing;
 
 use super::kdf::HashAlg;
-use crate::error::{Error, Result};
+use crate::error::{Error, LuksError, Result};
 
 /// The diffusion step: each digest-sized piece of `block` replaced by
 /// `H(be32(piece index) || piece)`, the last piece truncated.
@@ -25,10 +25,10 @@ fn diffuse(hash: HashAlg, block: &mut [u8]) {
 /// bytes after them, such as sector padding, are ignored).
 pub fn merge(material: &[u8], key_len: usize, stripes: usize, hash: HashAlg) -> Result<Zeroizing<Vec<u8>>> {
     if key_len == 0 || stripes == 0 || material.len() < key_len * stripes {
-        return Err(Error::CorruptHeader {
+        return Err(Error::Luks(LuksError::CorruptHeader {
             field: "key material".into(),
             reason: format!("{} bytes cannot hold {stripes} stripes of a {key_len}-byte key", material.len()),
-        });
+        }));
     }
     let mut d = Zeroizing::new(vec![0u8; key_len]);
     for stripe in material.chunks_exact(key_len).take(stripes - 1) {
@@ -101,6 +101,9 @@ mod tests {
 
     #[test]
     fn short_material_is_a_header_error() {
-        assert!(matches!(merge(&[0; 100], 32, 4000, HashAlg::Sha256), Err(Error::CorruptHeader { .. })));
+        assert!(matches!(
+            merge(&[0; 100], 32, 4000, HashAlg::Sha256),
+            Err(Error::Luks(LuksError::CorruptHeader { .. }))
+        ));
     }
 }

@@ -11,7 +11,7 @@ use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 use zeroize::Zeroizing;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LuksError, Result};
 
 /// A hash LUKS names in `hash_spec` (LUKS1), `af.hash` and `digest.hash` (LUKS2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,15 +35,15 @@ impl HashAlg {
             "sha384" => Ok(HashAlg::Sha384),
             "sha512" => Ok(HashAlg::Sha512),
             n if KNOWN_ELSEWHERE.iter().any(|k| n == *k || n.starts_with(&format!("{k}-"))) => {
-                Err(Error::Unsupported(format!(
+                Err(Error::Luks(LuksError::Unsupported(format!(
                     "{field}: hash `{name}` is valid for cryptsetup but not implemented here \
                      (sha1, sha256, sha384, sha512 are)"
-                )))
+                ))))
             }
-            _ => Err(Error::CorruptHeader {
+            _ => Err(Error::Luks(LuksError::CorruptHeader {
                 field: field.to_string(),
                 reason: format!("`{name}` is not a hash LUKS knows"),
-            }),
+            })),
         }
     }
 
@@ -177,9 +177,11 @@ impl Kdf {
         match *self {
             Kdf::Pbkdf2 { hash, iterations } => hash.pbkdf2(passphrase, salt, iterations, &mut out),
             Kdf::Argon2 { kind, time, memory_kib, parallel } => {
-                let bad = |e: argon2::Error| Error::CorruptHeader {
-                    field: "kdf".into(),
-                    reason: format!("argon2 parameters refused: {e}"),
+                let bad = |e: argon2::Error| {
+                    Error::Luks(LuksError::CorruptHeader {
+                        field: "kdf".into(),
+                        reason: format!("argon2 parameters refused: {e}"),
+                    })
                 };
                 let params = argon2::Params::new(memory_kib, time, parallel, Some(len)).map_err(bad)?;
                 let alg = match kind {
@@ -247,14 +249,20 @@ mod tests {
             "c0e14f06e49e32d73f9f52ddf1d0c5c7191609233631dadd76a567db42b78676b38fc800cc53ddb642f5c74442e62be4"
         );
         for name in ["ripemd160", "whirlpool", "sha3-256", "stribog512"] {
-            assert!(matches!(HashAlg::parse(name, "hash_spec"), Err(Error::Unsupported(_))), "{name}");
+            assert!(
+                matches!(HashAlg::parse(name, "hash_spec"), Err(Error::Luks(LuksError::Unsupported(_)))),
+                "{name}"
+            );
         }
-        assert!(matches!(HashAlg::parse("nonsense", "hash_spec"), Err(Error::CorruptHeader { .. })));
+        assert!(matches!(
+            HashAlg::parse("nonsense", "hash_spec"),
+            Err(Error::Luks(LuksError::CorruptHeader { .. }))
+        ));
     }
 
     #[test]
     fn bad_argon2_parameters_are_a_header_error() {
         let k = Kdf::Argon2 { kind: Argon2Kind::Argon2id, time: 0, memory_kib: 64, parallel: 1 };
-        assert!(matches!(k.derive(b"p", &[1; 16], 32), Err(Error::CorruptHeader { .. })));
+        assert!(matches!(k.derive(b"p", &[1; 16], 32), Err(Error::Luks(LuksError::CorruptHeader { .. }))));
     }
 }

@@ -10,9 +10,10 @@ use std::os::unix::fs::FileExt;
 use super::af;
 use super::kdf::HashAlg;
 use crate::engine::{Direction, Engine};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VolumeError};
+use crate::volume::iv::IvGenerator;
 use crate::volume::pipeline::{CryptContext, CryptOp, IvNumbering, Lane};
-use crate::volume::{CipherSpec, IvGenerator, VolumeKey, DEFAULT_WATCHDOG};
+use crate::volume::{CipherSpec, VolumeKey, DEFAULT_WATCHDOG};
 
 /// Where a slot's material is and how it is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,11 +106,11 @@ pub fn seal_area<E: Engine>(
 pub fn read_exact(file: &File, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
     file.read_exact_at(buf, offset).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::Truncated {
+            Error::Volume(VolumeError::Truncated {
                 what: what.to_string(),
                 needed: offset + buf.len() as u64,
                 have: file.metadata().map(|m| m.len()).unwrap_or(0),
-            }
+            })
         } else {
             Error::os(format!("reading {what}"), e)
         }

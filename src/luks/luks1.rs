@@ -10,7 +10,7 @@ use super::kdf::{HashAlg, Kdf};
 use super::keyslot::{self, AreaLayout};
 use super::{hex, LuksKdfOptions};
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::{Error, LuksError, Result, VolumeError};
 use crate::volume::{CipherSpec, VolumeKey, VolumeParams};
 
 /// The magic at byte 0.
@@ -72,7 +72,7 @@ fn text(b: &[u8], field: &str) -> Result<String> {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     std::str::from_utf8(&b[..end])
         .map(str::to_string)
-        .map_err(|_| Error::CorruptHeader { field: field.into(), reason: "not text".into() })
+        .map_err(|_| Error::Luks(LuksError::CorruptHeader { field: field.into(), reason: "not text".into() }))
 }
 
 fn put_text(b: &mut [u8], s: &str) {
@@ -85,21 +85,21 @@ fn cbytes(b: &[u8]) -> Vec<u8> {
 }
 
 fn corrupt(field: &str, reason: impl Into<String>) -> Error {
-    Error::CorruptHeader { field: field.into(), reason: reason.into() }
+    Error::Luks(LuksError::CorruptHeader { field: field.into(), reason: reason.into() })
 }
 
 impl Header {
     /// Parses and checks the first [`HEADER_LEN`] bytes of an image.
     pub fn parse(b: &[u8]) -> Result<Self> {
         if b.len() < HEADER_LEN {
-            return Err(Error::Truncated {
+            return Err(Error::Volume(VolumeError::Truncated {
                 what: "the LUKS1 header".into(),
                 needed: HEADER_LEN as u64,
                 have: b.len() as u64,
-            });
+            }));
         }
         if b[..6] != MAGIC {
-            return Err(Error::NotLuks("no LUKS magic at byte 0".into()));
+            return Err(Error::Luks(LuksError::NotLuks("no LUKS magic at byte 0".into())));
         }
         let version = u16::from_be_bytes([b[6], b[7]]);
         if version != 1 {
@@ -266,7 +266,7 @@ impl Header {
                 return Ok((slot, key));
             }
         }
-        Err(Error::WrongPassphrase)
+        Err(Error::Luks(LuksError::WrongPassphrase))
     }
 
     /// A new header for a volume key of `key_len` bytes, with every slot empty and the areas laid
@@ -312,11 +312,13 @@ impl Header {
         kdf: &LuksKdfOptions,
     ) -> Result<(usize, Vec<u8>)> {
         if self.digest_of(volume_key) != self.mk_digest {
-            return Err(Error::Keyslot("the volume key does not match the header's digest".into()));
+            return Err(Error::Luks(LuksError::Keyslot(
+                "the volume key does not match the header's digest".into(),
+            )));
         }
         let slot = (0..SLOTS)
             .find(|&i| !self.keyslots[i].active)
-            .ok_or_else(|| Error::Keyslot("all 8 LUKS1 key slots are in use".into()))?;
+            .ok_or_else(|| Error::Luks(LuksError::Keyslot("all 8 LUKS1 key slots are in use".into())))?;
         self.check_free_area(slot)?;
         let iterations = kdf.pbkdf2_iterations_for(self.hash, self.key_bytes as usize);
         let s = &mut self.keyslots[slot];
@@ -340,7 +342,9 @@ impl Header {
         let start = u64::from(self.keyslots[slot].key_material_offset);
         let end = start + material;
         let refuse = |why: String| {
-            Err(Error::Keyslot(format!("key slot {slot} cannot be used: its key material area {why}")))
+            Err(Error::Luks(LuksError::Keyslot(format!(
+                "key slot {slot} cannot be used: its key material area {why}"
+            ))))
         };
         if start * 512 < HEADER_LEN as u64 {
             return refuse("overlaps the header".into());
@@ -364,12 +368,12 @@ impl Header {
     /// Marks `slot` free; returns where its material is and how long, to be wiped.
     pub fn remove_keyslot(&mut self, slot: usize) -> Result<(u64, usize)> {
         if slot >= SLOTS || !self.keyslots[slot].active {
-            return Err(Error::Keyslot(format!("key slot {slot} is not in use")));
+            return Err(Error::Luks(LuksError::Keyslot(format!("key slot {slot} is not in use"))));
         }
         if self.keyslots.iter().filter(|s| s.active).count() == 1 {
-            return Err(Error::Keyslot(format!(
+            return Err(Error::Luks(LuksError::Keyslot(format!(
                 "key slot {slot} is the last one: removing it would make the volume unreadable forever"
-            )));
+            ))));
         }
         self.keyslots[slot].active = false;
         self.keyslots[slot].iterations = 0;
@@ -439,19 +443,19 @@ mod tests {
         let good = sample().to_bytes();
         let mut b = good;
         b[0] = b'X';
-        assert!(matches!(Header::parse(&b), Err(Error::NotLuks(_))));
+        assert!(matches!(Header::parse(&b), Err(Error::Luks(LuksError::NotLuks(_)))));
         let mut b = good;
         b[208..212].copy_from_slice(&0x1234u32.to_be_bytes());
         let msg = Header::parse(&b).unwrap_err().to_string();
         assert!(msg.contains("key slot 0 active"), "{msg}");
         let mut b = good;
         b[40..52].copy_from_slice(b"ecb-plain64\0");
-        assert!(matches!(Header::parse(&b), Err(Error::UnsupportedCipher { .. })));
+        assert!(matches!(Header::parse(&b), Err(Error::Volume(VolumeError::UnsupportedCipher { .. }))));
         let mut b = good;
         b[108..112].copy_from_slice(&20u32.to_be_bytes());
         let msg = Header::parse(&b).unwrap_err().to_string();
         assert!(msg.contains("key_bytes"), "{msg}");
-        assert!(matches!(Header::parse(&good[..300]), Err(Error::Truncated { .. })));
+        assert!(matches!(Header::parse(&good[..300]), Err(Error::Volume(VolumeError::Truncated { .. }))));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::kdf::{Argon2Kind, HashAlg, Kdf};
 use super::keyslot::{self, AreaLayout};
 use super::{hex, LuksKdfOptions};
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::{Error, LuksError, Result, VolumeError};
 use crate::volume::{CipherSpec, VolumeKey, VolumeParams};
 
 /// Magic of the primary header.
@@ -50,7 +50,7 @@ const ARGON2_THREADS: std::ops::RangeInclusive<u32> = 1..=4;
 const MAX_COUNT: u32 = i32::MAX as u32;
 
 fn corrupt(field: &str, reason: impl Into<String>) -> Error {
-    Error::CorruptHeader { field: field.into(), reason: reason.into() }
+    Error::Luks(LuksError::CorruptHeader { field: field.into(), reason: reason.into() })
 }
 
 /// The decoded key slot fields crypt-vfio needs.
@@ -269,7 +269,7 @@ impl Header {
                     break;
                 }
                 // No copy there: no magic, or the file ends before that offset.
-                Err(Error::NotLuks(_) | Error::Truncated { .. }) => {}
+                Err(Error::Luks(LuksError::NotLuks(_)) | Error::Volume(VolumeError::Truncated { .. })) => {}
                 Err(e) => {
                     damaged_secondary.get_or_insert(e);
                 }
@@ -277,7 +277,7 @@ impl Header {
         }
         match (newest, &primary, damaged_secondary) {
             (Some(h), _, _) => Ok(h),
-            (None, Err(Error::NotLuks(_)), Some(e)) => Err(e),
+            (None, Err(Error::Luks(LuksError::NotLuks(_))), Some(e)) => Err(e),
             (None, _, _) => primary,
         }
     }
@@ -287,7 +287,7 @@ impl Header {
         keyslot::read_exact(file, &mut bin, offset, "the LUKS2 binary header")?;
         let magic = if offset == 0 { MAGIC } else { MAGIC_SECONDARY };
         if bin[..6] != magic {
-            return Err(Error::NotLuks(format!("no LUKS2 magic at byte {offset}")));
+            return Err(Error::Luks(LuksError::NotLuks(format!("no LUKS2 magic at byte {offset}"))));
         }
         let version = u16::from_be_bytes([bin[6], bin[7]]);
         if version != 2 {
@@ -331,7 +331,9 @@ impl Header {
                 } else {
                     "the header has mandatory requirements"
                 };
-                return Err(Error::Unsupported(format!("{what}: config.requirements.mandatory = {names:?}")));
+                return Err(Error::Luks(LuksError::Unsupported(format!(
+                    "{what}: config.requirements.mandatory = {names:?}"
+                ))));
             }
         }
         let keyslots_size = get_u64s(config, "config", "keyslots_size")?;
@@ -359,10 +361,10 @@ impl Header {
             return Err(corrupt(&format!("{path}.type"), "only `crypt` segments are supported"));
         }
         if seg.get("integrity").is_some() {
-            return Err(Error::UnsupportedCipher {
+            return Err(Error::Volume(VolumeError::UnsupportedCipher {
                 spec: get_str(seg, &path, "encryption")?.to_string(),
                 reason: "LUKS2 with dm-integrity is not supported".into(),
-            });
+            }));
         }
         let size = match get_str(seg, &path, "size")? {
             "dynamic" => None,
@@ -555,7 +557,7 @@ impl Header {
                 return Ok((id as usize, candidate));
             }
         }
-        Err(Error::WrongPassphrase)
+        Err(Error::Luks(LuksError::WrongPassphrase))
     }
 
     /// A new header for `key` with no key slot yet, laid out as cryptsetup's defaults.
@@ -602,15 +604,17 @@ impl Header {
         passphrase: &[u8],
         kdf_opts: &LuksKdfOptions,
     ) -> Result<(usize, Vec<u8>)> {
-        let (digest_id, digest) = self
-            .segment_digest()
-            .ok_or_else(|| Error::Keyslot("the header has no digest for the data segment".into()))?;
+        let (digest_id, digest) = self.segment_digest().ok_or_else(|| {
+            Error::Luks(LuksError::Keyslot("the header has no digest for the data segment".into()))
+        })?;
         if !Self::check_digest(digest, volume_key) {
-            return Err(Error::Keyslot("the volume key does not match the header's digest".into()));
+            return Err(Error::Luks(LuksError::Keyslot(
+                "the volume key does not match the header's digest".into(),
+            )));
         }
-        let id = (0..MAX_KEYSLOTS as u32)
-            .find(|i| !self.keyslots.contains_key(i))
-            .ok_or_else(|| Error::Keyslot(format!("all {MAX_KEYSLOTS} LUKS2 key slots are in use")))?;
+        let id = (0..MAX_KEYSLOTS as u32).find(|i| !self.keyslots.contains_key(i)).ok_or_else(|| {
+            Error::Luks(LuksError::Keyslot(format!("all {MAX_KEYSLOTS} LUKS2 key slots are in use")))
+        })?;
         let spec = self.segment.spec;
         let key_size = volume_key.len();
         let area_size = ((key_size * STRIPES) as u64).next_multiple_of(4096);
@@ -626,7 +630,7 @@ impl Header {
             offset = offset.max((o + s).next_multiple_of(4096));
         }
         if offset + area_size > 2 * self.hdr_size + self.keyslots_size {
-            return Err(Error::Keyslot("no room left in the key slot area".into()));
+            return Err(Error::Luks(LuksError::Keyslot("no room left in the key slot area".into())));
         }
         let hash = digest.hash;
         let kdf = kdf_opts.luks2_kdf(hash, key_size);
@@ -655,14 +659,16 @@ impl Header {
     /// Removes key slot `slot` (refusing the last one): returns its area to wipe.
     pub fn remove_keyslot(&mut self, slot: usize) -> Result<(u64, usize)> {
         let id = slot as u32;
-        let ks =
-            self.keyslots.get(&id).ok_or_else(|| Error::Keyslot(format!("key slot {slot} is not in use")))?;
+        let ks = self
+            .keyslots
+            .get(&id)
+            .ok_or_else(|| Error::Luks(LuksError::Keyslot(format!("key slot {slot} is not in use"))))?;
         // The last slot holding the volume key: unbound slots (other keys) do not count.
         let bound = self.keyslots.keys().filter(|&&k| self.is_bound(k)).count();
         if self.keyslots.len() == 1 || (self.is_bound(id) && bound == 1) {
-            return Err(Error::Keyslot(format!(
+            return Err(Error::Luks(LuksError::Keyslot(format!(
                 "key slot {slot} is the last one: removing it would make the volume unreadable forever"
-            )));
+            ))));
         }
         let wipe = (ks.area.offset, ks.area_size as usize);
         let mut json = self.json.clone();
@@ -710,11 +716,11 @@ impl Header {
         all[256..264].copy_from_slice(&offset.to_be_bytes());
         let text = serde_json::to_vec(&self.json).expect("JSON values serialise");
         if text.len() >= all.len() - BINARY_LEN {
-            return Err(Error::Keyslot(format!(
+            return Err(Error::Luks(LuksError::Keyslot(format!(
                 "the metadata ({} bytes of JSON) does not fit the {}-byte JSON area",
                 text.len(),
                 all.len() - BINARY_LEN
-            )));
+            ))));
         }
         all[BINARY_LEN..BINARY_LEN + text.len()].copy_from_slice(&text);
         let csum = HashAlg::Sha256.digest(&[&all]);
@@ -867,6 +873,9 @@ mod tests {
         assert!(e.contains("segments.0.offset"), "{e}");
         let mut j = h.json.clone();
         j["segments"]["0"]["encryption"] = json!("aes-xts-benbi");
-        assert!(matches!(Header::from_json(j, h.hdr_size, &[0; 4096]), Err(Error::UnsupportedCipher { .. })));
+        assert!(matches!(
+            Header::from_json(j, h.hdr_size, &[0; 4096]),
+            Err(Error::Volume(VolumeError::UnsupportedCipher { .. }))
+        ));
     }
 }

@@ -8,22 +8,24 @@
 //! Changes are checked completely before anything is written, so a wrong passphrase, a corrupt
 //! header or a full set of key slots leaves the image as it was.
 
-pub mod af;
+pub(crate) mod af;
 pub mod kdf;
-pub mod keyslot;
+pub(crate) mod keyslot;
 pub mod lock;
 pub mod luks1;
 pub mod luks2;
 pub mod raw_dump;
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kdf::{Argon2Kind, HashAlg, Kdf};
 
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::{Error, LuksError, Result, VolumeError};
 use crate::volume::{CipherSpec, Volume, VolumeKey, VolumeParams};
 
 /// Lower-case hex, for dumps.
@@ -126,7 +128,9 @@ impl LuksKdfOptions {
 impl luks1::Header {
     fn kdf_check(kdf: &LuksKdfOptions) -> Result<()> {
         if kdf.pbkdf != PbkdfType::Pbkdf2 {
-            return Err(Error::Keyslot("LUKS1 key slots use PBKDF2 only (use --pbkdf pbkdf2)".into()));
+            return Err(Error::Luks(LuksError::Keyslot(
+                "LUKS1 key slots use PBKDF2 only (use --pbkdf pbkdf2)".into(),
+            )));
         }
         Ok(())
     }
@@ -182,18 +186,18 @@ impl FormatOptions {
             LuksVersion::Luks1 => {
                 luks1::Header::kdf_check(&self.kdf)?;
                 if self.sector_size != 512 {
-                    return Err(Error::InvalidVolume(format!(
+                    return Err(Error::Volume(VolumeError::Invalid(format!(
                         "LUKS1 has 512-byte sectors only, not {} (use LUKS2)",
                         self.sector_size
-                    )));
+                    ))));
                 }
             }
             LuksVersion::Luks2 => {
                 if !(512..=4096).contains(&self.sector_size) || !self.sector_size.is_power_of_two() {
-                    return Err(Error::InvalidVolume(format!(
+                    return Err(Error::Volume(VolumeError::Invalid(format!(
                         "sector size {} (it must be 512, 1024, 2048 or 4096)",
                         self.sector_size
-                    )));
+                    ))));
                 }
             }
         }
@@ -226,11 +230,11 @@ impl Header {
     pub fn read(file: &File) -> Result<Self> {
         let len = crate::volume::file::storage_len(file)?;
         if len < luks1::HEADER_LEN as u64 {
-            return Err(Error::Truncated {
+            return Err(Error::Volume(VolumeError::Truncated {
                 what: "a LUKS header".into(),
                 needed: luks1::HEADER_LEN as u64,
                 have: len,
-            });
+            }));
         }
         let mut b = vec![0u8; luks1::HEADER_LEN];
         keyslot::read_exact(file, &mut b, 0, "the LUKS header")?;
@@ -242,9 +246,9 @@ impl Header {
                     log::warn!("no LUKS magic at byte 0; using the LUKS2 secondary header");
                     Ok(Header::V2(Box::new(h)))
                 }
-                Err(Error::NotLuks(_)) => {
-                    Err(Error::NotLuks("no LUKS magic at byte 0, and no LUKS2 secondary header".into()))
-                }
+                Err(Error::Luks(LuksError::NotLuks(_))) => Err(Error::Luks(LuksError::NotLuks(
+                    "no LUKS magic at byte 0, and no LUKS2 secondary header".into(),
+                ))),
                 // A secondary copy is there but damaged too: say what is wrong with it, never
                 // "not LUKS" (which would send the user to --plain and garbage).
                 Err(e) => Err(e),
@@ -255,10 +259,10 @@ impl Header {
         match u16::from_be_bytes([b[6], b[7]]) {
             1 => Ok(Header::V1(Box::new(luks1::Header::parse(&b)?))),
             2 => Ok(Header::V2(Box::new(luks2::Header::read(file)?))),
-            v => Err(Error::CorruptHeader {
+            v => Err(Error::Luks(LuksError::CorruptHeader {
                 field: "version".into(),
                 reason: format!("{v} (1 and 2 are known)"),
-            }),
+            })),
         }
     }
 
@@ -396,12 +400,12 @@ pub fn format<E: Engine>(
     let len = crate::volume::file::storage_len(file)?;
     let needed = opts.data_offset() + u64::from(opts.sector_size);
     if len < needed {
-        return Err(Error::TooSmall(format!(
+        return Err(Error::Volume(VolumeError::TooSmall(format!(
             "it has {len} bytes; this LUKS header and its key slots take {} bytes, and at least one \
              {}-byte sector of data must follow ({needed} bytes in all)",
             opts.data_offset(),
             opts.sector_size
-        )));
+        ))));
     }
     let key = match volume_key {
         Some(k) => {
@@ -443,6 +447,51 @@ pub fn format<E: Engine>(
             Ok((key, h.volume_params()))
         }
     }
+}
+
+/// Creates a new LUKS image file at `path` with room for `data_len` bytes of data (a positive
+/// multiple of the sector size) and `passphrase` in key slot 0; returns where its data is.
+///
+/// An existing file is never overwritten ([`Error::Os`] with `AlreadyExists`); the new file is
+/// readable by its owner only, and removed again if formatting fails.
+pub fn create<E: Engine>(
+    engine: &E,
+    path: impl AsRef<Path>,
+    opts: &FormatOptions,
+    passphrase: &[u8],
+    data_len: u64,
+) -> Result<VolumeParams> {
+    let path = path.as_ref();
+    opts.check()?;
+    if data_len == 0 || data_len % u64::from(opts.sector_size) != 0 {
+        return Err(Error::Volume(VolumeError::Invalid(format!(
+            "data length {data_len} is not a positive multiple of the sector size {}",
+            opts.sector_size
+        ))));
+    }
+    let total = opts.data_offset().checked_add(data_len).ok_or_else(|| {
+        Error::Volume(VolumeError::Invalid(format!(
+            "data length {data_len} does not fit after the LUKS header"
+        )))
+    })?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::os(format!("creating {}", path.display()), e))?;
+    let made = crate::volume::file::ensure_len(&file, total)
+        .and_then(|()| format(engine, &file, opts, passphrase, None))
+        .and_then(|(_key, params)| {
+            file.sync_all().map_err(|e| Error::os(format!("flushing {}", path.display()), e))?;
+            Ok(params)
+        });
+    if made.is_err() {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+    }
+    made
 }
 
 /// Opens the decrypted view of a LUKS image with `passphrase`.

@@ -83,5 +83,7 @@ pub fn raw_dump(file: &File) -> Result<String> {
         let _ = writeln!(w, "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
         return Ok(out);
     }
-    Err(crate::error::Error::NotLuks("no readable LUKS1 or LUKS2 header".into()))
+    Err(crate::error::Error::Luks(crate::error::LuksError::NotLuks(
+        "no readable LUKS1 or LUKS2 header".into(),
+    )))
 }

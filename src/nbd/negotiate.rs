@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::proto::{self, be_u16, be_u32, handshake, info, opt, rep, tflags};
 use super::stream::{ClientReader, Next};
-use crate::error::{Error, Result};
+use crate::error::{Error, NbdError, Result};
 
 /// Option data larger than this is not a real client's: the connection is dropped.
 const MAX_OPTION_DATA: u32 = 64 * 1024;
@@ -146,13 +146,15 @@ impl<'a> Negotiation<'a> {
         }
         let client_flags = be_u32(&flags);
         if client_flags & !proto::client::KNOWN != 0 {
-            return Err(Error::Protocol(format!("unknown client flags {client_flags:#x}")));
+            return Err(Error::Nbd(NbdError::Protocol(format!("unknown client flags {client_flags:#x}"))));
         }
         if client_flags & proto::client::FIXED_NEWSTYLE == 0 {
             // Only NBD_OPT_EXPORT_NAME could follow, which cannot be refused politely; with
             // TLS required it would have to be.
             if self.tls == TlsPolicy::Required {
-                return Err(Error::Protocol("a client without fixed newstyle cannot start TLS".into()));
+                return Err(Error::Nbd(NbdError::Protocol(
+                    "a client without fixed newstyle cannot start TLS".into(),
+                )));
             }
         }
         self.fixed = client_flags & proto::client::FIXED_NEWSTYLE != 0;
@@ -181,17 +183,21 @@ impl<'a> Negotiation<'a> {
                 return Ok(Outcome::Ended);
             }
             if proto::be_u64(&header) != proto::IHAVEOPT {
-                return Err(Error::Protocol("option without the IHAVEOPT magic".into()));
+                return Err(Error::Nbd(NbdError::Protocol("option without the IHAVEOPT magic".into())));
             }
             let option = be_u32(&header[8..]);
             let len = be_u32(&header[12..]);
             if len > MAX_OPTION_DATA {
-                return Err(Error::Protocol(format!("option {option} carries {len} bytes of data")));
+                return Err(Error::Nbd(NbdError::Protocol(format!(
+                    "option {option} carries {len} bytes of data"
+                ))));
             }
             let mut data = vec![0u8; len as usize];
             reader.read_exact(&mut data).map_err(io("reading option data"))?;
             if !self.fixed && option != opt::EXPORT_NAME {
-                return Err(Error::Protocol(format!("option {option} from a client without fixed newstyle")));
+                return Err(Error::Nbd(NbdError::Protocol(format!(
+                    "option {option} from a client without fixed newstyle"
+                ))));
             }
             if stop.load(Ordering::Relaxed) {
                 if option == opt::EXPORT_NAME {
@@ -208,7 +214,9 @@ impl<'a> Negotiation<'a> {
                 && !matches!(option, opt::STARTTLS | opt::ABORT)
             {
                 if option == opt::EXPORT_NAME {
-                    return Err(Error::Protocol("NBD_OPT_EXPORT_NAME before the required TLS".into()));
+                    return Err(Error::Nbd(NbdError::Protocol(
+                        "NBD_OPT_EXPORT_NAME before the required TLS".into(),
+                    )));
                 }
                 reply(w, option, rep::ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS first")?;
                 continue;
@@ -216,10 +224,10 @@ impl<'a> Negotiation<'a> {
             match option {
                 opt::EXPORT_NAME => {
                     if !export.matches(&data) {
-                        return Err(Error::Protocol(format!(
+                        return Err(Error::Nbd(NbdError::Protocol(format!(
                             "NBD_OPT_EXPORT_NAME asked for unknown export {:?}",
                             String::from_utf8_lossy(&data)
-                        )));
+                        ))));
                     }
                     let mut r = Vec::with_capacity(10 + proto::EXPORT_NAME_PADDING);
                     r.extend_from_slice(&export.size.to_be_bytes());
@@ -278,7 +286,9 @@ impl<'a> Negotiation<'a> {
                 }
             }
         }
-        Err(Error::Protocol(format!("more than {MAX_OPTIONS} options without choosing an export")))
+        Err(Error::Nbd(NbdError::Protocol(format!(
+            "more than {MAX_OPTIONS} options without choosing an export"
+        ))))
     }
 
     /// The transmission flags for this session.

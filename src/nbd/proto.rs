@@ -323,10 +323,12 @@ pub fn be_u64(b: &[u8]) -> u64 {
 /// The reply error for a failed device operation: the protocol only has a few values, so
 /// everything without a closer match is an I/O error.
 pub fn errno_of(e: &crate::Error) -> u32 {
-    use crate::Error;
+    use crate::{CryptoError, Error, VolumeError};
     match e {
-        Error::ReadOnly => errno::EPERM,
-        Error::OutOfRange { .. } | Error::InvalidRequest(_) => errno::EINVAL,
+        Error::Volume(VolumeError::ReadOnly) => errno::EPERM,
+        Error::Volume(VolumeError::OutOfRange { .. }) | Error::Crypto(CryptoError::InvalidRequest(_)) => {
+            errno::EINVAL
+        }
         Error::Os { source, .. } => match source.raw_os_error() {
             Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => errno::ENOSPC,
             Some(libc::EPERM | libc::EACCES | libc::EROFS) => errno::EPERM,
@@ -383,8 +385,15 @@ mod tests {
         assert_eq!(errno_of(&os(libc::ENOSPC)), errno::ENOSPC);
         assert_eq!(errno_of(&os(libc::EROFS)), errno::EPERM);
         assert_eq!(errno_of(&os(libc::EIO)), errno::EIO);
-        assert_eq!(errno_of(&crate::Error::ReadOnly), errno::EPERM);
-        assert_eq!(errno_of(&crate::Error::OutOfRange { offset: 1, len: 1, size: 1 }), errno::EINVAL);
-        assert_eq!(errno_of(&crate::Error::AuthFailed), errno::EIO);
+        assert_eq!(errno_of(&crate::Error::Volume(crate::error::VolumeError::ReadOnly)), errno::EPERM);
+        assert_eq!(
+            errno_of(&crate::Error::Volume(crate::error::VolumeError::OutOfRange {
+                offset: 1,
+                len: 1,
+                size: 1
+            })),
+            errno::EINVAL
+        );
+        assert_eq!(errno_of(&crate::Error::Crypto(crate::error::CryptoError::AuthFailed)), errno::EIO);
     }
 }

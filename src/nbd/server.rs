@@ -29,7 +29,7 @@ use super::connection::{self, Control, Limits};
 use super::negotiate::{self, ExportInfo, Negotiation, Outcome, TlsPolicy};
 use super::stream::{ClientReader, ReplySink, Stream};
 use super::tls::TlsConfig;
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, Error, Result};
 use crate::volume::block::BlockDevice;
 
 /// How often the accept loop looks at the stop flag when no client is connecting.
@@ -204,11 +204,11 @@ impl Server {
     /// A server for `device`; checks the configuration.
     pub fn new(device: Arc<dyn BlockDevice>, config: ServerConfig) -> Result<Server> {
         if config.export_name.len() > 4096 || config.export_name.contains('\0') {
-            return Err(Error::InvalidRequest(
+            return Err(Error::Crypto(CryptoError::InvalidRequest(
                 "an NBD export name is at most 4096 bytes, without NUL".into(),
-            ));
+            )));
         }
-        let invalid = |what: String| Err(Error::InvalidRequest(what));
+        let invalid = |what: String| Err(Error::Crypto(CryptoError::InvalidRequest(what)));
         if !(4096..=MAX_PAYLOAD_LIMIT).contains(&config.max_payload) {
             return invalid(format!(
                 "maximum payload {} is outside 4096..={MAX_PAYLOAD_LIMIT} bytes",

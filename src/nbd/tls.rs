@@ -25,7 +25,7 @@ use rustix::event::{PollFd, PollFlags};
 use zeroize::Zeroizing;
 
 use super::stream::{ReplySink, Stream, POLL_INTERVAL, WRITE_TIMEOUT};
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, Error, NbdError, Result};
 
 /// The longest PSK identity the TLS PSK extension allows.
 const MAX_IDENTITY: usize = 128;
@@ -65,17 +65,17 @@ impl std::fmt::Debug for TlsConfig {
 }
 
 fn tls_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
-    Error::InvalidRequest(format!("TLS: {what}: {e}"))
+    Error::Crypto(CryptoError::InvalidRequest(format!("TLS: {what}: {e}")))
 }
 
 fn need_file(dir: &Path, name: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     if !p.is_file() {
-        return Err(Error::InvalidRequest(format!(
+        return Err(Error::Crypto(CryptoError::InvalidRequest(format!(
             "TLS: {} is missing (the directory must hold server-cert.pem and server-key.pem, and \
              ca-cert.pem to verify clients, as for qemu-nbd and nbdkit)",
             p.display()
-        )));
+        ))));
     }
     Ok(p)
 }
@@ -99,14 +99,16 @@ impl TlsConfig {
         let ssl = match self.acceptor.accept(stream) {
             Ok(s) => s,
             Err(HandshakeError::WouldBlock(_)) => {
-                return Err(Error::Protocol(
+                return Err(Error::Nbd(NbdError::Protocol(
                     "TLS handshake not finished before the handshake deadline".into(),
-                ))
+                )))
             }
             Err(HandshakeError::Failure(m)) => {
-                return Err(Error::Protocol(format!("TLS handshake failed: {}", m.error())))
+                return Err(Error::Nbd(NbdError::Protocol(format!("TLS handshake failed: {}", m.error()))))
             }
-            Err(HandshakeError::SetupFailure(e)) => return Err(Error::Protocol(format!("TLS setup: {e}"))),
+            Err(HandshakeError::SetupFailure(e)) => {
+                return Err(Error::Nbd(NbdError::Protocol(format!("TLS setup: {e}"))))
+            }
         };
         log::debug!(
             "TLS: {} with {}",
@@ -143,7 +145,9 @@ pub fn parse_psk_file(text: &str) -> Result<Vec<(String, Zeroizing<Vec<u8>>)>> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let bad = |why: &str| Error::InvalidRequest(format!("TLS PSK file, line {}: {why}", n + 1));
+        let bad = |why: &str| {
+            Error::Crypto(CryptoError::InvalidRequest(format!("TLS PSK file, line {}: {why}", n + 1)))
+        };
         let (user, hex) = line.split_once(':').ok_or_else(|| bad("expected username:hexkey"))?;
         if user.is_empty() || user.len() > MAX_IDENTITY {
             return Err(bad("the username must be 1 to 128 bytes"));
@@ -161,7 +165,9 @@ pub fn parse_psk_file(text: &str) -> Result<Vec<(String, Zeroizing<Vec<u8>>)>> {
         keys.push((user.to_string(), key));
     }
     if keys.is_empty() {
-        return Err(Error::InvalidRequest("TLS PSK file holds no username:hexkey line".into()));
+        return Err(Error::Crypto(CryptoError::InvalidRequest(
+            "TLS PSK file holds no username:hexkey line".into(),
+        )));
     }
     Ok(keys)
 }

@@ -16,7 +16,7 @@ pub use crypt_vfio_hw::{
 
 use super::{Bar, EventNotifier, Transport};
 use crate::dma::DmaRegion;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 
 /// The emulated device as a PCI function.
 pub struct EmulatedTransport {
@@ -26,8 +26,8 @@ pub struct EmulatedTransport {
 impl EmulatedTransport {
     /// Creates an emulated device with `config` (queues, workers, latency, faults).
     pub fn new(config: EmulatedConfig) -> Result<Self> {
-        let dev =
-            VirtioCryptoPci::new(config).map_err(|e| Error::Transport(format!("emulated device: {e}")))?;
+        let dev = VirtioCryptoPci::new(config)
+            .map_err(|e| Error::Vfio(VfioError::Transport(format!("emulated device: {e}"))))?;
         Ok(Self { dev: Arc::new(dev) })
     }
 
@@ -111,7 +111,7 @@ impl Transport for EmulatedTransport {
     fn bar(&self, index: u8) -> Result<Arc<dyn Bar>> {
         let len = self.dev.bar_size(index);
         if len == 0 {
-            return Err(Error::Transport(format!("the emulated device has no BAR {index}")));
+            return Err(Error::Vfio(VfioError::Transport(format!("the emulated device has no BAR {index}"))));
         }
         Ok(Arc::new(EmulatedBar { dev: self.dev.clone(), index, len }))
     }
@@ -126,11 +126,13 @@ impl Transport for EmulatedTransport {
         // SAFETY: `owner` keeps the region's mapping alive for as long as the device holds the
         // IOMMU entry, and the region is readable and writable for its whole length.
         unsafe { self.dev.dma_map(iova, region.as_ptr(), region.len(), owner) }
-            .map_err(|e| Error::Dma(format!("map {iova:#x}: {e}")))
+            .map_err(|e| Error::Vfio(VfioError::Dma(format!("map {iova:#x}: {e}"))))
     }
 
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<()> {
-        self.dev.dma_unmap(iova, len).map_err(|e| Error::Dma(format!("unmap {iova:#x}: {e}")))
+        self.dev
+            .dma_unmap(iova, len)
+            .map_err(|e| Error::Vfio(VfioError::Dma(format!("unmap {iova:#x}: {e}"))))
     }
 
     fn msix_vectors(&self) -> u16 {
@@ -139,16 +141,21 @@ impl Transport for EmulatedTransport {
 
     fn enable_msix(&self, notifiers: &[Option<&EventNotifier>]) -> Result<()> {
         for (v, n) in notifiers.iter().enumerate() {
-            let vector = u16::try_from(v).map_err(|_| Error::Transport("too many MSI-X vectors".into()))?;
+            let vector = u16::try_from(v)
+                .map_err(|_| Error::Vfio(VfioError::Transport("too many MSI-X vectors".into())))?;
             let fd = n.map(|n| n.dup()).transpose()?;
-            self.dev.set_irq_eventfd(vector, fd).map_err(|e| Error::Transport(format!("MSI-X {v}: {e}")))?;
+            self.dev
+                .set_irq_eventfd(vector, fd)
+                .map_err(|e| Error::Vfio(VfioError::Transport(format!("MSI-X {v}: {e}"))))?;
         }
         Ok(())
     }
 
     fn disable_msix(&self) -> Result<()> {
         for v in 0..self.dev.msix_vectors() {
-            self.dev.set_irq_eventfd(v, None).map_err(|e| Error::Transport(format!("MSI-X {v}: {e}")))?;
+            self.dev
+                .set_irq_eventfd(v, None)
+                .map_err(|e| Error::Vfio(VfioError::Transport(format!("MSI-X {v}: {e}"))))?;
         }
         Ok(())
     }

@@ -98,10 +98,10 @@ impl BarWindow {
     /// A window of `len` bytes at `base` in `bar`; fails if it does not fit.
     pub fn new(bar: Arc<dyn Bar>, base: u64, len: u64) -> Result<Self> {
         if base.checked_add(len).is_none_or(|end| end > bar.len()) {
-            return Err(crate::Error::UnsupportedDevice(format!(
+            return Err(crate::Error::Device(crate::error::DeviceError::Unsupported(format!(
                 "register window {base:#x}+{len:#x} lies outside its {:#x}-byte BAR",
                 bar.len()
-            )));
+            ))));
         }
         Ok(Self { bar, base, len })
     }

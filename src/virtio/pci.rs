@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crypt_vfio_spec::pci::{self, cap, cap_type, cfg, common, status};
 
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 use crate::transport::{BarWindow, Transport};
 
 /// A doorbell: where and what to write to tell the device a queue has new buffers.
@@ -63,17 +63,17 @@ impl VirtioPci {
         let vendor = read_cfg16(&*transport, cfg::VENDOR_ID)?;
         let device_id = read_cfg16(&*transport, cfg::DEVICE_ID)?;
         if vendor != pci::VIRTIO_VENDOR_ID {
-            return Err(Error::UnsupportedDevice(format!(
+            return Err(Error::Device(DeviceError::Unsupported(format!(
                 "{}: vendor {vendor:#06x} is not virtio ({:#06x})",
                 transport.name(),
                 pci::VIRTIO_VENDOR_ID
-            )));
+            ))));
         }
         if device_id < 0x1040 {
-            return Err(Error::UnsupportedDevice(format!(
+            return Err(Error::Device(DeviceError::Unsupported(format!(
                 "{}: device {device_id:#06x} is a legacy (transitional) virtio device; only modern (0x1040+) devices are supported",
                 transport.name()
-            )));
+            ))));
         }
         let mut found: [Option<(u8, u64, u64, u16)>; 5] = [None; 5];
         let mut msix = None;
@@ -106,13 +106,16 @@ impl VirtioPci {
         }
         let window = |ty: u8, what: &str, min: u64| -> Result<(BarWindow, u16)> {
             let (bar, offset, length, cap_off) = found[usize::from(ty)].ok_or_else(|| {
-                Error::UnsupportedDevice(format!("{}: no virtio {what} capability", transport.name()))
+                Error::Device(DeviceError::Unsupported(format!(
+                    "{}: no virtio {what} capability",
+                    transport.name()
+                )))
             })?;
             if length < min {
-                return Err(Error::UnsupportedDevice(format!(
+                return Err(Error::Device(DeviceError::Unsupported(format!(
                     "{}: virtio {what} structure is {length} bytes, needs {min}",
                     transport.name()
-                )));
+                ))));
             }
             Ok((BarWindow::new(transport.bar(bar)?, offset, length)?, cap_off))
         };
@@ -174,7 +177,7 @@ impl VirtioPci {
         let start = Instant::now();
         while self.status() != 0 {
             if start.elapsed() > RESET_TIMEOUT {
-                return Err(Error::Timeout(RESET_TIMEOUT, "device reset"));
+                return Err(Error::Device(DeviceError::Timeout(RESET_TIMEOUT, "device reset")));
             }
             std::thread::yield_now();
         }
@@ -196,10 +199,10 @@ impl VirtioPci {
         let missing = required & !offered;
         if missing != 0 {
             self.fail();
-            return Err(Error::Init(format!(
+            return Err(Error::Device(DeviceError::Init(format!(
                 "device lacks required feature bits {:?} (offered {offered:#x})",
                 bit_list(missing)
-            )));
+            ))));
         }
         let accepted = offered & (required | wanted);
         self.common.write32(common::DRIVER_FEATURE_SELECT, 0);
@@ -209,9 +212,9 @@ impl VirtioPci {
         self.add_status(status::FEATURES_OK);
         if self.status() & status::FEATURES_OK == 0 {
             self.fail();
-            return Err(Error::Init(format!(
+            return Err(Error::Device(DeviceError::Init(format!(
                 "device refused the feature set {accepted:#x} (FEATURES_OK cleared)"
-            )));
+            ))));
         }
         Ok(accepted)
     }
@@ -247,15 +250,17 @@ impl VirtioPci {
         if msix_vector != pci::VIRTIO_MSI_NO_VECTOR
             && self.common.read16(common::QUEUE_MSIX_VECTOR) != msix_vector
         {
-            return Err(Error::Init(format!("queue {index}: device refused MSI-X vector {msix_vector}")));
+            return Err(Error::Device(DeviceError::Init(format!(
+                "queue {index}: device refused MSI-X vector {msix_vector}"
+            ))));
         }
         let notify_off = u64::from(self.common.read16(common::QUEUE_NOTIFY_OFF));
         let offset = notify_off * u64::from(self.notify_multiplier);
         if offset.checked_add(2).is_none_or(|end| end > self.notify.len()) {
-            return Err(Error::Init(format!(
+            return Err(Error::Device(DeviceError::Init(format!(
                 "queue {index}: doorbell offset {offset:#x} lies outside the {}-byte notify region",
                 self.notify.len()
-            )));
+            ))));
         }
         self.common.write16(common::QUEUE_ENABLE, 1);
         Ok(Doorbell { window: self.notify.clone(), offset, queue: index })
@@ -277,7 +282,7 @@ impl VirtioPci {
     }
 
     /// Reads device configuration consistently: retries while `config_generation` changes,
-    /// up to [`CONFIG_READ_ATTEMPTS`] times, then fails with [`Error::ConfigUnsettled`] (a device
+    /// up to [`CONFIG_READ_ATTEMPTS`] times, then fails with [`DeviceError::ConfigUnsettled`] (a device
     /// whose generation never settles would otherwise hold the driver forever).
     pub fn read_device_config<T>(&self, read: impl Fn(&BarWindow) -> T) -> Result<T> {
         for _ in 0..CONFIG_READ_ATTEMPTS {
@@ -287,7 +292,7 @@ impl VirtioPci {
                 return Ok(v);
             }
         }
-        Err(Error::ConfigUnsettled { attempts: CONFIG_READ_ATTEMPTS })
+        Err(Error::Device(DeviceError::ConfigUnsettled { attempts: CONFIG_READ_ATTEMPTS }))
     }
 
     /// Turns bus mastering off: a function that obeys PCI stops its DMA.

@@ -14,7 +14,7 @@ use vm_memory::Bytes;
 
 use super::Doorbell;
 use crate::dma::{DmaBuffer, DmaPool};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result, VfioError};
 
 /// One split virtqueue's rings and indices.
 pub struct SplitQueue {
@@ -50,7 +50,9 @@ impl SplitQueue {
         doorbell_for: impl FnOnce([u64; 3]) -> Result<Doorbell>,
     ) -> Result<Self> {
         if !size.is_power_of_two() || size > ring::MAX_QUEUE_SIZE {
-            return Err(Error::Init(format!("queue size {size} is not a power of two up to 32768")));
+            return Err(Error::Device(DeviceError::Init(format!(
+                "queue size {size} is not a power of two up to 32768"
+            ))));
         }
         let desc_len = ring::desc_table_size(size) as usize;
         let avail_off = desc_len;
@@ -80,7 +82,7 @@ impl SplitQueue {
     pub fn restart(&mut self, doorbell_for: impl FnOnce([u64; 3]) -> Result<Doorbell>) -> Result<()> {
         let len = self.mem.len();
         let zeros = vec![0u8; len];
-        self.mem.volatile().write_slice(&zeros, 0).map_err(|e| Error::Dma(e.to_string()))?;
+        self.mem.volatile().write_slice(&zeros, 0).map_err(|e| Error::Vfio(VfioError::Dma(e.to_string())))?;
         self.avail_idx = 0;
         self.published = 0;
         self.last_used = 0;

@@ -23,7 +23,7 @@ use vm_memory::Bytes;
 use super::config::wire_algo;
 use crate::dma::{DmaBuffer, DmaPool};
 use crate::engine::Direction;
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, DeviceError, Error, Result, VfioError};
 use crate::virtio::{SplitQueue, VirtioPci};
 
 const KEY_OFF: usize = crypto::CTRL_REQ_SIZE;
@@ -55,9 +55,9 @@ impl ControlQueue {
     ) -> Result<Self> {
         let size = pci.queue_max_size(index).min(16);
         if size < 2 {
-            return Err(Error::Init(format!(
+            return Err(Error::Device(DeviceError::Init(format!(
                 "control queue {index} has room for {size} descriptors, needs 2"
-            )));
+            ))));
         }
         let size = 1 << (15 - size.leading_zeros()); // largest power of two not above it
         let vq = SplitQueue::new(pool, size, event_idx, |rings| {
@@ -85,7 +85,9 @@ impl ControlQueue {
 
     fn check_clean(&self) -> Result<()> {
         match &self.dirty {
-            Some(why) => Err(Error::DeviceFailed(format!("control queue awaits a device reset: {why}"))),
+            Some(why) => {
+                Err(Error::Device(DeviceError::Failed(format!("control queue awaits a device reset: {why}"))))
+            }
             None => Ok(()),
         }
     }
@@ -93,7 +95,11 @@ impl ControlQueue {
     /// Creates a one-direction session; returns the device's session id.
     pub fn create(&mut self, mode: Mode, direction: Direction, key: &[u8]) -> Result<u64> {
         if key.len() > MAX_KEY {
-            return Err(Error::KeyLength { mode, len: key.len(), expected: mode.key_lengths() });
+            return Err(Error::Crypto(CryptoError::KeyLength {
+                mode,
+                len: key.len(),
+                expected: mode.key_lengths(),
+            }));
         }
         self.check_clean()?;
         let (svc, algo) = wire_algo(mode);
@@ -117,7 +123,7 @@ impl ControlQueue {
         let result = if wrote {
             self.exchange(KEY_OFF + key.len(), crypto::SESSION_INPUT_SIZE)
         } else {
-            Err(Error::Dma("control buffer write failed".into()))
+            Err(Error::Vfio(VfioError::Dma("control buffer write failed".into())))
         };
         let v = self.buf.volatile();
         // Wipe the key from DMA memory once the device is done with it: after its answer, or
@@ -127,7 +133,7 @@ impl ControlQueue {
         }
         result?;
         let mut input = [0u8; crypto::SESSION_INPUT_SIZE];
-        v.read_slice(&mut input, INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))?;
+        v.read_slice(&mut input, INPUT_OFF).map_err(|e| Error::Vfio(VfioError::Dma(e.to_string())))?;
         let input = SessionInput::decode(&input);
         match u8::try_from(input.status).unwrap_or(status::ERR) {
             status::OK => Ok(input.session_id),
@@ -144,14 +150,14 @@ impl ControlQueue {
             CtrlRequest { opcode, algo, flag: 0, queue_id: 0, payload: CtrlPayload::Destroy { session_id } };
         self.check_clean()?;
         let v = self.buf.volatile();
-        v.write_slice(&req.encode(), 0).map_err(|e| Error::Dma(e.to_string()))?;
-        v.write_obj(status::ERR, INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))?;
+        v.write_slice(&req.encode(), 0).map_err(|e| Error::Vfio(VfioError::Dma(e.to_string())))?;
+        v.write_obj(status::ERR, INPUT_OFF).map_err(|e| Error::Vfio(VfioError::Dma(e.to_string())))?;
         self.exchange(crypto::CTRL_REQ_SIZE, crypto::INHDR_SIZE)?;
         let v = self.buf.volatile();
-        match v.read_obj::<u8>(INPUT_OFF).map_err(|e| Error::Dma(e.to_string()))? {
+        match v.read_obj::<u8>(INPUT_OFF).map_err(|e| Error::Vfio(VfioError::Dma(e.to_string())))? {
             status::OK => Ok(()),
-            status::INVSESS => Err(Error::InvalidSession),
-            s => Err(Error::DeviceError(s)),
+            status::INVSESS => Err(Error::Crypto(CryptoError::InvalidSession)),
+            s => Err(Error::Crypto(CryptoError::Status(s))),
         }
     }
 
@@ -184,10 +190,10 @@ fn run(
     let mut spins = 0u32;
     while vq.used_pending() == 0 {
         if start.elapsed() > timeout {
-            return Err(Error::Timeout(timeout, "a control queue answer"));
+            return Err(Error::Device(DeviceError::Timeout(timeout, "a control queue answer")));
         }
         if cancel.load(Ordering::Acquire) {
-            return Err(Error::DeviceFailed("the engine is closing".into()));
+            return Err(Error::Device(DeviceError::Failed("the engine is closing".into())));
         }
         spins += 1;
         if spins > 1000 {
@@ -199,10 +205,10 @@ fn run(
     let pending = vq.used_pending();
     let used = vq.take_used();
     if pending != 1 || used.id != 0 {
-        return Err(Error::DeviceFailed(format!(
+        return Err(Error::Device(DeviceError::Failed(format!(
             "control queue: device returned descriptor {} ({} used) for the one request in flight",
             used.id, pending
-        )));
+        ))));
     }
     if (used.len as usize) < in_len {
         log::debug!("control queue: device reported {} bytes written, expected {in_len}", used.len);
@@ -215,10 +221,14 @@ pub const MAX_AAD: u32 = 64 * 1024;
 
 fn session_error(status_code: u8, mode: Mode, key_len: usize) -> Error {
     match status_code {
-        status::NOTSUPP => Error::NotSupported(format!("{mode} with a {}-bit key", key_len * 8)),
-        status::NOSPC => Error::NoSpace("the device has no free session".into()),
-        status::INVSESS => Error::InvalidSession,
-        status::KEY_REJECTED => Error::KeyRejected(format!("the device refused the {mode} key")),
-        s => Error::DeviceError(s),
+        status::NOTSUPP => {
+            Error::Crypto(CryptoError::NotSupported(format!("{mode} with a {}-bit key", key_len * 8)))
+        }
+        status::NOSPC => Error::Crypto(CryptoError::NoSpace("the device has no free session".into())),
+        status::INVSESS => Error::Crypto(CryptoError::InvalidSession),
+        status::KEY_REJECTED => {
+            Error::Crypto(CryptoError::KeyRejected(format!("the device refused the {mode} key")))
+        }
+        s => Error::Crypto(CryptoError::Status(s)),
     }
 }

@@ -28,7 +28,7 @@ use crate::engine::{
     validate_request, BatchSink, BatchSubmitted, Buf, Completion, Delivery, Direction, Event, EventSink,
     Queue, Request, SubmitError, SubmitErrorKind, Submitted, TAG_LEN,
 };
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, DeviceError, Error, Result, VfioError};
 use crate::transport::EventNotifier;
 use crate::virtio::{SplitQueue, VirtioPci};
 
@@ -155,10 +155,10 @@ impl DataQueueShared {
         })?;
         let nslots = if s.indirect { usize::from(s.size) } else { (usize::from(s.size) / MAX_DESCS).max(1) };
         if !s.indirect && usize::from(s.size) < MAX_DESCS {
-            return Err(Error::Init(format!(
+            return Err(Error::Device(DeviceError::Init(format!(
                 "data queue {}: {} descriptors cannot hold one request ({MAX_DESCS} needed) without indirect descriptors",
                 s.index, s.size
-            )));
+            ))));
         }
         let slot_mem = pool.alloc(nslots * SLOT_STRIDE)?;
         let ring = RingState {
@@ -274,7 +274,7 @@ impl DataQueueShared {
         let source = std::iter::from_fn(|| {
             let req = requests.pop_front()?;
             let checked = if req.session.engine != engine {
-                Err(Error::InvalidSession)
+                Err(Error::Crypto(CryptoError::InvalidSession))
             } else {
                 validate_request(
                     req.session.mode,
@@ -362,7 +362,7 @@ impl DataQueueShared {
             // be done with the request, or lies about others: stop it before this request (or
             // the slot's buffers, reused by the next one) goes anywhere.
             let lie = match &result {
-                Err(Error::DeviceFailed(why)) => Some(why.clone()),
+                Err(Error::Device(DeviceError::Failed(why))) => Some(why.clone()),
                 _ => None,
             };
             // Moved straight from the slot into the outbox (a slot holds both or neither).
@@ -425,13 +425,13 @@ impl DataQueueShared {
         for slot in &mut st.ring.slots {
             if let (Some(request), Some(sink)) = (slot.req.take(), slot.sink.take()) {
                 self.outstanding.fetch_sub(1, Ordering::Relaxed);
-                let result = Err(Error::DeviceFailed(reason.clone()));
+                let result = Err(Error::Device(DeviceError::Failed(reason.clone())));
                 st.outbox.push((sink, Event::Completed(Completion { request, result })));
             }
         }
         st.ring.in_flight = 0;
         st.backlog.fail_all(&mut ToOutbox { outbox: &mut st.outbox, outstanding: &self.outstanding }, || {
-            Error::DeviceFailed(reason.clone())
+            Error::Device(DeviceError::Failed(reason.clone()))
         });
         self.delivery.mark_pending();
     }
@@ -549,19 +549,25 @@ impl RingState {
         let code = v.read_obj::<u8>(base + STATUS).unwrap_or(status::ERR);
         let result = match code {
             status::OK if written >= slot.expect => Ok(()),
-            status::OK => Err(Error::DeviceFailed(format!(
+            status::OK => Err(Error::Device(DeviceError::Failed(format!(
                 "device reported success but wrote {written} of {} bytes",
                 slot.expect
+            )))),
+            status::BADMSG => Err(Error::Crypto(CryptoError::AuthFailed)),
+            status::NOTSUPP => {
+                Err(Error::Crypto(CryptoError::NotSupported(format!("{} request", req.session.mode))))
+            }
+            status::INVSESS => Err(Error::Crypto(CryptoError::InvalidSession)),
+            status::NOSPC => {
+                Err(Error::Crypto(CryptoError::NoSpace("device out of resources for the request".into())))
+            }
+            0xff => Err(Error::Device(DeviceError::Failed(
+                "device completed a request without writing its status".into(),
             ))),
-            status::BADMSG => Err(Error::AuthFailed),
-            status::NOTSUPP => Err(Error::NotSupported(format!("{} request", req.session.mode))),
-            status::INVSESS => Err(Error::InvalidSession),
-            status::NOSPC => Err(Error::NoSpace("device out of resources for the request".into())),
-            0xff => Err(Error::DeviceFailed("device completed a request without writing its status".into())),
-            s if s > status::KEY_REJECTED => Err(Error::DeviceFailed(format!(
+            s if s > status::KEY_REJECTED => Err(Error::Device(DeviceError::Failed(format!(
                 "device wrote status {s:#04x}, which virtio-crypto does not define"
-            ))),
-            s => Err(Error::DeviceError(s)),
+            )))),
+            s => Err(Error::Crypto(CryptoError::Status(s))),
         };
         match &result {
             Ok(()) => {
@@ -574,7 +580,7 @@ impl RingState {
                     let _ = v.read_slice(&mut req.tag, base + TAG_OUT);
                 }
             }
-            Err(Error::AuthFailed) => req.data.zeroize(),
+            Err(Error::Crypto(CryptoError::AuthFailed)) => req.data.zeroize(),
             Err(_) => {}
         }
         Some(result)
@@ -591,7 +597,7 @@ impl Ring<Pending> for RingState {
     #[inline(always)]
     fn push(&mut self, p: Pending) -> Result<(), (Pending, Error)> {
         let Some(i) = self.free.pop() else {
-            return Err((p, Error::InvalidRequest("ring full".into())));
+            return Err((p, Error::Crypto(CryptoError::InvalidRequest("ring full".into()))));
         };
         match self.place(usize::from(i), &p.req) {
             Ok((head, expect, bounced)) => {
@@ -635,7 +641,7 @@ impl RingState {
         // another session (another key) on the device now: never send them.
         let Some((encrypt_id, decrypt_id)) = req.session.state.ids_in(self.epoch.load(Ordering::Acquire))
         else {
-            return Err(Error::InvalidSession);
+            return Err(Error::Crypto(CryptoError::InvalidSession));
         };
         let session_id = match req.direction {
             Direction::Encrypt => encrypt_id,
@@ -646,9 +652,9 @@ impl RingState {
         let (data_iova, bounced) = match &req.data {
             Buf::Dma(b) => {
                 if !b.belongs_to(&self.pool) {
-                    return Err(Error::Dma(
+                    return Err(Error::Vfio(VfioError::Dma(
                         "the buffer is not mapped for this device (it comes from another DMA pool)".into(),
-                    ));
+                    )));
                 }
                 (b.iova(), false)
             }
@@ -684,7 +690,7 @@ impl RingState {
             }
         }
         if !ok {
-            return Err(Error::Dma("slot memory write out of bounds".into()));
+            return Err(Error::Vfio(VfioError::Dma("slot memory write out of bounds".into())));
         }
         let mut table = [0u8; MAX_DESCS * DESC_SIZE as usize];
         let head = if self.indirect {
@@ -739,7 +745,7 @@ impl Queue<Session> for DeviceQueue {
     ) -> Result<Submitted, SubmitError<Session>> {
         // Another device's session ids name other keys here.
         if request.session.engine != self.engine {
-            return Err(SubmitError::rejected(request, Error::InvalidSession));
+            return Err(SubmitError::rejected(request, Error::Crypto(CryptoError::InvalidSession)));
         }
         self.shared.submit(request, &self.sink, may_backlog)
     }

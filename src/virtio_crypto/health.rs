@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::dma::DmaPool;
-use crate::error::Error;
+use crate::error::{DeviceError, Error};
 use crate::virtio::VirtioPci;
 
 /// Failures within [`FAILURE_WINDOW`] after which the device is not recovered again.
@@ -87,10 +87,14 @@ impl DeviceHealth {
     pub(crate) fn error(&self) -> Error {
         let st = self.lock();
         match &st.gave_up {
-            Some(Error::DeviceGaveUp { failures, window, last }) => {
-                Error::DeviceGaveUp { failures: *failures, window: *window, last: last.clone() }
+            Some(Error::Device(DeviceError::GaveUp { failures, window, last })) => {
+                Error::Device(DeviceError::GaveUp {
+                    failures: *failures,
+                    window: *window,
+                    last: last.clone(),
+                })
             }
-            _ => Error::DeviceFailed(st.reason.clone()),
+            _ => Error::Device(DeviceError::Failed(st.reason.clone())),
         }
     }
 
@@ -107,11 +111,17 @@ impl DeviceHealth {
     /// Marks the device failed and stops it, so that it touches no memory before any buffer
     /// goes back to its owner.
     pub(crate) fn fail(&self, reason: String) {
+        self.stop(reason, false);
+    }
+
+    /// Stops the device for `reason`; `closing` when the engine is closing rather than the
+    /// device failing (nothing to log as an error, no failure counted).
+    fn stop(&self, reason: String, closing: bool) {
         let mut st = self.lock();
         if self.failed.load(Ordering::Acquire) {
             return;
         }
-        if reason == CLOSED {
+        if closing {
             log::debug!("virtio-crypto device closed");
             st.closing = true;
         } else {
@@ -157,13 +167,13 @@ impl DeviceHealth {
              unmapped and it is not used again",
             st.reason
         );
-        st.gave_up = Some(Error::DeviceFailed(st.reason.clone()));
+        st.gave_up = Some(Error::Device(DeviceError::Failed(st.reason.clone())));
     }
 
     /// Marks the engine closing: the device is stopped and not recovered.
     pub(crate) fn close(&self) {
         self.closing_flag.store(true, Ordering::Release);
-        self.fail(CLOSED.into());
+        self.stop(CLOSED.into(), true);
         self.lock().closing = true;
         self.changed.notify_all();
     }
@@ -183,8 +193,11 @@ impl DeviceHealth {
                     st.failures.pop_front();
                 }
                 if st.failures.len() >= max {
-                    let e =
-                        Error::DeviceGaveUp { failures: st.failures.len(), window, last: st.reason.clone() };
+                    let e = Error::Device(DeviceError::GaveUp {
+                        failures: st.failures.len(),
+                        window,
+                        last: st.reason.clone(),
+                    });
                     log::error!("{e}");
                     st.reason = e.to_string();
                     st.gave_up = Some(e);

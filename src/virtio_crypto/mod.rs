@@ -8,7 +8,7 @@
 mod config;
 mod control;
 mod data_queue;
-pub mod health;
+mod health;
 mod layout;
 mod recovery;
 mod session;
@@ -21,17 +21,17 @@ use crypt_vfio_cores::Mode;
 use crypt_vfio_spec::pci::{feature, VIRTIO_CRYPTO_DEVICE_ID, VIRTIO_MSI_NO_VECTOR};
 
 pub use config::DeviceInfo;
-pub use data_queue::DeviceQueue;
+pub use health::{FAILURE_WINDOW, MAX_FAILURES};
 pub use session::DeviceSession;
 
 use control::ControlQueue;
-use data_queue::{DataQueueShared, QueueSetup};
+use data_queue::{DataQueueShared, DeviceQueue, QueueSetup};
 use health::DeviceHealth;
 use session::SessionRegistry;
 
 use crate::dma::DmaPool;
 use crate::engine::{BatchSink, Buf, Direction, Engine, EventSink, Queue};
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, DeviceError, Error, Result};
 use crate::transport::{EventNotifier, Transport};
 use crate::virtio::VirtioPci;
 
@@ -70,7 +70,7 @@ pub struct DeviceOptions {
     /// Use EVENT_IDX notification suppression when the device offers it.
     pub event_idx: bool,
     /// Failures within a window after which the device is not recovered again (default
-    /// [`health::MAX_FAILURES`] within [`health::FAILURE_WINDOW`]).
+    /// [`MAX_FAILURES`] within [`FAILURE_WINDOW`]).
     pub failure_budget: (usize, Duration),
 }
 
@@ -157,11 +157,11 @@ impl VirtioCrypto {
     pub fn open(transport: Arc<dyn Transport>, options: &DeviceOptions) -> Result<Self> {
         let pci = Arc::new(VirtioPci::probe(transport.clone())?);
         if pci.device_id() != VIRTIO_CRYPTO_DEVICE_ID {
-            return Err(Error::UnsupportedDevice(format!(
+            return Err(Error::Device(DeviceError::Unsupported(format!(
                 "{}: virtio device {:#06x} is not virtio-crypto ({VIRTIO_CRYPTO_DEVICE_ID:#06x})",
                 transport.name(),
                 pci.device_id()
-            )));
+            ))));
         }
         let mut guard =
             OpenGuard { pci: pci.clone(), threads: Vec::new(), queues: Vec::new(), msix: false, armed: true };
@@ -176,22 +176,22 @@ impl VirtioCrypto {
         let features = pci.negotiate(1 << feature::VERSION_1, wanted)?;
         let info = DeviceInfo::read(&pci)?;
         if !info.ready() {
-            return Err(Error::Init(format!(
+            return Err(Error::Device(DeviceError::Init(format!(
                 "{}: the device says it is not ready (status {})",
                 transport.name(),
                 info.status
-            )));
+            ))));
         }
         let available = info.max_dataqueues as usize;
         let ctrl_index = u16::try_from(info.max_dataqueues)
             .ok()
             .filter(|&i| i >= 1 && i < pci.num_queues())
             .ok_or_else(|| {
-                Error::Init(format!(
+                Error::Device(DeviceError::Init(format!(
                     "device reports {} data queues but {} virtqueues in all",
                     info.max_dataqueues,
                     pci.num_queues()
-                ))
+                )))
             })?;
         let nqueues = if options.data_queues == 0 { available } else { options.data_queues.min(available) };
         if options.data_queues > available {
@@ -214,9 +214,9 @@ impl VirtioCrypto {
             let need = nqueues + 1;
             let have = usize::from(transport.msix_vectors());
             if have < need {
-                return Err(Error::Init(format!(
+                return Err(Error::Device(DeviceError::Init(format!(
                     "interrupt mode needs {need} MSI-X vectors, the device has {have}; use polling"
-                )));
+                ))));
             }
             for _ in 0..need {
                 notifiers.push(Some(EventNotifier::new()?));
@@ -241,9 +241,9 @@ impl VirtioCrypto {
             let max = pci.queue_max_size(index);
             let size = if options.queue_size == 0 { max.min(DEFAULT_QUEUE_SIZE) } else { options.queue_size };
             if size == 0 || size > max || !size.is_power_of_two() {
-                return Err(Error::Init(format!(
+                return Err(Error::Device(DeviceError::Init(format!(
                     "data queue {q}: size {size} is not a power of two up to the device's maximum of {max}"
-                )));
+                ))));
             }
             let setup = QueueSetup {
                 index,
@@ -297,6 +297,12 @@ impl VirtioCrypto {
         Ok(Self { core, threads, recovery: Some(recovery) })
     }
 
+    /// Whether completions are delivered by the engine's own threads (interrupt mode) rather
+    /// than by callers' [`Queue::poll`].
+    pub fn interrupts(&self) -> bool {
+        self.core.interrupts
+    }
+
     /// The device configuration read at start-up.
     pub fn info(&self) -> &DeviceInfo {
         &self.core.info
@@ -347,10 +353,10 @@ impl VirtioCrypto {
                 Ok(true)
             }
             Err(
-                Error::NotSupported(_)
-                | Error::KeyLength { .. }
-                | Error::KeyRejected(_)
-                | Error::DeviceError(_),
+                Error::Crypto(CryptoError::NotSupported(_))
+                | Error::Crypto(CryptoError::KeyLength { .. })
+                | Error::Crypto(CryptoError::KeyRejected(_))
+                | Error::Crypto(CryptoError::Status(_)),
             ) => Ok(false),
             Err(e) => Err(e),
         }
@@ -408,10 +414,12 @@ impl Engine for VirtioCrypto {
         // the same typed errors before the device sees them.
         let expected = mode.key_lengths();
         if !expected.contains(&key.len()) {
-            return Err(Error::KeyLength { mode, len: key.len(), expected });
+            return Err(Error::Crypto(CryptoError::KeyLength { mode, len: key.len(), expected }));
         }
         if mode == Mode::Xts && key[..key.len() / 2] == key[key.len() / 2..] {
-            return Err(Error::KeyRejected(format!("{mode} key rejected: the two key halves are equal")));
+            return Err(Error::Crypto(CryptoError::KeyRejected(format!(
+                "{mode} key rejected: the two key halves are equal"
+            ))));
         }
         let core = &self.core;
         let mut ctl = core.working_control()?;
@@ -430,7 +438,7 @@ impl Engine for VirtioCrypto {
     fn destroy_session(&self, session: &DeviceSession) -> Result<()> {
         let core = &self.core;
         if session.engine != core.id {
-            return Err(Error::InvalidSession);
+            return Err(Error::Crypto(CryptoError::InvalidSession));
         }
         // Marked destroyed only once the control queue is held (a recovery, which holds it, then
         // cannot be under way): if the device does not come back in time the session stays

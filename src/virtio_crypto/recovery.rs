@@ -16,7 +16,7 @@ use crypt_vfio_spec::pci::feature;
 use super::data_queue::DataQueueShared;
 use super::Core;
 use crate::engine::Direction;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 use crate::transport::EventNotifier;
 
 /// Starts the recovery thread of `core`; it ends when the engine closes.
@@ -58,7 +58,7 @@ fn recover(core: &Core) -> Result<()> {
     fail_queues(core);
     let closing = || {
         if core.health.closing() {
-            Err(Error::DeviceFailed("the engine is closing".into()))
+            Err(Error::Device(DeviceError::Failed("the engine is closing".into())))
         } else {
             Ok(())
         }
@@ -69,10 +69,10 @@ fn recover(core: &Core) -> Result<()> {
     pci.enable_bus_master()?;
     let features = pci.negotiate(1 << feature::VERSION_1, core.features)?;
     if features != core.features {
-        return Err(Error::Init(format!(
+        return Err(Error::Device(DeviceError::Init(format!(
             "after the reset the device accepts features {features:#x}, not {:#x} as before",
             core.features
-        )));
+        ))));
     }
     if core.interrupts {
         // A function-level reset disables MSI-X: route the vectors again.

@@ -32,7 +32,7 @@ use crypt_vfio_cores::Mode;
 use super::pipeline::{CryptContext, CryptFuture, CryptOp, IvNumbering, LanePool, SectorMeta};
 use super::{BlockDevice, DEFAULT_WATCHDOG};
 use crate::engine::{Direction, Engine, Iv, Request};
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, DeviceError, Error, LuksError, Result, VolumeError};
 
 /// Magic at byte 0.
 pub const MAGIC: [u8; 8] = *b"CVFAUTH1";
@@ -110,16 +110,20 @@ impl Superblock {
 
     /// Parses and checks a superblock (not the key check, which needs the key).
     pub fn parse(b: &[u8]) -> Result<Self> {
-        let corrupt = |field: &str, reason: String| Error::CorruptHeader { field: field.into(), reason };
+        let corrupt = |field: &str, reason: String| {
+            Error::Luks(LuksError::CorruptHeader { field: field.into(), reason })
+        };
         if b.len() < 8 || b[..8] != MAGIC {
-            return Err(Error::NotLuks("no crypt-vfio authenticated volume magic (CVFAUTH1)".into()));
+            return Err(Error::Luks(LuksError::NotLuks(
+                "no crypt-vfio authenticated volume magic (CVFAUTH1)".into(),
+            )));
         }
         if b.len() < SUPERBLOCK_LEN as usize {
-            return Err(Error::Truncated {
+            return Err(Error::Volume(VolumeError::Truncated {
                 what: "the authenticated volume superblock".into(),
                 needed: SUPERBLOCK_LEN,
                 have: b.len() as u64,
-            });
+            }));
         }
         // The key check authenticates bytes 0..56 only: the rest must be exactly what format
         // writes, so that nothing in the superblock can be changed unnoticed.
@@ -189,7 +193,9 @@ fn run_one<E: Engine>(
     )?;
     req.session = session.clone();
     q.submit(req, true).map_err(|e| match e.kind {
-        crate::engine::SubmitErrorKind::Busy => Error::DeviceFailed("busy on an idle queue".into()),
+        crate::engine::SubmitErrorKind::Busy => {
+            Error::Device(DeviceError::Failed("busy on an idle queue".into()))
+        }
         crate::engine::SubmitErrorKind::Rejected(e) => e,
     })?;
     let start = std::time::Instant::now();
@@ -199,7 +205,7 @@ fn run_one<E: Engine>(
             return c.result.map(|()| c.request);
         }
         if start.elapsed() > DEFAULT_WATCHDOG {
-            return Err(Error::Timeout(DEFAULT_WATCHDOG, "the key check"));
+            return Err(Error::Device(DeviceError::Timeout(DEFAULT_WATCHDOG, "the key check")));
         }
         std::thread::yield_now();
     }
@@ -224,12 +230,14 @@ impl<E: Engine> AuthVolume<E> {
     /// where the filesystem allows), and opens it. `key` is an AES-128 or AES-256 key.
     pub fn format(engine: Arc<E>, file: File, key: &[u8], sector_size: u32, size: u64) -> Result<Self> {
         if !(512..=4096).contains(&sector_size) || !sector_size.is_power_of_two() {
-            return Err(Error::InvalidVolume(format!("sector size {sector_size} (512, 1024, 2048 or 4096)")));
+            return Err(Error::Volume(VolumeError::Invalid(format!(
+                "sector size {sector_size} (512, 1024, 2048 or 4096)"
+            ))));
         }
         if size == 0 || size % u64::from(sector_size) != 0 {
-            return Err(Error::InvalidVolume(format!(
+            return Err(Error::Volume(VolumeError::Invalid(format!(
                 "size {size} is not a positive multiple of the sector size {sector_size}"
-            )));
+            ))));
         }
         let mut sb = Superblock::new(sector_size, size / u64::from(sector_size));
         let session = engine.create_session(Mode::Gcm, key)?;
@@ -255,11 +263,11 @@ impl<E: Engine> AuthVolume<E> {
         let sb = Superblock::parse(&b)?;
         let len = super::file::storage_len(&file)?;
         if len < sb.image_len() {
-            return Err(Error::Truncated {
+            return Err(Error::Volume(VolumeError::Truncated {
                 what: "the authenticated volume".into(),
                 needed: sb.image_len(),
                 have: len,
-            });
+            }));
         }
         let session = engine.create_session(Mode::Gcm, key)?;
         let mut check = Request::new(
@@ -273,9 +281,9 @@ impl<E: Engine> AuthVolume<E> {
         check.tag = sb.check_tag;
         match run_one(&*engine, &session, check) {
             Ok(_) => {}
-            Err(Error::AuthFailed) => {
+            Err(Error::Crypto(CryptoError::AuthFailed)) => {
                 let _ = engine.destroy_session(&session);
-                return Err(Error::WrongKey);
+                return Err(Error::Volume(VolumeError::WrongKey));
             }
             Err(e) => return Err(e),
         }
@@ -317,7 +325,7 @@ impl<E: Engine> AuthVolume<E> {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.size()) {
-            return Err(Error::OutOfRange { offset, len, size: self.size() });
+            return Err(Error::Volume(VolumeError::OutOfRange { offset, len, size: self.size() }));
         }
         Ok(())
     }
@@ -339,7 +347,7 @@ impl<E: Engine> AuthVolume<E> {
         if let Some(i) =
             raw.chunks_exact(META_ENTRY_LEN).position(|e| e[28..] != [0; 4] && e[28..] != ENTRY_TRIMMED)
         {
-            return Err(Error::SectorAuthFailed { sector: first + i as u64 });
+            return Err(Error::Volume(VolumeError::SectorAuthFailed { sector: first + i as u64 }));
         }
         let meta = raw
             .chunks_exact(META_ENTRY_LEN)
@@ -370,7 +378,7 @@ impl<E: Engine> AuthVolume<E> {
         for (i, (a, b)) in stored.iter().zip(&fresh).enumerate() {
             // Constant time: how much of a forged tag matches is nobody's business.
             if a.tag.iter().zip(&b.tag).fold(0u8, |acc, (x, y)| acc | (x ^ y)) != 0 {
-                return Err(Error::SectorAuthFailed { sector: first + i as u64 });
+                return Err(Error::Volume(VolumeError::SectorAuthFailed { sector: first + i as u64 }));
             }
         }
         Ok(())
@@ -467,7 +475,7 @@ impl<E: Engine> AuthVolume<E> {
     }
 
     /// Reads `buf.len()` verified bytes at `offset`. A sector that fails its check fails the
-    /// read with [`Error::SectorAuthFailed`] naming it, and `buf` is zeroed.
+    /// read with [`VolumeError::SectorAuthFailed`] naming it, and `buf` is zeroed.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
@@ -493,7 +501,7 @@ impl<E: Engine> AuthVolume<E> {
     /// Writes `data` at `offset` (partial sectors are read, verified, patched and resealed).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         if !self.writable {
-            return Err(Error::ReadOnly);
+            return Err(Error::Volume(VolumeError::ReadOnly));
         }
         self.check_range(offset, data.len() as u64)?;
         if data.is_empty() {
@@ -520,7 +528,10 @@ impl<E: Engine> AuthVolume<E> {
     pub async fn read_sectors_async(&self, first: u64, data: &mut [u8]) -> Result<()> {
         let ss = self.sb.sector_size as usize;
         if data.len() % ss != 0 {
-            return Err(Error::InvalidVolume(format!("{} bytes is not whole sectors", data.len())));
+            return Err(Error::Volume(VolumeError::Invalid(format!(
+                "{} bytes is not whole sectors",
+                data.len()
+            ))));
         }
         self.check_range(first * ss as u64, data.len() as u64)?;
         // Never blocks the thread: other futures on it may hold the range.
@@ -571,7 +582,7 @@ impl<E: Engine> AuthVolume<E> {
     /// Partial sectors at the edges are left alone (a trim is a hint).
     pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
         if !self.writable {
-            return Err(Error::ReadOnly);
+            return Err(Error::Volume(VolumeError::ReadOnly));
         }
         self.check_range(offset, len)?;
         let ss = u64::from(self.sb.sector_size);

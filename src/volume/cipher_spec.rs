@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use crypt_vfio_cores::Mode;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VolumeError};
 
 /// How the per-sector IV is made from the sector number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -79,14 +79,14 @@ impl CipherSpec {
         if self.key_lengths().contains(&len) {
             Ok(())
         } else {
-            Err(Error::UnsupportedCipher {
+            Err(Error::Volume(VolumeError::UnsupportedCipher {
                 spec: self.to_string(),
                 reason: format!(
                     "a {}-bit key is not possible (use one of {:?} bits)",
                     len * 8,
                     self.key_lengths().iter().map(|l| l * 8).collect::<Vec<_>>()
                 ),
-            })
+            }))
         }
     }
 }
@@ -110,9 +110,11 @@ impl FromStr for CipherSpec {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let unsupported = |reason: &str| Error::UnsupportedCipher {
-            spec: s.to_string(),
-            reason: format!("{reason} ({SUPPORTED})"),
+        let unsupported = |reason: &str| {
+            Error::Volume(VolumeError::UnsupportedCipher {
+                spec: s.to_string(),
+                reason: format!("{reason} ({SUPPORTED})"),
+            })
         };
         let mut parts = s.splitn(3, '-');
         let (Some(cipher), Some(chain), Some(ivmode)) = (parts.next(), parts.next(), parts.next()) else {

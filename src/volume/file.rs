@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use super::block::{push_extent, BlockDevice, Extent};
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, Error, Result, VolumeError};
 
 /// The sector size reported unless another is chosen: what a disk image is addressed in.
 pub const DEFAULT_BLOCK_SIZE: u32 = 512;
@@ -42,7 +42,9 @@ pub fn ensure_len(file: &File, len: u64) -> Result<()> {
     }
     let have = storage_len(file)?;
     if have < len {
-        return Err(Error::TooSmall(format!("the block device holds {have} bytes; {len} are needed")));
+        return Err(Error::Volume(VolumeError::TooSmall(format!(
+            "the block device holds {have} bytes; {len} are needed"
+        ))));
     }
     Ok(())
 }
@@ -75,9 +77,9 @@ impl FileBlockDevice {
     /// (what NBD can advertise as a block size).
     pub fn with_block_size(mut self, block_size: u32) -> Result<Self> {
         if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
-            return Err(Error::InvalidRequest(format!(
+            return Err(Error::Crypto(CryptoError::InvalidRequest(format!(
                 "block size {block_size} is not a power of two from 512 to 65536"
-            )));
+            ))));
         }
         self.block_size = block_size;
         Ok(self)
@@ -91,13 +93,13 @@ impl FileBlockDevice {
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::OutOfRange { offset, len, size: self.size }),
+            _ => Err(Error::Volume(VolumeError::OutOfRange { offset, len, size: self.size })),
         }
     }
 
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly);
+            return Err(Error::Volume(VolumeError::ReadOnly));
         }
         Ok(())
     }
@@ -216,10 +218,10 @@ mod tests {
         let (_dir, path) = image(4096);
         let dev = FileBlockDevice::open(&path, false).unwrap();
         let mut buf = [0u8; 2];
-        assert!(matches!(dev.read_at(4095, &mut buf), Err(Error::OutOfRange { .. })));
-        assert!(matches!(dev.write_at(u64::MAX, b"x"), Err(Error::OutOfRange { .. })));
-        assert!(matches!(dev.write_zeroes(1, 4096), Err(Error::OutOfRange { .. })));
-        assert!(matches!(dev.trim(4096, 1), Err(Error::OutOfRange { .. })));
+        assert!(matches!(dev.read_at(4095, &mut buf), Err(Error::Volume(VolumeError::OutOfRange { .. }))));
+        assert!(matches!(dev.write_at(u64::MAX, b"x"), Err(Error::Volume(VolumeError::OutOfRange { .. }))));
+        assert!(matches!(dev.write_zeroes(1, 4096), Err(Error::Volume(VolumeError::OutOfRange { .. }))));
+        assert!(matches!(dev.trim(4096, 1), Err(Error::Volume(VolumeError::OutOfRange { .. }))));
         dev.read_at(4094, &mut buf).unwrap();
     }
 
@@ -248,7 +250,10 @@ mod tests {
         assert_eq!(b[0], ((g - 1) % 251) as u8, "the partial block before keeps its data");
         assert!(b[1..b.len() - 1].iter().all(|&x| x == 0));
         assert_eq!(b[b.len() - 1], ((5 * g) % 251) as u8);
-        assert!(matches!(dev.block_status(60 << 10, 8 << 10, 4), Err(Error::OutOfRange { .. })));
+        assert!(matches!(
+            dev.block_status(60 << 10, 8 << 10, 4),
+            Err(Error::Volume(VolumeError::OutOfRange { .. }))
+        ));
     }
 
     #[test]
@@ -256,8 +261,8 @@ mod tests {
         let (_dir, path) = image(4096);
         let dev = FileBlockDevice::open(&path, true).unwrap();
         assert!(dev.read_only());
-        assert!(matches!(dev.write_at(0, b"x"), Err(Error::ReadOnly)));
-        assert!(matches!(dev.write_zeroes(0, 1), Err(Error::ReadOnly)));
+        assert!(matches!(dev.write_at(0, b"x"), Err(Error::Volume(VolumeError::ReadOnly))));
+        assert!(matches!(dev.write_zeroes(0, 1), Err(Error::Volume(VolumeError::ReadOnly))));
         dev.flush().unwrap();
     }
 

@@ -13,7 +13,7 @@ use crypt_vfio_cores::CipherCore;
 use super::iv::IvGenerator;
 use super::pipeline::IvNumbering;
 use crate::engine::Direction;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VolumeError};
 
 /// Encrypts or decrypts `data` (whole sectors of `sector_size` bytes, the first being volume
 /// sector `first_sector`) in place with `cipher`. A failing sector fails the I/O, named as the
@@ -30,7 +30,7 @@ pub fn crypt_in_place(
     debug_assert_eq!(data.len() % sector_size, 0);
     let iv_of = |i: usize| ivgen.iv(numbering.iv_sector(first_sector + i as u64));
     // One call for the run: the core sets up once (aws-lc's XTS context), not per sector.
-    cipher
-        .crypt_units(direction == Direction::Encrypt, sector_size, &iv_of, data)
-        .map_err(|(i, e)| Error::Sector { sector: first_sector + i as u64, source: Box::new(e.into()) })
+    cipher.crypt_units(direction == Direction::Encrypt, sector_size, &iv_of, data).map_err(|(i, e)| {
+        Error::Volume(VolumeError::Sector { sector: first_sector + i as u64, source: Box::new(e.into()) })
+    })
 }

@@ -40,11 +40,6 @@ impl IvGenerator {
         Self { mode, essiv }
     }
 
-    /// The IV mode.
-    pub fn mode(&self) -> IvMode {
-        self.mode
-    }
-
     /// The 16-byte IV of the sector whose IV number is `sector`.
     pub fn iv(&self, sector: u64) -> [u8; 16] {
         let mut iv = [0u8; 16];

@@ -3,7 +3,7 @@
 //! A [`Volume`] is what dm-crypt calls a mapping: a cipher spec (`aes-xts-plain64`, ...), a
 //! volume key, a sector size (512 to 4096 bytes), a data offset into the backing storage and an
 //! IV offset. Reads and writes of any size and alignment are split into sector requests and
-//! pipelined through an [`Engine`] (see [`pipeline`]); unaligned writes read, patch and rewrite
+//! pipelined through an [`Engine`] (the `pipeline` module); unaligned writes read, patch and rewrite
 //! the sectors at their edges.
 //!
 //! [`block::BlockDevice`] is what the NBD server exports; [`file::FileBlockDevice`] exports an
@@ -13,7 +13,7 @@
 //! concurrent I/O takes a lane (a submission handle of its own on one of the engine's queues,
 //! chosen round-robin) from a pool, and returns it after; the pool grows to the number of I/Os
 //! that were ever concurrent, and no I/O waits for another's lane. Every write holds its
-//! sectors in [`range_lock::RangeLocks`] until it is on the file, so two writes into one sector
+//! sectors in range locks until it is on the file, so two writes into one sector
 //! (two partial ones, or a whole-sector write and a read-modify-write) cannot lose each
 //! other's update, while writes to other sectors go on in parallel.
 
@@ -21,11 +21,12 @@ pub mod authenticated;
 pub mod block;
 pub mod cipher_spec;
 pub mod file;
+mod image;
 mod inline;
-pub mod iv;
-pub mod pipeline;
-pub mod range_lock;
-pub mod sparse;
+pub(crate) mod iv;
+pub(crate) mod pipeline;
+pub(crate) mod range_lock;
+pub(crate) mod sparse;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -37,11 +38,12 @@ use zeroize::Zeroizing;
 pub use authenticated::AuthVolume;
 pub use block::BlockDevice;
 pub use cipher_spec::{CipherSpec, IvMode};
-pub use iv::IvGenerator;
+pub use image::AnyVolume;
+use iv::IvGenerator;
 use pipeline::{CryptContext, CryptFuture, CryptOp, IvNumbering, LanePool};
 
 use crate::engine::{Direction, Engine};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VolumeError};
 
 /// A volume key (zeroed when dropped).
 pub type VolumeKey = Zeroizing<Vec<u8>>;
@@ -75,23 +77,23 @@ impl VolumeParams {
 
     fn check(&self) -> Result<()> {
         if !(512..=4096).contains(&self.sector_size) || !self.sector_size.is_power_of_two() {
-            return Err(Error::InvalidVolume(format!(
+            return Err(Error::Volume(VolumeError::Invalid(format!(
                 "sector size {} (it must be 512, 1024, 2048 or 4096)",
                 self.sector_size
-            )));
+            ))));
         }
         if self.data_offset % 512 != 0 {
-            return Err(Error::InvalidVolume(format!(
+            return Err(Error::Volume(VolumeError::Invalid(format!(
                 "data offset {} is not a multiple of 512 bytes",
                 self.data_offset
-            )));
+            ))));
         }
         if let Some(size) = self.size {
             if size % u64::from(self.sector_size) != 0 {
-                return Err(Error::InvalidVolume(format!(
+                return Err(Error::Volume(VolumeError::Invalid(format!(
                     "size {size} is not a multiple of the sector size {}",
                     self.sector_size
-                )));
+                ))));
             }
         }
         Ok(())
@@ -145,10 +147,10 @@ impl<E: Engine> Volume<E> {
         // Offsets and sizes come from headers and command lines: near u64::MAX they must give
         // an error, not an overflow.
         let beyond = |what: &str| {
-            Error::InvalidVolume(format!(
+            Error::Volume(VolumeError::Invalid(format!(
                 "{what} (data offset {} bytes) lies beyond the largest file offset",
                 params.data_offset
-            ))
+            )))
         };
         let size = match params.size {
             Some(size) => {
@@ -158,11 +160,11 @@ impl<E: Engine> Volume<E> {
                     .filter(|&end| end <= i64::MAX as u64)
                     .ok_or_else(|| beyond(&format!("the end of a data area of {size} bytes")))?;
                 if len < needed {
-                    return Err(Error::Truncated {
+                    return Err(Error::Volume(VolumeError::Truncated {
                         what: "the volume's data area".into(),
                         needed,
                         have: len,
-                    });
+                    }));
                 }
                 size
             }
@@ -173,11 +175,11 @@ impl<E: Engine> Volume<E> {
                     .filter(|&end| end <= i64::MAX as u64)
                     .ok_or_else(|| beyond("the first sector"))?;
                 if len < needed {
-                    return Err(Error::Truncated {
+                    return Err(Error::Volume(VolumeError::Truncated {
                         what: "the volume's data area (at least one sector)".into(),
                         needed,
                         have: len,
-                    });
+                    }));
                 }
                 (len - params.data_offset) / ss * ss
             }
@@ -292,10 +294,10 @@ impl<E: Engine> Volume<E> {
 
     fn check_whole(&self, len: usize) -> Result<()> {
         if len % self.params.sector_size as usize != 0 {
-            return Err(Error::InvalidVolume(format!(
+            return Err(Error::Volume(VolumeError::Invalid(format!(
                 "{len} bytes is not a whole number of {}-byte sectors",
                 self.params.sector_size
-            )));
+            ))));
         }
         Ok(())
     }
@@ -303,7 +305,7 @@ impl<E: Engine> Volume<E> {
     fn check_range(&self, offset: u64, len: usize) -> Result<()> {
         let end = offset.checked_add(len as u64);
         if end.is_none_or(|end| end > self.size) {
-            return Err(Error::OutOfRange { offset, len: len as u64, size: self.size });
+            return Err(Error::Volume(VolumeError::OutOfRange { offset, len: len as u64, size: self.size }));
         }
         Ok(())
     }
@@ -321,11 +323,11 @@ impl<E: Engine> Volume<E> {
         self.file.read_exact_at(buf, pos).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 let have = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-                Error::Truncated {
+                Error::Volume(VolumeError::Truncated {
                     what: format!("sector {first_sector} of the volume"),
                     needed: pos + buf.len() as u64,
                     have,
-                }
+                })
             } else {
                 Error::os(format!("reading {} bytes at {pos} of the backing file", buf.len()), e)
             }
@@ -424,7 +426,7 @@ impl<E: Engine> Volume<E> {
 
     fn check_write(&self, offset: u64, len: usize) -> Result<()> {
         if !self.writable {
-            return Err(Error::ReadOnly);
+            return Err(Error::Volume(VolumeError::ReadOnly));
         }
         self.check_range(offset, len)
     }

@@ -10,14 +10,14 @@
 //! Completions are tracked per sector, not counted: an engine that completes a sector twice (or
 //! completes a request the op never submitted) would otherwise make the count reach its end while
 //! another sector is still in flight, and the I/O would end with that sector untransformed
-//! (plaintext written to disk). A duplicate or unknown event is an [`Error::ContractViolation`]
+//! (plaintext written to disk). A duplicate or unknown event is an [`DeviceError::ContractViolation`]
 //! that fails the I/O; the op still waits for every sector it submitted, and the volume writes
 //! nothing of a failed I/O.
 //!
 //! The watchdog: if nothing happens for [`Lane::watchdog`] while the op waits for a `Promoted`
 //! or for completions, the op fails instead of hanging. An engine that said `Backlogged` and
-//! then never promoted (the 2015 CAAM behaviour) gets an [`Error::ContractViolation`] naming the
-//! sector; an engine that accepted requests and never completed them gets [`Error::Timeout`].
+//! then never promoted (the 2015 CAAM behaviour) gets an [`DeviceError::ContractViolation`] naming the
+//! sector; an engine that accepted requests and never completed them gets [`DeviceError::Timeout`].
 //! The lane is then poisoned: the engine still owns those requests, so the queue is not reused.
 //!
 //! [`CryptOp::step`] never blocks, so the same state machine serves the blocking API (a spin
@@ -33,7 +33,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted, TAG_LEN};
-use crate::error::{Error, Result};
+use crate::error::{CryptoError, DeviceError, Error, Result, VolumeError};
 
 use super::iv::IvGenerator;
 
@@ -99,11 +99,6 @@ impl<S: Send + 'static> Lane<S> {
         for b in &mut self.free {
             b.zeroize();
         }
-    }
-
-    /// Whether the lane lost requests to a misbehaving engine and must not be reused.
-    pub fn is_poisoned(&self) -> bool {
-        self.poisoned
     }
 
     fn buffer<E: Engine<Session = S>>(&mut self, engine: &E) -> Result<Buf> {
@@ -331,9 +326,12 @@ where
     fn fail(&mut self, index: usize, error: Error) {
         let sector = self.first_sector + index as u64;
         let error = match error {
-            e @ (Error::ContractViolation(_) | Error::Timeout(..)) => e,
-            Error::AuthFailed if self.aead.is_some() => Error::SectorAuthFailed { sector },
-            e => Error::Sector { sector, source: Box::new(e) },
+            e @ (Error::Device(DeviceError::ContractViolation(_))
+            | Error::Device(DeviceError::Timeout(..))) => e,
+            Error::Crypto(CryptoError::AuthFailed) if self.aead.is_some() => {
+                Error::Volume(VolumeError::SectorAuthFailed { sector })
+            }
+            e => Error::Volume(VolumeError::Sector { sector, source: Box::new(e) }),
         };
         match &self.error {
             Some((i, _)) if *i <= index => {}
@@ -345,11 +343,14 @@ where
     /// own error; the first violation wins). The lane is not reused: more stray events may come.
     fn violation(&mut self, what: String) {
         self.lane.poisoned = true;
-        if matches!(self.error, Some((_, Error::ContractViolation(_)))) {
+        if matches!(self.error, Some((_, Error::Device(DeviceError::ContractViolation(_))))) {
             return;
         }
         let index = self.error.as_ref().map_or(self.count, |(i, _)| *i);
-        self.error = Some((index, Error::ContractViolation(format!("{}: {what}", self.lane.describe))));
+        self.error = Some((
+            index,
+            Error::Device(DeviceError::ContractViolation(format!("{}: {what}", self.lane.describe))),
+        ));
     }
 
     /// The sector an event names, if it is one this op has submitted.
@@ -448,8 +449,10 @@ where
             req.tag = m.tag;
             return Ok(req);
         }
-        let ivgen =
-            self.ctx.ivgen.ok_or_else(|| Error::InvalidVolume("no IV generator for the sectors".into()))?;
+        let ivgen = self
+            .ctx
+            .ivgen
+            .ok_or_else(|| Error::Volume(VolumeError::Invalid("no IV generator for the sectors".into())))?;
         let iv = ivgen.iv(self.ctx.numbering.iv_sector(sector));
         Ok(Request::new(self.ctx.session.clone(), self.direction, Iv::from(iv), buf, user_data))
     }
@@ -526,7 +529,7 @@ where
             // A contract violation already seen (a duplicate standing in for a missing
             // completion) says more than the timeout it led to.
             return Poll::Ready(Err(match self.error.take() {
-                Some((_, e @ Error::ContractViolation(_))) => e,
+                Some((_, e @ Error::Device(DeviceError::ContractViolation(_)))) => e,
                 _ => self.watchdog_error(),
             }));
         }
@@ -537,13 +540,13 @@ where
         let d = self.lane.watchdog;
         if let Some(&i) = self.backlogged.first() {
             let sector = self.first_sector + i as u64;
-            Error::ContractViolation(format!(
+            Error::Device(DeviceError::ContractViolation(format!(
                 "{}: the request for sector {sector} was backlogged but never promoted within {d:?} \
                  (a backlogged request must be kept and promoted exactly once; this engine dropped it)",
                 self.lane.describe
-            ))
+            )))
         } else {
-            Error::Timeout(d, "sector completions from the engine")
+            Error::Device(DeviceError::Timeout(d, "sector completions from the engine"))
         }
     }
 

@@ -50,7 +50,9 @@ impl<S: Send + 'static> SyncQueue<S> {
                 // A refusal keeps its typed reason, so that tests match the variant.
                 let result = match e.kind {
                     crypt_vfio::engine::SubmitErrorKind::Rejected(err) => Err(err),
-                    busy => Err(crypt_vfio::Error::InvalidRequest(busy.to_string())),
+                    busy => Err(crypt_vfio::Error::Crypto(crypt_vfio::CryptoError::InvalidRequest(
+                        busy.to_string(),
+                    ))),
                 };
                 return Completion { request: e.request, result };
             }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crypt_vfio::nbd::ServerConfig;
 use crypt_vfio::volume::block::BlockDevice;
-use crypt_vfio::{Error, Result};
+use crypt_vfio::{Error, Result, VolumeError};
 
 /// Bytes of the in-memory export.
 pub const EXPORT_SIZE: u64 = 1 << 20;
@@ -28,7 +28,7 @@ impl MemoryDevice {
     fn range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>> {
         match offset.checked_add(len) {
             Some(end) if end <= EXPORT_SIZE => Ok(offset as usize..end as usize),
-            _ => Err(Error::OutOfRange { offset, len, size: EXPORT_SIZE }),
+            _ => Err(Error::Volume(VolumeError::OutOfRange { offset, len, size: EXPORT_SIZE })),
         }
     }
 }

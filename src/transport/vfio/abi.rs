@@ -16,7 +16,7 @@ use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
 use vmm_sys_util::ioctl::ioctl_with_mut_ptr;
 use vmm_sys_util::ioctl_io_nr;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 
 ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE as u32, VFIO_BASE + 11);
 ioctl_io_nr!(VFIO_IOMMU_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 12);
@@ -57,7 +57,9 @@ pub(super) fn query_with_caps<T: Copy>(
         let wanted = unsafe { std::ptr::read(p.cast::<u32>()) } as usize;
         if wanted > size && size == base {
             if wanted > MAX_INFO_SIZE {
-                return Err(Error::Transport(format!("{what}: the kernel asks for a {wanted}-byte reply")));
+                return Err(Error::Vfio(VfioError::Transport(format!(
+                    "{what}: the kernel asks for a {wanted}-byte reply"
+                ))));
             }
             size = wanted;
             continue;

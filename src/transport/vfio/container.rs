@@ -20,10 +20,10 @@ use vfio_bindings::bindings::vfio::{
     vfio_iommu_type1_info, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_INFO_PGSIZES,
     VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
 };
-use vfio_ioctls::VfioError;
+use vfio_ioctls::VfioError as IoctlError;
 
 use super::abi::{self, cap_u32, cap_u64};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 use crate::pci_sysfs::Sysfs;
 
 /// Where DMA may go when the kernel does not report valid ranges (kernels before 5.4): below the
@@ -114,12 +114,12 @@ impl VfioContainer {
     pub(super) fn take_window(&self, valid: &[Range<u64>]) -> Result<Range<u64>> {
         let mut windows = self.windows();
         let window = carve_window(valid, &windows).ok_or_else(|| {
-            Error::Dma(format!(
+            Error::Vfio(VfioError::Dma(format!(
                 "no IOVA window of {} MiB or more left for another function in this container (valid ranges \
                  {valid:x?}, {} functions open); open it in a container of its own",
                 WINDOW_SIZES[WINDOW_SIZES.len() - 1] >> 20,
                 windows.len()
-            ))
+            )))
         })?;
         windows.push(window.clone());
         Ok(window)
@@ -138,27 +138,27 @@ impl VfioContainer {
     /// and be touched only through raw pointers (volatile or atomic accesses, or system calls)
     /// meanwhile: the device may write it at any time.
     pub(super) unsafe fn map(&self, iova: u64, vaddr: *mut u8, len: u64) -> Result<()> {
-        let size =
-            usize::try_from(len).map_err(|_| Error::Dma(format!("{len:#x} bytes do not fit in memory")))?;
+        let size = usize::try_from(len)
+            .map_err(|_| Error::Vfio(VfioError::Dma(format!("{len:#x} bytes do not fit in memory"))))?;
         // SAFETY: the caller keeps the memory alive and unaliased by references until unmap.
         unsafe { self.inner.vfio_dma_map(iova, size, vaddr) }.map_err(|e| {
             let hint = match &e {
-                VfioError::IommuDmaMap(errno) if matches!(errno.errno(), libc::ENOMEM | libc::EPERM) => {
+                IoctlError::IommuDmaMap(errno) if matches!(errno.errno(), libc::ENOMEM | libc::EPERM) => {
                     "; VFIO pins DMA memory: raise the locked-memory limit (ulimit -l, or LimitMEMLOCK= for a service)"
                 }
                 _ => "",
             };
-            Error::Dma(format!("mapping {len:#x} bytes at IOVA {iova:#x}: {}{hint}", chain(&e)))
+            Error::Vfio(VfioError::Dma(format!("mapping {len:#x} bytes at IOVA {iova:#x}: {}{hint}", chain(&e))))
         })
     }
 
     /// Unmaps exactly the mapping of `len` bytes at `iova`.
     pub(super) fn unmap(&self, iova: u64, len: u64) -> Result<()> {
-        let size =
-            usize::try_from(len).map_err(|_| Error::Dma(format!("{len:#x} bytes do not fit in memory")))?;
-        self.inner
-            .vfio_dma_unmap(iova, size)
-            .map_err(|e| Error::Dma(format!("unmapping {len:#x} bytes at IOVA {iova:#x}: {}", chain(&e))))
+        let size = usize::try_from(len)
+            .map_err(|_| Error::Vfio(VfioError::Dma(format!("{len:#x} bytes do not fit in memory"))))?;
+        self.inner.vfio_dma_unmap(iova, size).map_err(|e| {
+            Error::Vfio(VfioError::Dma(format!("unmapping {len:#x} bytes at IOVA {iova:#x}: {}", chain(&e))))
+        })
     }
 }
 
@@ -184,7 +184,7 @@ fn carve_window(valid: &[Range<u64>], taken: &[Range<u64>]) -> Option<Range<u64>
 }
 
 /// A `vfio-ioctls` error with its causes, for messages (its own text names only the step).
-pub(super) fn chain(e: &VfioError) -> String {
+pub(super) fn chain(e: &IoctlError) -> String {
     let mut s = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(cause) = source {
@@ -195,11 +195,11 @@ pub(super) fn chain(e: &VfioError) -> String {
 }
 
 /// What to tell the user when `/dev/vfio/vfio` cannot be used.
-fn open_error(sysfs: &Sysfs, e: VfioError) -> Error {
+fn open_error(sysfs: &Sysfs, e: IoctlError) -> Error {
     let path = sysfs.container_node();
     match e {
-        VfioError::OpenContainer(io) if io.kind() == io::ErrorKind::NotFound => {
-            Error::NoVfio(if sysfs.vfio_support().cdev {
+        IoctlError::OpenContainer(io) if io.kind() == io::ErrorKind::NotFound => {
+            Error::Vfio(VfioError::NoVfio(if sysfs.vfio_support().cdev {
                 format!(
                     "{} is missing: this kernel offers only the iommufd device interface (/dev/vfio/devices), \
                      which crypt-vfio does not drive yet",
@@ -207,20 +207,20 @@ fn open_error(sysfs: &Sysfs, e: VfioError) -> Error {
                 )
             } else {
                 format!("{} is missing", path.display())
-            })
+            }))
         }
-        VfioError::OpenContainer(io) if io.kind() == io::ErrorKind::PermissionDenied => {
+        IoctlError::OpenContainer(io) if io.kind() == io::ErrorKind::PermissionDenied => {
             Error::vfio_permission(path.display().to_string())
         }
-        VfioError::OpenContainer(io) => Error::os(format!("opening {}", path.display()), io),
-        VfioError::VfioApiVersion => Error::NoVfio(format!(
+        IoctlError::OpenContainer(io) => Error::os(format!("opening {}", path.display()), io),
+        IoctlError::VfioApiVersion => Error::Vfio(VfioError::NoVfio(format!(
             "the kernel's VFIO API version is not {}",
             vfio_bindings::bindings::vfio::VFIO_API_VERSION
-        )),
-        VfioError::VfioExtension | VfioError::VfioType1V2 => Error::NoVfio(
+        ))),
+        IoctlError::VfioExtension | IoctlError::VfioType1V2 => Error::Vfio(VfioError::NoVfio(
             "the kernel has no type1v2 IOMMU backend for VFIO (modprobe vfio_iommu_type1)".into(),
-        ),
-        e => Error::Transport(format!("opening the VFIO container: {}", chain(&e))),
+        )),
+        e => Error::Vfio(VfioError::Transport(format!("opening the VFIO container: {}", chain(&e)))),
     }
 }
 
@@ -233,18 +233,21 @@ mod tests {
     fn container_errors_say_what_to_do() {
         let t = FakeSysfs::new("vfio-container-errors");
         let s = t.sysfs();
-        let missing = || VfioError::OpenContainer(io::Error::from(io::ErrorKind::NotFound));
+        let missing = || IoctlError::OpenContainer(io::Error::from(io::ErrorKind::NotFound));
         let e = open_error(&s, missing());
-        assert!(matches!(e, Error::NoVfio(_)) && e.to_string().contains("modprobe vfio-pci"), "{e}");
+        assert!(
+            matches!(e, Error::Vfio(VfioError::NoVfio(_))) && e.to_string().contains("modprobe vfio-pci"),
+            "{e}"
+        );
         assert!(!e.to_string().contains("iommufd"), "{e}");
         // A kernel with only the iommufd interface: say so rather than "load vfio-pci".
         std::fs::create_dir_all(t.root.join("dev/vfio/devices")).unwrap();
         assert!(open_error(&s, missing()).to_string().contains("only the iommufd device interface"));
-        let denied = VfioError::OpenContainer(io::Error::from(io::ErrorKind::PermissionDenied));
+        let denied = IoctlError::OpenContainer(io::Error::from(io::ErrorKind::PermissionDenied));
         assert!(
-            matches!(open_error(&s, denied), Error::PermissionDenied { path, .. } if path.ends_with("dev/vfio/vfio"))
+            matches!(open_error(&s, denied), Error::Vfio(VfioError::PermissionDenied { path, .. }) if path.ends_with("dev/vfio/vfio"))
         );
-        assert!(open_error(&s, VfioError::VfioExtension).to_string().contains("vfio_iommu_type1"));
+        assert!(open_error(&s, IoctlError::VfioExtension).to_string().contains("vfio_iommu_type1"));
     }
 
     const G: u64 = 1 << 30;

@@ -13,14 +13,14 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
-use vfio_ioctls::{VfioError, VfioOps, VfioRegionInfoCap};
+use vfio_ioctls::{VfioError as IoctlError, VfioOps, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::ioctl;
 
 use super::abi;
 use super::container::{chain, VfioContainer};
 use super::region::RegionInfo;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result, VfioError};
 use crate::pci_sysfs::{Bdf, Sysfs};
 
 /// Smallest config space of a PCI function.
@@ -43,32 +43,32 @@ pub(super) fn open(
     if device.get_region_size(config) < CONFIG_MIN
         || device.get_region_flags(config) & VFIO_REGION_INFO_FLAG_READ == 0
     {
-        return Err(Error::UnsupportedDevice(format!(
+        return Err(Error::Device(DeviceError::Unsupported(format!(
             "{bdf}: VFIO describes no readable config space (region {config}: {} bytes)",
             device.get_region_size(config)
-        )));
+        ))));
     }
     Ok(Arc::new(device))
 }
 
 /// What to tell the user when a function's group or device cannot be opened.
-fn open_error(sysfs: &Sysfs, bdf: &Bdf, group: u32, e: VfioError) -> Error {
+fn open_error(sysfs: &Sysfs, bdf: &Bdf, group: u32, e: IoctlError) -> Error {
     let node = sysfs.group_node(group);
     match e {
-        VfioError::OpenGroup(io, _) => match io.raw_os_error() {
+        IoctlError::OpenGroup(io, _) => match io.raw_os_error() {
             Some(libc::ENOENT) => {
-                Error::NoVfio(format!("{} is missing although {bdf} is in group {group}", node.display()))
+                Error::Vfio(VfioError::NoVfio(format!("{} is missing although {bdf} is in group {group}", node.display())))
             }
             Some(libc::EACCES) | Some(libc::EPERM) => Error::vfio_permission(node.display().to_string()),
-            Some(libc::EBUSY) => Error::Transport(format!(
+            Some(libc::EBUSY) => Error::Vfio(VfioError::Transport(format!(
                 "{} is busy: another process (another crypt-vfio, or a VM) holds IOMMU group {group}; stop it \
                  first. Within one process, open the functions of a group in one container \
                  (VfioTransport::open_in)",
                 node.display()
-            )),
+            ))),
             _ => Error::os(format!("opening {}", node.display()), io),
         },
-        VfioError::GroupViable => {
+        IoctlError::GroupViable => {
             let blockers = sysfs
                 .group_members(group)
                 .map(|m| {
@@ -82,13 +82,13 @@ fn open_error(sysfs: &Sysfs, bdf: &Bdf, group: u32, e: VfioError) -> Error {
                 })
                 .unwrap_or_default();
             let blockers = if blockers.is_empty() { "functions of the group".to_string() } else { blockers };
-            Error::GroupNotViable { group, blockers }
+            Error::Vfio(VfioError::GroupNotViable { group, blockers })
         }
-        VfioError::VfioDeviceGetInfoPCI | VfioError::VfioDeviceGetInfoOther => Error::UnsupportedDevice(format!(
+        IoctlError::VfioDeviceGetInfoPCI | IoctlError::VfioDeviceGetInfoOther => Error::Device(DeviceError::Unsupported(format!(
             "{bdf}: the VFIO device is not a PCI function with config space and MSI-X ({})",
             chain(&e)
-        )),
-        e => Error::Transport(format!("{bdf}: opening its VFIO device in IOMMU group {group}: {}", chain(&e))),
+        ))),
+        e => Error::Vfio(VfioError::Transport(format!("{bdf}: opening its VFIO device in IOMMU group {group}: {}", chain(&e)))),
     }
 }
 
@@ -129,10 +129,10 @@ pub(super) fn set_irq_eventfds(
 ) -> Result<()> {
     let n = fds.len();
     if n == 0 || irq_count(device, index) < n as u32 {
-        return Err(Error::Transport(format!(
+        return Err(Error::Vfio(VfioError::Transport(format!(
             "routing {n} vectors of interrupt {index}, which has {}",
             irq_count(device, index)
-        )));
+        ))));
     }
     // The crate's error names the step but not the kernel's reason; its checks of the vector
     // count were made before the call, so a failure here is the ioctl's and errno is its.
@@ -182,21 +182,21 @@ mod tests {
         t.function("0000:01:00.2", (0x8086, 0x1235), Some("vfio-pci"), Some(7));
         let s = t.sysfs();
         let bdf: Bdf = "0000:01:00.0".parse().unwrap();
-        match open_error(&s, &bdf, 7, VfioError::GroupViable) {
-            Error::GroupNotViable { group: 7, blockers } => {
+        match open_error(&s, &bdf, 7, IoctlError::GroupViable) {
+            Error::Vfio(VfioError::GroupNotViable { group: 7, blockers }) => {
                 assert_eq!(blockers, "0000:01:00.1 (snd_hda_intel)")
             }
             e => panic!("not GroupNotViable: {e}"),
         }
-        let os = |errno| VfioError::OpenGroup(io::Error::from_raw_os_error(errno), "7".into());
+        let os = |errno| IoctlError::OpenGroup(io::Error::from_raw_os_error(errno), "7".into());
         match open_error(&s, &bdf, 7, os(libc::EACCES)) {
-            Error::PermissionDenied { path, fix } => {
+            Error::Vfio(VfioError::PermissionDenied { path, fix }) => {
                 assert!(path.ends_with("dev/vfio/7"), "{path}");
                 assert!(fix.contains("ulimit -l"), "{fix}");
             }
             e => panic!("not PermissionDenied: {e}"),
         }
         assert!(open_error(&s, &bdf, 7, os(libc::EBUSY)).to_string().contains("holds IOMMU group 7"));
-        assert!(matches!(open_error(&s, &bdf, 7, os(libc::ENOENT)), Error::NoVfio(_)));
+        assert!(matches!(open_error(&s, &bdf, 7, os(libc::ENOENT)), Error::Vfio(VfioError::NoVfio(_))));
     }
 }

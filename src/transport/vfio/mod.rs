@@ -36,7 +36,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Bar, EventNotifier, Transport};
 use crate::dma::DmaRegion;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VfioError};
 use crate::pci_sysfs::{Bdf, Sysfs};
 pub use container::VfioContainer;
 use region::{RegionInfo, VfioBar};
@@ -155,10 +155,10 @@ impl VfioTransport {
     fn config_access(&self, offset: u16, len: usize) -> Result<()> {
         let end = u64::from(offset) + len as u64;
         if end > self.config.size {
-            return Err(Error::Transport(format!(
+            return Err(Error::Vfio(VfioError::Transport(format!(
                 "config access {offset:#x}+{len} beyond the {:#x}-byte config space",
                 self.config.size
-            )));
+            ))));
         }
         Ok(())
     }
@@ -168,9 +168,12 @@ impl VfioTransport {
 /// message; returns the function's IOMMU group.
 fn check(sysfs: &Sysfs, bdf: &Bdf) -> Result<u32> {
     let f = sysfs.function(bdf)?;
-    let group = f.iommu_group.ok_or_else(|| Error::NoIommu(bdf.to_string()))?;
+    let group = f.iommu_group.ok_or_else(|| Error::Vfio(VfioError::NoIommu(bdf.to_string())))?;
     if f.driver.as_deref() != Some(crate::pci_sysfs::VFIO_PCI) {
-        return Err(Error::WrongDriver { bdf: bdf.to_string(), driver: f.driver_name().to_string() });
+        return Err(Error::Vfio(VfioError::WrongDriver {
+            bdf: bdf.to_string(),
+            driver: f.driver_name().to_string(),
+        }));
     }
     Ok(group)
 }
@@ -198,7 +201,7 @@ impl Transport for VfioTransport {
     fn bar(&self, index: u8) -> Result<Arc<dyn Bar>> {
         let i = usize::from(index);
         if i >= BARS {
-            return Err(Error::Transport(format!("{}: there is no BAR {index}", self.bdf)));
+            return Err(Error::Vfio(VfioError::Transport(format!("{}: there is no BAR {index}", self.bdf))));
         }
         let mut bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = &bars[i] {
@@ -206,7 +209,10 @@ impl Transport for VfioTransport {
         }
         let info = device::region(&self.device, u32::from(index));
         if info.size == 0 {
-            return Err(Error::Transport(format!("{}: BAR {index} is not implemented", self.bdf)));
+            return Err(Error::Vfio(VfioError::Transport(format!(
+                "{}: BAR {index} is not implemented",
+                self.bdf
+            ))));
         }
         let bar = Arc::new(VfioBar::new(self.device.clone(), info)?);
         if !bar.is_mapped() {
@@ -224,18 +230,18 @@ impl Transport for VfioTransport {
         let len = region.len() as u64;
         let page = self.iommu_page;
         if iova % page != 0 || len % page != 0 || (region.as_ptr() as u64) % page != 0 {
-            return Err(Error::Dma(format!(
+            return Err(Error::Vfio(VfioError::Dma(format!(
                 "mapping {len:#x} bytes at IOVA {iova:#x}: not aligned to the IOMMU page of {page:#x} bytes"
-            )));
+            ))));
         }
         let fits = iova
             .checked_add(len)
             .is_some_and(|end| self.iova.iter().any(|r| r.start <= iova && end <= r.end));
         if !fits {
-            return Err(Error::Dma(format!(
+            return Err(Error::Vfio(VfioError::Dma(format!(
                 "IOVA {iova:#x}+{len:#x} lies outside this function's valid ranges {:x?}",
                 self.iova
-            )));
+            ))));
         }
         let mut dma = self.dma();
         if dma
@@ -243,7 +249,9 @@ impl Transport for VfioTransport {
             .next_back()
             .is_some_and(|(&at, r)| at + r.len() as u64 > iova)
         {
-            return Err(Error::Dma(format!("IOVA {iova:#x}+{len:#x} overlaps a live mapping")));
+            return Err(Error::Vfio(VfioError::Dma(format!(
+                "IOVA {iova:#x}+{len:#x} overlaps a live mapping"
+            ))));
         }
         // SAFETY: the region stays allocated while it is in `dma` (until its unmap succeeded, or
         // for good when that fails), and DmaRegion's memory is reached only through raw pointers
@@ -257,7 +265,11 @@ impl Transport for VfioTransport {
         let mut dma = self.dma();
         match dma.get(&iova) {
             Some(r) if r.len() as u64 == len => {}
-            _ => return Err(Error::Dma(format!("no mapping of {len:#x} bytes at IOVA {iova:#x}"))),
+            _ => {
+                return Err(Error::Vfio(VfioError::Dma(format!(
+                    "no mapping of {len:#x} bytes at IOVA {iova:#x}"
+                ))))
+            }
         }
         self.container.unmap(iova, len)?;
         // Only now may the memory go: the IOMMU no longer translates to it.
@@ -271,12 +283,12 @@ impl Transport for VfioTransport {
 
     fn enable_msix(&self, notifiers: &[Option<&EventNotifier>]) -> Result<()> {
         if notifiers.len() > usize::from(self.msix) {
-            return Err(Error::Transport(format!(
+            return Err(Error::Vfio(VfioError::Transport(format!(
                 "{}: {} MSI-X vectors asked, the function has {}",
                 self.bdf,
                 notifiers.len(),
                 self.msix
-            )));
+            ))));
         }
         let mut unrouted = self.msix_unrouted.lock().unwrap_or_else(|e| e.into_inner());
         *unrouted = notifiers
