@@ -13,7 +13,7 @@
 //! request once it is open.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,8 +21,10 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use crypt_vfio::engine::software::SoftwareEngine;
 use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Request, SubmitErrorKind, Submitted};
+use crypt_vfio::virtio_crypto::ADAPTIVE_MAX_SPIN;
 use crypt_vfio::{CoreKind, Mode};
 use crypt_vfio_cores::new_cipher;
+use crypt_vfio_wait::SpinBudget;
 use hdrhistogram::Histogram;
 
 use super::device::DeviceArgs;
@@ -198,6 +200,10 @@ pub struct BenchArgs {
     /// Draw the sweep's throughput to this SVG file.
     #[arg(long, requires = "sweep")]
     plot: Option<std::path::PathBuf>,
+    /// Run N CPU-bound processes beside the bench (0 to 64), to measure on a busy machine;
+    /// they are killed when the bench ends.
+    #[arg(long, default_value = "0", value_name = "N", value_parser = super::competitor::parse_competitors)]
+    competitor: usize,
 }
 
 /// A series of runs over one parameter.
@@ -261,6 +267,10 @@ struct RunResult {
     lat: Histogram<u64>,
     wait_each: bool,
     promoted: u64,
+    /// CPU-bound processes that ran beside it.
+    competitors: usize,
+    /// How the device's completions were waited for (`poll`, `irq`, `adaptive`; `-` for software).
+    mode: String,
 }
 
 impl RunResult {
@@ -292,6 +302,8 @@ impl RunResult {
             "lat_us": { "p50": self.lat_us(0.5), "p99": self.lat_us(0.99), "p999": self.lat_us(0.999) },
             "cpu_ns_per_op": self.cpu_ns_per_op(),
             "backlogged": self.promoted,
+            "competitors": self.competitors,
+            "mode": self.mode,
         })
     }
 
@@ -358,7 +370,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(sw) = &sw {
         check_sizes(sw, &points)?;
     }
+    let competitors = super::competitor::Competitors::start(args.competitor)?;
     if !args.json {
+        if competitors.len() > 0 {
+            println!("with {} CPU-bound competitor process(es) running", competitors.len());
+        }
         println!("{HEADER}");
     }
     let mut series: Vec<(String, Vec<RunResult>)> = Vec::new();
@@ -519,6 +535,8 @@ fn run_once<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Re
         lat,
         wait_each: args.wait_each,
         promoted,
+        competitors: args.competitor,
+        mode: if engine.describe().starts_with("software") { "-".into() } else { args.device.mode.clone() },
     })
 }
 
@@ -529,9 +547,13 @@ struct ThreadResult {
 }
 
 /// Events delivered to this thread's callback, and a way to sleep until one arrives.
-#[derive(Default)]
 struct Inbox<S> {
     events: Mutex<Vec<Event<S>>>,
+    /// Events pushed and not yet taken, for a waiter that spins without taking the lock.
+    count: AtomicUsize,
+    /// The worker waits on `ready` (set and read under `events`' lock, so no notification is
+    /// lost and none is sent while nobody waits).
+    sleeping: AtomicBool,
     ready: Condvar,
 }
 
@@ -548,6 +570,28 @@ fn iv_for(mode: Mode, seq: u64) -> Iv {
     Iv::new(&b[..mode.iv_len()]).unwrap_or_default()
 }
 
+/// Waits for the engine's thread to deliver an event: spins for the budget, then sleeps on the
+/// inbox's condition variable (with a timeout, which only bounds the wait if an engine never
+/// answers).
+fn wait_for_events<S>(inbox: &Inbox<S>, spin: &mut SpinBudget) {
+    let start = Instant::now();
+    if spin.spin(|| inbox.count.load(Ordering::Acquire) > 0) {
+        return;
+    }
+    let mut ev = inbox.events.lock().unwrap_or_else(|e| e.into_inner());
+    if ev.is_empty() {
+        inbox.sleeping.store(true, Ordering::Relaxed);
+        ev = inbox
+            .ready
+            .wait_timeout(ev, Duration::from_millis(5))
+            .map(|r| r.0)
+            .unwrap_or_else(|e| e.into_inner().0);
+        inbox.sleeping.store(false, Ordering::Relaxed);
+    }
+    drop(ev);
+    spin.record(start.elapsed());
+}
+
 fn worker<E: Engine>(
     engine: &E,
     session: E::Session,
@@ -557,21 +601,28 @@ fn worker<E: Engine>(
     deadline: Instant,
     stop: &AtomicBool,
 ) -> anyhow::Result<ThreadResult> {
-    let inbox: Arc<Inbox<E::Session>> =
-        Arc::new(Inbox { events: Mutex::new(Vec::new()), ready: Condvar::new() });
+    let inbox: Arc<Inbox<E::Session>> = Arc::new(Inbox {
+        events: Mutex::new(Vec::new()),
+        count: AtomicUsize::new(0),
+        sleeping: AtomicBool::new(false),
+        ready: Condvar::new(),
+    });
     let sink_inbox = inbox.clone();
-    let poll_mode = args.device.mode == "poll" || args.engine == "software";
+    let poll_mode = !engine.delivers_events();
     let mut q = engine.open_queue(
         queue,
         Arc::new(move |ev| {
-            sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).push(ev);
-            // A polling thread reads its inbox right after polling: waking it would only cost
-            // a futex call per event.
-            if !poll_mode {
+            let mut events = sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner());
+            events.push(ev);
+            sink_inbox.count.fetch_add(1, Ordering::Release);
+            // Only a sleeping worker is woken: a futex call per event would cost more than the
+            // event.
+            if sink_inbox.sleeping.load(Ordering::Relaxed) {
                 sink_inbox.ready.notify_one();
             }
         }),
     )?;
+    let mut spin = SpinBudget::new(Duration::from_micros(1), ADAPTIVE_MAX_SPIN);
     let qd = if args.wait_each { 1 } else { point.qd };
     let mode = args.alg.mode;
     let reference = new_cipher(CoreKind::Fast, mode, &KEY[..args.alg.key_len])?;
@@ -640,15 +691,12 @@ fn worker<E: Engine>(
                 std::hint::spin_loop();
             }
         }
+        if !poll_mode {
+            wait_for_events(&inbox, &mut spin);
+        }
         {
             let mut ev = inbox.events.lock().unwrap_or_else(|e| e.into_inner());
-            if ev.is_empty() && !poll_mode {
-                ev = inbox
-                    .ready
-                    .wait_timeout(ev, Duration::from_millis(5))
-                    .map(|r| r.0)
-                    .unwrap_or_else(|e| e.into_inner().0);
-            }
+            inbox.count.store(0, Ordering::Relaxed);
             std::mem::swap(&mut *ev, &mut local);
         }
         for ev in local.drain(..) {

@@ -1,0 +1,126 @@
+//! How long to spin before sleeping, learnt from how long recent waits took.
+
+use std::time::{Duration, Instant};
+
+/// Calls of the readiness check between two looks at the clock.
+const CHECKS_PER_CLOCK_READ: u32 = 16;
+
+/// A bounded, adaptive spin budget (the NAPI busy-poll / io_uring hybrid-poll idea).
+///
+/// The budget is twice the recent average wait, kept between `min` and `max`: when answers
+/// come within a few microseconds the waiter spins just long enough to catch them, and it never
+/// spins longer than `max`, so a waiter whose partner is off the CPU (a busy machine) gives its
+/// CPU up after `max` instead of burning a scheduler tick. `max` should be about what a sleep
+/// and wake-up costs: spinning longer than that can never pay. Waits longer than `max` are idle
+/// gaps, not answer times, and leave the average alone, so one quiet spell does not end spinning
+/// for the burst after it.
+#[derive(Clone, Debug)]
+pub struct SpinBudget {
+    min_ns: u64,
+    max_ns: u64,
+    avg_ns: u64,
+}
+
+impl SpinBudget {
+    /// A budget between `min` and `max` (`min` is raised to `max` if larger), starting at `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        let max_ns = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+        let min_ns = u64::try_from(min.as_nanos()).unwrap_or(u64::MAX).min(max_ns);
+        Self { min_ns, max_ns, avg_ns: max_ns / 2 }
+    }
+
+    /// How long the next [`spin`](Self::spin) lasts at most.
+    pub fn budget(&self) -> Duration {
+        Duration::from_nanos(self.avg_ns.saturating_mul(2).clamp(self.min_ns, self.max_ns))
+    }
+
+    /// Calls `ready` until it returns true or the budget is spent; returns whether it did. A
+    /// success is recorded as a wait of the time it took.
+    pub fn spin(&mut self, mut ready: impl FnMut() -> bool) -> bool {
+        let budget = self.budget();
+        let start = Instant::now();
+        let mut checks = 0u32;
+        loop {
+            if ready() {
+                self.record(start.elapsed());
+                return true;
+            }
+            checks += 1;
+            if checks % CHECKS_PER_CLOCK_READ == 0 && start.elapsed() >= budget {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Records a wait that ended after a sleep, spin and sleep together: if it was short, a
+    /// longer spin would have caught it, and the budget grows toward it.
+    pub fn record(&mut self, waited: Duration) {
+        let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        if ns <= self.max_ns {
+            // An average over about the last eight waits.
+            self.avg_ns = self.avg_ns - self.avg_ns / 8 + ns / 8;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn budget_follows_short_waits_and_stays_within_bounds() {
+        let mut b = SpinBudget::new(2 * US, 50 * US);
+        assert_eq!(b.budget(), 50 * US);
+        for _ in 0..64 {
+            b.record(3 * US);
+        }
+        // Twice the ~3 µs average (integer eighths lag a little above it).
+        assert!(b.budget() >= 6 * US && b.budget() < 8 * US, "{:?}", b.budget());
+        for _ in 0..64 {
+            b.record(Duration::ZERO);
+        }
+        assert_eq!(b.budget(), 2 * US);
+    }
+
+    #[test]
+    fn idle_gaps_leave_the_budget_alone() {
+        let mut b = SpinBudget::new(US, 50 * US);
+        for _ in 0..64 {
+            b.record(10 * US);
+        }
+        let before = b.budget();
+        for _ in 0..64 {
+            b.record(Duration::from_millis(5));
+        }
+        assert_eq!(b.budget(), before);
+    }
+
+    #[test]
+    fn a_wait_that_slept_briefly_grows_the_budget() {
+        let mut b = SpinBudget::new(US, 50 * US);
+        for _ in 0..64 {
+            b.record(US);
+        }
+        let small = b.budget();
+        for _ in 0..16 {
+            b.record(20 * US);
+        }
+        assert!(b.budget() > small);
+        assert!(b.budget() <= 50 * US);
+    }
+
+    #[test]
+    fn spin_gives_up_when_nothing_comes_and_returns_at_once_when_ready() {
+        let mut b = SpinBudget::new(US, 20 * US);
+        assert!(!b.spin(|| false));
+        let mut calls = 0;
+        assert!(b.spin(|| {
+            calls += 1;
+            calls == 3
+        }));
+        assert_eq!(calls, 3);
+    }
+}
