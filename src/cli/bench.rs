@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use crypt_vfio::engine::software::SoftwareEngine;
-use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Request, SubmitErrorKind, Submitted};
+use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted};
 use crypt_vfio::virtio_crypto::ADAPTIVE_MAX_SPIN;
 use crypt_vfio::{CoreKind, Mode};
 use crypt_vfio_cores::new_cipher;
@@ -570,12 +570,12 @@ fn iv_for(mode: Mode, seq: u64) -> Iv {
     Iv::new(&b[..mode.iv_len()]).unwrap_or_default()
 }
 
-/// Waits for the engine's thread to deliver an event: spins for the budget, then sleeps on the
-/// inbox's condition variable (with a timeout, which only bounds the wait if an engine never
-/// answers).
-fn wait_for_events<S>(inbox: &Inbox<S>, spin: &mut SpinBudget) {
+/// Waits for an event from an engine that delivers on its own thread: polls the queue itself
+/// for the spin budget, then sleeps on the inbox's condition variable until the engine's thread
+/// delivers (with a timeout, which only bounds the wait if an engine never answers).
+fn wait_for_events<S>(inbox: &Inbox<S>, q: &mut dyn Queue<S>, spin: &mut SpinBudget) {
     let start = Instant::now();
-    if spin.spin(|| inbox.count.load(Ordering::Acquire) > 0) {
+    if spin.spin(|| q.poll() > 0 || inbox.count.load(Ordering::Acquire) > 0) {
         return;
     }
     let mut ev = inbox.events.lock().unwrap_or_else(|e| e.into_inner());
@@ -692,7 +692,7 @@ fn worker<E: Engine>(
             }
         }
         if !poll_mode {
-            wait_for_events(&inbox, &mut spin);
+            wait_for_events(&inbox, &mut *q, &mut spin);
         }
         {
             let mut ev = inbox.events.lock().unwrap_or_else(|e| e.into_inner());

@@ -46,10 +46,13 @@ pub enum CompletionMode {
     /// A thread per data queue spins for a fixed couple of microseconds, then sleeps on the
     /// queue's MSI-X eventfd, and delivers events itself.
     Interrupt,
-    /// As [`Interrupt`](Self::Interrupt), but the thread spins for a budget learnt from recent
-    /// completion times (at most [`ADAPTIVE_MAX_SPIN`]) before it sleeps: interrupt-free while
-    /// completions come quickly, and sleeping (so the CPU goes to whoever does the work) when
-    /// they do not or the machine is busy. Callers wait for their events without spinning.
+    /// Completion as NAPI busy polling does it: a caller waiting for its requests polls the
+    /// queue for a budget learnt from recent completion times (at most [`ADAPTIVE_MAX_SPIN`]),
+    /// then sleeps until its callback runs; a thread per data queue sleeps on the MSI-X eventfd
+    /// without spinning and delivers what callers leave (so callers that never poll, like the
+    /// async API, still get their events). On an idle machine completions are reaped by the
+    /// spinning caller without interrupts; on a busy one nobody spins for long, so the CPU goes
+    /// to whoever does the work. [`Engine::delivers_events`] says callers may sleep.
     /// The command line's default.
     Adaptive,
 }
@@ -64,14 +67,15 @@ impl CompletionMode {
     /// The completion thread's spin before it sleeps on the interrupt.
     fn spin_budget(self) -> SpinBudget {
         match self {
-            Self::Adaptive => SpinBudget::new(Duration::from_micros(1), ADAPTIVE_MAX_SPIN),
+            // Callers spin; a spinning completion thread would only take their CPU.
+            Self::Adaptive => SpinBudget::new(Duration::ZERO, Duration::ZERO),
             _ => SpinBudget::new(INTERRUPT_SPIN, INTERRUPT_SPIN),
         }
     }
 }
 
-/// Longest the adaptive completion thread spins before sleeping: about what a sleep and wake-up
-/// through an eventfd cost on a two-vCPU guest, beyond which spinning cannot pay.
+/// Longest a caller spins for completions in adaptive mode before sleeping: about what a sleep
+/// and wake-up cost on a two-vCPU guest, beyond which spinning cannot pay.
 pub const ADAPTIVE_MAX_SPIN: Duration = Duration::from_micros(50);
 
 /// The interrupt mode's fixed spin (about the 256 polls it always made).

@@ -588,9 +588,9 @@ impl EventWaiter {
 
     /// A polled engine delivers nothing unless this thread polls: spin briefly (completions
     /// usually come within microseconds), then yield. An engine that delivers on its own thread
-    /// is waited for as in its adaptive mode: spin for the budget, then sleep until the inbox's
-    /// waker (registered before the last look, so an event in between unparks at once) or, at
-    /// the latest, the watchdog's next look.
+    /// is waited for as in its adaptive mode: poll it for the budget, then sleep until the
+    /// inbox's waker (registered before the last look, so an event in between unparks at once)
+    /// or, at the latest, the watchdog's next look.
     fn wait<E: Engine>(&mut self, op: &mut CryptOp<'_, '_, E>) {
         if op.lane.self_driven {
             self.idle += 1;
@@ -601,10 +601,10 @@ impl EventWaiter {
             }
             return;
         }
-        let inbox = &op.lane.inbox;
+        let (inbox, queue) = (&op.lane.inbox, &mut op.lane.queue);
         let start = Instant::now();
         let has_event = || !inbox.events.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
-        if !self.spin.spin(has_event) {
+        if !self.spin.spin(|| queue.poll() > 0 || has_event()) {
             op.set_waker(&self.wake);
             if !has_event() {
                 std::thread::park_timeout(op.lane.watchdog.min(Duration::from_millis(100)));
