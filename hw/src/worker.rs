@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crypt_vfio_wait::{SleepGate, SpinBudget};
+use crypt_vfio_wait::{pause, SleepGate, SpinBudget};
 
 use crate::chain::Chain;
 use crate::device::Device;
@@ -35,10 +35,6 @@ const BATCH: usize = 32;
 
 /// Shortest idle spin: a poll of the rings and a little more.
 const MIN_IDLE_SPIN: Duration = Duration::from_micros(1);
-
-/// Pause between two idle polls, so that a spinning worker leaves the rings' cache lines to
-/// the driver for a moment.
-const IDLE_PAUSE_SPINS: u32 = 32;
 
 /// What the rest of the device knows about a worker: where it sleeps, so a doorbell can wake it.
 #[derive(Default)]
@@ -118,12 +114,6 @@ struct Worker {
     timed: bool,
 }
 
-fn pause() {
-    for _ in 0..IDLE_PAUSE_SPINS {
-        std::hint::spin_loop();
-    }
-}
-
 impl Worker {
     fn new(id: usize, dev: &Device) -> Self {
         dev.workers[id].gate.register();
@@ -172,12 +162,15 @@ impl Worker {
                     self.pending.iter().filter_map(|p| p.due).min().map(|d| d.saturating_duration_since(now));
                 match wait {
                     Some(w) if w > spin.budget() => self.sleep(dev, running, Some(w)),
-                    _ => pause(),
+                    _ => pause(now.duration_since(since)),
                 }
                 continue;
             }
-            if now.duration_since(since) < spin.budget() {
-                pause();
+            let idle = now.duration_since(since);
+            if idle < spin.budget() {
+                // Pauses leave the rings' cache lines to the driver for a moment; later yields
+                // leave it the CPU, should it be waiting for this one.
+                pause(idle);
                 continue;
             }
             // Past the budget: the worker sleeps until a doorbell, and does not spin again

@@ -5,6 +5,14 @@ use std::time::{Duration, Instant};
 /// Calls of the readiness check between two looks at the clock.
 const CHECKS_PER_CLOCK_READ: u32 = 16;
 
+/// How long a waiter spins on the CPU before it yields between checks for the rest of its
+/// budget: long enough for an answer from a partner running on another CPU, short enough that a
+/// partner waiting for this CPU (two CPUs, three runnable threads) gets it soon.
+const PURE_SPIN: Duration = Duration::from_micros(4);
+
+/// Pause instructions between two checks while spinning on the CPU.
+const PAUSES: u32 = 32;
+
 /// A bounded, adaptive spin budget (the NAPI busy-poll / io_uring hybrid-poll idea).
 ///
 /// The budget is twice the recent average wait, kept between `min` and `max`: when answers
@@ -13,7 +21,9 @@ const CHECKS_PER_CLOCK_READ: u32 = 16;
 /// CPU up after `max` instead of burning a scheduler tick. `max` should be about what a sleep
 /// and wake-up costs: spinning longer than that can never pay. Waits longer than `max` are idle
 /// gaps, not answer times, and leave the average alone, so one quiet spell does not end spinning
-/// for the burst after it.
+/// for the burst after it. After a few microseconds the waiter yields between checks instead of
+/// pausing, so that a partner that waits for this very CPU is not kept from it for the whole
+/// budget.
 #[derive(Clone, Debug)]
 pub struct SpinBudget {
     min_ns: u64,
@@ -40,16 +50,20 @@ impl SpinBudget {
         let budget = self.budget();
         let start = Instant::now();
         let mut checks = 0u32;
+        let mut waited = Duration::ZERO;
         loop {
             if ready() {
                 self.record(start.elapsed());
                 return true;
             }
             checks += 1;
-            if checks % CHECKS_PER_CLOCK_READ == 0 && start.elapsed() >= budget {
-                return false;
+            if checks % CHECKS_PER_CLOCK_READ == 0 {
+                waited = start.elapsed();
+                if waited >= budget {
+                    return false;
+                }
             }
-            std::hint::spin_loop();
+            pause(waited);
         }
     }
 
@@ -61,6 +75,18 @@ impl SpinBudget {
             // An average over about the last eight waits.
             self.avg_ns = self.avg_ns - self.avg_ns / 8 + ns / 8;
         }
+    }
+}
+
+/// One pause of a waiter that has waited `waited` so far: a few spin-loop hints at first, then a
+/// yield of the CPU.
+pub fn pause(waited: Duration) {
+    if waited < PURE_SPIN {
+        for _ in 0..PAUSES {
+            std::hint::spin_loop();
+        }
+    } else {
+        std::thread::yield_now();
     }
 }
 
