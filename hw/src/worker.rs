@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crypt_vfio_wait::{pause, SleepGate, SpinBudget};
+use crypt_vfio_wait::{SleepGate, SpinBudget};
 
 use crate::chain::Chain;
 use crate::device::Device;
@@ -157,20 +157,23 @@ impl Worker {
             let now = Instant::now();
             let since = *idle_since.get_or_insert(now);
             if running && !self.pending.is_empty() {
-                // Waiting for due times: sleep through long waits, poll through short ones.
-                let wait =
-                    self.pending.iter().filter_map(|p| p.due).min().map(|d| d.saturating_duration_since(now));
-                match wait {
-                    Some(w) if w > spin.budget() => self.sleep(dev, running, Some(w)),
-                    _ => pause(now.duration_since(since)),
+                // Waiting for due times: sleep through long waits, poll through short ones
+                // (requests already due wait for a queue another worker holds).
+                let wait = self
+                    .pending
+                    .iter()
+                    .filter_map(|p| p.due)
+                    .min()
+                    .map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
+                if !(wait <= spin.budget() && spin.pause(now.duration_since(since))) {
+                    self.sleep(dev, running, Some(wait.max(MIN_IDLE_SPIN)));
                 }
                 continue;
             }
             let idle = now.duration_since(since);
-            if idle < spin.budget() {
-                // Pauses leave the rings' cache lines to the driver for a moment; later yields
-                // leave it the CPU, should it be waiting for this one.
-                pause(idle);
+            // Pauses leave the rings' cache lines to the driver for a moment; later yields
+            // leave it the CPU, should it be waiting for this one.
+            if idle < spin.budget() && spin.pause(idle) {
                 continue;
             }
             // Past the budget: the worker sleeps until a doorbell, and does not spin again

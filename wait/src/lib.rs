@@ -15,4 +15,4 @@ mod sleep_gate;
 mod spin_budget;
 
 pub use sleep_gate::SleepGate;
-pub use spin_budget::{pause, SpinBudget};
+pub use spin_budget::SpinBudget;

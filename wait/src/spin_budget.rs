@@ -7,6 +7,13 @@ use std::time::{Duration, Instant};
 /// partner waiting for this CPU (two CPUs, three runnable threads) gets it soon.
 const PURE_SPIN: Duration = Duration::from_micros(4);
 
+/// A yield that kept the waiter off the CPU this long handed it to a CPU-bound neighbour for a
+/// time slice: with two CPUs and a busy neighbour on each, every further yield would do the same.
+const SLOW_YIELD: Duration = Duration::from_micros(500);
+
+/// Pauses without yielding after a slow yield.
+const NO_YIELD_PAUSES: u32 = 1024;
+
 /// Pause instructions between two checks while spinning on the CPU (a pause is ~40 to ~140
 /// cycles depending on the core: a few hundred nanoseconds in all, so the budget is kept to
 /// within about that).
@@ -28,6 +35,9 @@ pub struct SpinBudget {
     min_ns: u64,
     max_ns: u64,
     avg_ns: u64,
+    /// Pauses left during which the waiter does not yield, because a recent yield gave the CPU
+    /// away for long (a CPU-bound neighbour took its whole time slice).
+    no_yield: u32,
 }
 
 impl SpinBudget {
@@ -35,7 +45,7 @@ impl SpinBudget {
     pub fn new(min: Duration, max: Duration) -> Self {
         let max_ns = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
         let min_ns = u64::try_from(min.as_nanos()).unwrap_or(u64::MAX).min(max_ns);
-        Self { min_ns, max_ns, avg_ns: max_ns / 2 }
+        Self { min_ns, max_ns, avg_ns: max_ns / 2, no_yield: 0 }
     }
 
     /// How long the next [`spin`](Self::spin) lasts at most.
@@ -55,11 +65,32 @@ impl SpinBudget {
             }
             // A clock read (vDSO, tens of nanoseconds) per check keeps the bound exact.
             let waited = start.elapsed();
-            if waited >= budget {
+            if waited >= budget || !self.pause(waited) {
                 return false;
             }
-            pause(waited);
         }
+    }
+
+    /// One pause of a waiter that has waited `waited` so far: a few spin-loop hints at first,
+    /// then a yield of the CPU. Returns false when the yield gave the CPU away for a neighbour's
+    /// time slice: the CPU is contended, the waiter should sleep now, and it will not yield for
+    /// a while (a sleeper is woken when its partner has something; a yielder waits for a
+    /// neighbour's time slice).
+    pub fn pause(&mut self, waited: Duration) -> bool {
+        if waited < PURE_SPIN || self.no_yield > 0 {
+            self.no_yield = self.no_yield.saturating_sub(1);
+            for _ in 0..PAUSES {
+                std::hint::spin_loop();
+            }
+            return true;
+        }
+        let before = Instant::now();
+        std::thread::yield_now();
+        if before.elapsed() > SLOW_YIELD {
+            self.no_yield = NO_YIELD_PAUSES;
+            return false;
+        }
+        true
     }
 
     /// Records a wait that ended after a sleep, spin and sleep together: if it was short, a
@@ -70,18 +101,6 @@ impl SpinBudget {
             // An average over about the last eight waits.
             self.avg_ns = self.avg_ns - self.avg_ns / 8 + ns / 8;
         }
-    }
-}
-
-/// One pause of a waiter that has waited `waited` so far: a few spin-loop hints at first, then a
-/// yield of the CPU.
-pub fn pause(waited: Duration) {
-    if waited < PURE_SPIN {
-        for _ in 0..PAUSES {
-            std::hint::spin_loop();
-        }
-    } else {
-        std::thread::yield_now();
     }
 }
 
