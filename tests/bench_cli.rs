@@ -225,3 +225,35 @@ fn a_size_over_the_device_limit_is_refused_before_any_buffer_is_allocated() {
     assert!(r.stdout.is_empty(), "a run started before the size was checked: {}", r.stdout);
     assert!(r.peak_rss_kib < 256 * 1024, "peak memory {} KiB: a buffer was allocated", r.peak_rss_kib);
 }
+
+#[test]
+fn competitors_run_beside_the_bench_are_recorded_and_gone_afterwards() {
+    // Competitors the bench left behind would be reparented to this process, where they can be
+    // found.
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes one integer argument and touches no memory.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) }, 0);
+    let out = ok(&bench(&["--json", "--engine", "both", "--count", "2000", "--competitor", "2"]));
+    let runs: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(runs.len(), 2, "{out}");
+    for r in &runs {
+        assert_eq!(r["competitors"], 2, "{r}");
+    }
+    assert_eq!(runs[0]["mode"], "adaptive", "the default mode: {}", runs[0]);
+    assert_eq!(runs[1]["mode"], "-", "the software engine has no completion mode: {}", runs[1]);
+    // The bench killed and reaped its competitors before it exited: none became this process's.
+    let me = std::process::id().to_string();
+    let left: Vec<_> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            // Fields after the command name: state, then the parent's pid.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            rest.split_whitespace().nth(1) == Some(me.as_str()) && stat.contains("(sh)")
+        })
+        .collect();
+    assert!(left.is_empty(), "competitors left running: {left:?}");
+
+    let o = bench(&["--competitor", "65"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("more than the 64"), "{o:?}");
+}

@@ -1,7 +1,8 @@
 //! Model checks (loom) of the engine's concurrent hand-offs, on the real code: event delivery
 //! ([`Delivery`]), submit/reap/promote around a data queue's [`Backlog`] (one request at a time
-//! and in batches), and the async API's
-//! handling of a `Promoted` that races with its `Backlogged`.
+//! and in batches), the async API's handling of a `Promoted` that races with its `Backlogged`,
+//! and the sleep gate of adaptive waiting ([`SleepGate`]: announce the sleep, re-check, park; the
+//! doorbell fences and checks).
 //!
 //! Run with `cargo test --features loom-model --test loom_models` (the feature builds the
 //! engine's synchronisation on loom's types; see `src/engine/sync.rs`). With
@@ -24,6 +25,7 @@ use crypt_vfio::engine::{
 use crypt_vfio::testing::backlog::{self, Backlog, Ring};
 use crypt_vfio::testing::{Delivery, Outbox};
 use crypt_vfio::{Error, Mode, Result};
+use crypt_vfio_wait::SleepGate;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Mutex;
 use loom::thread;
@@ -348,5 +350,29 @@ fn async_api_promoted_before_or_after_backlogged_never_blocks_the_queue() {
         assert!(matches!(Pin::new(&mut first).poll(&mut cx), Poll::Ready((_, Ok(())))));
         drop((first, second));
         assert_eq!(q.tracked(), 0);
+    });
+}
+
+/// The emulated device's worker going to sleep while the driver rings its doorbell: the worker
+/// announces the sleep on its gate, re-checks the ring (here an atomic standing for the avail
+/// index) and parks; the driver publishes and then notifies. In every interleaving the worker
+/// ends up seeing the work: either its re-check finds it, or the notification unparks it.
+/// With the re-check taken out of `SleepGate::sleep_unless`, loom finds the interleaving where
+/// the work is published before the announcement and the worker parks for ever (a deadlock).
+#[test]
+fn sleep_gate_never_sleeps_through_a_doorbell() {
+    loom::model(|| {
+        let gate = Arc::new(SleepGate::new());
+        let avail = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let (g, a) = (gate.clone(), avail.clone());
+        let worker = thread::spawn(move || {
+            g.register();
+            while !a.load(Ordering::SeqCst) {
+                g.sleep_unless(|| a.load(Ordering::SeqCst), None);
+            }
+        });
+        avail.store(true, Ordering::SeqCst);
+        gate.notify();
+        worker.join().unwrap();
     });
 }

@@ -2,7 +2,7 @@
 //! the control queue and the worker threads, and the device-wide actions they trigger: reset,
 //! doorbells, interrupts and stopping a queue that the driver broke.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crypt_vfio_spec::crypto::config as crypto_config;
@@ -157,22 +157,19 @@ impl Device {
         }
     }
 
-    /// Unparks workers that went to sleep waiting for a doorbell.
+    /// Wakes workers that went to sleep waiting for a doorbell. The gate's fences make the
+    /// driver's published buffers and a worker's sleep meet: either the worker's re-check of the
+    /// rings sees the buffers, or this sees the worker asleep.
     pub(crate) fn wake_workers(&self) {
-        // Pairs with the fence a worker issues between announcing it sleeps and re-checking the
-        // rings: either it sees the new buffers, or this sees it sleeping.
-        fence(Ordering::SeqCst);
         for w in self.workers.iter() {
-            if w.sleeping.load(Ordering::SeqCst) {
-                w.unpark();
-            }
+            w.gate.notify();
         }
     }
 
-    /// Unparks every worker, sleeping or not.
+    /// Wakes every worker, sleeping or not.
     pub(crate) fn wake_all_workers(&self) {
         for w in self.workers.iter() {
-            w.unpark();
+            w.gate.wake();
         }
     }
 

@@ -3,19 +3,23 @@
 //!
 //! Every worker serves every data queue, holding a queue's lock only to take heads or to
 //! publish used elements (and only via `try_lock`, moving on to the next queue when another
-//! worker has it). A worker polls while there is work and for `idle_spin` after, because on
-//! this class of machine a sleeping thread costs tens of microseconds to wake; then it
-//! re-enables the driver's notifications, checks the rings once more so no doorbell can be
-//! lost, and parks until a doorbell unparks it.
+//! worker has it). A worker polls while there is work and, after, for a spin budget learnt from
+//! how long the driver took to send more (at most `idle_spin`), because on this class of machine
+//! a sleeping thread costs tens of microseconds to wake; then it re-enables the driver's
+//! notifications, checks the rings once more so no doorbell can be lost, and sleeps on its
+//! [`SleepGate`] until a doorbell wakes it. The bound matters on a busy machine: a worker that
+//! spun until its time slice ended would keep the CPU from the driver thread it waits for.
 //!
 //! Requests are executed as soon as they are taken (the AES runs immediately), but complete
 //! only when due: at take time plus `latency` and a random jitter, in random order when
 //! `out_of_order` is set. Taken but uncompleted requests count against `inflight_limit`.
 
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::thread::{self, JoinHandle, Thread};
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use crypt_vfio_wait::{SleepGate, SpinBudget};
 
 use crate::chain::Chain;
 use crate::device::Device;
@@ -29,21 +33,14 @@ use crate::virtqueue::{RingFault, RingMem};
 /// Most heads a worker takes from one queue at a time (and so publishes per used-index store).
 const BATCH: usize = 32;
 
-/// What the rest of the device knows about a worker: how to wake it.
+/// Shortest idle spin: a poll of the rings and a little more.
+const MIN_IDLE_SPIN: Duration = Duration::from_micros(1);
+
+/// What the rest of the device knows about a worker: where it sleeps, so a doorbell can wake it.
 #[derive(Default)]
 #[repr(align(128))]
 pub(crate) struct WorkerSlot {
-    thread: OnceLock<Thread>,
-    /// The worker is (about to be) parked and wants an unpark for the next doorbell.
-    pub sleeping: AtomicBool,
-}
-
-impl WorkerSlot {
-    pub(crate) fn unpark(&self) {
-        if let Some(t) = self.thread.get() {
-            t.unpark();
-        }
-    }
+    pub gate: SleepGate,
 }
 
 /// A request taken and executed, waiting to be completed.
@@ -98,29 +95,6 @@ fn push_with_faults(
     }
 }
 
-/// Spinning with growing pauses, then yielding, while a worker waits for work.
-#[derive(Default)]
-struct Backoff {
-    step: u32,
-}
-
-impl Backoff {
-    fn snooze(&mut self) {
-        if self.step < 7 {
-            for _ in 0..(1u32 << self.step) {
-                std::hint::spin_loop();
-            }
-        } else {
-            thread::yield_now();
-        }
-        self.step = (self.step + 1).min(8);
-    }
-
-    fn reset(&mut self) {
-        self.step = 0;
-    }
-}
-
 struct Worker {
     id: usize,
     epoch: u64,
@@ -142,7 +116,7 @@ struct Worker {
 
 impl Worker {
     fn new(id: usize, dev: &Device) -> Self {
-        let _ = dev.workers[id].thread.set(thread::current());
+        dev.workers[id].gate.register();
         let cfg = &dev.cfg;
         Self {
             id,
@@ -163,8 +137,9 @@ impl Worker {
     }
 
     fn run(&mut self, dev: &Device) {
+        let mut spin = SpinBudget::new(MIN_IDLE_SPIN, dev.cfg.idle_spin.max(MIN_IDLE_SPIN));
+        // Since when the worker found nothing to do; the wait ends with the next progress.
         let mut idle_since: Option<Instant> = None;
-        let mut backoff = Backoff::default();
         while !dev.shutdown.load(Ordering::Acquire) {
             self.enter(dev);
             let running = dev.running();
@@ -174,29 +149,36 @@ impl Worker {
                 progress += self.complete(dev);
             }
             if progress > 0 {
-                idle_since = None;
-                backoff.reset();
+                if let Some(since) = idle_since.take() {
+                    spin.record(since.elapsed());
+                }
                 continue;
             }
             let now = Instant::now();
             let since = *idle_since.get_or_insert(now);
             if running && !self.pending.is_empty() {
-                // Waiting for due times: sleep through long waits, poll through short ones.
-                let wait =
-                    self.pending.iter().filter_map(|p| p.due).min().map(|d| d.saturating_duration_since(now));
-                match wait {
-                    Some(w) if w > dev.cfg.idle_spin => self.sleep(dev, running, Some(w)),
-                    _ => backoff.snooze(),
+                // Waiting for due times: sleep through long waits, poll through short ones
+                // (requests already due wait for a queue another worker holds).
+                let wait = self
+                    .pending
+                    .iter()
+                    .filter_map(|p| p.due)
+                    .min()
+                    .map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
+                if !(wait <= spin.budget() && spin.pause(now.duration_since(since))) {
+                    self.sleep(dev, running, Some(wait.max(MIN_IDLE_SPIN)));
                 }
                 continue;
             }
-            if now.duration_since(since) < dev.cfg.idle_spin {
-                backoff.snooze();
+            let idle = now.duration_since(since);
+            // Pauses leave the rings' cache lines to the driver for a moment; later yields
+            // leave it the CPU, should it be waiting for this one.
+            if idle < spin.budget() && spin.pause(idle) {
                 continue;
             }
+            // Past the budget: the worker sleeps until a doorbell, and does not spin again
+            // before it has done something.
             self.sleep(dev, running, None);
-            idle_since = None;
-            backoff.reset();
         }
     }
 
@@ -411,32 +393,30 @@ impl Worker {
         finished
     }
 
-    /// Parks until a doorbell, a reset, shutdown or `timeout`, unless work shows up while the
+    /// Sleeps until a doorbell, a reset, shutdown or `timeout`, unless work shows up while the
     /// driver's notifications are being re-enabled.
     fn sleep(&mut self, dev: &Device, was_running: bool, timeout: Option<Duration>) {
-        let slot = &dev.workers[self.id];
-        slot.sleeping.store(true, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        let work = was_running && self.arm_notifications(dev);
-        if work
-            || dev.shutdown.load(Ordering::SeqCst)
-            || dev.running() != was_running
-            || dev.quiesce.epoch() != self.epoch
-        {
-            slot.sleeping.store(false, Ordering::SeqCst);
-            return;
-        }
-        if self.pending.is_empty() {
-            dev.quiesce.idle(self.id);
-        }
-        // Hold no old mappings while asleep, so unmapped memory can be freed.
-        self.chain.release();
-        dev.iommu.refresh(&mut self.snap);
-        match timeout {
-            Some(t) => thread::park_timeout(t),
-            None => thread::park(),
-        }
-        slot.sleeping.store(false, Ordering::SeqCst);
+        let gate = &dev.workers[self.id].gate;
+        gate.sleep_unless(
+            || {
+                let work = was_running && self.arm_notifications(dev);
+                if work
+                    || dev.shutdown.load(Ordering::SeqCst)
+                    || dev.running() != was_running
+                    || dev.quiesce.epoch() != self.epoch
+                {
+                    return true;
+                }
+                if self.pending.is_empty() {
+                    dev.quiesce.idle(self.id);
+                }
+                // Hold no old mappings while asleep, so unmapped memory can be freed.
+                self.chain.release();
+                dev.iommu.refresh(&mut self.snap);
+                false
+            },
+            timeout,
+        );
     }
 
     /// Asks the driver to kick every data queue again, then checks whether any has work.

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,10 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use crypt_vfio::engine::software::SoftwareEngine;
 use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted};
+use crypt_vfio::virtio_crypto::ADAPTIVE_MAX_SPIN;
 use crypt_vfio::{CoreKind, Mode};
 use crypt_vfio_cores::new_cipher;
+use crypt_vfio_wait::SpinBudget;
 use hdrhistogram::Histogram;
 
 use super::device::DeviceArgs;
@@ -212,6 +214,10 @@ pub struct BenchArgs {
     /// Draw the sweep's throughput to this SVG file.
     #[arg(long, requires = "sweep")]
     plot: Option<std::path::PathBuf>,
+    /// Run N CPU-bound processes beside the bench (0 to 64), to measure on a busy machine;
+    /// they are killed when the bench ends.
+    #[arg(long, default_value = "0", value_name = "N", value_parser = super::competitor::parse_competitors)]
+    competitor: usize,
 }
 
 /// A series of runs over one parameter.
@@ -278,6 +284,10 @@ struct RunResult {
     promoted: u64,
     /// Estimated time the submitting threads spent in the engine's submit and (non-empty) poll.
     driver_ns: u64,
+    /// CPU-bound processes that ran beside it.
+    competitors: usize,
+    /// How the device's completions were waited for (`poll`, `irq`, `adaptive`; `-` for software).
+    mode: String,
 }
 
 impl RunResult {
@@ -314,6 +324,8 @@ impl RunResult {
             "cpu_ns_per_op": self.cpu_ns_per_op(),
             "driver_ns_per_op": self.driver_ns_per_op(),
             "backlogged": self.promoted,
+            "competitors": self.competitors,
+            "mode": self.mode,
         })
     }
 
@@ -382,7 +394,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(sw) = &sw {
         check_sizes(sw, &points)?;
     }
+    let competitors = super::competitor::Competitors::start(args.competitor)?;
     if !args.json {
+        if competitors.len() > 0 {
+            println!("with {} CPU-bound competitor process(es) running", competitors.len());
+        }
         println!("{HEADER}");
     }
     let mut series: Vec<(String, Vec<RunResult>)> = Vec::new();
@@ -546,6 +562,8 @@ fn run_once<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Re
         batch: batch_of(args, point),
         promoted,
         driver_ns,
+        competitors: args.competitor,
+        mode: if engine.describe().starts_with("software") { "-".into() } else { args.device.mode.clone() },
     })
 }
 
@@ -602,9 +620,13 @@ impl DriverClock {
 }
 
 /// Events delivered to this thread's callback, and a way to sleep until one arrives.
-#[derive(Default)]
 struct Inbox<S> {
     events: Mutex<Vec<Event<S>>>,
+    /// Events pushed and not yet taken, for a waiter that spins without taking the lock.
+    count: AtomicUsize,
+    /// The worker waits on `ready` (set and read under `events`' lock, so no notification is
+    /// lost and none is sent while nobody waits).
+    sleeping: AtomicBool,
     ready: Condvar,
 }
 
@@ -635,6 +657,28 @@ fn batch_of(args: &BenchArgs, point: Point) -> usize {
     }
 }
 
+/// Waits for an event from an engine that delivers on its own thread: polls the queue itself
+/// for the spin budget, then sleeps on the inbox's condition variable until the engine's thread
+/// delivers (with a timeout, which only bounds the wait if an engine never answers).
+fn wait_for_events<S>(inbox: &Inbox<S>, q: &mut dyn Queue<S>, spin: &mut SpinBudget) {
+    let start = Instant::now();
+    if spin.spin(|| q.poll() > 0 || inbox.count.load(Ordering::Acquire) > 0) {
+        return;
+    }
+    let mut ev = inbox.events.lock().unwrap_or_else(|e| e.into_inner());
+    if ev.is_empty() {
+        inbox.sleeping.store(true, Ordering::Relaxed);
+        ev = inbox
+            .ready
+            .wait_timeout(ev, Duration::from_millis(5))
+            .map(|r| r.0)
+            .unwrap_or_else(|e| e.into_inner().0);
+        inbox.sleeping.store(false, Ordering::Relaxed);
+    }
+    drop(ev);
+    spin.record(start.elapsed());
+}
+
 fn worker<E: Engine>(
     engine: &E,
     session: E::Session,
@@ -644,19 +688,24 @@ fn worker<E: Engine>(
     deadline: Instant,
     stop: &AtomicBool,
 ) -> anyhow::Result<ThreadResult> {
-    let inbox: Arc<Inbox<E::Session>> =
-        Arc::new(Inbox { events: Mutex::new(Vec::new()), ready: Condvar::new() });
+    let inbox: Arc<Inbox<E::Session>> = Arc::new(Inbox {
+        events: Mutex::new(Vec::new()),
+        count: AtomicUsize::new(0),
+        sleeping: AtomicBool::new(false),
+        ready: Condvar::new(),
+    });
     let sink_inbox = inbox.clone();
-    let poll_mode = args.device.mode == "poll" || args.engine == "software";
+    let poll_mode = !engine.delivers_events();
     let batch = batch_of(args, point);
     let mut q = if batch == 1 {
         engine.open_queue(
             queue,
             Arc::new(move |ev| {
                 sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).push(ev);
-                // A polling thread reads its inbox right after polling: waking it would only cost
-                // a futex call per event.
-                if !poll_mode {
+                sink_inbox.count.fetch_add(1, Ordering::Release);
+                // Only a sleeping worker is woken: a futex call per event would cost more than the
+                // event.
+                if sink_inbox.sleeping.load(Ordering::Relaxed) {
                     sink_inbox.ready.notify_one();
                 }
             }),
@@ -665,13 +714,20 @@ fn worker<E: Engine>(
         engine.open_batch_queue(
             queue,
             Arc::new(move |events| {
-                sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).extend(events);
-                if !poll_mode {
+                let mut inbox = sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner());
+                let before = inbox.len();
+                inbox.extend(events);
+                sink_inbox.count.fetch_add(inbox.len() - before, Ordering::Release);
+                drop(inbox);
+                if sink_inbox.sleeping.load(Ordering::Relaxed) {
                     sink_inbox.ready.notify_one();
                 }
             }),
         )?
     };
+    // `irq` measures interrupt delivery alone: the thread sleeps at once.
+    let max_spin = if args.device.mode == "irq" { Duration::ZERO } else { ADAPTIVE_MAX_SPIN };
+    let mut spin = SpinBudget::new(Duration::ZERO, max_spin);
     let qd = if args.wait_each { 1 } else { point.qd };
     let mode = args.alg.mode;
     let reference = new_cipher(CoreKind::Fast, mode, &KEY[..args.alg.key_len])?;
@@ -731,15 +787,12 @@ fn worker<E: Engine>(
                 std::hint::spin_loop();
             }
         }
+        if !poll_mode {
+            wait_for_events(&inbox, &mut *q, &mut spin);
+        }
         {
             let mut ev = inbox.events.lock().unwrap_or_else(|e| e.into_inner());
-            if ev.is_empty() && !poll_mode {
-                ev = inbox
-                    .ready
-                    .wait_timeout(ev, Duration::from_millis(5))
-                    .map(|r| r.0)
-                    .unwrap_or_else(|e| e.into_inner().0);
-            }
+            inbox.count.store(0, Ordering::Relaxed);
             std::mem::swap(&mut *ev, &mut local);
         }
         // One clock read per run of events (none while spinning on an empty inbox).

@@ -32,8 +32,11 @@ pub struct DeviceArgs {
     /// format, add-key, remove-key), `emulated` for the others.
     #[arg(long, value_name = "DEV")]
     pub device: Option<String>,
-    /// Completion by polling or by MSI-X interrupts.
-    #[arg(long, default_value = "poll", value_parser = ["poll", "irq"])]
+    /// How completions are waited for: `adaptive` spins for a budget learnt from recent
+    /// completion times, then sleeps until an MSI-X interrupt (holds up on a busy machine);
+    /// `poll` spins in the caller (fastest on an idle machine, collapses on a busy one); `irq`
+    /// spins a couple of microseconds, then sleeps until an interrupt.
+    #[arg(long, default_value = "adaptive", value_parser = ["adaptive", "poll", "irq"])]
     pub mode: String,
     /// Emulated device: latency added to every request (e.g. 20us, 1ms).
     #[arg(long, default_value = "0us", value_parser = parse_device_latency)]
@@ -197,10 +200,19 @@ impl DeviceArgs {
         Ok(t)
     }
 
+    /// The completion mode `--mode` names.
+    pub fn completion(&self) -> CompletionMode {
+        match self.mode.as_str() {
+            "poll" => CompletionMode::Poll,
+            "irq" => CompletionMode::Interrupt,
+            _ => CompletionMode::Adaptive,
+        }
+    }
+
     /// Driver options from the arguments.
     pub fn options(&self) -> DeviceOptions {
         DeviceOptions {
-            completion: if self.mode == "irq" { CompletionMode::Interrupt } else { CompletionMode::Poll },
+            completion: self.completion(),
             request_timeout: self.request_timeout,
             ..DeviceOptions::default()
         }

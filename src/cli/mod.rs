@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and the subcommands.
 
 mod bench;
+mod competitor;
 mod crypt;
 mod devbind;
 mod device;

@@ -75,6 +75,13 @@ pub trait Engine: Send + Sync {
     /// The largest `data` one request may carry.
     fn max_request_len(&self) -> usize;
 
+    /// Whether events reach the callbacks without the caller's [`Queue::poll`] (the engine
+    /// completes requests on its own thread). Then a caller with nothing to submit may sleep
+    /// until its callback runs; otherwise it must keep polling.
+    fn delivers_events(&self) -> bool {
+        false
+    }
+
     /// A buffer the engine can use without copying (DMA memory for a device).
     fn alloc_buffer(&self, len: usize) -> Result<Buf> {
         Ok(Buf::Host(vec![0; len]))

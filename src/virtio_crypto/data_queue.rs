@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crypt_vfio_cores::Mode;
 use crypt_vfio_spec::crypto::status;
 use crypt_vfio_spec::ring::{DESC_F_INDIRECT, DESC_SIZE};
+use crypt_vfio_wait::SpinBudget;
 use vm_memory::Bytes;
 
 use super::health::DeviceHealth;
@@ -490,20 +491,19 @@ impl DataQueueShared {
         self.delivery.run(scratch, |s| std::mem::swap(&mut self.lock().outbox, s));
     }
 
-    /// The interrupt-mode completion loop: spin while completions come, then arm the interrupt
-    /// (coalesced to half of what is in flight) and sleep on the eventfd.
-    pub(crate) fn interrupt_loop(&self) {
+    /// The completion loop of the interrupt and adaptive modes: poll while completions come and
+    /// for `spin`'s budget after, then arm the interrupt (coalesced to half of what is in
+    /// flight), look at the ring once more (a completion published before the arm raised no
+    /// interrupt) and sleep on the eventfd.
+    pub(crate) fn interrupt_loop(&self, mut spin: SpinBudget) {
         let Some(irq) = &self.irq else { return };
         let mut scratch = Vec::new();
-        let mut idle = 0u32;
         while !self.stop.load(Ordering::Acquire) {
             if self.poll(&mut scratch) > 0 {
-                idle = 0;
                 continue;
             }
-            idle += 1;
-            if idle < 256 {
-                std::hint::spin_loop();
+            let idle_since = Instant::now();
+            if spin.spin(|| self.poll(&mut scratch) > 0 || self.stop.load(Ordering::Acquire)) {
                 continue;
             }
             {
@@ -517,7 +517,7 @@ impl DataQueueShared {
             }
             let _ = irq.wait(Duration::from_millis(10));
             self.lock().ring.vq.request_interrupt_after(0);
-            idle = 0;
+            spin.record(idle_since.elapsed());
         }
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use crypt_vfio_cores::Mode;
 use crypt_vfio_spec::pci::{feature, VIRTIO_CRYPTO_DEVICE_ID, VIRTIO_MSI_NO_VECTOR};
+use crypt_vfio_wait::SpinBudget;
 
 pub use config::DeviceInfo;
 pub use health::{FAILURE_WINDOW, MAX_FAILURES};
@@ -38,13 +39,47 @@ use crate::virtio::VirtioPci;
 /// How completions are noticed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CompletionMode {
-    /// Callers' [`Queue::poll`] reaps completions (lowest latency, burns the caller's CPU).
+    /// Callers' [`Queue::poll`] reaps completions (lowest latency on an idle machine; burns the
+    /// caller's CPU, and collapses when the machine has no CPU to spare).
     #[default]
     Poll,
-    /// A thread per data queue spins briefly, then sleeps on the queue's MSI-X eventfd, and
-    /// delivers events itself.
+    /// A thread per data queue spins for a fixed couple of microseconds, then sleeps on the
+    /// queue's MSI-X eventfd, and delivers events itself.
     Interrupt,
+    /// Completion as NAPI busy polling does it: a caller waiting for its requests polls the
+    /// queue for a budget learnt from recent completion times (at most [`ADAPTIVE_MAX_SPIN`]),
+    /// then sleeps until its callback runs; a thread per data queue sleeps on the MSI-X eventfd
+    /// without spinning and delivers what callers leave (so callers that never poll, like the
+    /// async API, still get their events). On an idle machine completions are reaped by the
+    /// spinning caller without interrupts; on a busy one nobody spins for long, so the CPU goes
+    /// to whoever does the work. [`Engine::delivers_events`] says callers may sleep.
+    /// The command line's default.
+    Adaptive,
 }
+
+impl CompletionMode {
+    /// Whether events arrive without the caller's [`Queue::poll`] (a thread of the engine
+    /// delivers them), so a caller may sleep until its callback runs.
+    pub fn delivers_events(self) -> bool {
+        self != Self::Poll
+    }
+
+    /// The completion thread's spin before it sleeps on the interrupt.
+    fn spin_budget(self) -> SpinBudget {
+        match self {
+            // Callers spin; a spinning completion thread would only take their CPU.
+            Self::Adaptive => SpinBudget::new(Duration::ZERO, Duration::ZERO),
+            _ => SpinBudget::new(INTERRUPT_SPIN, INTERRUPT_SPIN),
+        }
+    }
+}
+
+/// Longest a caller spins for completions in adaptive mode before sleeping: about what a sleep
+/// and wake-up cost on a two-vCPU guest, beyond which spinning cannot pay.
+pub const ADAPTIVE_MAX_SPIN: Duration = Duration::from_micros(50);
+
+/// The interrupt mode's fixed spin (about the 256 polls it always made).
+const INTERRUPT_SPIN: Duration = Duration::from_micros(2);
 
 /// Default data queue size: with indirect descriptors, 256 requests in flight per queue, and a
 /// descriptor table of exactly one 4 KiB page. QEMU's emulated IOMMU misreads ring areas that
@@ -61,7 +96,7 @@ pub struct DeviceOptions {
     pub queue_size: u16,
     /// Requests each data queue may hold in its software backlog.
     pub backlog_limit: usize,
-    /// Polling or interrupts.
+    /// Polling (the default), interrupts, or spinning then interrupts.
     pub completion: CompletionMode,
     /// How long requests may wait for the device before it is declared failed.
     pub request_timeout: Duration,
@@ -208,7 +243,7 @@ impl VirtioCrypto {
         ));
 
         // Interrupts: vector 0 for configuration changes, vector 1 + q for data queue q.
-        let interrupts = options.completion == CompletionMode::Interrupt;
+        let interrupts = options.completion.delivers_events();
         let mut notifiers: Vec<Option<EventNotifier>> = Vec::new();
         if interrupts {
             let need = nqueues + 1;
@@ -261,9 +296,10 @@ impl VirtioCrypto {
         pci.driver_ok();
         if interrupts {
             for (i, q) in guard.queues.clone().into_iter().enumerate() {
+                let spin = options.completion.spin_budget();
                 let t = std::thread::Builder::new()
                     .name(format!("crypt-vfio-irq{i}"))
-                    .spawn(move || q.interrupt_loop())
+                    .spawn(move || q.interrupt_loop(spin))
                     .map_err(|e| Error::os("spawning the interrupt thread", e))?;
                 guard.threads.push(t);
             }
@@ -482,6 +518,10 @@ impl Engine for VirtioCrypto {
 
     fn max_request_len(&self) -> usize {
         usize::try_from(self.core.info.max_size).unwrap_or(usize::MAX)
+    }
+
+    fn delivers_events(&self) -> bool {
+        self.core.interrupts
     }
 
     fn alloc_buffer(&self, len: usize) -> Result<Buf> {

@@ -32,8 +32,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crypt_vfio_wait::SpinBudget;
+
 use crate::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted, TAG_LEN};
 use crate::error::{CryptoError, DeviceError, Error, Result, VolumeError};
+use crate::virtio_crypto::ADAPTIVE_MAX_SPIN;
 
 use super::iv::IvGenerator;
 
@@ -60,6 +63,8 @@ pub struct Lane<S> {
     io_seq: u32,
     poisoned: bool,
     describe: String,
+    /// Events arrive only when this side polls the queue (an engine in polling mode).
+    self_driven: bool,
     /// How long an op waits without any event before failing.
     pub watchdog: Duration,
 }
@@ -89,6 +94,7 @@ impl<S: Send + 'static> Lane<S> {
             io_seq: 0,
             poisoned: false,
             describe: engine.describe(),
+            self_driven: !engine.delivers_events(),
             watchdog,
         })
     }
@@ -557,26 +563,75 @@ where
 
     /// Runs the op to the end on this thread.
     pub fn run(mut self) -> Result<()> {
-        let mut idle = 0u32;
+        let mut waiter = EventWaiter::new();
         loop {
             match self.step() {
                 Poll::Ready(r) => return r,
-                Poll::Pending => {
-                    // Spin briefly (completions usually come within microseconds), then give
-                    // the CPU to the device's threads: parking would cost ~55 µs per wake here.
-                    idle += 1;
-                    if idle < 64 {
-                        std::hint::spin_loop();
-                    } else {
-                        std::thread::yield_now();
-                    }
-                }
+                Poll::Pending => waiter.wait(&mut self),
             }
         }
     }
 }
 
-/// The future of an op: each poll is one step; it wakes itself to keep driving a polled engine.
+/// How [`CryptOp::run`] waits between two steps that made no progress.
+struct EventWaiter {
+    spin: SpinBudget,
+    idle: u32,
+    wake: Waker,
+}
+
+impl EventWaiter {
+    fn new() -> Self {
+        Self {
+            spin: SpinBudget::new(Duration::from_micros(1), ADAPTIVE_MAX_SPIN),
+            idle: 0,
+            wake: Waker::from(Arc::new(Unparker(std::thread::current()))),
+        }
+    }
+
+    /// A polled engine delivers nothing unless this thread polls: spin briefly (completions
+    /// usually come within microseconds), then yield. An engine that delivers on its own thread
+    /// is waited for as in its adaptive mode: poll it for the budget, then sleep until the
+    /// inbox's waker (registered before the last look, so an event in between unparks at once)
+    /// or, at the latest, the watchdog's next look.
+    fn wait<E: Engine>(&mut self, op: &mut CryptOp<'_, '_, E>) {
+        if op.lane.self_driven {
+            self.idle += 1;
+            if self.idle < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+            return;
+        }
+        let (inbox, queue) = (&op.lane.inbox, &mut op.lane.queue);
+        let start = Instant::now();
+        let has_event = || !inbox.events.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+        if !self.spin.spin(|| queue.poll() > 0 || has_event()) {
+            op.set_waker(&self.wake);
+            if !has_event() {
+                std::thread::park_timeout(op.lane.watchdog.min(Duration::from_millis(100)));
+            }
+            self.spin.record(start.elapsed());
+        }
+    }
+}
+
+/// Wakes the thread running a blocking op.
+struct Unparker(std::thread::Thread);
+
+impl std::task::Wake for Unparker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// The future of an op: each poll is one step; it wakes itself to keep driving a polled engine,
+/// and waits for its waker with an engine that delivers events on its own.
 pub struct CryptFuture<'a, 'd, E: Engine> {
     op: CryptOp<'a, 'd, E>,
 }
@@ -604,7 +659,10 @@ where
             Poll::Ready(r) => Poll::Ready(r),
             Poll::Pending => {
                 // Engines in polling mode deliver nothing unless someone polls: keep being polled.
-                cx.waker().wake_by_ref();
+                // Others wake the registered waker when an event arrives.
+                if this.op.lane.self_driven {
+                    cx.waker().wake_by_ref();
+                }
                 Poll::Pending
             }
         }

@@ -1,0 +1,186 @@
+//! Adaptive completion (`CompletionMode::Adaptive`, the command line's default): callers and the
+//! emulated device's workers spin for a bounded budget and then sleep, so these tests make them
+//! sleep (an idle gap, a device that answers late) and check that every request still completes
+//! without anyone polling, and that a future waiting for such an engine does not wake itself.
+//!
+//! Nothing here is timed: the waits are bounds that turn a hang (a lost wake-up) into a failure.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Request, Submitted};
+use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault};
+use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, DeviceSession};
+use crypt_vfio::volume::{Volume, VolumeParams};
+use crypt_vfio::{CoreKind, Mode};
+use crypt_vfio_cores::new_cipher;
+
+const KEY: [u8; 32] = [0x24; 32];
+/// Only a bound on a wait that must end; never expected to be reached.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// Longer than every spin budget (tens of microseconds) on any machine: the device's worker and
+/// the driver's completion thread are asleep at its end.
+const IDLE_GAP: Duration = Duration::from_millis(50);
+
+fn adaptive() -> DeviceOptions {
+    DeviceOptions { completion: CompletionMode::Adaptive, data_queues: 1, ..DeviceOptions::default() }
+}
+
+/// Completions delivered to a queue's callback, and a way to sleep until they arrive.
+#[derive(Default)]
+struct Inbox {
+    done: Mutex<Vec<(u64, Vec<u8>)>>,
+    arrived: Condvar,
+}
+
+impl Inbox {
+    /// Sleeps (never polling the queue) until `n` completions arrived; fails after PATIENCE.
+    fn wait_for(&self, n: usize) -> Vec<(u64, Vec<u8>)> {
+        let done = self.done.lock().unwrap();
+        let (mut done, timeout) = self.arrived.wait_timeout_while(done, PATIENCE, |d| d.len() < n).unwrap();
+        assert!(!timeout.timed_out(), "only {} of {n} completions arrived: a wake-up was lost", done.len());
+        std::mem::take(&mut *done)
+    }
+}
+
+fn submit_batch(
+    q: &mut dyn crypt_vfio::engine::Queue<DeviceSession>,
+    session: &DeviceSession,
+    first: u64,
+    n: u64,
+) {
+    for id in first..first + n {
+        let data = Buf::Host(vec![id as u8; 4096]);
+        let req = Request::new(session.clone(), Direction::Encrypt, iv(id), data, id);
+        assert!(matches!(q.submit(req, true), Ok(Submitted::InProgress | Submitted::Backlogged)));
+    }
+}
+
+fn iv(id: u64) -> Iv {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&id.to_le_bytes());
+    Iv::new(&b).unwrap()
+}
+
+fn check(results: Vec<(u64, Vec<u8>)>) {
+    let reference = new_cipher(CoreKind::Fast, Mode::Ctr, &KEY).unwrap();
+    for (id, got) in results {
+        let mut expect = vec![id as u8; 4096];
+        reference.encrypt(iv(id).as_slice(), &[], &mut expect, &mut []).unwrap();
+        assert!(got == expect, "request {id}: wrong ciphertext");
+    }
+}
+
+#[test]
+fn requests_after_an_idle_gap_complete_without_polling_even_when_the_device_answers_late() {
+    let (dev, t) = common::device_with(EmulatedConfig { data_queues: 1, ..Default::default() }, &adaptive());
+    assert!(dev.delivers_events());
+    let inbox = Arc::new(Inbox::default());
+    let sink = inbox.clone();
+    let mut q = dev
+        .open_queue(
+            0,
+            Arc::new(move |ev: Event<DeviceSession>| {
+                if let Event::Completed(c) = ev {
+                    c.result.expect("request failed");
+                    sink.done.lock().unwrap().push((c.request.user_data, c.request.data.as_slice().to_vec()));
+                    sink.arrived.notify_all();
+                }
+            }),
+        )
+        .unwrap();
+    let session = dev.create_session(Mode::Ctr, &KEY).unwrap();
+
+    // Answered at once, while everybody spins.
+    submit_batch(&mut *q, &session, 0, 32);
+    check(inbox.wait_for(32));
+    for round in 0..5u64 {
+        // Everybody goes to sleep: the next doorbell must wake the device's worker and its
+        // completion must wake the driver's completion thread.
+        std::thread::sleep(IDLE_GAP);
+        submit_batch(&mut *q, &session, 100 * (round + 1), 1 + round * 7);
+        check(inbox.wait_for(1 + round as usize * 7));
+    }
+    // A device that answers later than any spin budget: the driver sleeps on the interrupt.
+    t.inject(EmulatedFault::AnswerAfter(Duration::from_millis(20)));
+    for round in 0..3u64 {
+        submit_batch(&mut *q, &session, 1000 * (round + 1), 16);
+        check(inbox.wait_for(16));
+        std::thread::sleep(IDLE_GAP);
+    }
+    t.clear_faults();
+}
+
+/// Counts wake-ups and unparks the test thread.
+struct CountingWaker {
+    wakes: AtomicUsize,
+    thread: std::thread::Thread,
+}
+
+impl Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wakes.fetch_add(1, Ordering::SeqCst);
+        self.thread.unpark();
+    }
+}
+
+#[test]
+fn a_volume_future_waits_for_its_waker_instead_of_waking_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.path().join("v.img"))
+        .unwrap();
+    f.set_len(64 << 10).unwrap();
+    let params = VolumeParams { sector_size: 512, ..VolumeParams::plain("aes-xts-plain64".parse().unwrap()) };
+    let key: Vec<u8> = (0..64u8).collect();
+    let (dev, t) = common::device_with(EmulatedConfig { data_queues: 1, ..Default::default() }, &adaptive());
+    let v = Volume::open(Arc::new(dev), f, true, &key, params).unwrap();
+    let data = vec![0x5au8; 4096];
+    v.write_at(0, &data).unwrap();
+
+    // Answers only after a while: until then nothing may wake the future.
+    t.inject(EmulatedFault::AnswerAfter(Duration::from_secs(2)));
+    let counter = Arc::new(CountingWaker { wakes: AtomicUsize::new(0), thread: std::thread::current() });
+    let waker = Waker::from(counter.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut back = vec![0u8; 4096];
+    let result = {
+        let mut fut = pin!(v.read_at_async(0, &mut back));
+        let mut polls = 0;
+        loop {
+            let before = counter.wakes.load(Ordering::SeqCst);
+            polls += 1;
+            match fut.as_mut().poll(&mut cx) {
+                Poll::Ready(r) => break r,
+                Poll::Pending => {
+                    if polls == 1 {
+                        // The device holds the requests for seconds: a wake-up now can only be the
+                        // future waking itself (a busy loop for its executor).
+                        assert_eq!(counter.wakes.load(Ordering::SeqCst), before, "the future woke itself");
+                    }
+                    while counter.wakes.load(Ordering::SeqCst) == before {
+                        std::thread::park_timeout(PATIENCE);
+                    }
+                }
+            }
+            assert!(polls < 10_000, "the future was woken {polls} times: it busy-loops");
+        }
+    };
+    result.unwrap();
+    t.clear_faults();
+    assert_eq!(back, data);
+}
