@@ -2,7 +2,7 @@
 //!
 //! Everything specific to virtio-crypto lives here: its configuration, sessions on the control
 //! queue, and the layout of data requests. It reaches the device only through
-//! [`crate::virtio`] and [`crate::transport`], so a second device family would sit beside this
+//! `crate::virtio` and [`crate::transport`], so a second device family would sit beside this
 //! module without touching the layers under it.
 
 mod config;
@@ -41,7 +41,6 @@ use crate::virtio::VirtioPci;
 pub enum CompletionMode {
     /// Callers' [`Queue::poll`] reaps completions (lowest latency on an idle machine; burns the
     /// caller's CPU, and collapses when the machine has no CPU to spare).
-    #[default]
     Poll,
     /// A thread per data queue spins for a fixed couple of microseconds, then sleeps on the
     /// queue's MSI-X eventfd, and delivers events itself.
@@ -53,7 +52,8 @@ pub enum CompletionMode {
     /// async API, still get their events). On an idle machine completions are reaped by the
     /// spinning caller without interrupts; on a busy one nobody spins for long, so the CPU goes
     /// to whoever does the work. [`Engine::delivers_events`] says callers may sleep.
-    /// The command line's default.
+    /// The default, of the library and of the command line.
+    #[default]
     Adaptive,
 }
 
@@ -96,7 +96,7 @@ pub struct DeviceOptions {
     pub queue_size: u16,
     /// Requests each data queue may hold in its software backlog.
     pub backlog_limit: usize,
-    /// Polling (the default), interrupts, or spinning then interrupts.
+    /// Adaptive (the default: spin a learnt budget, then sleep until an interrupt), polling, or interrupts.
     pub completion: CompletionMode,
     /// How long requests may wait for the device before it is declared failed.
     pub request_timeout: Duration,
@@ -115,7 +115,7 @@ impl Default for DeviceOptions {
             data_queues: 0,
             queue_size: 0,
             backlog_limit: 4096,
-            completion: CompletionMode::Poll,
+            completion: CompletionMode::Adaptive,
             request_timeout: Duration::from_secs(10),
             indirect: true,
             event_idx: true,
@@ -129,7 +129,7 @@ impl Default for DeviceOptions {
 /// When the device fails (a request times out, it writes something impossible, a control
 /// request goes unanswered), every request on it completes with an error, the device is
 /// stopped, and a recovery thread resets and re-initialises it, re-creates the live sessions
-/// from the keys they hold, and lets new requests in again; see [`health`] for when it gives up.
+/// from the keys they hold, and lets new requests in again; see `health` for when it gives up.
 pub struct VirtioCrypto {
     core: Arc<Core>,
     threads: Vec<JoinHandle<()>>,

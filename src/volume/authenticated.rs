@@ -16,7 +16,7 @@
 //! does not authenticate, so the next read of that sector fails naming it, and writing the
 //! sector again repairs it. Two writes to one sector at once would interleave the same way
 //! (the data of one with the tag of the other), so a write holds its sectors exclusively and a
-//! read holds them shared (see [`RangeLocks`]). Formatting gives every sector an entry (the
+//! read holds them shared (see `RangeLocks`). Formatting gives every sector an entry (the
 //! trimmed mark with the tag of sealed zeroes, see [`ENTRY_TRIMMED`]), so there is no
 //! "never written" state an attacker could restore, and the data area stays sparse.
 

@@ -1,7 +1,7 @@
 //! Engine wrappers that change how an engine answers, to test the volume pipeline against
 //! engines that backlog constantly and engines that break the contract.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -74,17 +74,31 @@ impl<E: Engine> Engine for Wrapped<E> {
 
     fn open_queue(&self, index: usize, sink: EventSink<E::Session>) -> Result<Box<dyn Queue<E::Session>>> {
         let held: Arc<Mutex<Vec<Event<E::Session>>>> = Arc::default();
+        let gate: Arc<Mutex<PromotionGate<E::Session>>> = Arc::default();
         let inner_sink: EventSink<E::Session> = match self.behaviour {
             Behaviour::DuplicateFirstHoldLast => {
                 let held = held.clone();
                 Arc::new(move |ev| held.lock().unwrap().push(ev))
             }
-            _ => sink.clone(),
+            _ => {
+                let (gate, sink) = (gate.clone(), sink.clone());
+                Arc::new(move |ev| {
+                    if let Event::Completed(c) = &ev {
+                        let mut g = gate.lock().unwrap();
+                        if g.promoting.contains(&c.request.user_data) {
+                            g.held.push(ev);
+                            return;
+                        }
+                    }
+                    sink(ev)
+                })
+            }
         };
         Ok(Box::new(WrappedQueue {
             inner: self.inner.open_queue(index, inner_sink)?,
             sink,
             held,
+            gate,
             deferred: None,
             duplicated: false,
             pending: VecDeque::new(),
@@ -108,6 +122,8 @@ struct WrappedQueue<S> {
     sink: EventSink<S>,
     /// The inner queue's events (DuplicateFirstHoldLast).
     held: Arc<Mutex<Vec<Event<S>>>>,
+    /// Completions that came before their request's `Promoted` went out.
+    gate: Arc<Mutex<PromotionGate<S>>>,
     /// The event held back until the next poll.
     deferred: Option<Event<S>>,
     duplicated: bool,
@@ -115,6 +131,20 @@ struct WrappedQueue<S> {
     behaviour: Behaviour,
     backlogged: Arc<AtomicUsize>,
     impatient: Arc<AtomicUsize>,
+}
+
+/// Requests being passed to the inner engine and announced, and their completions that came
+/// first. An engine that completes on its own threads (interrupt or adaptive mode) can finish a
+/// request before the wrapper has sent its `Promoted`; the contract wants `Promoted` first.
+struct PromotionGate<S> {
+    promoting: HashSet<u64>,
+    held: Vec<Event<S>>,
+}
+
+impl<S> Default for PromotionGate<S> {
+    fn default() -> Self {
+        Self { promoting: HashSet::new(), held: Vec::new() }
+    }
 }
 
 /// A copy of a completion: what a device that reports one request twice produces.
@@ -133,6 +163,29 @@ fn duplicate<S: Clone>(c: &Completion<S>) -> Completion<S> {
 }
 
 impl<S: Send + Clone> WrappedQueue<S> {
+    /// Submits `request` to the inner engine without backlog and, when it went in and
+    /// `announce` is set, sends its `Promoted` before any completion of it.
+    #[allow(clippy::result_large_err)] // the request goes back whole, as the contract wants
+    fn pass_on(&mut self, request: Request<S>, announce: bool) -> Result<(), SubmitError<S>> {
+        let user_data = request.user_data;
+        self.gate.lock().unwrap().promoting.insert(user_data);
+        let submitted = self.inner.submit(request, false);
+        if submitted.is_ok() && announce {
+            (self.sink)(Event::Promoted { user_data });
+        }
+        let early: Vec<Event<S>> = {
+            let mut g = self.gate.lock().unwrap();
+            g.promoting.remove(&user_data);
+            let (early, rest) = std::mem::take(&mut g.held)
+                .into_iter()
+                .partition(|ev| matches!(ev, Event::Completed(c) if c.request.user_data == user_data));
+            g.held = rest;
+            early
+        };
+        early.into_iter().for_each(|ev| (self.sink)(ev));
+        submitted.map(|_| ())
+    }
+
     fn poll_duplicating(&mut self) -> usize {
         let mut n = 0;
         if let Some(ev) = self.deferred.take() {
@@ -166,10 +219,8 @@ impl<S: Send + Clone> Queue<S> for WrappedQueue<S> {
                 if !may_backlog {
                     return self.inner.submit(request, false);
                 }
-                let user_data = request.user_data;
-                self.inner.submit(request, false)?;
+                self.pass_on(request, true)?;
                 self.backlogged.fetch_add(1, Ordering::Relaxed);
-                (self.sink)(Event::Promoted { user_data });
                 Ok(Submitted::Backlogged)
             }
             Behaviour::DuplicateFirstHoldLast => self.inner.submit(request, may_backlog),
@@ -204,14 +255,9 @@ impl<S: Send + Clone> Queue<S> for WrappedQueue<S> {
         // Promote a few, oldest first; each announced before the engine can complete it.
         for _ in 0..4 {
             let Some(req) = self.pending.pop_front() else { break };
-            let user_data = req.user_data;
-            match self.inner.submit(req, false) {
-                Ok(_) => {
-                    if !matches!(self.behaviour, Behaviour::CompleteBackloggedUnpromoted) {
-                        (self.sink)(Event::Promoted { user_data });
-                    }
-                    n += 1;
-                }
+            let announce = !matches!(self.behaviour, Behaviour::CompleteBackloggedUnpromoted);
+            match self.pass_on(req, announce) {
+                Ok(()) => n += 1,
                 Err(e) => {
                     self.pending.push_front(e.request);
                     break;
