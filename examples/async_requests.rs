@@ -16,7 +16,7 @@ fn main() -> Result<(), crypt_vfio::Error> {
     println!("engine: {}", engine.describe());
     let session = engine.create_session(Mode::Gcm, &[7u8; 16])?;
     // Futures drive the queue themselves unless the engine delivers completions on its own.
-    let queue = AsyncQueue::new(&engine, 0, !engine.completes_by_itself())?;
+    let queue = AsyncQueue::open(&engine, 0)?;
 
     let messages: Vec<Vec<u8>> = (0..64u32).map(|i| format!("message number {i}").into_bytes()).collect();
     block_on(async {

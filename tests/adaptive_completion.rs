@@ -50,6 +50,83 @@ impl Inbox {
     }
 }
 
+/// A queue of `dev` whose completions go to the returned inbox.
+fn inbox_queue(
+    dev: &crypt_vfio::virtio_crypto::VirtioCrypto,
+) -> (Arc<Inbox>, Box<dyn crypt_vfio::engine::Queue<DeviceSession>>) {
+    let inbox = Arc::new(Inbox::default());
+    let sink = inbox.clone();
+    let q = dev
+        .open_queue(
+            0,
+            Arc::new(move |ev: Event<DeviceSession>| {
+                if let Event::Completed(c) = ev {
+                    c.result.expect("request failed");
+                    sink.done.lock().unwrap().push((c.request.user_data, c.request.data.as_slice().to_vec()));
+                    sink.arrived.notify_all();
+                }
+            }),
+        )
+        .unwrap();
+    (inbox, q)
+}
+
+/// Waits (without reaping) until the device has published `n` data completions in all.
+fn wait_published(t: &crypt_vfio::transport::emulated::EmulatedTransport, n: u64) {
+    let start = std::time::Instant::now();
+    while t.stats().data_completed < n {
+        assert!(start.elapsed() < PATIENCE, "the device never answered");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_polling_caller_takes_no_interrupts() {
+    let (dev, t) = common::device_with(EmulatedConfig { data_queues: 1, ..Default::default() }, &adaptive());
+    let (inbox, mut q) = inbox_queue(&dev);
+    let session = dev.create_session(Mode::Ctr, &KEY).unwrap();
+    // The completion thread armed the interrupt when it found the queue idle.
+    std::thread::sleep(IDLE_GAP);
+    q.begin_polling();
+    let before = t.stats().interrupts;
+    let mut expected = 0;
+    for round in 0..20u64 {
+        submit_batch(&mut *q, &session, 100 * round, 8);
+        expected += 8;
+        // Reaped by this caller alone: nothing may raise an interrupt meanwhile.
+        wait_published(&t, expected);
+        while q.outstanding() > 0 {
+            q.poll();
+        }
+    }
+    assert_eq!(t.stats().interrupts, before, "the device interrupted a caller that polls");
+    check(inbox.wait_for(expected as usize));
+    // Handed back: a sleeping caller is woken by the completion thread again.
+    assert!(q.end_polling());
+    submit_batch(&mut *q, &session, 10_000, 4);
+    check(inbox.wait_for(4));
+}
+
+#[test]
+fn a_caller_that_stops_polling_is_told_of_completions_the_interrupt_missed() {
+    let (dev, t) = common::device_with(EmulatedConfig { data_queues: 1, ..Default::default() }, &adaptive());
+    let (inbox, mut q) = inbox_queue(&dev);
+    let session = dev.create_session(Mode::Ctr, &KEY).unwrap();
+    for round in 0..20u64 {
+        q.begin_polling();
+        submit_batch(&mut *q, &session, 100 * round, 1);
+        // Published while the interrupt was unarmed and before it is armed again: no interrupt
+        // will come for it, so `end_polling` must say so instead of letting the caller sleep.
+        wait_published(&t, round + 1);
+        let sleep_ok = q.end_polling();
+        assert!(!sleep_ok || q.outstanding() == 0, "round {round}: a completion would be slept through");
+        if !sleep_ok {
+            q.poll();
+        }
+        check(inbox.wait_for(1));
+    }
+}
+
 fn submit_batch(
     q: &mut dyn crypt_vfio::engine::Queue<DeviceSession>,
     session: &DeviceSession,

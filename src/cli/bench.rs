@@ -658,11 +658,18 @@ fn batch_of(args: &BenchArgs, point: Point) -> usize {
 }
 
 /// Waits for an event from an engine that delivers on its own thread: polls the queue itself
-/// for the spin budget, then sleeps on the inbox's condition variable until the engine's thread
+/// for the spin budget (the engine's completion thread sleeps meanwhile: `begin_polling`), then
+/// hands the queue back to that thread and sleeps on the inbox's condition variable until it
 /// delivers (with a timeout, which only bounds the wait if an engine never answers).
 fn wait_for_events<S>(inbox: &Inbox<S>, q: &mut dyn Queue<S>, spin: &mut SpinBudget) {
     let start = Instant::now();
+    q.begin_polling();
     if spin.spin(|| q.poll() > 0 || inbox.count.load(Ordering::Acquire) > 0) {
+        return;
+    }
+    if !q.end_polling() {
+        // Completions came in just before the interrupt was armed: none will be raised for them.
+        q.poll();
         return;
     }
     let mut ev = inbox.events.lock().unwrap_or_else(|e| e.into_inner());

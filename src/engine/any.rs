@@ -166,6 +166,10 @@ impl Engine for AnyEngine {
         }
     }
 
+    fn delivers_events(&self) -> bool {
+        self.completes_by_itself()
+    }
+
     fn alloc_buffer(&self, len: usize) -> Result<Buf> {
         match self {
             AnyEngine::Device(d) => d.alloc_buffer(len),
@@ -225,6 +229,20 @@ impl Queue<AnySession> for AnyQueue {
         match self {
             AnyQueue::Device(q) => q.outstanding(),
             AnyQueue::Software(q) => q.outstanding(),
+        }
+    }
+
+    fn begin_polling(&mut self) {
+        match self {
+            AnyQueue::Device(q) => q.begin_polling(),
+            AnyQueue::Software(q) => q.begin_polling(),
+        }
+    }
+
+    fn end_polling(&mut self) -> bool {
+        match self {
+            AnyQueue::Device(q) => q.end_polling(),
+            AnyQueue::Software(q) => q.end_polling(),
         }
     }
 }

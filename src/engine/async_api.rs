@@ -126,8 +126,15 @@ impl<S> Clone for AsyncQueue<S> {
 }
 
 impl<S: Clone + Send + Sync + 'static> AsyncQueue<S> {
+    /// Opens queue `index` of `engine`, with futures that poll the queue themselves exactly when
+    /// the engine does not deliver events on its own thread ([`Engine::delivers_events`]).
+    pub fn open<E: Engine<Session = S>>(engine: &E, index: usize) -> Result<Self> {
+        Self::new(engine, index, !engine.delivers_events())
+    }
+
     /// Opens queue `index` of `engine`. With `self_driven`, futures poll the queue themselves
     /// (for engines in polling mode); without, something else must deliver events.
+    /// [`open`](Self::open) chooses for the engine.
     pub fn new<E: Engine<Session = S>>(engine: &E, index: usize, self_driven: bool) -> Result<Self> {
         // The queue's sink needs the shared state, and the shared state holds the queue.
         let shared = Arc::new(Shared {

@@ -139,6 +139,22 @@ pub trait Queue<S>: Send {
 
     /// Requests submitted through this queue (by any handle) not yet finally completed.
     fn outstanding(&self) -> usize;
+
+    /// Says this handle's caller is about to poll the queue in a loop. Until
+    /// [`end_polling`](Self::end_polling), an engine with its own completion thread keeps that
+    /// thread's interrupt unarmed and leaves the reaping to the caller, so a busy caller does not
+    /// pay a context switch per coalesced interrupt. Calling it again is harmless; a handle that
+    /// is dropped ends it. The default (an engine without such a thread) does nothing.
+    fn begin_polling(&mut self) {}
+
+    /// Says this handle's caller stops polling and is about to sleep until an event arrives.
+    /// Returns `false` if completions already wait on the ring (the caller should poll instead
+    /// of sleeping: nothing would wake it for those); `true` when the engine will deliver the
+    /// next completion on its own (its interrupt armed again, or another caller still polling).
+    /// The default returns `true`.
+    fn end_polling(&mut self) -> bool {
+        true
+    }
 }
 
 /// Checks the parts of a request that do not depend on the engine: IV length, tag use and the

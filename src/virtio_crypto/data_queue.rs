@@ -96,6 +96,9 @@ struct QueueState {
     outbox: Outbox,
     failed: bool,
     polls: u32,
+    /// Handles whose callers poll the ring themselves (`Queue::begin_polling`): while there is
+    /// one, the completion thread leaves the interrupt unarmed and stays asleep.
+    pollers: usize,
 }
 
 /// One data queue, shared by its handles and its interrupt thread.
@@ -179,6 +182,7 @@ impl DataQueueShared {
             outbox: Vec::with_capacity(nslots * 2),
             failed: false,
             polls: 0,
+            pollers: 0,
         };
         Ok(Self {
             index: s.index,
@@ -491,30 +495,66 @@ impl DataQueueShared {
         self.delivery.run(scratch, |s| std::mem::swap(&mut self.lock().outbox, s));
     }
 
+    /// A caller starts polling this queue itself: the interrupt goes unarmed at once (the
+    /// completion thread may have armed it before), and stays so until the last such caller
+    /// ends.
+    fn begin_polling(&self) {
+        let mut st = self.lock();
+        st.pollers += 1;
+        st.ring.vq.request_interrupt_after(0);
+    }
+
+    /// A caller stops polling. The last one arms the interrupt for the completion thread and
+    /// looks at the ring once more: `false` if completions are already there (published
+    /// before the arm, so they raised no interrupt, and nobody else will reap them while the
+    /// completion thread sleeps).
+    fn end_polling(&self) -> bool {
+        let mut st = self.lock();
+        st.pollers = st.pollers.saturating_sub(1);
+        st.pollers > 0 || Self::arm(&st)
+    }
+
+    /// Arms the interrupt (coalesced to half of what is in flight) and re-checks the ring; with
+    /// completions already there it disarms again and returns `false`: the caller must reap
+    /// them itself, no interrupt is coming for them. Called with the queue locked, so the
+    /// arm and the check see the same `pollers`.
+    fn arm(st: &QueueState) -> bool {
+        if st.failed {
+            // Nothing more will be published; the failure's events are in the outbox already.
+            return st.outbox.is_empty();
+        }
+        let batch = (st.ring.in_flight / 2).clamp(1, 32) as u16;
+        st.ring.vq.request_interrupt_after(batch);
+        if st.ring.vq.used_pending() > 0 || !st.outbox.is_empty() {
+            st.ring.vq.request_interrupt_after(0);
+            return false;
+        }
+        true
+    }
+
     /// The completion loop of the interrupt and adaptive modes: poll while completions come and
-    /// for `spin`'s budget after, then arm the interrupt (coalesced to half of what is in
-    /// flight), look at the ring once more (a completion published before the arm raised no
-    /// interrupt) and sleep on the eventfd.
+    /// for `spin`'s budget after, then arm the interrupt, look at the ring once more (a
+    /// completion published before the arm raised no interrupt) and sleep on the eventfd.
+    /// While a caller polls the queue itself (`begin_polling`) the thread neither polls nor
+    /// arms: it sleeps until that caller ends, which arms the interrupt in its place.
     pub(crate) fn interrupt_loop(&self, mut spin: SpinBudget) {
         let Some(irq) = &self.irq else { return };
         let mut scratch = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
-            if self.poll(&mut scratch) > 0 {
-                continue;
-            }
             let idle_since = Instant::now();
-            if spin.spin(|| self.poll(&mut scratch) > 0 || self.stop.load(Ordering::Acquire)) {
-                continue;
-            }
-            {
+            if self.lock().pollers == 0 {
+                if self.poll(&mut scratch) > 0 {
+                    continue;
+                }
+                if spin.spin(|| self.poll(&mut scratch) > 0 || self.stop.load(Ordering::Acquire)) {
+                    continue;
+                }
                 let st = self.lock();
-                let batch = (st.ring.in_flight / 2).clamp(1, 32) as u16;
-                st.ring.vq.request_interrupt_after(batch);
-                if st.ring.vq.used_pending() > 0 {
-                    st.ring.vq.request_interrupt_after(0);
+                if st.pollers == 0 && !Self::arm(&st) {
                     continue;
                 }
             }
+            // Bounded: `stop` and the watchdog (in `poll`) are looked at again after it.
             let _ = irq.wait(Duration::from_millis(10));
             self.lock().ring.vq.request_interrupt_after(0);
             spin.record(idle_since.elapsed());
@@ -714,6 +754,8 @@ pub struct DeviceQueue {
     sink: BatchSink<Session>,
     scratch: Outbox,
     engine: crate::engine::EngineId,
+    /// Between `begin_polling` and `end_polling`: counted once in the queue's `pollers`.
+    polling: bool,
 }
 
 impl DeviceQueue {
@@ -733,7 +775,17 @@ impl DeviceQueue {
         sink: BatchSink<Session>,
         engine: crate::engine::EngineId,
     ) -> Self {
-        Self { shared, sink, scratch: Vec::new(), engine }
+        Self { shared, sink, scratch: Vec::new(), engine, polling: false }
+    }
+}
+
+impl Drop for DeviceQueue {
+    fn drop(&mut self) {
+        // A caller that stops polling by going away must not leave the interrupt unarmed for
+        // the queue's other handles.
+        if self.polling {
+            self.shared.end_polling();
+        }
     }
 }
 
@@ -764,6 +816,21 @@ impl Queue<Session> for DeviceQueue {
 
     fn outstanding(&self) -> usize {
         self.shared.outstanding()
+    }
+
+    fn begin_polling(&mut self) {
+        if !self.polling && self.shared.irq.is_some() {
+            self.polling = true;
+            self.shared.begin_polling();
+        }
+    }
+
+    fn end_polling(&mut self) -> bool {
+        if !self.polling {
+            return true;
+        }
+        self.polling = false;
+        self.shared.end_polling()
     }
 }
 
