@@ -261,3 +261,23 @@ fn a_volume_future_waits_for_its_waker_instead_of_waking_itself() {
     t.clear_faults();
     assert_eq!(back, data);
 }
+
+#[test]
+fn an_async_queue_opened_on_any_engine_leaves_delivery_to_an_interrupt_device() {
+    let (dev, _t) = common::device_with(EmulatedConfig { data_queues: 1, ..Default::default() }, &adaptive());
+    let engine = crypt_vfio::AnyEngine::from(dev);
+    // `AsyncQueue::open` chooses from this: an adaptive device delivers on its own thread.
+    assert!(engine.delivers_events());
+    let q = crypt_vfio::engine::async_api::AsyncQueue::open(&engine, 0).unwrap();
+    let session = engine.create_session(Mode::Ctr, &KEY).unwrap();
+    let data = Buf::Host(vec![7u8; 4096]);
+    let (done, result) =
+        futures::executor::block_on(q.run(Request::new(session, Direction::Encrypt, iv(7), data, 0)));
+    result.unwrap();
+    let mut expect = vec![7u8; 4096];
+    new_cipher(CoreKind::Fast, Mode::Ctr, &KEY)
+        .unwrap()
+        .encrypt(iv(7).as_slice(), &[], &mut expect, &mut [])
+        .unwrap();
+    assert!(done.data.as_slice() == expect.as_slice());
+}

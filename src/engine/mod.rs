@@ -144,7 +144,8 @@ pub trait Queue<S>: Send {
     /// [`end_polling`](Self::end_polling), an engine with its own completion thread keeps that
     /// thread's interrupt unarmed and leaves the reaping to the caller, so a busy caller does not
     /// pay a context switch per coalesced interrupt. Calling it again is harmless; a handle that
-    /// is dropped ends it. The default (an engine without such a thread) does nothing.
+    /// is dropped ends it. Until then the caller must keep polling: the engine's thread delivers
+    /// nothing meanwhile. The default (an engine without such a thread) does nothing.
     fn begin_polling(&mut self) {}
 
     /// Says this handle's caller stops polling and is about to sleep until an event arrives.
