@@ -47,13 +47,11 @@ pub fn runs(file: &File, start: u64, end: u64, max_runs: usize) -> Result<Vec<Ru
     Ok(runs_and_data(file, start, end, max_runs)?.0)
 }
 
+/// `[start, end)` of a file, in bytes.
+type Span = (u64, u64);
+
 /// [`runs`], and the first data run found as the filesystem reported it (not cut at `end`).
-fn runs_and_data(
-    file: &File,
-    start: u64,
-    end: u64,
-    max_runs: usize,
-) -> Result<(Vec<Run>, Option<(u64, u64)>)> {
+fn runs_and_data(file: &File, start: u64, end: u64, max_runs: usize) -> Result<(Vec<Run>, Option<Span>)> {
     let mut found = None;
     let mut out: Vec<Run> = Vec::new();
     let mut at = start;
@@ -107,7 +105,7 @@ pub struct KnownData {
 struct Known {
     /// Bumped by every `forget`: an answer the filesystem gave before it is not kept.
     generation: u64,
-    data: Option<(u64, u64)>,
+    data: Option<Span>,
 }
 
 impl KnownData {
@@ -139,7 +137,7 @@ impl KnownData {
 
     /// Keeps `data`, found by the filesystem after `generation` was current, unless a punch
     /// came since (the answer may predate the punch).
-    fn remember(&self, generation: u64, data: (u64, u64)) {
+    fn remember(&self, generation: u64, data: Span) {
         let mut k = self.lock();
         if k.generation == generation {
             k.data = Some(data);
