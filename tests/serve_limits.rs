@@ -84,6 +84,14 @@ impl Served {
         kb << 10
     }
 
+    /// Minor page faults of the whole server so far (every thread, live or ended).
+    fn minor_faults(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name (which may hold spaces) start at field 3; minflt is 10.
+        let after = &stat[stat.rfind(')').expect("comm in /proc/PID/stat") + 1..];
+        after.split_whitespace().nth(7).and_then(|v| v.parse().ok()).expect("minflt in /proc/PID/stat")
+    }
+
     /// Sends SIGTERM; returns the exit status and how long the exit took.
     fn terminate(&mut self) -> (ExitStatus, Duration) {
         let t = Instant::now();
@@ -282,6 +290,37 @@ fn memory_is_bounded_for_the_whole_server_and_given_back() {
     let mut reply = [0u8; 16 + 512];
     c.read_exact(&mut reply).unwrap();
     assert_eq!(be_u32(&reply[4..]), 0);
+}
+
+#[test]
+fn payload_buffers_are_reused_not_mapped_afresh_per_request() {
+    const LEN: u32 = 256 << 10;
+    const ROUNDS: u64 = 100;
+    let server = Served::start(&[]);
+    let mut c = server.client();
+    let data = vec![0xa5u8; LEN as usize];
+    let mut reply = vec![0u8; 16 + LEN as usize];
+    let mut round = |handle: u64| {
+        let offset = (handle % 64) * u64::from(LEN);
+        c.write_all(&request(cmd::WRITE, 2 * handle, offset, LEN)).unwrap();
+        c.write_all(&data).unwrap();
+        c.read_exact(&mut reply[..16]).unwrap();
+        assert_eq!(be_u32(&reply[4..]), 0, "write {handle}");
+        c.write_all(&request(cmd::READ, 2 * handle + 1, offset, LEN)).unwrap();
+        c.read_exact(&mut reply).unwrap();
+        assert_eq!(be_u32(&reply[4..]), 0, "read {handle}");
+        assert!(reply[16..] == data[..], "read {handle} returns what was written");
+    };
+    // The connection's threads start and the first buffers are made.
+    (0..8).for_each(&mut round);
+    let before = server.minor_faults();
+    (8..8 + ROUNDS).for_each(&mut round);
+    let faults = server.minor_faults() - before;
+    // A fresh buffer per request is faulted in as it is filled: 64 faults of 4 KiB pages
+    // for each of the 2 * ROUNDS payloads.
+    let fresh = 2 * ROUNDS * u64::from(LEN) / 4096;
+    eprintln!("{faults} page faults for {} payloads of {LEN} bytes", 2 * ROUNDS);
+    assert!(faults < fresh / 4, "{faults} page faults: payload buffers are not reused (fresh: {fresh})");
 }
 
 #[test]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use super::budget::{Budget, Charge};
+use super::budget::{Budget, BufferPool, Charge, ServerMemory};
 use super::negotiate::{Session, BASE_ALLOCATION_ID};
 use super::proto::{self, cmd, cmd_flag, errno, reply_flag, reply_type, state, tflags, Request};
 use super::stream::{ClientReader, Next, ReplySink};
@@ -250,6 +250,8 @@ pub(crate) enum End {
 pub(crate) struct Budgets<'a> {
     /// The server's, shared by every connection.
     pub server: &'a Budget,
+    /// Where payload buffers come from and go back to.
+    pub pool: &'a BufferPool,
     /// This connection's.
     pub connection: Budget,
     /// This connection's own memory outside the server's, for small requests when the
@@ -266,7 +268,7 @@ pub(crate) fn transmission<R: Read, W: ReplySink>(
     writer: W,
     device: &dyn BlockDevice,
     limits: &Limits,
-    server_budget: &Budget,
+    memory: &ServerMemory,
     control: &Control,
     (peer, session): (&str, Session),
 ) -> End {
@@ -279,7 +281,8 @@ pub(crate) fn transmission<R: Read, W: ReplySink>(
         structured: session.structured,
     };
     let budgets = Budgets {
-        server: server_budget,
+        server: &memory.budget,
+        pool: &memory.pool,
         connection: Budget::new(limits.inflight_bytes.max(u64::from(limits.max_payload))),
         reserve: Budget::new(RESERVED_PER_CONNECTION),
     };
@@ -291,7 +294,7 @@ pub(crate) fn transmission<R: Read, W: ReplySink>(
             let (rx, replies) = (&rx, &replies);
             match std::thread::Builder::new()
                 .name(format!("nbd-worker-{i}"))
-                .spawn_scoped(scope, move || worker(rx, device, replies))
+                .spawn_scoped(scope, move || worker(rx, device, replies, &memory.pool))
             {
                 Ok(_) => started += 1,
                 // Fewer workers only means less parallelism for this client.
@@ -309,7 +312,12 @@ pub(crate) fn transmission<R: Read, W: ReplySink>(
     })
 }
 
-fn worker<W: ReplySink>(rx: &Mutex<Receiver<Job<'_>>>, device: &dyn BlockDevice, replies: &Replies<'_, W>) {
+fn worker<W: ReplySink>(
+    rx: &Mutex<Receiver<Job<'_>>>,
+    device: &dyn BlockDevice,
+    replies: &Replies<'_, W>,
+    pool: &BufferPool,
+) {
     loop {
         let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
             Ok(job) => job,
@@ -317,24 +325,32 @@ fn worker<W: ReplySink>(rx: &Mutex<Receiver<Job<'_>>>, device: &dyn BlockDevice,
         };
         // Nobody would hear the reply: dropping the job frees its budget at once.
         if !replies.gone() {
-            run(job.handle, job.op, device, replies);
+            run(job.handle, job.op, device, replies, pool);
         }
     }
 }
 
-fn run<W: ReplySink>(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Replies<'_, W>) {
+fn run<W: ReplySink>(
+    handle: u64,
+    op: Op,
+    device: &dyn BlockDevice,
+    replies: &Replies<'_, W>,
+    pool: &BufferPool,
+) {
     let durable = |fua: bool| if fua { device.flush() } else { Ok(()) };
     let read_failed = matches!(op, Op::Read { .. });
     let result = match op {
         Op::Read { offset, len } => {
-            let mut buf = vec![0u8; len as usize];
-            match device.read_at(offset, &mut buf) {
-                Ok(()) => {
-                    replies.data(handle, offset, &buf);
-                    return;
-                }
-                Err(e) => Err(e),
+            let mut buf = pool.take(len as usize);
+            let r = device.read_at(offset, &mut buf);
+            if r.is_ok() {
+                replies.data(handle, offset, &buf);
             }
+            pool.give(buf);
+            if r.is_ok() {
+                return;
+            }
+            r
         }
         Op::BlockStatus { offset, len, one } => {
             let max = if one { 1 } else { MAX_EXTENTS };
@@ -368,7 +384,11 @@ fn run<W: ReplySink>(handle: u64, op: Op, device: &dyn BlockDevice, replies: &Re
             }
             return;
         }
-        Op::Write { offset, data, fua } => device.write_at(offset, &data).and_then(|_| durable(fua)),
+        Op::Write { offset, data, fua } => {
+            let r = device.write_at(offset, &data);
+            pool.give(data);
+            r.and_then(|_| durable(fua))
+        }
         Op::WriteZeroes { offset, len, fua, punch } => {
             let r = if punch { device.zero_or_punch(offset, len) } else { device.write_zeroes(offset, len) };
             r.and_then(|_| durable(fua))
@@ -489,7 +509,7 @@ fn read_requests<'a, R: Read, W: ReplySink>(
             let Some(charges) = charge(budgets, cost(device, req.kind, len, budgets), replies) else {
                 return End::Dropped;
             };
-            let mut data = vec![0u8; req.length as usize];
+            let mut data = budgets.pool.take(req.length as usize);
             if let Err(e) = reader.read_exact(&mut data) {
                 return fail("reading a write payload", e);
             }
@@ -625,7 +645,13 @@ mod tests {
     #[test]
     fn requests_are_charged_the_memory_the_device_holds_for_them() {
         let server = Budget::new(64 << 20);
-        let budgets = Budgets { server: &server, connection: Budget::new(16 << 20), reserve: Budget::new(0) };
+        let pool = BufferPool::new(0);
+        let budgets = Budgets {
+            server: &server,
+            pool: &pool,
+            connection: Budget::new(16 << 20),
+            reserve: Budget::new(0),
+        };
         let dev = Copying;
         assert_eq!(cost(&dev, cmd::READ, 1 << 20, &budgets), 2 << 20);
         assert_eq!(cost(&dev, cmd::WRITE, 1 << 20, &budgets), 2 << 20);

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
-use super::budget::{self, Budget};
+use super::budget::{self, BufferPool, ServerMemory};
 use super::connection::{self, Control, Limits};
 use super::negotiate::{self, ExportInfo, Negotiation, Outcome, TlsPolicy};
 use super::stream::{ClientReader, ReplySink, Stream};
@@ -284,13 +284,13 @@ impl Server {
         let shared = Arc::new(Shared {
             export: self.export_info(),
             limits: self.limits(),
-            budget: Budget::new(self.config.max_memory),
+            memory: ServerMemory::new(self.config.max_memory),
             tls: self.config.tls.clone(),
         });
         let mut clients: Vec<Client> = Vec::new();
         let mut accepted = 0u64;
         while !self.stop.load(Ordering::SeqCst) {
-            reap(&mut clients);
+            reap(&mut clients, &shared.memory.pool);
             match listener.accept(accepted + 1) {
                 Ok((stream, peer)) => {
                     accepted += 1;
@@ -391,8 +391,8 @@ impl Server {
 struct Shared {
     export: ExportInfo,
     limits: Limits,
-    /// The server's memory budget.
-    budget: Budget,
+    /// The server's memory: budget and idle buffers.
+    memory: ServerMemory,
     tls: Option<TlsConfig>,
 }
 
@@ -415,14 +415,18 @@ struct Client {
     peer: String,
 }
 
-/// Joins the connections that have ended, and gives their memory back.
-fn reap(clients: &mut Vec<Client>) {
+/// Joins the connections that have ended, and gives their memory back (the idle buffers
+/// too, once no client is left).
+fn reap(clients: &mut Vec<Client>, pool: &BufferPool) {
     let before = clients.len();
     let (done, running): (Vec<_>, Vec<_>) =
         std::mem::take(clients).into_iter().partition(|c| c.thread.is_finished());
     *clients = running;
     done.into_iter().for_each(|c| join_client(c.thread));
     if clients.len() != before {
+        if clients.is_empty() {
+            pool.clear();
+        }
         budget::trim();
     }
 }
@@ -511,7 +515,7 @@ fn after_handshake<R: Read, W: ReplySink>(
                 writer,
                 device,
                 &shared.limits,
-                &shared.budget,
+                &shared.memory,
                 control,
                 (peer, session),
             );
@@ -548,7 +552,7 @@ pub fn serve_bytes(device: Arc<dyn BlockDevice>, config: ServerConfig, input: &[
     let shared = Shared {
         export: server.export_info(),
         limits: server.limits(),
-        budget: Budget::new(server.config.max_memory),
+        memory: ServerMemory::new(server.config.max_memory),
         tls: None,
     };
     let mut out = Vec::new();

@@ -118,6 +118,8 @@ pub struct Volume<E: Engine> {
     watchdog: Duration,
     /// The unit holes are punched in: the filesystem block, at least a sector.
     hole_unit: u64,
+    /// Where the image is known to hold data (forgotten at every punch).
+    known_data: sparse::KnownData,
 }
 
 impl<E: Engine> std::fmt::Debug for Volume<E> {
@@ -200,6 +202,7 @@ impl<E: Engine> Volume<E> {
             size,
             lanes: LanePool::new(params.sector_size as usize),
             hole_unit: sparse::block_granularity(&file).max(ss),
+            known_data: sparse::KnownData::new(),
             file,
             writing: range_lock::RangeLocks::new(),
             watchdog: DEFAULT_WATCHDOG,
@@ -384,7 +387,7 @@ impl<E: Engine> Volume<E> {
     fn hole_sectors(&self, first: u64, len: usize) -> Result<Vec<(usize, usize)>> {
         let ss = u64::from(self.params.sector_size);
         let base = self.params.data_offset + first * ss;
-        let runs = sparse::runs(&self.file, base, base + len as u64, usize::MAX)?;
+        let runs = self.known_data.runs(&self.file, base, base + len as u64)?;
         Ok(runs
             .into_iter()
             .filter(|r| r.hole)
@@ -556,8 +559,9 @@ impl<E: Engine> Volume<E> {
             return Ok(());
         }
         let _range = self.writing.exclusive((a - d) / ss, (b - d) / ss);
-        sparse::punch(&self.file, a, b)?;
-        Ok(())
+        let punched = sparse::punch(&self.file, a, b);
+        self.known_data.forget();
+        punched.map(drop)
     }
 
     /// Zeroes `len` bytes at `offset`: the whole hole units inside are punched (they read as
@@ -574,7 +578,9 @@ impl<E: Engine> Volume<E> {
         }
         let punched = {
             let _range = self.writing.exclusive((a - d) / ss, (b - d) / ss);
-            sparse::punch(&self.file, a, b)?
+            let punched = sparse::punch(&self.file, a, b);
+            self.known_data.forget();
+            punched?
         };
         if !punched {
             return self.write_zeroes(offset, len);

@@ -44,6 +44,15 @@ pub fn block_granularity(file: &File) -> u64 {
 /// `max_runs` of them (the last one may then end before `end`). A filesystem that cannot tell
 /// reports one data run.
 pub fn runs(file: &File, start: u64, end: u64, max_runs: usize) -> Result<Vec<Run>> {
+    Ok(runs_and_data(file, start, end, max_runs)?.0)
+}
+
+/// `[start, end)` of a file, in bytes.
+type Span = (u64, u64);
+
+/// [`runs`], and the first data run found as the filesystem reported it (not cut at `end`).
+fn runs_and_data(file: &File, start: u64, end: u64, max_runs: usize) -> Result<(Vec<Run>, Option<Span>)> {
+    let mut found = None;
     let mut out: Vec<Run> = Vec::new();
     let mut at = start;
     while at < end && out.len() < max_runs.max(1) {
@@ -72,10 +81,75 @@ pub fn runs(file: &File, start: u64, end: u64, max_runs: usize) -> Result<Vec<Ru
         // SEEK_HOLE never returns `at` itself here (SEEK_DATA just said `at` is data), but a
         // file changing under us must not make this loop spin.
         let stop = hole.max(at + 1).min(end);
+        found.get_or_insert((at, hole.max(at + 1)));
         out.push(Run { start: at, end: stop, hole: false });
         at = stop;
     }
-    Ok(out)
+    Ok((out, found))
+}
+
+/// A range of a file known to be all data, so that reads of a dense image need not ask the
+/// filesystem on every I/O: tmpfs answers `SEEK_HOLE` by walking the page cache from the
+/// offset to the next hole (the end of a dense file) under the inode lock, and a profile of
+/// `serve` on tmpfs spent most of its time there.
+///
+/// Data only turns into a hole by a punch, so the owner of the file calls [`forget`]
+/// (Self::forget) after each of its punches, while it still holds the punched range against
+/// readers; a change by another process is not seen (as with any cached view of the file).
+#[derive(Debug, Default)]
+pub struct KnownData {
+    state: std::sync::Mutex<Known>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    /// Bumped by every `forget`: an answer the filesystem gave before it is not kept.
+    generation: u64,
+    data: Option<Span>,
+}
+
+impl KnownData {
+    /// Knows nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`runs`] of `[start, end)` of `file`, from what is known when that covers the range,
+    /// else from the filesystem (and then the data run at `start` is remembered).
+    pub fn runs(&self, file: &File, start: u64, end: u64) -> Result<Vec<Run>> {
+        let generation = {
+            let k = self.lock();
+            if k.data.is_some_and(|(a, b)| a <= start && end <= b) {
+                return Ok(vec![Run { start, end, hole: false }]);
+            }
+            k.generation
+        };
+        let (out, found) = runs_and_data(file, start, end, usize::MAX)?;
+        if let Some(found) = found {
+            self.remember(generation, found);
+        }
+        Ok(out)
+    }
+
+    /// Keeps `data`, found by the filesystem after `generation` was current, unless a punch
+    /// came since (the answer may predate the punch).
+    fn remember(&self, generation: u64, data: Span) {
+        let mut k = self.lock();
+        if k.generation == generation {
+            k.data = Some(data);
+        }
+    }
+
+    /// Forgets what is known: some of it may be a hole now.
+    pub fn forget(&self) {
+        let mut k = self.lock();
+        k.generation = k.generation.wrapping_add(1);
+        k.data = None;
+    }
 }
 
 /// Whether all of `[start, end)` of `file` is one hole.
@@ -120,6 +194,31 @@ pub fn inner_aligned(start: u64, end: u64, granularity: u64) -> (u64, u64) {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn known_data_is_dropped_by_a_punch_even_one_racing_the_lookup() {
+        let f = tempfile::tempfile().unwrap();
+        f.write_all_at(&vec![0xa5u8; 1 << 20], 0).unwrap();
+        f.sync_all().unwrap();
+        if !punch(&f, 0, 0).unwrap() {
+            return;
+        }
+        let known = KnownData::new();
+        assert_eq!(known.runs(&f, 4096, 8192).unwrap(), [Run { start: 4096, end: 8192, hole: false }]);
+        assert!(known.lock().data.is_some_and(|(a, b)| a <= 4096 && b >= 1 << 20), "learnt the data run");
+        if !punch(&f, 64 << 10, 128 << 10).unwrap() {
+            return;
+        }
+        known.forget();
+        let r = known.runs(&f, 0, 1 << 20).unwrap();
+        assert!(r.iter().any(|r| r.hole && r.start == 64 << 10), "{r:?}");
+
+        // A lookup that started before a punch and ends after it is not kept.
+        let generation = known.lock().generation;
+        known.forget();
+        known.remember(generation, (0, 1 << 20));
+        assert!(known.lock().data.is_none());
+    }
 
     #[test]
     fn punched_ranges_read_as_holes_and_zeroes() {
