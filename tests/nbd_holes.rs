@@ -245,3 +245,88 @@ fn trimmed_authenticated_sectors_read_as_zeroes_and_stay_authenticated() {
     qemu_io(&served.uri, &["read -P 0 767488 512", "read -P 0 768512 512"]);
     served.stop();
 }
+
+/// A fresh 8 MiB authenticated volume with 512-byte sectors, keyed by `dir/vk`.
+fn auth_image(d: &Path) -> std::path::PathBuf {
+    std::fs::write(d.join("vk"), [0x5au8; 32]).unwrap();
+    let img = d.join("auth.img");
+    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    run(Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
+        .args(["format", "--type", "authenticated", "--sector-size", "512", "--volume-key-file"])
+        .arg(d.join("vk"))
+        .arg(&img));
+    img
+}
+
+#[test]
+fn nbdcopy_of_an_authenticated_volume_with_a_forged_trimmed_mark_fails() {
+    if !have("qemu-io") || !have("nbdcopy") {
+        return;
+    }
+    let dir = scratch();
+    let d = dir.path();
+    let img = auth_image(d);
+    let served = Served::start(&img, &d.join("vk"), &d.join("log"));
+    qemu_io(&served.uri, &["write -P 0xaa 0 4M"]);
+    served.stop();
+    // Only the image is the attacker's: the mark (outside the tag) on sectors of [1M, 2M),
+    // which hold 0xaa: a range as large as nbdcopy's requests, which it would then not read.
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    for s in 2048..4096u64 {
+        f.write_all_at(&1u32.to_le_bytes(), 4096 + s * 32 + 28).unwrap();
+    }
+    drop(f);
+    let served = Served::start(&img, &d.join("vk"), &d.join("log2"));
+    let out = Command::new("nbdcopy").arg(&served.uri).arg(d.join("copy.raw")).output().unwrap();
+    assert!(!out.status.success(), "nbdcopy copied a sector with a forged trimmed mark without an error");
+    served.stop();
+}
+
+#[test]
+fn an_authenticated_trim_makes_its_marks_durable_before_it_punches() {
+    // A crash between the two must not leave old entries over a hole: the marks reach the disk
+    // (fdatasync) before fallocate(PUNCH_HOLE). strace shows the order of the calls.
+    if !have("qemu-io") || !have("strace") {
+        return;
+    }
+    let dir = scratch();
+    let d = dir.path();
+    let img = auth_image(d);
+    let trace = d.join("trace");
+    let (child, uri) = start_server(
+        Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=pwrite64,pwritev,fdatasync,fsync,fallocate", "-o"])
+            .arg(&trace)
+            .arg(env!("CARGO_BIN_EXE_crypt-vfio"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--export", "vol", "--key-file"])
+            .arg(d.join("vk"))
+            .arg(&img)
+            .stderr(std::fs::File::create(d.join("log")).unwrap()),
+        Duration::from_secs(30),
+    );
+    let mut served = Served { child, uri };
+    qemu_io(&served.uri, &["write -P 0x11 0 2M", "discard 1M 1M", "read -P 0 1M 1M"]);
+    // strace holds off SIGTERM while it traces: stop the server itself, its child.
+    let pid = served.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    for server in children.split_whitespace() {
+        let _ = Command::new("kill").arg(server).status();
+    }
+    let _ = served.child.wait();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let calls: Vec<&str> = text
+        .lines()
+        .filter_map(|l| {
+            ["pwrite64", "pwritev", "fdatasync", "fsync", "fallocate"]
+                .into_iter()
+                .find(|c| l.contains(&format!("{c}(")))
+        })
+        .collect();
+    let punch = calls.iter().position(|&c| c == "fallocate").expect("the trim punched nothing");
+    // The trim's metadata writes come just before; the last call before the punch is a sync.
+    assert!(
+        punch > 0 && ["fdatasync", "fsync"].contains(&calls[punch - 1]),
+        "the punch follows a write with no sync between: {:?}",
+        &calls[punch.saturating_sub(4)..=punch]
+    );
+}
