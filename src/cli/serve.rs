@@ -72,7 +72,10 @@ pub struct ServeArgs {
     /// Pre-shared keys: a file of `username:hexkey` lines (as `psktool` writes them).
     #[arg(long, value_name = "FILE")]
     pub tls_psk: Option<PathBuf>,
-    /// With --tls-certificates: require a client certificate signed by ca-cert.pem.
+    /// With --tls-certificates: require a client certificate signed by ca-cert.pem. Without
+    /// it any client that reaches the socket completes the handshake and reads and writes the
+    /// decrypted volume (TLS then only encrypts the wire; a warning says so). Unlike qemu-nbd,
+    /// whose x509 server credentials verify peers by default, this is opt-in.
     #[arg(long, requires = "tls_certificates")]
     pub tls_verify_peer: bool,
     /// Export name; clients asking for the default export (the empty name) get it too.
@@ -327,6 +330,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
              reads and writes the plaintext (use --tls-certificates/--tls-psk, or --socket)",
             args.listen,
             if tls.is_some() { "required" } else { "any" }
+        );
+    }
+    if args.tls_certificates.is_some() && !args.tls_verify_peer {
+        log::warn!(
+            "TLS with --tls-certificates but without --tls-verify-peer authenticates no client: any \
+             client that can reach the {} reads and writes the {} volume",
+            if args.socket.is_some() { "socket" } else { "port" },
+            if args.raw { "exported" } else { "decrypted" }
         );
     }
     // Scripts and tests read this line to find the port when --listen asked for port 0.

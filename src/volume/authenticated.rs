@@ -661,7 +661,7 @@ impl<E: Engine> AuthVolume<E> {
         let verified = self.verified_trimmed(first, &raw)?;
         let mut out = Vec::new();
         let mut h = holes.iter().peekable();
-        for (i, e) in raw.chunks_exact(META_ENTRY_LEN).enumerate() {
+        for i in 0..raw.len() / META_ENTRY_LEN {
             let s = first + i as u64;
             let (a, b) = ((s * ss).max(offset), ((s + 1) * ss).min(offset + len));
             let pos = d + s * ss;
