@@ -661,14 +661,13 @@ impl<E: Engine> AuthVolume<E> {
         let verified = self.verified_trimmed(first, &raw)?;
         let mut out = Vec::new();
         let mut h = holes.iter().peekable();
-        for i in 0..raw.len() / META_ENTRY_LEN {
+        for (i, &zero) in verified.iter().enumerate() {
             let s = first + i as u64;
             let (a, b) = ((s * ss).max(offset), ((s + 1) * ss).min(offset + len));
             let pos = d + s * ss;
             while h.peek().is_some_and(|r| r.end <= pos) {
                 h.next();
             }
-            let zero = verified[i];
             let hole = zero && h.peek().is_some_and(|r| r.hole && r.start <= pos && r.end >= pos + ss);
             push_extent(&mut out, Extent { len: b - a, hole, zero });
             if out.len() > max_extents.max(1) {

@@ -704,7 +704,6 @@ impl<E: Engine> BlockDevice for Volume<E> {
 mod tests {
     use super::*;
     use crate::engine::software::SoftwareEngine;
-    use std::os::unix::fs::FileExt;
 
     #[test]
     fn a_write_into_a_hole_smaller_than_the_unit_keeps_its_neighbours_zero() {
