@@ -110,6 +110,13 @@ fn images_open_by_path_whatever_their_format() {
     let mut back = [0u8; 6];
     v.read_at(100, &mut back).unwrap();
     assert_eq!(&back, b"tagged");
+    // Served through the BlockDevice trait (as `nbd::Server` does), block status and zeroing
+    // are the volume's own: the never-written sectors past the first are authenticated zeroes.
+    let dev: &dyn crypt_vfio::volume::BlockDevice = &v;
+    let st = dev.block_status(512, (64 << 10) - 512, 16).unwrap();
+    assert!(st.iter().all(|e| e.zero), "{st:?}");
+    dev.zero_or_punch(0, 4096).unwrap();
+    assert!(dev.block_status(0, 4096, 16).unwrap().iter().all(|e| e.zero));
     assert!(matches!(
         AnyVolume::open(engine.clone(), &auth, &[5; 32], false),
         Err(Error::Volume(VolumeError::WrongKey))

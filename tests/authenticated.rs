@@ -197,3 +197,31 @@ fn trimmed_sectors_read_as_authenticated_zeroes_and_their_mark_cannot_forge_zero
     raw.read_exact_at(&mut e, entry(4) + 28).unwrap();
     assert_eq!(e, [0; 4]);
 }
+
+#[test]
+fn block_status_reports_zero_only_for_trimmed_sectors_whose_tag_checks_out() {
+    use crypt_vfio::volume::authenticated::ENTRY_TRIMMED;
+    let dir = scratch();
+    let img = dir.path().join("auth.img");
+    let v = new_volume(&img, 512, 64 << 10);
+    v.write_at(0, &pattern(16 << 10, 5)).unwrap();
+    v.trim(8 << 10, 4 << 10).unwrap();
+    let sb = *v.superblock();
+    let raw = rw(&img);
+    // An attacker who holds only the image sets the mark on sector 5, which holds data: block
+    // status must not tell a copying client (which then never reads it) that it is zero.
+    raw.write_all_at(&ENTRY_TRIMMED, sb.meta_offset + 5 * META_ENTRY_LEN as u64 + 28).unwrap();
+    let st = v.block_status(5 * 512, 512, 16).unwrap();
+    assert!(!st[0].zero && !st[0].hole, "a forged trimmed mark was reported as zero: {st:?}");
+    // The whole picture: data up to 8 KiB (sector 5 included), the real trim zero, data after.
+    let st = v.block_status(0, 16 << 10, 16).unwrap();
+    let zero: Vec<(u64, bool)> = st.iter().map(|e| (e.len, e.zero)).collect();
+    assert_eq!(zero, vec![(8 << 10, false), (4 << 10, true), (4 << 10, false)], "{st:?}");
+    // A genuinely trimmed sector whose tag was changed is data too.
+    let mut b = [0u8];
+    let at = sb.meta_offset + 17 * META_ENTRY_LEN as u64 + 20;
+    raw.read_exact_at(&mut b, at).unwrap();
+    raw.write_all_at(&[b[0] ^ 1], at).unwrap();
+    let st = v.block_status(17 * 512, 512, 16).unwrap();
+    assert!(!st[0].zero, "{st:?}");
+}

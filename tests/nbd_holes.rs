@@ -20,9 +20,15 @@ struct Served {
 
 impl Served {
     fn start(image: &Path, key_file: &Path, log: &Path) -> Served {
+        Self::start_with(image, key_file, log, &[])
+    }
+
+    fn start_with(image: &Path, key_file: &Path, log: &Path, extra: &[&str]) -> Served {
         let (child, uri) = start_server(
             Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
-                .args(["serve", "--listen", "127.0.0.1:0", "--export", "vol", "--key-file"])
+                .args(["serve", "--listen", "127.0.0.1:0", "--export", "vol"])
+                .args(extra)
+                .arg("--key-file")
                 .arg(key_file)
                 .arg(image)
                 .stderr(std::fs::File::create(log).unwrap()),
@@ -76,13 +82,9 @@ fn qemu_read(uri: &str, to: &Path) -> Vec<u8> {
     std::fs::read(to).unwrap()
 }
 
-#[test]
-fn a_sparse_luks_volume_reads_zeroes_and_discard_punches_holes_clients_see() {
-    if !have("qemu-img") || !have("qemu-io") || !have("nbdinfo") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
+/// An 8 MiB LUKS2 image made by qemu-img (sparse: its data area is one hole), passphrase in
+/// `dir/pass`.
+fn sparse_luks(d: &Path) -> std::path::PathBuf {
     std::fs::write(d.join("pass"), "hole punch").unwrap();
     let img = d.join("vol.luks");
     run(Command::new("qemu-img").args([
@@ -97,7 +99,46 @@ fn a_sparse_luks_volume_reads_zeroes_and_discard_punches_holes_clients_see() {
         img.to_str().unwrap(),
         "8M",
     ]));
+    img
+}
+
+/// Whether the image has a hole in `[start, end)` (`SEEK_HOLE`).
+fn has_hole(img: &Path, start: u64, end: u64) -> bool {
+    let f = std::fs::File::open(img).unwrap();
+    rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(start)).unwrap() < end
+}
+
+#[test]
+fn without_allow_discards_a_luks_export_punches_no_holes() {
+    if !have("qemu-img") || !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let dir = scratch();
+    let d = dir.path();
+    let img = sparse_luks(d);
     let served = Served::start(&img, &d.join("pass"), &d.join("log"));
+    const M: u64 = 1 << 20;
+    // The LUKS2 header takes the first 16 MiB of the file; the data area follows it.
+    let data = std::fs::metadata(&img).unwrap().len() - 8 * M;
+    qemu_io(&served.uri, &["write -P 0xcd 0 4M"]);
+    assert!(!has_hole(&img, data, data + 4 * M));
+    // A discard is accepted and changes nothing; a zeroing that may unmap writes zeroes.
+    qemu_io(&served.uri, &["discard 1M 1M", "read -P 0xcd 1M 1M", "write -z -u 2M 1M", "read -P 0 2M 1M"]);
+    assert!(!has_hole(&img, data, data + 4 * M), "a hole was punched without --allow-discards");
+    let map = nbd_map(&served.uri);
+    assert!(covered(&map, 0, 4 * M, "data"), "{map:?}");
+    served.stop();
+}
+
+#[test]
+fn a_sparse_luks_volume_reads_zeroes_and_discard_punches_holes_clients_see() {
+    if !have("qemu-img") || !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let dir = scratch();
+    let d = dir.path();
+    let img = sparse_luks(d);
+    let served = Served::start_with(&img, &d.join("pass"), &d.join("log"), &["--allow-discards"]);
     const M: u64 = 1 << 20;
 
     // A fresh qemu-img image is sparse: all of it is a hole, and it reads as zeroes.
@@ -110,15 +151,15 @@ fn a_sparse_luks_volume_reads_zeroes_and_discard_punches_holes_clients_see() {
     qemu_io(&served.uri, &["discard 1M 1M", "read -P 0 1M 1M", "read -P 0xcd 2M 1M"]);
     assert!(std::fs::metadata(&img).unwrap().blocks() < allocated, "the discard freed no space");
 
-    // Write-zeroes that may unmap (no NBD_CMD_FLAG_NO_HOLE) punches; one that may not writes.
+    // Write-zeroes, even one that may unmap (no NBD_CMD_FLAG_NO_HOLE), writes encrypted
+    // zeroes: dm-crypt would read a hole as garbage.
     qemu_io(
         &served.uri,
         &["write -z -u 2M 512k", "write -z 2560k 256k", "read -P 0 2M 768k", "read -P 0xcd 2816k 256k"],
     );
     let map = nbd_map(&served.uri);
     assert!(covered(&map, M, 2 * M, "hole,zero"), "{map:?}");
-    assert!(covered(&map, 2 * M, 2560 << 10, "hole,zero"), "{map:?}");
-    assert!(covered(&map, 2560 << 10, 3 * M, "data"), "{map:?}");
+    assert!(covered(&map, 2 * M, 3 * M, "data"), "{map:?}");
     assert!(covered(&map, 4096, 4608, "data"), "{map:?}");
     assert!(covered(&map, 3 * M, 8 * M, "hole,zero"), "{map:?}");
 
@@ -203,4 +244,89 @@ fn trimmed_authenticated_sectors_read_as_zeroes_and_stay_authenticated() {
     // Its neighbours still read as zeroes.
     qemu_io(&served.uri, &["read -P 0 767488 512", "read -P 0 768512 512"]);
     served.stop();
+}
+
+/// A fresh 8 MiB authenticated volume with 512-byte sectors, keyed by `dir/vk`.
+fn auth_image(d: &Path) -> std::path::PathBuf {
+    std::fs::write(d.join("vk"), [0x5au8; 32]).unwrap();
+    let img = d.join("auth.img");
+    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    run(Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
+        .args(["format", "--type", "authenticated", "--sector-size", "512", "--volume-key-file"])
+        .arg(d.join("vk"))
+        .arg(&img));
+    img
+}
+
+#[test]
+fn nbdcopy_of_an_authenticated_volume_with_a_forged_trimmed_mark_fails() {
+    if !have("qemu-io") || !have("nbdcopy") {
+        return;
+    }
+    let dir = scratch();
+    let d = dir.path();
+    let img = auth_image(d);
+    let served = Served::start(&img, &d.join("vk"), &d.join("log"));
+    qemu_io(&served.uri, &["write -P 0xaa 0 4M"]);
+    served.stop();
+    // Only the image is the attacker's: the mark (outside the tag) on sectors of [1M, 2M),
+    // which hold 0xaa: a range as large as nbdcopy's requests, which it would then not read.
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    for s in 2048..4096u64 {
+        f.write_all_at(&1u32.to_le_bytes(), 4096 + s * 32 + 28).unwrap();
+    }
+    drop(f);
+    let served = Served::start(&img, &d.join("vk"), &d.join("log2"));
+    let out = Command::new("nbdcopy").arg(&served.uri).arg(d.join("copy.raw")).output().unwrap();
+    assert!(!out.status.success(), "nbdcopy copied a sector with a forged trimmed mark without an error");
+    served.stop();
+}
+
+#[test]
+fn an_authenticated_trim_makes_its_marks_durable_before_it_punches() {
+    // A crash between the two must not leave old entries over a hole: the marks reach the disk
+    // (fdatasync) before fallocate(PUNCH_HOLE). strace shows the order of the calls.
+    if !have("qemu-io") || !have("strace") {
+        return;
+    }
+    let dir = scratch();
+    let d = dir.path();
+    let img = auth_image(d);
+    let trace = d.join("trace");
+    let (child, uri) = start_server(
+        Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=pwrite64,pwritev,fdatasync,fsync,fallocate", "-o"])
+            .arg(&trace)
+            .arg(env!("CARGO_BIN_EXE_crypt-vfio"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--export", "vol", "--key-file"])
+            .arg(d.join("vk"))
+            .arg(&img)
+            .stderr(std::fs::File::create(d.join("log")).unwrap()),
+        Duration::from_secs(30),
+    );
+    let mut served = Served { child, uri };
+    qemu_io(&served.uri, &["write -P 0x11 0 2M", "discard 1M 1M", "read -P 0 1M 1M"]);
+    // strace holds off SIGTERM while it traces: stop the server itself, its child.
+    let pid = served.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    for server in children.split_whitespace() {
+        let _ = Command::new("kill").arg(server).status();
+    }
+    let _ = served.child.wait();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let calls: Vec<&str> = text
+        .lines()
+        .filter_map(|l| {
+            ["pwrite64", "pwritev", "fdatasync", "fsync", "fallocate"]
+                .into_iter()
+                .find(|c| l.contains(&format!("{c}(")))
+        })
+        .collect();
+    let punch = calls.iter().position(|&c| c == "fallocate").expect("the trim punched nothing");
+    // The trim's metadata writes come just before; the last call before the punch is a sync.
+    assert!(
+        punch > 0 && ["fdatasync", "fsync"].contains(&calls[punch - 1]),
+        "the punch follows a write with no sync between: {:?}",
+        &calls[punch.saturating_sub(4)..=punch]
+    );
 }

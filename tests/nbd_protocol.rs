@@ -1020,3 +1020,41 @@ fn block_status_without_a_metadata_context_is_refused() {
     c.disconnect();
     f.stop();
 }
+
+/// The process umask, read without changing it (`umask(2)` can only swap).
+fn current_umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Umask:")).expect("Umask in /proc/self/status");
+    u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap()
+}
+
+#[test]
+fn unix_listeners_bound_at_once_are_0600_and_leave_the_umask_alone() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let before = current_umask();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                (0..8)
+                    .map(|i| {
+                        let path = root.join(format!("s{t}-{i}.sock"));
+                        (Listener::unix(&path).unwrap(), path)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let listeners: Vec<_> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert_eq!(current_umask(), before, "binding Unix listeners changed the process umask");
+    for (_, path) in &listeners {
+        let m = std::fs::metadata(path).unwrap();
+        assert!(m.file_type().is_socket());
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", path.display());
+    }
+    // An existing path is refused, and nothing is left behind but the sockets.
+    assert!(Listener::unix(&listeners[0].1).is_err());
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 64);
+}

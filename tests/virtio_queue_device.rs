@@ -336,38 +336,50 @@ impl Dev {
                 Err(e) => self.violation(format!("queue {qi}: avail flags: {e}")),
             }
         }
+        // Entries published while the queue was being re-armed come with a doorbell, but they may
+        // already be visible below: only entries that were there before a pass that then took
+        // none of them are a chain virtio-queue refuses.
+        let mut ahead_before = false;
         loop {
-            if let Err(e) = self.queues[qi].disable_notification(&mem) {
-                return self.violation(format!("queue {qi}: {e}"));
-            }
-            while let Some(chain) = self.queues[qi].pop_descriptor_chain(&mem) {
-                let head = chain.head_index();
-                let written = self.handle(qi, &mem, chain);
-                if let Err(e) = self.queues[qi].add_used(&mem, head, written) {
-                    return self.violation(format!("queue {qi}: add_used: {e}"));
+            let start = self.queues[qi].next_avail();
+            loop {
+                if let Err(e) = self.queues[qi].disable_notification(&mem) {
+                    return self.violation(format!("queue {qi}: {e}"));
                 }
-                match self.queues[qi].needs_notification(&mem) {
-                    Ok(true) => self.interrupt(qi),
-                    Ok(false) => self.seen.suppressed_interrupts += 1,
+                while let Some(chain) = self.queues[qi].pop_descriptor_chain(&mem) {
+                    let head = chain.head_index();
+                    let written = self.handle(qi, &mem, chain);
+                    if let Err(e) = self.queues[qi].add_used(&mem, head, written) {
+                        return self.violation(format!("queue {qi}: add_used: {e}"));
+                    }
+                    match self.queues[qi].needs_notification(&mem) {
+                        Ok(true) => self.interrupt(qi),
+                        Ok(false) => self.seen.suppressed_interrupts += 1,
+                        Err(e) => return self.violation(format!("queue {qi}: {e}")),
+                    }
+                }
+                match self.queues[qi].enable_notification(&mem) {
+                    Ok(true) => continue, // the driver published more while we were re-arming
+                    Ok(false) => break,
                     Err(e) => return self.violation(format!("queue {qi}: {e}")),
                 }
             }
-            match self.queues[qi].enable_notification(&mem) {
-                Ok(true) => continue, // the driver published more while we were re-arming
-                Ok(false) => break,
-                Err(e) => return self.violation(format!("queue {qi}: {e}")),
+            // virtio-queue stops popping at a chain it cannot read or an available index that
+            // runs more than a ring ahead; either is a driver bug.
+            match self.queues[qi].avail_idx(&mem, Ordering::Acquire) {
+                Ok(idx) if idx.0 != self.queues[qi].next_avail() => {
+                    if ahead_before && self.queues[qi].next_avail() == start {
+                        return self.violation(format!(
+                            "queue {qi}: stuck at available entry {} of {} (a chain virtio-queue refuses)",
+                            self.queues[qi].next_avail(),
+                            idx.0
+                        ));
+                    }
+                    ahead_before = true;
+                }
+                Ok(_) => return,
+                Err(e) => return self.violation(format!("queue {qi}: available index: {e}")),
             }
-        }
-        // virtio-queue stops popping at a chain it cannot read or an available index that runs
-        // more than a ring ahead; either is a driver bug.
-        match self.queues[qi].avail_idx(&mem, Ordering::Acquire) {
-            Ok(idx) if idx.0 != self.queues[qi].next_avail() => self.violation(format!(
-                "queue {qi}: stuck at available entry {} of {} (a chain virtio-queue refuses)",
-                self.queues[qi].next_avail(),
-                idx.0
-            )),
-            Ok(_) => {}
-            Err(e) => self.violation(format!("queue {qi}: available index: {e}")),
         }
     }
 

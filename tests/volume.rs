@@ -496,7 +496,8 @@ fn holes_read_as_zeroes_writes_into_them_keep_their_neighbours_and_trim_makes_th
     for data_offset in [0u64, 512, 8192] {
         let dir = scratch();
         let p = VolumeParams { data_offset, ..params("aes-xts-plain64", 512) };
-        let v = Volume::open(engine.clone(), backing(dir.path(), 1 << 20), true, &KEY64, p).unwrap();
+        let mut v = Volume::open(engine.clone(), backing(dir.path(), 1 << 20), true, &KEY64, p).unwrap();
+        v.set_allow_discards(true);
         let size = v.size();
         let status = v.block_status(0, size, 100).unwrap();
         assert_eq!(status.len(), 1, "{status:?}");
@@ -549,8 +550,10 @@ fn holes_punched_after_a_dense_read_read_as_zeroes() {
     // not be hidden by that memory (a hole decrypted would read as garbage).
     let engine = Arc::new(common::device());
     let dir = scratch();
-    let v = Volume::open(engine, backing(dir.path(), 1 << 20), true, &KEY64, params("aes-xts-plain64", 512))
-        .unwrap();
+    let mut v =
+        Volume::open(engine, backing(dir.path(), 1 << 20), true, &KEY64, params("aes-xts-plain64", 512))
+            .unwrap();
+    v.set_allow_discards(true);
     let size = v.size() as usize;
     let want = pattern(size, 9);
     v.write_at(0, &want).unwrap();
@@ -575,4 +578,101 @@ fn holes_punched_after_a_dense_read_read_as_zeroes() {
     let mut part = vec![1u8; 128 << 10];
     v.read_at(512 << 10, &mut part).unwrap();
     assert!(part[..] == expected[512 << 10..640 << 10], "a zeroed range read after a dense read");
+}
+
+/// Whether any byte range of the image is a hole (`SEEK_HOLE` before its end).
+fn image_has_hole(f: &File) -> bool {
+    let len = f.metadata().unwrap().len();
+    rustix::fs::seek(f, rustix::fs::SeekFrom::Hole(0)).unwrap() < len
+}
+
+#[test]
+fn without_allow_discards_trim_punches_nothing_and_zeroing_never_punches() {
+    let engine = Arc::new(SoftwareEngine::new(CoreKind::Fast));
+    let dir = scratch();
+    let file = backing(dir.path(), 1 << 20);
+    let disk = file.try_clone().unwrap();
+    let mut v = Volume::open(engine, file, true, &KEY64, params("aes-xts-plain64", 512)).unwrap();
+    let data = pattern(1 << 20, 3);
+    v.write_at(0, &data).unwrap();
+    disk.sync_all().unwrap();
+    assert!(!image_has_hole(&disk));
+
+    // Zeroing with a hole allowed (NBD WRITE_ZEROES without NO_HOLE) writes encrypted zeroes:
+    // dm-crypt must read zeroes back, and it would decrypt a hole into garbage.
+    v.zero_or_punch(0, 256 << 10).unwrap();
+    assert!(!image_has_hole(&disk), "zeroing punched a hole");
+    let mut raw = vec![0u8; 256 << 10];
+    std::os::unix::fs::FileExt::read_exact_at(&disk, &mut raw, 0).unwrap();
+    assert!(!raw.windows(64).any(|w| w.iter().all(|&b| b == 0)), "the zeroes are encrypted");
+
+    // Trim without --allow-discards: accepted, nothing punched, nothing changed.
+    v.trim(256 << 10, 256 << 10).unwrap();
+    assert!(!image_has_hole(&disk), "a trim punched a hole without allow_discards");
+    let mut back = vec![1u8; 1 << 20];
+    v.read_at(0, &mut back).unwrap();
+    let mut expected = data.clone();
+    expected[..256 << 10].fill(0);
+    assert!(back == expected);
+    assert!(v.block_status(0, 1 << 20, 16).unwrap().iter().all(|e| !e.hole && !e.zero));
+
+    // With it, the trim punches (where the filesystem can).
+    v.set_allow_discards(true);
+    v.trim(256 << 10, 256 << 10).unwrap();
+    let st = v.block_status(256 << 10, 256 << 10, 16).unwrap();
+    assert_eq!(image_has_hole(&disk), st.iter().any(|e| e.hole));
+}
+
+/// A loop device over a file in `dir`, detached on drop; `None` where loop devices cannot be
+/// set up (not root, no loop driver).
+struct Loop(String);
+
+impl Loop {
+    fn new(dir: &std::path::Path, len: u64) -> Option<Self> {
+        let img = dir.join("loop.img");
+        File::create(&img).unwrap().set_len(len).unwrap();
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(&img).output().ok()?;
+        if !out.status.success() {
+            eprintln!("skipped: losetup: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        Some(Loop(String::from_utf8(out.stdout).unwrap().trim().to_string()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn on_a_block_device_zeroes_read_back_as_zeroes_and_trim_never_yields_garbage() {
+    let dir = scratch();
+    let Some(dev) = Loop::new(dir.path(), 4 << 20) else { return };
+    let file = OpenOptions::new().read(true).write(true).open(&dev.0).unwrap();
+    let engine = Arc::new(SoftwareEngine::new(CoreKind::Fast));
+    let mut v = Volume::open(engine, file, true, &KEY64, params("aes-xts-plain64", 512)).unwrap();
+    v.set_allow_discards(true);
+    let data = pattern(4 << 20, 9);
+    v.write_at(0, &data).unwrap();
+    v.flush().unwrap();
+    // A loop device accepts PUNCH_HOLE (it zeroes the bytes) but SEEK_HOLE reports it all as
+    // data: a punch there would decrypt to garbage.
+    v.zero_or_punch(0, 1 << 20).unwrap();
+    v.trim(1 << 20, 1 << 20).unwrap();
+    let mut back = vec![1u8; 4 << 20];
+    v.read_at(0, &mut back).unwrap();
+    assert!(back[..1 << 20].iter().all(|&b| b == 0), "zeroed range reads as zeroes");
+    let mut at = 1u64 << 20;
+    for e in v.block_status(1 << 20, 3 << 20, 64).unwrap() {
+        let r = at as usize..(at + e.len) as usize;
+        if e.zero {
+            assert!(back[r.clone()].iter().all(|&b| b == 0), "a zero extent reads as zeroes");
+        } else {
+            assert!(back[r.clone()] == data[r.clone()], "a data extent at {at} changed under trim");
+        }
+        at += e.len;
+    }
+    drop(v);
 }

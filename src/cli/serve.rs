@@ -72,7 +72,10 @@ pub struct ServeArgs {
     /// Pre-shared keys: a file of `username:hexkey` lines (as `psktool` writes them).
     #[arg(long, value_name = "FILE")]
     pub tls_psk: Option<PathBuf>,
-    /// With --tls-certificates: require a client certificate signed by ca-cert.pem.
+    /// With --tls-certificates: require a client certificate signed by ca-cert.pem. Without
+    /// it any client that reaches the socket completes the handshake and reads and writes the
+    /// decrypted volume (TLS then only encrypts the wire; a warning says so). Unlike qemu-nbd,
+    /// whose x509 server credentials verify peers by default, this is opt-in.
     #[arg(long, requires = "tls_certificates")]
     pub tls_verify_peer: bool,
     /// Export name; clients asking for the default export (the empty name) get it too.
@@ -81,6 +84,14 @@ pub struct ServeArgs {
     /// Refuse writes.
     #[arg(long)]
     pub read_only: bool,
+    /// LUKS and plain images: let trims (NBD_CMD_TRIM) punch holes in the image, as dm-crypt's
+    /// `allow_discards`. Off by default: trims are accepted and do nothing. A hole shows
+    /// which parts of the volume are unused to anyone who can see the image, and it reads as
+    /// zeroes only through crypt-vfio (dm-crypt decrypts it into garbage, as a discarded range
+    /// on many devices). Zeroing requests always write encrypted zeroes. Authenticated volumes
+    /// always accept trims (their trimmed sectors read as authenticated zeroes everywhere).
+    #[arg(long)]
+    pub allow_discards: bool,
     /// Requests of one client that run at once (1 to 64).
     #[arg(long, default_value_t = 4, value_parser = bounded(1, MAX_WORKERS_PER_CONNECTION as u64))]
     pub workers: u64,
@@ -225,8 +236,9 @@ fn export_on<E: Engine + 'static>(
     let writable = !args.read_only;
     let secret = match unlock {
         Unlock::Plain(key, params) => {
-            let volume = Volume::open(engine, file, writable, &key, params)
+            let mut volume = Volume::open(engine, file, writable, &key, params)
                 .with_context(|| format!("opening {} as a plain dm-crypt image", args.image.display()))?;
+            volume.set_allow_discards(args.allow_discards);
             return Ok(Arc::new(volume));
         }
         Unlock::Secret(path) => read_key_file(path)?,
@@ -245,7 +257,9 @@ fn export_on<E: Engine + 'static>(
     };
     let (slot, key) = header.unlock(&*engine, &file, &secret)?;
     log::info!("key slot {slot} opened");
-    Ok(Arc::new(Volume::open(engine, file, writable, &key, header.volume_params())?))
+    let mut volume = Volume::open(engine, file, writable, &key, header.volume_params())?;
+    volume.set_allow_discards(args.allow_discards);
+    Ok(Arc::new(volume))
 }
 
 /// How long a stop waits for requests on the device before it fails them: a stop must end
@@ -316,6 +330,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
              reads and writes the plaintext (use --tls-certificates/--tls-psk, or --socket)",
             args.listen,
             if tls.is_some() { "required" } else { "any" }
+        );
+    }
+    if args.tls_certificates.is_some() && !args.tls_verify_peer {
+        log::warn!(
+            "TLS with --tls-certificates but without --tls-verify-peer authenticates no client: any \
+             client that can reach the {} reads and writes the {} volume",
+            if args.socket.is_some() { "socket" } else { "port" },
+            if args.raw { "exported" } else { "decrypted" }
         );
     }
     // Scripts and tests read this line to find the port when --listen asked for port 0.

@@ -104,15 +104,28 @@ impl<S: Send + 'static> BlockingQueue<S> {
                     Err(e) => match e.kind {
                         // The backlog is full (other users of the queue): completions make room.
                         SubmitErrorKind::Busy => pending = Some(e.request),
-                        SubmitErrorKind::Rejected(err) => return Err(err),
+                        SubmitErrorKind::Rejected(err) => {
+                            // The buffer may hold the caller's plaintext: wipe it before it is freed.
+                            let mut r = e.request;
+                            r.data.zeroize();
+                            return Err(err);
+                        }
                     },
                 }
             }
             self.queue.poll();
-            if let Some(c) = self.take(id) {
+            if let Some(mut c) = self.take(id) {
+                if c.result.is_err() {
+                    c.request.data.zeroize();
+                }
                 return c.result.map(|()| c.request);
             }
             if start.elapsed() > self.wait {
+                // A request still waiting here is wiped now; one on the engine is wiped by
+                // `take` when its completion arrives and is dropped.
+                if let Some(mut r) = pending.take() {
+                    r.data.zeroize();
+                }
                 return Err(Error::Device(DeviceError::Timeout(self.wait, "a blocking request")));
             }
             if spins < SPINS {
@@ -128,12 +141,15 @@ impl<S: Send + 'static> BlockingQueue<S> {
         }
     }
 
-    /// The completion of request `id`; completions of requests given up on earlier are dropped.
+    /// The completion of request `id`; completions of requests given up on earlier are wiped
+    /// (their buffers may hold plaintext) and dropped.
     fn take(&self, id: u64) -> Option<Completion<S>> {
         let mut done = self.inbox.done.lock().unwrap_or_else(PoisonError::into_inner);
         let pos = done.iter().position(|c| c.request.user_data == id);
         let found = pos.map(|p| done.swap_remove(p));
-        done.clear();
+        for mut c in done.drain(..) {
+            c.request.data.zeroize();
+        }
         found
     }
 }

@@ -128,16 +128,38 @@ impl Listener {
     /// a running server. The socket is created with mode 0600 (owner only: whoever can
     /// connect reads the export).
     ///
-    /// The mode comes from the umask in force at `bind`, so the process umask is set to 0177
-    /// for the call (a chmod after binding would leave a moment when others could connect);
-    /// files other threads create meanwhile get that umask too.
+    /// It is bound inside a fresh directory of mode 0700 next to `path`, set to 0600 there,
+    /// and only then linked at `path` (a link fails if `path` exists): nobody else can reach
+    /// it before its mode is right, and the process umask is left alone (swapping it would
+    /// race with other threads, and two swaps at once could leave it changed for good).
     pub fn unix(path: impl AsRef<Path>) -> Result<Listener> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let path = path.as_ref().to_path_buf();
-        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
-        let bound = UnixListener::bind(&path);
-        rustix::process::umask(old);
-        let l = bound.map_err(|e| Error::os(format!("listening on {}", path.display()), e))?;
-        Ok(Listener::Unix { listener: l, path })
+        let fail =
+            |what: &str, e: std::io::Error| Error::os(format!("listening on {}: {what}", path.display()), e);
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let private = parent.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&private)
+            .map_err(|e| fail("creating a private directory for the socket", e))?;
+        let inner = private.join("s");
+        let bound = (|| -> Result<UnixListener> {
+            let l = UnixListener::bind(&inner).map_err(|e| fail("binding", e))?;
+            std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| fail("setting the socket's mode to 0600", e))?;
+            std::fs::hard_link(&inner, &path).map_err(|e| fail("linking the socket into place", e))?;
+            Ok(l)
+        })();
+        let _ = std::fs::remove_file(&inner);
+        let _ = std::fs::remove_dir(&private);
+        Ok(Listener::Unix { listener: bound?, path })
     }
 
     /// The TCP address actually bound, if TCP.

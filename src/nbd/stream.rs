@@ -61,14 +61,6 @@ impl Stream {
         }
     }
 
-    /// Sets the read and write timeouts (a blocking TLS handshake is bounded by them).
-    pub(crate) fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(read).and_then(|_| s.set_write_timeout(write)),
-            Stream::Unix(s) => s.set_read_timeout(read).and_then(|_| s.set_write_timeout(write)),
-        }
-    }
-
     /// Makes the socket non-blocking (a TLS session waits for it with `poll`).
     pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         match self {

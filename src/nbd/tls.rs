@@ -90,24 +90,46 @@ impl TlsConfig {
         Ok(TlsConfig { acceptor, required })
     }
 
-    /// Runs the server side of the handshake on `stream` (a blocking socket), which must end
-    /// by `deadline`.
+    /// Runs the server side of the handshake on `stream`, which must end by `deadline`.
+    ///
+    /// The socket is non-blocking throughout and each step waits in `poll` for what is left
+    /// of the deadline: one deadline for the whole handshake. Socket timeouts would bound each
+    /// receive only, and a client sending its ClientHello a byte at a time would hold its
+    /// connection slot for hours.
     pub(crate) fn accept(&self, stream: Stream, deadline: Instant) -> Result<TlsSession> {
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         let raw = stream.try_clone().map_err(|e| Error::os("TLS: cloning the socket", e))?;
-        stream.set_timeouts(Some(left), Some(left)).map_err(|e| Error::os("TLS: socket timeouts", e))?;
-        let ssl = match self.acceptor.accept(stream) {
-            Ok(s) => s,
-            Err(HandshakeError::WouldBlock(_)) => {
-                return Err(Error::Nbd(NbdError::Protocol(
-                    "TLS handshake not finished before the handshake deadline".into(),
-                )))
-            }
-            Err(HandshakeError::Failure(m)) => {
-                return Err(Error::Nbd(NbdError::Protocol(format!("TLS handshake failed: {}", m.error()))))
-            }
-            Err(HandshakeError::SetupFailure(e)) => {
-                return Err(Error::Nbd(NbdError::Protocol(format!("TLS setup: {e}"))))
+        raw.set_nonblocking(true).map_err(|e| Error::os("TLS: making the socket non-blocking", e))?;
+        let late = || {
+            Error::Nbd(NbdError::Protocol("TLS handshake not finished before the handshake deadline".into()))
+        };
+        let mut attempt = self.acceptor.accept(stream);
+        let ssl = loop {
+            match attempt {
+                Ok(s) => break s,
+                Err(HandshakeError::WouldBlock(mid)) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(late());
+                    }
+                    let flags = if mid.error().code() == ErrorCode::WANT_WRITE {
+                        PollFlags::OUT
+                    } else {
+                        PollFlags::IN
+                    };
+                    if !wait_fd(&raw, flags, left).map_err(|e| Error::os("TLS: waiting on the socket", e))? {
+                        return Err(late());
+                    }
+                    attempt = mid.handshake();
+                }
+                Err(HandshakeError::Failure(m)) => {
+                    return Err(Error::Nbd(NbdError::Protocol(format!(
+                        "TLS handshake failed: {}",
+                        m.error()
+                    ))))
+                }
+                Err(HandshakeError::SetupFailure(e)) => {
+                    return Err(Error::Nbd(NbdError::Protocol(format!("TLS setup: {e}"))))
+                }
             }
         };
         log::debug!(
@@ -115,8 +137,20 @@ impl TlsConfig {
             ssl.ssl().version_str(),
             ssl.ssl().current_cipher().map_or("no cipher", |c| c.name())
         );
-        raw.set_nonblocking(true).map_err(|e| Error::os("TLS: making the socket non-blocking", e))?;
         Ok(TlsSession { shared: Arc::new(Shared { ssl: Mutex::new(ssl), raw }) })
+    }
+}
+
+/// Waits until `raw` is ready for `flags` or `timeout` passes; false on timeout.
+fn wait_fd(raw: &Stream, flags: PollFlags, timeout: Duration) -> io::Result<bool> {
+    let ts = rustix::event::Timespec::try_from(timeout)
+        .unwrap_or(rustix::event::Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
+    let fd: BorrowedFd<'_> = raw.as_fd();
+    let mut fds = [PollFd::from_borrowed_fd(fd, flags)];
+    match rustix::event::poll(&mut fds, Some(&ts)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(true),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -219,15 +253,7 @@ impl Shared {
 
     /// Waits until the socket is ready for `flags` or `timeout` passes; false on timeout.
     fn wait(&self, flags: PollFlags, timeout: Duration) -> io::Result<bool> {
-        let ts = rustix::event::Timespec::try_from(timeout)
-            .unwrap_or(rustix::event::Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
-        let fd: BorrowedFd<'_> = self.raw.as_fd();
-        let mut fds = [PollFd::from_borrowed_fd(fd, flags)];
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(n) => Ok(n > 0),
-            Err(rustix::io::Errno::INTR) => Ok(true),
-            Err(e) => Err(e.into()),
-        }
+        wait_fd(&self.raw, flags, timeout)
     }
 }
 

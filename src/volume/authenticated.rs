@@ -45,8 +45,9 @@ pub const META_ENTRY_LEN: usize = 32;
 /// and tag are those of sealing zeroes there. Any other non-zero value is damage.
 pub const ENTRY_TRIMMED: [u8; 4] = 1u32.to_le_bytes();
 /// Sectors whose metadata one block status query reads at most (a bounded answer; the client
-/// asks again for the rest).
-const STATUS_SECTORS: u64 = 1 << 16;
+/// asks again for the rest). Trimmed ones are checked by sealing zeroes, so this bounds that
+/// work too: 8 MiB of 512-byte sectors.
+const STATUS_SECTORS: u64 = 1 << 14;
 /// Length of the part of the superblock the key check authenticates (everything before it).
 const SB_AUTH_LEN: usize = 56;
 /// Where the superblock's fields end: the rest of it is zero.
@@ -373,15 +374,23 @@ impl<E: Engine> AuthVolume<E> {
 
     /// Checks trimmed sectors: each entry must be the IV and tag of sealed zeroes at its place.
     fn check_trimmed(&self, first: u64, stored: &[SectorMeta]) -> Result<()> {
+        match self.trimmed_tags_match(first, stored)?.iter().position(|&ok| !ok) {
+            Some(i) => Err(Error::Volume(VolumeError::SectorAuthFailed { sector: first + i as u64 })),
+            None => Ok(()),
+        }
+    }
+
+    /// For each sector from `first` whose entry carries the trimmed mark: whether its tag is
+    /// that of sealed zeroes there (the mark itself is not authenticated; this is).
+    fn trimmed_tags_match(&self, first: u64, stored: &[SectorMeta]) -> Result<Vec<bool>> {
         let mut fresh: Vec<SectorMeta> = stored.to_vec();
         self.seal_zeroes(first, &mut fresh)?;
-        for (i, (a, b)) in stored.iter().zip(&fresh).enumerate() {
-            // Constant time: how much of a forged tag matches is nobody's business.
-            if a.tag.iter().zip(&b.tag).fold(0u8, |acc, (x, y)| acc | (x ^ y)) != 0 {
-                return Err(Error::Volume(VolumeError::SectorAuthFailed { sector: first + i as u64 }));
-            }
-        }
-        Ok(())
+        // Constant time: how much of a forged tag matches is nobody's business.
+        Ok(stored
+            .iter()
+            .zip(&fresh)
+            .map(|(a, b)| a.tag.iter().zip(&b.tag).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0)
+            .collect())
     }
 
     /// Verifies whole sectors from `first` given their entries: trimmed runs against sealed
@@ -611,8 +620,11 @@ impl<E: Engine> AuthVolume<E> {
                 .map_err(|e| Error::os("writing sector metadata", e))?;
             at += n;
         }
-        // The marks are on the file first: a crash before the punch leaves sectors that read
-        // as zeroes over old ciphertext, never a hole under an entry that expects ciphertext.
+        // The marks are durable first: a crash before the punch leaves sectors that read as
+        // zeroes over old ciphertext, never a hole under an entry that expects ciphertext.
+        // Without the sync the filesystem may commit the punch (journalled metadata) long
+        // before it writes the marks back.
+        self.file.sync_data().map_err(|e| Error::os("making trimmed sectors' metadata durable", e))?;
         let d = self.sb.data_offset;
         let unit = super::sparse::block_granularity(&self.file).max(ss);
         let (a, b) = super::sparse::inner_aligned(d + first * ss, d + end * ss, unit);
@@ -621,7 +633,13 @@ impl<E: Engine> AuthVolume<E> {
     }
 
     /// What `len` bytes at `offset` hold: trimmed sectors read as zeroes, and are holes where
-    /// their data area is one. At most 65536 sectors are looked at per call.
+    /// their data area is one. At most 16384 sectors are looked at per call.
+    ///
+    /// A sector is reported as zero only once its entry's tag has been checked against sealed
+    /// zeroes: the trimmed mark is outside the tag, and clients that copy by block status
+    /// (`nbdcopy`, `qemu-img convert`) never read a zero extent, so a forged mark over data
+    /// would otherwise erase that data without any error. A sector whose check fails is
+    /// reported as data, so that the client's read of it fails.
     pub fn block_status(
         &self,
         offset: u64,
@@ -640,22 +658,50 @@ impl<E: Engine> AuthVolume<E> {
         let raw = self.read_meta_raw(first, (end - first) as usize)?;
         let d = self.sb.data_offset;
         let holes = super::sparse::runs(&self.file, d + first * ss, d + end * ss, usize::MAX)?;
+        let verified = self.verified_trimmed(first, &raw)?;
         let mut out = Vec::new();
         let mut h = holes.iter().peekable();
-        for (i, e) in raw.chunks_exact(META_ENTRY_LEN).enumerate() {
+        for (i, &zero) in verified.iter().enumerate() {
             let s = first + i as u64;
             let (a, b) = ((s * ss).max(offset), ((s + 1) * ss).min(offset + len));
             let pos = d + s * ss;
             while h.peek().is_some_and(|r| r.end <= pos) {
                 h.next();
             }
-            let zero = e[28..] == ENTRY_TRIMMED;
             let hole = zero && h.peek().is_some_and(|r| r.hole && r.start <= pos && r.end >= pos + ss);
             push_extent(&mut out, Extent { len: b - a, hole, zero });
             if out.len() > max_extents.max(1) {
                 out.pop();
                 break;
             }
+        }
+        Ok(out)
+    }
+}
+
+impl<E: Engine> AuthVolume<E> {
+    /// For each entry of `raw` (sectors from `first`): whether it carries the trimmed mark and
+    /// its tag is that of sealed zeroes. Runs of marked entries are checked together.
+    fn verified_trimmed(&self, first: u64, raw: &[u8]) -> Result<Vec<bool>> {
+        let marked: Vec<bool> = raw.chunks_exact(META_ENTRY_LEN).map(|e| e[28..] == ENTRY_TRIMMED).collect();
+        let mut out = vec![false; marked.len()];
+        let mut i = 0;
+        while i < marked.len() {
+            if !marked[i] {
+                i += 1;
+                continue;
+            }
+            let piece = (super::block::ZERO_PIECE / u64::from(self.sb.sector_size)).max(1) as usize;
+            let j = marked[i..].iter().position(|&m| !m).map_or(marked.len(), |n| i + n).min(i + piece);
+            let stored: Vec<SectorMeta> = raw[i * META_ENTRY_LEN..j * META_ENTRY_LEN]
+                .chunks_exact(META_ENTRY_LEN)
+                .map(|e| SectorMeta {
+                    iv: e[..12].try_into().expect("12 bytes"),
+                    tag: e[12..28].try_into().expect("16 bytes"),
+                })
+                .collect();
+            out[i..j].copy_from_slice(&self.trimmed_tags_match(first + i as u64, &stored)?);
+            i = j;
         }
         Ok(out)
     }

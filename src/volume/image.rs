@@ -139,6 +139,12 @@ impl<E: Engine> BlockDevice for AnyVolume<E> {
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.inner().trim(offset, len)
     }
+    fn zero_or_punch(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner().zero_or_punch(offset, len)
+    }
+    fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<super::block::Extent>> {
+        self.inner().block_status(offset, len, max_extents)
+    }
     fn block_size(&self) -> u32 {
         self.inner().block_size()
     }

@@ -120,6 +120,12 @@ pub struct Volume<E: Engine> {
     hole_unit: u64,
     /// Where the image is known to hold data (forgotten at every punch).
     known_data: sparse::KnownData,
+    /// Whether trim may punch holes (`serve --allow-discards`; off by default, as dm-crypt's
+    /// `allow_discards`): a hole shows which parts of the volume are unused.
+    allow_discards: bool,
+    /// Whether the backing file is a regular file. Only there does a punched range read back
+    /// as a hole (`SEEK_HOLE`); a block device zeroes the bytes, which decrypt to garbage.
+    regular_file: bool,
 }
 
 impl<E: Engine> std::fmt::Debug for Volume<E> {
@@ -203,6 +209,8 @@ impl<E: Engine> Volume<E> {
             lanes: LanePool::new(params.sector_size as usize),
             hole_unit: sparse::block_granularity(&file).max(ss),
             known_data: sparse::KnownData::new(),
+            allow_discards: false,
+            regular_file: file.metadata().is_ok_and(|m| m.file_type().is_file()),
             file,
             writing: range_lock::RangeLocks::new(),
             watchdog: DEFAULT_WATCHDOG,
@@ -212,6 +220,15 @@ impl<E: Engine> Volume<E> {
     /// Sets how long an I/O waits without any engine event before it fails (the watchdog).
     pub fn set_watchdog(&mut self, watchdog: Duration) {
         self.watchdog = watchdog;
+    }
+
+    /// Lets [`trim`](Self::trim) punch holes in the image (off by default). Like dm-crypt's
+    /// `allow_discards`, this shows which parts of the volume are unused to anyone who can see
+    /// the image, and a trimmed range reads as zeroes only through crypt-vfio: dm-crypt
+    /// (`cryptsetup open`) decrypts a hole into garbage, as it does a discarded range on
+    /// many devices. A trim's contents are undefined, so both are allowed.
+    pub fn set_allow_discards(&mut self, allow: bool) {
+        self.allow_discards = allow;
     }
 
     /// Size of the decrypted view in bytes.
@@ -462,10 +479,12 @@ impl<E: Engine> Volume<E> {
         ((ua - d) / ss, (ub - d).div_ceil(ss))
     }
 
-    /// A write that lands in a hole would make the filesystem allocate the hole's whole block,
-    /// and the other sectors of that block would then read as decrypted zero bytes: garbage
-    /// where zeroes were. So a write into a hole also writes encrypted zeroes over the rest of
-    /// the hole's unit: the padded write (offset and data), or `None` when no edge is in a hole.
+    /// A write that lands in a hole makes the filesystem allocate a block around it, and the
+    /// other sectors of that block would then read as decrypted zero bytes: garbage where
+    /// zeroes were. The filesystem's real block may be smaller than `st_blksize` (NFS reports
+    /// its `wsize`, XFS its `allocsize`) and cannot be asked for, so an edge unit that holds any
+    /// hole at all is rewritten whole with what it reads as now (holes as zeroes): the padded
+    /// write (offset and data), or `None` when no edge unit holds a hole.
     fn fill_holes_around(&self, offset: u64, data: &[u8]) -> Result<Option<(u64, Vec<u8>)>> {
         let ss = u64::from(self.params.sector_size);
         if self.params.data_offset % ss != 0 {
@@ -474,6 +493,9 @@ impl<E: Engine> Volume<E> {
         }
         let unit = self.hole_unit;
         let pos = |v: u64| self.params.data_offset + v;
+        let has_hole = |a: u64, b: u64| -> Result<bool> {
+            Ok(sparse::runs(&self.file, pos(a), pos(b), usize::MAX)?.iter().any(|r| r.hole))
+        };
         let end = offset + data.len() as u64;
         let mut start = offset;
         let mut stop = end;
@@ -483,11 +505,11 @@ impl<E: Engine> Volume<E> {
             (a, (a + unit).min(self.size))
         };
         let (ha, hb) = unit_of(offset);
-        if ha < offset && sparse::is_hole(&self.file, pos(ha), pos(hb))? {
+        if ha < offset && has_hole(ha, hb)? {
             start = ha;
         }
         let (ta, tb) = unit_of(end - 1);
-        if tb > end && sparse::is_hole(&self.file, pos(ta), pos(tb))? {
+        if tb > end && has_hole(ta, tb)? {
             stop = tb;
         }
         if start == offset && stop == end {
@@ -495,6 +517,12 @@ impl<E: Engine> Volume<E> {
         }
         let mut padded = vec![0u8; (stop - start) as usize];
         let at = (offset - start) as usize;
+        if start < offset {
+            self.read_holding_range(start, &mut padded[..at])?;
+        }
+        if stop > end {
+            self.read_holding_range(end, &mut padded[at + data.len()..])?;
+        }
         padded[at..at + data.len()].copy_from_slice(data);
         Ok(Some((start, padded)))
     }
@@ -540,17 +568,19 @@ impl<E: Engine> Volume<E> {
         self.write_raw(first, &tmp)
     }
 
-    /// Frees the whole hole units (filesystem blocks) of the image that lie in `len` bytes at
-    /// `offset`: they then read as zeroes, and [`BlockDevice::block_status`] reports them as
-    /// holes. Sectors at the edges that do not fill a unit keep their data (a trim is a hint).
+    /// With [`set_allow_discards`](Self::set_allow_discards), frees the whole hole units
+    /// (filesystem blocks) of the image that lie in `len` bytes at `offset`: they then read as
+    /// zeroes through this volume, and [`BlockDevice::block_status`] reports them as holes.
+    /// Sectors at the edges that do not fill a unit keep their data (a trim is a hint).
     ///
-    /// Like dm-crypt with `allow_discards`, this shows which parts of the volume are unused to
-    /// anyone who can see the image.
+    /// Without it, or when the image is not a regular file (a block device zeroes a punched
+    /// range instead of making a hole, and zero bytes decrypt to garbage), the range is checked
+    /// and nothing else happens, like dm-crypt without `allow_discards`.
     pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, 0)?;
         self.check_range(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
         let ss = u64::from(self.params.sector_size);
-        if self.params.data_offset % ss != 0 || len == 0 {
+        if !self.allow_discards || !self.regular_file || self.params.data_offset % ss != 0 || len == 0 {
             return Ok(());
         }
         let d = self.params.data_offset;
@@ -559,34 +589,22 @@ impl<E: Engine> Volume<E> {
             return Ok(());
         }
         let _range = self.writing.exclusive((a - d) / ss, (b - d) / ss);
+        // A filesystem that punches but cannot report holes (a FUSE one without lseek) would
+        // leave zero bytes that decrypt to garbage and that block status calls data: the trim
+        // then writes encrypted zeroes instead, so what it reports and reads agree.
         let punched = sparse::punch(&self.file, a, b);
         self.known_data.forget();
-        punched.map(drop)
+        if punched? && !sparse::is_hole(&self.file, a, b)? {
+            block::write_zeroes_in_pieces(a - d, b - a, |at, zeroes| self.write_holding_range(at, zeroes))?;
+        }
+        Ok(())
     }
 
-    /// Zeroes `len` bytes at `offset`: the whole hole units inside are punched (they read as
-    /// zeroes), the edges get encrypted zeroes. Where the filesystem cannot punch, all of it is
-    /// written.
+    /// Zeroes `len` bytes at `offset` by writing encrypted zeroes, never by punching, even when
+    /// the client allows a hole: a hole reads as zeroes only through crypt-vfio, and dm-crypt
+    /// would decrypt it into garbage where the client wrote zeroes.
     pub fn zero_or_punch(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_write(offset, 0)?;
-        self.check_range(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
-        let ss = u64::from(self.params.sector_size);
-        let d = self.params.data_offset;
-        let (a, b) = sparse::inner_aligned(d + offset, d + offset + len, self.hole_unit);
-        if d % ss != 0 || a >= b {
-            return self.write_zeroes(offset, len);
-        }
-        let punched = {
-            let _range = self.writing.exclusive((a - d) / ss, (b - d) / ss);
-            let punched = sparse::punch(&self.file, a, b);
-            self.known_data.forget();
-            punched?
-        };
-        if !punched {
-            return self.write_zeroes(offset, len);
-        }
-        self.write_zeroes(offset, a - d - offset)?;
-        self.write_zeroes(b - d, offset + len - (b - d))
+        self.write_zeroes(offset, len)
     }
 
     /// What `len` bytes at `offset` hold: holes (whole sectors only) read as zeroes.
@@ -684,5 +702,38 @@ impl<E: Engine> BlockDevice for Volume<E> {
 
     fn read_only(&self) -> bool {
         !self.writable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::software::SoftwareEngine;
+
+    #[test]
+    fn a_write_into_a_hole_smaller_than_the_unit_keeps_its_neighbours_zero() {
+        // Holes of 4 KiB where st_blksize says 64 KiB (NFS wsize, XFS allocsize): the unit
+        // around the write is not one hole, but its 4 KiB hole still must not turn to garbage.
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        let disk = file.try_clone().unwrap();
+        let engine = Arc::new(SoftwareEngine::new(crate::CoreKind::Fast));
+        let key: Vec<u8> = (0..64u8).collect();
+        let p = VolumeParams::plain("aes-xts-plain64".parse().unwrap());
+        let mut v = Volume::open(engine, file, true, &key, p).unwrap();
+        v.write_at(0, &vec![0u8; 1 << 20]).unwrap();
+        disk.sync_all().unwrap();
+        let (a, b) = (64 * 1024 + 4096, 64 * 1024 + 8192);
+        if !sparse::punch(&disk, a, b).unwrap() || !sparse::is_hole(&disk, a, b).unwrap() {
+            return; // a filesystem without holes: nothing to check
+        }
+        v.hole_unit = 64 * 1024;
+        v.write_at(a, &[0xaa; 512]).unwrap();
+        let mut back = vec![1u8; 4096 - 512];
+        v.read_at(a + 512, &mut back).unwrap();
+        assert!(back.iter().all(|&x| x == 0), "sectors next to a write into a small hole became garbage");
+        let mut sector = [0u8; 512];
+        v.read_at(a, &mut sector).unwrap();
+        assert_eq!(sector, [0xaa; 512]);
     }
 }
