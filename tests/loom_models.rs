@@ -119,6 +119,21 @@ struct DataQueue {
     out: Outboxed,
 }
 
+/// A one-slot data queue with a backlog of 8, the contract checker, and a sink that shows the
+/// checker every event.
+fn checked_one_slot_queue() -> (Arc<ContractChecker>, Arc<DataQueue>, EventSink<()>) {
+    let checker = Arc::new(ContractChecker::new());
+    let q = Arc::new(DataQueue {
+        state: Mutex::new((Backlog::new(8), OneSlot::default())),
+        out: Outboxed::new(),
+    });
+    let sink: EventSink<()> = {
+        let checker = checker.clone();
+        Arc::new(move |ev| checker.event(&ev))
+    };
+    (checker, q, sink)
+}
+
 impl DataQueue {
     /// The reaper: completes what is on the ring, promotes from the backlog, delivers.
     fn reap(&self, sink: &EventSink<()>) {
@@ -145,15 +160,7 @@ fn submit_reap_and_promote_keep_the_contract() {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = Some(3);
     builder.check(|| {
-        let checker = Arc::new(ContractChecker::new());
-        let q = Arc::new(DataQueue {
-            state: Mutex::new((Backlog::new(8), OneSlot::default())),
-            out: Outboxed::new(),
-        });
-        let sink: EventSink<()> = {
-            let checker = checker.clone();
-            Arc::new(move |ev| checker.event(&ev))
-        };
+        let (checker, q, sink) = checked_one_slot_queue();
         let submitter = {
             let (q, checker) = (q.clone(), checker.clone());
             thread::spawn(move || {
@@ -204,15 +211,7 @@ fn a_batch_that_half_fits_keeps_the_contract() {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = Some(3);
     builder.check(|| {
-        let checker = Arc::new(ContractChecker::new());
-        let q = Arc::new(DataQueue {
-            state: Mutex::new((Backlog::new(8), OneSlot::default())),
-            out: Outboxed::new(),
-        });
-        let sink: EventSink<()> = {
-            let checker = checker.clone();
-            Arc::new(move |ev| checker.event(&ev))
-        };
+        let (checker, q, sink) = checked_one_slot_queue();
         let submitter = {
             let (q, checker) = (q.clone(), checker.clone());
             thread::spawn(move || {

@@ -330,10 +330,11 @@ fn tls_options_are_checked_before_anything_is_served() {
     assert!(serve(&["--tls-verify-peer"]).contains("--tls-certificates"));
 }
 
-#[test]
-fn a_client_that_stalls_in_the_tls_handshake_is_dropped_at_the_handshake_deadline() {
-    let dir = scratch();
-    let d = dir.path();
+/// A PSK server with a 1 s handshake deadline, and a client connected to it that has had its
+/// STARTTLS acknowledged and has not started the TLS handshake yet. The client's reads wait far
+/// longer than the deadline: a server that waited for ever would fail them with a timeout
+/// instead of closing.
+fn psk_server_after_starttls(d: &Path) -> (Served, TcpStream) {
     let (img, _) = image(d);
     let keys = d.join("keys.psk");
     std::fs::write(&keys, "alice:00112233445566778899aabbccddeeff\n").unwrap();
@@ -343,14 +344,19 @@ fn a_client_that_stalls_in_the_tls_handshake_is_dropped_at_the_handshake_deadlin
         &d.join("log"),
     );
     let mut s = TcpStream::connect(("127.0.0.1", served.port())).unwrap();
-    // Far longer than the deadline: a server that waited for ever would fail the read below
-    // with a timeout instead of closing.
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut hello = [0u8; 18];
     s.read_exact(&mut hello).unwrap();
     s.write_all(&proto::client::FIXED_NEWSTYLE.to_be_bytes()).unwrap();
     send_option(&mut s, opt::STARTTLS, &[]);
     assert_eq!(option_reply(&mut s).1, rep::ACK);
+    (served, s)
+}
+
+#[test]
+fn a_client_that_stalls_in_the_tls_handshake_is_dropped_at_the_handshake_deadline() {
+    let dir = scratch();
+    let (served, mut s) = psk_server_after_starttls(dir.path());
     // Half a ClientHello, then nothing.
     s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
     let mut rest = Vec::new();
@@ -366,22 +372,7 @@ fn a_client_that_trickles_its_client_hello_is_dropped_at_the_handshake_deadline(
     // A byte every 300 ms keeps each receive well inside a 1 s deadline; only a deadline over
     // the whole handshake drops the client.
     let dir = scratch();
-    let d = dir.path();
-    let (img, _) = image(d);
-    let keys = d.join("keys.psk");
-    std::fs::write(&keys, "alice:00112233445566778899aabbccddeeff\n").unwrap();
-    let served = Served::start(
-        &img,
-        &["--tls-psk", keys.to_str().unwrap(), "--handshake-timeout", "1s"],
-        &d.join("log"),
-    );
-    let mut s = TcpStream::connect(("127.0.0.1", served.port())).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).unwrap();
-    s.write_all(&proto::client::FIXED_NEWSTYLE.to_be_bytes()).unwrap();
-    send_option(&mut s, opt::STARTTLS, &[]);
-    assert_eq!(option_reply(&mut s).1, rep::ACK);
+    let (served, mut s) = psk_server_after_starttls(dir.path());
     // A record header announcing 512 bytes of handshake, then its body a byte at a time: 60
     // bytes take 18 s, far past the deadline.
     s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
