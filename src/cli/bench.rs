@@ -630,6 +630,20 @@ struct Inbox<S> {
     ready: Condvar,
 }
 
+impl<S> Inbox<S> {
+    /// Takes a run of events from the engine (one event, or a batch).
+    fn deliver(&self, events: impl Iterator<Item = Event<S>>) {
+        let mut inbox = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let before = inbox.len();
+        inbox.extend(events);
+        self.count.fetch_add(inbox.len() - before, Ordering::Release);
+        // Only a sleeping worker is woken: a futex call per event would cost more than the event.
+        if self.sleeping.load(Ordering::Relaxed) {
+            self.ready.notify_one();
+        }
+    }
+}
+
 /// A request whose result is checked against the AES core called directly.
 struct Sample {
     slot: usize,
@@ -705,32 +719,9 @@ fn worker<E: Engine>(
     let poll_mode = !engine.delivers_events();
     let batch = batch_of(args, point);
     let mut q = if batch == 1 {
-        engine.open_queue(
-            queue,
-            Arc::new(move |ev| {
-                sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).push(ev);
-                sink_inbox.count.fetch_add(1, Ordering::Release);
-                // Only a sleeping worker is woken: a futex call per event would cost more than the
-                // event.
-                if sink_inbox.sleeping.load(Ordering::Relaxed) {
-                    sink_inbox.ready.notify_one();
-                }
-            }),
-        )?
+        engine.open_queue(queue, Arc::new(move |ev| sink_inbox.deliver(std::iter::once(ev))))?
     } else {
-        engine.open_batch_queue(
-            queue,
-            Arc::new(move |events| {
-                let mut inbox = sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner());
-                let before = inbox.len();
-                inbox.extend(events);
-                sink_inbox.count.fetch_add(inbox.len() - before, Ordering::Release);
-                drop(inbox);
-                if sink_inbox.sleeping.load(Ordering::Relaxed) {
-                    sink_inbox.ready.notify_one();
-                }
-            }),
-        )?
+        engine.open_batch_queue(queue, Arc::new(move |events| sink_inbox.deliver(events)))?
     };
     // `irq` measures interrupt delivery alone: the thread sleeps at once.
     let max_spin = if args.device.mode == "irq" { Duration::ZERO } else { ADAPTIVE_MAX_SPIN };
