@@ -137,7 +137,9 @@ pub trait Queue<S>: Send {
     /// requests on their own thread (interrupt mode) deliver without it; calling it is harmless.
     fn poll(&mut self) -> usize;
 
-    /// Requests submitted through this queue (by any handle) not yet finally completed.
+    /// Requests submitted through this queue (by any handle) not yet reaped. An engine that
+    /// delivers events on its own thread ([`Engine::delivers_events`]) may still be delivering a
+    /// reaped request's completion when the count drops: wait for the completion itself.
     fn outstanding(&self) -> usize;
 
     /// Says this handle's caller is about to poll the queue in a loop. Until
