@@ -59,5 +59,7 @@ pub mod testing {
 
 pub use crypt_vfio_cores::{CoreKind, Mode};
 pub use engine::{AnyEngine, AnySession, BlockingQueue};
-pub use error::{CryptoError, DeviceError, Error, LuksError, NbdError, Result, VfioError, VolumeError};
+pub use error::{
+    CryptoError, DeviceError, Error, LuksError, MemberFate, NbdError, Result, VfioError, VolumeError,
+};
 pub use open::{open, open_device, open_with, DeviceName, OpenOptions};
