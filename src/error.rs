@@ -202,7 +202,10 @@ impl DeviceError {
     pub fn is_device_loss(&self) -> bool {
         matches!(
             self,
-            DeviceError::Failed(_) | DeviceError::NotRun(_) | DeviceError::Timeout(..) | DeviceError::GaveUp { .. }
+            DeviceError::Failed(_)
+                | DeviceError::NotRun(_)
+                | DeviceError::Timeout(..)
+                | DeviceError::GaveUp { .. }
         )
     }
 }
