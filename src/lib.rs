@@ -46,6 +46,9 @@ pub mod testing {
     pub use crate::engine::delivery::{Delivery, Outbox};
     pub use crate::virtio::VirtioPci;
 
+    /// A pool member queue's credits, for the loom models.
+    pub use crate::engine::pool::Credit;
+
     /// The software backlog of the submit contract, for the loom models.
     pub mod backlog {
         pub use crate::engine::backlog::{Backlog, Outbox, Refused, Ring};

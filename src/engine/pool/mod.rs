@@ -25,7 +25,7 @@ mod queue;
 mod session;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 use crypt_vfio_cores::Mode;
 
 pub use session::PoolSession;
+
+use super::sync::AtomicUsize;
 
 use super::{AnyEngine, BatchSink, Buf, Engine, EngineId, EventSink, Queue};
 use crate::dma::DmaPool;
@@ -111,27 +113,32 @@ pub struct MemberStats {
 
 /// One member queue's free ring slots. The pool is the member's only submitter, so a credit is
 /// a slot the member will accept a request in: taken before a submit, given back when the
-/// request's completion reaches the pool (after the member freed the slot).
-pub(crate) struct Credit {
+/// request's completion reaches the pool (after the member freed the slot). Pool queues that
+/// share a member queue take and return its credits under their own locks, so the count is an
+/// atomic (checked by `tests/loom_models.rs`).
+pub struct Credit {
     free: AtomicUsize,
     capacity: usize,
 }
 
 impl Credit {
-    fn new(capacity: usize) -> Self {
+    /// A member queue of `capacity` slots, all free.
+    pub fn new(capacity: usize) -> Self {
         Self { free: AtomicUsize::new(capacity), capacity }
     }
 
-    pub(crate) fn free(&self) -> usize {
+    /// Slots free now.
+    pub fn free(&self) -> usize {
         self.free.load(Ordering::Acquire)
     }
 
     /// Takes one slot, if one is free.
-    pub(crate) fn take(&self) -> bool {
+    pub fn take(&self) -> bool {
         self.free.fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| f.checked_sub(1)).is_ok()
     }
 
-    pub(crate) fn give_back(&self) {
+    /// Returns a slot the member freed.
+    pub fn give_back(&self) {
         let _ = self.free.fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
             if f < self.capacity {
                 Some(f + 1)
