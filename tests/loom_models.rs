@@ -512,7 +512,7 @@ fn a_rerun_after_a_member_failure_keeps_the_contract() {
         };
         let member = {
             let complete = complete.clone();
-            thread::spawn(move || complete())
+            thread::spawn(complete)
         };
         submitter.join().unwrap();
         member.join().unwrap();
