@@ -65,4 +65,4 @@ pub use engine::{AnyEngine, AnySession, BlockingQueue};
 pub use error::{
     CryptoError, DeviceError, Error, LuksError, MemberFate, NbdError, Result, VfioError, VolumeError,
 };
-pub use open::{open, open_device, open_with, DeviceName, OpenOptions};
+pub use open::{member_name, open, open_device, open_pool, open_with, parse_list, DeviceName, OpenOptions};
