@@ -465,3 +465,101 @@ fn software_carries_the_work_when_no_device_is_left() {
     let sw = p.stats("software");
     assert!(sw.requests > 0 && sw.reruns_in > 0, "{sw:?}");
 }
+
+/// A zero-copy request (a buffer from the pool, in one member's DMA memory) whose member hangs:
+/// the device may have written the buffer, so it is not run again behind the caller's back; it
+/// fails with MemberFailed naming the member.
+#[test]
+fn a_zero_copy_request_on_a_failed_member_fails_with_member_failed() {
+    let p = pool(
+        2,
+        false,
+        device_options(CompletionMode::Poll, Duration::from_millis(50), 10),
+        PoolOptions::default(),
+    );
+    let session = p.engine.create_session(Mode::Ctr, &KEY).unwrap();
+    let mut data = p.engine.alloc_buffer(4096).unwrap();
+    assert!(matches!(data, Buf::Dma(_)), "a pool of devices hands out DMA memory");
+    data.copy_from_slice(&plain(7)[..16]);
+    for t in &p.transports {
+        t.inject(EmulatedFault::NeverAnswer);
+    }
+    let mut q = common::SyncQueue::open(&p.engine, 0);
+    let c = q.run(Request::new(session, Direction::Encrypt, Iv::from(iv(7)), data, 7));
+    match c.result {
+        Err(Error::Device(DeviceError::MemberFailed { member, source })) => {
+            assert!(member.starts_with("emulated#"), "{member}");
+            assert!(matches!(*source, Error::Device(DeviceError::Failed(_))), "{source}");
+        }
+        other => panic!("expected MemberFailed, got {other:?}"),
+    }
+}
+
+/// A volume over the pool (zero-copy sector buffers) while its members hang in turn: sectors
+/// whose member failed under them run again from the volume's own data, and what is written
+/// and read back is exactly what the software engine makes of it.
+#[test]
+fn a_volume_over_the_pool_stays_bit_exact_while_members_fail() {
+    use crypt_vfio::volume::{Volume, VolumeParams};
+    let p = pool(
+        2,
+        false,
+        device_options(CompletionMode::Adaptive, Duration::from_millis(100), 10_000),
+        PoolOptions { member_wait: PATIENCE, ..Default::default() },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk");
+    let len = 4u64 << 20;
+    let open = |path: &std::path::Path| {
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap()
+    };
+    open(&path).set_len(len).unwrap();
+    let params = VolumeParams::plain("aes-xts-plain64".parse().unwrap());
+    let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(29) ^ 0x5a).collect();
+    let engine = Arc::new(p.engine);
+    let volume = Volume::open(engine.clone(), open(&path), true, &key, params).unwrap();
+    let data: Vec<u8> = (0..len as usize).map(|i| (i * 31 + i / 4096) as u8).collect();
+    let done = Arc::new(AtomicBool::new(false));
+    let faults = {
+        let (done, transports) = (done.clone(), p.transports.clone());
+        std::thread::spawn(move || {
+            let mut k = 0;
+            while !done.load(Ordering::Relaxed) {
+                let t = &transports[k % 2];
+                // Shorter than the request timeout: the watchdog resets a device that works again,
+                // as when a device hangs for a moment.
+                t.inject(EmulatedFault::NeverAnswer);
+                std::thread::sleep(Duration::from_millis(40));
+                t.clear_faults();
+                std::thread::sleep(Duration::from_millis(150));
+                k += 1;
+            }
+        })
+    };
+    for round in 0..3 {
+        for chunk in (0..len as usize).step_by(256 << 10) {
+            volume
+                .write_at(chunk as u64, &data[chunk..chunk + (256 << 10)])
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+        let mut back = vec![0u8; len as usize];
+        for chunk in (0..len as usize).step_by(256 << 10) {
+            volume
+                .read_at(chunk as u64, &mut back[chunk..chunk + (256 << 10)])
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+        assert!(back == data, "round {round}: the volume read back something else");
+    }
+    done.store(true, Ordering::Relaxed);
+    faults.join().unwrap();
+    volume.flush().unwrap();
+    drop(volume);
+    let stats = engine.pool().unwrap().member_stats();
+    assert!(stats.iter().all(|m| m.recoveries > 0), "every member failed at least once: {stats:?}");
+    // The image, decrypted by the software engine, is the data.
+    let software = Arc::new(SoftwareEngine::new(CoreKind::Reference));
+    let check = Volume::open(software, open(&path), false, &key, params).unwrap();
+    let mut back = vec![0u8; len as usize];
+    check.read_at(0, &mut back).unwrap();
+    assert!(back == data, "the image holds something else than the data written");
+}

@@ -271,6 +271,8 @@ pub struct PoolEngine {
     engines: Arc<Vec<AnyEngine>>,
     queues: Arc<Vec<Arc<PoolQueueShared>>>,
     monitor: Option<JoinHandle<()>>,
+    /// The device member the next buffer comes from (round robin).
+    next_buffer: std::sync::atomic::AtomicUsize,
 }
 
 impl fmt::Debug for PoolEngine {
@@ -355,7 +357,7 @@ impl PoolEngine {
             engines.len(),
             shared.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
         );
-        Ok(Self { shared, engines, queues, monitor: Some(monitor) })
+        Ok(Self { shared, engines, queues, monitor: Some(monitor), next_buffer: Default::default() })
     }
 
     /// The members, in order, with their names.
@@ -507,7 +509,19 @@ impl Engine for PoolEngine {
         self.shared.delivers
     }
 
+    /// DMA memory of an up device, each in turn (zero copy: a request with it runs on that
+    /// device, or, if it is down, elsewhere from a copy); host memory when no device is up.
     fn alloc_buffer(&self, len: usize) -> Result<Buf> {
+        let devices = &self.shared.devices;
+        let start = self.next_buffer.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for k in 0..devices.len() {
+            let m = devices[(start + k) % devices.len()];
+            if self.shared.members[m].is_up() {
+                if let Ok(b) = self.engines[m].alloc_buffer(len) {
+                    return Ok(b);
+                }
+            }
+        }
         Ok(Buf::Host(vec![0; len]))
     }
 }

@@ -434,10 +434,11 @@ impl PoolRing<'_> {
         let usable = |m: usize| {
             skip & (1 << m) == 0 && shared.members[m].is_up() && matches!(slots.get(m), Some(Slot::Have(_)))
         };
-        if let Some(m) = p.pinned {
+        if let Some(m) = p.pinned.filter(|&m| shared.members[m].is_up()) {
             return (usable(m) && shared.members[m].credit(self.q.index).is_some_and(|c| c.free() > 0))
                 .then_some(m);
         }
+        // Pinned to a member that is not up: it runs elsewhere from a copy (see `unpin`).
         // Join the shortest queue: the device with the largest free fraction, ties to home.
         let home = shared.devices.get(self.q.index % shared.devices.len().max(1)).copied();
         let mut best: Option<(usize, usize, usize)> = None;
@@ -519,6 +520,9 @@ impl Ring<Pending> for PoolRing<'_> {
         let mut skip = 0u64;
         while let Some(m) = self.choose(&p, skip) {
             skip |= 1 << m;
+            if p.pinned.is_some_and(|pin| pin != m) {
+                unpin(&mut p);
+            }
             let member = &shared.members[m];
             if member.software {
                 return self.run_software(m, p);
