@@ -554,6 +554,7 @@ fn shares(before: &[MemberStats], after: &[MemberStats]) -> Vec<MemberStats> {
             reruns_out: a.reruns_out - b.reruns_out,
             reruns_in: a.reruns_in - b.reruns_in,
             recoveries: a.recoveries - b.recoveries,
+            since_rejoin: a.since_rejoin.min(a.requests - b.requests),
             ..a.clone()
         })
         .collect();

@@ -383,11 +383,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 /// Each pool member's state and share, as `serve` prints it on exit (tests read it).
 pub fn member_table(stats: &[crypt_vfio::engine::MemberStats]) -> String {
     let mut out = String::from(
-        "crypt-vfio: pool members: name state share requests bytes reruns-out reruns-in recoveries\n",
+        "crypt-vfio: pool members: name state share requests bytes reruns-out reruns-in recoveries since-rejoin\n",
     );
     for m in stats {
         out.push_str(&format!(
-            "crypt-vfio:   member {} {} {:.1}% requests {} bytes {} reruns-out {} reruns-in {} recoveries {}\n",
+            "crypt-vfio:   member {} {} {:.1}% requests {} bytes {} reruns-out {} reruns-in {} recoveries {} since-rejoin {}\n",
             m.name,
             m.state,
             m.share * 100.0,
@@ -395,7 +395,8 @@ pub fn member_table(stats: &[crypt_vfio::engine::MemberStats]) -> String {
             m.bytes,
             m.reruns_out,
             m.reruns_in,
-            m.recoveries
+            m.recoveries,
+            m.since_rejoin
         ));
     }
     out

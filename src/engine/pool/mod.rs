@@ -101,12 +101,15 @@ pub struct MemberStats {
     pub requests: u64,
     /// Bytes of those requests.
     pub bytes: u64,
-    /// Requests that failed with it and went to run again elsewhere.
+    /// Requests that failed with it, to run again elsewhere: by the pool (their data intact),
+    /// or by the caller ([`DeviceError::MemberFailed`]).
     pub reruns_out: u64,
     /// Requests it took to run again after another member failed.
     pub reruns_in: u64,
     /// Times the device was recovered after a failure.
     pub recoveries: u64,
+    /// Requests it completed since it last rejoined the pool (all of them if it never left).
+    pub since_rejoin: u64,
     /// Its share of all completed requests, 0 to 1.
     pub share: f64,
 }
@@ -166,6 +169,8 @@ pub(crate) struct Member {
     pub(crate) reruns_out: AtomicU64,
     pub(crate) reruns_in: AtomicU64,
     recoveries: AtomicU64,
+    /// `requests` when it last rejoined.
+    requests_at_rejoin: AtomicU64,
 }
 
 impl Member {
@@ -179,6 +184,7 @@ impl Member {
 
     fn set(&self, state: MemberState, why: Option<String>) {
         if state == MemberState::Up {
+            self.requests_at_rejoin.store(self.requests.load(Ordering::Relaxed), Ordering::Relaxed);
             *self.down.lock().unwrap_or_else(|e| e.into_inner()) = None;
         } else if let Some(why) = why {
             let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
@@ -327,6 +333,7 @@ impl PoolEngine {
                 reruns_out: AtomicU64::new(0),
                 reruns_in: AtomicU64::new(0),
                 recoveries: AtomicU64::new(engine.device().map_or(0, |d| d.recoveries())),
+                requests_at_rejoin: AtomicU64::new(0),
             });
             engines.push(engine);
         }
@@ -383,6 +390,7 @@ impl PoolEngine {
                     reruns_in: m.reruns_in.load(Ordering::Relaxed),
                     recoveries: e.device().map_or(0, |d| d.recoveries())
                         - m.recoveries.load(Ordering::Relaxed),
+                    since_rejoin: requests.saturating_sub(m.requests_at_rejoin.load(Ordering::Relaxed)),
                     share: if total == 0 { 0.0 } else { requests as f64 / total as f64 },
                 }
             })

@@ -222,6 +222,7 @@ impl PoolQueueShared {
                 if self.shared.closing.load(Ordering::Acquire) {
                     Err(Error::Device(d))
                 } else if !intact {
+                    member.reruns_out.fetch_add(1, Ordering::Relaxed);
                     Err(Error::Device(DeviceError::MemberFailed {
                         member: member.name.clone(),
                         source: Box::new(Error::Device(d)),
