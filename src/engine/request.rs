@@ -177,7 +177,9 @@ pub struct Request<S> {
     pub iv: Iv,
     /// Additional authenticated data (AEAD only).
     pub aad: Vec<u8>,
-    /// The data, replaced by the result.
+    /// The data, replaced by the result. An engine pool may hand a [`Buf::Dma`] back as
+    /// [`Buf::Host`] holding the same bytes, when the device whose memory it was in left and
+    /// the request ran on another member.
     pub data: Buf,
     /// AEAD tag: written by encryption, checked by decryption.
     pub tag: [u8; TAG_LEN],
