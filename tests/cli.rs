@@ -23,6 +23,20 @@ fn selftest_passes_on_the_emulated_device() {
 }
 
 #[test]
+fn selftest_runs_through_a_pool_and_shows_each_members_share() {
+    let o = crypt_vfio(&["selftest", "--device", "emulated,emulated,software"]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.lines().any(|l| l.starts_with("selftest: PASS (11 algorithm/key combinations")), "{out}");
+    let members: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with("member ")).collect();
+    assert_eq!(members.len(), 3, "{out}");
+    for (line, name) in members.iter().zip(["emulated#0", "emulated#1", "software"]) {
+        assert!(line.contains(name) && line.contains('%'), "{out}");
+    }
+    assert!(members[2].contains(" 0.0%"), "the software member stands by while devices work: {out}");
+}
+
+#[test]
 fn selftest_fails_when_a_result_is_wrong() {
     let o = crypt_vfio(&["selftest", "--corrupt-one"]);
     let out = stdout(&o);
