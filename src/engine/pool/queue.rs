@@ -23,6 +23,7 @@ use crate::engine::{
     Event, Queue, Request, SubmitError, SubmitErrorKind, Submitted,
 };
 use crate::error::{CryptoError, DeviceError, Error, Result, VfioError};
+use crate::virtio_crypto::DeviceSession;
 
 use super::PoolSession;
 
@@ -54,7 +55,10 @@ struct State {
     tickets: Vec<Option<Ticket>>,
     free: Vec<usize>,
     /// The submit handle of each device member (`None` for the software member).
-    handles: Vec<Option<Box<dyn Queue<AnySession>>>>,
+    handles: Vec<Option<Box<dyn Queue<DeviceSession>>>>,
+    /// Requests given to each member, submitted to it in one batch (one doorbell) before the
+    /// lock is released.
+    staged: Vec<VecDeque<Request<DeviceSession>>>,
 }
 
 /// One pool queue, shared by its handles, its members' callbacks and the monitor.
@@ -72,12 +76,12 @@ impl PoolQueueShared {
         let me = Arc::new_cyclic(|weak: &Weak<Self>| {
             let mut handles = Vec::with_capacity(engines.len());
             for (m, engine) in engines.iter().enumerate() {
-                if engine.device().is_none() {
+                let Some(device) = engine.device() else {
                     handles.push(None);
                     continue;
-                }
+                };
                 let weak = weak.clone();
-                let sink: BatchSink<AnySession> = Arc::new(move |events| {
+                let sink: BatchSink<DeviceSession> = Arc::new(move |events| {
                     if let Some(q) = weak.upgrade() {
                         q.on_member_events(m, events);
                     } else {
@@ -85,7 +89,7 @@ impl PoolQueueShared {
                         events.for_each(drop);
                     }
                 });
-                match engine.open_batch_queue(index, sink) {
+                match device.open_batch_queue(index, sink) {
                     Ok(h) => handles.push(Some(h)),
                     Err(e) => {
                         opened = Err(e);
@@ -100,6 +104,7 @@ impl PoolQueueShared {
                     outbox: Vec::new(),
                     tickets: Vec::new(),
                     free: Vec::new(),
+                    staged: handles.iter().map(|_| VecDeque::new()).collect(),
                     handles,
                 }),
                 shared,
@@ -127,9 +132,11 @@ impl PoolQueueShared {
         st: &mut State,
         f: impl FnOnce(&mut Backlog<Pending>, &mut PoolRing<'_>, &mut Outbox) -> R,
     ) -> R {
-        let State { backlog, outbox, tickets, free, handles } = st;
-        let mut ring = PoolRing { q: self, tickets, free, handles, deferred: Vec::new(), done: Vec::new() };
+        let State { backlog, outbox, tickets, free, handles, staged } = st;
+        let mut ring =
+            PoolRing { q: self, tickets, free, handles, staged, deferred: Vec::new(), done: Vec::new() };
         let r = f(backlog, &mut ring, outbox);
+        ring.flush();
         let PoolRing { deferred, done, .. } = ring;
         for p in deferred {
             backlog.rerun(p);
@@ -180,7 +187,7 @@ impl PoolQueueShared {
     }
 
     /// Events of member `m` (completions of requests the pool gave it).
-    fn on_member_events(&self, m: usize, events: &mut dyn Iterator<Item = Event<AnySession>>) {
+    fn on_member_events(&self, m: usize, events: &mut dyn Iterator<Item = Event<DeviceSession>>) {
         {
             let mut st = self.lock();
             for event in events {
@@ -197,7 +204,7 @@ impl PoolQueueShared {
         self.deliver();
     }
 
-    fn member_completed(&self, st: &mut State, m: usize, c: Completion<AnySession>) {
+    fn member_completed(&self, st: &mut State, m: usize, c: Completion<DeviceSession>) {
         let Completion { request, result } = c;
         let id = request.user_data as usize;
         let Some(ticket) = st.tickets.get_mut(id).and_then(Option::take) else {
@@ -383,7 +390,7 @@ impl PoolQueueShared {
 }
 
 /// The request with its caller's session and id back.
-fn with_session(req: Request<AnySession>, session: PoolSession, user_data: u64) -> Request<PoolSession> {
+fn with_session<S>(req: Request<S>, session: PoolSession, user_data: u64) -> Request<PoolSession> {
     let Request { direction, iv, aad, data, tag, .. } = req;
     Request { session, direction, iv, aad, data, tag, user_data }
 }
@@ -420,7 +427,8 @@ struct PoolRing<'a> {
     q: &'a PoolQueueShared,
     tickets: &'a mut Vec<Option<Ticket>>,
     free: &'a mut Vec<usize>,
-    handles: &'a mut Vec<Option<Box<dyn Queue<AnySession>>>>,
+    handles: &'a mut Vec<Option<Box<dyn Queue<DeviceSession>>>>,
+    staged: &'a mut Vec<VecDeque<Request<DeviceSession>>>,
     /// Requests accepted whose member failed while taking them: to the re-run lane.
     deferred: Vec<Pending>,
     /// Completions of the software member (after any `Promoted` of theirs in the outbox).
@@ -476,6 +484,84 @@ impl PoolRing<'_> {
         (0..shared.members.len()).find(|&m| shared.members[m].software && usable(m))
     }
 
+    /// Submits what was staged for each member, one batch per member. A request a member
+    /// refuses was accepted by the pool already (InProgress or Promoted): when the member is
+    /// failing or full it waits in the re-run lane for another; a request the member finds
+    /// wrong completes with the member's error.
+    fn flush(&mut self) {
+        let shared = self.q.shared.clone();
+        for m in 0..self.staged.len() {
+            while !self.staged[m].is_empty() {
+                let Some(handle) = self.handles[m].as_mut() else {
+                    unreachable!("only device members get requests staged")
+                };
+                let r = handle.submit_batch(&mut self.staged[m], false);
+                let member = &shared.members[m];
+                let Some(kind) = r.refused else {
+                    if !self.staged[m].is_empty() {
+                        log::error!("pool member {} ended a batch without a refusal", member.name);
+                        self.take_back_all(m, None);
+                    }
+                    break;
+                };
+                match kind {
+                    SubmitErrorKind::Rejected(Error::Device(d)) if d.is_device_loss() => {
+                        shared.member_down(m, &d.to_string());
+                        self.take_back_all(m, Some(m));
+                    }
+                    SubmitErrorKind::Busy => {
+                        log::error!(
+                            "pool member {} refused a request it had a credit for (busy)",
+                            member.name
+                        );
+                        self.take_back_all(m, None);
+                    }
+                    SubmitErrorKind::Rejected(e) => {
+                        if let Some(req) = self.staged[m].pop_front() {
+                            let p = self.take_back(m, req);
+                            self.q.outstanding.fetch_sub(1, Ordering::Relaxed);
+                            self.done.push((
+                                p.sink,
+                                Event::Completed(Completion { request: p.req, result: Err(e) }),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The staged request `req` of member `m` back as the pool's, its credit returned.
+    fn take_back(&mut self, m: usize, req: Request<DeviceSession>) -> Pending {
+        if let Some(credit) = self.q.shared.members[m].credit(self.q.index) {
+            credit.give_back();
+        }
+        let id = req.user_data as usize;
+        let t = self.tickets[id].take().expect("a staged request has its ticket");
+        self.free.push(id);
+        if t.attempts > 1 {
+            self.q.shared.members[m].reruns_in.fetch_sub(1, Ordering::Relaxed);
+        }
+        Pending {
+            req: with_session(req, t.session, t.user_data),
+            sink: t.sink,
+            attempts: t.attempts - 1,
+            pinned: t.pinned,
+        }
+    }
+
+    /// Every request still staged for member `m` goes to the re-run lane (unpinned from
+    /// `unpin_from`, a member that failed).
+    fn take_back_all(&mut self, m: usize, unpin_from: Option<usize>) {
+        while let Some(req) = self.staged[m].pop_front() {
+            let mut p = self.take_back(m, req);
+            if unpin_from.is_some() {
+                unpin(&mut p);
+            }
+            self.deferred.push(p);
+        }
+    }
+
     fn ticket(&mut self, t: Ticket) -> usize {
         match self.free.pop() {
             Some(i) => {
@@ -528,7 +614,9 @@ impl Ring<Pending> for PoolRing<'_> {
             if member.software {
                 return self.run_software(m, p);
             }
-            let (Some(credit), Some(session)) = (member.credit(self.q.index), p.req.session.on(m)) else {
+            let (Some(credit), Some(AnySession::Device(session))) =
+                (member.credit(self.q.index), p.req.session.on(m))
+            else {
                 continue;
             };
             if !credit.take() {
@@ -539,38 +627,19 @@ impl Ring<Pending> for PoolRing<'_> {
             let Request { session: pool_session, direction, iv, aad, data, tag, user_data } = req;
             let ticket = Ticket { user_data, session: pool_session, sink, attempts: attempts + 1, pinned };
             let id = self.ticket(ticket);
-            let member_req = Request { session, direction, iv, aad, data, tag, user_data: id as u64 };
-            let Some(handle) = self.handles[m].as_mut() else {
-                unreachable!("a device member has a submit handle")
-            };
-            let refused = match handle.submit(member_req, false) {
-                Ok(_) => {
-                    if attempts > 0 {
-                        member.reruns_in.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return Ok(());
-                }
-                Err(e) => e,
-            };
-            credit.give_back();
-            let t = self.tickets[id].take().expect("the ticket just made");
-            self.free.push(id);
-            p = Pending {
-                req: with_session(refused.request, t.session, t.user_data),
-                sink: t.sink,
-                attempts,
-                pinned: t.pinned,
-            };
-            match refused.kind {
-                SubmitErrorKind::Busy => {
-                    log::error!("pool member {} refused a request it had a credit for (busy)", member.name)
-                }
-                SubmitErrorKind::Rejected(Error::Device(d)) if d.is_device_loss() => {
-                    shared.member_down(m, &d.to_string());
-                    unpin(&mut p);
-                }
-                SubmitErrorKind::Rejected(e) => return Err((p, e)),
+            if attempts > 0 {
+                member.reruns_in.fetch_add(1, Ordering::Relaxed);
             }
+            self.staged[m].push_back(Request {
+                session,
+                direction,
+                iv,
+                aad,
+                data,
+                tag,
+                user_data: id as u64,
+            });
+            return Ok(());
         }
         // Accepted, but every member that could run it failed while taking it: it waits to
         // run again, as a request its member failed under does.
@@ -585,7 +654,7 @@ pub(crate) struct PoolQueue {
     sink: BatchSink<PoolSession>,
     /// A handle per device member queue, for polling outside the pool queue's lock (its
     /// completions go to the pool, whoever reaps them).
-    polls: Vec<Box<dyn Queue<AnySession>>>,
+    polls: Vec<Box<dyn Queue<DeviceSession>>>,
     polling: bool,
 }
 
@@ -596,12 +665,12 @@ impl PoolQueue {
         engines: &[AnyEngine],
     ) -> Result<Self> {
         let mut polls = Vec::new();
-        for engine in engines.iter().filter(|e| e.device().is_some()) {
-            let stray: BatchSink<AnySession> = Arc::new(|events| {
+        for device in engines.iter().filter_map(AnyEngine::device) {
+            let stray: BatchSink<DeviceSession> = Arc::new(|events| {
                 let n = events.count();
                 log::error!("pool: {n} event(s) reached a poll-only member handle");
             });
-            polls.push(engine.open_batch_queue(shared.index, stray)?);
+            polls.push(device.open_batch_queue(shared.index, stray)?);
         }
         Ok(Self { shared, sink, polls, polling: false })
     }
