@@ -520,8 +520,9 @@ fn a_volume_over_the_pool_stays_bit_exact_while_members_fail() {
     let volume = Volume::open(engine.clone(), open(&path), true, &key, params).unwrap();
     let data: Vec<u8> = (0..len as usize).map(|i| (i * 31 + i / 4096) as u8).collect();
     let done = Arc::new(AtomicBool::new(false));
+    let hangs = Arc::new(AtomicU64::new(0));
     let faults = {
-        let (done, transports) = (done.clone(), p.transports.clone());
+        let (done, hangs, transports) = (done.clone(), hangs.clone(), p.transports.clone());
         std::thread::spawn(move || {
             let mut k = 0;
             while !done.load(Ordering::Relaxed) {
@@ -531,12 +532,20 @@ fn a_volume_over_the_pool_stays_bit_exact_while_members_fail() {
                 t.inject(EmulatedFault::NeverAnswer);
                 std::thread::sleep(Duration::from_millis(40));
                 t.clear_faults();
-                std::thread::sleep(Duration::from_millis(150));
+                hangs.fetch_add(1, Ordering::Relaxed);
+                // Far enough apart that a sector is not caught by more hangs than it may be
+                // run again for (SECTOR_TRIES), even on a loaded machine.
+                std::thread::sleep(Duration::from_millis(400));
                 k += 1;
             }
         })
     };
-    for round in 0..3 {
+    // Until each member hung at least twice, and at least three rounds.
+    let start = Instant::now();
+    let mut round = 0;
+    while round < 3 || hangs.load(Ordering::Relaxed) < 4 {
+        assert!(start.elapsed() < PATIENCE, "the faults never came");
+        round += 1;
         for chunk in (0..len as usize).step_by(256 << 10) {
             volume
                 .write_at(chunk as u64, &data[chunk..chunk + (256 << 10)])
