@@ -261,6 +261,9 @@ fn contract_under_load_with_faults(mode: CompletionMode, per_thread: u64) {
     assert!(injected.load(Ordering::Relaxed) > 0, "no fault was injected");
     let reruns: u64 = stats.iter().map(|m| m.reruns_out).sum();
     assert!(reruns > 0, "no request ran again: {stats:?}");
+    for m in &stats {
+        assert_eq!(m.violations, 0, "{} refused a request it had room for: {stats:?}", m.name);
+    }
     for m in &stats[..2] {
         assert!(m.requests > 0, "{} took no requests: {stats:?}", m.name);
         assert!(m.recoveries > 0, "{} never failed and recovered: {stats:?}", m.name);
@@ -571,4 +574,40 @@ fn a_volume_over_the_pool_stays_bit_exact_while_members_fail() {
     let mut back = vec![0u8; len as usize];
     check.read_at(0, &mut back).unwrap();
     assert!(back == data, "the image holds something else than the data written");
+}
+
+/// When every device member delivers events on its own threads, callers may sleep instead of
+/// polling; a request the software member ran in place must still reach them without a poll
+/// (the monitor delivers it).
+#[test]
+fn software_completions_reach_a_caller_that_does_not_poll() {
+    let p = pool(
+        2,
+        true,
+        device_options(CompletionMode::Interrupt, Duration::from_millis(50), 1),
+        PoolOptions::default(),
+    );
+    assert!(p.engine.completes_by_itself());
+    let session = p.engine.create_session(Mode::Ctr, &KEY).unwrap();
+    for t in &p.transports {
+        t.inject(EmulatedFault::NeverAnswer);
+    }
+    // Both devices hang and are given up: from then on only the software member runs.
+    let checker = Arc::new(ContractChecker::new());
+    drive(&p.engine, &session, &checker, 0, 1, 50);
+    p.wait_state("emulated#0", MemberState::Lost);
+    p.wait_state("emulated#1", MemberState::Lost);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = Mutex::new(tx);
+    let mut q = p.engine.open_queue(0, Arc::new(move |ev| drop(tx.lock().unwrap().send(ev)))).unwrap();
+    q.submit(request(&session, 1000), true).unwrap();
+    // No poll from here on.
+    match rx.recv_timeout(PATIENCE) {
+        Ok(Event::Completed(c)) => {
+            c.result.unwrap();
+            assert!(*c.request.data.as_slice() == *expected(1000));
+        }
+        Ok(other) => panic!("{other:?}"),
+        Err(_) => panic!("the completion never arrived without a poll"),
+    }
 }

@@ -110,6 +110,10 @@ pub struct MemberStats {
     pub recoveries: u64,
     /// Requests it completed since it last rejoined the pool (all of them if it never left).
     pub since_rejoin: u64,
+    /// Times it broke what the pool relies on: it refused a request it had a free slot for
+    /// (credits are the pool's only flow control), promoted one (it is never let backlog), or
+    /// completed one it did not hold. Always 0 unless something else submits to its queues.
+    pub violations: u64,
     /// Its share of all completed requests, 0 to 1.
     pub share: f64,
 }
@@ -171,6 +175,7 @@ pub(crate) struct Member {
     recoveries: AtomicU64,
     /// `requests` when it last rejoined.
     requests_at_rejoin: AtomicU64,
+    pub(crate) violations: AtomicU64,
 }
 
 impl Member {
@@ -334,6 +339,7 @@ impl PoolEngine {
                 reruns_in: AtomicU64::new(0),
                 recoveries: AtomicU64::new(engine.device().map_or(0, |d| d.recoveries())),
                 requests_at_rejoin: AtomicU64::new(0),
+                violations: AtomicU64::new(0),
             });
             engines.push(engine);
         }
@@ -391,6 +397,7 @@ impl PoolEngine {
                     recoveries: e.device().map_or(0, |d| d.recoveries())
                         - m.recoveries.load(Ordering::Relaxed),
                     since_rejoin: requests.saturating_sub(m.requests_at_rejoin.load(Ordering::Relaxed)),
+                    violations: m.violations.load(Ordering::Relaxed),
                     share: if total == 0 { 0.0 } else { requests as f64 / total as f64 },
                 }
             })

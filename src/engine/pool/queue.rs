@@ -192,10 +192,13 @@ impl PoolQueueShared {
             let mut st = self.lock();
             for event in events {
                 match event {
-                    Event::Promoted { user_data } => log::error!(
-                        "pool member {} promoted request {user_data}, which it was never let backlog",
-                        self.shared.members[m].name
-                    ),
+                    Event::Promoted { user_data } => {
+                        self.shared.members[m].violations.fetch_add(1, Ordering::Relaxed);
+                        log::error!(
+                            "pool member {} promoted request {user_data}, which it was never let backlog",
+                            self.shared.members[m].name
+                        )
+                    }
                     Event::Completed(c) => self.member_completed(&mut st, m, c),
                 }
             }
@@ -208,6 +211,7 @@ impl PoolQueueShared {
         let Completion { request, result } = c;
         let id = request.user_data as usize;
         let Some(ticket) = st.tickets.get_mut(id).and_then(Option::take) else {
+            self.shared.members[m].violations.fetch_add(1, Ordering::Relaxed);
             log::error!(
                 "pool member {} completed request {id}, which it does not hold",
                 self.shared.members[m].name
@@ -510,6 +514,7 @@ impl PoolRing<'_> {
                         self.take_back_all(m, Some(m));
                     }
                     SubmitErrorKind::Busy => {
+                        member.violations.fetch_add(1, Ordering::Relaxed);
                         log::error!(
                             "pool member {} refused a request it had a credit for (busy)",
                             member.name
