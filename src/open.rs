@@ -165,12 +165,24 @@ pub fn member_name(index: usize, name: &DeviceName) -> String {
 }
 
 /// Opens every engine of `names` and makes them one pool.
+/// PCI members go in one VFIO container (the functions of one IOMMU group must share one).
 pub fn open_pool(names: &[DeviceName], options: &OpenOptions) -> Result<PoolEngine> {
-    let members = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| Ok((member_name(i, name), open_with(name, options)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let mut container = None;
+    let mut members = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let engine = match name {
+            DeviceName::Pci(bdf) => {
+                let container = match &container {
+                    Some(c) => c,
+                    None => container.insert(crate::transport::vfio::VfioContainer::open()?),
+                };
+                let t: Arc<dyn Transport> = Arc::new(VfioTransport::open_in(container, bdf)?);
+                AnyEngine::Device(VirtioCrypto::open(t, &options.driver)?)
+            }
+            other => open_with(other, options)?,
+        };
+        members.push((member_name(i, name), engine));
+    }
     PoolEngine::new(members, options.pool.clone())
 }
 

@@ -225,6 +225,8 @@ impl DeviceArgs {
     pub fn open_pool(&self, options: &DeviceOptions) -> anyhow::Result<PoolEngine> {
         let names = self.names()?;
         let mut members = Vec::with_capacity(names.len());
+        // PCI members share one container (functions of one IOMMU group must).
+        let mut container = None;
         for (m, name) in names.iter().enumerate() {
             let parsed: DeviceName = name.parse()?;
             let engine = match parsed {
@@ -236,7 +238,11 @@ impl DeviceArgs {
                     )
                 }
                 DeviceName::Pci(bdf) => {
-                    let t: Arc<dyn Transport> = Arc::new(VfioTransport::open(&bdf)?);
+                    let container = match &container {
+                        Some(c) => c,
+                        None => container.insert(crypt_vfio::transport::vfio::VfioContainer::open()?),
+                    };
+                    let t: Arc<dyn Transport> = Arc::new(VfioTransport::open_in(container, &bdf)?);
                     AnyEngine::Device(
                         VirtioCrypto::open(t, options).with_context(|| format!("opening {bdf}"))?,
                     )
