@@ -230,6 +230,11 @@ pub(crate) struct Shared {
     pub(crate) closing: AtomicBool,
     /// Set while no member is left (every one lost, or down past `member_wait`).
     dead: AtomicBool,
+    /// Some pool queue may have requests waiting for a member slot. Pool queues that share a
+    /// member queue free each other's slots, and a completion reaches only its own pool queue,
+    /// so while this is set a completion wakes the monitor to move the others' waiting requests
+    /// (rather than leaving them to the next poll, or the monitor's idle look a second later).
+    pub(crate) waiting: AtomicBool,
     pub(crate) options: PoolOptions,
     pub(crate) max_request_len: usize,
     /// Every device member delivers events on its own thread.
@@ -355,6 +360,7 @@ impl PoolEngine {
             signal,
             closing: AtomicBool::new(false),
             dead: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
             options,
             delivers,
         });

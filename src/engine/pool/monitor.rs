@@ -110,8 +110,13 @@ fn run(shared: &Shared, engines: &[AnyEngine], queues: &[Arc<PoolQueueShared>]) 
                 }
             }
         }
+        // Cleared before the look, so that a queue that backlogs meanwhile sets it again.
+        shared.waiting.store(false, std::sync::atomic::Ordering::Release);
         for q in queues {
             q.kick();
+        }
+        if queues.iter().any(|q| q.has_waiting()) {
+            shared.waiting.store(true, std::sync::atomic::Ordering::Release);
         }
     }
 }

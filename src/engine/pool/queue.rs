@@ -203,8 +203,26 @@ impl PoolQueueShared {
                 }
             }
             self.promote_locked(&mut st);
+            self.note_waiting(&st);
+        }
+        if self.shared.waiting.load(Ordering::Acquire) {
+            // Slots this queue's member queues got back may be what another pool queue waits for.
+            self.shared.signal.wake();
         }
         self.deliver();
+    }
+
+    /// Marks the pool as having requests waiting when this queue has some (set after the
+    /// change, under the queue's lock, so the monitor's clear-then-check cannot lose it).
+    fn note_waiting(&self, st: &State) {
+        if !st.backlog.is_empty() {
+            self.shared.waiting.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether requests wait in this queue.
+    pub(crate) fn has_waiting(&self) -> bool {
+        !self.lock().backlog.is_empty()
     }
 
     fn member_completed(&self, st: &mut State, m: usize, c: Completion<DeviceSession>) {
@@ -300,6 +318,7 @@ impl PoolQueueShared {
     /// After a submit: events for callers who sleep while the pool delivers by itself are
     /// handed to the monitor (a submit never calls a callback itself).
     fn after_submit(&self, st: MutexGuard<'_, State>) {
+        self.note_waiting(&st);
         let events = !st.outbox.is_empty();
         if events {
             self.delivery.mark_pending();
