@@ -140,6 +140,10 @@ pub enum DeviceError {
         /// How many consistent reads were attempted.
         attempts: u32,
     },
+    /// The device was given back to its owner (vfio-pci's unbind, a hypervisor's unplug) at
+    /// the owner's request: the engine no longer has it, and every later call on it fails so.
+    #[error("device released: {0}")]
+    Released(String),
     /// The device failed too often to be recovered again; it stays failed.
     #[error("device failed {failures} times within {window:?}; giving up on it (last failure: {last})")]
     GaveUp {

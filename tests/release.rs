@@ -1,0 +1,305 @@
+//! Giving a device back when its owner asks, as vfio-pci asks before an unbind or a hot-unplug
+//! (the emulated device plays the owner: `EmulatedTransport::request_release`).
+//!
+//! What a user relies on: every request accepted completes exactly once (judged by
+//! `ContractChecker`: backlogged ones are Promoted before they fail), requests on the device
+//! finish when they can, nothing touches the device after it was given back (the emulated
+//! device counts every access that still reaches it), later calls fail with
+//! `DeviceError::Released`, and the listener thread ends with the engine. Tests run one at a
+//! time: one counts the listener threads of the process.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crypt_vfio::engine::contract::ContractChecker;
+use crypt_vfio::engine::{Buf, Completion, Direction, Engine, Event, Iv, Queue, Request, Submitted};
+use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTransport};
+use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, DeviceSession, ReleaseState, VirtioCrypto};
+use crypt_vfio::{CoreKind, DeviceError, Error, Mode};
+use crypt_vfio_cores::new_cipher;
+
+const KEY: [u8; 32] = [0x42; 32];
+/// Only a bound, never expected: the machine is shared and slow.
+const PATIENCE: Duration = Duration::from_secs(30);
+const LISTENER: &str = "crypt-vfio-req";
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Ev = Event<DeviceSession>;
+
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim_end() == name)
+        .count()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < PATIENCE, "waited {PATIENCE:?} for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+struct Rig {
+    dev: VirtioCrypto,
+    t: Arc<EmulatedTransport>,
+    q: Box<dyn Queue<DeviceSession>>,
+    inbox: Arc<Mutex<Vec<Ev>>>,
+    checker: Arc<ContractChecker>,
+    session: DeviceSession,
+    next: AtomicU64,
+    mode: CompletionMode,
+}
+
+fn rig(mode: CompletionMode, options: DeviceOptions) -> Rig {
+    let config = EmulatedConfig { data_queues: 1, ..Default::default() };
+    let options = DeviceOptions { completion: mode, data_queues: 1, queue_size: 8, ..options };
+    let (dev, t) = common::device_with(config, &options);
+    let checker = Arc::new(ContractChecker::new());
+    let inbox: Arc<Mutex<Vec<Ev>>> = Arc::default();
+    let (c, i) = (checker.clone(), inbox.clone());
+    let q = dev
+        .open_queue(
+            0,
+            Arc::new(move |ev| {
+                c.event(&ev);
+                i.lock().unwrap().push(ev);
+            }),
+        )
+        .unwrap();
+    let session = dev.create_session(Mode::Ctr, &KEY).unwrap();
+    Rig { dev, t, q, inbox, checker, session, next: AtomicU64::new(1), mode }
+}
+
+fn plain(id: u64) -> Vec<u8> {
+    (0..4096).map(|i| (id as usize * 7 + i) as u8).collect()
+}
+
+fn iv(id: u64) -> [u8; 16] {
+    [(id % 251) as u8; 16]
+}
+
+fn expected(id: u64) -> Vec<u8> {
+    let mut d = plain(id);
+    new_cipher(CoreKind::Reference, Mode::Ctr, &KEY).unwrap().encrypt(&iv(id), &[], &mut d, &mut []).unwrap();
+    d
+}
+
+fn released(e: &Error) -> bool {
+    matches!(e, Error::Device(DeviceError::Released(why)) if why.contains("given back"))
+}
+
+impl Rig {
+    /// Submits `n` encryptions with backlog allowed; returns their ids.
+    fn submit(&mut self, n: usize) -> Vec<u64> {
+        (0..n)
+            .map(|_| {
+                let id = self.next.fetch_add(1, Ordering::Relaxed);
+                let req = Request::new(
+                    self.session.clone(),
+                    Direction::Encrypt,
+                    Iv::from(iv(id)),
+                    Buf::Host(plain(id)),
+                    id,
+                );
+                self.checker.begin_submit(0, id);
+                let r = self.q.submit(req, true);
+                self.checker.submitted(id, &r);
+                assert!(
+                    matches!(r, Ok(Submitted::InProgress | Submitted::Backlogged)),
+                    "request {id} refused"
+                );
+                id
+            })
+            .collect()
+    }
+
+    /// The final completions of `ids`, polling in poll mode.
+    fn wait(&mut self, ids: &[u64]) -> Vec<Completion<DeviceSession>> {
+        let start = Instant::now();
+        let mut done = Vec::new();
+        while done.len() < ids.len() {
+            assert!(start.elapsed() < PATIENCE, "{} of {} requests completed", done.len(), ids.len());
+            if self.mode == CompletionMode::Poll {
+                self.q.poll();
+            }
+            for ev in std::mem::take(&mut *self.inbox.lock().unwrap()) {
+                if let Event::Completed(c) = ev {
+                    assert!(ids.contains(&c.request.user_data), "completion of an unknown request");
+                    done.push(c);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        done
+    }
+
+    fn wait_released(&self) {
+        wait_until("the release", || self.dev.release_state() == ReleaseState::Released);
+    }
+
+    fn check_contract(&self) {
+        let r = self.checker.report();
+        assert!(r.violations.is_empty(), "contract violations: {:#?}", r.violations);
+        assert_eq!(r.pending, 0, "{r:?}");
+        assert_eq!(r.completed, r.in_progress + r.backlogged, "every accepted request completes once: {r:?}");
+    }
+
+    /// Every call after the release fails with Released; then closing touches nothing.
+    fn check_after_release(mut self) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let req = Request::new(
+            self.session.clone(),
+            Direction::Encrypt,
+            Iv::from(iv(id)),
+            Buf::Host(plain(id)),
+            id,
+        );
+        match self.q.submit(req, true) {
+            Err(e) => match e.kind {
+                crypt_vfio::engine::SubmitErrorKind::Rejected(e) => assert!(released(&e), "{e}"),
+                k => panic!("submit after the release: {k:?}"),
+            },
+            Ok(s) => panic!("submit after the release accepted: {s:?}"),
+        }
+        assert!(released(&self.dev.create_session(Mode::Ctr, &KEY).unwrap_err()));
+        assert!(released(&self.dev.destroy_session(&self.session).unwrap_err()));
+        assert!(released(&self.dev.alloc_buffer(4096).unwrap_err()));
+        assert_eq!(self.q.poll(), 0);
+        self.dev.abort();
+        let t = self.t.clone();
+        drop(self);
+        assert!(t.is_released());
+        assert_eq!(t.accesses_after_release(), 0, "the driver touched the device after giving it back");
+        assert_eq!(t.live_dma_maps(), 0, "the driver left DMA maps behind");
+        assert_eq!(t.stats().iommu_faults, 0);
+    }
+}
+
+/// Requests on the device drain, backlogged ones fail (Promoted first), and the device goes.
+fn drain_then_release(mode: CompletionMode) {
+    let _s = serial();
+    let mut r = rig(mode, DeviceOptions { release_drain: PATIENCE, ..Default::default() });
+    // Slow answers: the ring's 8 requests are still on the device, and the rest backlogged,
+    // when the release begins (64 requests take 2.4 s).
+    r.t.inject(EmulatedFault::AnswerAfter(Duration::from_millis(300)));
+    let ids = r.submit(64);
+    r.t.request_release();
+    let done = r.wait(&ids);
+    r.wait_released();
+    let (mut ok, mut not_run) = (0, 0);
+    for c in &done {
+        let id = c.request.user_data;
+        match &c.result {
+            Ok(()) => {
+                assert_eq!(c.request.data.as_slice(), &expected(id)[..], "request {id}: wrong data");
+                ok += 1;
+            }
+            Err(e) if released(e) => {
+                assert_eq!(
+                    c.request.data.as_slice(),
+                    &plain(id)[..],
+                    "request {id} not run, yet its data changed"
+                );
+                not_run += 1;
+            }
+            Err(e) => panic!("{mode:?}: request {id} on the device did not drain: {e}"),
+        }
+    }
+    assert!(ok >= 1 && not_run >= 1, "{mode:?}: {ok} drained, {not_run} not run");
+    r.check_contract();
+    wait_until("the listener to end after the release", || threads_named(LISTENER) == 0);
+    r.check_after_release();
+}
+
+#[test]
+fn release_drains_the_device_fails_the_backlog_and_touches_nothing_after_polling() {
+    drain_then_release(CompletionMode::Poll);
+}
+
+#[test]
+fn release_drains_the_device_fails_the_backlog_and_touches_nothing_after_with_interrupts() {
+    drain_then_release(CompletionMode::Interrupt);
+}
+
+#[test]
+fn requests_the_device_keeps_past_the_drain_fail_and_the_device_is_released() {
+    let _s = serial();
+    for mode in [CompletionMode::Poll, CompletionMode::Adaptive] {
+        let options = DeviceOptions { release_drain: Duration::from_millis(200), ..Default::default() };
+        let mut r = rig(mode, options);
+        r.t.inject(EmulatedFault::NeverAnswer);
+        let ids = r.submit(4);
+        r.t.request_release();
+        for c in r.wait(&ids) {
+            match &c.result {
+                Err(Error::Device(DeviceError::Failed(why))) => assert!(why.contains("given back"), "{why}"),
+                other => panic!("{mode:?}: request {} kept by the device: {other:?}", c.request.user_data),
+            }
+        }
+        r.wait_released();
+        r.check_contract();
+        r.check_after_release();
+    }
+}
+
+#[test]
+fn the_listener_thread_ends_when_the_engine_closes() {
+    let _s = serial();
+    assert_eq!(threads_named(LISTENER), 0);
+    let mut r = rig(CompletionMode::Poll, DeviceOptions::default());
+    // A thread takes its name once it runs.
+    wait_until("the listener thread", || threads_named(LISTENER) == 1);
+    let ids = r.submit(3);
+    for c in r.wait(&ids) {
+        assert!(c.result.is_ok());
+    }
+    drop(r);
+    assert_eq!(threads_named(LISTENER), 0);
+}
+
+#[test]
+fn without_the_listener_the_device_stays_and_keeps_working() {
+    let _s = serial();
+    let mut r = rig(CompletionMode::Poll, DeviceOptions { watch_release: false, ..Default::default() });
+    assert_eq!(threads_named(LISTENER), 0);
+    r.t.request_release();
+    // The owner asks again and again; nobody answers.
+    wait_until("a repeated release request", || r.t.release_requests() >= 2);
+    assert_eq!(r.dev.release_state(), ReleaseState::Held);
+    let ids = r.submit(3);
+    for c in r.wait(&ids) {
+        assert!(c.result.is_ok(), "{:?}", c.result);
+    }
+    assert!(!r.t.is_released());
+}
+
+#[test]
+fn a_release_during_a_recovery_waits_for_it_and_still_releases() {
+    let _s = serial();
+    let options = DeviceOptions { request_timeout: Duration::from_millis(100), ..Default::default() };
+    let mut r = rig(CompletionMode::Poll, options);
+    // The device fails (a request never answered), and while it is failed or being
+    // recovered the owner asks for it.
+    r.t.inject(EmulatedFault::NeverAnswer);
+    let ids = r.submit(2);
+    for c in r.wait(&ids) {
+        assert!(matches!(c.result, Err(Error::Device(DeviceError::Failed(_)))), "{:?}", c.result);
+    }
+    r.t.clear_faults();
+    r.t.request_release();
+    r.wait_released();
+    r.check_contract();
+    r.check_after_release();
+}
