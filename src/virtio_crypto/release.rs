@@ -41,7 +41,11 @@ impl Listener {
     ) -> Result<Option<Self>> {
         let notifier = Arc::new(EventNotifier::new()?);
         let transport = core.pci.transport();
-        if !transport.watch_release_request(&notifier)? {
+        let watching = transport.watch_release_request(&notifier).unwrap_or_else(|e| {
+            log::warn!("{}: routing the device request interrupt: {e}", transport.name());
+            false
+        });
+        if !watching {
             log::warn!(
                 "{}: the transport cannot tell when the kernel wants the device back; an unbind or \
                  unplug will wait until crypt-vfio closes it",

@@ -13,6 +13,12 @@
 //! (`region.rs`), the IOMMU's valid IOVA ranges and their division between the functions of one
 //! container (`container.rs`), and a reset that reports failure (`device.rs`, `abi.rs`).
 //!
+//! When vfio-pci wants the function back (an unbind, a hot-unplug) it signals the device request
+//! interrupt, which [`Transport::watch_release_request`] routes to an eventfd, and waits until
+//! every descriptor of the function is closed; [`Transport::release`] then stops the function,
+//! revokes its BAR mappings (stale readers see all ones) and closes its descriptor, which also
+//! takes its group out of the container when it was the group's last open function.
+//!
 //! Several functions can share one container ([`VfioTransport::open_in`]), from one IOMMU group
 //! or several: each gets its own IOVA window, and each can be closed while the others go on.
 //!
@@ -28,13 +34,15 @@ mod region;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crypt_vfio_spec::pci::{cfg, COMMAND_BUS_MASTER, COMMAND_MEMORY};
-use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX};
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
+};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Bar, EventNotifier, Transport};
+use super::{released_error, Bar, EventNotifier, Transport};
 use crate::dma::DmaRegion;
 use crate::error::{Error, Result, VfioError};
 use crate::pci_sysfs::{Bdf, Sysfs};
@@ -47,7 +55,10 @@ const BARS: usize = 6;
 /// A PCI function bound to vfio-pci.
 pub struct VfioTransport {
     bdf: Bdf,
-    device: Arc<vfio_ioctls::VfioDevice>,
+    /// The device descriptor; `None` once the function was given back (`release`).
+    device: RwLock<Option<Arc<vfio_ioctls::VfioDevice>>>,
+    /// Whether the device request interrupt is routed (to disable it before the release).
+    req_enabled: AtomicBool,
     container: Arc<VfioContainer>,
     config: RegionInfo,
     bars: Mutex<[Option<Arc<VfioBar>>; BARS]>,
@@ -111,7 +122,8 @@ impl VfioTransport {
         let msix = u16::try_from(device::irq_count(&device, VFIO_PCI_MSIX_IRQ_INDEX)).unwrap_or(u16::MAX);
         let t = Self {
             bdf: *bdf,
-            device,
+            device: RwLock::new(Some(device)),
+            req_enabled: AtomicBool::new(false),
             container: container.clone(),
             config,
             bars: Mutex::default(),
@@ -146,6 +158,16 @@ impl VfioTransport {
     /// The container the function was opened in, to open more functions beside it.
     pub fn container(&self) -> &Arc<VfioContainer> {
         &self.container
+    }
+
+    /// The device descriptor, or the error of a function given back.
+    fn device(&self) -> Result<Arc<vfio_ioctls::VfioDevice>> {
+        let d = self.device.read().unwrap_or_else(|e| e.into_inner());
+        d.clone().ok_or_else(|| released_error(&self.bdf.to_string()))
+    }
+
+    fn released(&self) -> bool {
+        self.device.read().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 
     fn dma(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<DmaRegion>>> {
@@ -186,15 +208,17 @@ impl Transport for VfioTransport {
     fn read_config(&self, offset: u16, data: &mut [u8]) -> Result<()> {
         self.config_access(offset, data.len())?;
         // vfio-ioctls logs a failed read and leaves the buffer alone: all ones is then what the
-        // caller sees, as from a function that no longer answers.
+        // caller sees, as from a function that no longer answers (or was given back).
         data.fill(0xff);
-        self.device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, data, u64::from(offset));
+        if let Ok(device) = self.device() {
+            device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, data, u64::from(offset));
+        }
         Ok(())
     }
 
     fn write_config(&self, offset: u16, data: &[u8]) -> Result<()> {
         self.config_access(offset, data.len())?;
-        self.device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, data, u64::from(offset));
+        self.device()?.region_write(VFIO_PCI_CONFIG_REGION_INDEX, data, u64::from(offset));
         Ok(())
     }
 
@@ -207,14 +231,15 @@ impl Transport for VfioTransport {
         if let Some(b) = &bars[i] {
             return Ok(b.clone());
         }
-        let info = device::region(&self.device, u32::from(index));
+        let device = self.device()?;
+        let info = device::region(&device, u32::from(index));
         if info.size == 0 {
             return Err(Error::Vfio(VfioError::Transport(format!(
                 "{}: BAR {index} is not implemented",
                 self.bdf
             ))));
         }
-        let bar = Arc::new(VfioBar::new(self.device.clone(), info)?);
+        let bar = Arc::new(VfioBar::new(device, info)?);
         if !bar.is_mapped() {
             log::info!("{}: BAR {index} is not mmappable; register accesses go through the kernel", self.bdf);
         }
@@ -227,6 +252,9 @@ impl Transport for VfioTransport {
     }
 
     fn dma_map(&self, iova: u64, region: &Arc<DmaRegion>) -> Result<()> {
+        if self.released() {
+            return Err(released_error(&self.bdf.to_string()));
+        }
         let len = region.len() as u64;
         let page = self.iommu_page;
         if iova % page != 0 || len % page != 0 || (region.as_ptr() as u64) % page != 0 {
@@ -262,6 +290,9 @@ impl Transport for VfioTransport {
     }
 
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<()> {
+        if self.released() {
+            return Err(released_error(&self.bdf.to_string()));
+        }
         let mut dma = self.dma();
         match dma.get(&iova) {
             Some(r) if r.len() as u64 == len => {}
@@ -300,22 +331,23 @@ impl Transport for VfioTransport {
         let mut spare = unrouted.iter();
         let fds: Vec<&EventFd> =
             notifiers.iter().filter_map(|n| n.map(|n| n.event_fd()).or_else(|| spare.next())).collect();
-        device::set_irq_eventfds(&self.device, VFIO_PCI_MSIX_IRQ_INDEX, fds)?;
+        device::set_irq_eventfds(&*self.device()?, VFIO_PCI_MSIX_IRQ_INDEX, fds)?;
         self.msix_enabled.store(true, Ordering::Release);
         Ok(())
     }
 
     fn disable_msix(&self) -> Result<()> {
+        let device = self.device()?;
         if !self.msix_enabled.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        device::disable_irq(&self.device, VFIO_PCI_MSIX_IRQ_INDEX)?;
+        device::disable_irq(&device, VFIO_PCI_MSIX_IRQ_INDEX)?;
         self.msix_unrouted.lock().unwrap_or_else(|e| e.into_inner()).clear();
         Ok(())
     }
 
     fn reset(&self) -> Result<()> {
-        if !device::reset(&self.device)? {
+        if !device::reset(&*self.device()?)? {
             log::debug!(
                 "{}: the kernel cannot reset this function; relying on the virtio status reset",
                 self.bdf
@@ -323,10 +355,86 @@ impl Transport for VfioTransport {
         }
         Ok(())
     }
+
+    fn watch_release_request(&self, notifier: &EventNotifier) -> Result<bool> {
+        let device = self.device()?;
+        // Kernels before 4.0 have no device request interrupt; vfio-pci then waits for the
+        // process to close the function by itself.
+        if device::irq_count(&device, VFIO_PCI_REQ_IRQ_INDEX) < 1 {
+            return Ok(false);
+        }
+        device::set_irq_eventfds(&device, VFIO_PCI_REQ_IRQ_INDEX, vec![notifier.event_fd()])?;
+        self.req_enabled.store(true, Ordering::Release);
+        Ok(true)
+    }
+
+    fn release(&self) -> Result<()> {
+        let Ok(device) = self.device() else { return Ok(()) };
+        let bdf = self.bdf;
+        if self.req_enabled.swap(false, Ordering::AcqRel) {
+            if let Err(e) = device::disable_irq(&device, VFIO_PCI_REQ_IRQ_INDEX) {
+                log::warn!("{bdf}: disabling the device request interrupt: {e}");
+            }
+        }
+        if let Err(e) = self.disable_msix() {
+            log::warn!("{bdf}: disabling MSI-X: {e}");
+        }
+        // The driver stopped the function already; a function-level reset and bus mastering
+        // off make sure of it before any of its memory is unmapped.
+        if let Err(e) = self.reset() {
+            log::warn!("{bdf}: reset on release: {e}");
+        }
+        let mut cmd = [0u8; 2];
+        if self.read_config(cfg::COMMAND, &mut cmd).is_ok() {
+            let cmd = u16::from_le_bytes(cmd) & !COMMAND_BUS_MASTER;
+            let _ = self.write_config(cfg::COMMAND, &cmd.to_le_bytes());
+        }
+        let all_unmapped = self.unmap_all();
+        // Stale readers of a BAR see all ones from now on, and no mapping holds the device
+        // file open any more.
+        for bar in self.bars.lock().unwrap_or_else(|e| e.into_inner()).iter().flatten() {
+            bar.revoke();
+        }
+        drop(device);
+        // The last reference: vfio-ioctls closes the descriptor and, if this was the group's
+        // last open function, takes the group out of the container.
+        let last = self.device.write().unwrap_or_else(|e| e.into_inner()).take();
+        if last.as_ref().is_some_and(|d| Arc::strong_count(d) > 1) {
+            log::warn!("{bdf}: the device descriptor is still held elsewhere; the kernel waits for it");
+        }
+        drop(last);
+        if all_unmapped {
+            self.container.release_window(&self.window);
+        }
+        log::info!("{bdf}: given back to the kernel");
+        Ok(())
+    }
+}
+
+impl VfioTransport {
+    /// Unmaps every live DMA mapping (the memory is kept where the unmap fails: the device may
+    /// still reach it). Returns whether all went.
+    fn unmap_all(&self) -> bool {
+        let dma = std::mem::take(&mut *self.dma());
+        let mut all_unmapped = true;
+        for (iova, region) in dma {
+            if let Err(e) = self.container.unmap(iova, region.len() as u64) {
+                log::warn!("{}: {e}; the memory is kept and the IOVA window never reused", self.bdf);
+                // The device may still reach it: the memory must never be freed or reused.
+                std::mem::forget(region);
+                all_unmapped = false;
+            }
+        }
+        all_unmapped
+    }
 }
 
 impl Drop for VfioTransport {
     fn drop(&mut self) {
+        if self.released() {
+            // Given back already: stopped, unmapped, its window returned.
+            return;
+        }
         if let Err(e) = self.disable_msix() {
             log::warn!("{}: disabling MSI-X: {e}", self.bdf);
         }
@@ -339,17 +447,7 @@ impl Drop for VfioTransport {
             let cmd = u16::from_le_bytes(cmd) & !COMMAND_BUS_MASTER;
             let _ = self.write_config(cfg::COMMAND, &cmd.to_le_bytes());
         }
-        let dma = std::mem::take(&mut *self.dma());
-        let mut all_unmapped = true;
-        for (iova, region) in dma {
-            if let Err(e) = self.container.unmap(iova, region.len() as u64) {
-                log::warn!("{}: {e}; the memory is kept and the IOVA window never reused", self.bdf);
-                // The device may still reach it: the memory must never be freed or reused.
-                std::mem::forget(region);
-                all_unmapped = false;
-            }
-        }
-        if all_unmapped {
+        if self.unmap_all() {
             self.container.release_window(&self.window);
         }
     }

@@ -4,9 +4,14 @@
 //! `vfio-ioctls` describes regions and reads and writes them with pread/pwrite, but maps none:
 //! a VMM hands BAR mappings to the hypervisor, not to its own code. A driver reads its registers
 //! at every request, so the mapping and its volatile, bounds-checked accesses live here.
+//!
+//! When the function goes back to the kernel ([`VfioBar::revoke`]), each mapping is replaced in
+//! place by anonymous memory full of ones: a register read that races the release sees what an
+//! unclaimed PCI read gives, not SIGBUS, and the device file loses its last mapping, which the
+//! kernel waits for before it lets the function go.
 
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::error::Result;
 use crate::transport::Bar;
@@ -55,8 +60,9 @@ pub(super) struct VfioBar {
     // the kernel, so were the device (its last reference) closed before them, the kernel would
     // not release the function and vfio-ioctls could not take its group out of the container.
     maps: Vec<Mapping>,
-    /// Keeps the descriptor the mappings come from open, and reaches the rest of the BAR.
-    device: Arc<vfio_ioctls::VfioDevice>,
+    /// Keeps the descriptor the mappings come from open, and reaches the rest of the BAR;
+    /// `None` once revoked. The mapped accesses (the hot path) never look at it.
+    device: RwLock<Option<Arc<vfio_ioctls::VfioDevice>>>,
     info: RegionInfo,
 }
 
@@ -105,7 +111,23 @@ impl VfioBar {
             info.size,
             maps.iter().map(|m| m.len).sum::<u64>()
         );
-        Ok(Self { maps, device, info })
+        Ok(Self { maps, device: RwLock::new(Some(device)), info })
+    }
+
+    /// Takes the BAR away from the function for good: each mapping becomes anonymous memory
+    /// reading all ones (writes to it reach nothing), and the descriptor is let go. Idempotent.
+    pub fn revoke(&self) {
+        let device = self.device.write().unwrap_or_else(|e| e.into_inner()).take();
+        if device.is_none() {
+            return;
+        }
+        for m in &self.maps {
+            // SAFETY: m.ptr/m.len is a live mapping this BAR owns; revoke_mapping replaces it
+            // in place with anonymous memory of the same length.
+            if let Err(e) = unsafe { revoke_mapping(m.ptr, m.len as usize) } {
+                log::error!("revoking BAR {} [{:#x}+{:#x}]: {e}", self.info.index, m.offset, m.len);
+            }
+        }
     }
 
     /// Whether any part of the BAR is mmapped.
@@ -131,15 +153,57 @@ impl VfioBar {
         // A read that fails (vfio-ioctls logs it) leaves the all-ones of an unclaimed PCI read.
         buf.fill(0xff);
         if self.info.read {
-            self.device.region_read(self.info.index, buf, offset);
+            if let Some(d) = &*self.device.read().unwrap_or_else(|e| e.into_inner()) {
+                d.region_read(self.info.index, buf, offset);
+            }
         }
     }
 
     fn pwrite(&self, offset: u64, buf: &[u8]) {
         if self.info.write {
-            self.device.region_write(self.info.index, buf, offset);
+            if let Some(d) = &*self.device.read().unwrap_or_else(|e| e.into_inner()) {
+                d.region_write(self.info.index, buf, offset);
+            }
         }
     }
+}
+
+/// Replaces the mapping at `ptr` (`len` bytes, page-aligned) by anonymous memory full of ones,
+/// atomically: a reader sees either the old mapping or all ones, never a hole. mremap moves a
+/// prepared anonymous run over it (the old mapping is unmapped in the same call); should that
+/// fail, a fixed anonymous mapping replaces it (as atomic, but zeroes until filled).
+///
+/// # Safety
+/// `ptr..ptr + len` must be a mapping the caller owns, reached by nobody through references
+/// (volatile accesses through raw pointers only).
+pub(super) unsafe fn revoke_mapping(ptr: *mut u8, len: usize) -> std::io::Result<()> {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // SAFETY: a fresh anonymous mapping; the result is checked.
+    let tmp = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, anon, -1, 0) };
+    if tmp != libc::MAP_FAILED {
+        // SAFETY: tmp is our fresh mapping of len bytes.
+        unsafe { std::ptr::write_bytes(tmp.cast::<u8>(), 0xff, len) };
+        let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+        // SAFETY: moves our anonymous run onto ptr, which the caller owns; the kernel unmaps
+        // what was there in the same call.
+        let moved = unsafe { libc::mremap(tmp, len, len, flags, ptr.cast::<libc::c_void>()) };
+        if moved != libc::MAP_FAILED {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        log::warn!("mremap over a BAR mapping: {e}; mapping anonymous memory over it instead");
+        // SAFETY: tmp is still our mapping (mremap failed).
+        unsafe { libc::munmap(tmp, len) };
+    }
+    // SAFETY: replaces the caller's mapping at ptr with a fixed anonymous one of the same size.
+    let p = unsafe { libc::mmap(ptr.cast(), len, rw, anon | libc::MAP_FIXED, -1, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: p == ptr is now our anonymous mapping of len bytes.
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0xff, len) };
+    Ok(())
 }
 
 macro_rules! access {
@@ -180,4 +244,53 @@ impl Bar for VfioBar {
     access!(read8, write8, u8);
     access!(read16, write16, u16);
     access!(read32, write32, u32);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+
+    use super::*;
+
+    /// A shared mapping of a file stands in for a BAR mapping of the device file: after the
+    /// revocation the old pointer reads all ones, writes through it no longer reach the file,
+    /// and the file is no longer mapped (the kernel waits for that before it lets a function go).
+    #[test]
+    fn a_revoked_mapping_reads_all_ones_and_lets_go_of_the_file() {
+        let len = 2 * 4096;
+        // SAFETY: a new memfd; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"bar".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fd is ours and open; File takes it over.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.write_all(&vec![0x5a; len]).unwrap();
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a shared mapping of the file's len bytes; checked below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_SHARED, fd, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        let p = p.cast::<u32>();
+        // SAFETY: inside the mapping, aligned.
+        assert_eq!(unsafe { std::ptr::read_volatile(p) }, 0x5a5a_5a5a);
+        let maps = || std::fs::read_to_string("/proc/self/maps").unwrap();
+        let ino = file.metadata().map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap().to_string();
+        assert!(maps().lines().any(|l| l.contains("memfd:bar") && l.contains(&ino)));
+        // SAFETY: p..p+len is our mapping, reached only through raw pointers.
+        unsafe { revoke_mapping(p.cast(), len) }.unwrap();
+        // SAFETY: the same addresses, now anonymous memory of the same length.
+        unsafe {
+            assert_eq!(std::ptr::read_volatile(p), u32::MAX);
+            assert_eq!(std::ptr::read_volatile(p.add(len / 4 - 1)), u32::MAX);
+            std::ptr::write_volatile(p, 0);
+        }
+        assert!(
+            !maps().lines().any(|l| l.contains("memfd:bar") && l.contains(&ino)),
+            "the file is still mapped"
+        );
+        let mut back = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut back, 0).unwrap();
+        assert_eq!(back, [0x5a; 4], "a write after the revocation reached the file");
+        // SAFETY: the anonymous mapping that replaced ours.
+        unsafe { libc::munmap(p.cast(), len) };
+    }
 }
