@@ -303,3 +303,22 @@ fn a_release_during_a_recovery_waits_for_it_and_still_releases() {
     r.check_contract();
     r.check_after_release();
 }
+
+#[test]
+fn the_unplug_fault_ends_a_single_device_job_with_the_released_error() {
+    // No SERIAL: another process. Bench would run 30 s; the unplug ends it at once.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
+        .args(["bench", "--device", "emulated", "--duration", "30s", "--device-fault", "unplug@200ms"])
+        .env("RUST_LOG", "crypt_vfio=info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "bench went on after the release: {err}");
+    assert!(
+        err.contains("device released: emulated was given back at its owner's request (unbind or unplug)"),
+        "{err}"
+    );
+    for step in ["release request seen", "stopped taking requests", "drained", "device released (t="] {
+        assert!(err.contains(step), "no '{step}' in the log: {err}");
+    }
+}

@@ -380,9 +380,15 @@ impl Transport for VfioTransport {
             log::warn!("{bdf}: disabling MSI-X: {e}");
         }
         // The driver stopped the function already; a function-level reset and bus mastering
-        // off make sure of it before any of its memory is unmapped.
-        if let Err(e) = self.reset() {
-            log::warn!("{bdf}: reset on release: {e}");
+        // off make sure of it before any of its memory is unmapped. While the kernel removes
+        // the function it holds its lock, and vfio-pci's reset then answers EAGAIN: the virtio
+        // reset and bus mastering off have to do.
+        match self.reset() {
+            Err(Error::Os { source, .. }) if source.raw_os_error() == Some(libc::EAGAIN) => {
+                log::info!("{bdf}: no function-level reset on release: the kernel holds the function")
+            }
+            Err(e) => log::warn!("{bdf}: reset on release: {e}"),
+            Ok(()) => {}
         }
         let mut cmd = [0u8; 2];
         if self.read_config(cfg::COMMAND, &mut cmd).is_ok() {
