@@ -103,7 +103,7 @@ fn listen(
 }
 
 /// Seconds on CLOCK_MONOTONIC, the clock the kernel's log is stamped with.
-pub(crate) fn monotonic() -> f64 {
+fn monotonic() -> f64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into the valid one given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
@@ -161,7 +161,6 @@ fn release_now(core: &Core, recovery: &Mutex<Option<JoinHandle<()>>>, drain: Dur
     // No session request is under way, and none starts: they look at `leaving` under this lock.
     let ctl = core.control();
     core.health.stop_for_release();
-    let mut scratch = Vec::new();
     for q in &core.queues {
         // Fails what is left (the device is stopped) and ends the queue's completion thread.
         q.close(&mut scratch);
