@@ -45,6 +45,8 @@ TRIPLE=x86_64-unknown-linux-gnu
 BIN=$ROOT/target/$TRIPLE/release/crypt-vfio
 # The library's tests that need real functions (guest_tests), run in the guest.
 GUEST_TESTS=transport::vfio::guest_tests::functions_in_one_container_work_side_by_side_and_leave_one_by_one
+# The same harness: the kernel's unbind of a function crypt-vfio drives, beside another in its container.
+GUEST_UNBIND_TEST=transport::vfio::guest_tests::a_function_the_kernel_takes_back_is_given_back_while_its_neighbour_goes_on
 TIMEOUT=${VFIO_GUEST_TIMEOUT:-600}
 CORRUPT=${VFIO_GUEST_CORRUPT:-0}
 NO_RELEASE=${VFIO_GUEST_NO_RELEASE:-0}
@@ -296,6 +298,8 @@ unplug() {
         sleep 0.1
         n=\$((n + 1))
     done
+    # A second more and the bench has requests in flight when the request comes.
+    sleep 1
     echo "@@unplug $HP_ID t=\$(cut -d' ' -f1 /proc/uptime)@@"
     wait \$job
     rc=\$?
@@ -312,7 +316,7 @@ unplug() {
         echo "unplug timeline: \$HP gone from sysfs (t=\$(cut -d' ' -f1 /proc/uptime))"
     fi
     dmesg | grep -E "vfio|\$HP|blocked|hung" | sed 's/^/  dmesg: /'
-    relayed=\$(dmesg | grep -c "Relaying device request to user")
+    relayed=\$(dmesg | grep "\$HP" | grep -c "Relaying device request to user")
     if [ -e /sys/bus/pci/devices/\$HP ]; then
         failed unplug "\$HP was not removed"
     elif [ "$NO_RELEASE" = 1 ]; then
@@ -329,11 +333,15 @@ unplug() {
         failed unplug "the job on the unplugged function did not notice the release"
     elif ! grep -q "device released: \$HP was given back at its owner's request" /tmp/job; then
         failed unplug "the job did not end with crypt-vfio's released error: \$(grep '^crypt-vfio: ' /tmp/job | head -1)"
+    elif grep -q "panicked" /tmp/job; then
+        failed unplug "a thread of crypt-vfio panicked: \$(grep -m1 -A1 panicked /tmp/job | tr '\n' ' ')"
     else
+        missing=
         for line in "release request seen" "stopped taking requests" "drained" "device released (t="; do
-            grep -q "\$line" /tmp/job || failed unplug "no '\$line' line in the job's log"
+            grep -q "\$line" /tmp/job || missing="\$line"
         done
-        echo "=== unplug: ok"
+        if [ -n "\$missing" ]; then failed unplug "no '\$missing' line in the job's log"
+        else echo "=== unplug: ok"; fi
     fi
 }
 for m in $MODULES; do
@@ -390,6 +398,16 @@ else
     step bind-second crypt-vfio bind \$BDF2
     step one-container sh -c "CRYPT_VFIO_GUEST_FUNCTIONS=\$BDF,\$BDF2 crypt-vfio-tests --ignored --exact \
         --test-threads 1 --nocapture $GUEST_TESTS >/tmp/harness 2>&1; cat /tmp/harness; grep -q '1 passed' /tmp/harness"
+    # The kernel unbinds a function crypt-vfio drives. Not a step: on 6.1 the kernel takes the
+    # group out of the container by itself once the last device descriptor closes, racing
+    # vfio-ioctls' own VFIO_GROUP_UNSET_CONTAINER, which then logs "Could not unbind VFIO group"
+    # (EINVAL: no container left); the test checks what matters itself.
+    echo "=== kernel-unbind: $GUEST_UNBIND_TEST"
+    CRYPT_VFIO_GUEST_FUNCTIONS=\$BDF,\$BDF2 crypt-vfio-tests --ignored --exact --test-threads 1 --nocapture \
+        $GUEST_UNBIND_TEST >/tmp/harness 2>&1
+    cat /tmp/harness
+    if grep -q '1 passed' /tmp/harness; then echo "=== kernel-unbind: ok"
+    else failed kernel-unbind "\$(grep -m1 -A2 panicked /tmp/harness | tr '\n' ' ')"; fi
     step unbind-second crypt-vfio unbind \$BDF2
     step unbind crypt-vfio unbind \$BDF
     unplug

@@ -5,8 +5,17 @@
 //! descriptor, reads every region's and interrupt's description, and sets interrupts. Opening
 //! errors are turned here into ones that say what to do; the reset is our own request (see
 //! `abi.rs`) because the crate's drops its result.
+//!
+//! `vfio-ioctls` reads the function's sysfs directory again when the device is dropped (its
+//! `iommu_group` link) and panics if it cannot. After a hot-unplug the kernel removes that
+//! directory as soon as the last descriptor closes, which is the step just before; so the crate
+//! is given a private stand-in ([`DevicePath`]) that lives exactly as long as the device.
 
 use std::io;
+use std::ops::Deref;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
@@ -26,16 +35,65 @@ use crate::pci_sysfs::{Bdf, Sysfs};
 /// Smallest config space of a PCI function.
 const CONFIG_MIN: u64 = 256;
 
+/// An open VFIO device, with the path `vfio-ioctls` was given for it; the device drops first.
+pub(super) struct Device {
+    device: vfio_ioctls::VfioDevice,
+    _path: Option<DevicePath>,
+}
+
+impl Deref for Device {
+    type Target = vfio_ioctls::VfioDevice;
+    fn deref(&self) -> &vfio_ioctls::VfioDevice {
+        &self.device
+    }
+}
+
+/// A private directory named after the function, holding an `iommu_group` link to its group:
+/// all `vfio-ioctls` reads of the function's sysfs directory (the group number, and the
+/// directory's name as the device name), in a place the kernel does not remove.
+pub(super) struct DevicePath {
+    root: PathBuf,
+    dir: PathBuf,
+}
+
+impl DevicePath {
+    fn new(bdf: &Bdf, group: u32) -> io::Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "crypt-vfio-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::DirBuilder::new().mode(0o700).create(&root)?;
+        let this = Self { dir: root.join(bdf.to_string()), root };
+        std::fs::create_dir(&this.dir)?;
+        std::os::unix::fs::symlink(
+            format!("/sys/kernel/iommu_groups/{group}"),
+            this.dir.join("iommu_group"),
+        )?;
+        Ok(this)
+    }
+
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for DevicePath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
 /// Opens the VFIO device of `bdf` in `container` (joining its group to the container unless
 /// another function of the group is already open there).
-pub(super) fn open(
-    sysfs: &Sysfs,
-    container: &VfioContainer,
-    bdf: &Bdf,
-    group: u32,
-) -> Result<Arc<vfio_ioctls::VfioDevice>> {
+pub(super) fn open(sysfs: &Sysfs, container: &VfioContainer, bdf: &Bdf, group: u32) -> Result<Arc<Device>> {
     let ops: Arc<dyn VfioOps> = container.ops();
-    let device = vfio_ioctls::VfioDevice::new(&sysfs.device_path(bdf), ops, false)
+    let path = DevicePath::new(bdf, group)
+        .map_err(|e| log::debug!("{bdf}: no private device path ({e}); vfio-ioctls reads sysfs"))
+        .ok();
+    let sysfs_path = sysfs.device_path(bdf);
+    let device = vfio_ioctls::VfioDevice::new(path.as_ref().map_or(&sysfs_path, |p| p.path()), ops, false)
         .map_err(|e| open_error(sysfs, bdf, group, e))?;
     // vfio-ioctls keeps the regions it could describe in a list and reaches them by position, so
     // one that failed would shift the config region's place: check that index 7 is config space.
@@ -48,7 +106,7 @@ pub(super) fn open(
             device.get_region_size(config)
         ))));
     }
-    Ok(Arc::new(device))
+    Ok(Arc::new(Device { device, _path: path }))
 }
 
 /// What to tell the user when a function's group or device cannot be opened.

@@ -13,6 +13,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, RwLock};
 
+use super::device::Device;
 use crate::error::Result;
 use crate::transport::Bar;
 
@@ -62,7 +63,7 @@ pub(super) struct VfioBar {
     maps: Vec<Mapping>,
     /// Keeps the descriptor the mappings come from open, and reaches the rest of the BAR;
     /// `None` once revoked. The mapped accesses (the hot path) never look at it.
-    device: RwLock<Option<Arc<vfio_ioctls::VfioDevice>>>,
+    device: RwLock<Option<Arc<Device>>>,
     info: RegionInfo,
 }
 
@@ -74,7 +75,7 @@ unsafe impl Sync for VfioBar {}
 
 impl VfioBar {
     /// Maps what the kernel lets us map of `info`; the rest stays reachable through `device`.
-    pub fn new(device: Arc<vfio_ioctls::VfioDevice>, info: RegionInfo) -> Result<Self> {
+    pub fn new(device: Arc<Device>, info: RegionInfo) -> Result<Self> {
         let mut maps = Vec::new();
         for &(off, len) in &info.mmap {
             let prot = if info.write { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
