@@ -232,6 +232,20 @@ mod tests {
     use super::*;
     use crate::pci_sysfs::tests::FakeSysfs;
 
+    /// What vfio-ioctls reads of a function's directory, from the stand-in: the group number
+    /// (the link's last component) and the device name (the directory's); gone after the drop.
+    #[test]
+    fn the_private_device_path_says_what_sysfs_says_and_goes_with_the_device() {
+        let bdf: Bdf = "0000:02:00.0".parse().unwrap();
+        let p = DevicePath::new(&bdf, 6).unwrap();
+        assert_eq!(p.path().file_name().unwrap(), "0000:02:00.0");
+        let link = std::fs::read_link(p.path().join("iommu_group")).unwrap();
+        assert_eq!(link.file_name().unwrap(), "6");
+        let root = p.root.clone();
+        drop(p);
+        assert!(!root.exists(), "{} left behind", root.display());
+    }
+
     #[test]
     fn group_errors_name_the_blockers_and_what_to_do() {
         let t = FakeSysfs::new("vfio-group-errors");
