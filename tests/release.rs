@@ -322,3 +322,119 @@ fn the_unplug_fault_ends_a_single_device_job_with_the_released_error() {
         assert!(err.contains(step), "no '{step}' in the log: {err}");
     }
 }
+
+#[test]
+fn a_release_under_load_from_several_threads_loses_nothing_and_completes_nothing_twice() {
+    let _s = serial();
+    let config = EmulatedConfig { data_queues: 2, latency: Duration::from_micros(200), ..Default::default() };
+    let options = DeviceOptions {
+        completion: CompletionMode::Interrupt,
+        queue_size: 8,
+        release_drain: PATIENCE,
+        ..Default::default()
+    };
+    let (dev, t) = common::device_with(config, &options);
+    let checker = Arc::new(ContractChecker::new());
+    let session = dev.create_session(Mode::Ctr, &KEY).unwrap();
+    let next = Arc::new(AtomicU64::new(1));
+    let completed = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for worker in 0..4 {
+            let (checker, completed, refused, next) =
+                (checker.clone(), completed.clone(), refused.clone(), next.clone());
+            let (dev, session) = (&dev, session.clone());
+            s.spawn(move || {
+                let (c, done) = (checker.clone(), completed.clone());
+                let mut q = dev
+                    .open_queue(
+                        worker % 2,
+                        Arc::new(move |ev| {
+                            c.event(&ev);
+                            if let Event::Completed(comp) = ev {
+                                let id = comp.request.user_data;
+                                match &comp.result {
+                                    Ok(()) => assert_eq!(comp.request.data.as_slice(), &expected(id)[..]),
+                                    Err(e) => assert!(
+                                        released(e) || matches!(e, Error::Device(DeviceError::Failed(_))),
+                                        "request {id}: {e}"
+                                    ),
+                                }
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }),
+                    )
+                    .unwrap();
+                // Submit until the device refuses: it is gone.
+                loop {
+                    let id = next.fetch_add(1, Ordering::Relaxed);
+                    let req = Request::new(
+                        session.clone(),
+                        Direction::Encrypt,
+                        Iv::from(iv(id)),
+                        Buf::Host(plain(id)),
+                        id,
+                    );
+                    checker.begin_submit(worker % 2, id);
+                    let r = q.submit(req, true);
+                    checker.submitted(id, &r);
+                    if let Err(e) = r {
+                        match e.kind {
+                            crypt_vfio::engine::SubmitErrorKind::Rejected(e) if released(&e) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                            // The backlog is full: wait for room, as a caller does.
+                            crypt_vfio::engine::SubmitErrorKind::Busy => {
+                                std::thread::sleep(Duration::from_millis(1))
+                            }
+                            k => panic!("request {id} refused: {k:?}"),
+                        }
+                    }
+                }
+            });
+        }
+        // Let the threads fill rings and backlogs, then the owner asks.
+        wait_until("requests completing", || completed.load(Ordering::Relaxed) >= 200);
+        t.request_release();
+    });
+    wait_until("the release", || dev.release_state() == ReleaseState::Released);
+    // The last events may still be on their way from a completion thread.
+    wait_until("every accepted request to complete", || checker.report().pending == 0);
+    let r = checker.report();
+    assert!(r.violations.is_empty(), "contract violations: {:#?}", r.violations);
+    assert_eq!(r.pending, 0, "{r:?}");
+    assert_eq!(r.completed, r.in_progress + r.backlogged, "every accepted request completes once: {r:?}");
+    assert_eq!(refused.load(Ordering::Relaxed), 4);
+    drop(dev);
+    assert_eq!(t.accesses_after_release(), 0);
+    assert_eq!(t.live_dma_maps(), 0);
+}
+
+#[test]
+fn while_the_device_drains_it_takes_no_new_request_or_session() {
+    let _s = serial();
+    let options = DeviceOptions { release_drain: Duration::from_secs(2), ..Default::default() };
+    let mut r = rig(CompletionMode::Poll, options);
+    // Requests the device keeps hold the release in its drain.
+    r.t.inject(EmulatedFault::NeverAnswer);
+    let held = r.submit(2);
+    r.t.request_release();
+    wait_until("the device to be leaving", || r.dev.release_state() == ReleaseState::Leaving);
+    let id = r.next.fetch_add(1, Ordering::Relaxed);
+    let req = Request::new(r.session.clone(), Direction::Encrypt, Iv::from(iv(id)), Buf::Host(plain(id)), id);
+    match r.q.submit(req, true) {
+        Err(e) => match e.kind {
+            crypt_vfio::engine::SubmitErrorKind::Rejected(e) => assert!(released(&e), "{e}"),
+            k => panic!("submit while leaving: {k:?}"),
+        },
+        Ok(s) => panic!("a leaving device took a new request: {s:?}"),
+    }
+    assert!(released(&r.dev.create_session(Mode::Ctr, &KEY).unwrap_err()));
+    for c in r.wait(&held) {
+        assert!(matches!(c.result, Err(Error::Device(DeviceError::Failed(_)))), "{:?}", c.result);
+    }
+    r.wait_released();
+    r.check_contract();
+    r.check_after_release();
+}
