@@ -144,6 +144,27 @@ pub enum DeviceError {
     /// the owner's request: the engine no longer has it, and every later call on it fails so.
     #[error("device released: {0}")]
     Released(String),
+    /// The request was not run: the device failed or is leaving before it took the request
+    /// (a refused submit, a backlogged request) or before it answered, and its data and tag
+    /// are exactly as submitted (the request went through a bounce buffer, which is copied back
+    /// only on success). It may be run again, on this device once it recovers or on another.
+    #[error("request not run: {0}")]
+    NotRun(String),
+    /// A pool member failed while it held a request whose buffer is in its DMA memory (zero
+    /// copy), so the device may have written part of it; other members remain. Run the request
+    /// again from the caller's own copy of the data.
+    #[error("pool member {member} failed with the request: {source}")]
+    MemberFailed {
+        /// The member's name (`emulated#1`, a PCI address).
+        member: String,
+        /// What the member reported.
+        #[source]
+        source: Box<Error>,
+    },
+    /// Every member of a pool is gone (failed and not back in time, given up, or released):
+    /// what happened to each, in member order.
+    #[error("no pool member left: {}", fates(.0))]
+    NoMemberLeft(Vec<MemberFate>),
     /// The device failed too often to be recovered again; it stays failed.
     #[error("device failed {failures} times within {window:?}; giving up on it (last failure: {last})")]
     GaveUp {
@@ -154,6 +175,44 @@ pub enum DeviceError {
         /// Why it failed last.
         last: String,
     },
+}
+
+/// What happened to one pool member, for [`DeviceError::NoMemberLeft`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberFate {
+    /// The member's name (`emulated#0`, `0000:01:00.0`, `software`).
+    pub member: String,
+    /// Its state, said for a person: "failed 1.2 s ago, not back after 10 s: …",
+    /// "gave up after 3 failures in 60 s (last: …)".
+    pub fate: String,
+}
+
+impl std::fmt::Display for MemberFate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.member, self.fate)
+    }
+}
+
+fn fates(list: &[MemberFate]) -> String {
+    if list.is_empty() {
+        return "the pool has no members".into();
+    }
+    list.iter().map(MemberFate::to_string).collect::<Vec<_>>().join("; ")
+}
+
+impl DeviceError {
+    /// Whether the error says the device (not the request) failed: the request's data is
+    /// intact when it went through a bounce buffer, and another device could run it.
+    pub fn is_device_loss(&self) -> bool {
+        matches!(
+            self,
+            DeviceError::Failed(_)
+                | DeviceError::NotRun(_)
+                | DeviceError::Timeout(..)
+                | DeviceError::GaveUp { .. }
+                | DeviceError::Released(_)
+        )
+    }
 }
 
 /// One request or session, as any engine (device or software) reports it: keys, parameters,

@@ -46,6 +46,9 @@ pub mod testing {
     pub use crate::engine::delivery::{Delivery, Outbox};
     pub use crate::virtio::VirtioPci;
 
+    /// A pool member queue's credits, for the loom models.
+    pub use crate::engine::pool::Credit;
+
     /// The software backlog of the submit contract, for the loom models.
     pub mod backlog {
         pub use crate::engine::backlog::{Backlog, Outbox, Refused, Ring};
@@ -59,5 +62,7 @@ pub mod testing {
 
 pub use crypt_vfio_cores::{CoreKind, Mode};
 pub use engine::{AnyEngine, AnySession, BlockingQueue};
-pub use error::{CryptoError, DeviceError, Error, LuksError, NbdError, Result, VfioError, VolumeError};
-pub use open::{open, open_device, open_with, DeviceName, OpenOptions};
+pub use error::{
+    CryptoError, DeviceError, Error, LuksError, MemberFate, NbdError, Result, VfioError, VolumeError,
+};
+pub use open::{member_name, open, open_device, open_pool, open_with, parse_list, DeviceName, OpenOptions};

@@ -4,7 +4,9 @@
 //! virtio-crypto device, always present), a PCI address of a function bound to vfio-pci
 //! (`0000:00:04.0`), or `software` (the AES cores on the caller's thread, no device at all).
 //! This module turns such a name into a transport, a driver and an engine, so that the CLI and
-//! every library user open devices the same way.
+//! every library user open devices the same way. A comma-separated list of names
+//! (`emulated,emulated,software`, `0000:00:04.0,0000:00:05.0`) opens every one and makes them one
+//! engine, a [`PoolEngine`](crate::engine::PoolEngine).
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use crypt_vfio_cores::CoreKind;
 
 use crate::engine::software::SoftwareEngine;
-use crate::engine::AnyEngine;
+use crate::engine::{AnyEngine, PoolEngine, PoolOptions};
 use crate::error::{CryptoError, Error, Result};
 use crate::pci_sysfs::Bdf;
 use crate::transport::emulated::{EmulatedConfig, EmulatedTransport};
@@ -90,6 +92,8 @@ pub struct OpenOptions {
     pub emulated: EmulatedConfig,
     /// The AES core of the software engine (the emulated device takes `emulated.core`).
     pub core: CoreKind,
+    /// Settings of a pool, when a list of names is opened.
+    pub pool: PoolOptions,
 }
 
 /// Opens the engine `name` gives (`emulated`, `software`, or a PCI address) with default
@@ -108,8 +112,66 @@ pub struct OpenOptions {
 /// assert_eq!(data, b"attack at dawn");
 /// # Ok::<(), crypt_vfio::Error>(())
 /// ```
+///
+/// A comma-separated list opens a pool of every engine it names:
+///
+/// ```
+/// use crypt_vfio::engine::Engine;
+///
+/// let pool = crypt_vfio::open("emulated,emulated,software")?;
+/// let names: Vec<&str> = pool.pool().unwrap().members().map(|(name, _)| name).collect();
+/// assert_eq!(names, ["emulated#0", "emulated#1", "software"]);
+/// assert!(crypt_vfio::open("software,software").is_err());
+/// # Ok::<(), crypt_vfio::Error>(())
+/// ```
 pub fn open(name: &str) -> Result<AnyEngine> {
-    open_with(&name.parse()?, &OpenOptions::default())
+    let names = parse_list(name)?;
+    match &names[..] {
+        [one] => open_with(one, &OpenOptions::default()),
+        _ => open_pool(&names, &OpenOptions::default()).map(AnyEngine::Pool),
+    }
+}
+
+/// The names of a comma-separated list (`emulated,0000:00:04.0,software`). Refused: an empty
+/// item, a PCI address named twice (one function cannot be opened twice), and `software`
+/// twice (one software member does all a second would). `emulated` may repeat: each is a new
+/// device.
+pub fn parse_list(list: &str) -> Result<Vec<DeviceName>> {
+    let mut names: Vec<DeviceName> = Vec::new();
+    for item in list.split(',') {
+        if item.trim().is_empty() {
+            return Err(Error::Crypto(CryptoError::InvalidRequest(format!(
+                "`{list}`: an empty device name in the list"
+            ))));
+        }
+        let name: DeviceName = item.parse()?;
+        if name != DeviceName::Emulated && names.contains(&name) {
+            return Err(Error::Crypto(CryptoError::InvalidRequest(format!(
+                "`{list}`: {name} is named twice"
+            ))));
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// The name of member `index`, `name`, in a pool: `emulated#<index>` (so that the index a fault
+/// plan gives and the name agree), the PCI address, or `software`.
+pub fn member_name(index: usize, name: &DeviceName) -> String {
+    match name {
+        DeviceName::Emulated => format!("emulated#{index}"),
+        other => other.to_string(),
+    }
+}
+
+/// Opens every engine of `names` and makes them one pool.
+pub fn open_pool(names: &[DeviceName], options: &OpenOptions) -> Result<PoolEngine> {
+    let members = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Ok((member_name(i, name), open_with(name, options)?)))
+        .collect::<Result<Vec<_>>>()?;
+    PoolEngine::new(members, options.pool.clone())
 }
 
 /// Opens the engine `name` names with `options`.

@@ -257,3 +257,51 @@ fn competitors_run_beside_the_bench_are_recorded_and_gone_afterwards() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("more than the 64"), "{o:?}");
 }
+
+#[test]
+fn a_pool_reports_each_members_share_in_json_and_in_the_table() {
+    // One queue, two emulated devices: both take work, the shares add up to the whole, and the
+    // software member stands by (no device failed).
+    let out = ok(&bench(&[
+        "--json",
+        "--device",
+        "emulated,emulated,software",
+        "--count",
+        "3000",
+        "--qd",
+        "32",
+        "--size",
+        "1024",
+    ]));
+    let r: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(r["ops"].as_u64(), Some(3000), "{r}");
+    let members = r["members"].as_array().expect("members");
+    let names: Vec<&str> = members.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["emulated#0", "emulated#1", "software"]);
+    let requests: Vec<u64> = members.iter().map(|m| m["requests"].as_u64().unwrap()).collect();
+    assert_eq!(requests.iter().sum::<u64>(), 3000, "{r}");
+    assert!(requests[0] > 0 && requests[1] > 0, "both devices busy: {r}");
+    assert_eq!(requests[2], 0, "the software member stands by: {r}");
+    let share: f64 = members.iter().map(|m| m["share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-9, "{r}");
+    let table = ok(&bench(&["--device", "emulated,emulated", "--count", "500", "--qd", "8"]));
+    let lines: Vec<&str> = table.lines().filter(|l| l.trim_start().starts_with("member ")).collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(lines[0].contains("emulated#0") && lines[0].contains('%'), "{table}");
+}
+
+#[test]
+fn device_lists_refuse_what_cannot_be_a_pool() {
+    for (args, needle) in [
+        (&["--device", "software,software"][..], "named twice"),
+        (&["--device", "emulated,,emulated"], "empty device name"),
+        (&["--device", "emulated,auto"], "auto"),
+        (&["--device", "emulated,software", "--device-fault", "never-answer@1s:1"], "not an emulated device"),
+        (&["--device", "emulated,emulated", "--device-fault", "never-answer@1s:2"], "member(s)"),
+    ] {
+        let o = bench(&[&["--count", "10"][..], args].concat());
+        assert!(!o.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

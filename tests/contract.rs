@@ -137,7 +137,9 @@ where
                                         local.ok += 1;
                                     }
                                     Err(Error::Crypto(CryptoError::Status(_))) => local.device_errors += 1,
-                                    Err(Error::Device(DeviceError::Failed(_))) => local.failed += 1,
+                                    Err(Error::Device(DeviceError::Failed(_) | DeviceError::NotRun(_))) => {
+                                        local.failed += 1
+                                    }
                                     Err(e) => panic!("request {id} failed: {e}"),
                                 }
                             }

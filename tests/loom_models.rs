@@ -2,7 +2,10 @@
 //! ([`Delivery`]), submit/reap/promote around a data queue's [`Backlog`] (one request at a time
 //! and in batches), the async API's handling of a `Promoted` that races with its `Backlogged`,
 //! and the sleep gate of adaptive waiting ([`SleepGate`]: announce the sleep, re-check, park; the
-//! doorbell fences and checks).
+//! doorbell fences and checks), and the engine pool's two hand-offs: credits of a member queue
+//! shared by pool queues, and a request its member failed going through the re-run lane. (The
+//! pool has no lock-free stage/flush step: members are called under the pool queue's lock, and
+//! their callbacks take it, never called under it.)
 //!
 //! Run with `cargo test --features loom-model --test loom_models` (the feature builds the
 //! engine's synchronisation on loom's types; see `src/engine/sync.rs`). With
@@ -373,5 +376,151 @@ fn sleep_gate_never_sleeps_through_a_doorbell() {
         avail.store(true, Ordering::SeqCst);
         gate.notify();
         worker.join().unwrap();
+    });
+}
+
+#[test]
+fn pool_credits_never_overfill_a_shared_member_queue() {
+    // Two pool queues share one member queue of one slot. Each takes a credit before it puts a
+    // request on the member's ring; the member's reaper frees the slot, then the completion
+    // gives the credit back. Whatever the interleaving, a pool queue that holds a credit finds
+    // the slot free (the member never refuses a request the pool had room for), and each
+    // request that got a credit is placed.
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(|| {
+        let credit = Arc::new(crypt_vfio::testing::Credit::new(1));
+        let ring: Arc<Mutex<Option<u64>>> = Arc::new(Mutex::new(None));
+        let placed = Arc::new(AtomicUsize::new(0));
+        let pool_queues: Vec<_> = (0..2u64)
+            .map(|id| {
+                let (credit, ring, placed) = (credit.clone(), ring.clone(), placed.clone());
+                thread::spawn(move || {
+                    if credit.take() {
+                        let mut slot = ring.lock().unwrap();
+                        assert!(slot.is_none(), "a credit was taken for a slot the member still holds");
+                        *slot = Some(id);
+                        placed.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        let reaper = {
+            let (credit, ring) = (credit.clone(), ring.clone());
+            thread::spawn(move || {
+                for _ in 0..2 {
+                    let done = ring.lock().unwrap().take();
+                    if done.is_some() {
+                        credit.give_back();
+                    }
+                    thread::yield_now();
+                }
+            })
+        };
+        for t in pool_queues {
+            t.join().unwrap();
+        }
+        reaper.join().unwrap();
+        let left = usize::from(ring.lock().unwrap().is_some());
+        assert_eq!(credit.free() + left, 1, "a credit was lost or made");
+        assert!(placed.load(Ordering::SeqCst) >= 1);
+    });
+}
+
+/// A ring of one slot whose member fails the first request it completes before running it
+/// (NotRun): the pool's completion handler sends it to the backlog's re-run lane.
+#[derive(Default)]
+struct FailingOnce {
+    slot: Option<u64>,
+    failed_one: bool,
+}
+
+impl Ring<u64> for FailingOnce {
+    fn has_space(&self) -> bool {
+        self.slot.is_none()
+    }
+    fn push(&mut self, item: u64) -> std::result::Result<(), (u64, Error)> {
+        self.slot = Some(item);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_rerun_after_a_member_failure_keeps_the_contract() {
+    // A submitter pushes three requests (backlog allowed) through a pool queue of one slot while
+    // the member completes: its first completion is a failure before running, so the pool puts
+    // the request in the re-run lane under its lock and promotes. Every interleaving: the re-run
+    // gets no second Promoted, each request completes once, and nothing submitted meanwhile
+    // overtakes the backlog.
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(|| {
+        let checker = Arc::new(ContractChecker::new());
+        let state: Arc<Mutex<(Backlog<u64>, FailingOnce)>> =
+            Arc::new(Mutex::new((Backlog::new(8), FailingOnce::default())));
+        let out = Arc::new(Outboxed::new());
+        let sink: EventSink<()> = {
+            let checker = checker.clone();
+            Arc::new(move |ev| checker.event(&ev))
+        };
+        // The member's completion, as the pool's callback handles it.
+        let complete = {
+            let (state, out, sink) = (state.clone(), out.clone(), sink.clone());
+            move || {
+                {
+                    let mut st = state.lock().unwrap();
+                    let (backlog, ring) = &mut *st;
+                    let mut outbox = out.outbox.lock().unwrap();
+                    if let Some(id) = ring.slot.take() {
+                        if !ring.failed_one {
+                            ring.failed_one = true;
+                            backlog.rerun(id);
+                        } else {
+                            outbox.push((sink.clone(), Event::Completed(completion(id, Ok(())))));
+                        }
+                    }
+                    backlog.promote(ring, &mut ToEvents(&mut outbox, &sink));
+                    out.delivery.mark_pending();
+                }
+                out.deliver();
+            }
+        };
+        let submitter = {
+            let (state, out, checker) = (state.clone(), out.clone(), checker.clone());
+            thread::spawn(move || {
+                for id in 1..=3u64 {
+                    checker.begin_submit(0, id);
+                    let r = {
+                        let mut st = state.lock().unwrap();
+                        let (backlog, ring) = &mut *st;
+                        backlog.submit(id, true, ring)
+                    };
+                    let r: std::result::Result<Submitted, SubmitError<()>> = match r {
+                        Ok(s) => Ok(s),
+                        Err((id, _)) => Err(SubmitError::busy(Request::new(
+                            (),
+                            Direction::Encrypt,
+                            Iv::default(),
+                            Buf::Host(Vec::new()),
+                            id,
+                        ))),
+                    };
+                    checker.submitted(id, &r);
+                    out.deliver();
+                }
+            })
+        };
+        let member = {
+            let complete = complete.clone();
+            thread::spawn(complete)
+        };
+        submitter.join().unwrap();
+        member.join().unwrap();
+        for _ in 0..5 {
+            complete();
+        }
+        let report = checker.report();
+        assert!(report.violations.is_empty(), "{:?}", report.violations);
+        assert_eq!(report.completed, 3);
     });
 }

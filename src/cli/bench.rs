@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use crypt_vfio::engine::software::SoftwareEngine;
-use crypt_vfio::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted};
+use crypt_vfio::engine::{
+    Buf, Direction, Engine, Event, Iv, MemberStats, PoolEngine, Queue, Request, SubmitErrorKind, Submitted,
+};
 use crypt_vfio::virtio_crypto::ADAPTIVE_MAX_SPIN;
 use crypt_vfio::{CoreKind, Mode};
 use crypt_vfio_cores::new_cipher;
@@ -288,6 +290,8 @@ struct RunResult {
     competitors: usize,
     /// How the device's completions were waited for (`poll`, `irq`, `adaptive`; `-` for software).
     mode: String,
+    /// A pool's members during the run: their state at its end and their work in it.
+    members: Vec<MemberStats>,
 }
 
 impl RunResult {
@@ -326,7 +330,36 @@ impl RunResult {
             "backlogged": self.promoted,
             "competitors": self.competitors,
             "mode": self.mode,
+            "members": self.members.iter().map(|m| serde_json::json!({
+                "name": m.name,
+                "state": m.state.to_string(),
+                "share": m.share,
+                "requests": m.requests,
+                "bytes": m.bytes,
+                "reruns_out": m.reruns_out,
+                "reruns_in": m.reruns_in,
+                "recoveries": m.recoveries,
+            })).collect::<Vec<_>>(),
         })
+    }
+
+    /// One line per pool member, under the row.
+    fn member_lines(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                format!(
+                    "    member {:<14} {:<5} {:>5.1}%  {} requests, reruns out {} in {}, recoveries {}\n",
+                    m.name,
+                    m.state.to_string(),
+                    m.share * 100.0,
+                    m.requests,
+                    m.reruns_out,
+                    m.reruns_in,
+                    m.recoveries
+                )
+            })
+            .collect()
     }
 
     fn row(&self) -> String {
@@ -380,9 +413,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     // Both engines are open and every size checked against them before any buffer exists.
-    let dev = match args.engine.as_str() {
-        "device" | "both" => Some(args.device.open_for_bench(&args.device.options())?),
-        _ => None,
+    let device = matches!(args.engine.as_str(), "device" | "both");
+    let pool = match device && args.device.is_pool() {
+        true => Some(args.device.open_pool(&args.device.options())?),
+        false => None,
+    };
+    let dev = match device && pool.is_none() {
+        true => Some(args.device.open_for_bench(&args.device.options())?),
+        false => None,
     };
     let sw = match args.engine.as_str() {
         "software" | "both" => Some(SoftwareEngine::new(args.device.core)),
@@ -390,6 +428,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     if let Some(dev) = &dev {
         check_sizes(dev, &points)?;
+    }
+    if let Some(pool) = &pool {
+        check_sizes(pool, &points)?;
     }
     if let Some(sw) = &sw {
         check_sizes(sw, &points)?;
@@ -405,13 +446,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(dev) = &dev {
         series.push((
             dev.describe(),
-            points.iter().map(|&p| repeat(&args, dev, p)).collect::<anyhow::Result<_>>()?,
+            points.iter().map(|&p| repeat(&args, dev, p, None)).collect::<anyhow::Result<_>>()?,
+        ));
+    }
+    if let Some(pool) = &pool {
+        series.push((
+            pool.describe(),
+            points.iter().map(|&p| repeat(&args, pool, p, Some(pool))).collect::<anyhow::Result<_>>()?,
         ));
     }
     if let Some(sw) = &sw {
         series.push((
             sw.describe(),
-            points.iter().map(|&p| repeat(&args, sw, p)).collect::<anyhow::Result<_>>()?,
+            points.iter().map(|&p| repeat(&args, sw, p, None)).collect::<anyhow::Result<_>>()?,
         ));
     }
     if let [(_, dev), (_, sw)] = &series[..] {
@@ -466,14 +513,24 @@ fn series_points(series: &[(String, Vec<RunResult>)], param: SweepParam) -> Vec<
         .collect()
 }
 
-fn repeat<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Result<RunResult> {
+fn repeat<E: Engine>(
+    args: &BenchArgs,
+    engine: &E,
+    point: Point,
+    pool: Option<&PoolEngine>,
+) -> anyhow::Result<RunResult> {
     let mut runs = Vec::with_capacity(args.repeat);
     for _ in 0..args.repeat {
-        let r = run_once(args, engine, point)?;
+        let before = pool.map(PoolEngine::member_stats);
+        let mut r = run_once(args, engine, point)?;
+        if let (Some(pool), Some(before)) = (pool, before) {
+            r.members = shares(&before, &pool.member_stats());
+        }
         if args.json {
             println!("{}", r.json());
         } else {
             println!("{}", r.row());
+            print!("{}", r.member_lines());
         }
         runs.push(r);
     }
@@ -481,8 +538,30 @@ fn repeat<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Resu
     let median = runs[runs.len() / 2].clone();
     if args.repeat > 1 && !args.json {
         println!("{} (median of {})", median.row(), args.repeat);
+        print!("{}", median.member_lines());
     }
     Ok(median)
+}
+
+/// Each member's work between two snapshots, with its share of it.
+fn shares(before: &[MemberStats], after: &[MemberStats]) -> Vec<MemberStats> {
+    let mut run: Vec<MemberStats> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| MemberStats {
+            requests: a.requests - b.requests,
+            bytes: a.bytes - b.bytes,
+            reruns_out: a.reruns_out - b.reruns_out,
+            reruns_in: a.reruns_in - b.reruns_in,
+            recoveries: a.recoveries - b.recoveries,
+            ..a.clone()
+        })
+        .collect();
+    let total: u64 = run.iter().map(|m| m.requests).sum();
+    for m in &mut run {
+        m.share = if total == 0 { 0.0 } else { m.requests as f64 / total as f64 };
+    }
+    run
 }
 
 fn cpu_time() -> f64 {
@@ -564,6 +643,7 @@ fn run_once<E: Engine>(args: &BenchArgs, engine: &E, point: Point) -> anyhow::Re
         driver_ns,
         competitors: args.competitor,
         mode: if engine.describe().starts_with("software") { "-".into() } else { args.device.mode.clone() },
+        members: Vec::new(),
     })
 }
 

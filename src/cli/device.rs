@@ -12,12 +12,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use crypt_vfio::engine::software::SoftwareEngine;
+use crypt_vfio::engine::{AnyEngine, PoolEngine, PoolOptions};
 use crypt_vfio::pci_sysfs::{Bdf, PciFunction, Sysfs};
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTransport};
 use crypt_vfio::transport::vfio::VfioTransport;
 use crypt_vfio::transport::Transport;
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, VirtioCrypto};
-use crypt_vfio::{CoreKind, Mode};
+use crypt_vfio::{CoreKind, DeviceName, Mode};
 use crypt_vfio_spec::crypto::{aead, cipher};
 
 use super::duration::{parse_delay, parse_device_latency, parse_period, parse_request_timeout};
@@ -29,7 +30,10 @@ pub struct DeviceArgs {
     /// commands also `software` (the AES cores on the calling threads) or `auto`: the one
     /// virtio-crypto function bound to vfio-pci if there is one, else the software engine (with
     /// several bound, name one). Default: `auto` for block commands (encrypt, decrypt, serve,
-    /// format, add-key, remove-key), `emulated` for the others.
+    /// format, add-key, remove-key), `emulated` for the others. A comma-separated list
+    /// (`0000:00:04.0,0000:00:05.0`, `emulated,emulated,software`) runs them as one pool that
+    /// spreads the work and carries on when a member fails (`software` stands by for when no
+    /// device is left).
     #[arg(long, value_name = "DEV")]
     pub device: Option<String>,
     /// How completions are waited for: `adaptive` spins for a budget learnt from recent
@@ -70,7 +74,8 @@ pub struct DeviceArgs {
     /// Kinds: never-answer, answer-late, duplicate-used, free-slot-id, short-length,
     /// status-unwritten, extra-used, early-completion, ignore-reset, ignore-all-resets, ctrl-late,
     /// and unplug (the device asks for itself back, as vfio-pci does before an unbind; LENGTH is
-    /// ignored).
+    /// ignored). In a pool (`--device a,b`), `:MEMBER` arms it on one member only (its index in
+    /// the list, which must name `emulated`), `:all` (the default) on every emulated member.
     #[arg(long, hide = true, value_parser = parse_fault)]
     pub device_fault: Vec<FaultPlan>,
     /// When the kernel wants the device back (an unbind or a hot-unplug): how long requests on
@@ -81,6 +86,10 @@ pub struct DeviceArgs {
     /// for crypt-vfio to exit).
     #[arg(long, hide = true)]
     pub no_release_listener: bool,
+    /// A pool (`--device a,b`): how long requests wait while every member is down before they
+    /// fail (default: the --request-timeout).
+    #[arg(long, value_name = "DURATION", value_parser = parse_request_timeout)]
+    pub member_wait: Option<Duration>,
 }
 
 /// A fault of the emulated device armed over a window of time.
@@ -89,6 +98,8 @@ pub struct FaultPlan {
     kind: String,
     start: Duration,
     length: Option<Duration>,
+    /// The pool member it is armed on (`None`: every emulated member).
+    member: Option<usize>,
 }
 
 const FAULT_KINDS: [&str; 12] = [
@@ -107,7 +118,20 @@ const FAULT_KINDS: [&str; 12] = [
 ];
 
 fn parse_fault(s: &str) -> Result<FaultPlan, String> {
-    let (kind, when) = s.split_once('@').ok_or_else(|| format!("`{s}`: expected KIND@START[+LENGTH]"))?;
+    let (plan, member) = match s.rsplit_once(':') {
+        Some((plan, "all")) => (plan, None),
+        Some((plan, m)) => (
+            plan,
+            Some(
+                m.parse::<usize>()
+                    .map_err(|_| format!("`{s}`: the member after `:` is an index or `all`"))?,
+            ),
+        ),
+        None => (s, None),
+    };
+    let s = plan;
+    let (kind, when) =
+        s.split_once('@').ok_or_else(|| format!("`{s}`: expected KIND@START[+LENGTH][:MEMBER]"))?;
     if !FAULT_KINDS.contains(&kind) {
         return Err(format!("unknown fault `{kind}` (one of {})", FAULT_KINDS.join(", ")));
     }
@@ -115,7 +139,7 @@ fn parse_fault(s: &str) -> Result<FaultPlan, String> {
         Some((a, b)) => (parse_delay(a)?, Some(parse_period(b)?)),
         None => (parse_delay(when)?, None),
     };
-    Ok(FaultPlan { kind: kind.into(), start, length })
+    Ok(FaultPlan { kind: kind.into(), start, length, member })
 }
 
 impl FaultPlan {
@@ -178,10 +202,78 @@ impl DeviceArgs {
         self.device.as_deref().unwrap_or("emulated")
     }
 
+    /// The names of `--device`, a list for a pool. Refused: empty items, a PCI address or
+    /// `software` twice, `auto` in a list, and fault plans for a member that is not `emulated`.
+    pub fn names(&self) -> anyhow::Result<Vec<String>> {
+        let given = self.device_name();
+        let names: Vec<String> = given.split(',').map(|n| n.trim().to_string()).collect();
+        if names.len() > 1 {
+            if names.iter().any(|n| n == "auto") {
+                bail!("--device {given}: `auto` chooses one engine; it cannot be a member of a list");
+            }
+            crypt_vfio::parse_list(given)?;
+        }
+        for plan in &self.device_fault {
+            if let Some(m) = plan.member {
+                match names.get(m) {
+                    Some(n) if n == "emulated" => {}
+                    Some(n) => {
+                        bail!("--device-fault {}:{m}: member {m} is {n}, not an emulated device", plan.kind)
+                    }
+                    None => bail!(
+                        "--device-fault {}:{m}: --device names {} member(s), counted from 0",
+                        plan.kind,
+                        names.len()
+                    ),
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// Whether `--device` names a list (a pool).
+    pub fn is_pool(&self) -> bool {
+        self.device_name().contains(',')
+    }
+
+    /// Opens the pool `--device` lists (the null device included, for `bench`).
+    pub fn open_pool(&self, options: &DeviceOptions) -> anyhow::Result<PoolEngine> {
+        let names = self.names()?;
+        let mut members = Vec::with_capacity(names.len());
+        for (m, name) in names.iter().enumerate() {
+            let parsed: DeviceName = name.parse()?;
+            let engine = match parsed {
+                DeviceName::Software => AnyEngine::Software(SoftwareEngine::new(self.core)),
+                DeviceName::Emulated => {
+                    let t = self.emulated_transport(Some(m))?;
+                    AnyEngine::Device(
+                        VirtioCrypto::open(t, options).with_context(|| format!("opening member {m}"))?,
+                    )
+                }
+                DeviceName::Pci(bdf) => {
+                    let t: Arc<dyn Transport> = Arc::new(VfioTransport::open(&bdf)?);
+                    AnyEngine::Device(
+                        VirtioCrypto::open(t, options).with_context(|| format!("opening {bdf}"))?,
+                    )
+                }
+            };
+            members.push((crypt_vfio::member_name(m, &parsed), engine));
+        }
+        let pool = PoolOptions {
+            member_wait: self.member_wait.unwrap_or(self.request_timeout),
+            ..PoolOptions::default()
+        };
+        Ok(PoolEngine::new(members, pool)?)
+    }
+
     /// The transport the arguments name: the emulated device, or the function at a PCI address
     /// through VFIO.
     pub fn transport(&self) -> anyhow::Result<Arc<dyn Transport>> {
         let name = self.device_name();
+        if self.is_pool() {
+            bail!("--device {name}: this command drives one device; give one name, not a list");
+        }
+        self.names()?;
         if name == "auto" || name == "software" {
             bail!(
                 "--device {name} chooses an engine for the block commands (encrypt, decrypt, serve, format, \
@@ -194,6 +286,12 @@ impl DeviceArgs {
             // The library's errors already say what to do; no context to add.
             return Ok(Arc::new(VfioTransport::open(&bdf)?));
         }
+        self.emulated_transport(None)
+    }
+
+    /// A new emulated device of the `--device-*` shape, with the fault plans for pool member
+    /// `member` (every plan when it is not in a pool).
+    fn emulated_transport(&self, member: Option<usize>) -> anyhow::Result<Arc<dyn Transport>> {
         let config = EmulatedConfig {
             data_queues: self.device_queues,
             max_queue_size: self.device_queue_size,
@@ -211,7 +309,9 @@ impl DeviceArgs {
         };
         let t = Arc::new(EmulatedTransport::new(config).context("creating the emulated device")?);
         for plan in &self.device_fault {
-            plan.schedule(&t, self.request_timeout)?;
+            if member.is_none() || plan.member.is_none() || plan.member == member {
+                plan.schedule(&t, self.request_timeout)?;
+            }
         }
         Ok(t)
     }
@@ -269,6 +369,8 @@ pub enum BlockEngine {
     Device(VirtioCrypto),
     /// The AES cores on the calling threads.
     Software(SoftwareEngine),
+    /// Several engines as one (`--device a,b,software`).
+    Pool(PoolEngine),
 }
 
 /// Runs `$body` with `$e` bound to the engine inside a [`BlockEngine`], whichever it is (the
@@ -278,6 +380,7 @@ macro_rules! with_block_engine {
         match $engine {
             $crate::cli::device::BlockEngine::Device($e) => $body,
             $crate::cli::device::BlockEngine::Software($e) => $body,
+            $crate::cli::device::BlockEngine::Pool($e) => $body,
         }
     };
 }
@@ -335,6 +438,15 @@ impl DeviceArgs {
     pub fn open_block(&self) -> anyhow::Result<BlockEngine> {
         self.refuse_null()?;
         let given = self.device.as_deref().unwrap_or("auto");
+        if self.is_pool() {
+            self.refuse_null()?;
+            if !self.names()?.iter().any(|n| n == "emulated") {
+                self.refuse_emulated_options("a pool without emulated members")?;
+            }
+            let pool = self.open_pool(&self.options())?;
+            eprintln!("crypt-vfio: engine: {}", crypt_vfio::engine::Engine::describe(&pool));
+            return Ok(BlockEngine::Pool(pool));
+        }
         let why = match given {
             "software" => String::new(),
             "auto" => match Sysfs::system().vfio_bound_crypto() {
@@ -410,9 +522,52 @@ impl DeviceArgs {
 /// `crypt-vfio info`.
 pub fn info(args: InfoArgs) -> anyhow::Result<()> {
     let args = args.device.with_target(args.target)?;
+    if args.is_pool() {
+        args.refuse_null()?;
+        let pool = args.open_pool(&args.options())?;
+        for (name, engine) in pool.members() {
+            match engine.device() {
+                Some(dev) => {
+                    println!("member {name}:");
+                    device_info(dev);
+                }
+                None => println!(
+                    "member {name}: {} (standby: runs requests only when no device can)",
+                    crypt_vfio::engine::Engine::describe(engine)
+                ),
+            }
+            println!();
+        }
+        println!(
+            "pool:          {} queue(s), homes spread over the devices in turn; {}",
+            crypt_vfio::engine::Engine::queue_count(&pool),
+            if pool.members().any(|(_, e)| e.device().is_none()) {
+                "software standby"
+            } else {
+                "no software standby"
+            }
+        );
+        for m in pool.member_stats() {
+            println!(
+                "  {:<14} {:<5} recoveries {} share {:.1}% ({} requests since open)",
+                m.name,
+                m.state.to_string(),
+                m.recoveries,
+                m.share * 100.0,
+                m.requests
+            );
+        }
+        return Ok(());
+    }
     let dev = args.open(&args.options())?;
+    device_info(&dev);
+    Ok(())
+}
+
+/// The block `info` prints for one device.
+fn device_info(dev: &VirtioCrypto) {
     let info = dev.info();
-    println!("device:        {}", crypt_vfio::engine::Engine::describe(&dev));
+    println!("device:        {}", crypt_vfio::engine::Engine::describe(dev));
     println!("features:      {:#x}", dev.features());
     println!("ready:         {}", info.ready());
     println!("services:      {}", info.service_names().join(", "));
@@ -420,7 +575,7 @@ pub fn info(args: InfoArgs) -> anyhow::Result<()> {
     println!(
         "data queues:   {} (using {})",
         info.max_dataqueues,
-        crypt_vfio::engine::Engine::queue_count(&dev)
+        crypt_vfio::engine::Engine::queue_count(dev)
     );
     println!("max key:       {} bytes", info.max_cipher_key_len);
     println!("max request:   {} bytes", info.max_size);
@@ -437,7 +592,6 @@ pub fn info(args: InfoArgs) -> anyhow::Result<()> {
         let usable = if ok.is_empty() { "not usable".to_string() } else { ok.join(" ") };
         println!("  {:<8} {usable:<24} ({adv})", mode.to_string());
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use crypt_vfio::engine::Engine;
+use crypt_vfio::engine::{Engine, PoolEngine};
 use crypt_vfio::luks::Header;
 use crypt_vfio::nbd::{
     Listener, Server, ServerConfig, TlsConfig, TlsCredentials, MAX_CONNECTIONS, MAX_MEMORY_LIMIT,
@@ -177,8 +177,17 @@ fn tls_config(args: &ServeArgs) -> anyhow::Result<Option<TlsConfig>> {
     }
 }
 
-/// What `serve` exports, and the engine under it (to abort it when stopping).
-pub type Export = (Arc<dyn BlockDevice>, Option<Arc<VirtioCrypto>>);
+/// The engine under an export, for what `serve` does with it beside the volume: abort it when
+/// stopping, and for a pool print each member's share on exit.
+pub enum ExportEngine {
+    /// One device.
+    Device(Arc<VirtioCrypto>),
+    /// A pool (`--device a,b,software`).
+    Pool(Arc<PoolEngine>),
+}
+
+/// What `serve` exports, and the engine under it (none for `--raw` and the software engine).
+pub type Export = (Arc<dyn BlockDevice>, Option<ExportEngine>);
 
 /// The block device `args` name (the one place that decides what is exported), and the engine
 /// under it (none for `--raw`).
@@ -212,7 +221,11 @@ pub fn open_export(args: &ServeArgs) -> anyhow::Result<Export> {
     match args.device.open_block()? {
         BlockEngine::Device(d) => {
             let d = Arc::new(d);
-            Ok((export_on(Arc::clone(&d), args, file, unlock)?, Some(d)))
+            Ok((export_on(Arc::clone(&d), args, file, unlock)?, Some(ExportEngine::Device(d))))
+        }
+        BlockEngine::Pool(p) => {
+            let p = Arc::new(p);
+            Ok((export_on(Arc::clone(&p), args, file, unlock)?, Some(ExportEngine::Pool(p))))
         }
         BlockEngine::Software(s) => Ok((export_on(Arc::new(s), args, file, unlock)?, None)),
     }
@@ -268,7 +281,11 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Once `stop` is set, gives requests [`STOP_GRACE`] to finish, then aborts whatever is still
 /// on the device so that the server can answer every client and exit.
-fn abort_on_stop(stop: Arc<AtomicBool>, engine: Weak<VirtioCrypto>) -> anyhow::Result<()> {
+fn abort_on_stop<T: Send + Sync + 'static>(
+    stop: Arc<AtomicBool>,
+    engine: Weak<T>,
+    abort: fn(&T),
+) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("crypt-vfio-stop".into())
         .spawn(move || {
@@ -280,7 +297,7 @@ fn abort_on_stop(stop: Arc<AtomicBool>, engine: Weak<VirtioCrypto>) -> anyhow::R
             }
             std::thread::sleep(STOP_GRACE);
             if let Some(e) = engine.upgrade() {
-                e.abort();
+                abort(&e);
             }
         })
         .context("starting the stop watcher")?;
@@ -315,10 +332,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing signal handlers")?;
     }
 
-    if let Some(engine) = &engine {
-        abort_on_stop(Arc::clone(&stop), Arc::downgrade(engine))?;
+    // The pool is kept for its exit table; a device goes with the volume.
+    let mut pool = None;
+    match engine {
+        Some(ExportEngine::Device(d)) => {
+            abort_on_stop(Arc::clone(&stop), Arc::downgrade(&d), VirtioCrypto::abort)?
+        }
+        Some(ExportEngine::Pool(p)) => {
+            abort_on_stop(Arc::clone(&stop), Arc::downgrade(&p), PoolEngine::abort)?;
+            pool = Some(p);
+        }
+        None => {}
     }
-    drop(engine);
 
     let listener = match &args.socket {
         Some(path) => Listener::unix(path)?,
@@ -349,5 +374,29 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let report = server.serve(listener).context("serving")?;
     eprintln!("crypt-vfio: stopped after {} connection(s); the device is flushed", report.connections);
+    if let Some(p) = pool {
+        eprint!("{}", member_table(&p.member_stats()));
+    }
     Ok(())
+}
+
+/// Each pool member's state and share, as `serve` prints it on exit (tests read it).
+pub fn member_table(stats: &[crypt_vfio::engine::MemberStats]) -> String {
+    let mut out = String::from(
+        "crypt-vfio: pool members: name state share requests bytes reruns-out reruns-in recoveries\n",
+    );
+    for m in stats {
+        out.push_str(&format!(
+            "crypt-vfio:   member {} {} {:.1}% requests {} bytes {} reruns-out {} reruns-in {} recoveries {}\n",
+            m.name,
+            m.state,
+            m.share * 100.0,
+            m.requests,
+            m.bytes,
+            m.reruns_out,
+            m.reruns_in,
+            m.recoveries
+        ));
+    }
+    out
 }

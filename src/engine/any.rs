@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use crypt_vfio_cores::Mode;
 
+use super::pool::{PoolEngine, PoolSession};
 use super::software::{SoftwareEngine, SoftwareSession};
-use super::{Buf, Completion, Engine, Event, EventSink, Queue, Request, SubmitError, Submitted};
+use super::{BatchSink, Buf, Completion, Engine, Event, EventSink, Queue, Request, SubmitError, Submitted};
 use crate::error::{CryptoError, Error, Result};
 use crate::virtio_crypto::{DeviceSession, VirtioCrypto};
 
@@ -31,6 +32,8 @@ pub enum AnyEngine {
     Device(VirtioCrypto),
     /// The AES cores on the caller's thread.
     Software(SoftwareEngine),
+    /// Several of the above as one engine (`--device a,b,software`).
+    Pool(PoolEngine),
 }
 
 impl fmt::Debug for AnyEngine {
@@ -45,7 +48,34 @@ impl AnyEngine {
     pub fn device(&self) -> Option<&VirtioCrypto> {
         match self {
             AnyEngine::Device(d) => Some(d),
-            AnyEngine::Software(_) => None,
+            AnyEngine::Software(_) | AnyEngine::Pool(_) => None,
+        }
+    }
+
+    /// The pool, when this engine is one (for its members and their shares).
+    pub fn pool(&self) -> Option<&PoolEngine> {
+        match self {
+            AnyEngine::Pool(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Every device this engine drives: the device, or a pool's device members.
+    pub fn devices(&self) -> Vec<&VirtioCrypto> {
+        match self {
+            AnyEngine::Device(d) => vec![d],
+            AnyEngine::Software(_) => Vec::new(),
+            AnyEngine::Pool(p) => p.members().filter_map(|(_, e)| e.device()).collect(),
+        }
+    }
+
+    /// Stops every device for good and completes every request with an error, without
+    /// recovery (or, in a pool, running anything again): for a caller that must end now.
+    pub fn abort(&self) {
+        match self {
+            AnyEngine::Device(d) => d.abort(),
+            AnyEngine::Software(_) => {}
+            AnyEngine::Pool(p) => p.abort(),
         }
     }
 
@@ -56,6 +86,7 @@ impl AnyEngine {
         match self {
             AnyEngine::Device(d) => d.interrupts(),
             AnyEngine::Software(_) => false,
+            AnyEngine::Pool(p) => p.completes_by_itself(),
         }
     }
 }
@@ -63,6 +94,12 @@ impl AnyEngine {
 impl From<VirtioCrypto> for AnyEngine {
     fn from(d: VirtioCrypto) -> Self {
         AnyEngine::Device(d)
+    }
+}
+
+impl From<PoolEngine> for AnyEngine {
+    fn from(p: PoolEngine) -> Self {
+        AnyEngine::Pool(p)
     }
 }
 
@@ -79,6 +116,8 @@ pub enum AnySession {
     Device(DeviceSession),
     /// A software session.
     Software(SoftwareSession),
+    /// A session of an engine pool.
+    Pool(PoolSession),
 }
 
 impl AnySession {
@@ -87,6 +126,7 @@ impl AnySession {
         match self {
             AnySession::Device(s) => s.mode(),
             AnySession::Software(s) => s.mode(),
+            AnySession::Pool(s) => s.mode(),
         }
     }
 }
@@ -119,6 +159,7 @@ impl Engine for AnyEngine {
         match self {
             AnyEngine::Device(d) => d.describe(),
             AnyEngine::Software(s) => s.describe(),
+            AnyEngine::Pool(p) => p.describe(),
         }
     }
 
@@ -126,6 +167,7 @@ impl Engine for AnyEngine {
         Ok(match self {
             AnyEngine::Device(d) => AnySession::Device(d.create_session(mode, key)?),
             AnyEngine::Software(s) => AnySession::Software(s.create_session(mode, key)?),
+            AnyEngine::Pool(p) => AnySession::Pool(p.create_session(mode, key)?),
         })
     }
 
@@ -133,6 +175,7 @@ impl Engine for AnyEngine {
         match (self, session) {
             (AnyEngine::Device(d), AnySession::Device(s)) => d.destroy_session(s),
             (AnyEngine::Software(e), AnySession::Software(s)) => e.destroy_session(s),
+            (AnyEngine::Pool(p), AnySession::Pool(s)) => p.destroy_session(s),
             _ => Err(Error::Crypto(CryptoError::InvalidSession)),
         }
     }
@@ -141,6 +184,7 @@ impl Engine for AnyEngine {
         match self {
             AnyEngine::Device(d) => d.queue_count(),
             AnyEngine::Software(s) => s.queue_count(),
+            AnyEngine::Pool(p) => p.queue_count(),
         }
     }
 
@@ -156,6 +200,34 @@ impl Engine for AnyEngine {
                     Arc::new(move |ev| sink(map_event(ev, AnySession::Software)));
                 Box::new(AnyQueue::Software(s.open_queue(index, inner)?))
             }
+            AnyEngine::Pool(p) => {
+                let inner: EventSink<PoolSession> = Arc::new(move |ev| sink(map_event(ev, AnySession::Pool)));
+                Box::new(AnyQueue::Pool(p.open_queue(index, inner)?))
+            }
+        })
+    }
+
+    fn open_batch_queue(
+        &self,
+        index: usize,
+        sink: BatchSink<AnySession>,
+    ) -> Result<Box<dyn Queue<AnySession>>> {
+        Ok(match self {
+            AnyEngine::Device(d) => {
+                let inner: BatchSink<DeviceSession> =
+                    Arc::new(move |run| sink(&mut run.map(|ev| map_event(ev, AnySession::Device))));
+                Box::new(AnyQueue::Device(d.open_batch_queue(index, inner)?))
+            }
+            AnyEngine::Software(s) => {
+                let inner: BatchSink<SoftwareSession> =
+                    Arc::new(move |run| sink(&mut run.map(|ev| map_event(ev, AnySession::Software))));
+                Box::new(AnyQueue::Software(s.open_batch_queue(index, inner)?))
+            }
+            AnyEngine::Pool(p) => {
+                let inner: BatchSink<PoolSession> =
+                    Arc::new(move |run| sink(&mut run.map(|ev| map_event(ev, AnySession::Pool))));
+                Box::new(AnyQueue::Pool(p.open_batch_queue(index, inner)?))
+            }
         })
     }
 
@@ -163,6 +235,15 @@ impl Engine for AnyEngine {
         match self {
             AnyEngine::Device(d) => d.max_request_len(),
             AnyEngine::Software(s) => s.max_request_len(),
+            AnyEngine::Pool(p) => p.max_request_len(),
+        }
+    }
+
+    fn queue_capacity(&self, index: usize) -> Option<usize> {
+        match self {
+            AnyEngine::Device(d) => d.queue_capacity(index),
+            AnyEngine::Software(s) => s.queue_capacity(index),
+            AnyEngine::Pool(p) => p.queue_capacity(index),
         }
     }
 
@@ -174,6 +255,7 @@ impl Engine for AnyEngine {
         match self {
             AnyEngine::Device(d) => d.alloc_buffer(len),
             AnyEngine::Software(s) => s.alloc_buffer(len),
+            AnyEngine::Pool(p) => p.alloc_buffer(len),
         }
     }
 }
@@ -182,6 +264,7 @@ impl Engine for AnyEngine {
 enum AnyQueue {
     Device(Box<dyn Queue<DeviceSession>>),
     Software(Box<dyn Queue<SoftwareSession>>),
+    Pool(Box<dyn Queue<PoolSession>>),
 }
 
 /// Submits `req` (whose session is already unwrapped) and wraps the refused request back.
@@ -210,6 +293,9 @@ impl Queue<AnySession> for AnyQueue {
             (AnyQueue::Software(q), AnySession::Software(s)) => {
                 forward(&mut **q, map_session(rest, |()| s), may_backlog, AnySession::Software)
             }
+            (AnyQueue::Pool(q), AnySession::Pool(s)) => {
+                forward(&mut **q, map_session(rest, |()| s), may_backlog, AnySession::Pool)
+            }
             // A session of the other kind of engine names nothing here.
             (_, session) => Err(SubmitError::rejected(
                 map_session(rest, |()| session),
@@ -222,6 +308,7 @@ impl Queue<AnySession> for AnyQueue {
         match self {
             AnyQueue::Device(q) => q.poll(),
             AnyQueue::Software(q) => q.poll(),
+            AnyQueue::Pool(q) => q.poll(),
         }
     }
 
@@ -229,6 +316,7 @@ impl Queue<AnySession> for AnyQueue {
         match self {
             AnyQueue::Device(q) => q.outstanding(),
             AnyQueue::Software(q) => q.outstanding(),
+            AnyQueue::Pool(q) => q.outstanding(),
         }
     }
 
@@ -236,6 +324,7 @@ impl Queue<AnySession> for AnyQueue {
         match self {
             AnyQueue::Device(q) => q.begin_polling(),
             AnyQueue::Software(q) => q.begin_polling(),
+            AnyQueue::Pool(q) => q.begin_polling(),
         }
     }
 
@@ -243,6 +332,7 @@ impl Queue<AnySession> for AnyQueue {
         match self {
             AnyQueue::Device(q) => q.end_polling(),
             AnyQueue::Software(q) => q.end_polling(),
+            AnyQueue::Pool(q) => q.end_polling(),
         }
     }
 }

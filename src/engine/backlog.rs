@@ -14,6 +14,11 @@
 //! * A batch ([`Backlog::submit_batch`]) is the same rules applied to its requests in order,
 //!   under one lock: the ones that fit go to the ring, and once one does not, the rest of the
 //!   batch goes to the backlog behind it, in order; the first refused request ends the batch.
+//! * A request already announced (answered `InProgress`, or `Promoted`) that must run again
+//!   (its device failed under it, and an engine with several devices runs it on another) waits
+//!   in the re-run lane ([`Backlog::rerun`]). It goes to the ring before any backlogged request,
+//!   without a second `Promoted`; a failure fails it without one; and while it waits, new
+//!   requests queue behind it as behind a backlog.
 //!
 //! This is the fix for the 2015 CAAM behaviour, where "busy" meant "dropped" and dm-crypt waited
 //! for a callback that never came.
@@ -27,7 +32,13 @@ use crate::error::Error;
 pub trait Ring<T> {
     /// Whether one more request fits on the ring now.
     fn has_space(&self) -> bool;
-    /// Places `item` on the ring; called only when [`has_space`](Self::has_space). On failure
+    /// Whether `item` fits on the ring now. A ring where it depends on the request (an engine
+    /// of several devices, where a request can go only to a device that holds its session)
+    /// says so here; the default is [`has_space`](Self::has_space).
+    fn has_space_for(&self, _item: &T) -> bool {
+        self.has_space()
+    }
+    /// Places `item` on the ring; called only when [`has_space_for`](Self::has_space_for). On failure
     /// the item comes back with the reason and is not on the ring.
     fn push(&mut self, item: T) -> Result<(), (T, Error)>;
 }
@@ -64,23 +75,38 @@ pub struct BatchResult<T> {
 #[derive(Debug)]
 pub struct Backlog<T> {
     queue: VecDeque<T>,
+    /// Announced requests to run again, ahead of the backlog.
+    rerun: VecDeque<T>,
     limit: usize,
 }
 
 impl<T> Backlog<T> {
     /// A backlog holding at most `limit` requests.
     pub fn new(limit: usize) -> Self {
-        Self { queue: VecDeque::with_capacity(limit.min(4096)), limit }
+        Self { queue: VecDeque::with_capacity(limit.min(4096)), rerun: VecDeque::new(), limit }
     }
 
-    /// Requests waiting.
+    /// Backlogged requests waiting (not counting re-runs).
     pub fn len(&self) -> usize {
         self.queue.len()
     }
 
-    /// Whether nothing waits.
+    /// Announced requests waiting to run again.
+    pub fn reruns(&self) -> usize {
+        self.rerun.len()
+    }
+
+    /// Whether nothing waits, backlogged or to run again.
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.queue.is_empty() && self.rerun.is_empty()
+    }
+
+    /// Takes back `item`, which was announced already (its submit said `InProgress`, or its
+    /// `Promoted` was sent) and must run again: it goes to the ring before any backlogged
+    /// request, with no second `Promoted`. Not counted against the backlog limit: it was
+    /// counted when it was accepted.
+    pub fn rerun(&mut self, item: T) {
+        self.rerun.push_back(item);
     }
 
     /// Submits `item`: to the ring, to the backlog, or back to the caller.
@@ -91,7 +117,7 @@ impl<T> Backlog<T> {
         may_backlog: bool,
         ring: &mut R,
     ) -> Result<Submitted, (T, Refused)> {
-        if self.queue.is_empty() && ring.has_space() {
+        if self.queue.is_empty() && self.rerun.is_empty() && ring.has_space_for(&item) {
             return match ring.push(item) {
                 Ok(()) => Ok(Submitted::InProgress),
                 Err((item, e)) => Err((item, Refused::Rejected(e))),
@@ -130,11 +156,24 @@ impl<T> Backlog<T> {
         out
     }
 
-    /// Moves backlogged requests to the ring, oldest first, while it has room. Returns how many
-    /// moved (including ones whose move failed and were reported as failed).
+    /// Moves re-runs, then backlogged requests, to the ring, oldest first, while the oldest
+    /// fits. Returns how many moved (including ones whose move failed and were reported as
+    /// failed).
     pub fn promote<R: Ring<T>, O: Outbox<T>>(&mut self, ring: &mut R, out: &mut O) -> usize {
         let mut moved = 0;
-        while !self.queue.is_empty() && ring.has_space() {
+        while self.rerun.front().is_some_and(|item| ring.has_space_for(item)) {
+            let Some(item) = self.rerun.pop_front() else {
+                break;
+            };
+            if let Err((item, e)) = ring.push(item) {
+                out.failed(item, e);
+            }
+            moved += 1;
+        }
+        if !self.rerun.is_empty() {
+            return moved;
+        }
+        while self.queue.front().is_some_and(|item| ring.has_space_for(item)) {
             let Some(item) = self.queue.pop_front() else {
                 break;
             };
@@ -147,8 +186,12 @@ impl<T> Backlog<T> {
         moved
     }
 
-    /// Fails every backlogged request (device failure): each is promoted, then failed.
+    /// Fails every waiting request (device failure): each re-run (announced already) is
+    /// failed, and each backlogged one is promoted, then failed.
     pub fn fail_all<O: Outbox<T>>(&mut self, out: &mut O, error: impl Fn() -> Error) {
+        while let Some(item) = self.rerun.pop_front() {
+            out.failed(item, error());
+        }
         while let Some(item) = self.queue.pop_front() {
             out.promoted(&item);
             out.failed(item, error());
@@ -236,6 +279,66 @@ mod tests {
         ring.items.clear();
         b.promote(&mut ring, &mut log);
         assert_eq!(log.0, ["P3", "P4", "P5", "P11"]);
+    }
+
+    #[test]
+    fn a_rerun_goes_first_without_a_second_promoted_and_holds_new_requests_back() {
+        let mut ring = TestRing { cap: 1, items: vec![], reject: None };
+        let mut b = Backlog::new(4);
+        assert_eq!(b.submit(1, true, &mut ring).unwrap(), Submitted::InProgress);
+        assert_eq!(b.submit(2, true, &mut ring).unwrap(), Submitted::Backlogged);
+        // 1's device failed under it: it runs again, before 2, and is not announced twice.
+        ring.items.clear();
+        b.rerun(1);
+        assert!(!b.is_empty());
+        assert_eq!((b.len(), b.reruns()), (1, 1));
+        // Room on the ring, but a re-run waits: a new request queues behind it.
+        assert_eq!(b.submit(3, true, &mut ring).unwrap(), Submitted::Backlogged);
+        assert!(matches!(b.submit(4, false, &mut ring), Err((4, Refused::Busy))));
+        let mut log = Log::default();
+        assert_eq!(b.promote(&mut ring, &mut log), 1);
+        assert_eq!(log.0, Vec::<String>::new(), "a re-run is not promoted again");
+        assert_eq!(ring.items, [1]);
+        ring.items.clear();
+        assert_eq!(b.promote(&mut ring, &mut log), 1);
+        assert_eq!(log.0, ["P2"]);
+        // A failure fails a re-run without a Promoted, and promotes the backlog first.
+        b.rerun(7);
+        b.fail_all(&mut log, || Error::Device(DeviceError::NotRun("gone".into())));
+        assert_eq!(log.0, ["P2", "F7", "P3", "F3"]);
+        assert!(b.is_empty());
+    }
+
+    /// A ring that takes only even items (as a pool member holds only some sessions).
+    struct EvenRing(Vec<u32>);
+
+    impl Ring<u32> for EvenRing {
+        fn has_space(&self) -> bool {
+            true
+        }
+        fn has_space_for(&self, item: &u32) -> bool {
+            item % 2 == 0
+        }
+        fn push(&mut self, item: u32) -> Result<(), (u32, Error)> {
+            self.0.push(item);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn space_is_asked_for_the_request_and_the_oldest_decides() {
+        let mut ring = EvenRing(vec![]);
+        let mut b = Backlog::new(4);
+        assert_eq!(b.submit(2, true, &mut ring).unwrap(), Submitted::InProgress);
+        assert_eq!(b.submit(3, true, &mut ring).unwrap(), Submitted::Backlogged);
+        // 4 would fit, but 3 is older: FIFO holds.
+        assert_eq!(b.submit(4, true, &mut ring).unwrap(), Submitted::Backlogged);
+        let mut log = Log::default();
+        assert_eq!(b.promote(&mut ring, &mut log), 0);
+        assert_eq!(ring.0, [2]);
+        b.rerun(5);
+        assert_eq!(b.promote(&mut ring, &mut log), 0, "a re-run that does not fit holds the backlog back");
+        assert!(log.0.is_empty());
     }
 
     #[test]

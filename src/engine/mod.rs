@@ -14,6 +14,7 @@ mod blocking;
 pub mod contract;
 pub(crate) mod delivery;
 mod identity;
+pub mod pool;
 mod request;
 pub mod software;
 pub(crate) mod sync;
@@ -28,6 +29,7 @@ pub use blocking::{BlockingQueue, DEFAULT_WAIT};
 pub(crate) use delivery::{deliver_one, Delivery};
 pub use delivery::{BatchSink, EventSink, Sink};
 pub(crate) use identity::EngineId;
+pub use pool::{MemberState, MemberStats, PoolEngine, PoolOptions, PoolSession};
 pub use request::{
     BatchSubmitted, Buf, BufMut, Completion, Direction, Event, Iv, Request, SubmitError, SubmitErrorKind,
     Submitted, TAG_LEN,
@@ -74,6 +76,13 @@ pub trait Engine: Send + Sync {
 
     /// The largest `data` one request may carry.
     fn max_request_len(&self) -> usize;
+
+    /// How many requests queue `index % queue_count()` holds in flight at most (its ring
+    /// slots), or `None` when it has no such bound (the software engine). A caller that is the
+    /// queue's only submitter and keeps below it is never answered `Busy` or `Backlogged`.
+    fn queue_capacity(&self, _index: usize) -> Option<usize> {
+        None
+    }
 
     /// Whether events reach the callbacks without the caller's [`Queue::poll`] (the engine
     /// completes requests on its own thread). Then a caller with nothing to submit may sleep

@@ -51,6 +51,11 @@ impl SoftwareSession {
     pub fn mode(&self) -> Mode {
         self.mode
     }
+
+    /// The keyed cipher (for an engine pool, which runs its software member in place).
+    pub(crate) fn cipher(&self) -> &Arc<dyn CipherCore> {
+        &self.cipher
+    }
 }
 
 /// Runs `req` through `cipher` in place.

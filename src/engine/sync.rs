@@ -6,12 +6,12 @@
 //! that the models exercise uses this module.
 
 #[cfg(feature = "loom-model")]
-pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize};
 #[cfg(feature = "loom-model")]
 pub(crate) use loom::sync::{Mutex, MutexGuard};
 
 #[cfg(not(feature = "loom-model"))]
-pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64};
+pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize};
 #[cfg(not(feature = "loom-model"))]
 pub(crate) use std::sync::{Mutex, MutexGuard};
 

@@ -431,13 +431,20 @@ impl DataQueueShared {
         for slot in &mut st.ring.slots {
             if let (Some(request), Some(sink)) = (slot.req.take(), slot.sink.take()) {
                 self.outstanding.fetch_sub(1, Ordering::Relaxed);
-                let result = Err(Error::Device(DeviceError::Failed(reason.clone())));
+                // A bounced request's data is copied back only on success, so the caller's
+                // bytes are as submitted: it may run again elsewhere. A zero-copy buffer may
+                // hold part of what the device wrote.
+                let result = Err(Error::Device(if slot.bounced || request.data.is_empty() {
+                    DeviceError::NotRun(reason.clone())
+                } else {
+                    DeviceError::Failed(reason.clone())
+                }));
                 st.outbox.push((sink, Event::Completed(Completion { request, result })));
             }
         }
         st.ring.in_flight = 0;
         st.backlog.fail_all(&mut ToOutbox { outbox: &mut st.outbox, outstanding: &self.outstanding }, || {
-            Error::Device(DeviceError::Failed(reason.clone()))
+            Error::Device(DeviceError::NotRun(reason.clone()))
         });
         self.delivery.mark_pending();
     }

@@ -43,6 +43,8 @@ pub enum ReleaseState {
     /// Given back: nothing touches it again.
     Released,
 }
+/// A callback told that the device's state changed: see [`super::VirtioCrypto::observe`].
+pub type Observer = Arc<dyn Fn() + Send + Sync>;
 
 #[derive(Default)]
 struct State {
@@ -72,6 +74,8 @@ pub(crate) struct DeviceHealth {
     budget: (usize, Duration),
     /// Set when the engine closes, for waits that must end then (control answers).
     pub(crate) closing_flag: Arc<AtomicBool>,
+    /// Told of every change of state (a leaf lock: observers only wake someone).
+    observers: Mutex<Vec<Observer>>,
 }
 
 impl DeviceHealth {
@@ -84,6 +88,7 @@ impl DeviceHealth {
         Self {
             budget,
             closing_flag: Arc::new(AtomicBool::new(false)),
+            observers: Mutex::default(),
             failed: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             state: Mutex::default(),
@@ -96,6 +101,26 @@ impl DeviceHealth {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `observer` to those told of every change of state.
+    pub(crate) fn observe(&self, observer: Observer) {
+        self.observers.lock().unwrap_or_else(|e| e.into_inner()).push(observer);
+    }
+
+    /// Tells every observer that the state changed. May run under the device's locks (a data
+    /// queue's, the state's): observers must only wake someone.
+    fn notify(&self) {
+        let list = self.observers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for observer in list {
+            observer();
+        }
+    }
+
+    /// Whether the device was given up (too many failures, or it would not stop): it is not
+    /// recovered again.
+    pub(crate) fn gave_up(&self) -> bool {
+        self.lock().gave_up.is_some()
     }
 
     pub(crate) fn is_failed(&self) -> bool {
@@ -199,6 +224,7 @@ impl DeviceHealth {
     /// in [`wait_working`](Self::wait_working) look again.
     fn notify_state_change(&self) {
         self.changed.notify_all();
+        self.notify();
     }
 
     /// Recoveries completed so far.
@@ -233,6 +259,8 @@ impl DeviceHealth {
         self.pci.fail();
         self.failed.store(true, Ordering::Release);
         self.changed.notify_all();
+        drop(st);
+        self.notify();
     }
 
     /// Stops the device again (after a recovery attempt failed or was cut short), and gives it
@@ -248,6 +276,8 @@ impl DeviceHealth {
         self.give_up_unstoppable(&mut st);
         self.pci.fail();
         self.changed.notify_all();
+        drop(st);
+        self.notify();
         false
     }
 
@@ -300,6 +330,7 @@ impl DeviceHealth {
                     st.reason = e.to_string();
                     st.gave_up = Some(e);
                     self.changed.notify_all();
+                    self.notify();
                     continue;
                 }
                 st.recovering = true;
@@ -317,6 +348,8 @@ impl DeviceHealth {
         self.failed.store(false, Ordering::Release);
         self.changed.notify_all();
         log::warn!("virtio-crypto device recovered (recovery {})", st.recoveries);
+        drop(st);
+        self.notify();
     }
 
     /// A recovery attempt failed: that counts as one more failure.
@@ -327,6 +360,8 @@ impl DeviceHealth {
         st.reason = format!("recovery after a failure did not work: {e}");
         log::error!("{}", st.reason);
         self.changed.notify_all();
+        drop(st);
+        self.notify();
     }
 
     /// Waits up to `limit` for a failed device to be recovered (or given up). Returns whether
@@ -348,7 +383,7 @@ impl DeviceHealth {
 /// The error of a request that never reached a leaving device (backlogged, or refused), so its
 /// data and tag are as submitted.
 fn not_run_error(why: &str) -> Error {
-    Error::Device(DeviceError::Released(why.to_string()))
+    Error::Device(DeviceError::NotRun(why.to_string()))
 }
 
 /// Stops the device's DMA: a virtio reset, and if the device does not complete it, bus

@@ -23,7 +23,7 @@ use crypt_vfio_spec::pci::{feature, VIRTIO_CRYPTO_DEVICE_ID, VIRTIO_MSI_NO_VECTO
 use crypt_vfio_wait::SpinBudget;
 
 pub use config::DeviceInfo;
-pub use health::{ReleaseState, FAILURE_WINDOW, MAX_FAILURES};
+pub use health::{Observer, ReleaseState, FAILURE_WINDOW, MAX_FAILURES};
 pub use session::DeviceSession;
 
 use control::ControlQueue;
@@ -395,6 +395,24 @@ impl VirtioCrypto {
         self.core.health.release_state()
     }
 
+    /// Whether the device was given up: it failed too often, or would not stop. It is not
+    /// recovered again.
+    pub fn gave_up(&self) -> bool {
+        self.core.health.gave_up()
+    }
+
+    /// Calls `observer` on every change of the device's state: it failed, it was recovered, a
+    /// recovery attempt failed, it was given up (and, with the release of a device the kernel
+    /// asks back, when it is leaving and when it is released). The observer is not told what
+    /// changed: it reads the state again ([`failure`](Self::failure), [`gave_up`](Self::gave_up)).
+    ///
+    /// It runs on whichever thread changed the state, possibly under the device's own locks, so
+    /// it must return at once and must not call into this device: set a flag and wake a thread
+    /// (an engine pool wakes its monitor this way).
+    pub fn observe(&self, observer: Observer) {
+        self.core.health.observe(observer);
+    }
+
     /// How many times the device was recovered after a failure.
     pub fn recoveries(&self) -> u64 {
         self.core.health.recoveries()
@@ -559,6 +577,11 @@ impl Engine for VirtioCrypto {
 
     fn max_request_len(&self) -> usize {
         usize::try_from(self.core.info.max_size).unwrap_or(usize::MAX)
+    }
+
+    fn queue_capacity(&self, index: usize) -> Option<usize> {
+        let queues = &self.core.queues;
+        Some(queues[index % queues.len()].capacity())
     }
 
     fn delivers_events(&self) -> bool {

@@ -26,6 +26,13 @@
 //! Authenticated (AES-GCM) sectors go through the same op ([`CryptOp::with_aead`]): their IVs
 //! are stored rather than computed, and each carries its tag and an AAD binding it to its place.
 //! A volume keeps its lanes in a [`LanePool`], one lane per concurrent I/O.
+//!
+//! On an engine pool, a sector whose device failed while it may have written the sector's
+//! buffer ([`DeviceError::MemberFailed`]) is run again from the op's own data, in a fresh buffer
+//! (from another member): `data` still holds the sector as the caller gave it (the ciphertext
+//! read, the plaintext to write) because a sector is copied back only on success, and an
+//! authenticated sector reuses its stored IV with the same plaintext (the same output, no new
+//! nonce). At most [`SECTOR_TRIES`] runs per sector, under the same watchdog.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,6 +53,9 @@ pub const WINDOW: usize = 1024;
 
 /// Sector buffers an idle lane keeps.
 const SPARE_BUFFERS: usize = 128;
+
+/// Most runs of one sector when pool members fail under it.
+pub const SECTOR_TRIES: u8 = 3;
 
 /// Events from the engine, as the queue's callback leaves them.
 struct Inbox<S> {
@@ -273,6 +283,9 @@ pub struct CryptOp<'a, 'd, E: Engine> {
     error: Option<(usize, Error)>,
     last_progress: Instant,
     aead: Option<Aead<'d>>,
+    /// Sectors to run again (their pool member failed under them), and runs so far per sector.
+    reruns: Vec<usize>,
+    tries: Vec<u8>,
 }
 
 impl<'a, 'd, E: Engine> CryptOp<'a, 'd, E>
@@ -307,6 +320,8 @@ where
             error: None,
             last_progress: Instant::now(),
             aead: None,
+            reruns: Vec::new(),
+            tries: vec![1; count],
         }
     }
 
@@ -432,6 +447,20 @@ where
                                 a.meta[i].tag = c.request.tag;
                             }
                         }
+                        Err(Error::Device(DeviceError::MemberFailed { member, source }))
+                            if self.error.is_none() && self.tries[i] < SECTOR_TRIES =>
+                        {
+                            // Not finished after all: run again from `data`. The buffer may hold
+                            // what the failed device wrote, and is pinned to it: dropped.
+                            let sector = self.first_sector + i as u64;
+                            log::warn!("sector {sector}: pool member {member} failed under it ({source}); running it again");
+                            self.tries[i] += 1;
+                            self.finished[i] = false;
+                            self.promoted[i] = false;
+                            self.completed -= 1;
+                            self.reruns.push(i);
+                            continue;
+                        }
                         Err(e) => self.fail(i, e),
                     }
                     self.lane.free.push(c.request.data);
@@ -468,6 +497,16 @@ where
         while self.error.is_none() && self.blocked_on.is_none() && self.next - self.completed < WINDOW {
             let req = match self.retry.take() {
                 Some(r) => r,
+                None if !self.reruns.is_empty() => {
+                    let i = self.reruns.remove(0);
+                    match self.request(i) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            self.fail(i, e);
+                            return;
+                        }
+                    }
+                }
                 None if self.next < self.count => match self.request(self.next) {
                     Ok(r) => r,
                     Err(e) => {
@@ -478,10 +517,12 @@ where
                 None => return,
             };
             let index = (req.user_data & 0xffff_ffff) as usize;
+            // A sector below `next` was submitted before: this is its re-run.
+            let fresh = usize::from(index == self.next);
             match self.lane.queue.submit(req, true) {
-                Ok(Submitted::InProgress) => self.next += 1,
+                Ok(Submitted::InProgress) => self.next += fresh,
                 Ok(Submitted::Backlogged) => {
-                    self.next += 1;
+                    self.next += fresh;
                     self.last_progress = Instant::now();
                     // Promoted may have come already through another thread's poll.
                     self.drain_events();
@@ -512,8 +553,10 @@ where
     }
 
     fn done(&self) -> bool {
-        let stop = self.error.is_some() || (self.next == self.count && self.retry.is_none());
-        stop && self.completed == self.next
+        let stop = self.error.is_some()
+            || (self.next == self.count && self.retry.is_none() && self.reruns.is_empty());
+        // After a failure, sectors waiting to run again are given up with the I/O.
+        stop && self.completed + if self.error.is_some() { self.reruns.len() } else { 0 } == self.next
     }
 
     /// One non-blocking step: collect events, submit what may be submitted, reap. `Ready` when
