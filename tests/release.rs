@@ -448,3 +448,124 @@ fn while_the_device_drains_it_takes_no_new_request_or_session() {
     r.check_contract();
     r.check_after_release();
 }
+
+/// A pool member given back under load: the pool carries the work on the other member, every
+/// request completes once and bit-exact, and nothing touches the released device afterwards.
+#[test]
+fn a_pool_member_given_back_under_load_loses_nothing() {
+    use crypt_vfio::engine::{AnyEngine, PoolEngine, PoolOptions};
+    let _s = serial();
+    let options = DeviceOptions {
+        completion: CompletionMode::Interrupt,
+        data_queues: 1,
+        queue_size: 8,
+        release_drain: PATIENCE,
+        ..Default::default()
+    };
+    let mut members = Vec::new();
+    let mut transports = Vec::new();
+    for k in 0..2 {
+        let config =
+            EmulatedConfig { data_queues: 1, latency: Duration::from_micros(100), ..Default::default() };
+        let (dev, t) = common::device_with(config, &options);
+        members.push((format!("emulated#{k}"), AnyEngine::Device(dev)));
+        transports.push(t);
+    }
+    let engine = AnyEngine::Pool(PoolEngine::new(members, PoolOptions::default()).unwrap());
+    let session = engine.create_session(Mode::Ctr, &KEY).unwrap();
+    let checker = Arc::new(ContractChecker::new());
+    let completed = Arc::new(AtomicU64::new(0));
+    let (ok, wrong, errors) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
+    // Far more ids than the run uses: the threads submit until told to stop.
+    const PER_THREAD: u64 = 1 << 40;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accepted = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for worker in 0..3u64 {
+            let (checker, completed, ok, wrong, errors) =
+                (checker.clone(), completed.clone(), ok.clone(), wrong.clone(), errors.clone());
+            let (engine, session) = (&engine, session.clone());
+            let (stop, accepted) = (stop.clone(), accepted.clone());
+            s.spawn(move || {
+                let c = checker.clone();
+                let done = completed.clone();
+                let mut q = engine
+                    .open_queue(
+                        worker as usize,
+                        Arc::new(move |ev| {
+                            c.event(&ev);
+                            if let Event::Completed(comp) = ev {
+                                let id = comp.request.user_data;
+                                match &comp.result {
+                                    Ok(()) if comp.request.data.as_slice() == &expected(id)[..] => {
+                                        ok.fetch_add(1, Ordering::Relaxed)
+                                    }
+                                    Ok(()) => wrong.fetch_add(1, Ordering::Relaxed),
+                                    Err(e) => {
+                                        errors.lock().unwrap().push(format!("request {id}: {e}"));
+                                        0
+                                    }
+                                };
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }),
+                    )
+                    .unwrap();
+                let first = 1 + worker * PER_THREAD;
+                let mut id = first;
+                while !stop.load(Ordering::Acquire) {
+                    let req = Request::new(
+                        session.clone(),
+                        Direction::Encrypt,
+                        Iv::from(iv(id)),
+                        Buf::Host(plain(id)),
+                        id,
+                    );
+                    checker.begin_submit(worker as usize, id);
+                    let r = q.submit(req, true);
+                    checker.submitted(id, &r);
+                    match r {
+                        Ok(_) => {
+                            id += 1;
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => match e.kind {
+                            crypt_vfio::engine::SubmitErrorKind::Busy => {
+                                std::thread::sleep(Duration::from_millis(1))
+                            }
+                            k => panic!("request {id} refused: {k:?}"),
+                        },
+                    }
+                    q.poll();
+                }
+                let start = Instant::now();
+                while q.outstanding() > 0 {
+                    assert!(start.elapsed() < PATIENCE, "requests never completed");
+                    q.poll();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+        wait_until("requests completing", || completed.load(Ordering::Relaxed) >= 500);
+        transports[1].request_release();
+        // The load goes on across the release and well after it.
+        wait_until("the member's release", || transports[1].is_released());
+        let after = completed.load(Ordering::Relaxed) + 1000;
+        wait_until("requests after the release", || completed.load(Ordering::Relaxed) >= after);
+        stop.store(true, Ordering::Release);
+    });
+    wait_until("every accepted request to complete", || checker.report().pending == 0);
+    let r = checker.report();
+    assert!(r.violations.is_empty(), "contract violations: {:#?}", r.violations);
+    assert_eq!(r.completed, r.in_progress + r.backlogged, "{r:?}");
+    let errors = errors.lock().unwrap();
+    assert!(errors.is_empty(), "{} errors, first: {:?}", errors.len(), errors.first());
+    assert_eq!(
+        (ok.load(Ordering::Relaxed), wrong.load(Ordering::Relaxed)),
+        (accepted.load(Ordering::Relaxed), 0)
+    );
+    drop(engine);
+    assert_eq!(transports[1].accesses_after_release(), 0);
+    assert_eq!(transports[1].live_dma_maps(), 0);
+}
