@@ -569,8 +569,13 @@ mod guest_tests {
         let unbinding = std::thread::spawn(move || std::fs::write(unbind, bdf));
         unbinding.join().unwrap().expect("the unbind");
         let took = start.elapsed();
-        assert_eq!(devices[0].release_state(), ReleaseState::Released);
         assert!(took < std::time::Duration::from_secs(10), "the kernel waited {took:?} for the function");
+        // The kernel goes on as soon as the descriptor closes, a moment before the engine
+        // records the release.
+        while devices[0].release_state() != ReleaseState::Released {
+            assert!(start.elapsed() < std::time::Duration::from_secs(30), "{:?}", devices[0].release_state());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(container.windows().len(), 1, "the released function's IOVA window went back");
         // Its neighbour in the container goes on.
         matches_software(&devices[1], 2);
