@@ -15,7 +15,6 @@ use std::io;
 use std::ops::Deref;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
@@ -38,7 +37,15 @@ const CONFIG_MIN: u64 = 256;
 /// An open VFIO device, with the path `vfio-ioctls` was given for it; the device drops first.
 pub(super) struct Device {
     device: vfio_ioctls::VfioDevice,
-    _path: Option<DevicePath>,
+    path: Option<DevicePath>,
+}
+
+impl Device {
+    /// Whether `vfio-ioctls` was given the private stand-in of the function's sysfs directory:
+    /// only then may the device be dropped after the kernel removed the function.
+    pub(super) fn has_private_path(&self) -> bool {
+        self.path.is_some()
+    }
 }
 
 impl Deref for Device {
@@ -57,14 +64,26 @@ pub(super) struct DevicePath {
 }
 
 impl DevicePath {
+    /// Creates the stand-in for `bdf` (of IOMMU group `group`) in the temporary directory.
     fn new(bdf: &Bdf, group: u32) -> io::Result<Self> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let root = std::env::temp_dir().join(format!(
-            "crypt-vfio-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::DirBuilder::new().mode(0o700).create(&root)?;
+        Self::new_in(&std::env::temp_dir(), bdf, group)
+    }
+
+    /// Creates the stand-in in `tmp`, under a random name created exclusively: a name derived
+    /// from the PID alone could be a directory left by a crashed run, or one someone else made
+    /// there first (the temporary directory is shared).
+    fn new_in(tmp: &Path, bdf: &Bdf, group: u32) -> io::Result<Self> {
+        const TRIES: usize = 16;
+        let mut tries = 0;
+        let root = loop {
+            let root = tmp.join(format!("crypt-vfio-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+            // DirBuilder::create fails on an existing name, so the directory is ours alone.
+            match std::fs::DirBuilder::new().mode(0o700).create(&root) {
+                Ok(()) => break root,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries + 1 < TRIES => tries += 1,
+                Err(e) => return Err(e),
+            }
+        };
         let this = Self { dir: root.join(bdf.to_string()), root };
         std::fs::create_dir(&this.dir)?;
         std::os::unix::fs::symlink(
@@ -74,6 +93,7 @@ impl DevicePath {
         Ok(this)
     }
 
+    /// The directory to give `vfio-ioctls` in place of the function's sysfs directory.
     fn path(&self) -> &Path {
         &self.dir
     }
@@ -89,8 +109,16 @@ impl Drop for DevicePath {
 /// another function of the group is already open there).
 pub(super) fn open(sysfs: &Sysfs, container: &VfioContainer, bdf: &Bdf, group: u32) -> Result<Arc<Device>> {
     let ops: Arc<dyn VfioOps> = container.ops();
+    // Without the stand-in, vfio-ioctls panics when it drops a device the kernel removed: such
+    // a device works, but is not given back on request (see `has_private_path`).
     let path = DevicePath::new(bdf, group)
-        .map_err(|e| log::debug!("{bdf}: no private device path ({e}); vfio-ioctls reads sysfs"))
+        .map_err(|e| {
+            log::warn!(
+                "{bdf}: cannot make a private device path in {} ({e}); vfio-ioctls reads sysfs, and \
+                 the function will not be given back on an unbind or unplug request",
+                std::env::temp_dir().display()
+            )
+        })
         .ok();
     let sysfs_path = sysfs.device_path(bdf);
     let device = vfio_ioctls::VfioDevice::new(path.as_ref().map_or(&sysfs_path, |p| p.path()), ops, false)
@@ -106,7 +134,7 @@ pub(super) fn open(sysfs: &Sysfs, container: &VfioContainer, bdf: &Bdf, group: u
             device.get_region_size(config)
         ))));
     }
-    Ok(Arc::new(Device { device, _path: path }))
+    Ok(Arc::new(Device { device, path }))
 }
 
 /// What to tell the user when a function's group or device cannot be opened.
@@ -230,6 +258,24 @@ pub(super) fn reset(device: &vfio_ioctls::VfioDevice) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory left by a crashed run (same PID after a reboot, or a PID reused) has the
+    /// name this run would pick: the stand-in is still made, elsewhere, and links to the group.
+    #[test]
+    fn a_stale_directory_of_the_same_name_does_not_stop_the_stand_in() {
+        let tmp = tempfile::tempdir().unwrap();
+        for n in 0..256 {
+            std::fs::create_dir(tmp.path().join(format!("crypt-vfio-{}-{n}", std::process::id()))).unwrap();
+        }
+        let bdf: Bdf = "0000:00:03.0".parse().unwrap();
+        let path = DevicePath::new_in(tmp.path(), &bdf, 7).expect("a stand-in despite the stale directories");
+        assert!(path.path().ends_with("0000:00:03.0"));
+        let link = std::fs::read_link(path.path().join("iommu_group")).unwrap();
+        assert_eq!(link, Path::new("/sys/kernel/iommu_groups/7"));
+        let root = path.root.clone();
+        drop(path);
+        assert!(!root.exists(), "the stand-in outlived its device");
+    }
     use crate::pci_sysfs::tests::FakeSysfs;
 
     /// What vfio-ioctls reads of a function's directory, from the stand-in: the group number

@@ -363,6 +363,12 @@ impl Transport for VfioTransport {
         if device::irq_count(&device, VFIO_PCI_REQ_IRQ_INDEX) < 1 {
             return Ok(false);
         }
+        // Giving the device back drops it while the kernel removes the function; vfio-ioctls
+        // would then panic reading the function's vanished sysfs directory.
+        if !device.has_private_path() {
+            log::warn!("{}: no private device path; not answering release requests", self.bdf);
+            return Ok(false);
+        }
         device::set_irq_eventfds(&device, VFIO_PCI_REQ_IRQ_INDEX, vec![notifier.event_fd()])?;
         self.req_enabled.store(true, Ordering::Release);
         Ok(true)
