@@ -39,9 +39,16 @@ pub struct EmulatedTransport {
     owner: Arc<Owner>,
 }
 
+/// Emulated devices made so far in this process: each is named `emulated#<n>`, in the order
+/// made (the order of `--device emulated,emulated`, as the pool names its members), so that
+/// the log of several tells them apart.
+static MADE: AtomicU64 = AtomicU64::new(0);
+
 /// The function's owner side: release requests, and whether the function was given back.
 #[derive(Default)]
 struct Owner {
+    /// The device's name (`emulated#<n>`).
+    name: String,
     /// Set once by [`Transport::release`]; read on every access (the hot path), so atomic.
     released: AtomicBool,
     /// Accesses that reached the adapter after the release.
@@ -85,9 +92,9 @@ impl Owner {
         while !st.dropped && !self.released.load(Ordering::Acquire) {
             let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
             match st.watcher.as_mut().map(|w| w.write_all(&1u64.to_ne_bytes())) {
-                Some(Ok(())) => log::info!("emulated device: release request #{n} sent to the driver"),
-                Some(Err(e)) => log::warn!("emulated device: signalling release request #{n}: {e}"),
-                None => log::info!("emulated device: release request #{n}, but the driver watches for none"),
+                Some(Ok(())) => log::info!("{}: release request #{n} sent to the driver", self.name),
+                Some(Err(e)) => log::warn!("{}: signalling release request #{n}: {e}", self.name),
+                None => log::info!("{}: release request #{n}, but the driver watches for none", self.name),
             }
             st = self.changed.wait_timeout(st, RELEASE_REQUEST_PERIOD).unwrap_or_else(|e| e.into_inner()).0;
         }
@@ -99,7 +106,8 @@ impl EmulatedTransport {
     pub fn new(config: EmulatedConfig) -> Result<Self> {
         let dev = VirtioCryptoPci::new(config)
             .map_err(|e| Error::Vfio(VfioError::Transport(format!("emulated device: {e}"))))?;
-        Ok(Self { dev: Arc::new(dev), owner: Arc::default() })
+        let name = format!("emulated#{}", MADE.fetch_add(1, Ordering::Relaxed));
+        Ok(Self { dev: Arc::new(dev), owner: Arc::new(Owner { name, ..Owner::default() }) })
     }
 
     /// Asks the driver to give the function back, as vfio-pci does before an unbind or a
@@ -118,13 +126,18 @@ impl EmulatedTransport {
         let spawned =
             std::thread::Builder::new().name("crypt-hw-unplug".into()).spawn(move || owner.keep_requesting());
         if let Err(e) = spawned {
-            log::error!("emulated device: starting the release request thread: {e}");
+            log::error!("{}: starting the release request thread: {e}", self.owner.name);
         }
     }
 
     /// Release requests made so far (each signalled to the driver if it watches for them).
     pub fn release_requests(&self) -> u64 {
         self.owner.requests.load(Ordering::Relaxed)
+    }
+
+    /// Whether the driver watches for release requests (holds an eventfd the owner signals).
+    pub fn watches_release_requests(&self) -> bool {
+        self.owner.lock().watcher.is_some()
     }
 
     /// Whether the driver gave the function back.
@@ -221,7 +234,7 @@ impl Bar for EmulatedBar {
 
 impl Transport for EmulatedTransport {
     fn name(&self) -> String {
-        "emulated".into()
+        self.owner.name.clone()
     }
 
     fn read_config(&self, offset: u16, data: &mut [u8]) -> Result<()> {
@@ -235,7 +248,7 @@ impl Transport for EmulatedTransport {
 
     fn write_config(&self, offset: u16, data: &[u8]) -> Result<()> {
         if self.owner.gone() {
-            return Err(released_error("emulated"));
+            return Err(released_error(&self.name()));
         }
         self.dev.config_write(offset, data);
         Ok(())
@@ -243,7 +256,7 @@ impl Transport for EmulatedTransport {
 
     fn bar(&self, index: u8) -> Result<Arc<dyn Bar>> {
         if self.owner.gone() {
-            return Err(released_error("emulated"));
+            return Err(released_error(&self.name()));
         }
         let len = self.dev.bar_size(index);
         if len == 0 {
@@ -258,10 +271,11 @@ impl Transport for EmulatedTransport {
     }
 
     fn dma_map(&self, iova: u64, region: &Arc<DmaRegion>) -> Result<()> {
-        if self.owner.gone() {
-            return Err(released_error("emulated"));
-        }
+        // Under the owner's lock, which release() takes to empty the IOMMU: no map after it.
         let mut st = self.owner.lock();
+        if self.owner.gone() {
+            return Err(released_error(&self.name()));
+        }
         let owner: Arc<dyn Any + Send + Sync> = region.clone();
         // SAFETY: `owner` keeps the region's mapping alive for as long as the device holds the
         // IOMMU entry, and the region is readable and writable for its whole length.
@@ -272,10 +286,10 @@ impl Transport for EmulatedTransport {
     }
 
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<()> {
-        if self.owner.gone() {
-            return Err(released_error("emulated"));
-        }
         let mut st = self.owner.lock();
+        if self.owner.gone() {
+            return Err(released_error(&self.name()));
+        }
         self.dev
             .dma_unmap(iova, len)
             .map_err(|e| Error::Vfio(VfioError::Dma(format!("unmap {iova:#x}: {e}"))))?;
@@ -289,7 +303,7 @@ impl Transport for EmulatedTransport {
 
     fn enable_msix(&self, notifiers: &[Option<&EventNotifier>]) -> Result<()> {
         if self.owner.gone() {
-            return Err(released_error("emulated"));
+            return Err(released_error(&self.name()));
         }
         for (v, n) in notifiers.iter().enumerate() {
             let vector = u16::try_from(v)
@@ -304,7 +318,7 @@ impl Transport for EmulatedTransport {
 
     fn disable_msix(&self) -> Result<()> {
         if self.owner.gone() {
-            return Err(released_error("emulated"));
+            return Err(released_error(&self.name()));
         }
         for v in 0..self.dev.msix_vectors() {
             self.dev
@@ -316,7 +330,7 @@ impl Transport for EmulatedTransport {
 
     fn reset(&self) -> Result<()> {
         if self.owner.gone() {
-            return Err(released_error("emulated"));
+            return Err(released_error(&self.name()));
         }
         self.dev.reset();
         Ok(())
@@ -324,10 +338,15 @@ impl Transport for EmulatedTransport {
 
     fn watch_release_request(&self, notifier: &EventNotifier) -> Result<bool> {
         if self.owner.gone() {
-            return Err(released_error("emulated"));
+            return Err(released_error(&self.name()));
         }
         self.owner.lock().watcher = Some(File::from(notifier.dup()?));
         Ok(true)
+    }
+
+    fn unwatch_release_request(&self) {
+        // Not an access of the function (the owner's side only): not counted after a release.
+        self.owner.lock().watcher = None;
     }
 
     fn release(&self) -> Result<()> {
@@ -342,17 +361,17 @@ impl Transport for EmulatedTransport {
             let _ = self.dev.set_irq_eventfd(v, None);
         }
         if !st.maps.is_empty() {
-            log::warn!("emulated device: released with {} DMA maps left; removing them", st.maps.len());
+            log::warn!("{}: released with {} DMA maps left; removing them", self.owner.name, st.maps.len());
         }
         for (iova, len) in std::mem::take(&mut st.maps) {
             if let Err(e) = self.dev.dma_unmap(iova, len) {
-                log::error!("emulated device: unmapping {iova:#x} on release: {e}");
+                log::error!("{}: unmapping {iova:#x} on release: {e}", self.owner.name);
             }
         }
         st.watcher = None;
         self.owner.released.store(true, Ordering::Release);
         self.owner.changed.notify_all();
-        log::info!("emulated device: given back by the driver");
+        log::info!("{}: given back by the driver", self.owner.name);
         Ok(())
     }
 }

@@ -64,6 +64,11 @@ pub trait Transport: Send + Sync {
         Ok(false)
     }
 
+    /// Stops signalling the notifier of [`watch_release_request`](Self::watch_release_request)
+    /// and lets go of it (the driver's listener is ending). Nothing to do if none is watched,
+    /// or once the function was given back.
+    fn unwatch_release_request(&self) {}
+
     /// Gives the function back to its owner for good, once the driver has stopped it and
     /// unmapped its DMA memory: interrupts off, function reset, bus mastering off, every
     /// descriptor on the function closed. Afterwards config reads give all ones, BARs handed

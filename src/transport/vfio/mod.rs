@@ -252,9 +252,6 @@ impl Transport for VfioTransport {
     }
 
     fn dma_map(&self, iova: u64, region: &Arc<DmaRegion>) -> Result<()> {
-        if self.released() {
-            return Err(released_error(&self.bdf.to_string()));
-        }
         let len = region.len() as u64;
         let page = self.iommu_page;
         if iova % page != 0 || len % page != 0 || (region.as_ptr() as u64) % page != 0 {
@@ -272,6 +269,11 @@ impl Transport for VfioTransport {
             ))));
         }
         let mut dma = self.dma();
+        // Under the DMA lock: release() takes the device before it empties the map, so a
+        // mapping made here is either refused or unmapped by it.
+        if self.released() {
+            return Err(released_error(&self.bdf.to_string()));
+        }
         if dma
             .range(..iova.saturating_add(len))
             .next_back()
@@ -290,10 +292,10 @@ impl Transport for VfioTransport {
     }
 
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<()> {
+        let mut dma = self.dma();
         if self.released() {
             return Err(released_error(&self.bdf.to_string()));
         }
-        let mut dma = self.dma();
         match dma.get(&iova) {
             Some(r) if r.len() as u64 == len => {}
             _ => {
@@ -375,45 +377,29 @@ impl Transport for VfioTransport {
     }
 
     fn release(&self) -> Result<()> {
-        let Ok(device) = self.device() else { return Ok(()) };
+        if self.released() {
+            return Ok(());
+        }
         let bdf = self.bdf;
-        if self.req_enabled.swap(false, Ordering::AcqRel) {
-            if let Err(e) = device::disable_irq(&device, VFIO_PCI_REQ_IRQ_INDEX) {
-                log::warn!("{bdf}: disabling the device request interrupt: {e}");
-            }
-        }
-        if let Err(e) = self.disable_msix() {
-            log::warn!("{bdf}: disabling MSI-X: {e}");
-        }
-        // The driver stopped the function already; a function-level reset and bus mastering
-        // off make sure of it before any of its memory is unmapped. While the kernel removes
-        // the function it holds its lock, and vfio-pci's reset then answers EAGAIN: the virtio
-        // reset and bus mastering off have to do.
-        match self.reset() {
-            Err(Error::Os { source, .. }) if source.raw_os_error() == Some(libc::EAGAIN) => {
-                log::info!("{bdf}: no function-level reset on release: the kernel holds the function")
-            }
-            Err(e) => log::warn!("{bdf}: reset on release: {e}"),
-            Ok(()) => {}
-        }
-        let mut cmd = [0u8; 2];
-        if self.read_config(cfg::COMMAND, &mut cmd).is_ok() {
-            let cmd = u16::from_le_bytes(cmd) & !COMMAND_BUS_MASTER;
-            let _ = self.write_config(cfg::COMMAND, &cmd.to_le_bytes());
-        }
+        self.unwatch_release_request();
+        // While the kernel removes the function it holds its lock, and vfio-pci's reset then
+        // answers EAGAIN: the virtio reset and bus mastering off have to do.
+        self.quiesce(true);
+        // From here on the transport is released: every later call fails or reads all ones,
+        // and what checks `device` under the DMA or BAR lock adds nothing after the steps below.
+        let Some(last) = self.device.write().unwrap_or_else(|e| e.into_inner()).take() else { return Ok(()) };
         let all_unmapped = self.unmap_all();
         // Stale readers of a BAR see all ones from now on, and no mapping holds the device
-        // file open any more.
+        // file open any more. A BAR mapped by bar() before `device` was taken is in the list
+        // by now (bar() holds the list's lock while it maps).
         for bar in self.bars.lock().unwrap_or_else(|e| e.into_inner()).iter().flatten() {
-            bar.revoke();
+            bar.revoke(&bdf.to_string());
         }
-        drop(device);
         // The last reference: vfio-ioctls closes the descriptor and, if this was the group's
         // last open function, takes the group out of the container. (Linux 6.1 and later do
         // that themselves once the removed function's last descriptor closes, and may be first:
         // vfio-ioctls then logs "Could not unbind VFIO group", EINVAL, which is harmless.)
-        let last = self.device.write().unwrap_or_else(|e| e.into_inner()).take();
-        if last.as_ref().is_some_and(|d| Arc::strong_count(d) > 1) {
+        if Arc::strong_count(&last) > 1 {
             log::warn!("{bdf}: the device descriptor is still held elsewhere; the kernel waits for it");
         }
         drop(last);
@@ -423,9 +409,43 @@ impl Transport for VfioTransport {
         log::info!("{bdf}: given back to the kernel");
         Ok(())
     }
+
+    fn unwatch_release_request(&self) {
+        if !self.req_enabled.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        if let Ok(device) = self.device() {
+            if let Err(e) = device::disable_irq(&device, VFIO_PCI_REQ_IRQ_INDEX) {
+                log::warn!("{}: disabling the device request interrupt: {e}", self.bdf);
+            }
+        }
+    }
 }
 
 impl VfioTransport {
+    /// Stops the function before any of its DMA memory is unmapped: MSI-X off, a function-level
+    /// reset, bus mastering off (the driver stopped the function already; these make sure of
+    /// it). `releasing`: the kernel may be removing the function, when the reset's EAGAIN is
+    /// expected.
+    fn quiesce(&self, releasing: bool) {
+        let bdf = self.bdf;
+        if let Err(e) = self.disable_msix() {
+            log::warn!("{bdf}: disabling MSI-X: {e}");
+        }
+        match self.reset() {
+            Err(Error::Os { source, .. }) if releasing && source.raw_os_error() == Some(libc::EAGAIN) => {
+                log::info!("{bdf}: no function-level reset on release: the kernel holds the function")
+            }
+            Err(e) => log::warn!("{bdf}: reset on {}: {e}", if releasing { "release" } else { "close" }),
+            Ok(()) => {}
+        }
+        let mut cmd = [0u8; 2];
+        if self.read_config(cfg::COMMAND, &mut cmd).is_ok() {
+            let cmd = u16::from_le_bytes(cmd) & !COMMAND_BUS_MASTER;
+            let _ = self.write_config(cfg::COMMAND, &cmd.to_le_bytes());
+        }
+    }
+
     /// Unmaps every live DMA mapping (the memory is kept where the unmap fails: the device may
     /// still reach it). Returns whether all went.
     fn unmap_all(&self) -> bool {
@@ -449,18 +469,8 @@ impl Drop for VfioTransport {
             // Given back already: stopped, unmapped, its window returned.
             return;
         }
-        if let Err(e) = self.disable_msix() {
-            log::warn!("{}: disabling MSI-X: {e}", self.bdf);
-        }
-        // Stop the function before its DMA memory is unmapped and freed.
-        if let Err(e) = self.reset() {
-            log::warn!("{}: reset on close: {e}", self.bdf);
-        }
-        let mut cmd = [0u8; 2];
-        if self.read_config(cfg::COMMAND, &mut cmd).is_ok() {
-            let cmd = u16::from_le_bytes(cmd) & !COMMAND_BUS_MASTER;
-            let _ = self.write_config(cfg::COMMAND, &cmd.to_le_bytes());
-        }
+        self.unwatch_release_request();
+        self.quiesce(false);
         if self.unmap_all() {
             self.container.release_window(&self.window);
         }

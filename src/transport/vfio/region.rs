@@ -44,8 +44,9 @@ struct Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly what mmap returned, and no reference into the mapping
-        // outlives the owning VfioBar.
+        // SAFETY: ptr/len are the run mmap returned, or, once revoked, the same run replaced in
+        // place by memory of ours (revoke_mapping never returns leaving anything else there);
+        // no reference into it outlives the owning VfioBar.
         unsafe { libc::munmap(self.ptr.cast(), self.len as usize) };
     }
 }
@@ -117,17 +118,24 @@ impl VfioBar {
 
     /// Takes the BAR away from the function for good: each mapping becomes anonymous memory
     /// reading all ones (writes to it reach nothing), and the descriptor is let go. Idempotent.
-    pub fn revoke(&self) {
+    pub fn revoke(&self, owner: &str) {
         let device = self.device.write().unwrap_or_else(|e| e.into_inner()).take();
         if device.is_none() {
             return;
         }
         for m in &self.maps {
-            // SAFETY: m.ptr/m.len is a live mapping this BAR owns; revoke_mapping replaces it
-            // in place with anonymous memory of the same length.
-            if let Err(e) = unsafe { revoke_mapping(m.ptr, m.len as usize) } {
-                log::error!("revoking BAR {} [{:#x}+{:#x}]: {e}", self.info.index, m.offset, m.len);
-            }
+            // SAFETY: m.ptr/m.len is a live mapping this BAR owns, and nothing holds a reference
+            // into it: other threads may be reading or writing it right now, but only with
+            // volatile accesses through raw pointers (the Bar methods), and revoke_mapping
+            // swaps it atomically for memory of the same length, so each of those accesses
+            // reaches either the device or the all-ones memory, never a hole.
+            unsafe {
+                revoke_mapping(
+                    m.ptr,
+                    m.len as usize,
+                    &format!("{owner}: BAR {} [{:#x}+{:#x}]", self.info.index, m.offset, m.len),
+                )
+            };
         }
     }
 
@@ -169,41 +177,80 @@ impl VfioBar {
     }
 }
 
-/// Replaces the mapping at `ptr` (`len` bytes, page-aligned) by anonymous memory full of ones,
-/// atomically: a reader sees either the old mapping or all ones, never a hole. mremap moves a
-/// prepared anonymous run over it (the old mapping is unmapped in the same call); should that
-/// fail, a fixed anonymous mapping replaces it (as atomic, but zeroes until filled).
+/// Replaces the mapping at `ptr` (`len` bytes, page-aligned) by private memory full of ones,
+/// atomically: a reader sees either the old mapping or all ones, never a hole or zeroes (the
+/// kernel swaps mappings under the address space's lock, which a faulting reader waits for).
+/// mremap moves a prepared anonymous run over it; should that fail, a private mapping of a
+/// prepared file full of ones is mapped over it.
+///
+/// Either call may fail (ENOMEM) after the kernel already unmapped the old mapping. Should the
+/// fallback fail too, a hole may be left where readers on other threads would fault and a later
+/// munmap would take whatever the address space put there since: the process aborts rather
+/// than go on with that.
 ///
 /// # Safety
 /// `ptr..ptr + len` must be a mapping the caller owns, reached by nobody through references
 /// (volatile accesses through raw pointers only).
-pub(super) unsafe fn revoke_mapping(ptr: *mut u8, len: usize) -> std::io::Result<()> {
+pub(super) unsafe fn revoke_mapping(ptr: *mut u8, len: usize, what: &str) {
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
     // SAFETY: a fresh anonymous mapping; the result is checked.
     let tmp = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, anon, -1, 0) };
-    if tmp != libc::MAP_FAILED {
+    let e = if tmp == libc::MAP_FAILED {
+        std::io::Error::last_os_error()
+    } else {
         // SAFETY: tmp is our fresh mapping of len bytes.
         unsafe { std::ptr::write_bytes(tmp.cast::<u8>(), 0xff, len) };
         let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
         // SAFETY: moves our anonymous run onto ptr, which the caller owns; the kernel unmaps
         // what was there in the same call.
-        let moved = unsafe { libc::mremap(tmp, len, len, flags, ptr.cast::<libc::c_void>()) };
-        if moved != libc::MAP_FAILED {
-            return Ok(());
+        if unsafe { libc::mremap(tmp, len, len, flags, ptr.cast::<libc::c_void>()) } != libc::MAP_FAILED {
+            return;
         }
         let e = std::io::Error::last_os_error();
-        log::warn!("mremap over a BAR mapping: {e}; mapping anonymous memory over it instead");
         // SAFETY: tmp is still our mapping (mremap failed).
         unsafe { libc::munmap(tmp, len) };
+        e
+    };
+    log::warn!("revoking {what}: moving all ones over it: {e}; mapping a file of ones over it instead");
+    // SAFETY: as this function's.
+    if let Err(e) = unsafe { map_ones_over(ptr, len) } {
+        log::error!("revoking {what}: mapping a file of ones over it: {e}; it may be a hole now, aborting");
+        std::process::abort();
     }
-    // SAFETY: replaces the caller's mapping at ptr with a fixed anonymous one of the same size.
-    let p = unsafe { libc::mmap(ptr.cast(), len, rw, anon | libc::MAP_FIXED, -1, 0) };
+}
+
+/// The fallback of [`revoke_mapping`]: a private mapping of a file filled with ones before it
+/// is mapped, so that it reads all ones from the first moment.
+///
+/// # Safety
+/// As [`revoke_mapping`].
+unsafe fn map_ones_over(ptr: *mut u8, len: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // SAFETY: a new memfd; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"crypt-vfio-revoked-bar".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours and open; File takes it over (and closes it: the mapping keeps the
+    // memory).
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let ones = [0xffu8; 4096];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ones.len());
+        file.write_all(&ones[..n])?;
+        left -= n;
+    }
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: replaces the caller's mapping at ptr with a private one of the same size, of a
+    // file of len bytes; writes to it stay in this process.
+    let p =
+        unsafe { libc::mmap(ptr.cast(), len, rw, libc::MAP_PRIVATE | libc::MAP_FIXED, file.as_raw_fd(), 0) };
     if p == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: p == ptr is now our anonymous mapping of len bytes.
-    unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0xff, len) };
     Ok(())
 }
 
@@ -254,30 +301,69 @@ mod tests {
 
     use super::*;
 
+    /// A file of `len` bytes of `byte`, and a shared mapping of it (the stand-in for a BAR
+    /// mapping of the device file).
+    fn mapped_file(name: &std::ffi::CStr, len: usize, byte: u8) -> (std::fs::File, *mut u32) {
+        // SAFETY: a new memfd; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fd is ours and open; File takes it over.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.write_all(&vec![byte; len]).unwrap();
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a shared mapping of the file's len bytes; checked below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_SHARED, fd, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        (file, p.cast())
+    }
+
+    /// The fallback, as the mremap: a reader racing it sees the device's value or all ones,
+    /// never the zeroes of fresh anonymous memory.
+    #[test]
+    fn a_reader_racing_the_fallback_sees_the_old_value_or_all_ones() {
+        let len = 64 << 20;
+        let (_file, p) = mapped_file(c"bar-race", len, 0x5a);
+        let last = p.wrapping_add(len / 4 - 1) as usize;
+        let started = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                started.wait();
+                let mut seen = std::collections::BTreeSet::new();
+                loop {
+                    // SAFETY: the last word of the mapping, which stays mapped (old or new)
+                    // for the whole test; reached through a raw pointer only.
+                    let v = unsafe { std::ptr::read_volatile(last as *const u32) };
+                    seen.insert(v);
+                    if v == u32::MAX {
+                        return seen;
+                    }
+                }
+            });
+            started.wait();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            // SAFETY: p..p+len is our mapping, reached only through raw pointers.
+            unsafe { map_ones_over(p.cast(), len) }.unwrap();
+            let seen = reader.join().unwrap();
+            assert!(seen.iter().all(|&v| v == 0x5a5a_5a5a || v == u32::MAX), "the reader saw {seen:x?}");
+        });
+        // SAFETY: the mapping that replaced ours.
+        unsafe { libc::munmap(p.cast(), len) };
+    }
+
     /// A shared mapping of a file stands in for a BAR mapping of the device file: after the
     /// revocation the old pointer reads all ones, writes through it no longer reach the file,
     /// and the file is no longer mapped (the kernel waits for that before it lets a function go).
     #[test]
     fn a_revoked_mapping_reads_all_ones_and_lets_go_of_the_file() {
         let len = 2 * 4096;
-        // SAFETY: a new memfd; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"bar".as_ptr(), 0) };
-        assert!(fd >= 0);
-        // SAFETY: fd is ours and open; File takes it over.
-        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-        file.write_all(&vec![0x5a; len]).unwrap();
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: a shared mapping of the file's len bytes; checked below.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_SHARED, fd, 0) };
-        assert_ne!(p, libc::MAP_FAILED);
-        let p = p.cast::<u32>();
+        let (file, p) = mapped_file(c"bar", len, 0x5a);
         // SAFETY: inside the mapping, aligned.
         assert_eq!(unsafe { std::ptr::read_volatile(p) }, 0x5a5a_5a5a);
         let maps = || std::fs::read_to_string("/proc/self/maps").unwrap();
         let ino = file.metadata().map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap().to_string();
         assert!(maps().lines().any(|l| l.contains("memfd:bar") && l.contains(&ino)));
         // SAFETY: p..p+len is our mapping, reached only through raw pointers.
-        unsafe { revoke_mapping(p.cast(), len) }.unwrap();
+        unsafe { revoke_mapping(p.cast(), len, "test BAR") };
         // SAFETY: the same addresses, now anonymous memory of the same length.
         unsafe {
             assert_eq!(std::ptr::read_volatile(p), u32::MAX);
