@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crypt_vfio::engine::contract::ContractChecker;
-use crypt_vfio::engine::{Buf, Completion, Direction, Engine, Event, Iv, Queue, Request, Submitted};
+use crypt_vfio::engine::{
+    Buf, Completion, Direction, Engine, Event, Iv, Queue, Request, SubmitError, SubmitErrorKind, Submitted,
+};
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTransport};
 use crypt_vfio::virtio_crypto::{CompletionMode, DeviceOptions, DeviceSession, ReleaseState, VirtioCrypto};
 use crypt_vfio::{CoreKind, DeviceError, Error, Mode};
@@ -102,19 +104,29 @@ fn released(e: &Error) -> bool {
     matches!(e, Error::Device(DeviceError::Released(why) | DeviceError::NotRun(why)) if why.contains("given back"))
 }
 
+/// The encryption of request `id` (data and IV derived from it).
+fn request<S: Clone>(session: &S, id: u64) -> Request<S> {
+    Request::new(session.clone(), Direction::Encrypt, Iv::from(iv(id)), Buf::Host(plain(id)), id)
+}
+
+/// A submit `when` the device is leaving or gone: refused as not run, or as released.
+fn assert_refused_as_released(r: Result<Submitted, SubmitError<DeviceSession>>, when: &str) {
+    match r {
+        Err(e) => match e.kind {
+            SubmitErrorKind::Rejected(e) => assert!(released(&e), "{when}: {e}"),
+            k => panic!("submit {when}: {k:?}"),
+        },
+        Ok(s) => panic!("submit {when} accepted: {s:?}"),
+    }
+}
+
 impl Rig {
     /// Submits `n` encryptions with backlog allowed; returns their ids.
     fn submit(&mut self, n: usize) -> Vec<u64> {
         (0..n)
             .map(|_| {
                 let id = self.next.fetch_add(1, Ordering::Relaxed);
-                let req = Request::new(
-                    self.session.clone(),
-                    Direction::Encrypt,
-                    Iv::from(iv(id)),
-                    Buf::Host(plain(id)),
-                    id,
-                );
+                let req = request(&self.session, id);
                 self.checker.begin_submit(0, id);
                 let r = self.q.submit(req, true);
                 self.checker.submitted(id, &r);
@@ -161,20 +173,7 @@ impl Rig {
     /// Every call after the release fails with Released; then closing touches nothing.
     fn check_after_release(mut self) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let req = Request::new(
-            self.session.clone(),
-            Direction::Encrypt,
-            Iv::from(iv(id)),
-            Buf::Host(plain(id)),
-            id,
-        );
-        match self.q.submit(req, true) {
-            Err(e) => match e.kind {
-                crypt_vfio::engine::SubmitErrorKind::Rejected(e) => assert!(released(&e), "{e}"),
-                k => panic!("submit after the release: {k:?}"),
-            },
-            Ok(s) => panic!("submit after the release accepted: {s:?}"),
-        }
+        assert_refused_as_released(self.q.submit(request(&self.session, id), true), "after the release");
         assert!(released(&self.dev.create_session(Mode::Ctr, &KEY).unwrap_err()));
         assert!(released(&self.dev.destroy_session(&self.session).unwrap_err()));
         assert!(released(&self.dev.alloc_buffer(4096).unwrap_err()));
@@ -271,7 +270,39 @@ fn the_listener_thread_ends_when_the_engine_closes() {
         assert!(c.result.is_ok());
     }
     drop(r);
-    assert_eq!(threads_named(LISTENER), 0);
+    // Joined, the thread still leaves /proc/self/task a moment later.
+    wait_until("the listener thread to end", || threads_named(LISTENER) == 0);
+}
+
+#[test]
+fn closing_the_engine_lets_go_of_the_release_request_eventfd() {
+    let _s = serial();
+    let r = rig(CompletionMode::Poll, DeviceOptions::default());
+    let t = r.t.clone();
+    assert!(t.watches_release_requests());
+    drop(r);
+    assert!(!t.is_released());
+    assert!(!t.watches_release_requests(), "the closed engine's eventfd is still signalled on a request");
+}
+
+#[test]
+fn a_release_request_after_an_abort_still_gives_the_device_back() {
+    let _s = serial();
+    let mut r = rig(CompletionMode::Poll, DeviceOptions::default());
+    let ids = r.submit(3);
+    for c in r.wait(&ids) {
+        assert!(c.result.is_ok(), "{:?}", c.result);
+    }
+    // A server stopping aborts its device, then waits for its clients; the owner asks meanwhile.
+    r.dev.abort();
+    r.t.request_release();
+    wait_until("the device to be given back", || r.t.is_released());
+    r.wait_released();
+    r.check_contract();
+    let t = r.t.clone();
+    drop(r);
+    assert_eq!(t.accesses_after_release(), 0, "the driver touched the device after giving it back");
+    assert_eq!(t.live_dma_maps(), 0, "the driver left DMA maps behind");
 }
 
 #[test]
@@ -293,19 +324,22 @@ fn without_the_listener_the_device_stays_and_keeps_working() {
 #[test]
 fn a_release_during_a_recovery_waits_for_it_and_still_releases() {
     let _s = serial();
-    let options = DeviceOptions { request_timeout: Duration::from_millis(100), ..Default::default() };
+    let options = DeviceOptions { request_timeout: Duration::from_secs(2), ..Default::default() };
     let mut r = rig(CompletionMode::Poll, options);
-    // The device fails (a request never answered), and while it is failed or being
-    // recovered the owner asks for it.
+    // The device fails (a request never answered), and its recovery is held up by a late
+    // control answer (re-creating the session) when the owner asks for it.
     r.t.inject(EmulatedFault::NeverAnswer);
+    r.t.inject(EmulatedFault::CtrlLate(PATIENCE));
+    let armed = r.t.stats().faults_injected;
     let ids = r.submit(2);
     for c in r.wait(&ids) {
         let failed = matches!(c.result, Err(Error::Device(DeviceError::Failed(_) | DeviceError::NotRun(_))));
         assert!(failed, "{:?}", c.result);
     }
-    r.t.clear_faults();
+    wait_until("the recovery's late control request", || r.t.stats().faults_injected > armed);
     r.t.request_release();
     r.wait_released();
+    assert_eq!(r.dev.recoveries(), 0, "the recovery finished although the device was leaving");
     r.check_contract();
     r.check_after_release();
 }
@@ -321,7 +355,7 @@ fn the_unplug_fault_ends_a_single_device_job_with_the_released_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "bench went on after the release: {err}");
     // Refused while leaving (not run) or after (released), depending on when bench submits.
-    let why = "emulated was given back at its owner's request (unbind or unplug)";
+    let why = "emulated#0 was given back at its owner's request (unbind or unplug)";
     assert!(
         err.contains(&format!("device released: {why}")) || err.contains(&format!("request not run: {why}")),
         "{err}"
@@ -376,26 +410,17 @@ fn a_release_under_load_from_several_threads_loses_nothing_and_completes_nothing
                 // Submit until the device refuses: it is gone.
                 loop {
                     let id = next.fetch_add(1, Ordering::Relaxed);
-                    let req = Request::new(
-                        session.clone(),
-                        Direction::Encrypt,
-                        Iv::from(iv(id)),
-                        Buf::Host(plain(id)),
-                        id,
-                    );
                     checker.begin_submit(worker % 2, id);
-                    let r = q.submit(req, true);
+                    let r = q.submit(request(&session, id), true);
                     checker.submitted(id, &r);
                     if let Err(e) = r {
                         match e.kind {
-                            crypt_vfio::engine::SubmitErrorKind::Rejected(e) if released(&e) => {
+                            SubmitErrorKind::Rejected(e) if released(&e) => {
                                 refused.fetch_add(1, Ordering::Relaxed);
                                 break;
                             }
                             // The backlog is full: wait for room, as a caller does.
-                            crypt_vfio::engine::SubmitErrorKind::Busy => {
-                                std::thread::sleep(Duration::from_millis(1))
-                            }
+                            SubmitErrorKind::Busy => std::thread::sleep(Duration::from_millis(1)),
                             k => panic!("request {id} refused: {k:?}"),
                         }
                     }
@@ -422,7 +447,8 @@ fn a_release_under_load_from_several_threads_loses_nothing_and_completes_nothing
 #[test]
 fn while_the_device_drains_it_takes_no_new_request_or_session() {
     let _s = serial();
-    let options = DeviceOptions { release_drain: Duration::from_secs(2), ..Default::default() };
+    // Long enough for a loaded machine to see the device leaving.
+    let options = DeviceOptions { release_drain: Duration::from_secs(10), ..Default::default() };
     let mut r = rig(CompletionMode::Poll, options);
     // Requests the device keeps hold the release in its drain.
     r.t.inject(EmulatedFault::NeverAnswer);
@@ -430,14 +456,7 @@ fn while_the_device_drains_it_takes_no_new_request_or_session() {
     r.t.request_release();
     wait_until("the device to be leaving", || r.dev.release_state() == ReleaseState::Leaving);
     let id = r.next.fetch_add(1, Ordering::Relaxed);
-    let req = Request::new(r.session.clone(), Direction::Encrypt, Iv::from(iv(id)), Buf::Host(plain(id)), id);
-    match r.q.submit(req, true) {
-        Err(e) => match e.kind {
-            crypt_vfio::engine::SubmitErrorKind::Rejected(e) => assert!(released(&e), "{e}"),
-            k => panic!("submit while leaving: {k:?}"),
-        },
-        Ok(s) => panic!("a leaving device took a new request: {s:?}"),
-    }
+    assert_refused_as_released(r.q.submit(request(&r.session, id), true), "while leaving");
     assert!(released(&r.dev.create_session(Mode::Ctr, &KEY).unwrap_err()));
     for c in r.wait(&held) {
         let cut_short =
@@ -515,15 +534,8 @@ fn a_pool_member_given_back_under_load_loses_nothing() {
                 let first = 1 + worker * PER_THREAD;
                 let mut id = first;
                 while !stop.load(Ordering::Acquire) {
-                    let req = Request::new(
-                        session.clone(),
-                        Direction::Encrypt,
-                        Iv::from(iv(id)),
-                        Buf::Host(plain(id)),
-                        id,
-                    );
                     checker.begin_submit(worker as usize, id);
-                    let r = q.submit(req, true);
+                    let r = q.submit(request(&session, id), true);
                     checker.submitted(id, &r);
                     match r {
                         Ok(_) => {
@@ -531,9 +543,7 @@ fn a_pool_member_given_back_under_load_loses_nothing() {
                             accepted.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => match e.kind {
-                            crypt_vfio::engine::SubmitErrorKind::Busy => {
-                                std::thread::sleep(Duration::from_millis(1))
-                            }
+                            SubmitErrorKind::Busy => std::thread::sleep(Duration::from_millis(1)),
                             k => panic!("request {id} refused: {k:?}"),
                         },
                     }

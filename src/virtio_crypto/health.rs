@@ -170,11 +170,12 @@ impl DeviceHealth {
     }
 
     /// The owner wants the device back: from now on requests and sessions are refused and no
-    /// recovery starts. Returns `false` (and changes nothing) when the engine is closing or
-    /// the device is leaving already.
+    /// recovery starts. Returns `false` (and changes nothing) when the device is leaving
+    /// already. An engine closing (aborted, say, by a server waiting for its clients) still
+    /// gives the device back: the owner would otherwise wait until the engine is dropped.
     pub(crate) fn begin_release(&self, why: String) -> bool {
         let mut st = self.lock();
-        if st.closing || st.release != ReleaseState::Held {
+        if st.release != ReleaseState::Held {
             return false;
         }
         st.release = ReleaseState::Leaving;
@@ -286,10 +287,11 @@ impl DeviceHealth {
     /// used again.
     fn give_up_unstoppable(&self, st: &mut State) {
         log::error!(
-            "the device did not stop after a reset and a function-level reset: unmapping all its DMA \
-             memory and giving it up"
+            "{}: the device did not stop after a reset and a function-level reset: unmapping all its \
+             DMA memory and giving it up",
+            self.pci.transport().name()
         );
-        self.pool.revoke_device_access();
+        self.pool.revoke_device_access("it ignored a reset and a function-level reset");
         st.reason = format!(
             "{}; then the device ignored a reset and a function-level reset, so its DMA memory was \
              unmapped and it is not used again",

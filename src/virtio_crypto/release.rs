@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::Core;
 use crate::error::{Error, Result};
-use crate::transport::EventNotifier;
+use crate::transport::{EventNotifier, Transport};
 
 /// How often the listener looks at its stop flag while no request comes.
 const WAKE: Duration = Duration::from_secs(1);
@@ -27,6 +27,8 @@ pub(crate) struct Listener {
     stop: Arc<AtomicBool>,
     notifier: Arc<EventNotifier>,
     thread: Option<JoinHandle<()>>,
+    /// Told to stop signalling `notifier` once the thread ended.
+    transport: Arc<dyn Transport>,
 }
 
 impl Listener {
@@ -40,7 +42,7 @@ impl Listener {
         drain: Duration,
     ) -> Result<Option<Self>> {
         let notifier = Arc::new(EventNotifier::new()?);
-        let transport = core.pci.transport();
+        let transport = core.pci.transport().clone();
         let watching = transport.watch_release_request(&notifier).unwrap_or_else(|e| {
             log::warn!("{}: routing the device request interrupt: {e}", transport.name());
             false
@@ -55,20 +57,32 @@ impl Listener {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (s, n) = (stop.clone(), notifier.clone());
-        let thread = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("crypt-vfio-req".into())
-            .spawn(move || listen(&core, &recovery, &s, &n, drain))
-            .map_err(|e| Error::os("spawning the release request thread", e))?;
-        Ok(Some(Self { stop, notifier, thread: Some(thread) }))
+            .spawn(move || listen(&core, &recovery, &s, &n, drain));
+        let thread = match spawned {
+            Ok(t) => t,
+            Err(e) => {
+                transport.unwatch_release_request();
+                return Err(Error::os(
+                    format!("{}: spawning the release request thread", transport.name()),
+                    e,
+                ));
+            }
+        };
+        Ok(Some(Self { stop, notifier, thread: Some(thread), transport }))
     }
 
-    /// Ends the thread (a release under way finishes first).
+    /// Ends the thread (a release under way finishes first), and the routing of release
+    /// requests to its eventfd: the transport would otherwise keep a descriptor (or the
+    /// kernel an interrupt) for a listener that is gone.
     pub(crate) fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
         let _ = self.notifier.signal();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.transport.unwatch_release_request();
     }
 }
 
@@ -95,7 +109,11 @@ fn listen(
             }
             Ok(_) => {}
             Err(e) => {
-                log::error!("release request listener: {e}; no longer listening");
+                log::error!(
+                    "{}: waiting for release requests: {e}; no longer listening (an unbind or unplug \
+                     will wait until crypt-vfio closes the device)",
+                    core.pci.transport().name()
+                );
                 return;
             }
         }
@@ -165,7 +183,7 @@ fn release_now(core: &Core, recovery: &Mutex<Option<JoinHandle<()>>>, drain: Dur
         // Fails what is left (the device is stopped) and ends the queue's completion thread.
         q.close(&mut scratch);
     }
-    core.pool.revoke_device_access();
+    core.pool.revoke_device_access("it was given back");
     let outcome = transport.release();
     if let Err(e) = &outcome {
         log::error!("{name}: giving the device back: {e}");
