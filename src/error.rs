@@ -140,6 +140,10 @@ pub enum DeviceError {
         /// How many consistent reads were attempted.
         attempts: u32,
     },
+    /// The device was given back to its owner (vfio-pci's unbind, a hypervisor's unplug) at
+    /// the owner's request: the engine no longer has it, and every later call on it fails so.
+    #[error("device released: {0}")]
+    Released(String),
     /// The request was not run: the device failed or is leaving before it took the request
     /// (a refused submit, a backlogged request) or before it answered, and its data and tag
     /// are exactly as submitted (the request went through a bounce buffer, which is copied back
@@ -206,6 +210,7 @@ impl DeviceError {
                 | DeviceError::NotRun(_)
                 | DeviceError::Timeout(..)
                 | DeviceError::GaveUp { .. }
+                | DeviceError::Released(_)
         )
     }
 }

@@ -173,7 +173,7 @@ fn buffers_of_a_region_whose_revocation_failed_are_never_handed_out_again() {
     let a = pool.alloc(4096).unwrap();
     let a_iova = a.iova();
     t.fail_unmap.store(true, Ordering::SeqCst);
-    pool.revoke_device_access();
+    pool.revoke_device_access("a test");
     assert_eq!(pool.quarantined_bytes(), REGION_SIZE);
     drop(a);
     // The device may still write that memory: a new buffer never comes from it.

@@ -72,11 +72,20 @@ pub struct DeviceArgs {
     /// Emulated device, for testing the driver: a scripted fault `KIND@START[+LENGTH]`, armed
     /// START after the device is created and disarmed LENGTH later (e.g. never-answer@2s+3s).
     /// Kinds: never-answer, answer-late, duplicate-used, free-slot-id, short-length,
-    /// status-unwritten, extra-used, early-completion, ignore-reset, ignore-all-resets, ctrl-late.
-    /// In a pool (`--device a,b`), `:MEMBER` arms it on one member only (its index in the
-    /// list, which must name `emulated`), `:all` (the default) on every emulated member.
+    /// status-unwritten, extra-used, early-completion, ignore-reset, ignore-all-resets, ctrl-late,
+    /// and unplug (the device asks for itself back, as vfio-pci does before an unbind; LENGTH is
+    /// ignored). In a pool (`--device a,b`), `:MEMBER` arms it on one member only (its index in
+    /// the list, which must name `emulated`), `:all` (the default) on every emulated member.
     #[arg(long, hide = true, value_parser = parse_fault)]
     pub device_fault: Vec<FaultPlan>,
+    /// When the kernel wants the device back (an unbind or a hot-unplug): how long requests on
+    /// it may take to finish before they fail and it is given back.
+    #[arg(long, default_value = "1s", value_parser = parse_delay)]
+    pub release_drain: Duration,
+    /// Ignore the kernel's requests to give the device back (to see an unbind or unplug wait
+    /// for crypt-vfio to exit).
+    #[arg(long, hide = true)]
+    pub no_release_listener: bool,
     /// A pool (`--device a,b`): how long requests wait while every member is down before they
     /// fail (default: the --request-timeout).
     #[arg(long, value_name = "DURATION", value_parser = parse_request_timeout)]
@@ -93,7 +102,7 @@ pub struct FaultPlan {
     member: Option<usize>,
 }
 
-const FAULT_KINDS: [&str; 11] = [
+const FAULT_KINDS: [&str; 12] = [
     "never-answer",
     "answer-late",
     "duplicate-used",
@@ -105,6 +114,7 @@ const FAULT_KINDS: [&str; 11] = [
     "ignore-reset",
     "ignore-all-resets",
     "ctrl-late",
+    "unplug",
 ];
 
 fn parse_fault(s: &str) -> Result<FaultPlan, String> {
@@ -157,6 +167,11 @@ impl FaultPlan {
             .spawn(move || {
                 std::thread::sleep(plan.start);
                 let Some(dev) = t.upgrade() else { return };
+                if plan.kind == "unplug" {
+                    log::warn!("the emulated device asks to be given back");
+                    dev.request_release();
+                    return;
+                }
                 log::warn!("arming emulated device fault {}", plan.kind);
                 dev.inject(fault);
                 drop(dev);
@@ -321,6 +336,8 @@ impl DeviceArgs {
         DeviceOptions {
             completion: self.completion(),
             request_timeout: self.request_timeout,
+            watch_release: !self.no_release_listener,
+            release_drain: self.release_drain,
             ..DeviceOptions::default()
         }
     }

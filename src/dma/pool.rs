@@ -50,8 +50,8 @@ struct PoolState {
     /// Freed buffers by size class: (region index, offset).
     free: [Vec<(usize, usize)>; CLASSES],
     memory: Arc<GuestMemoryMmap>,
-    /// The device lost access to every region ([`DmaPool::revoke_device_access`]).
-    revoked: bool,
+    /// Why the device lost access to every region ([`DmaPool::revoke_device_access`]).
+    revoked: Option<String>,
 }
 
 impl DmaPool {
@@ -64,7 +64,7 @@ impl DmaPool {
             bump: None,
             free: Default::default(),
             memory: Arc::new(GuestMemoryMmap::new()),
-            revoked: false,
+            revoked: None,
         };
         Self { inner: Arc::new(PoolInner { transport, state: Mutex::new(state) }) }
     }
@@ -142,10 +142,11 @@ impl DmaPool {
     }
 
     fn map_region(&self, st: &mut PoolState, len: usize) -> Result<usize> {
-        if st.revoked {
-            return Err(Error::Vfio(VfioError::Dma(
-                "the device's DMA access was revoked after it ignored a reset".into(),
-            )));
+        if let Some(why) = &st.revoked {
+            return Err(Error::Vfio(VfioError::Dma(format!(
+                "{}: no new DMA memory: the device's DMA access was revoked ({why})",
+                self.inner.transport.name()
+            ))));
         }
         let region = Arc::new(DmaRegion::new(len)?);
         let rlen = region.len() as u64;
@@ -186,18 +187,20 @@ impl DmaPool {
 
     /// Unmaps every region from the device's IOMMU, for good: a device that ignored its resets
     /// can then write none of this memory, so buffers may go back to their owners. The memory
-    /// itself stays valid for the host; the pool maps nothing new afterwards.
-    pub fn revoke_device_access(&self) {
+    /// itself stays valid for the host; the pool maps nothing new afterwards, and says `why`
+    /// when asked to.
+    pub fn revoke_device_access(&self, why: &str) {
         let mut st = self.state();
-        if st.revoked {
+        if st.revoked.is_some() {
             return;
         }
-        st.revoked = true;
+        st.revoked = Some(why.to_string());
         for m in st.regions.iter_mut().flatten() {
             if let Err(e) = self.inner.transport.dma_unmap(m.iova, m.region.len() as u64) {
                 log::error!(
-                    "unmapping DMA region at {:#x}: {e}; the device may still write it, so it is \
+                    "{}: unmapping DMA region at {:#x}: {e}; the device may still write it, so it is \
                      kept and never used again",
+                    self.inner.transport.name(),
                     m.iova
                 );
                 m.quarantined = true;
@@ -340,7 +343,7 @@ impl Drop for PoolInner {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for m in st.regions.iter_mut().flatten() {
-            if st.revoked && !m.quarantined {
+            if st.revoked.is_some() && !m.quarantined {
                 continue;
             }
             if let Err(e) = self.transport.dma_unmap(m.iova, m.region.len() as u64) {
@@ -543,7 +546,7 @@ impl Drop for DmaBuffer {
                 // can no longer reach it (a revocation unmapped it already).
                 let Some(m) = st.regions[self.region_idx].as_mut() else { return };
                 let (iova, len) = (m.iova, m.region.len() as u64);
-                if !st.revoked {
+                if st.revoked.is_none() {
                     if let Err(e) = self.pool.transport.dma_unmap(iova, len) {
                         log::error!(
                             "unmapping DMA region at {iova:#x}: {e}; the device may still write it, so \

@@ -53,6 +53,38 @@ pub trait Transport: Send + Sync {
 
     /// Resets the function (function-level reset where available).
     fn reset(&self) -> Result<()>;
+
+    /// Asks to be told when the function's owner wants it back: vfio-pci before an unbind or a
+    /// hot-unplug (its device request interrupt), the emulated device on request. `notifier`
+    /// is signalled for each such request, repeatedly until [`release`](Self::release).
+    /// Returns whether the transport can tell; without it the owner's unbind waits until this
+    /// process closes the function.
+    fn watch_release_request(&self, notifier: &EventNotifier) -> Result<bool> {
+        let _ = notifier;
+        Ok(false)
+    }
+
+    /// Stops signalling the notifier of [`watch_release_request`](Self::watch_release_request)
+    /// and lets go of it (the driver's listener is ending). Nothing to do if none is watched,
+    /// or once the function was given back.
+    fn unwatch_release_request(&self) {}
+
+    /// Gives the function back to its owner for good, once the driver has stopped it and
+    /// unmapped its DMA memory: interrupts off, function reset, bus mastering off, every
+    /// descriptor on the function closed. Afterwards config reads give all ones, BARs handed
+    /// out before read all ones and drop writes, and writes, maps and unmaps fail with
+    /// `Transport("released")`.
+    fn release(&self) -> Result<()> {
+        Err(crate::Error::Vfio(crate::error::VfioError::Transport(format!(
+            "{}: this transport cannot give the function back",
+            self.name()
+        ))))
+    }
+}
+
+/// What a transport says once its function was given back ([`Transport::release`]).
+pub(crate) fn released_error(name: &str) -> crate::Error {
+    crate::Error::Vfio(crate::error::VfioError::Transport(format!("{name}: released")))
 }
 
 /// A memory BAR's registers.

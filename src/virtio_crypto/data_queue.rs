@@ -230,7 +230,8 @@ impl DataQueueShared {
         }
         let mut guard = self.lock();
         let st = &mut *guard;
-        if st.failed {
+        // Leaving is looked at under the lock: `begin_leaving` empties the backlog under it.
+        if st.failed || self.health.is_leaving() {
             drop(guard);
             return Err(SubmitError::rejected(req, self.health.error()));
         }
@@ -268,7 +269,7 @@ impl DataQueueShared {
         }
         let mut guard = self.lock();
         let st = &mut *guard;
-        if st.failed {
+        if st.failed || self.health.is_leaving() {
             drop(guard);
             out.refused = Some(SubmitErrorKind::Rejected(self.health.error()));
             return out;
@@ -485,6 +486,26 @@ impl DataQueueShared {
             g.failed = false;
         }
         then();
+    }
+
+    /// The device is leaving (`DeviceHealth::begin_release`, set before this): its backlog
+    /// fails, each request Promoted first, and delivers; the requests on the ring stay to drain.
+    /// Returns how many were on the ring and how many backlogged requests failed.
+    pub(crate) fn begin_leaving(&self, scratch: &mut Outbox) -> (usize, usize) {
+        let counts = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let backlogged = st.backlog.len();
+            let error = || self.health.error();
+            st.backlog
+                .fail_all(&mut ToOutbox { outbox: &mut st.outbox, outstanding: &self.outstanding }, error);
+            if !st.outbox.is_empty() {
+                self.delivery.mark_pending();
+            }
+            (st.ring.in_flight, backlogged)
+        };
+        self.delivery.run(scratch, |s| std::mem::swap(&mut self.lock().outbox, s));
+        counts
     }
 
     /// Fails the queue because the engine is closing.

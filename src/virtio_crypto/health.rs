@@ -11,6 +11,10 @@
 //! here for one, re-initialises the device, and reports back. A device that keeps failing
 //! ([`MAX_FAILURES`] times within [`FAILURE_WINDOW`] by default, see
 //! [`super::DeviceOptions::failure_budget`]) is given up on.
+//!
+//! The device's owner may also want it back (an unbind, a hot-unplug; see `release`): the
+//! device is then Leaving (new requests refused, those on it drained) and finally Released,
+//! after which nothing touches it and every call fails with [`DeviceError::Released`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,12 +32,26 @@ pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
 const CLOSED: &str = "the engine was closed";
 
+/// Where a device stands in being given back to its owner (vfio-pci, a hypervisor).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReleaseState {
+    /// The engine has the device.
+    #[default]
+    Held,
+    /// The owner asked for it back: requests are refused, those on the device drain.
+    Leaving,
+    /// Given back: nothing touches it again.
+    Released,
+}
 /// A callback told that the device's state changed: see [`super::VirtioCrypto::observe`].
 pub type Observer = Arc<dyn Fn() + Send + Sync>;
 
 #[derive(Default)]
 struct State {
     reason: String,
+    release: ReleaseState,
+    /// Why the device is leaving or was released (the error text of later calls).
+    release_reason: String,
     failures: VecDeque<Instant>,
     /// The device is not recovered again: too many failures, or it would not stop.
     gave_up: Option<Error>,
@@ -45,6 +63,9 @@ struct State {
 /// The health of one device, shared by its queues, its engine and its recovery thread.
 pub(crate) struct DeviceHealth {
     failed: AtomicBool,
+    /// Set when the device starts leaving and never cleared: submits check it under their
+    /// queue's lock, so none reaches the ring after the leaving queue was emptied.
+    leaving: AtomicBool,
     state: Mutex<State>,
     changed: Condvar,
     pub(crate) pci: Arc<VirtioPci>,
@@ -69,6 +90,7 @@ impl DeviceHealth {
             closing_flag: Arc::new(AtomicBool::new(false)),
             observers: Mutex::default(),
             failed: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             state: Mutex::default(),
             changed: Condvar::new(),
             pci,
@@ -109,9 +131,15 @@ impl DeviceHealth {
         self.lock().reason.clone()
     }
 
-    /// The error for a request refused or failed because the device is failed.
+    /// The error for a request refused or failed because the device is failed (or leaving,
+    /// or released).
     pub(crate) fn error(&self) -> Error {
         let st = self.lock();
+        match st.release {
+            ReleaseState::Leaving => return not_run_error(&st.release_reason),
+            ReleaseState::Released => return Error::Device(DeviceError::Released(st.release_reason.clone())),
+            ReleaseState::Held => {}
+        }
         match &st.gave_up {
             Some(Error::Device(DeviceError::GaveUp { failures, window, last })) => {
                 Error::Device(DeviceError::GaveUp {
@@ -124,9 +152,80 @@ impl DeviceHealth {
         }
     }
 
-    /// Whether the engine is closing (a recovery in progress should stop).
+    /// Whether the engine is closing or the device leaving (a recovery in progress should
+    /// stop).
     pub(crate) fn closing(&self) -> bool {
-        self.lock().closing
+        let st = self.lock();
+        st.closing || st.release != ReleaseState::Held
+    }
+
+    /// Whether the device is leaving or was released (set once, never cleared).
+    pub(crate) fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
+    /// Where the device stands in being given back.
+    pub(crate) fn release_state(&self) -> ReleaseState {
+        self.lock().release
+    }
+
+    /// The owner wants the device back: from now on requests and sessions are refused and no
+    /// recovery starts. Returns `false` (and changes nothing) when the device is leaving
+    /// already. An engine closing (aborted, say, by a server waiting for its clients) still
+    /// gives the device back: the owner would otherwise wait until the engine is dropped.
+    pub(crate) fn begin_release(&self, why: String) -> bool {
+        let mut st = self.lock();
+        if st.release != ReleaseState::Held {
+            return false;
+        }
+        st.release = ReleaseState::Leaving;
+        st.release_reason = why;
+        self.leaving.store(true, Ordering::Release);
+        drop(st);
+        self.notify_state_change();
+        true
+    }
+
+    /// Stops a leaving device for good (no recovery follows): a virtio reset, and bus mastering
+    /// off and a function-level reset if it does not complete; a device that completes neither
+    /// loses its DMA access. A device the failure path stopped already is left as it is.
+    pub(crate) fn stop_for_release(&self) {
+        let mut st = self.lock();
+        st.closing = true;
+        self.closing_flag.store(true, Ordering::Release);
+        if !self.failed.load(Ordering::Acquire) {
+            st.reason = st.release_reason.clone();
+            if !stop_device(&self.pci) {
+                self.give_up_unstoppable(&mut st);
+            }
+            self.pci.fail();
+            self.failed.store(true, Ordering::Release);
+        }
+        self.changed.notify_all();
+    }
+
+    /// The device was given back (`outcome` is the transport's answer): every later call
+    /// fails with [`DeviceError::Released`].
+    pub(crate) fn released(&self, outcome: &Result<(), Error>) {
+        let mut st = self.lock();
+        if let Err(e) = outcome {
+            st.release_reason = format!("{}; giving it back failed: {e}", st.release_reason);
+        }
+        st.release = ReleaseState::Released;
+        drop(st);
+        self.notify_state_change();
+    }
+
+    /// Whether the transport was given back: nothing may touch it any more.
+    pub(crate) fn is_released(&self) -> bool {
+        self.lock().release == ReleaseState::Released
+    }
+
+    /// Tells whoever watches the device that its state changed (leaving, released): waiters
+    /// in [`wait_working`](Self::wait_working) look again.
+    fn notify_state_change(&self) {
+        self.changed.notify_all();
+        self.notify();
     }
 
     /// Recoveries completed so far.
@@ -188,10 +287,11 @@ impl DeviceHealth {
     /// used again.
     fn give_up_unstoppable(&self, st: &mut State) {
         log::error!(
-            "the device did not stop after a reset and a function-level reset: unmapping all its DMA \
-             memory and giving it up"
+            "{}: the device did not stop after a reset and a function-level reset: unmapping all its \
+             DMA memory and giving it up",
+            self.pci.transport().name()
         );
-        self.pool.revoke_device_access();
+        self.pool.revoke_device_access("it ignored a reset and a function-level reset");
         st.reason = format!(
             "{}; then the device ignored a reset and a function-level reset, so its DMA memory was \
              unmapped and it is not used again",
@@ -213,7 +313,7 @@ impl DeviceHealth {
     pub(crate) fn wait_for_failure(&self) -> bool {
         let mut st = self.lock();
         loop {
-            if st.closing {
+            if st.closing || st.release != ReleaseState::Held {
                 return false;
             }
             if self.is_failed() && st.gave_up.is_none() {
@@ -271,7 +371,7 @@ impl DeviceHealth {
     pub(crate) fn wait_working(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         let mut st = self.lock();
-        while self.is_failed() && st.gave_up.is_none() && !st.closing {
+        while self.is_failed() && st.gave_up.is_none() && !st.closing && st.release == ReleaseState::Held {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -280,6 +380,12 @@ impl DeviceHealth {
         }
         !self.is_failed()
     }
+}
+
+/// The error of a request that never reached a leaving device (backlogged, or refused), so its
+/// data and tag are as submitted.
+fn not_run_error(why: &str) -> Error {
+    Error::Device(DeviceError::NotRun(why.to_string()))
 }
 
 /// Stops the device's DMA: a virtio reset, and if the device does not complete it, bus

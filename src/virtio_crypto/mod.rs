@@ -11,6 +11,7 @@ mod data_queue;
 mod health;
 mod layout;
 mod recovery;
+mod release;
 mod session;
 
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use crypt_vfio_spec::pci::{feature, VIRTIO_CRYPTO_DEVICE_ID, VIRTIO_MSI_NO_VECTO
 use crypt_vfio_wait::SpinBudget;
 
 pub use config::DeviceInfo;
-pub use health::{Observer, FAILURE_WINDOW, MAX_FAILURES};
+pub use health::{Observer, ReleaseState, FAILURE_WINDOW, MAX_FAILURES};
 pub use session::DeviceSession;
 
 use control::ControlQueue;
@@ -107,6 +108,12 @@ pub struct DeviceOptions {
     /// Failures within a window after which the device is not recovered again (default
     /// [`MAX_FAILURES`] within [`FAILURE_WINDOW`]).
     pub failure_budget: (usize, Duration),
+    /// Give the device back when its owner asks (vfio-pci before an unbind or hot-unplug):
+    /// see [`VirtioCrypto`]. Off, the owner waits until the engine is closed.
+    pub watch_release: bool,
+    /// When the device is given back, how long requests on it may take to finish before they
+    /// fail.
+    pub release_drain: Duration,
 }
 
 impl Default for DeviceOptions {
@@ -120,9 +127,14 @@ impl Default for DeviceOptions {
             indirect: true,
             event_idx: true,
             failure_budget: (health::MAX_FAILURES, health::FAILURE_WINDOW),
+            watch_release: true,
+            release_drain: DEFAULT_RELEASE_DRAIN,
         }
     }
 }
+
+/// Default of [`DeviceOptions::release_drain`].
+pub const DEFAULT_RELEASE_DRAIN: Duration = Duration::from_secs(1);
 
 /// A virtio-crypto device, driven through a [`Transport`].
 ///
@@ -130,10 +142,19 @@ impl Default for DeviceOptions {
 /// request goes unanswered), every request on it completes with an error, the device is
 /// stopped, and a recovery thread resets and re-initialises it, re-creates the live sessions
 /// from the keys they hold, and lets new requests in again; see `health` for when it gives up.
+///
+/// When the device's owner wants it back (vfio-pci before an unbind or a hot-unplug, see
+/// [`Transport::watch_release_request`]), a thread of the engine gives it back: requests are
+/// refused from then on, backlogged ones fail (Promoted first), those on the device get
+/// [`DeviceOptions::release_drain`] to finish and fail after it, the device is stopped and its
+/// DMA memory unmapped, and the transport releases it. Every later call fails with
+/// [`DeviceError::Released`] and touches nothing of the device.
 pub struct VirtioCrypto {
     core: Arc<Core>,
     threads: Vec<JoinHandle<()>>,
-    recovery: Option<JoinHandle<()>>,
+    /// Shared with the release listener, which ends it before it stops the device.
+    recovery: Arc<Mutex<Option<JoinHandle<()>>>>,
+    release: Option<release::Listener>,
 }
 
 /// Everything the engine and its recovery thread share.
@@ -330,7 +351,17 @@ impl VirtioCrypto {
             recovery::spawn(core.clone()).map_err(|e| Error::os("spawning the recovery thread", e))?;
         guard.armed = false;
         let threads = std::mem::take(&mut guard.threads);
-        Ok(Self { core, threads, recovery: Some(recovery) })
+        let mut this = Self {
+            core: core.clone(),
+            threads,
+            recovery: Arc::new(Mutex::new(Some(recovery))),
+            release: None,
+        };
+        if options.watch_release {
+            // On failure `this` drops, which stops the device and its threads.
+            this.release = release::Listener::spawn(core, this.recovery.clone(), options.release_drain)?;
+        }
+        Ok(this)
     }
 
     /// Whether completions are delivered by the engine's own threads (interrupt mode) rather
@@ -357,6 +388,11 @@ impl VirtioCrypto {
     /// Whether the device is failed right now (awaiting recovery, or given up), and why.
     pub fn failure(&self) -> Option<String> {
         self.core.health.is_failed().then(|| self.core.health.reason())
+    }
+
+    /// Where the device stands in being given back to its owner.
+    pub fn release_state(&self) -> ReleaseState {
+        self.core.health.release_state()
     }
 
     /// Whether the device was given up: it failed too often, or would not stop. It is not
@@ -430,7 +466,12 @@ impl Core {
         if self.health.is_failed() && !self.health.wait_working(RECOVERY_WAIT) {
             return Err(self.health.error());
         }
-        Ok(self.control())
+        let ctl = self.control();
+        // Under the lock: a release stops the device while it holds it.
+        if self.health.is_leaving() {
+            return Err(self.health.error());
+        }
+        Ok(ctl)
     }
 
     /// A control request failed in a way that leaves the queue waiting for a reset: the device
@@ -548,6 +589,9 @@ impl Engine for VirtioCrypto {
     }
 
     fn alloc_buffer(&self, len: usize) -> Result<Buf> {
+        if self.core.health.is_leaving() {
+            return Err(self.core.health.error());
+        }
         Ok(Buf::Dma(self.core.pool.alloc(len)?))
     }
 }
@@ -557,8 +601,13 @@ impl Drop for VirtioCrypto {
         // Stop the device (the failure path resets it) before anything it may touch goes away,
         // and the recovery thread with it; then hand every request back.
         let core = &self.core;
+        // A release under way finishes first; the device is then stopped already.
+        if let Some(mut l) = self.release.take() {
+            l.stop();
+        }
         core.health.close();
-        if let Some(t) = self.recovery.take() {
+        let recovery = self.recovery.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = recovery {
             let _ = t.join();
         }
         // A recovery that finished meanwhile left the device running: stop it again.
@@ -570,6 +619,9 @@ impl Drop for VirtioCrypto {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let _ = core.pci.transport().disable_msix();
+        // A device given back is not ours to touch.
+        if !core.health.is_released() {
+            let _ = core.pci.transport().disable_msix();
+        }
     }
 }

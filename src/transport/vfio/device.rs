@@ -5,8 +5,16 @@
 //! descriptor, reads every region's and interrupt's description, and sets interrupts. Opening
 //! errors are turned here into ones that say what to do; the reset is our own request (see
 //! `abi.rs`) because the crate's drops its result.
+//!
+//! `vfio-ioctls` reads the function's sysfs directory again when the device is dropped (its
+//! `iommu_group` link) and panics if it cannot. After a hot-unplug the kernel removes that
+//! directory as soon as the last descriptor closes, which is the step just before; so the crate
+//! is given a private stand-in ([`DevicePath`]) that lives exactly as long as the device.
 
 use std::io;
+use std::ops::Deref;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
@@ -26,16 +34,94 @@ use crate::pci_sysfs::{Bdf, Sysfs};
 /// Smallest config space of a PCI function.
 const CONFIG_MIN: u64 = 256;
 
+/// An open VFIO device, with the path `vfio-ioctls` was given for it; the device drops first.
+pub(super) struct Device {
+    device: vfio_ioctls::VfioDevice,
+    path: Option<DevicePath>,
+}
+
+impl Device {
+    /// Whether `vfio-ioctls` was given the private stand-in of the function's sysfs directory:
+    /// only then may the device be dropped after the kernel removed the function.
+    pub(super) fn has_private_path(&self) -> bool {
+        self.path.is_some()
+    }
+}
+
+impl Deref for Device {
+    type Target = vfio_ioctls::VfioDevice;
+    fn deref(&self) -> &vfio_ioctls::VfioDevice {
+        &self.device
+    }
+}
+
+/// A private directory named after the function, holding an `iommu_group` link to its group:
+/// all `vfio-ioctls` reads of the function's sysfs directory (the group number, and the
+/// directory's name as the device name), in a place the kernel does not remove.
+pub(super) struct DevicePath {
+    root: PathBuf,
+    dir: PathBuf,
+}
+
+impl DevicePath {
+    /// Creates the stand-in for `bdf` (of IOMMU group `group`) in the temporary directory.
+    fn new(bdf: &Bdf, group: u32) -> io::Result<Self> {
+        Self::new_in(&std::env::temp_dir(), bdf, group)
+    }
+
+    /// Creates the stand-in in `tmp`, under a random name created exclusively: a name derived
+    /// from the PID alone could be a directory left by a crashed run, or one someone else made
+    /// there first (the temporary directory is shared).
+    fn new_in(tmp: &Path, bdf: &Bdf, group: u32) -> io::Result<Self> {
+        const TRIES: usize = 16;
+        let mut tries = 0;
+        let root = loop {
+            let root = tmp.join(format!("crypt-vfio-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+            // DirBuilder::create fails on an existing name, so the directory is ours alone.
+            match std::fs::DirBuilder::new().mode(0o700).create(&root) {
+                Ok(()) => break root,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries + 1 < TRIES => tries += 1,
+                Err(e) => return Err(e),
+            }
+        };
+        let this = Self { dir: root.join(bdf.to_string()), root };
+        std::fs::create_dir(&this.dir)?;
+        std::os::unix::fs::symlink(
+            format!("/sys/kernel/iommu_groups/{group}"),
+            this.dir.join("iommu_group"),
+        )?;
+        Ok(this)
+    }
+
+    /// The directory to give `vfio-ioctls` in place of the function's sysfs directory.
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for DevicePath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
 /// Opens the VFIO device of `bdf` in `container` (joining its group to the container unless
 /// another function of the group is already open there).
-pub(super) fn open(
-    sysfs: &Sysfs,
-    container: &VfioContainer,
-    bdf: &Bdf,
-    group: u32,
-) -> Result<Arc<vfio_ioctls::VfioDevice>> {
+pub(super) fn open(sysfs: &Sysfs, container: &VfioContainer, bdf: &Bdf, group: u32) -> Result<Arc<Device>> {
     let ops: Arc<dyn VfioOps> = container.ops();
-    let device = vfio_ioctls::VfioDevice::new(&sysfs.device_path(bdf), ops, false)
+    // Without the stand-in, vfio-ioctls panics when it drops a device the kernel removed: such
+    // a device works, but is not given back on request (see `has_private_path`).
+    let path = DevicePath::new(bdf, group)
+        .map_err(|e| {
+            log::warn!(
+                "{bdf}: cannot make a private device path in {} ({e}); vfio-ioctls reads sysfs, and \
+                 the function will not be given back on an unbind or unplug request",
+                std::env::temp_dir().display()
+            )
+        })
+        .ok();
+    let sysfs_path = sysfs.device_path(bdf);
+    let device = vfio_ioctls::VfioDevice::new(path.as_ref().map_or(&sysfs_path, |p| p.path()), ops, false)
         .map_err(|e| open_error(sysfs, bdf, group, e))?;
     // vfio-ioctls keeps the regions it could describe in a list and reaches them by position, so
     // one that failed would shift the config region's place: check that index 7 is config space.
@@ -48,7 +134,7 @@ pub(super) fn open(
             device.get_region_size(config)
         ))));
     }
-    Ok(Arc::new(device))
+    Ok(Arc::new(Device { device, path }))
 }
 
 /// What to tell the user when a function's group or device cannot be opened.
@@ -172,7 +258,39 @@ pub(super) fn reset(device: &vfio_ioctls::VfioDevice) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory left by a crashed run (same PID after a reboot, or a PID reused) has the
+    /// name this run would pick: the stand-in is still made, elsewhere, and links to the group.
+    #[test]
+    fn a_stale_directory_of_the_same_name_does_not_stop_the_stand_in() {
+        let tmp = tempfile::tempdir().unwrap();
+        for n in 0..256 {
+            std::fs::create_dir(tmp.path().join(format!("crypt-vfio-{}-{n}", std::process::id()))).unwrap();
+        }
+        let bdf: Bdf = "0000:00:03.0".parse().unwrap();
+        let path = DevicePath::new_in(tmp.path(), &bdf, 7).expect("a stand-in despite the stale directories");
+        assert!(path.path().ends_with("0000:00:03.0"));
+        let link = std::fs::read_link(path.path().join("iommu_group")).unwrap();
+        assert_eq!(link, Path::new("/sys/kernel/iommu_groups/7"));
+        let root = path.root.clone();
+        drop(path);
+        assert!(!root.exists(), "the stand-in outlived its device");
+    }
     use crate::pci_sysfs::tests::FakeSysfs;
+
+    /// What vfio-ioctls reads of a function's directory, from the stand-in: the group number
+    /// (the link's last component) and the device name (the directory's); gone after the drop.
+    #[test]
+    fn the_private_device_path_says_what_sysfs_says_and_goes_with_the_device() {
+        let bdf: Bdf = "0000:02:00.0".parse().unwrap();
+        let p = DevicePath::new(&bdf, 6).unwrap();
+        assert_eq!(p.path().file_name().unwrap(), "0000:02:00.0");
+        let link = std::fs::read_link(p.path().join("iommu_group")).unwrap();
+        assert_eq!(link.file_name().unwrap(), "6");
+        let root = p.root.clone();
+        drop(p);
+        assert!(!root.exists(), "{} left behind", root.display());
+    }
 
     #[test]
     fn group_errors_name_the_blockers_and_what_to_do() {

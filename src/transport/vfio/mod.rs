@@ -13,6 +13,12 @@
 //! (`region.rs`), the IOMMU's valid IOVA ranges and their division between the functions of one
 //! container (`container.rs`), and a reset that reports failure (`device.rs`, `abi.rs`).
 //!
+//! When vfio-pci wants the function back (an unbind, a hot-unplug) it signals the device request
+//! interrupt, which [`Transport::watch_release_request`] routes to an eventfd, and waits until
+//! every descriptor of the function is closed; [`Transport::release`] then stops the function,
+//! revokes its BAR mappings (stale readers see all ones) and closes its descriptor, which also
+//! takes its group out of the container when it was the group's last open function.
+//!
 //! Several functions can share one container ([`VfioTransport::open_in`]), from one IOMMU group
 //! or several: each gets its own IOVA window, and each can be closed while the others go on.
 //!
@@ -28,13 +34,15 @@ mod region;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crypt_vfio_spec::pci::{cfg, COMMAND_BUS_MASTER, COMMAND_MEMORY};
-use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX};
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
+};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Bar, EventNotifier, Transport};
+use super::{released_error, Bar, EventNotifier, Transport};
 use crate::dma::DmaRegion;
 use crate::error::{Error, Result, VfioError};
 use crate::pci_sysfs::{Bdf, Sysfs};
@@ -47,7 +55,10 @@ const BARS: usize = 6;
 /// A PCI function bound to vfio-pci.
 pub struct VfioTransport {
     bdf: Bdf,
-    device: Arc<vfio_ioctls::VfioDevice>,
+    /// The device descriptor; `None` once the function was given back (`release`).
+    device: RwLock<Option<Arc<device::Device>>>,
+    /// Whether the device request interrupt is routed (to disable it before the release).
+    req_enabled: AtomicBool,
     container: Arc<VfioContainer>,
     config: RegionInfo,
     bars: Mutex<[Option<Arc<VfioBar>>; BARS]>,
@@ -111,7 +122,8 @@ impl VfioTransport {
         let msix = u16::try_from(device::irq_count(&device, VFIO_PCI_MSIX_IRQ_INDEX)).unwrap_or(u16::MAX);
         let t = Self {
             bdf: *bdf,
-            device,
+            device: RwLock::new(Some(device)),
+            req_enabled: AtomicBool::new(false),
             container: container.clone(),
             config,
             bars: Mutex::default(),
@@ -146,6 +158,16 @@ impl VfioTransport {
     /// The container the function was opened in, to open more functions beside it.
     pub fn container(&self) -> &Arc<VfioContainer> {
         &self.container
+    }
+
+    /// The device descriptor, or the error of a function given back.
+    fn device(&self) -> Result<Arc<device::Device>> {
+        let d = self.device.read().unwrap_or_else(|e| e.into_inner());
+        d.clone().ok_or_else(|| released_error(&self.bdf.to_string()))
+    }
+
+    fn released(&self) -> bool {
+        self.device.read().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 
     fn dma(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<DmaRegion>>> {
@@ -186,15 +208,17 @@ impl Transport for VfioTransport {
     fn read_config(&self, offset: u16, data: &mut [u8]) -> Result<()> {
         self.config_access(offset, data.len())?;
         // vfio-ioctls logs a failed read and leaves the buffer alone: all ones is then what the
-        // caller sees, as from a function that no longer answers.
+        // caller sees, as from a function that no longer answers (or was given back).
         data.fill(0xff);
-        self.device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, data, u64::from(offset));
+        if let Ok(device) = self.device() {
+            device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, data, u64::from(offset));
+        }
         Ok(())
     }
 
     fn write_config(&self, offset: u16, data: &[u8]) -> Result<()> {
         self.config_access(offset, data.len())?;
-        self.device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, data, u64::from(offset));
+        self.device()?.region_write(VFIO_PCI_CONFIG_REGION_INDEX, data, u64::from(offset));
         Ok(())
     }
 
@@ -207,14 +231,15 @@ impl Transport for VfioTransport {
         if let Some(b) = &bars[i] {
             return Ok(b.clone());
         }
-        let info = device::region(&self.device, u32::from(index));
+        let device = self.device()?;
+        let info = device::region(&device, u32::from(index));
         if info.size == 0 {
             return Err(Error::Vfio(VfioError::Transport(format!(
                 "{}: BAR {index} is not implemented",
                 self.bdf
             ))));
         }
-        let bar = Arc::new(VfioBar::new(self.device.clone(), info)?);
+        let bar = Arc::new(VfioBar::new(device, info)?);
         if !bar.is_mapped() {
             log::info!("{}: BAR {index} is not mmappable; register accesses go through the kernel", self.bdf);
         }
@@ -244,6 +269,11 @@ impl Transport for VfioTransport {
             ))));
         }
         let mut dma = self.dma();
+        // Under the DMA lock: release() takes the device before it empties the map, so a
+        // mapping made here is either refused or unmapped by it.
+        if self.released() {
+            return Err(released_error(&self.bdf.to_string()));
+        }
         if dma
             .range(..iova.saturating_add(len))
             .next_back()
@@ -263,6 +293,9 @@ impl Transport for VfioTransport {
 
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<()> {
         let mut dma = self.dma();
+        if self.released() {
+            return Err(released_error(&self.bdf.to_string()));
+        }
         match dma.get(&iova) {
             Some(r) if r.len() as u64 == len => {}
             _ => {
@@ -300,22 +333,23 @@ impl Transport for VfioTransport {
         let mut spare = unrouted.iter();
         let fds: Vec<&EventFd> =
             notifiers.iter().filter_map(|n| n.map(|n| n.event_fd()).or_else(|| spare.next())).collect();
-        device::set_irq_eventfds(&self.device, VFIO_PCI_MSIX_IRQ_INDEX, fds)?;
+        device::set_irq_eventfds(&*self.device()?, VFIO_PCI_MSIX_IRQ_INDEX, fds)?;
         self.msix_enabled.store(true, Ordering::Release);
         Ok(())
     }
 
     fn disable_msix(&self) -> Result<()> {
+        let device = self.device()?;
         if !self.msix_enabled.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        device::disable_irq(&self.device, VFIO_PCI_MSIX_IRQ_INDEX)?;
+        device::disable_irq(&device, VFIO_PCI_MSIX_IRQ_INDEX)?;
         self.msix_unrouted.lock().unwrap_or_else(|e| e.into_inner()).clear();
         Ok(())
     }
 
     fn reset(&self) -> Result<()> {
-        if !device::reset(&self.device)? {
+        if !device::reset(&*self.device()?)? {
             log::debug!(
                 "{}: the kernel cannot reset this function; relying on the virtio status reset",
                 self.bdf
@@ -323,22 +357,98 @@ impl Transport for VfioTransport {
         }
         Ok(())
     }
+
+    fn watch_release_request(&self, notifier: &EventNotifier) -> Result<bool> {
+        let device = self.device()?;
+        // Kernels before 4.0 have no device request interrupt; vfio-pci then waits for the
+        // process to close the function by itself.
+        if device::irq_count(&device, VFIO_PCI_REQ_IRQ_INDEX) < 1 {
+            return Ok(false);
+        }
+        // Giving the device back drops it while the kernel removes the function; vfio-ioctls
+        // would then panic reading the function's vanished sysfs directory.
+        if !device.has_private_path() {
+            log::warn!("{}: no private device path; not answering release requests", self.bdf);
+            return Ok(false);
+        }
+        device::set_irq_eventfds(&device, VFIO_PCI_REQ_IRQ_INDEX, vec![notifier.event_fd()])?;
+        self.req_enabled.store(true, Ordering::Release);
+        Ok(true)
+    }
+
+    fn release(&self) -> Result<()> {
+        if self.released() {
+            return Ok(());
+        }
+        let bdf = self.bdf;
+        self.unwatch_release_request();
+        // While the kernel removes the function it holds its lock, and vfio-pci's reset then
+        // answers EAGAIN: the virtio reset and bus mastering off have to do.
+        self.quiesce(true);
+        // From here on the transport is released: every later call fails or reads all ones,
+        // and what checks `device` under the DMA or BAR lock adds nothing after the steps below.
+        let Some(last) = self.device.write().unwrap_or_else(|e| e.into_inner()).take() else { return Ok(()) };
+        let all_unmapped = self.unmap_all();
+        // Stale readers of a BAR see all ones from now on, and no mapping holds the device
+        // file open any more. A BAR mapped by bar() before `device` was taken is in the list
+        // by now (bar() holds the list's lock while it maps).
+        for bar in self.bars.lock().unwrap_or_else(|e| e.into_inner()).iter().flatten() {
+            bar.revoke(&bdf.to_string());
+        }
+        // The last reference: vfio-ioctls closes the descriptor and, if this was the group's
+        // last open function, takes the group out of the container. (Linux 6.1 and later do
+        // that themselves once the removed function's last descriptor closes, and may be first:
+        // vfio-ioctls then logs "Could not unbind VFIO group", EINVAL, which is harmless.)
+        if Arc::strong_count(&last) > 1 {
+            log::warn!("{bdf}: the device descriptor is still held elsewhere; the kernel waits for it");
+        }
+        drop(last);
+        if all_unmapped {
+            self.container.release_window(&self.window);
+        }
+        log::info!("{bdf}: given back to the kernel");
+        Ok(())
+    }
+
+    fn unwatch_release_request(&self) {
+        if !self.req_enabled.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        if let Ok(device) = self.device() {
+            if let Err(e) = device::disable_irq(&device, VFIO_PCI_REQ_IRQ_INDEX) {
+                log::warn!("{}: disabling the device request interrupt: {e}", self.bdf);
+            }
+        }
+    }
 }
 
-impl Drop for VfioTransport {
-    fn drop(&mut self) {
+impl VfioTransport {
+    /// Stops the function before any of its DMA memory is unmapped: MSI-X off, a function-level
+    /// reset, bus mastering off (the driver stopped the function already; these make sure of
+    /// it). `releasing`: the kernel may be removing the function, when the reset's EAGAIN is
+    /// expected.
+    fn quiesce(&self, releasing: bool) {
+        let bdf = self.bdf;
         if let Err(e) = self.disable_msix() {
-            log::warn!("{}: disabling MSI-X: {e}", self.bdf);
+            log::warn!("{bdf}: disabling MSI-X: {e}");
         }
-        // Stop the function before its DMA memory is unmapped and freed.
-        if let Err(e) = self.reset() {
-            log::warn!("{}: reset on close: {e}", self.bdf);
+        match self.reset() {
+            Err(Error::Os { source, .. }) if releasing && source.raw_os_error() == Some(libc::EAGAIN) => {
+                log::info!("{bdf}: no function-level reset on release: the kernel holds the function")
+            }
+            Err(e) => log::warn!("{bdf}: reset on {}: {e}", if releasing { "release" } else { "close" }),
+            Ok(()) => {}
         }
         let mut cmd = [0u8; 2];
         if self.read_config(cfg::COMMAND, &mut cmd).is_ok() {
             let cmd = u16::from_le_bytes(cmd) & !COMMAND_BUS_MASTER;
             let _ = self.write_config(cfg::COMMAND, &cmd.to_le_bytes());
         }
+    }
+
+    /// Unmaps every live DMA mapping (the memory is kept where the unmap fails: the device may
+    /// still reach it). Returns whether all went.
+    fn unmap_all(&self) -> bool {
         let dma = std::mem::take(&mut *self.dma());
         let mut all_unmapped = true;
         for (iova, region) in dma {
@@ -349,7 +459,19 @@ impl Drop for VfioTransport {
                 all_unmapped = false;
             }
         }
-        if all_unmapped {
+        all_unmapped
+    }
+}
+
+impl Drop for VfioTransport {
+    fn drop(&mut self) {
+        if self.released() {
+            // Given back already: stopped, unmapped, its window returned.
+            return;
+        }
+        self.unwatch_release_request();
+        self.quiesce(false);
+        if self.unmap_all() {
             self.container.release_window(&self.window);
         }
     }
@@ -437,5 +559,48 @@ mod guest_tests {
         assert_eq!(back.window, windows[0], "the released window is the first free one");
         let back = VirtioCrypto::open(Arc::new(back), &DeviceOptions::default()).unwrap();
         matches_software(&back, 0x80);
+    }
+
+    #[test]
+    #[ignore = "needs virtio-crypto functions bound to vfio-pci: run by tools/vfio-guest-test.sh"]
+    fn a_function_the_kernel_takes_back_is_given_back_while_its_neighbour_goes_on() {
+        use crate::virtio_crypto::ReleaseState;
+        let _ = env_logger::builder().is_test(true).filter_level(log::LevelFilter::Info).try_init();
+        let bdfs = functions();
+        assert!(bdfs.len() >= 2, "two functions are needed, got {bdfs:?}");
+        let container = VfioContainer::open().unwrap();
+        let devices: Vec<VirtioCrypto> = bdfs[..2]
+            .iter()
+            .map(|b| {
+                let t = VfioTransport::open_in(&container, b).unwrap();
+                VirtioCrypto::open(Arc::new(t), &DeviceOptions::default()).unwrap()
+            })
+            .collect();
+        matches_software(&devices[0], 1);
+        // The kernel wants the first one back: the unbind blocks until crypt-vfio gives it back
+        // (the kernel asks again only after 10 s).
+        let unbind = format!("/sys/bus/pci/devices/{}/driver/unbind", bdfs[0]);
+        let bdf = bdfs[0].to_string();
+        let start = std::time::Instant::now();
+        let unbinding = std::thread::spawn(move || std::fs::write(unbind, bdf));
+        unbinding.join().unwrap().expect("the unbind");
+        let took = start.elapsed();
+        assert!(took < std::time::Duration::from_secs(10), "the kernel waited {took:?} for the function");
+        // The kernel goes on as soon as the descriptor closes, a moment before the engine
+        // records the release.
+        while devices[0].release_state() != ReleaseState::Released {
+            assert!(start.elapsed() < std::time::Duration::from_secs(30), "{:?}", devices[0].release_state());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(container.windows().len(), 1, "the released function's IOVA window went back");
+        // Its neighbour in the container goes on.
+        matches_software(&devices[1], 2);
+        // Given back for good: bound again, it opens afresh in a new container while the old
+        // one lives on.
+        std::fs::write("/sys/bus/pci/drivers_probe", bdfs[0].to_string()).unwrap();
+        let back = VfioTransport::open(&bdfs[0]).expect("the released group opens again");
+        let back = VirtioCrypto::open(Arc::new(back), &DeviceOptions::default()).unwrap();
+        matches_software(&back, 3);
+        matches_software(&devices[1], 4);
     }
 }
