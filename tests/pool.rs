@@ -611,3 +611,137 @@ fn software_completions_reach_a_caller_that_does_not_poll() {
         Err(_) => panic!("the completion never arrived without a poll"),
     }
 }
+
+/// Waits up to `limit` for the completion of request `id` in `inbox`, polling `q`.
+fn completion_of(
+    q: &mut Box<dyn crypt_vfio::engine::Queue<AnySession>>,
+    inbox: &Arc<Mutex<Vec<Ev>>>,
+    id: u64,
+    limit: Duration,
+) -> Option<crypt_vfio::Result<Vec<u8>>> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        q.poll();
+        for ev in std::mem::take(&mut *inbox.lock().unwrap()) {
+            if let Event::Completed(c) = ev {
+                if c.request.user_data == id {
+                    return Some(c.result.map(|()| c.request.data.as_slice().to_vec()));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+fn open(
+    engine: &AnyEngine,
+    index: usize,
+) -> (Box<dyn crypt_vfio::engine::Queue<AnySession>>, Arc<Mutex<Vec<Ev>>>) {
+    let inbox: Arc<Mutex<Vec<Ev>>> = Arc::default();
+    let i = inbox.clone();
+    let q = engine.open_queue(index, Arc::new(move |ev| i.lock().unwrap().push(ev))).unwrap();
+    (q, inbox)
+}
+
+/// A member given back to its owner never rejoins, and counts as gone: once every member was
+/// released a request fails at once (not after the member wait) with `NoMemberLeft` saying
+/// "released", and destroying a session made before is not an error.
+#[test]
+fn released_members_are_gone_at_once() {
+    let p = pool(
+        2,
+        false,
+        device_options(CompletionMode::Poll, Duration::from_secs(5), 3),
+        PoolOptions { member_wait: PATIENCE, ..Default::default() },
+    );
+    let session = p.engine.create_session(Mode::Ctr, &KEY).unwrap();
+    for t in &p.transports {
+        t.request_release();
+    }
+    for name in ["emulated#0", "emulated#1"] {
+        let start = Instant::now();
+        while p.pool().members().find(|(n, _)| *n == name).unwrap().1.device().unwrap().release_state()
+            != crypt_vfio::virtio_crypto::ReleaseState::Released
+        {
+            assert!(start.elapsed() < PATIENCE, "{name} was never released");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let (mut q, inbox) = open(&p.engine, 0);
+    let result = match q.submit(request(&session, 7), true) {
+        Err(e) => match e.kind {
+            SubmitErrorKind::Rejected(e) => Err(e),
+            SubmitErrorKind::Busy => panic!("busy"),
+        },
+        Ok(_) => completion_of(&mut q, &inbox, 7, Duration::from_secs(10))
+            .expect("a request waited for released members to come back"),
+    };
+    match result {
+        Err(e @ Error::Device(DeviceError::NoMemberLeft(_))) => {
+            let text = e.to_string();
+            assert!(text.matches("released").count() >= 2, "{text}");
+        }
+        other => panic!("expected NoMemberLeft, got {other:?}"),
+    }
+    p.engine.destroy_session(&session).expect("destroying a session of released members");
+}
+
+/// A session destroyed while its requests wait in a pool queue's backlog: they fail (Promoted
+/// first), and the requests of other sessions behind them run.
+#[test]
+fn requests_of_a_destroyed_session_do_not_block_the_queue() {
+    let config = EmulatedConfig { data_queues: 1, latency: Duration::from_millis(100), ..Default::default() };
+    let (dev, _t) = common::device_with(config, &device_options(CompletionMode::Poll, PATIENCE, 3));
+    let engine = AnyEngine::Pool(
+        PoolEngine::new(vec![("emulated#0".into(), AnyEngine::Device(dev))], PoolOptions::default()).unwrap(),
+    );
+    let a = engine.create_session(Mode::Ctr, &KEY).unwrap();
+    let b = engine.create_session(Mode::Ctr, &KEY).unwrap();
+    let checker = Arc::new(ContractChecker::new());
+    let inbox: Arc<Mutex<Vec<Ev>>> = Arc::default();
+    let (c, i) = (checker.clone(), inbox.clone());
+    let mut q = engine
+        .open_queue(
+            0,
+            Arc::new(move |ev| {
+                c.event(&ev);
+                i.lock().unwrap().push(ev);
+            }),
+        )
+        .unwrap();
+    // 8 slots: b fills them, a waits behind, then b again.
+    for id in 1..=20u64 {
+        let s = if (9..=12).contains(&id) { &a } else { &b };
+        checker.begin_submit(0, id);
+        let r = q.submit(request(s, id), true);
+        checker.submitted(id, &r);
+        r.map_err(|e| e.kind.to_string()).unwrap();
+    }
+    engine.destroy_session(&a).unwrap();
+    let start = Instant::now();
+    let mut results = HashMap::new();
+    while results.len() < 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "only {} of 20 completed: {:?}",
+            results.len(),
+            results.keys()
+        );
+        q.poll();
+        for ev in std::mem::take(&mut *inbox.lock().unwrap()) {
+            if let Event::Completed(c) = ev {
+                results.insert(c.request.user_data, c.result.map(|()| c.request.data.as_slice().to_vec()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    clean(&checker.report());
+    for (id, r) in results {
+        if (9..=12).contains(&id) {
+            assert!(matches!(r, Err(Error::Crypto(crypt_vfio::CryptoError::InvalidSession))), "{id}: {r:?}");
+        } else {
+            assert_eq!(r.expect("ran"), expected(id), "{id}");
+        }
+    }
+}

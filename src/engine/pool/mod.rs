@@ -43,6 +43,9 @@ use monitor::Signal;
 use queue::{PoolQueue, PoolQueueShared};
 use session::{SessionState, Slot};
 
+/// Most members a pool takes (a request's tried members are a bit each of a `u64`).
+pub const MAX_MEMBERS: usize = 64;
+
 /// What a pool member is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemberState {
@@ -52,6 +55,9 @@ pub enum MemberState {
     Down,
     /// It was given up (it failed too often, or would not stop): it never rejoins.
     Lost,
+    /// Its owner (vfio-pci, a hypervisor) asked for it back: it drains or was given back, and
+    /// never rejoins.
+    Released,
 }
 
 impl MemberState {
@@ -59,7 +65,8 @@ impl MemberState {
         match v {
             0 => MemberState::Up,
             1 => MemberState::Down,
-            _ => MemberState::Lost,
+            2 => MemberState::Lost,
+            _ => MemberState::Released,
         }
     }
 }
@@ -70,6 +77,7 @@ impl fmt::Display for MemberState {
             MemberState::Up => "up",
             MemberState::Down => "down",
             MemberState::Lost => "lost",
+            MemberState::Released => "released",
         })
     }
 }
@@ -187,6 +195,11 @@ impl Member {
         self.state.load(Ordering::Acquire) == MemberState::Up as u8
     }
 
+    /// Whether it is gone for good (lost or released): it never runs a request again.
+    pub(crate) fn is_gone(&self) -> bool {
+        matches!(self.state(), MemberState::Lost | MemberState::Released)
+    }
+
     fn set(&self, state: MemberState, why: Option<String>) {
         if state == MemberState::Up {
             self.requests_at_rejoin.store(self.requests.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -213,6 +226,9 @@ impl Member {
                 since.elapsed().as_secs_f64()
             ),
             (MemberState::Lost, Some((_, why))) => why,
+            (MemberState::Released, Some((since, why))) => {
+                format!("released {:.1} s ago ({why})", since.elapsed().as_secs_f64())
+            }
             (state, None) => state.to_string(),
         };
         MemberFate { member: self.name.clone(), fate }
@@ -270,8 +286,15 @@ impl Shared {
     /// device fails under may be what breaks them, so it is not run forever; but a device may
     /// fail a few times (three by default) before it is given up, for reasons of its own, and a
     /// request that met those failures is not to blame.
+    ///
+    /// The bound is twice per device, plus one: a device fails under a request it did nothing
+    /// to about as often as a device fails at all, and twice is below the default failure
+    /// budget (three in a minute), so a request that breaks every device it touches cannot by
+    /// itself make the pool give a device up; the extra attempt lets a request meet one
+    /// failure of each device while the others recover. The software member never fails
+    /// under a request, so it always ends the count.
     pub(crate) fn max_attempts(&self) -> u32 {
-        3 * self.members.len() as u32 + 2
+        2 * self.devices.len() as u32 + 1
     }
 
     fn live_sessions(&self) -> Vec<Arc<SessionState>> {
@@ -307,6 +330,9 @@ impl PoolEngine {
         }
         if members.iter().any(|(_, e)| matches!(e, AnyEngine::Pool(_))) {
             return Err(invalid("a pool cannot be a member of a pool".into()));
+        }
+        if members.len() > MAX_MEMBERS {
+            return Err(invalid(format!("{} members; at most {MAX_MEMBERS}", members.len())));
         }
         if members.iter().filter(|(_, e)| matches!(e, AnyEngine::Software(_))).count() > 1 {
             return Err(invalid("at most one member may be the software engine".into()));
@@ -446,7 +472,8 @@ impl Engine for PoolEngine {
     }
 
     fn create_session(&self, mode: Mode, key: &[u8]) -> Result<PoolSession> {
-        // The checks every member makes, so that a bad key gets the same error as from one engine.
+        // The checks every member makes, so that a bad key gets the same error as from one
+        // engine even when no member is up to make them.
         let expected = mode.key_lengths();
         if !expected.contains(&key.len()) {
             return Err(Error::Crypto(CryptoError::KeyLength { mode, len: key.len(), expected }));
@@ -460,17 +487,22 @@ impl Engine for PoolEngine {
         // Registered first: a member that rejoins meanwhile gets the session from the monitor.
         self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&state));
         let mut first_error = None;
-        let mut held = 0;
         for (m, engine) in self.engines.iter().enumerate() {
             if !self.shared.members[m].is_up() {
                 continue;
             }
-            let slot = create_on(&self.shared, m, engine, mode, key, &mut first_error);
-            held += usize::from(matches!(slot, Slot::Have(_)));
-            state.slots_mut()[m] = slot;
+            let slot = create_on(&self.shared, m, engine, mode, key, &mut first_error, false);
+            // The monitor may have filled the slot meanwhile (the member rejoined): one wins.
+            if let Some(loser) = state.fill(m, slot) {
+                let _ = engine.destroy_session(&loser);
+            }
         }
+        let held = state.slots().iter().filter(|s| matches!(s, Slot::Have(_))).count();
+        // A member that rejoined while this ran may have missed the session: the monitor
+        // fills it.
+        self.shared.signal.wake();
         if held == 0 {
-            state.destroyed.store(true, Ordering::Release);
+            let _ = self.destroy_session(&PoolSession { pool: self.shared.id, state: state.clone() });
             return Err(first_error.unwrap_or_else(|| self.shared.no_member_left()));
         }
         Ok(PoolSession { pool: self.shared.id, state })
@@ -484,9 +516,16 @@ impl Engine for PoolEngine {
         let slots: Vec<Slot> =
             std::mem::replace(&mut *session.state.slots_mut(), vec![Slot::Unsupported; self.engines.len()]);
         let mut result = Ok(());
-        for (engine, slot) in self.engines.iter().zip(slots) {
+        for ((engine, slot), member) in self.engines.iter().zip(slots).zip(&self.shared.members) {
             if let Slot::Have(s) = slot {
+                if member.state() == MemberState::Released {
+                    // Given back: the device holds nothing any more.
+                    continue;
+                }
                 if let Err(e) = engine.destroy_session(&s) {
+                    if matches!(e, Error::Device(DeviceError::Released(_))) {
+                        continue;
+                    }
                     if result.is_ok() {
                         result = Err(e);
                     }
@@ -547,7 +586,11 @@ impl Engine for PoolEngine {
     }
 }
 
-/// Creates the session on member `m`: its slot, and the first error worth reporting.
+/// Creates the session on member `m`: its slot, and the first error worth reporting. Only a
+/// device loss leaves the slot Missing for good (created when the member is back); a member
+/// that refuses the mode or key gets Unsupported; another error (a transient status, no room)
+/// leaves it Missing for one more try by the monitor, which passes `last_try` and then marks
+/// it Unsupported, so that no session keeps a member out of the pool.
 fn create_on(
     shared: &Shared,
     m: usize,
@@ -555,6 +598,7 @@ fn create_on(
     mode: Mode,
     key: &[u8],
     first_error: &mut Option<Error>,
+    last_try: bool,
 ) -> Slot {
     match engine.create_session(mode, key) {
         Ok(s) => Slot::Have(s),
@@ -567,9 +611,15 @@ fn create_on(
                 Error::Crypto(
                     CryptoError::NotSupported(_)
                     | CryptoError::KeyRejected(_)
-                    | CryptoError::KeyLength { .. }
-                    | CryptoError::Status(_),
+                    | CryptoError::KeyLength { .. },
                 ) => Slot::Unsupported,
+                _ if last_try => {
+                    log::warn!(
+                        "pool member {}: no {mode} session ({e}); it runs none of that session's requests",
+                        shared.members[m].name
+                    );
+                    Slot::Unsupported
+                }
                 _ => Slot::Missing,
             };
             log::debug!("pool member {}: no {mode} session: {e}", shared.members[m].name);

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use super::queue::PoolQueueShared;
 use super::session::Slot;
 use super::{create_on, MemberState, Shared};
-use crate::engine::AnyEngine;
+use crate::engine::{AnyEngine, Engine};
+use crate::virtio_crypto::ReleaseState;
 
 /// How often the monitor looks while a member is down (a device's recovery does not always
 /// end with an observer call the monitor can act on at once, e.g. sessions still missing).
@@ -70,15 +71,27 @@ pub(crate) fn spawn(
 fn run(shared: &Shared, engines: &[AnyEngine], queues: &[Arc<PoolQueueShared>]) {
     let mut none_up_since: Option<Instant> = None;
     loop {
-        let all_up = shared.members.iter().all(|m| m.is_up());
-        if !shared.signal.wait(if all_up { IDLE_POLL } else { DOWN_POLL }) {
+        // Only a member that may come back is worth a quick look.
+        let settled = shared.members.iter().all(|m| m.state() != MemberState::Down);
+        if !shared.signal.wait(if settled { IDLE_POLL } else { DOWN_POLL }) {
             return;
         }
         for (m, engine) in engines.iter().enumerate() {
             let Some(device) = engine.device() else { continue };
             let member = &shared.members[m];
             let state = member.state();
-            if device.gave_up() {
+            if state == MemberState::Released {
+                continue;
+            }
+            if device.release_state() != ReleaseState::Held {
+                // Its owner wants it back: whatever it still drains comes back NotRun and runs
+                // elsewhere; it never rejoins.
+                log::warn!(
+                    "pool member {} is being given back to its owner; it leaves the pool",
+                    member.name
+                );
+                member.set(MemberState::Released, Some("its owner asked for it back".into()));
+            } else if device.gave_up() {
                 if state != MemberState::Lost {
                     let why = device.failure().unwrap_or_else(|| "given up".into());
                     log::error!("pool member {} is lost: {why}", member.name);
@@ -88,9 +101,14 @@ fn run(shared: &Shared, engines: &[AnyEngine], queues: &[Arc<PoolQueueShared>]) 
                 if state == MemberState::Up {
                     shared.member_down(m, &why);
                 }
-            } else if state == MemberState::Down && rejoin(shared, m, engine) {
+            } else if state == MemberState::Down && fill_missing(shared, m, engine) {
                 log::warn!("pool member {} rejoined", member.name);
                 member.set(MemberState::Up, None);
+                // A session created while it was down, after the look above, skipped it.
+                fill_missing(shared, m, engine);
+            } else if state == MemberState::Up {
+                // A session whose creation met a transient error on it.
+                fill_missing(shared, m, engine);
             }
         }
         if shared.members.iter().any(|m| m.is_up()) {
@@ -98,8 +116,8 @@ fn run(shared: &Shared, engines: &[AnyEngine], queues: &[Arc<PoolQueueShared>]) 
             shared.dead.store(false, std::sync::atomic::Ordering::Release);
         } else {
             let since = *none_up_since.get_or_insert_with(Instant::now);
-            let all_lost = shared.members.iter().all(|m| m.state() == MemberState::Lost);
-            if (all_lost || since.elapsed() >= shared.options.member_wait) && !shared.is_dead() {
+            let all_gone = shared.members.iter().all(|m| m.is_gone());
+            if (all_gone || since.elapsed() >= shared.options.member_wait) && !shared.is_dead() {
                 let e = shared.no_member_left();
                 log::error!("{e}");
                 shared.dead.store(true, std::sync::atomic::Ordering::Release);
@@ -121,19 +139,22 @@ fn run(shared: &Shared, engines: &[AnyEngine], queues: &[Arc<PoolQueueShared>]) 
     }
 }
 
-/// Creates the sessions member `m` missed while it was down; whether it can rejoin.
-fn rejoin(shared: &Shared, m: usize, engine: &AnyEngine) -> bool {
+/// Creates the sessions member `m` misses (it was down when they were made); whether it can
+/// take requests (false: it failed again meanwhile; the rest is tried once it is back).
+fn fill_missing(shared: &Shared, m: usize, engine: &AnyEngine) -> bool {
     for state in shared.live_sessions() {
         if !matches!(state.slots().get(m), Some(Slot::Missing)) {
             continue;
         }
         let mut ignored = None;
-        let slot = create_on(shared, m, engine, state.mode, &state.key, &mut ignored);
+        let slot = create_on(shared, m, engine, state.mode, &state.key, &mut ignored, true);
         if matches!(slot, Slot::Missing) {
-            // The device failed again meanwhile: try once it is back.
             return false;
         }
-        state.slots_mut()[m] = slot;
+        // Destroyed meanwhile, or filled by its creator: the member's session goes.
+        if let Some(loser) = state.fill(m, slot) {
+            let _ = engine.destroy_session(&loser);
+        }
     }
     true
 }

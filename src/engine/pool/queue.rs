@@ -137,9 +137,16 @@ impl PoolQueueShared {
             PoolRing { q: self, tickets, free, handles, staged, deferred: Vec::new(), done: Vec::new() };
         let r = f(backlog, &mut ring, outbox);
         ring.flush();
-        let PoolRing { deferred, done, .. } = ring;
+        let PoolRing { deferred, mut done, .. } = ring;
+        let closing = self.shared.closing.load(Ordering::Acquire);
         for p in deferred {
-            backlog.rerun(p);
+            if closing {
+                // Nobody would run it again: the monitor is gone or going.
+                self.outstanding.fetch_sub(1, Ordering::Relaxed);
+                done.push((p.sink, Event::Completed(Completion { request: p.req, result: Err(closed()) })));
+            } else {
+                backlog.rerun(p);
+            }
         }
         outbox.extend(done);
         r
@@ -307,7 +314,7 @@ impl PoolQueueShared {
             self.shared.max_request_len,
         )?;
         if self.shared.closing.load(Ordering::Acquire) {
-            return Err(Error::Device(DeviceError::Failed("the engine pool was closed".into())));
+            return Err(closed());
         }
         if self.shared.is_dead() {
             return Err(self.shared.no_member_left());
@@ -343,6 +350,16 @@ impl PoolQueueShared {
         // Counted before the request can complete (the software member completes in place).
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
+        // Checked under the lock that closing's `fail_waiting` takes: nothing is let in after.
+        if self.shared.closing.load(Ordering::Acquire) {
+            self.outstanding.fetch_sub(1, Ordering::Relaxed);
+            drop(st);
+            return Err(SubmitError::rejected(p.req, closed()));
+        }
+        if !st.backlog.is_empty() {
+            // Slots another pool queue freed on a shared member queue wake nobody here.
+            self.promote_locked(&mut st);
+        }
         let r = self.with_ring(&mut st, |backlog, ring, _| backlog.submit(p, may_backlog, ring));
         if st.backlog.reruns() > 0 {
             self.promote_locked(&mut st);
@@ -372,6 +389,9 @@ impl PoolQueueShared {
             return out;
         }
         let mut st = self.lock();
+        if !st.backlog.is_empty() {
+            self.promote_locked(&mut st);
+        }
         let mut invalid = None;
         let source = std::iter::from_fn(|| {
             let req = requests.pop_front()?;
@@ -412,6 +432,11 @@ impl PoolQueueShared {
     }
 }
 
+/// The error of a request the pool takes no more.
+fn closed() -> Error {
+    Error::Device(DeviceError::Failed("the engine pool was closed".into()))
+}
+
 /// The request with its caller's session and id back.
 fn with_session<S>(req: Request<S>, session: PoolSession, user_data: u64) -> Request<PoolSession> {
     let Request { direction, iv, aad, data, tag, .. } = req;
@@ -445,6 +470,16 @@ impl backlog::Outbox<Pending> for ToOutbox<'_> {
     }
 }
 
+/// Where a request goes.
+enum Route {
+    /// To this member now.
+    To(usize),
+    /// Nowhere yet: the members that may run it are full or down.
+    Wait,
+    /// Nowhere ever: its session is gone, or every member that could run it is.
+    Never(Error),
+}
+
 /// The members as the pool queue's ring.
 struct PoolRing<'a> {
     q: &'a PoolQueueShared,
@@ -459,19 +494,26 @@ struct PoolRing<'a> {
 }
 
 impl PoolRing<'_> {
-    /// The member `p` should go to now, skipping those in `skip` (a bit per member).
-    fn choose(&self, p: &Pending, skip: u64) -> Option<usize> {
+    /// Where `p` should go now, skipping the members in `skip` (a bit per member).
+    fn choose(&self, p: &Pending, skip: u64) -> Route {
         let shared = &*self.q.shared;
-        let slots = p.req.session.state.slots();
-        let usable = |m: usize| {
-            skip & (1 << m) == 0 && shared.members[m].is_up() && matches!(slots.get(m), Some(Slot::Have(_)))
-        };
-        if let Some(m) = p.pinned.filter(|&m| shared.members[m].is_up()) {
-            return (usable(m) && shared.members[m].credit(self.q.index).is_some_and(|c| c.free() > 0))
-                .then_some(m);
+        if p.req.session.state.is_destroyed() {
+            // Its session went while it waited: as on one device, the request is invalid.
+            return Route::Never(Error::Crypto(CryptoError::InvalidSession));
         }
-        // Pinned to a member that is not up: it runs elsewhere from a copy (see `unpin`).
-        // Join the shortest queue: the device with the largest free fraction, ties to home.
+        let slots = p.req.session.state.slots();
+        let have = |m: usize| matches!(slots.get(m), Some(Slot::Have(_)));
+        let usable = |m: usize| skip & (1 << m) == 0 && shared.members[m].is_up() && have(m);
+        if let Some(m) = p.pinned.filter(|&m| shared.members[m].is_up() && have(m)) {
+            return if usable(m) && shared.members[m].credit(self.q.index).is_some_and(|c| c.free() > 0) {
+                Route::To(m)
+            } else {
+                Route::Wait
+            };
+        }
+        // Pinned to a member that is not up or lacks the session: it runs elsewhere from a copy
+        // (see `unpin`). Join the shortest queue: the device with the largest free fraction,
+        // ties to home.
         let home = shared.devices.get(self.q.index % shared.devices.len().max(1)).copied();
         let mut best: Option<(usize, usize, usize)> = None;
         let mut device_holds = false;
@@ -497,14 +539,27 @@ impl PoolRing<'_> {
             }
         }
         if let Some((m, ..)) = best {
-            return Some(m);
+            return Route::To(m);
         }
         if device_holds {
             // Devices hold the session and are only full: wait for them, keep AES off this thread.
-            return None;
+            return Route::Wait;
         }
         // The software member stands by for when no device can run the request.
-        (0..shared.members.len()).find(|&m| shared.members[m].software && usable(m))
+        if let Some(m) = (0..shared.members.len()).find(|&m| shared.members[m].software && usable(m)) {
+            return Route::To(m);
+        }
+        // Waiting makes sense only for a member that may still run it: one down (its session
+        // there, or created when it is back), or one skipped just now.
+        let may_run = (0..shared.members.len()).any(|m| {
+            let member = &shared.members[m];
+            !member.is_gone() && (have(m) || matches!(slots.get(m), Some(Slot::Missing)))
+        });
+        if may_run {
+            Route::Wait
+        } else {
+            Route::Never(shared.no_member_left())
+        }
     }
 
     /// Submits what was staged for each member, one batch per member. A request a member
@@ -623,13 +678,20 @@ impl Ring<Pending> for PoolRing<'_> {
     }
 
     fn has_space_for(&self, p: &Pending) -> bool {
-        self.choose(p, 0).is_some()
+        // A request no member can ever run "fits": its push fails it (Promoted first when it
+        // was backlogged) rather than letting it block the queue for good.
+        !matches!(self.choose(p, 0), Route::Wait)
     }
 
     fn push(&mut self, mut p: Pending) -> Result<(), (Pending, Error)> {
         let shared = self.q.shared.clone();
         let mut skip = 0u64;
-        while let Some(m) = self.choose(&p, skip) {
+        loop {
+            let m = match self.choose(&p, skip) {
+                Route::To(m) => m,
+                Route::Wait => break,
+                Route::Never(e) => return Err((p, e)),
+            };
             skip |= 1 << m;
             if p.pinned.is_some_and(|pin| pin != m) {
                 unpin(&mut p);

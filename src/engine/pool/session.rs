@@ -52,6 +52,22 @@ impl SessionState {
         self.slots.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Stores `slot` for member `m` if that slot is still Missing and the session is not
+    /// destroyed; otherwise returns the member session that lost (to be destroyed). Checked
+    /// under the write lock that `destroy_session` takes after marking the session destroyed,
+    /// so a member session is either in the slots when they are emptied, or returned here.
+    pub(crate) fn fill(&self, m: usize, slot: Slot) -> Option<AnySession> {
+        let mut slots = self.slots_mut();
+        if !self.is_destroyed() && matches!(slots.get(m), Some(Slot::Missing)) {
+            slots[m] = slot;
+            return None;
+        }
+        match slot {
+            Slot::Have(s) => Some(s),
+            _ => None,
+        }
+    }
+
     pub(crate) fn is_destroyed(&self) -> bool {
         self.destroyed.load(Ordering::Acquire)
     }
