@@ -745,3 +745,48 @@ fn requests_of_a_destroyed_session_do_not_block_the_queue() {
         }
     }
 }
+
+/// A volume over a pool whose devices all fail for good under it: sectors whose member failed
+/// under them cannot run again, and the I/O ends at once with the pool's error, not after the
+/// volume's watchdog (a refused re-run was once never counted, and the op waited for it).
+#[test]
+fn a_volume_whose_reruns_are_refused_ends_with_the_pools_error() {
+    use crypt_vfio::volume::{Volume, VolumeParams};
+    for round in 0..10 {
+        let p = pool(
+            2,
+            false,
+            device_options(CompletionMode::Interrupt, Duration::from_millis(50), 1),
+            PoolOptions { member_wait: PATIENCE, ..Default::default() },
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap();
+        file.set_len(1 << 20).unwrap();
+        let params = VolumeParams::plain("aes-xts-plain64".parse().unwrap());
+        let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(29) ^ 0x5a).collect();
+        let mut volume = Volume::open(Arc::new(p.engine), file, true, &key, params).unwrap();
+        volume.set_watchdog(Duration::from_secs(30));
+        volume.write_at(0, &vec![0x5a; 256 << 10]).unwrap();
+        for t in &p.transports {
+            t.inject(EmulatedFault::NeverAnswer);
+        }
+        let start = Instant::now();
+        let mut back = vec![0u8; 256 << 10];
+        let e = volume.read_at(0, &mut back).expect_err("a read with every device hung");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "round {round}: the read took {:?}: {e}",
+            start.elapsed()
+        );
+        let text = e.to_string();
+        // The first failed sector's error: its member's failure, or every member's fate.
+        assert!(text.contains("emulated#"), "round {round}: {text}");
+    }
+}

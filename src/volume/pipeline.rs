@@ -28,11 +28,13 @@
 //! A volume keeps its lanes in a [`LanePool`], one lane per concurrent I/O.
 //!
 //! On an engine pool, a sector whose device failed while it may have written the sector's
-//! buffer ([`DeviceError::MemberFailed`]) is run again from the op's own data, in a fresh buffer
-//! (from another member): `data` still holds the sector as the caller gave it (the ciphertext
+//! buffer ([`DeviceError::MemberFailed`]) is run again from the op's own data, in another
+//! buffer (the lane's next free one: it may be the failed member's memory too, which the pool
+//! runs elsewhere from a copy while that member is not up): `data` still holds the sector as the caller gave it (the ciphertext
 //! read, the plaintext to write) because a sector is copied back only on success, and an
 //! authenticated sector reuses its stored IV with the same plaintext (the same output, no new
-//! nonce). At most [`SECTOR_TRIES`] runs per sector, under the same watchdog.
+//! nonce). At most [`SECTOR_TRIES`] runs per sector, under the same watchdog; a re-run the
+//! engine refuses ends the op with that error at once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -502,7 +504,7 @@ where
                     match self.request(i) {
                         Ok(r) => r,
                         Err(e) => {
-                            self.fail(i, e);
+                            self.give_up_rerun(i, e);
                             return;
                         }
                     }
@@ -544,7 +546,11 @@ where
                     }
                     SubmitErrorKind::Rejected(err) => {
                         self.lane.free.push(e.request.data);
-                        self.fail(index, err);
+                        if fresh == 0 {
+                            self.give_up_rerun(index, err);
+                        } else {
+                            self.fail(index, err);
+                        }
                         return;
                     }
                 },
@@ -552,11 +558,27 @@ where
         }
     }
 
+    /// Sector `i`, which was to run again, cannot: it is finished, with `error` (the op's
+    /// error unless an earlier sector has one). Counted, or the op would wait for it forever.
+    fn give_up_rerun(&mut self, i: usize, error: Error) {
+        self.finished[i] = true;
+        self.completed += 1;
+        self.fail(i, error);
+    }
+
     fn done(&self) -> bool {
         let stop = self.error.is_some()
             || (self.next == self.count && self.retry.is_none() && self.reruns.is_empty());
-        // After a failure, sectors waiting to run again are given up with the I/O.
-        stop && self.completed + if self.error.is_some() { self.reruns.len() } else { 0 } == self.next
+        // After a failure, sectors waiting to run again (in `reruns`, or a re-run refused as
+        // busy in `retry`) are given up with the I/O.
+        let given_up = if self.error.is_some() {
+            let retried_rerun =
+                self.retry.as_ref().is_some_and(|r| ((r.user_data & 0xffff_ffff) as usize) < self.next);
+            self.reruns.len() + usize::from(retried_rerun)
+        } else {
+            0
+        };
+        stop && self.completed + given_up == self.next
     }
 
     /// One non-blocking step: collect events, submit what may be submitted, reap. `Ready` when
