@@ -553,6 +553,7 @@ fn shares(before: &[MemberStats], after: &[MemberStats]) -> Vec<MemberStats> {
             bytes: a.bytes - b.bytes,
             reruns_out: a.reruns_out - b.reruns_out,
             reruns_in: a.reruns_in - b.reruns_in,
+            member_failed: a.member_failed - b.member_failed,
             recoveries: a.recoveries - b.recoveries,
             since_rejoin: a.since_rejoin.min(a.requests - b.requests),
             ..a.clone()

@@ -6,6 +6,7 @@
 //! Its sessions and queues are wrappers in the same way; a request moves between the wrapper
 //! and the inner type by value, so the data is never copied.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
@@ -13,7 +14,10 @@ use crypt_vfio_cores::Mode;
 
 use super::pool::{PoolEngine, PoolSession};
 use super::software::{SoftwareEngine, SoftwareSession};
-use super::{BatchSink, Buf, Completion, Engine, Event, EventSink, Queue, Request, SubmitError, Submitted};
+use super::{
+    BatchSink, BatchSubmitted, Buf, Completion, Engine, Event, EventSink, Queue, Request, SubmitError,
+    SubmitErrorKind, Submitted,
+};
 use crate::error::{CryptoError, Error, Result};
 use crate::virtio_crypto::{DeviceSession, VirtioCrypto};
 
@@ -279,7 +283,84 @@ fn forward<S, T>(
         .map_err(|SubmitError { kind, request }| SubmitError { kind, request: map_session(request, wrap) })
 }
 
+/// Submits the leading run of `requests` whose session is of this queue's kind (`unwrap`) as
+/// one batch on `queue`, so that an engine's own batching (one lock, one doorbell; a pool's
+/// one pass over its members) is kept; what it does not accept goes back in front, in order.
+/// A request of another kind at the head ends the batch refused, as [`forward`] refuses it.
+fn forward_batch<S>(
+    queue: &mut dyn Queue<S>,
+    requests: &mut VecDeque<Request<AnySession>>,
+    may_backlog: bool,
+    unwrap: impl Fn(AnySession) -> Result<S, AnySession>,
+    wrap: impl Fn(S) -> AnySession,
+) -> BatchSubmitted {
+    let mut inner = VecDeque::with_capacity(requests.len());
+    while let Some(r) = requests.pop_front() {
+        let (session, rest) = split(r);
+        match unwrap(session) {
+            Ok(s) => inner.push_back(map_session(rest, |()| s)),
+            Err(other) => {
+                requests.push_front(map_session(rest, |()| other));
+                break;
+            }
+        }
+    }
+    let wrong_kind_next = !requests.is_empty();
+    let mut out = if inner.is_empty() {
+        BatchSubmitted::default()
+    } else {
+        queue.submit_batch(&mut inner, may_backlog)
+    };
+    let all_taken = inner.is_empty();
+    while let Some(r) = inner.pop_back() {
+        requests.push_front(map_session(r, &wrap));
+    }
+    if all_taken && wrong_kind_next && out.refused.is_none() {
+        out.refused = Some(SubmitErrorKind::Rejected(Error::Crypto(CryptoError::InvalidSession)));
+    }
+    out
+}
+
 impl Queue<AnySession> for AnyQueue {
+    fn submit_batch(
+        &mut self,
+        requests: &mut VecDeque<Request<AnySession>>,
+        may_backlog: bool,
+    ) -> BatchSubmitted {
+        match self {
+            AnyQueue::Device(q) => forward_batch(
+                &mut **q,
+                requests,
+                may_backlog,
+                |s| match s {
+                    AnySession::Device(s) => Ok(s),
+                    other => Err(other),
+                },
+                AnySession::Device,
+            ),
+            AnyQueue::Software(q) => forward_batch(
+                &mut **q,
+                requests,
+                may_backlog,
+                |s| match s {
+                    AnySession::Software(s) => Ok(s),
+                    other => Err(other),
+                },
+                AnySession::Software,
+            ),
+            AnyQueue::Pool(q) => forward_batch(
+                &mut **q,
+                requests,
+                may_backlog,
+                |s| match s {
+                    AnySession::Pool(s) => Ok(s),
+                    other => Err(other),
+                },
+                AnySession::Pool,
+            ),
+        }
+    }
+
     fn submit(
         &mut self,
         request: Request<AnySession>,

@@ -114,6 +114,9 @@ pub struct MemberStats {
     pub reruns_out: u64,
     /// Requests it took to run again after another member failed.
     pub reruns_in: u64,
+    /// Of `reruns_out`, those handed back to their caller ([`DeviceError::MemberFailed`]): the
+    /// device may have written their zero-copy buffer.
+    pub member_failed: u64,
     /// Times the device was recovered after a failure.
     pub recoveries: u64,
     /// Requests it completed since it last rejoined the pool (all of them if it never left).
@@ -180,6 +183,7 @@ pub(crate) struct Member {
     pub(crate) bytes: AtomicU64,
     pub(crate) reruns_out: AtomicU64,
     pub(crate) reruns_in: AtomicU64,
+    pub(crate) member_failed: AtomicU64,
     recoveries: AtomicU64,
     /// `requests` when it last rejoined.
     requests_at_rejoin: AtomicU64,
@@ -368,6 +372,7 @@ impl PoolEngine {
                 bytes: AtomicU64::new(0),
                 reruns_out: AtomicU64::new(0),
                 reruns_in: AtomicU64::new(0),
+                member_failed: AtomicU64::new(0),
                 recoveries: AtomicU64::new(engine.device().map_or(0, |d| d.recoveries())),
                 requests_at_rejoin: AtomicU64::new(0),
                 violations: AtomicU64::new(0),
@@ -426,6 +431,7 @@ impl PoolEngine {
                     bytes: m.bytes.load(Ordering::Relaxed),
                     reruns_out: m.reruns_out.load(Ordering::Relaxed),
                     reruns_in: m.reruns_in.load(Ordering::Relaxed),
+                    member_failed: m.member_failed.load(Ordering::Relaxed),
                     recoveries: e.device().map_or(0, |d| d.recoveries())
                         - m.recoveries.load(Ordering::Relaxed),
                     since_rejoin: requests.saturating_sub(m.requests_at_rejoin.load(Ordering::Relaxed)),

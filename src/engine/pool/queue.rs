@@ -259,6 +259,7 @@ impl PoolQueueShared {
                     Err(Error::Device(d))
                 } else if !intact {
                     member.reruns_out.fetch_add(1, Ordering::Relaxed);
+                    member.member_failed.fetch_add(1, Ordering::Relaxed);
                     Err(Error::Device(DeviceError::MemberFailed {
                         member: member.name.clone(),
                         source: Box::new(Error::Device(d)),
