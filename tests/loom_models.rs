@@ -2,10 +2,15 @@
 //! ([`Delivery`]), submit/reap/promote around a data queue's [`Backlog`] (one request at a time
 //! and in batches), the async API's handling of a `Promoted` that races with its `Backlogged`,
 //! and the sleep gate of adaptive waiting ([`SleepGate`]: announce the sleep, re-check, park; the
-//! doorbell fences and checks), and the engine pool's two hand-offs: credits of a member queue
-//! shared by pool queues, and a request its member failed going through the re-run lane. (The
-//! pool has no lock-free stage/flush step: members are called under the pool queue's lock, and
-//! their callbacks take it, never called under it.)
+//! doorbell fences and checks), and two of the engine pool's hand-offs. Those two model the
+//! pool, they do not run it: the pool's own [`Credit`](crypt_vfio::testing::Credit) and the real
+//! [`Backlog`] (with its re-run lane) are under loom, but the member ring, the member's reaper
+//! and the pool queue's completion handler (`PoolQueueShared::member_completed`) are stand-ins
+//! written here with the same steps (take a credit, place; free, give back; on NotRun, re-run
+//! under the queue lock and promote). The pool queue itself (its `Mutex`, member handles and
+//! monitor) is too large for loom; its lock discipline is what keeps it out: the pool has no
+//! lock-free stage/flush step, members are called under the pool queue's lock, and their
+//! callbacks take it and are never called under it.
 //!
 //! Run with `cargo test --features loom-model --test loom_models` (the feature builds the
 //! engine's synchronisation on loom's types; see `src/engine/sync.rs`). With

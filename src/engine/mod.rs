@@ -78,8 +78,11 @@ pub trait Engine: Send + Sync {
     fn max_request_len(&self) -> usize;
 
     /// How many requests queue `index % queue_count()` holds in flight at most (its ring
-    /// slots), or `None` when it has no such bound (the software engine). A caller that is the
-    /// queue's only submitter and keeps below it is never answered `Busy` or `Backlogged`.
+    /// slots), or `None` when it has no such bound (the software engine). For a device queue,
+    /// a caller that is the queue's only submitter and keeps below it is never answered `Busy`
+    /// or `Backlogged`. A pool's figure is the sum over its devices' queues and only a hint:
+    /// pool queues share member queues, and a zero-copy request waits for its own member, so
+    /// a pool may backlog below it.
     fn queue_capacity(&self, _index: usize) -> Option<usize> {
         None
     }

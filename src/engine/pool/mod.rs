@@ -247,6 +247,9 @@ pub(crate) struct Shared {
     pub(crate) devices: Vec<usize>,
     sessions: Mutex<Vec<Weak<SessionState>>>,
     pub(crate) signal: Arc<Signal>,
+    /// Wakes the kicker thread, which moves waiting requests and delivers events (apart from
+    /// the monitor, which may wait on a device's control queue while it fills sessions).
+    pub(crate) kick: Signal,
     pub(crate) closing: AtomicBool,
     /// Set while no member is left (every one lost, or down past `member_wait`).
     dead: AtomicBool,
@@ -314,6 +317,7 @@ pub struct PoolEngine {
     engines: Arc<Vec<AnyEngine>>,
     queues: Arc<Vec<Arc<PoolQueueShared>>>,
     monitor: Option<JoinHandle<()>>,
+    kicker: Option<JoinHandle<()>>,
     /// The device member the next buffer comes from (round robin).
     next_buffer: std::sync::atomic::AtomicUsize,
 }
@@ -389,6 +393,7 @@ impl PoolEngine {
             devices,
             sessions: Mutex::default(),
             signal,
+            kick: Signal::default(),
             closing: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             waiting: AtomicBool::new(false),
@@ -400,14 +405,29 @@ impl PoolEngine {
             .collect::<Result<Vec<_>>>()?;
         let engines = Arc::new(engines);
         let queues = Arc::new(queues);
-        let monitor = monitor::spawn(shared.clone(), engines.clone(), queues.clone())
-            .map_err(|e| Error::os("spawning the pool monitor thread", e))?;
+        let kicker = monitor::spawn_kicker(shared.clone(), queues.clone())
+            .map_err(|e| Error::os("spawning the pool kicker thread", e))?;
+        let monitor = match monitor::spawn(shared.clone(), engines.clone(), queues.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                shared.kick.stop();
+                let _ = kicker.join();
+                return Err(Error::os("spawning the pool monitor thread", e));
+            }
+        };
         log::info!(
             "engine pool of {} member(s), {queue_count} queue(s): {}",
             engines.len(),
             shared.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
         );
-        Ok(Self { shared, engines, queues, monitor: Some(monitor), next_buffer: Default::default() })
+        Ok(Self {
+            shared,
+            engines,
+            queues,
+            monitor: Some(monitor),
+            kicker: Some(kicker),
+            next_buffer: Default::default(),
+        })
     }
 
     /// The members, in order, with their names.
@@ -639,7 +659,8 @@ impl Drop for PoolEngine {
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::Release);
         self.shared.signal.stop();
-        if let Some(t) = self.monitor.take() {
+        self.shared.kick.stop();
+        for t in [self.monitor.take(), self.kicker.take()].into_iter().flatten() {
             let _ = t.join();
         }
         // What waits in the pool fails now; what members hold fails as they close (their

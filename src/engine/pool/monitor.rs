@@ -5,9 +5,9 @@
 //! the device's own recovery has brought it back, creates the sessions it missed and lets it
 //! take requests again, moving what waits to it. While no member is up it keeps time: after
 //! [`PoolOptions::member_wait`](super::PoolOptions::member_wait), or at once when every member
-//! is gone for good, whatever waits fails with `NoMemberLeft`. It also delivers events a
-//! submit produced (the software member completes in place) when callers sleep until the pool
-//! delivers.
+//! is gone for good, whatever waits fails with `NoMemberLeft`. A second thread, the kicker,
+//! moves waiting requests and delivers events a submit produced (the software member completes
+//! in place) when callers sleep until the pool delivers.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -128,15 +128,32 @@ fn run(shared: &Shared, engines: &[AnyEngine], queues: &[Arc<PoolQueueShared>]) 
                 }
             }
         }
-        // Cleared before the look, so that a queue that backlogs meanwhile sets it again.
-        shared.waiting.store(false, std::sync::atomic::Ordering::Release);
-        for q in queues {
-            q.kick();
-        }
-        if queues.iter().any(|q| q.has_waiting()) {
-            shared.waiting.store(true, std::sync::atomic::Ordering::Release);
-        }
+        // A member may have come back, or requests failed: waiting requests move.
+        shared.kick.wake();
     }
+}
+
+/// The kicker thread (`crypt-vfio-pool-kick`): moves waiting requests to members with room and
+/// delivers events no caller's poll will (software completions a submit made while callers
+/// sleep, slots one pool queue freed for another). Apart from the monitor, which may wait for
+/// a device's control answer while it fills sessions, so that those events are never held up
+/// for a control timeout.
+pub(crate) fn spawn_kicker(
+    shared: Arc<Shared>,
+    queues: Arc<Vec<Arc<PoolQueueShared>>>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("crypt-vfio-pool-kick".into()).spawn(move || {
+        while shared.kick.wait(IDLE_POLL) {
+            // Cleared before the look, so that a queue that backlogs meanwhile sets it again.
+            shared.waiting.store(false, std::sync::atomic::Ordering::Release);
+            for q in queues.iter() {
+                q.kick();
+            }
+            if queues.iter().any(|q| q.has_waiting()) {
+                shared.waiting.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    })
 }
 
 /// Creates the sessions member `m` misses (it was down when they were made); whether it can

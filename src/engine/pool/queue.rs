@@ -214,7 +214,7 @@ impl PoolQueueShared {
         }
         if self.shared.waiting.load(Ordering::Acquire) {
             // Slots this queue's member queues got back may be what another pool queue waits for.
-            self.shared.signal.wake();
+            self.shared.kick.wake();
         }
         self.deliver();
     }
@@ -324,7 +324,7 @@ impl PoolQueueShared {
     }
 
     /// After a submit: events for callers who sleep while the pool delivers by itself are
-    /// handed to the monitor (a submit never calls a callback itself).
+    /// handed to the kicker thread (a submit never calls a callback itself).
     fn after_submit(&self, st: MutexGuard<'_, State>) {
         self.note_waiting(&st);
         let events = !st.outbox.is_empty();
@@ -333,7 +333,7 @@ impl PoolQueueShared {
         }
         drop(st);
         if events && self.shared.delivers {
-            self.shared.signal.wake();
+            self.shared.kick.wake();
         }
     }
 
