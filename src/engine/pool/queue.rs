@@ -59,6 +59,16 @@ struct State {
     /// Requests given to each member, submitted to it in one batch (one doorbell) before the
     /// lock is released.
     staged: Vec<VecDeque<Request<DeviceSession>>>,
+    /// Requests given to the software member, run by whoever took the lock once it lets go
+    /// ([`PoolQueueShared::run_software`]): AES never holds up the pool queue.
+    software: Vec<SoftwareWork>,
+}
+
+/// A request for the software member, with its cipher.
+struct SoftwareWork {
+    member: usize,
+    cipher: Arc<dyn crypt_vfio_cores::CipherCore>,
+    pending: Pending,
 }
 
 /// One pool queue, shared by its handles, its members' callbacks and the monitor.
@@ -106,6 +116,7 @@ impl PoolQueueShared {
                     free: Vec::new(),
                     staged: handles.iter().map(|_| VecDeque::new()).collect(),
                     handles,
+                    software: Vec::new(),
                 }),
                 shared,
                 delivery: Delivery::default(),
@@ -132,9 +143,17 @@ impl PoolQueueShared {
         st: &mut State,
         f: impl FnOnce(&mut Backlog<Pending>, &mut PoolRing<'_>, &mut Outbox) -> R,
     ) -> R {
-        let State { backlog, outbox, tickets, free, handles, staged } = st;
-        let mut ring =
-            PoolRing { q: self, tickets, free, handles, staged, deferred: Vec::new(), done: Vec::new() };
+        let State { backlog, outbox, tickets, free, handles, staged, software } = st;
+        let mut ring = PoolRing {
+            q: self,
+            tickets,
+            free,
+            handles,
+            staged,
+            software,
+            deferred: Vec::new(),
+            done: Vec::new(),
+        };
         let r = f(backlog, &mut ring, outbox);
         ring.flush();
         let PoolRing { deferred, mut done, .. } = ring;
@@ -177,7 +196,44 @@ impl PoolQueueShared {
             let mut st = self.lock();
             self.promote_locked(&mut st);
         }
+        self.run_software();
         self.deliver()
+    }
+
+    /// Whether the outbox holds events (marking them for delivery).
+    fn delivery_pending(&self) -> bool {
+        let st = self.lock();
+        let events = !st.outbox.is_empty();
+        if events {
+            self.delivery.mark_pending();
+        }
+        events
+    }
+
+    /// Runs the requests given to the software member, outside the pool queue's lock, and puts
+    /// their completions in the outbox (after their `Promoted`, which went in when they were
+    /// given). Whether it ran any.
+    fn run_software(&self) -> bool {
+        let work = std::mem::take(&mut self.lock().software);
+        if work.is_empty() {
+            return false;
+        }
+        let mut done = Vec::with_capacity(work.len());
+        for SoftwareWork { member: m, cipher, pending: mut p } in work {
+            let result = run_cipher(&*cipher, &mut p.req);
+            let member = &self.shared.members[m];
+            member.requests.fetch_add(1, Ordering::Relaxed);
+            member.bytes.fetch_add(p.req.data.len() as u64, Ordering::Relaxed);
+            if p.attempts > 0 {
+                member.reruns_in.fetch_add(1, Ordering::Relaxed);
+            }
+            done.push((p.sink, Event::Completed(Completion { request: p.req, result })));
+        }
+        let mut st = self.lock();
+        self.outstanding.fetch_sub(done.len(), Ordering::Relaxed);
+        st.outbox.extend(done);
+        self.delivery.mark_pending();
+        true
     }
 
     /// Fails everything that waits in the pool queue (no member left, or the pool closing).
@@ -212,6 +268,7 @@ impl PoolQueueShared {
             self.promote_locked(&mut st);
             self.note_waiting(&st);
         }
+        self.run_software();
         if self.shared.waiting.load(Ordering::Acquire) {
             // Slots this queue's member queues got back may be what another pool queue waits for.
             self.shared.kick.wake();
@@ -327,11 +384,8 @@ impl PoolQueueShared {
     /// handed to the kicker thread (a submit never calls a callback itself).
     fn after_submit(&self, st: MutexGuard<'_, State>) {
         self.note_waiting(&st);
-        let events = !st.outbox.is_empty();
-        if events {
-            self.delivery.mark_pending();
-        }
         drop(st);
+        let events = self.run_software() || self.delivery_pending();
         if events && self.shared.delivers {
             self.shared.kick.wake();
         }
@@ -488,6 +542,7 @@ struct PoolRing<'a> {
     free: &'a mut Vec<usize>,
     handles: &'a mut Vec<Option<Box<dyn Queue<DeviceSession>>>>,
     staged: &'a mut Vec<VecDeque<Request<DeviceSession>>>,
+    software: &'a mut Vec<SoftwareWork>,
     /// Requests accepted whose member failed while taking them: to the re-run lane.
     deferred: Vec<Pending>,
     /// Completions of the software member (after any `Promoted` of theirs in the outbox).
@@ -655,20 +710,12 @@ impl PoolRing<'_> {
         }
     }
 
-    /// Runs `p` on the software member `m`, in place.
-    fn run_software(&mut self, m: usize, mut p: Pending) -> Result<(), (Pending, Error)> {
+    /// Gives `p` to the software member `m`: run once the pool queue's lock is let go.
+    fn run_software(&mut self, m: usize, p: Pending) -> Result<(), (Pending, Error)> {
         let Some(AnySession::Software(s)) = p.req.session.on(m) else {
             return Err((p, Error::Crypto(CryptoError::InvalidSession)));
         };
-        let result = run_cipher(&**s.cipher(), &mut p.req);
-        let member = &self.q.shared.members[m];
-        member.requests.fetch_add(1, Ordering::Relaxed);
-        member.bytes.fetch_add(p.req.data.len() as u64, Ordering::Relaxed);
-        if p.attempts > 0 {
-            member.reruns_in.fetch_add(1, Ordering::Relaxed);
-        }
-        self.q.outstanding.fetch_sub(1, Ordering::Relaxed);
-        self.done.push((p.sink, Event::Completed(Completion { request: p.req, result })));
+        self.software.push(SoftwareWork { member: m, cipher: s.cipher().clone(), pending: p });
         Ok(())
     }
 }
