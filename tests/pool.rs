@@ -29,6 +29,8 @@ const KEY: [u8; 32] = [0x42; 32];
 const PATIENCE: Duration = Duration::from_secs(60);
 
 type Ev = Event<AnySession>;
+type AnyQueue = Box<dyn crypt_vfio::engine::Queue<AnySession>>;
+type Inbox = Arc<Mutex<Vec<Ev>>>;
 
 struct Pool {
     engine: AnyEngine,
@@ -622,8 +624,8 @@ fn software_completions_reach_a_caller_that_does_not_poll() {
 
 /// Waits up to `limit` for the completion of request `id` in `inbox`, polling `q`.
 fn completion_of(
-    q: &mut Box<dyn crypt_vfio::engine::Queue<AnySession>>,
-    inbox: &Arc<Mutex<Vec<Ev>>>,
+    q: &mut AnyQueue,
+    inbox: &Inbox,
     id: u64,
     limit: Duration,
 ) -> Option<crypt_vfio::Result<Vec<u8>>> {
@@ -642,11 +644,8 @@ fn completion_of(
     None
 }
 
-fn open(
-    engine: &AnyEngine,
-    index: usize,
-) -> (Box<dyn crypt_vfio::engine::Queue<AnySession>>, Arc<Mutex<Vec<Ev>>>) {
-    let inbox: Arc<Mutex<Vec<Ev>>> = Arc::default();
+fn open(engine: &AnyEngine, index: usize) -> (AnyQueue, Inbox) {
+    let inbox: Inbox = Arc::default();
     let i = inbox.clone();
     let q = engine.open_queue(index, Arc::new(move |ev| i.lock().unwrap().push(ev))).unwrap();
     (q, inbox)
