@@ -137,7 +137,7 @@ impl PoolQueueShared {
     }
 
     /// Runs `f` with the backlog and a ring over the members, then moves what it left (requests
-    /// whose member failed while taking them, completions of the software member) where they go.
+    /// whose member failed while taking them, requests a member found wrong) where they go.
     fn with_ring<R>(
         &self,
         st: &mut State,
@@ -402,7 +402,7 @@ impl PoolQueueShared {
             Err(e) => return Err(SubmitError::rejected(req, e)),
         };
         let p = Pending { req, sink: sink.clone(), attempts: 0, pinned };
-        // Counted before the request can complete (the software member completes in place).
+        // Counted before the request can complete (the software member runs it before the return).
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         // Checked under the lock that closing's `fail_waiting` takes: nothing is let in after.
@@ -545,7 +545,7 @@ struct PoolRing<'a> {
     software: &'a mut Vec<SoftwareWork>,
     /// Requests accepted whose member failed while taking them: to the re-run lane.
     deferred: Vec<Pending>,
-    /// Completions of the software member (after any `Promoted` of theirs in the outbox).
+    /// Completions of requests a member refused as wrong (after any `Promoted` of theirs).
     done: Outbox,
 }
 
