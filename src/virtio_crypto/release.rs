@@ -92,6 +92,9 @@ impl Drop for Listener {
     }
 }
 
+/// The listener thread: waits for a release request on `notifier` (looking at `stop` every
+/// [`WAKE`]) and answers the first with [`release_now`]; ends then, on `stop`, or when the
+/// eventfd cannot be read.
 fn listen(
     core: &Core,
     recovery: &Mutex<Option<JoinHandle<()>>>,
