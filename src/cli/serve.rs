@@ -268,7 +268,7 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Once `stop` is set, gives requests [`STOP_GRACE`] to finish, then aborts whatever is still
 /// on the device so that the server can answer every client and exit.
-fn abort_on_stop(stop: Arc<AtomicBool>, engine: Weak<VirtioCrypto>) -> anyhow::Result<()> {
+pub(super) fn abort_on_stop(stop: Arc<AtomicBool>, engine: Weak<VirtioCrypto>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("crypt-vfio-stop".into())
         .spawn(move || {

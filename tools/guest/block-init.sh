@@ -1,0 +1,88 @@
+#!/bin/busybox sh
+# The guest's /init for tools/block-guest-test.sh: crypt-vfio's decrypted volumes as kernel block
+# devices, with a filesystem on them, in Debian 13's kernel.
+#
+# The initramfs holds busybox, crypt-vfio, the kernel's modules (/lib/modules, load order in
+# /lib/modules/order), mke2fs and e2fsck with their libraries (/tools), the reference tree
+# (/tree) and the passphrase (/key). The LUKS2 images are virtio disks found by serial.
+# Every step is logged as `=== name: ok|FAILED`; the last line is the verdict.
+/bin/busybox --install -s /bin
+# mke2fs and e2fsck are called by their full paths: busybox sh runs its own applets first.
+export PATH=/bin LD_LIBRARY_PATH=/tools/lib
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs run /run
+. /steps.sh
+# Huge pages make each DMA region physically contiguous (QEMU's virtio behind its IOMMU misreads
+# a descriptor table spanning non-contiguous pages).
+echo 128 >/proc/sys/vm/nr_hugepages
+
+for m in $(cat /lib/modules/order); do
+    insmod /lib/modules/$m.ko || failed insmod "insmod $m failed"
+done
+echo "=== modules: $(cat /lib/modules/order | tr '\n' ' ')[$(uptime_s) s]"
+[ -c /dev/ublk-control ] || failed ublk "no /dev/ublk-control after insmod ublk_drv"
+[ -b /dev/nbd0 ] || failed nbd "no /dev/nbd0 after insmod nbd"
+
+# disk SERIAL: the virtio disk QEMU gave that serial.
+disk() {
+    for d in /sys/block/vd*; do
+        [ "$(cat $d/serial 2>/dev/null)" = "$1" ] && echo /dev/${d##*/} && return
+    done
+}
+BDF=
+for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1054 ]; then BDF=${d##*/}; fi
+done
+[ -n "$BDF" ] || failed find-device "no virtio-crypto function (1af4:1054)"
+step bind crypt-vfio bind $BDF
+step selftest crypt-vfio selftest --device $BDF
+
+# gone PID: the process has exited (an orphaned daemon stays a zombie until init reaps it).
+gone() { [ ! -e /proc/$1 ] || grep -q ') Z' /proc/$1/stat; }
+
+# Nothing in the kernel log may say a block device or filesystem saw an error.
+kernel_errors() {
+    dmesg | grep -E "I/O error|EXT4-fs error|Buffer I/O|blk_update_request|critical medium" | head -5
+}
+
+# fs_round NAME DEV TREE-DIR: a filesystem on DEV, a tree written and read back, fsck clean.
+fs_round() {
+    fs=$1
+    dev=$2
+    step $fs-bs sh -c "test \$(cat /sys/block/${dev##*/}/queue/logical_block_size) = 4096"
+    step $fs-mkfs /tools/bin/mke2fs -q -F -t ext4 -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 $dev
+    mkdir -p /mnt/$fs
+    step $fs-mount mount -t ext4 $dev /mnt/$fs
+    step $fs-write cp -a /tree /mnt/$fs/t1
+    step $fs-sync sync
+    step $fs-diff diff -r /tree /mnt/$fs/t1
+    step $fs-umount umount /mnt/$fs
+    step $fs-fsck /tools/bin/e2fsck -fn $dev
+}
+
+# --- NBD: crypt-vfio attaches /dev/nbd0 itself, through the VFIO-bound device ----------------
+NBD_IMG=$(disk lk-nbd)
+step nbd-open crypt-vfio open --nbd /dev/nbd0 --key-file /key --device $BDF --log-file /run/nbd.log \
+    --pidfile /run/nbd.pid $NBD_IMG
+step nbd-backend grep -q "^crypt-vfio:" /sys/block/nbd0/backend
+# Flush, FUA and discard reach the server (the kernel only sends them when told it may).
+step nbd-flags sh -c "grep -q 'write back' /sys/block/nbd0/queue/write_cache && \
+    test \$(cat /sys/block/nbd0/queue/fua) = 1 && test \$(cat /sys/block/nbd0/queue/discard_max_bytes) != 0"
+fs_round nbd /dev/nbd0
+mount -t ext4 /dev/nbd0 /mnt/nbd
+refused nbd-close-mounted "in use" crypt-vfio close /dev/nbd0
+umount /mnt/nbd
+step nbd-close crypt-vfio close /dev/nbd0
+step nbd-server-gone gone $(cat /run/nbd.pid)
+# Reopened: what the first server wrote is there.
+step nbd-reopen crypt-vfio open --nbd any --key-file /key --device $BDF --log-file /run/nbd.log $NBD_IMG
+step nbd-reread sh -c "mount -t ext4 -o ro /dev/nbd0 /mnt/nbd && diff -r /tree /mnt/nbd/t1 && umount /mnt/nbd"
+step nbd-close-again crypt-vfio close /dev/nbd0
+cat /run/nbd.log
+
+errs=$(kernel_errors)
+[ -z "$errs" ] || failed kernel-log "$errs"
+step unbind crypt-vfio unbind $BDF
+verdict crypt-vfio-block-guest
