@@ -45,7 +45,7 @@ rig_static_build "$ROOT" "$RIG_WORK/build.log"
 IMGS=$RIG_WORK/images
 rm -rf "$IMGS" && mkdir -p "$IMGS"
 printf 'block-guest passphrase' >"$IMGS/key"
-DISKS=(lk-nbd)
+DISKS=(lk-vfio lk-emu lk-nbd)
 for d in "${DISKS[@]}"; do
     truncate -s 64M "$IMGS/$d.img"
     # 4096-byte sectors (the block device's logical block size), a cheap KDF (the guest is slow).
@@ -70,6 +70,8 @@ done
 cp -L /lib64/ld-linux-x86-64.so.2 "$INITRD/lib64/"
 # The tree the guest writes: deterministic, files of 1 byte to 256 KiB.
 python3 "$ROOT/tools/guest/tree.py" "$INITRD/tree" 7 200
+# What the big writer writes: every file of the tree, in sorted path order.
+(cd "$INITRD" && find tree -type f | LC_ALL=C sort | xargs cat) >"$IMGS/big"
 rig_initramfs "$INITRD" "$RIG_WORK/initrd.cpio"
 
 # --- The guest ------------------------------------------------------------------------------
@@ -106,7 +108,10 @@ esac
 # --- Outside: an independent decryption of every image, fsck, and the files read back --------
 for d in "${DISKS[@]}"; do
     rig_say "checking $d outside the guest"
-    python3 "$ROOT/tools/guest/outside_check.py" "$IMGS/$d.img" "$IMGS/key" "$INITRD/tree" "$IMGS/$d.out" ||
+    pairs=("/t1:$INITRD/tree")
+    # The ublk rounds also wrote, across a server kill, a second tree and one large file.
+    [ $d = lk-nbd ] || pairs+=("/t2:$INITRD/tree" "/big:$IMGS/big")
+    python3 "$ROOT/tools/guest/outside_check.py" "$IMGS/$d.img" "$IMGS/key" "$INITRD/tree" "$IMGS/$d.out" "${pairs[@]}" ||
         rig_fail "$d: the image written in the guest does not read back outside it (above)"
     rm -rf "$IMGS/$d.out"
 done

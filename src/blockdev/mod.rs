@@ -8,3 +8,4 @@
 
 pub mod kernel_nbd;
 pub mod nbd_netlink;
+pub mod ublk;

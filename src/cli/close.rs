@@ -1,4 +1,4 @@
-//! `crypt-vfio close DEV`: detaches a block device that `crypt-vfio open` made, like
+//! `crypt-vfio close DEV`: stops or detaches a block device that `crypt-vfio open` made, like
 //! `cryptsetup close`.
 //!
 //! It refuses a device it did not make (unless `--force`) and a device in use: detaching a
@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use crypt_vfio::blockdev::nbd_netlink::NbdNetlink;
+use crypt_vfio::blockdev::ublk;
+use libublk::ctrl::UblkCtrl;
 
 /// How long `close` waits for the server to exit after detaching its device.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
@@ -19,7 +21,7 @@ const EXIT_WAIT: Duration = Duration::from_secs(10);
 /// Arguments of `crypt-vfio close`.
 #[derive(Args, Debug)]
 pub struct CloseArgs {
-    /// The device: /dev/nbdN.
+    /// The device: /dev/ublkbN or /dev/nbdN.
     #[arg(value_name = "DEV")]
     pub device: PathBuf,
     /// Detach it even if crypt-vfio did not make it.
@@ -30,8 +32,11 @@ pub struct CloseArgs {
 /// `crypt-vfio close`.
 pub fn run(args: CloseArgs) -> anyhow::Result<()> {
     let name = args.device.to_string_lossy().into_owned();
+    if name.starts_with("/dev/ublkb") {
+        return close_ublk(&args, super::open::parse_ublk_device(&name)?);
+    }
     let Some(index) = name.strip_prefix("/dev/nbd").and_then(|n| n.parse::<u32>().ok()) else {
-        bail!("`{name}` is not a device crypt-vfio opens: give /dev/nbdN");
+        bail!("`{name}` is not a device crypt-vfio opens: give /dev/ublkbN or /dev/nbdN");
     };
     let sys = format!("/sys/block/nbd{index}");
     let backend = std::fs::read_to_string(format!("{sys}/backend")).unwrap_or_default();
@@ -51,6 +56,39 @@ pub fn run(args: CloseArgs) -> anyhow::Result<()> {
     if let Some(pid) = pid {
         wait_exit(pid, &name)?;
     }
+    Ok(())
+}
+
+/// Stops and deletes /dev/ublkb`id`: the server (if alive) unwinds, flushes the volume and exits;
+/// a device whose server is dead fails its queued requests.
+fn close_ublk(args: &CloseArgs, id: u32) -> anyhow::Result<()> {
+    let name = args.device.display();
+    let ctrl =
+        UblkCtrl::new_simple(id as i32).map_err(|e| anyhow::anyhow!("{name}: no such ublk device ({e})"))?;
+    if ublk::recorded_identity(&ctrl).is_none() && !args.force {
+        bail!("{name} was not opened by crypt-vfio (no crypt-vfio identity in its JSON); use --force to delete it anyway");
+    }
+    let info = ctrl.dev_info();
+    let live = u32::from(info.state) == libublk::sys::UBLK_S_DEV_LIVE;
+    if live {
+        flush_unless_busy(&args.device)?;
+    } else {
+        // Nothing would serve a flush; only refuse while something holds the device.
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&args.device).map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::EBUSY) => anyhow::anyhow!(
+                    "{name} is in use (mounted, or held by another program); unmount it first"
+                ),
+                _ => anyhow::anyhow!("opening {name}: {e}"),
+            },
+        )?;
+    }
+    ctrl.stop_dev().map_err(|e| anyhow::anyhow!("stopping {name}: {e}"))?;
+    if live && info.ublksrv_pid > 0 {
+        wait_exit(info.ublksrv_pid, &name.to_string())?;
+    }
+    // The server of a device it added deletes it on exit; a recovered or orphaned one is not.
+    let _ = ctrl.del_dev();
     Ok(())
 }
 

@@ -53,7 +53,7 @@ enum Command {
     Selftest(SelftestArgs),
     /// Export the decrypted view of a volume (LUKS, authenticated, or plain dm-crypt with --plain; or, with --raw, an image as it is) over NBD.
     Serve(ServeArgs),
-    /// The decrypted view of a volume as a kernel block device (/dev/nbdN), like `cryptsetup open`.
+    /// The decrypted view of a volume as a kernel block device (/dev/ublkbN or /dev/nbdN), like `cryptsetup open`.
     Open(open::OpenArgs),
     /// Detach a block device that `open` made, like `cryptsetup close`.
     Close(close::CloseArgs),

@@ -1,5 +1,5 @@
-//! `crypt-vfio open`: the decrypted view of a volume as a kernel block device, like
-//! `cryptsetup open`.
+//! `crypt-vfio open`: the decrypted view of a volume as a kernel block device (/dev/ublkbN, or
+//! /dev/nbdN with --nbd), like `cryptsetup open`.
 //!
 //! The volume is opened exactly as `serve` opens it ([`serve::open_export`]), so both serve the
 //! same bytes. By default the command daemonizes like `cryptsetup open` returns: it forks before
@@ -9,13 +9,15 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use crypt_vfio::blockdev::kernel_nbd::{self, KernelNbdConfig};
+use crypt_vfio::blockdev::ublk::{self, Identity, UblkConfig};
 use crypt_vfio::nbd::ServerConfig;
 
 use super::device::DeviceArgs;
@@ -37,19 +39,33 @@ pub struct OpenArgs {
     pub plain: PlainArgs,
     #[command(flatten)]
     pub plain_shape: PlainShapeArgs,
-    /// Attach through the kernel's NBD client as /dev/nbdN (`any`: the first free one).
+    /// Serve as a ublk device, /dev/ublkbN (the default): it survives a restart of its server
+    /// (see --recover).
+    #[arg(long, conflicts_with = "nbd")]
+    pub ublk: bool,
+    /// Attach through the kernel's NBD client as /dev/nbdN instead (`any`: the first free one).
     #[arg(long, value_name = "DEV")]
-    pub nbd: String,
+    pub nbd: Option<String>,
+    /// Take over /dev/ublkbN, whose server was killed: the requests it held are reissued to
+    /// this one, and a filesystem on it sees no error. The volume must be the same (checked).
+    #[arg(long, value_name = "DEV", conflicts_with = "nbd")]
+    pub recover: Option<String>,
+    /// ublk: requests each queue may have in flight (1 to 1024).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub queue_depth: u16,
+    /// ublk: the largest request, in KiB (4 to 1024; a whole number of sectors).
+    #[arg(long, value_name = "KIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(4..=1024))]
+    pub max_io_kib: u32,
     /// Refuse writes (the block device is read-only).
     #[arg(long)]
     pub read_only: bool,
     /// Let discards punch holes in the image, as dm-crypt's `allow_discards` (see `serve`).
     #[arg(long)]
     pub allow_discards: bool,
-    /// Connections (NBD) the kernel spreads requests over (1 to 16).
+    /// Hardware queues (ublk) or connections (NBD) the kernel spreads requests over (1 to 16).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub queues: u16,
-    /// Requests of one queue that run on the volume at once (1 to 64).
+    /// Requests that run on the volume at once: in all (ublk) or per connection (NBD) (1 to 64).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
     /// Stay in the foreground (for systemd Type=simple and tests); prints the device when ready.
@@ -98,7 +114,7 @@ impl Ready {
 
 /// `crypt-vfio open`.
 pub fn run(args: OpenArgs) -> anyhow::Result<()> {
-    let mut ready = if args.foreground {
+    let ready = if args.foreground {
         Ready { pipe: None, pidfile: args.pidfile.clone() }
     } else {
         match daemonize(args.log_file.as_deref())? {
@@ -107,9 +123,10 @@ pub fn run(args: OpenArgs) -> anyhow::Result<()> {
             None => return Ok(()),
         }
     };
-    let result = serve_device(args, &mut ready);
+    let ready = Arc::new(Mutex::new(ready));
+    let result = serve_device(args, Arc::clone(&ready));
     if let Err(e) = &result {
-        ready.failed(e);
+        ready.lock().unwrap_or_else(|p| p.into_inner()).failed(e);
     }
     result
 }
@@ -171,10 +188,12 @@ fn daemonize(log_file: Option<&std::path::Path>) -> anyhow::Result<Option<File>>
 }
 
 /// Opens the volume and serves it as a block device until it is closed.
-fn serve_device(args: OpenArgs, ready: &mut Ready) -> anyhow::Result<()> {
-    let index = parse_nbd_device(&args.nbd)?;
+fn serve_device(args: OpenArgs, ready: Arc<Mutex<Ready>>) -> anyhow::Result<()> {
+    let nbd = args.nbd.as_deref().map(parse_nbd_device).transpose()?;
+    let recover = args.recover.as_deref().map(parse_ublk_device).transpose()?;
     let image = args.image.clone();
     let (read_only, queues, workers) = (args.read_only, args.queues, args.workers);
+    let (depth, max_io) = (args.queue_depth, args.max_io_kib << 10);
     let export_args = ServeArgs {
         image: args.image,
         key_file: args.key_file,
@@ -205,28 +224,59 @@ fn serve_device(args: OpenArgs, ready: &mut Ready) -> anyhow::Result<()> {
         serve::abort_on_stop(Arc::clone(&stop), Arc::downgrade(engine))?;
     }
     drop(engine);
-    let backend = format!("crypt-vfio:{}", std::fs::canonicalize(&image).unwrap_or(image).display());
-    let config = KernelNbdConfig {
-        index,
-        connections: usize::from(queues),
-        timeout_s: 60,
-        backend,
-        server: ServerConfig {
-            workers_per_connection: usize::from(workers),
-            max_connections: usize::from(queues),
-            ..ServerConfig::default()
-        },
-    };
-    let mut ready_err = None;
-    kernel_nbd::serve(device, config, stop, |n| {
-        if let Err(e) = ready.ready(&format!("/dev/nbd{n}")) {
-            ready_err = Some(e);
+    let canonical = std::fs::canonicalize(&image).unwrap_or(image.clone());
+    let ready_err = Arc::new(Mutex::new(None));
+    let on_ready = {
+        let ready_err = Arc::clone(&ready_err);
+        move |dev: String| {
+            if let Err(e) = ready.lock().unwrap_or_else(|p| p.into_inner()).ready(&dev) {
+                *ready_err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
         }
-    })?;
-    if let Some(e) = ready_err {
+    };
+    if let Some(index) = nbd {
+        let config = KernelNbdConfig {
+            index,
+            connections: usize::from(queues),
+            timeout_s: 60,
+            backend: format!("crypt-vfio:{}", canonical.display()),
+            server: ServerConfig {
+                workers_per_connection: usize::from(workers),
+                max_connections: usize::from(queues),
+                ..ServerConfig::default()
+            },
+        };
+        kernel_nbd::serve(device, config, stop, |n| on_ready(format!("/dev/nbd{n}")))?;
+    } else {
+        let meta = std::fs::metadata(&image).with_context(|| format!("reading {}", image.display()))?;
+        let identity = Identity {
+            image: canonical.display().to_string(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: device.size(),
+            sector_size: device.block_size(),
+        };
+        let config = UblkConfig {
+            queues,
+            depth,
+            io_buf_bytes: max_io,
+            workers: usize::from(workers),
+            recover,
+            identity,
+        };
+        ublk::serve(device, config, stop, move |n| on_ready(format!("/dev/ublkb{n}")))?;
+    }
+    if let Some(e) = ready_err.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e);
     }
     Ok(())
+}
+
+/// `/dev/ublkbN` → N.
+pub(super) fn parse_ublk_device(s: &str) -> anyhow::Result<u32> {
+    s.strip_prefix("/dev/ublkb")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("`{s}` is not a ublk device: give /dev/ublkbN (N a number)"))
 }
 
 /// `/dev/nbdN` → Some(N); `any` → None.
@@ -251,6 +301,11 @@ mod tests {
         for bad in ["/dev/nbd", "/dev/nbdx", "nbd0", "/dev/sda"] {
             let e = parse_nbd_device(bad).unwrap_err().to_string();
             assert!(e.contains("is not an NBD device"), "{bad}: {e}");
+        }
+        assert_eq!(parse_ublk_device("/dev/ublkb12").unwrap(), 12);
+        for bad in ["/dev/ublkc1", "/dev/ublkb", "ublkb1"] {
+            let e = parse_ublk_device(bad).unwrap_err().to_string();
+            assert!(e.contains("is not a ublk device"), "{bad}: {e}");
         }
     }
 }

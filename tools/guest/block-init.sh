@@ -62,6 +62,78 @@ fs_round() {
     step $fs-fsck /tools/bin/e2fsck -fn $dev
 }
 
+# inflight DEV: requests the block layer has on DEV (reads + writes).
+inflight() {
+    read r w </sys/block/$1/inflight
+    echo $((r + w))
+}
+# all_files: the tree's files in one stream, in a fixed order (what the big writer writes).
+all_files() { find /tree -type f | sort | xargs cat; }
+
+# ublk_round NAME IMG ENGINE...: /dev/ublkbN on IMG with a filesystem; while writers run, the
+# server is killed with SIGKILL and a new one takes over with --recover; the writers must not
+# notice, and everything they wrote must be there.
+ublk_round() {
+    u=$1
+    img=$2
+    shift 2
+    opts="--key-file /key --queues 2 --queue-depth 32 --max-io-kib 256 $*"
+    export RUST_LOG=crypt_vfio=info
+    step $u-open crypt-vfio open $opts --log-file /run/$u.log --pidfile /run/$u.pid $img || return
+    dev=$(tail -1 /tmp/out)
+    b=${dev##*/}
+    step $u-bs sh -c "test \$(cat /sys/block/$b/queue/logical_block_size) = 4096 && \
+        grep -q 'write back' /sys/block/$b/queue/write_cache && test \$(cat /sys/block/$b/queue/fua) = 1"
+    step $u-mkfs /tools/bin/mke2fs -q -F -t ext4 -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 $dev
+    mkdir -p /mnt/$u
+    step $u-mount mount -t ext4 $dev /mnt/$u || return
+    step $u-write cp -a /tree /mnt/$u/t1
+    step $u-sync sync
+    # The writers: a tree copy and one large file, each ending with sync.
+    rm -f /run/$u.w1 /run/$u.w2
+    (cp -a /tree /mnt/$u/t2 && sync; echo $? >/run/$u.w1) &
+    (all_files >/mnt/$u/big && sync; echo $? >/run/$u.w2) &
+    i=0
+    while [ $(inflight $b) = 0 ] && [ $i -lt 2000 ]; do usleep 2000; i=$((i + 1)); done
+    old=$(cat /run/$u.pid)
+    # The kill must land while they write, or it proves nothing.
+    if [ -e /run/$u.w1 ] && [ -e /run/$u.w2 ]; then failed $u-kill "the writers finished before the kill"; fi
+    echo "=== $u-kill: kill -9 $old with $(inflight $b) requests in flight [$(uptime_s) s]"
+    kill -9 $old
+    while ! gone $old; do usleep 1000; done
+    echo "=== $u-killed: server gone, $(inflight $b) requests in flight [$(uptime_s) s]"
+    step $u-recover crypt-vfio open --recover $dev $opts --log-file /run/$u-recover.log --pidfile /run/$u.pid $img
+    echo "=== $u-recovered: $(inflight $b) requests in flight [$(uptime_s) s]"
+    grep -h "ms\]" /run/$u-recover.log
+    i=0
+    while { [ ! -e /run/$u.w1 ] || [ ! -e /run/$u.w2 ]; } && [ $i -lt 1200 ]; do usleep 100000; i=$((i + 1)); done
+    step $u-writers sh -c "test \$(cat /run/$u.w1) = 0 && test \$(cat /run/$u.w2) = 0"
+    step $u-diff diff -r /tree /mnt/$u/t2
+    step $u-big sh -c "find /tree -type f | sort | xargs cat | cmp - /mnt/$u/big"
+    refused $u-close-mounted "in use" crypt-vfio close $dev
+    step $u-umount umount /mnt/$u
+    step $u-fsck /tools/bin/e2fsck -fn $dev
+}
+
+# --- ublk, through the VFIO-bound device -----------------------------------------------------
+A_IMG=$(disk lk-vfio)
+B_IMG=$(disk lk-emu)
+ublk_round a $A_IMG --device $BDF
+# The refusals, while /dev/ublkb0 is live: another server, another volume.
+refused a-recover-live "live, served by pid" crypt-vfio open --foreground --recover $dev --key-file /key \
+    --device software $A_IMG
+refused a-recover-other "not this volume" crypt-vfio open --foreground --recover $dev --key-file /key \
+    --device software $B_IMG
+step a-close crypt-vfio close $dev
+step a-gone sh -c "test ! -e $dev && test ! -e /sys/block/$b"
+step a-server-gone gone $(cat /run/a.pid)
+cat /run/a.log /run/a-recover.log
+
+# --- ublk, through the software engine --------------------------------------------------------
+ublk_round b $B_IMG --device software
+step b-close crypt-vfio close $dev
+cat /run/b-recover.log
+
 # --- NBD: crypt-vfio attaches /dev/nbd0 itself, through the VFIO-bound device ----------------
 NBD_IMG=$(disk lk-nbd)
 step nbd-open crypt-vfio open --nbd /dev/nbd0 --key-file /key --device $BDF --log-file /run/nbd.log \

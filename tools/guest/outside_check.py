@@ -6,7 +6,8 @@
 The volume key comes from `cryptsetup luksDump --dump-volume-key`, the data segment's offset,
 cipher and sector size from `--dump-json-metadata`; tools/dmcrypt_ref.py (OpenSSL) decrypts the
 data segment; `e2fsck -fn` must find the filesystem clean; `debugfs -R rdump` copies each
-directory out (default: /t1 compared with TREE) and every file must match byte for byte.
+directory or file out (default: /t1 compared with TREE) and every file must match byte for
+byte.
 Exits non-zero, saying what differs, otherwise.
 """
 
@@ -72,13 +73,19 @@ def main():
         run("debugfs", "-R", f"rdump {inside} {out}", plain,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         got = os.path.join(out, os.path.basename(inside))
-        problems = compare(want, got) if os.path.isdir(got) else [f"{inside} is not in the filesystem"]
+        if os.path.isfile(want):
+            same = os.path.isfile(got) and filecmp.cmp(want, got, shallow=False)
+            problems = [] if same else [f"{inside} is missing or differs"]
+        elif os.path.isdir(got):
+            problems = compare(want, got)
+        else:
+            problems = [f"{inside} is not in the filesystem"]
         for p in problems[:10]:
             print(f"{img}: {inside}: {p}")
         failed |= bool(problems)
         if not problems:
-            n = sum(len(f) for _, _, f in os.walk(want))
-            print(f"{img}: {inside}: {n} files read back outside the guest, byte for byte")
+            n = sum(len(f) for _, _, f in os.walk(want)) if os.path.isdir(want) else 1
+            print(f"{img}: {inside}: {n} file(s) read back outside the guest, byte for byte")
     shutil.rmtree(work)
     if failed:
         sys.exit(1)
