@@ -17,6 +17,9 @@
 #
 # Environment:
 #   BLOCK_GUEST_TIMEOUT=N   seconds the guest may run (default 600)
+#   BLOCK_GUEST_FIO=0       skip the fio numbers (ublk and NBD through the device and the software
+#                           engine, and dm-crypt, on one more image)
+#   FIO_RT=N                seconds each fio job runs (default 3)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,7 +39,15 @@ python3 -c "import cryptography" 2>/dev/null || rig_fail "needs python3-cryptogr
 rig_tools
 # vfio-pci and what it needs; ublk and the NBD client; virtio disks, ext4 and its checksums
 # (the kernel would request crc32c through modprobe, which the initramfs does not have).
-rig_kernel trixie irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci ublk_drv nbd virtio_blk ext4 crc32c_generic
+# dm-crypt and XTS for the anchor of the fio numbers.
+rig_kernel trixie irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci ublk_drv nbd virtio_blk ext4 crc32c_generic \
+    dm-crypt xts
+# The guest's userland beyond busybox: the host's e2fsprogs and cryptsetup, and Debian 12's fio and
+# nbd-client (unpacked, not installed), each with the libraries it links.
+GUEST_PKGS=$RIG_WORK/guest-pkgs
+rig_unpack "$GUEST_PKGS" fio nbd-client
+GR=$GUEST_PKGS/root
+GUEST_LIBS=$GR/lib/x86_64-linux-gnu:$GR/usr/lib/x86_64-linux-gnu:$GR/usr/lib/x86_64-linux-gnu/ceph
 
 rig_say "building crypt-vfio statically"
 rig_static_build "$ROOT" "$RIG_WORK/build.log"
@@ -45,9 +56,12 @@ rig_static_build "$ROOT" "$RIG_WORK/build.log"
 IMGS=$RIG_WORK/images
 rm -rf "$IMGS" && mkdir -p "$IMGS"
 printf 'block-guest passphrase' >"$IMGS/key"
+FIO=${BLOCK_GUEST_FIO:-1}
 DISKS=(lk-vfio lk-emu lk-nbd)
-for d in "${DISKS[@]}"; do
-    truncate -s 64M "$IMGS/$d.img"
+ALL_DISKS=("${DISKS[@]}")
+[ "$FIO" = 0 ] || ALL_DISKS+=(lk-bench)
+for d in "${ALL_DISKS[@]}"; do
+    if [ $d = lk-bench ]; then truncate -s 128M "$IMGS/$d.img"; else truncate -s 64M "$IMGS/$d.img"; fi
     # 4096-byte sectors (the block device's logical block size), a cheap KDF (the guest is slow).
     cryptsetup luksFormat -q --type luks2 --cipher aes-xts-plain64 --key-size 512 --sector-size 4096 \
         --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --luks2-metadata-size 16k --luks2-keyslots-size 1m \
@@ -61,12 +75,15 @@ cp "$ROOT/tools/guest/block-init.sh" "$INITRD/init"
 cp "$ROOT/tools/guest/steps.sh" "$INITRD/steps.sh"
 chmod +x "$INITRD/init"
 cp "$IMGS/key" "$INITRD/key"
-# The host's own e2fsprogs (Debian 12) with their libraries: busybox's mke2fs applet makes no
-# ext4 with a journal and checksums, and it has no e2fsck.
-for t in mke2fs e2fsck; do
-    cp "$(command -v $t)" "$INITRD/tools/bin/"
-    for lib in $(ldd "$(command -v $t)" | awk '/=> \// { print $3 }'); do cp -L "$lib" "$INITRD/tools/lib/"; done
+# busybox's mke2fs applet makes no ext4 with a journal and checksums, and it has no e2fsck.
+for t in "$(command -v mke2fs)" "$(command -v e2fsck)" "$(command -v cryptsetup)" "$GR/usr/bin/fio" "$GR/sbin/nbd-client"; do
+    cp "$t" "$INITRD/tools/bin/"
+    libs=$(LD_LIBRARY_PATH=$GUEST_LIBS ldd "$t") || rig_fail "ldd $t failed"
+    ! echo "$libs" | grep "not found" || rig_fail "$t lacks libraries (above)"
+    for lib in $(echo "$libs" | awk '/=> \// { print $3 }'); do cp -L "$lib" "$INITRD/tools/lib/"; done
 done
+cp "$ROOT/tools/guest/bench.fio" "$INITRD/bench.fio"
+echo "FIO=$FIO; export FIO_RT=${FIO_RT:-3}" >"$INITRD/bench.env"
 cp -L /lib64/ld-linux-x86-64.so.2 "$INITRD/lib64/"
 # The tree the guest writes: deterministic, files of 1 byte to 256 KiB.
 python3 "$ROOT/tools/guest/tree.py" "$INITRD/tree" 7 200
@@ -77,7 +94,7 @@ rig_initramfs "$INITRD" "$RIG_WORK/initrd.cpio"
 # --- The guest ------------------------------------------------------------------------------
 LOG=$RIG_WORK/guest.log
 drives=()
-for d in "${DISKS[@]}"; do
+for d in "${ALL_DISKS[@]}"; do
     drives+=(-drive "file=$IMGS/$d.img,format=raw,if=none,id=$d,cache=unsafe"
         -device "virtio-blk-pci,drive=$d,serial=$d")
 done
@@ -104,6 +121,18 @@ case $verdict in
         rig_fail "the guest did not boot or did not finish (QEMU exit status $qemu_rc); see $LOG"
         ;;
 esac
+
+# --- The fio table ----------------------------------------------------------------------------
+if [ "$FIO" != 0 ]; then
+    tr -d '\r' <"$LOG" | grep -a "^FIO " | awk '
+        BEGIN { print "| target | job | MB/s | IOPS | mean latency (ms) |"; print "| --- | --- | --- | --- | --- |" }
+        { r = ($5 > 0) ? 1 : 0
+          bw = r ? $4 : $7; iops = r ? $5 : $8; lat = r ? $6 : $9
+          printf "| %s | %s | %.1f | %d | %.2f |\n", $2, $3, bw * 1024 / 1e6, iops, lat / 1000 }' \
+        >"$RIG_WORK/fio.md"
+    rig_say "fio in the guest (TCG, ${FIO_RT:-3} s per job; load: $(cut -d' ' -f1-3 /proc/loadavg)):"
+    cat "$RIG_WORK/fio.md"
+fi
 
 # --- Outside: an independent decryption of every image, fsck, and the files read back --------
 for d in "${DISKS[@]}"; do

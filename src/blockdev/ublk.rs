@@ -296,6 +296,9 @@ impl TagDone {
     }
 }
 
+/// `prctl` option of Linux 5.6 (`linux/prctl.h`), which the libc crate does not name.
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
 /// A request on its way to a worker.
 struct Job {
     req: Request,
@@ -323,6 +326,13 @@ fn start_workers(
 }
 
 fn worker(rx: &Mutex<Receiver<Job>>, device: &dyn BlockDevice) {
+    // A worker writes the image behind the block device it serves: memory reclaim on its behalf
+    // must not write back to that device (it would wait on itself). libublk marks its queue
+    // threads so; the workers do the I/O, so they are marked too.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) } != 0 {
+        log::debug!("PR_SET_IO_FLUSHER: {}", std::io::Error::last_os_error());
+    }
     loop {
         // The lock is held only while waiting for the next job; a poisoned lock means another
         // worker panicked, and the channel itself is still sound.

@@ -154,6 +154,64 @@ step nbd-reread sh -c "mount -t ext4 -o ro /dev/nbd0 /mnt/nbd && diff -r /tree /
 step nbd-close-again crypt-vfio close /dev/nbd0
 cat /run/nbd.log
 
+# --- The kernel's own NBD client (nbd-client) against `crypt-vfio serve` ----------------------
+crypt-vfio serve --socket /run/n.sock --key-file /key --device $BDF $NBD_IMG >/run/serve.log 2>&1 &
+spid=$!
+i=0
+while [ ! -S /run/n.sock ] && [ $i -lt 300 ]; do usleep 100000; i=$((i + 1)); done
+step nbdc-connect /tools/bin/nbd-client -u /run/n.sock /dev/nbd1 -b 4096 -t 60
+step nbdc-bs sh -c "test \$(cat /sys/block/nbd1/queue/logical_block_size) = 4096"
+mkdir -p /mnt/nbdc
+step nbdc-mount mount -t ext4 /dev/nbd1 /mnt/nbdc
+step nbdc-diff diff -r /tree /mnt/nbdc/t1
+step nbdc-write cp -a /tree /mnt/nbdc/t3
+step nbdc-umount umount /mnt/nbdc
+step nbdc-fsck /tools/bin/e2fsck -fn /dev/nbd1
+step nbdc-disconnect /tools/bin/nbd-client -d /dev/nbd1
+kill -TERM $spid
+wait $spid
+rc=$?
+cat /run/serve.log
+[ $rc = 0 ] || failed serve-exit "crypt-vfio serve exited with status $rc after SIGTERM"
+
+# --- fio: ublk and NBD through the device and the software engine, and dm-crypt itself ----------
+# bench NAME DEV: the jobs of /bench.fio on DEV, one `FIO` line per job for the host to tabulate.
+bench() {
+    echo "=== fio-$1: $2 [$(uptime_s) s]"
+    if /tools/bin/fio --output-format=terse --terse-version=3 --filename=$2 /bench.fio >/tmp/fio 2>/tmp/fio.err; then
+        # terse v3: 3 job, 7/8/40 read KiB/s, IOPS, mean latency (us); 48/49/81 the same for writes
+        awk -F';' -v t=$1 '{ printf "FIO %s %s %s %s %s %s %s %s\n", t, $3, $7, $8, $40, $48, $49, $81 }' /tmp/fio
+    else
+        cat /tmp/fio.err
+        failed fio-$1 "fio failed on $2"
+    fi
+}
+. /bench.env
+if [ "$FIO" = 1 ]; then
+    BENCH_IMG=$(disk lk-bench)
+    for engine in vfio software; do
+        dev_opt=$BDF
+        [ $engine = software ] && dev_opt=software
+        if step fio-open-ublk-$engine crypt-vfio open --key-file /key --max-io-kib 256 --device $dev_opt $BENCH_IMG; then
+            d=$(tail -1 /tmp/out)
+            bench ublk-$engine $d
+            step fio-close-ublk-$engine crypt-vfio close $d
+        fi
+    done
+    if step fio-open-nbd crypt-vfio open --nbd any --key-file /key --device $BDF $BENCH_IMG; then
+        d=$(tail -1 /tmp/out)
+        bench nbd-vfio $d
+        step fio-close-nbd crypt-vfio close $d
+    fi
+    # dm-crypt: the kernel's own, as cryptsetup opens it (no udev here: libdevmapper is told so).
+    mkdir -p /run/cryptsetup
+    export DM_DISABLE_UDEV=1
+    if step fio-open-dmcrypt /tools/bin/cryptsetup open --key-file /key $BENCH_IMG bench; then
+        bench dm-crypt /dev/mapper/bench
+        step fio-close-dmcrypt /tools/bin/cryptsetup close bench
+    fi
+fi
+
 errs=$(kernel_errors)
 [ -z "$errs" ] || failed kernel-log "$errs"
 step unbind crypt-vfio unbind $BDF
