@@ -198,7 +198,9 @@ if [ "$FIO" = 1 ]; then
             step fio-close-ublk-$engine crypt-vfio close $d
         fi
     done
-    if step fio-open-nbd crypt-vfio open --nbd any --key-file /key --device $BDF $BENCH_IMG; then
+    # --workers is per connection for NBD: 2 connections x 2 = the 4 workers ublk has in all,
+    # so that both run the volume with the same concurrency.
+    if step fio-open-nbd crypt-vfio open --nbd any --workers 2 --key-file /key --device $BDF $BENCH_IMG; then
         d=$(tail -1 /tmp/out)
         bench nbd-vfio $d
         step fio-close-nbd crypt-vfio close $d
