@@ -35,7 +35,7 @@ use crate::volume::block::BlockDevice;
 #[derive(Debug, thiserror::Error)]
 pub enum UblkServeError {
     /// The ublk driver or libublk refused.
-    #[error("ublk {what}: {source}")]
+    #[error("ublk {what}: {}", describe(source))]
     Ublk {
         /// What was being done.
         what: &'static str,
@@ -66,6 +66,17 @@ pub enum UblkServeError {
 }
 
 type Result<T> = std::result::Result<T, UblkServeError>;
+
+/// libublk's error with the errno it carries spelled out (its own text for a refused control
+/// command is only "other failure").
+fn describe(e: &UblkError) -> String {
+    match e {
+        UblkError::OtherError(n) | UblkError::UringIOError(n) => {
+            format!("{e} ({})", std::io::Error::from_raw_os_error(n.saturating_abs()))
+        }
+        e => e.to_string(),
+    }
+}
 
 fn ublk(what: &'static str) -> impl FnOnce(UblkError) -> UblkServeError {
     move |source| UblkServeError::Ublk { what, source }
