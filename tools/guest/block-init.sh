@@ -134,6 +134,18 @@ ublk_round b $B_IMG --device software
 step b-close crypt-vfio close $dev
 cat /run/b-recover.log
 
+# --- ublk read-only, and close after the server died (nothing to recover) ---------------------
+step c-open crypt-vfio open --read-only --key-file /key --device software --pidfile /run/c.pid $B_IMG
+dev=$(tail -1 /tmp/out)
+b=${dev##*/}
+step c-ro sh -c "test \$(cat /sys/block/$b/ro) = 1"
+step c-read sh -c "mount -t ext4 -o ro $dev /mnt/b && diff -r /tree /mnt/b/t2 && umount /mnt/b"
+old=$(cat /run/c.pid)
+kill -9 $old
+while ! gone $old; do usleep 1000; done
+step c-close-dead crypt-vfio close $dev
+step c-gone sh -c "test ! -e $dev && test ! -e /sys/block/$b"
+
 # --- NBD: crypt-vfio attaches /dev/nbd0 itself, through the VFIO-bound device ----------------
 NBD_IMG=$(disk lk-nbd)
 step nbd-open crypt-vfio open --nbd /dev/nbd0 --key-file /key --device $BDF --log-file /run/nbd.log \
