@@ -191,11 +191,11 @@ rig_kernel() {
         # stream: ZSTD (28 B5 2F FD, trixie) or XZ (FD 37 7A 58 5A 00, bookworm); the decompressor
         # complains about the bytes after it, which are not ours to read.
         vmlinuz=$RIG_KDIR/x/boot/vmlinuz-$RIG_KVER
-        off=$(LC_ALL=C grep -obUaP '\x28\xB5\x2F\xFD' "$vmlinuz" | head -1 | cut -d: -f1)
+        off=$(LC_ALL=C grep -obUaP '\x28\xB5\x2F\xFD' "$vmlinuz" | head -1 | cut -d: -f1) || true
         if [ -n "$off" ]; then
             tail -c +$((off + 1)) "$vmlinuz" | rig_with_libs "$(rig_tool_path zstd)" -dcq >"$RIG_KDIR/vmlinux.tmp" 2>/dev/null || true
         else
-            off=$(LC_ALL=C grep -obUaP '\xFD7zXZ\x00' "$vmlinuz" | head -1 | cut -d: -f1)
+            off=$(LC_ALL=C grep -obUaP '\xFD7zXZ\x00' "$vmlinuz" | head -1 | cut -d: -f1) || true
             [ -n "$off" ] || rig_fail "no ZSTD or XZ stream in $vmlinuz"
             tail -c +$((off + 1)) "$vmlinuz" | rig_with_libs "$(rig_tool_path xz)" -dc >"$RIG_KDIR/vmlinux.tmp" 2>/dev/null || true
         fi
