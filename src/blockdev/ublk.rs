@@ -603,6 +603,16 @@ pub fn serve(
         });
     };
     let served = ctrl.run_target(tgt_init, q_fn, started).map_err(ublk("serving"));
+    if let Err(e) = served {
+        // The start failed: run_target returned without joining its queue threads, which still
+        // hold the job senders and /dev/ublkcN. Joining the workers, or the synchronous delete
+        // of dropping the handle (it waits for the char device to be released), would wait for
+        // ever; the asynchronous delete does not, and the threads end with the process.
+        if ctrl.del_dev_async().is_err() {
+            ctrl.disown();
+        }
+        return Err(e);
+    }
     // The queue closures (and their job senders) are gone with run_target: the workers finish
     // what they have and exit.
     for w in workers {
@@ -614,7 +624,6 @@ pub fn serve(
         let _ = ctrl.del_dev();
     }
     drop(ctrl);
-    served?;
     flushed.map_err(|e| {
         UblkServeError::Unsuitable(format!("flushing the volume after the device stopped: {e}"))
     })?;
