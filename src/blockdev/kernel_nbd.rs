@@ -10,7 +10,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::nbd_netlink::{Connect, NbdNetlink, NbdNetlinkError};
 use crate::nbd::proto::tflags;
@@ -120,7 +119,7 @@ pub fn serve(
     drop(theirs);
     log::info!("attached as /dev/nbd{index}");
     ready(index);
-    // A stop (SIGTERM) disconnects as `close` does: the kernel sends NBD_CMD_DISC on every
+    // A stop (SIGTERM) disconnects as `close` does (not while mounted): the kernel sends NBD_CMD_DISC on every
     // connection after the requests in flight, and the server's connections end on it.
     let server_stop = server.stop_flag();
     let watcher_done = Arc::new(AtomicBool::new(false));
@@ -129,16 +128,14 @@ pub fn serve(
         std::thread::Builder::new()
             .name("nbd-stop".into())
             .spawn(move || {
-                while !done.load(Ordering::Acquire) {
-                    if stop.load(Ordering::Acquire) {
-                        if let Err(e) = nl.disconnect(index) {
-                            log::warn!("disconnecting /dev/nbd{index}: {e}; closing its connections");
-                            server_stop.store(true, Ordering::SeqCst);
-                        }
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                let path = std::path::PathBuf::from(format!("/dev/nbd{index}"));
+                super::stop_when_unused(&stop, &done, &path, || {
+                    nl.disconnect(index).map_err(|e| {
+                        // Without the kernel's NBD_CMD_DISC, ending the connections ends it.
+                        server_stop.store(true, Ordering::SeqCst);
+                        format!("{e}; closing its connections")
+                    })
+                });
             })
             .map_err(|source| KernelNbdError::Os { what: "starting the stop watcher", source })?
     };
@@ -154,6 +151,7 @@ pub fn serve(
 mod tests {
     use super::*;
     use crate::volume::file::FileBlockDevice;
+    use std::time::Duration;
 
     fn config() -> KernelNbdConfig {
         KernelNbdConfig {

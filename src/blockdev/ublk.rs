@@ -29,6 +29,7 @@ use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkUringData};
 use serde::{Deserialize, Serialize};
 
+use super::alive;
 use crate::volume::block::BlockDevice;
 
 /// What went wrong serving /dev/ublkbN.
@@ -82,17 +83,64 @@ fn ublk(what: &'static str) -> impl FnOnce(UblkError) -> UblkServeError {
     move |source| UblkServeError::Ublk { what, source }
 }
 
+/// libublk reports a refused control command sometimes as `Ok(-errno)` (a start of user recovery
+/// that stayed EBUSY for 30 s does): such a result is an error.
+pub fn checked(r: std::result::Result<i32, UblkError>) -> std::result::Result<i32, UblkError> {
+    match r {
+        Ok(n) if n < 0 => Err(UblkError::OtherError(n)),
+        r => r,
+    }
+}
+
+/// Descriptors a device needs besides one eventfd per tag (io_urings, control, log, image).
+const SPARE_FDS: u64 = 256;
+
+/// Makes sure the process may open an eventfd for each of `tags` tags: raises the soft limit
+/// on descriptors to the hard one if needed, or refuses. A tag that cannot get its eventfd never
+/// fetches, and the driver would wait for it for ever.
+fn ensure_descriptors(tags: u64) -> Result<()> {
+    let need = tags + SPARE_FDS;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(UblkServeError::Os {
+            what: "reading RLIMIT_NOFILE",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if lim.rlim_cur >= need {
+        return Ok(());
+    }
+    if lim.rlim_max < need {
+        return Err(UblkServeError::Unsuitable(format!(
+            "{tags} tags (queues x queue depth) need {need} file descriptors; this process may open {} \
+             (RLIMIT_NOFILE): use fewer queues or a smaller --queue-depth",
+            lim.rlim_max
+        )));
+    }
+    let raised = libc::rlimit { rlim_cur: need, rlim_max: lim.rlim_max };
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(UblkServeError::Os {
+            what: "raising RLIMIT_NOFILE",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// The flags every device is created with: a killed server's requests are requeued for the next.
 pub const RECOVERY_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
 
 /// Which volume a device serves, kept in the device's JSON (/run/ublksrvd/N.json) so that
 /// `--recover` and `close` can check they have the right one: recovering a device onto another
-/// image or key would hand a mounted filesystem someone else's blocks.
+/// image, key, cipher or access mode would hand a mounted filesystem someone else's blocks (or
+/// fail the writes the kernel reissues).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     /// The image path as opened.
     pub image: String,
-    /// The image's device and inode numbers.
+    /// The image's device and inode numbers (for a device node, its `st_rdev` in `ino`).
     pub dev: u64,
     /// See `dev`.
     pub ino: u64,
@@ -100,6 +148,63 @@ pub struct Identity {
     pub size: u64,
     /// The volume's sector size.
     pub sector_size: u32,
+    /// The device refuses writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Random salt of `key_check`, made when the device was added.
+    #[serde(default)]
+    pub salt: String,
+    /// SHA-256 of the salt, the volume key and the cipher shape: the same image reformatted in
+    /// place, or opened with another key or cipher, does not match. The key cannot be got back
+    /// from it, so the JSON may stay world-readable.
+    #[serde(default)]
+    pub key_check: String,
+}
+
+impl Identity {
+    /// `key_check` for `material` (the volume key and cipher shape) under `salt`.
+    pub fn key_check(salt: &str, material: &[u8]) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"crypt-vfio ublk identity v1\0");
+        h.update(salt.as_bytes());
+        h.update([0u8]);
+        h.update(material);
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// A new salt for a device being added.
+    pub fn new_salt() -> String {
+        rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Why a device recorded as `recorded` must not be served as `self`, if it must not.
+    pub fn mismatch(&self, recorded: &Identity) -> Option<String> {
+        let mut why = Vec::new();
+        if (recorded.dev, recorded.ino) != (self.dev, self.ino) {
+            why.push(format!(
+                "it serves {} (inode {}:{}), not {} (inode {}:{})",
+                recorded.image, recorded.dev, recorded.ino, self.image, self.dev, self.ino
+            ));
+        }
+        if (recorded.size, recorded.sector_size) != (self.size, self.sector_size) {
+            why.push(format!(
+                "it is {} bytes of {}-byte sectors, this volume {} bytes of {}-byte sectors",
+                recorded.size, recorded.sector_size, self.size, self.sector_size
+            ));
+        }
+        if recorded.key_check.is_empty() || recorded.key_check != self.key_check {
+            why.push("it was opened with another key, cipher or header (or no key is recorded)".into());
+        }
+        if recorded.read_only != self.read_only {
+            why.push(format!(
+                "it was opened {}, this server would be {}",
+                if recorded.read_only { "read-only" } else { "read-write" },
+                if self.read_only { "read-only" } else { "read-write" }
+            ));
+        }
+        (!why.is_empty()).then(|| why.join("; ") + "; recovering onto another volume would corrupt it")
+    }
 }
 
 /// The key of the identity in the device's target JSON.
@@ -361,15 +466,12 @@ fn worker(rx: &Mutex<Receiver<Job>>, device: &dyn BlockDevice) {
 
 /// One tag: fetch a request, hand it to a worker, wait, commit the result and fetch the next,
 /// until the queue goes down.
-async fn serve_tag(q: &UblkQueue<'_>, tag: u16, jobs: Sender<Job>) -> std::result::Result<(), UblkError> {
-    let len = q.dev.dev_info.max_io_buf_bytes as usize;
-    let (buf, done) = match (TagBuf::new(len), TagDone::new()) {
-        (Ok(b), Ok(d)) => (Arc::new(b), Arc::new(d)),
-        (Err(e), _) | (_, Err(e)) => {
-            log::error!("tag {tag}: {e}");
-            return Err(UblkError::OtherError(-libc::ENOMEM));
-        }
-    };
+async fn serve_tag(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    (buf, done): (Arc<TagBuf>, Arc<TagDone>),
+    jobs: Sender<Job>,
+) -> std::result::Result<(), UblkError> {
     let addr = buf.ptr as *const u8;
     q.submit_io_prep_cmd(tag, BufDesc::RawAddress(addr), 0, None).await?;
     loop {
@@ -408,12 +510,25 @@ fn serve_queue(qid: u16, dev: &UblkDev, jobs: &Sender<Job>) {
             return dev.notify_buffer_registration_complete(true);
         }
     };
+    // Every tag's buffer and eventfd first: a tag that could not start would never fetch, and
+    // the start would wait for it for ever; failing here fails the start instead.
+    let len = dev.dev_info.max_io_buf_bytes as usize;
+    let mut tag_res = Vec::new();
+    for tag in q.tags() {
+        match (TagBuf::new(len), TagDone::new()) {
+            (Ok(b), Ok(d)) => tag_res.push((tag, (Arc::new(b), Arc::new(d)))),
+            (Err(e), _) | (_, Err(e)) => {
+                log::error!("ublk queue {qid} tag {tag}: {e}");
+                return dev.notify_buffer_registration_complete(true);
+            }
+        }
+    }
     let exe = Rc::new(smol::LocalExecutor::new());
     let mut tasks = Vec::new();
-    for tag in q.tags() {
+    for (tag, res) in tag_res {
         let (q, jobs) = (Rc::clone(&q), jobs.clone());
         tasks.push(exe.spawn(async move {
-            match serve_tag(&q, tag, jobs).await {
+            match serve_tag(&q, tag, res, jobs).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => log::error!("ublk queue {qid} tag {tag}: {e}"),
             }
@@ -433,12 +548,9 @@ fn serve_queue(qid: u16, dev: &UblkDev, jobs: &Sender<Job>) {
     }));
 }
 
-/// Whether process `pid` runs (a zombie does not).
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) != Some('Z'),
-        Err(_) => false,
-    }
+/// The identity recorded for /dev/ublkb`id`, if it exists and crypt-vfio made it.
+pub fn recorded_identity_of(id: u32) -> Option<Identity> {
+    recorded_identity(&UblkCtrl::new_simple(i32::try_from(id).ok()?).ok()?)
 }
 
 /// The device's recorded identity, if crypt-vfio made it.
@@ -458,23 +570,11 @@ fn check_recoverable(id: u32, identity: &Identity, log_t: &dyn Fn(&str)) -> Resu
     }
     match recorded_identity(&ctrl) {
         None => return Err(refuse("crypt-vfio did not make it (no identity in its JSON)".into())),
-        Some(recorded) if recorded != *identity => {
-            return Err(refuse(format!(
-                "it serves {} ({} bytes, {}-byte sectors, inode {}:{}), not this volume {} ({} bytes, \
-                 {}-byte sectors, inode {}:{}); recovering onto another volume would corrupt it",
-                recorded.image,
-                recorded.size,
-                recorded.sector_size,
-                recorded.dev,
-                recorded.ino,
-                identity.image,
-                identity.size,
-                identity.sector_size,
-                identity.dev,
-                identity.ino
-            )))
+        Some(recorded) => {
+            if let Some(why) = identity.mismatch(&recorded) {
+                return Err(refuse(why));
+            }
         }
-        Some(_) => {}
     }
     let mut p = sys::ublk_params {
         len: std::mem::size_of::<sys::ublk_params>() as u32,
@@ -491,6 +591,9 @@ fn check_recoverable(id: u32, identity: &Identity, log_t: &dyn Fn(&str)) -> Resu
             identity.size,
             identity.sector_size
         )));
+    }
+    if (p.basic.attrs & sys::UBLK_ATTR_READ_ONLY != 0) != identity.read_only {
+        return Err(refuse("the kernel's device and this server differ in read-only".into()));
     }
     let deadline = Instant::now() + Duration::from_secs(35);
     loop {
@@ -544,7 +647,7 @@ pub fn serve(
             .map_err(ublk("adding a device (is ublk_drv loaded?)"))?,
         Some(id) => {
             let old = check_recoverable(id, &config.identity, &log_t)?;
-            old.start_user_recover().map_err(ublk("starting user recovery"))?;
+            checked(old.start_user_recover()).map_err(ublk("starting user recovery"))?;
             log_t("user recovery started");
             let info = old.dev_info();
             UblkCtrlBuilder::default()
@@ -568,6 +671,15 @@ pub fn serve(
         )));
     }
     let id = ctrl.dev_info().dev_id;
+    let info = ctrl.dev_info();
+    if let Err(e) = ensure_descriptors(u64::from(info.nr_hw_queues) * u64::from(info.queue_depth)) {
+        // Nothing was started on the device yet: an added one goes with its handle, a recovered
+        // one stays quiesced for the next try.
+        if config.recover.is_some() {
+            ctrl.disown();
+        }
+        return Err(e);
+    }
     let (jobs, workers) = start_workers(&device, config.workers)?;
     let identity = serde_json::json!({ JSON_KEY: config.identity });
     let tgt_init = move |dev: &mut UblkDev| {
@@ -592,14 +704,14 @@ pub fn serve(
         log_t("device live");
         let id = ctrl.dev_info().dev_id;
         ready(id);
-        // SIGTERM: stop the device as `close` does; the queues then unwind and run_target returns.
+        // SIGTERM: stop the device as `close` does, and only when `close` would; the queues
+        // then unwind and run_target returns.
         std::thread::spawn(move || {
-            while !stop.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if let Ok(c) = UblkCtrl::new_simple(id as i32) {
-                let _ = c.stop_dev();
-            }
+            let path = std::path::PathBuf::from(format!("/dev/ublkb{id}"));
+            super::stop_when_unused(&stop, &AtomicBool::new(false), &path, || {
+                let c = UblkCtrl::new_simple(id as i32).map_err(|e| e.to_string())?;
+                checked(c.stop_dev()).map(drop).map_err(|e| describe(&e))
+            });
         });
     };
     let served = ctrl.run_target(tgt_init, q_fn, started).map_err(ublk("serving"));
@@ -608,7 +720,9 @@ pub fn serve(
         // hold the job senders and /dev/ublkcN. Joining the workers, or the synchronous delete
         // of dropping the handle (it waits for the char device to be released), would wait for
         // ever; the asynchronous delete does not, and the threads end with the process.
-        if ctrl.del_dev_async().is_err() {
+        // A device being recovered is never deleted: it holds a filesystem's requeued writes,
+        // which the next `--recover` can still complete.
+        if config.recover.is_some() || checked(ctrl.del_dev_async()).is_err() {
             ctrl.disown();
         }
         return Err(e);
@@ -753,11 +867,66 @@ mod tests {
 
     #[test]
     fn identities_round_trip_through_the_device_json() {
-        let id = Identity { image: "/dev/vdb".into(), dev: 1, ino: 2, size: 3 << 20, sector_size: 4096 };
+        let salt = Identity::new_salt();
+        let id = Identity {
+            image: "/dev/vdb".into(),
+            dev: 0,
+            ino: 0xfd10,
+            size: 3 << 20,
+            sector_size: 4096,
+            read_only: false,
+            key_check: Identity::key_check(&salt, b"key and shape"),
+            salt,
+        };
         let json = serde_json::json!({ JSON_KEY: id });
         let back: Identity = serde_json::from_value(json[JSON_KEY].clone()).unwrap();
         assert_eq!(back, id);
-        let other = Identity { ino: 3, ..id.clone() };
-        assert_ne!(other, id, "another image must not pass for this one");
+        assert_eq!(id.mismatch(&back), None);
+        assert!(!json.to_string().contains("key and shape"));
+    }
+
+    /// `--recover` takes a device over only from the same image, key, cipher and access mode.
+    #[test]
+    fn recovery_onto_another_key_image_or_mode_is_refused() {
+        let salt = Identity::new_salt();
+        let recorded = Identity {
+            image: "/srv/a.img".into(),
+            dev: 1,
+            ino: 2,
+            size: 3 << 20,
+            sector_size: 4096,
+            read_only: false,
+            key_check: Identity::key_check(&salt, b"key A, aes-xts-plain64"),
+            salt: salt.clone(),
+        };
+        let other_key =
+            Identity { key_check: Identity::key_check(&salt, b"key B, aes-xts-plain64"), ..recorded.clone() };
+        let other_cipher = Identity {
+            key_check: Identity::key_check(&salt, b"key A, aes-cbc-essiv:sha256"),
+            ..recorded.clone()
+        };
+        let read_only = Identity { read_only: true, ..recorded.clone() };
+        let other_image = Identity { ino: 3, ..recorded.clone() };
+        let unrecorded = Identity { key_check: String::new(), salt: String::new(), ..recorded.clone() };
+        for (case, this, text) in [
+            ("another key", &other_key, "another key"),
+            ("another cipher", &other_cipher, "another key, cipher"),
+            ("read-only", &read_only, "read-only"),
+            ("another image", &other_image, "inode 1:2"),
+        ] {
+            let why = this.mismatch(&recorded).unwrap_or_else(|| panic!("{case} accepted"));
+            assert!(why.contains(text), "{case}: {why}");
+        }
+        // A device recorded without a key check (an older crypt-vfio) is never taken over.
+        assert!(recorded.mismatch(&unrecorded).is_some());
+        // The same material under another salt gives another check: the JSON says nothing
+        // about whether two devices share a key.
+        assert_ne!(Identity::key_check("x", b"k"), Identity::key_check("y", b"k"));
+    }
+
+    #[test]
+    fn refused_control_commands_reported_as_ok_are_errors() {
+        assert!(checked(Ok(-libc::EBUSY)).is_err());
+        assert_eq!(checked(Ok(0)).unwrap(), 0);
     }
 }

@@ -5,18 +5,20 @@
 //! mounted filesystem's device would fail its I/O. Otherwise it flushes the device, detaches it,
 //! and waits for the server to finish and exit (the server flushes the image last).
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use crypt_vfio::blockdev::nbd_netlink::NbdNetlink;
-use crypt_vfio::blockdev::ublk;
+use crypt_vfio::blockdev::{alive, open_exclusive, ublk};
 use libublk::ctrl::UblkCtrl;
 
 /// How long `close` waits for the server to exit after detaching its device.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// How long `close` waits for the device's flush before giving up.
+const FLUSH_WAIT: Duration = Duration::from_secs(120);
 
 /// Arguments of `crypt-vfio close`.
 #[derive(Args, Debug)]
@@ -50,9 +52,11 @@ pub fn run(args: CloseArgs) -> anyhow::Result<()> {
             backend.trim()
         );
     }
-    flush_unless_busy(&args.device)?;
+    let held = flush_unless_busy(&args.device)?;
     let mut nl = NbdNetlink::open()?;
     nl.disconnect(index).with_context(|| format!("disconnecting {name}"))?;
+    // Held across the disconnect: nothing mounts the device between the check and the detach.
+    drop(held);
     if let Some(pid) = pid {
         wait_exit(pid, &name)?;
     }
@@ -63,55 +67,63 @@ pub fn run(args: CloseArgs) -> anyhow::Result<()> {
 /// a device whose server is dead fails its queued requests.
 fn close_ublk(args: &CloseArgs, id: u32) -> anyhow::Result<()> {
     let name = args.device.display();
-    let ctrl =
-        UblkCtrl::new_simple(id as i32).map_err(|e| anyhow::anyhow!("{name}: no such ublk device ({e})"))?;
+    // parse_ublk_device keeps ids in the driver's i32 range.
+    let ctrl = UblkCtrl::new_simple(i32::try_from(id)?)
+        .map_err(|e| anyhow::anyhow!("{name}: no such ublk device ({e})"))?;
     if ublk::recorded_identity(&ctrl).is_none() && !args.force {
         bail!("{name} was not opened by crypt-vfio (no crypt-vfio identity in its JSON); use --force to delete it anyway");
     }
     let info = ctrl.dev_info();
-    let live = u32::from(info.state) == libublk::sys::UBLK_S_DEV_LIVE;
-    if live {
-        flush_unless_busy(&args.device)?;
+    // A live device whose server is dead is one the driver has not quiesced yet: nothing would
+    // serve a flush (it would wait for a recovery that may never come).
+    let live = u32::from(info.state) == libublk::sys::UBLK_S_DEV_LIVE && alive(info.ublksrv_pid);
+    let held = if live {
+        flush_unless_busy(&args.device)?
     } else {
-        // Nothing would serve a flush; only refuse while something holds the device.
-        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&args.device).map_err(
-            |e| match e.raw_os_error() {
-                Some(libc::EBUSY) => anyhow::anyhow!(
-                    "{name} is in use (mounted, or held by another program); unmount it first"
-                ),
-                _ => anyhow::anyhow!("opening {name}: {e}"),
-            },
-        )?;
-    }
-    ctrl.stop_dev().map_err(|e| anyhow::anyhow!("stopping {name}: {e}"))?;
-    if live && info.ublksrv_pid > 0 {
+        // Only refuse while something holds the device.
+        open_exclusive(&args.device).map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => {
+                anyhow::anyhow!("{name} is in use (mounted, or held by another program); unmount it first")
+            }
+            _ => anyhow::anyhow!("opening {name}: {e}"),
+        })?
+    };
+    let stopped = ublk::checked(ctrl.stop_dev());
+    // Held across the stop (nothing mounts it in between), and not after: the server's delete
+    // waits for the device to be released.
+    drop(held);
+    stopped.map_err(|e| anyhow::anyhow!("stopping {name}: {e}"))?;
+    if live {
         wait_exit(info.ublksrv_pid, &name.to_string())?;
     }
     // The server of a device it added deletes it on exit; a recovered or orphaned one is not.
-    let _ = ctrl.del_dev();
+    let _ = ublk::checked(ctrl.del_dev());
     Ok(())
 }
 
 /// Opens `dev` exclusively (a mounted filesystem or another exclusive holder makes that fail
-/// with EBUSY) and flushes it.
-fn flush_unless_busy(dev: &std::path::Path) -> anyhow::Result<()> {
-    let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(dev) {
+/// with EBUSY) and flushes it, waiting at most [`FLUSH_WAIT`]; returns the exclusive file.
+fn flush_unless_busy(dev: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let f = match open_exclusive(dev) {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
             bail!("{} is in use (mounted, or held by another program); unmount it first", dev.display())
         }
         Err(e) => return Err(e).with_context(|| format!("opening {}", dev.display())),
     };
-    f.sync_all().with_context(|| format!("flushing {}", dev.display()))
-}
-
-/// Whether `pid` runs (a zombie has exited: an orphaned daemon waits for init to reap it).
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses and may hold spaces.
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) != Some('Z'),
-        Err(_) => false,
+    // A flush the server never answers would leave close in D state, holding the device: it
+    // runs on its own thread, and close gives up on it (the thread ends with the process, or
+    // when the device goes away).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let flusher = f.try_clone().with_context(|| format!("flushing {}", dev.display()))?;
+    std::thread::spawn(move || {
+        let _ = tx.send(flusher.sync_all());
+    });
+    match rx.recv_timeout(FLUSH_WAIT) {
+        Ok(r) => r.with_context(|| format!("flushing {}", dev.display()))?,
+        Err(_) => bail!("flushing {} did not finish in {FLUSH_WAIT:?}; is its server stuck?", dev.display()),
     }
+    Ok(f)
 }
 
 /// Waits for the server `pid` to exit.

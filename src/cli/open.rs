@@ -8,8 +8,9 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,10 @@ use crypt_vfio::blockdev::kernel_nbd::{self, KernelNbdConfig};
 use crypt_vfio::blockdev::ublk::{self, Identity, UblkConfig};
 use crypt_vfio::nbd::ServerConfig;
 
+use zeroize::Zeroizing;
+
 use super::device::DeviceArgs;
+use super::luks_opts::read_key_file;
 use super::plain_opts::{PlainArgs, PlainShapeArgs};
 use super::serve::{self, ServeArgs};
 
@@ -84,15 +88,21 @@ pub struct OpenArgs {
 /// Where readiness goes: the parent's pipe (daemon) or standard output (foreground).
 struct Ready {
     pipe: Option<File>,
+    /// The pidfile written (before the device is made, so that failing to write it leaves no
+    /// device behind); removed again if the open fails.
     pidfile: Option<PathBuf>,
 }
 
 impl Ready {
-    fn ready(&mut self, device: &str) -> anyhow::Result<()> {
+    fn write_pidfile(&self) -> anyhow::Result<()> {
         if let Some(p) = &self.pidfile {
             std::fs::write(p, format!("{}\n", std::process::id()))
                 .with_context(|| format!("writing the pidfile {}", p.display()))?;
         }
+        Ok(())
+    }
+
+    fn ready(&mut self, device: &str) {
         match self.pipe.take() {
             Some(mut pipe) => {
                 let _ = writeln!(pipe, "READY {device}");
@@ -102,10 +112,12 @@ impl Ready {
                 let _ = std::io::stdout().flush();
             }
         }
-        Ok(())
     }
 
     fn failed(&mut self, e: &anyhow::Error) {
+        if let Some(p) = self.pidfile.take() {
+            let _ = std::fs::remove_file(p);
+        }
         if let Some(mut pipe) = self.pipe.take() {
             let _ = writeln!(pipe, "ERR {e:#}");
         }
@@ -114,6 +126,14 @@ impl Ready {
 
 /// `crypt-vfio open`.
 pub fn run(args: OpenArgs) -> anyhow::Result<()> {
+    // Device names are checked first: a typo is named before a key is asked for.
+    args.nbd.as_deref().map(parse_nbd_device).transpose()?;
+    args.recover.as_deref().map(parse_ublk_device).transpose()?;
+    // The secret is read before the daemon's standard input becomes /dev/null (`--key-file -`).
+    let secret = match (&args.key_file, args.plain.plain) {
+        (Some(path), false) => Some(read_key_file(path)?),
+        _ => None,
+    };
     let ready = if args.foreground {
         Ready { pipe: None, pidfile: args.pidfile.clone() }
     } else {
@@ -124,7 +144,11 @@ pub fn run(args: OpenArgs) -> anyhow::Result<()> {
         }
     };
     let ready = Arc::new(Mutex::new(ready));
-    let result = serve_device(args, Arc::clone(&ready));
+    let result = ready
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .write_pidfile()
+        .and_then(|()| serve_device(args, secret, Arc::clone(&ready)));
     if let Err(e) = &result {
         ready.lock().unwrap_or_else(|p| p.into_inner()).failed(e);
     }
@@ -177,7 +201,6 @@ fn daemonize(log_file: Option<&std::path::Path>) -> anyhow::Result<Option<File>>
     unsafe { libc::setsid() };
     let null = File::options().read(true).write(true).open("/dev/null").context("opening /dev/null")?;
     let err_to = log.as_ref().unwrap_or(&null);
-    use std::os::fd::AsRawFd;
     // SAFETY: dup2 onto the standard descriptors, from descriptors that are open.
     unsafe {
         libc::dup2(null.as_raw_fd(), 0);
@@ -188,7 +211,11 @@ fn daemonize(log_file: Option<&std::path::Path>) -> anyhow::Result<Option<File>>
 }
 
 /// Opens the volume and serves it as a block device until it is closed.
-fn serve_device(args: OpenArgs, ready: Arc<Mutex<Ready>>) -> anyhow::Result<()> {
+fn serve_device(
+    args: OpenArgs,
+    secret: Option<Zeroizing<Vec<u8>>>,
+    ready: Arc<Mutex<Ready>>,
+) -> anyhow::Result<()> {
     let nbd = args.nbd.as_deref().map(parse_nbd_device).transpose()?;
     let recover = args.recover.as_deref().map(parse_ublk_device).transpose()?;
     let image = args.image.clone();
@@ -215,25 +242,19 @@ fn serve_device(args: OpenArgs, ready: Arc<Mutex<Ready>>) -> anyhow::Result<()> 
         handshake_timeout: std::time::Duration::from_secs(10),
         device: args.device,
     };
-    let (device, engine) = serve::open_export(&export_args)?;
+    // Held until the server exits: a second open, a `serve`, or a plain open where --recover was
+    // meant would be a second writer of the same image.
+    let (_lock, meta) = lock_image(&image)?;
+    let ((device, engine), material) = serve::open_export_with(&export_args, secret)?;
+    // The engine is not aborted on a stop: a stop detaches the device only once nothing uses
+    // it, and the server then flushes and finishes every request it has.
+    drop(engine);
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing signal handlers")?;
     }
-    if let Some(engine) = &engine {
-        serve::abort_on_stop(Arc::clone(&stop), Arc::downgrade(engine))?;
-    }
-    drop(engine);
     let canonical = std::fs::canonicalize(&image).unwrap_or(image.clone());
-    let ready_err = Arc::new(Mutex::new(None));
-    let on_ready = {
-        let ready_err = Arc::clone(&ready_err);
-        move |dev: String| {
-            if let Err(e) = ready.lock().unwrap_or_else(|p| p.into_inner()).ready(&dev) {
-                *ready_err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-            }
-        }
-    };
+    let on_ready = move |dev: String| ready.lock().unwrap_or_else(|p| p.into_inner()).ready(&dev);
     if let Some(index) = nbd {
         let config = KernelNbdConfig {
             index,
@@ -248,14 +269,25 @@ fn serve_device(args: OpenArgs, ready: Arc<Mutex<Ready>>) -> anyhow::Result<()> 
         };
         kernel_nbd::serve(device, config, stop, |n| on_ready(format!("/dev/nbd{n}")))?;
     } else {
-        let meta = std::fs::metadata(&image).with_context(|| format!("reading {}", image.display()))?;
+        // A device node is named by the device it is (st_rdev), not by where the node lives.
+        let (dev, ino) =
+            if meta.file_type().is_block_device() { (0, meta.rdev()) } else { (meta.dev(), meta.ino()) };
+        let salt = match recover {
+            // The device's own salt; a device without one is refused by the identity check.
+            Some(id) => ublk::recorded_identity_of(id).map(|r| r.salt).unwrap_or_default(),
+            None => Identity::new_salt(),
+        };
         let identity = Identity {
             image: canonical.display().to_string(),
-            dev: meta.dev(),
-            ino: meta.ino(),
+            dev,
+            ino,
             size: device.size(),
             sector_size: device.block_size(),
+            read_only,
+            key_check: Identity::key_check(&salt, &material),
+            salt,
         };
+        drop(material);
         let config = UblkConfig {
             queues,
             depth,
@@ -266,16 +298,46 @@ fn serve_device(args: OpenArgs, ready: Arc<Mutex<Ready>>) -> anyhow::Result<()> 
         };
         ublk::serve(device, config, stop, move |n| on_ready(format!("/dev/ublkb{n}")))?;
     }
-    if let Some(e) = ready_err.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(e);
-    }
     Ok(())
+}
+
+/// Locks the image for this server's lifetime: an exclusive `flock` (which `open` and `serve`
+/// take), and for a block device an exclusive open too (which the kernel enforces against
+/// mounts, dm-crypt and other exclusive openers). Returns the lock and the image's metadata.
+pub(super) fn lock_image(image: &std::path::Path) -> anyhow::Result<(File, std::fs::Metadata)> {
+    let meta = std::fs::metadata(image).with_context(|| format!("reading {}", image.display()))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    if meta.file_type().is_block_device() {
+        options.custom_flags(libc::O_EXCL);
+    }
+    let busy = || {
+        format!(
+            "{} is in use by another program (a crypt-vfio open or serve, a mount, dm-crypt)",
+            image.display()
+        )
+    };
+    let f = match options.open(image) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => bail!("{}", busy()),
+        other => other.with_context(|| format!("opening {}", image.display()))?,
+    };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!("{}", busy());
+        }
+        return Err(e).with_context(|| format!("locking {}", image.display()));
+    }
+    Ok((f, meta))
 }
 
 /// `/dev/ublkbN` → N.
 pub(super) fn parse_ublk_device(s: &str) -> anyhow::Result<u32> {
+    // Device ids are the driver's i32s.
     s.strip_prefix("/dev/ublkb")
-        .and_then(|n| n.parse().ok())
+        .and_then(|n| n.parse::<i32>().ok())
+        .and_then(|n| u32::try_from(n).ok())
         .with_context(|| format!("`{s}` is not a ublk device: give /dev/ublkbN (N a number)"))
 }
 
@@ -303,7 +365,8 @@ mod tests {
             assert!(e.contains("is not an NBD device"), "{bad}: {e}");
         }
         assert_eq!(parse_ublk_device("/dev/ublkb12").unwrap(), 12);
-        for bad in ["/dev/ublkc1", "/dev/ublkb", "ublkb1"] {
+        assert_eq!(parse_ublk_device("/dev/ublkb2147483647").unwrap(), i32::MAX as u32);
+        for bad in ["/dev/ublkc1", "/dev/ublkb", "ublkb1", "/dev/ublkb2147483648", "/dev/ublkb-1"] {
             let e = parse_ublk_device(bad).unwrap_err().to_string();
             assert!(e.contains("is not a ublk device"), "{bad}: {e}");
         }
