@@ -142,6 +142,12 @@ pub fn serve(
     let served = server.serve_transmission(ours);
     watcher_done.store(true, Ordering::Release);
     let _ = watcher.join();
+    if served.is_err() {
+        // The device must not stay configured with sockets nobody answers.
+        if let Err(e) = NbdNetlink::open().and_then(|mut nl| nl.disconnect(index)) {
+            log::warn!("disconnecting /dev/nbd{index} after the server failed: {e}");
+        }
+    }
     served?;
     log::info!("/dev/nbd{index} disconnected; the volume is flushed");
     Ok(())

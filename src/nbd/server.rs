@@ -370,10 +370,19 @@ impl Server {
             tls: None,
         });
         let mut clients = Vec::new();
+        // A connection that cannot start stops the others, which are then ended and joined as
+        // on any stop: none is left running on a volume this returns from.
+        let mut setup_failed = None;
         for (n, socket) in sockets.into_iter().enumerate() {
             let stream = Stream::Unix(socket);
             let peer = format!("kernel connection {n}");
-            let handle = stream.try_clone().map_err(|e| Error::os("duplicating a connection's socket", e))?;
+            let handle = match stream.try_clone() {
+                Ok(h) => h,
+                Err(e) => {
+                    setup_failed = Some(Error::os("duplicating a connection's socket", e));
+                    break;
+                }
+            };
             let control = Arc::new(Control::new());
             let (device, shared_, control_, stop) =
                 (Arc::clone(&self.device), Arc::clone(&shared), Arc::clone(&control), Arc::clone(&self.stop));
@@ -400,8 +409,17 @@ impl Server {
                         info!("{peer_}: transmission ended ({end:?})");
                     }
                 })
-                .map_err(|e| Error::os("starting a connection thread", e))?;
-            clients.push(Client { thread, socket: handle, control, peer });
+                .map_err(|e| Error::os("starting a connection thread", e));
+            match thread {
+                Ok(thread) => clients.push(Client { thread, socket: handle, control, peer }),
+                Err(e) => {
+                    setup_failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if setup_failed.is_some() {
+            self.stop.store(true, Ordering::SeqCst);
         }
         while clients.iter().any(|c| !c.thread.is_finished()) && !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(ACCEPT_POLL);
@@ -417,7 +435,7 @@ impl Server {
         }
         clients.into_iter().for_each(|c| join_client(c.thread));
         self.device.flush()?;
-        Ok(())
+        setup_failed.map_or(Ok(()), Err)
     }
 
     fn export_info(&self) -> ExportInfo {
