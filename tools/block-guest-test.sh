@@ -140,6 +140,8 @@ for d in "${DISKS[@]}"; do
     pairs=("/t1:$INITRD/tree")
     # The ublk rounds also wrote, across a server kill, a second tree and one large file.
     [ $d = lk-nbd ] || pairs+=("/t2:$INITRD/tree" "/big:$IMGS/big")
+    # nbd-client against `serve` wrote a third tree on the NBD image.
+    [ $d != lk-nbd ] || pairs+=("/t3:$INITRD/tree")
     python3 "$ROOT/tools/guest/outside_check.py" "$IMGS/$d.img" "$IMGS/key" "$INITRD/tree" "$IMGS/$d.out" "${pairs[@]}" ||
         rig_fail "$d: the image written in the guest does not read back outside it (above)"
     rm -rf "$IMGS/$d.out"

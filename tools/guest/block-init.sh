@@ -93,15 +93,26 @@ ublk_round() {
     rm -f /run/$u.w1 /run/$u.w2
     (cp -a /tree /mnt/$u/t2 && sync; echo $? >/run/$u.w1) &
     (all_files >/mnt/$u/big && sync; echo $? >/run/$u.w2) &
-    i=0
-    while [ $(inflight $b) = 0 ] && [ $i -lt 2000 ]; do usleep 2000; i=$((i + 1)); done
     old=$(cat /run/$u.pid)
-    # The kill must land while they write, or it proves nothing.
-    if [ -e /run/$u.w1 ] && [ -e /run/$u.w2 ]; then failed $u-kill "the writers finished before the kill"; fi
-    echo "=== $u-kill: kill -9 $old with $(inflight $b) requests in flight [$(uptime_s) s]"
+    # The kill must land with requests on the server, or the reissue is not exercised: the
+    # count is read right before the kill (the requeued requests no longer count after it).
+    i=0
+    n=0
+    while [ $n = 0 ] && [ $i -lt 5000 ]; do
+        n=$(inflight $b)
+        [ $n != 0 ] || usleep 1000
+        i=$((i + 1))
+    done
     kill -9 $old
+    echo "=== $u-kill: kill -9 $old with $n requests in flight [$(uptime_s) s]"
+    [ $n -gt 0 ] || failed $u-kill "nothing was in flight at the kill"
+    if [ -e /run/$u.w1 ] && [ -e /run/$u.w2 ]; then failed $u-kill "the writers finished before the kill"; fi
     while ! gone $old; do usleep 1000; done
-    echo "=== $u-killed: server gone, $(inflight $b) requests in flight [$(uptime_s) s]"
+    echo "=== $u-killed: server gone [$(uptime_s) s]"
+    # The same image with another key or access mode must not take the device over.
+    refused $u-recover-ro "read-only" crypt-vfio open --foreground --recover $dev --read-only $opts $img
+    refused $u-recover-key "another key" crypt-vfio open --foreground --recover $dev --plain \
+        --volume-key-file /run/otherkey --sector-size 4096 --device software $img
     step $u-recover crypt-vfio open --recover $dev $opts --log-file /run/$u-recover.log --pidfile /run/$u.pid $img
     echo "=== $u-recovered: $(inflight $b) requests in flight [$(uptime_s) s]"
     grep -h "ms\]" /run/$u-recover.log
@@ -116,14 +127,18 @@ ublk_round() {
 }
 
 # --- ublk, through the VFIO-bound device -----------------------------------------------------
+# A plain dm-crypt key that is not the volume's.
+printf '%064d' 7 >/run/otherkey
 A_IMG=$(disk lk-vfio)
 B_IMG=$(disk lk-emu)
 ublk_round a $A_IMG --device $BDF
-# The refusals, while /dev/ublkb0 is live: another server, another volume.
-refused a-recover-live "live, served by pid" crypt-vfio open --foreground --recover $dev --key-file /key \
-    --device software $A_IMG
-refused a-recover-other "not this volume" crypt-vfio open --foreground --recover $dev --key-file /key \
-    --device software $B_IMG
+# The refusals, while /dev/ublkb0 is live: another server of its image (which its server holds),
+# another volume.
+refused a-recover-live "is in use by another program" crypt-vfio open --foreground --recover $dev \
+    --key-file /key --device software $A_IMG
+refused a-open-again "is in use by another program" crypt-vfio open --key-file /key --device software $A_IMG
+refused a-recover-other "recovering onto another volume would corrupt it" crypt-vfio open --foreground \
+    --recover $dev --key-file /key --device software $B_IMG
 step a-close crypt-vfio close $dev
 step a-gone sh -c "test ! -e $dev && test ! -e /sys/block/$b"
 step a-server-gone gone $(cat /run/a.pid)
@@ -177,6 +192,10 @@ mkdir -p /mnt/nbdc
 step nbdc-mount mount -t ext4 /dev/nbd1 /mnt/nbdc
 step nbdc-diff diff -r /tree /mnt/nbdc/t1
 step nbdc-write cp -a /tree /mnt/nbdc/t3
+step nbdc-sync sync
+# Read back through the server, not the page cache (the host checks t3 outside too).
+echo 3 >/proc/sys/vm/drop_caches
+step nbdc-diff-t3 diff -r /tree /mnt/nbdc/t3
 step nbdc-umount umount /mnt/nbdc
 step nbdc-fsck /tools/bin/e2fsck -fn /dev/nbd1
 step nbdc-disconnect /tools/bin/nbd-client -d /dev/nbd1
