@@ -26,7 +26,7 @@ use zeroize::Zeroizing;
 use super::device::DeviceArgs;
 use super::luks_opts::read_key_file;
 use super::plain_opts::{PlainArgs, PlainShapeArgs};
-use super::serve::{self, ServeArgs};
+use super::serve::{self, ExportOptions};
 
 /// Arguments of `crypt-vfio open`.
 #[derive(Args, Debug)]
@@ -221,34 +221,27 @@ fn serve_device(
     let image = args.image.clone();
     let (read_only, queues, workers) = (args.read_only, args.queues, args.workers);
     let (depth, max_io) = (args.queue_depth, args.max_io_kib << 10);
-    let export_args = ServeArgs {
-        image: args.image,
-        key_file: args.key_file,
+    let export = ExportOptions {
+        image: &args.image,
+        key_file: args.key_file.as_deref(),
         raw: false,
-        plain: args.plain,
-        plain_shape: args.plain_shape,
-        listen: String::new(),
-        socket: None,
-        tls: None,
-        tls_certificates: None,
-        tls_psk: None,
-        tls_verify_peer: false,
-        export: String::new(),
+        plain: &args.plain,
+        plain_shape: &args.plain_shape,
         read_only,
         allow_discards: args.allow_discards,
-        workers: u64::from(workers),
-        max_connections: u64::from(queues),
-        max_memory: 256 << 20,
-        handshake_timeout: std::time::Duration::from_secs(10),
-        device: args.device,
+        device: &args.device,
     };
     // Held until the server exits: a second open, a `serve`, or a plain open where --recover was
     // meant would be a second writer of the same image.
     let (_lock, meta) = lock_image(&image)?;
-    let ((device, engine), material) = serve::open_export_with(&export_args, secret)?;
+    let ((device, engine), material) = serve::open_export_with(&export, secret)?;
     // The engine is not aborted on a stop: a stop detaches the device only once nothing uses
     // it, and the server then flushes and finishes every request it has.
     drop(engine);
+    // A hangup (the terminal that started a foreground server goes away) must not end the
+    // server of a mounted device; a stop is SIGTERM, or `close`.
+    // SAFETY: setting a signal's disposition to "ignore" runs no code of ours.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing signal handlers")?;

@@ -182,8 +182,46 @@ pub type Export = (Arc<dyn BlockDevice>, Option<Arc<VirtioCrypto>>);
 
 /// The block device `args` name (the one place that decides what is exported), and the engine
 /// under it (none for `--raw`).
+/// What decides the exported volume, shared by `serve` and `open` (which has no listener, TLS
+/// or export name): one struct, so that a volume option added to `serve` must be given by
+/// `open` too, not silently defaulted.
+pub struct ExportOptions<'a> {
+    /// The image.
+    pub image: &'a std::path::Path,
+    /// `--key-file`.
+    pub key_file: Option<&'a std::path::Path>,
+    /// `--raw`: the image as it is.
+    pub raw: bool,
+    /// `--plain` and its key.
+    pub plain: &'a PlainArgs,
+    /// The plain image's cipher and sector size.
+    pub plain_shape: &'a PlainShapeArgs,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Discards punch holes.
+    pub allow_discards: bool,
+    /// The engine.
+    pub device: &'a DeviceArgs,
+}
+
+impl ServeArgs {
+    /// The options that decide the exported volume.
+    pub fn export_options(&self) -> ExportOptions<'_> {
+        ExportOptions {
+            image: &self.image,
+            key_file: self.key_file.as_deref(),
+            raw: self.raw,
+            plain: &self.plain,
+            plain_shape: &self.plain_shape,
+            read_only: self.read_only,
+            allow_discards: self.allow_discards,
+            device: &self.device,
+        }
+    }
+}
+
 pub fn open_export(args: &ServeArgs) -> anyhow::Result<Export> {
-    open_export_with(args, None).map(|(export, _)| export)
+    open_export_with(&args.export_options(), None).map(|(export, _)| export)
 }
 
 /// What identifies how a volume was keyed: its volume key and cipher shape, for `open` to hash
@@ -204,11 +242,11 @@ fn key_material(key: &[u8], shape: &impl std::fmt::Debug) -> KeyMaterial {
 /// [`open_export`] with the secret of `--key-file` already read (`open` reads it before it
 /// forks, as standard input is gone after), and the volume's [`KeyMaterial`].
 pub fn open_export_with(
-    args: &ServeArgs,
+    args: &ExportOptions<'_>,
     secret: Option<Zeroizing<Vec<u8>>>,
 ) -> anyhow::Result<(Export, KeyMaterial)> {
     if args.raw {
-        let dev = FileBlockDevice::open(&args.image, args.read_only)
+        let dev = FileBlockDevice::open(args.image, args.read_only)
             .with_context(|| format!("opening {} to export it raw", args.image.display()))?;
         return Ok(((Arc::new(dev), None), key_material(b"", &"raw")));
     }
@@ -228,14 +266,14 @@ pub fn open_export_with(
         match secret {
             Some(s) => Unlock::Secret(s),
             None => Unlock::Secret(read_key_file(
-                args.key_file.as_deref().context("--key-file is needed to unlock the volume")?,
+                args.key_file.context("--key-file is needed to unlock the volume")?,
             )?),
         }
     };
     let file = OpenOptions::new()
         .read(true)
         .write(!args.read_only)
-        .open(&args.image)
+        .open(args.image)
         .with_context(|| format!("opening {}", args.image.display()))?;
     match args.device.open_block()? {
         BlockEngine::Device(d) => {
@@ -261,7 +299,7 @@ enum Unlock {
 /// The volume in `file`, unlocked and opened on `engine`.
 fn export_on<E: Engine + 'static>(
     engine: Arc<E>,
-    args: &ServeArgs,
+    args: &ExportOptions<'_>,
     file: std::fs::File,
     unlock: Unlock,
 ) -> anyhow::Result<(Arc<dyn BlockDevice>, KeyMaterial)> {
