@@ -144,11 +144,9 @@ pub fn run(args: OpenArgs) -> anyhow::Result<()> {
         }
     };
     let ready = Arc::new(Mutex::new(ready));
-    let result = ready
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .write_pidfile()
-        .and_then(|()| serve_device(args, secret, Arc::clone(&ready)));
+    // The guard must be gone before serving: the device's readiness takes the lock again.
+    let pidfile = ready.lock().unwrap_or_else(|p| p.into_inner()).write_pidfile();
+    let result = pidfile.and_then(|()| serve_device(args, secret, Arc::clone(&ready)));
     if let Err(e) = &result {
         ready.lock().unwrap_or_else(|p| p.into_inner()).failed(e);
     }
