@@ -147,12 +147,17 @@ fn an_image_another_server_holds_is_refused() {
     let held = std::fs::File::open(&img).unwrap();
     // SAFETY: flock on a descriptor this test owns.
     assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    // The running server's pidfile, which a refused open must leave alone.
+    let pidfile = dir.path().join("pid");
+    std::fs::write(&pidfile, "12345\n").unwrap();
     for mode in [vec!["open", "--foreground"], vec!["open"], vec!["open", "--nbd", "any"]] {
         let mut args = mode.clone();
+        args.extend(["--pidfile", pidfile.to_str().unwrap()]);
         args.extend(plain_args(&img, &key));
         let o = crypt_vfio_fed(&args, b"");
         assert!(!o.status.success(), "{mode:?} opened a held image");
         assert!(stderr(&o).contains("is in use by another program"), "{mode:?}: {}", stderr(&o));
+        assert_eq!(std::fs::read_to_string(&pidfile).ok().as_deref(), Some("12345\n"), "{mode:?}");
     }
 }
 

@@ -88,16 +88,18 @@ pub struct OpenArgs {
 /// Where readiness goes: the parent's pipe (daemon) or standard output (foreground).
 struct Ready {
     pipe: Option<File>,
-    /// The pidfile written (before the device is made, so that failing to write it leaves no
-    /// device behind); removed again if the open fails.
+    /// The pidfile, written once the image is ours and before the device is made (so that
+    /// failing to write it leaves no device behind); removed again if the open fails after.
     pidfile: Option<PathBuf>,
+    pidfile_written: bool,
 }
 
 impl Ready {
-    fn write_pidfile(&self) -> anyhow::Result<()> {
+    fn write_pidfile(&mut self) -> anyhow::Result<()> {
         if let Some(p) = &self.pidfile {
             std::fs::write(p, format!("{}\n", std::process::id()))
                 .with_context(|| format!("writing the pidfile {}", p.display()))?;
+            self.pidfile_written = true;
         }
         Ok(())
     }
@@ -115,7 +117,8 @@ impl Ready {
     }
 
     fn failed(&mut self, e: &anyhow::Error) {
-        if let Some(p) = self.pidfile.take() {
+        // Only our own: a refused second open must not take the running server's pidfile.
+        if let Some(p) = self.pidfile.take().filter(|_| self.pidfile_written) {
             let _ = std::fs::remove_file(p);
         }
         if let Some(mut pipe) = self.pipe.take() {
@@ -135,18 +138,16 @@ pub fn run(args: OpenArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let ready = if args.foreground {
-        Ready { pipe: None, pidfile: args.pidfile.clone() }
+        Ready { pipe: None, pidfile: args.pidfile.clone(), pidfile_written: false }
     } else {
         match daemonize(args.log_file.as_deref())? {
-            Some(pipe) => Ready { pipe: Some(pipe), pidfile: args.pidfile.clone() },
+            Some(pipe) => Ready { pipe: Some(pipe), pidfile: args.pidfile.clone(), pidfile_written: false },
             // The parent: the child's verdict is already reported.
             None => return Ok(()),
         }
     };
     let ready = Arc::new(Mutex::new(ready));
-    // The guard must be gone before serving: the device's readiness takes the lock again.
-    let pidfile = ready.lock().unwrap_or_else(|p| p.into_inner()).write_pidfile();
-    let result = pidfile.and_then(|()| serve_device(args, secret, Arc::clone(&ready)));
+    let result = serve_device(args, secret, Arc::clone(&ready));
     if let Err(e) = &result {
         ready.lock().unwrap_or_else(|p| p.into_inner()).failed(e);
     }
@@ -236,6 +237,7 @@ fn serve_device(
     // The engine is not aborted on a stop: a stop detaches the device only once nothing uses
     // it, and the server then flushes and finishes every request it has.
     drop(engine);
+    ready.lock().unwrap_or_else(|p| p.into_inner()).write_pidfile()?;
     // A hangup (the terminal that started a foreground server goes away) must not end the
     // server of a mounted device; a stop is SIGTERM, or `close`.
     // SAFETY: setting a signal's disposition to "ignore" runs no code of ours.

@@ -122,6 +122,11 @@ ublk_round() {
     step $u-diff diff -r /tree /mnt/$u/t2
     step $u-big sh -c "find /tree -type f | sort | xargs cat | cmp - /mnt/$u/big"
     refused $u-close-mounted "in use" crypt-vfio close $dev
+    # SIGTERM while mounted is refused as close is: the server stays, the filesystem works.
+    kill -TERM $(cat /run/$u.pid)
+    sleep 1
+    step $u-term-mounted sh -c "kill -0 $(cat /run/$u.pid) && test -b $dev && ls /mnt/$u/t2 >/dev/null && \
+        grep -q 'is in use (mounted?): not stopping it' /run/$u-recover.log"
     step $u-umount umount /mnt/$u
     step $u-fsck /tools/bin/e2fsck -fn $dev
 }
@@ -146,7 +151,12 @@ cat /run/a.log /run/a-recover.log
 
 # --- ublk, through the software engine --------------------------------------------------------
 ublk_round b $B_IMG --device software
-step b-close crypt-vfio close $dev
+# Unmounted, SIGTERM stops the device as close does.
+old=$(cat /run/b.pid)
+kill -TERM $old
+i=0
+while ! gone $old && [ $i -lt 300 ]; do usleep 100000; i=$((i + 1)); done
+step b-term sh -c "test ! -e $dev && test ! -e /sys/block/$b"
 cat /run/b-recover.log
 
 # --- ublk read-only, and close after the server died (nothing to recover) ---------------------
