@@ -5,6 +5,7 @@
 //! mounted filesystem's device would fail its I/O. Otherwise it flushes the device, detaches it,
 //! and waits for the server to finish and exit (the server flushes the image last).
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,8 @@ use crypt_vfio::blockdev::{alive, open_exclusive, ublk};
 use libublk::ctrl::UblkCtrl;
 
 /// How long `close` waits for the server to exit after detaching its device.
-const EXIT_WAIT: Duration = Duration::from_secs(10);
+/// The server flushes the image last, which on a slow disk may take a while.
+const EXIT_WAIT: Duration = Duration::from_secs(120);
 
 /// How long `close` waits for the device's flush before giving up.
 const FLUSH_WAIT: Duration = Duration::from_secs(120);
@@ -53,12 +55,13 @@ pub fn run(args: CloseArgs) -> anyhow::Result<()> {
         );
     }
     let held = flush_unless_busy(&args.device)?;
+    let server = pid.map(ServerProcess::pin);
     let mut nl = NbdNetlink::open()?;
     nl.disconnect(index).with_context(|| format!("disconnecting {name}"))?;
     // Held across the disconnect: nothing mounts the device between the check and the detach.
     drop(held);
-    if let Some(pid) = pid {
-        wait_exit(pid, &name)?;
+    if let Some(server) = server {
+        server.wait_exit(&name)?;
     }
     Ok(())
 }
@@ -88,13 +91,14 @@ fn close_ublk(args: &CloseArgs, id: u32) -> anyhow::Result<()> {
             _ => anyhow::anyhow!("opening {name}: {e}"),
         })?
     };
+    let server = live.then(|| ServerProcess::pin(info.ublksrv_pid));
     let stopped = ublk::checked(ctrl.stop_dev());
     // Held across the stop (nothing mounts it in between), and not after: the server's delete
     // waits for the device to be released.
     drop(held);
     stopped.map_err(|e| anyhow::anyhow!("stopping {name}: {e}"))?;
-    if live {
-        wait_exit(info.ublksrv_pid, &name.to_string())?;
+    if let Some(server) = server {
+        server.wait_exit(&name.to_string())?;
     }
     // The server of a device it added deletes it on exit; a recovered or orphaned one is not.
     let _ = ublk::checked(ctrl.del_dev());
@@ -126,14 +130,48 @@ fn flush_unless_busy(dev: &std::path::Path) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-/// Waits for the server `pid` to exit.
-fn wait_exit(pid: i32, name: &str) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while alive(pid) {
-        if start.elapsed() > EXIT_WAIT {
-            bail!("{name} is detached, but its server (pid {pid}) has not exited after {EXIT_WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// A device's server, pinned by a pidfd before the detach: waiting on it cannot mistake a new
+/// process that got the same pid for the server.
+struct ServerProcess {
+    pid: i32,
+    /// `None`: the kernel has no pidfd_open (then /proc is polled) or the process is gone.
+    fd: Option<OwnedFd>,
+}
+
+impl ServerProcess {
+    fn pin(pid: i32) -> ServerProcess {
+        // SAFETY: pidfd_open takes integers only; the result is checked before it is owned.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let fd = (fd >= 0).then(|| {
+            // SAFETY: a new descriptor nobody else owns (it fits an i32: descriptors do).
+            unsafe { OwnedFd::from_raw_fd(fd as i32) }
+        });
+        ServerProcess { pid, fd }
     }
-    Ok(())
+
+    /// Waits for the server to exit.
+    fn wait_exit(&self, name: &str) -> anyhow::Result<()> {
+        let (pid, start) = (self.pid, Instant::now());
+        let gone = || match &self.fd {
+            Some(fd) => {
+                let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: polls one live pollfd; a pidfd is readable once its process has exited.
+                let ready = unsafe { libc::poll(&mut p, 1, 20) };
+                ready == 1
+            }
+            None => {
+                let gone = !alive(pid);
+                if !gone {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                gone
+            }
+        };
+        while !gone() {
+            if start.elapsed() > EXIT_WAIT {
+                bail!("{name} is detached, but its server (pid {pid}) has not exited after {EXIT_WAIT:?}");
+            }
+        }
+        Ok(())
+    }
 }
