@@ -18,13 +18,15 @@
 //!   checker, the software engine, and the async API.
 //! * [`volume`]: the block encryption front end (dm-crypt compatible sectors over a file) and
 //!   the block devices to export; [`luks`]: LUKS1 and LUKS2 headers; [`nbd`]: the NBD server
-//!   that exports block devices.
+//!   that exports block devices; [`blockdev`]: a block device as a kernel block device
+//!   (/dev/nbdN through the kernel's NBD client, /dev/ublkbN through ublk).
 
 #![deny(missing_docs)]
 // A refused submit hands the request back by value inside the error: boxing it would allocate on
 // the `Busy` path, which a full ring takes often.
 #![allow(clippy::result_large_err)]
 
+pub mod blockdev;
 pub mod dma;
 pub mod engine;
 pub mod error;

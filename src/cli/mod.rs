@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and the subcommands.
 
 mod bench;
+mod close;
 mod competitor;
 mod crypt;
 mod devbind;
@@ -10,6 +11,7 @@ mod duration;
 mod format;
 mod keys;
 mod luks_opts;
+mod open;
 mod output;
 mod overwrite_check;
 mod plain_opts;
@@ -51,6 +53,10 @@ enum Command {
     Selftest(SelftestArgs),
     /// Export the decrypted view of a volume (LUKS, authenticated, or plain dm-crypt with --plain; or, with --raw, an image as it is) over NBD.
     Serve(ServeArgs),
+    /// The decrypted view of a volume as a kernel block device (/dev/ublkbN or /dev/nbdN), like `cryptsetup open`.
+    Open(open::OpenArgs),
+    /// Detach a block device that `open` made, like `cryptsetup close`.
+    Close(close::CloseArgs),
     /// Write a new LUKS1 or LUKS2 header on an image (like `cryptsetup luksFormat`).
     Format(format::FormatArgs),
     /// Encrypt a raw image into a new LUKS (or, with --plain, dm-crypt plain) image.
@@ -81,6 +87,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unbind(a) => devbind::unbind(a),
         Command::Selftest(a) => selftest::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Open(a) => open::run(a),
+        Command::Close(a) => close::run(a),
         Command::Format(a) => format::run(a),
         Command::Encrypt(a) => crypt::encrypt(a),
         Command::Decrypt(a) => crypt::decrypt(a),

@@ -191,11 +191,73 @@ pub type Export = (Arc<dyn BlockDevice>, Option<ExportEngine>);
 
 /// The block device `args` name (the one place that decides what is exported), and the engine
 /// under it (none for `--raw`).
+/// What decides the exported volume, shared by `serve` and `open` (which has no listener, TLS
+/// or export name): one struct, so that a volume option added to `serve` must be given by
+/// `open` too, not silently defaulted.
+pub struct ExportOptions<'a> {
+    /// The image.
+    pub image: &'a std::path::Path,
+    /// `--key-file`.
+    pub key_file: Option<&'a std::path::Path>,
+    /// `--raw`: the image as it is.
+    pub raw: bool,
+    /// `--plain` and its key.
+    pub plain: &'a PlainArgs,
+    /// The plain image's cipher and sector size.
+    pub plain_shape: &'a PlainShapeArgs,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Discards punch holes.
+    pub allow_discards: bool,
+    /// The engine.
+    pub device: &'a DeviceArgs,
+}
+
+impl ServeArgs {
+    /// The options that decide the exported volume.
+    pub fn export_options(&self) -> ExportOptions<'_> {
+        ExportOptions {
+            image: &self.image,
+            key_file: self.key_file.as_deref(),
+            raw: self.raw,
+            plain: &self.plain,
+            plain_shape: &self.plain_shape,
+            read_only: self.read_only,
+            allow_discards: self.allow_discards,
+            device: &self.device,
+        }
+    }
+}
+
 pub fn open_export(args: &ServeArgs) -> anyhow::Result<Export> {
+    open_export_with(&args.export_options(), None).map(|(export, _)| export)
+}
+
+/// What identifies how a volume was keyed: its volume key and cipher shape, for `open` to hash
+/// into the identity `--recover` checks. Never stored or logged as it is.
+pub type KeyMaterial = Zeroizing<Vec<u8>>;
+
+/// The key and shape as one byte string (the key's length first, so that no two differ only in
+/// where the key ends).
+fn key_material(key: &[u8], shape: &impl std::fmt::Debug) -> KeyMaterial {
+    let shape = format!("{shape:?}");
+    let mut m = Zeroizing::new(Vec::with_capacity(8 + key.len() + shape.len()));
+    m.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    m.extend_from_slice(key);
+    m.extend_from_slice(shape.as_bytes());
+    m
+}
+
+/// [`open_export`] with the secret of `--key-file` already read (`open` reads it before it
+/// forks, as standard input is gone after), and the volume's [`KeyMaterial`].
+pub fn open_export_with(
+    args: &ExportOptions<'_>,
+    secret: Option<Zeroizing<Vec<u8>>>,
+) -> anyhow::Result<(Export, KeyMaterial)> {
     if args.raw {
-        let dev = FileBlockDevice::open(&args.image, args.read_only)
+        let dev = FileBlockDevice::open(args.image, args.read_only)
             .with_context(|| format!("opening {} to export it raw", args.image.display()))?;
-        return Ok((Arc::new(dev), None));
+        return Ok(((Arc::new(dev), None), key_material(b"", &"raw")));
     }
     let unlock = if args.plain.plain {
         // The key and every plain option are checked before the device is opened, and all of it
@@ -210,56 +272,66 @@ pub fn open_export(args: &ServeArgs) -> anyhow::Result<Export> {
                  key goes to --key-file"
             );
         }
-        let key_file = args.key_file.as_deref().context("--key-file is needed to unlock the volume")?;
-        Unlock::Secret(key_file)
+        match secret {
+            Some(s) => Unlock::Secret(s),
+            None => Unlock::Secret(read_key_file(
+                args.key_file.context("--key-file is needed to unlock the volume")?,
+            )?),
+        }
     };
     let file = OpenOptions::new()
         .read(true)
         .write(!args.read_only)
-        .open(&args.image)
+        .open(args.image)
         .with_context(|| format!("opening {}", args.image.display()))?;
     match args.device.open_block()? {
         BlockEngine::Device(d) => {
             let d = Arc::new(d);
-            Ok((export_on(Arc::clone(&d), args, file, unlock)?, Some(ExportEngine::Device(d))))
+            let (volume, material) = export_on(Arc::clone(&d), args, file, unlock)?;
+            Ok(((volume, Some(ExportEngine::Device(d))), material))
         }
         BlockEngine::Pool(p) => {
             let p = Arc::new(p);
-            Ok((export_on(Arc::clone(&p), args, file, unlock)?, Some(ExportEngine::Pool(p))))
+            let (volume, material) = export_on(Arc::clone(&p), args, file, unlock)?;
+            Ok(((volume, Some(ExportEngine::Pool(p))), material))
         }
-        BlockEngine::Software(s) => Ok((export_on(Arc::new(s), args, file, unlock)?, None)),
+        BlockEngine::Software(s) => {
+            let (volume, material) = export_on(Arc::new(s), args, file, unlock)?;
+            Ok(((volume, None), material))
+        }
     }
 }
 
 /// How the volume is keyed.
-enum Unlock<'a> {
+enum Unlock {
     /// A plain dm-crypt image: its key and shape.
     Plain(Zeroizing<Vec<u8>>, VolumeParams),
-    /// The file holding a passphrase or an authenticated volume's key.
-    Secret(&'a std::path::Path),
+    /// A passphrase or an authenticated volume's key.
+    Secret(Zeroizing<Vec<u8>>),
 }
 
 /// The volume in `file`, unlocked and opened on `engine`.
 fn export_on<E: Engine + 'static>(
     engine: Arc<E>,
-    args: &ServeArgs,
+    args: &ExportOptions<'_>,
     file: std::fs::File,
-    unlock: Unlock<'_>,
-) -> anyhow::Result<Arc<dyn BlockDevice>> {
+    unlock: Unlock,
+) -> anyhow::Result<(Arc<dyn BlockDevice>, KeyMaterial)> {
     let writable = !args.read_only;
     let secret = match unlock {
         Unlock::Plain(key, params) => {
             let mut volume = Volume::open(engine, file, writable, &key, params)
                 .with_context(|| format!("opening {} as a plain dm-crypt image", args.image.display()))?;
             volume.set_allow_discards(args.allow_discards);
-            return Ok(Arc::new(volume));
+            return Ok((Arc::new(volume), key_material(&key, &params)));
         }
-        Unlock::Secret(path) => read_key_file(path)?,
+        Unlock::Secret(secret) => secret,
     };
     let mut magic = [0u8; 8];
     if file.read_exact_at(&mut magic, 0).is_ok() && magic == authenticated::MAGIC {
         // An authenticated volume: the key file holds the raw AES-GCM key.
-        return Ok(Arc::new(AuthVolume::open(engine, file, writable, &secret)?));
+        let volume = AuthVolume::open(engine, file, writable, &secret)?;
+        return Ok((Arc::new(volume), key_material(&secret, &"authenticated")));
     }
     let header = match Header::read(&file) {
         Err(Error::Luks(LuksError::NotLuks(why))) => bail!(
@@ -270,9 +342,11 @@ fn export_on<E: Engine + 'static>(
     };
     let (slot, key) = header.unlock(&*engine, &file, &secret)?;
     log::info!("key slot {slot} opened");
-    let mut volume = Volume::open(engine, file, writable, &key, header.volume_params())?;
+    let params = header.volume_params();
+    let material = key_material(&key, &params);
+    let mut volume = Volume::open(engine, file, writable, &key, params)?;
     volume.set_allow_discards(args.allow_discards);
-    Ok(Arc::new(volume))
+    Ok((Arc::new(volume), material))
 }
 
 /// How long a stop waits for requests on the device before it fails them: a stop must end
@@ -308,6 +382,8 @@ fn abort_on_stop<T: Send + Sync + 'static>(
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Credentials are checked before the volume is unlocked.
     let tls = tls_config(&args)?;
+    // Held while serving: an `open` of the same image meanwhile would be a second writer.
+    let _lock = super::open::lock_image(&args.image)?;
     let (device, engine) = open_export(&args)?;
     let size = device.size();
     let config = ServerConfig {

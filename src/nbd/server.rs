@@ -15,7 +15,7 @@
 
 use std::io::{self, ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use log::{debug, error, info, warn};
 
 use super::budget::{self, BufferPool, ServerMemory};
 use super::connection::{self, Control, Limits};
-use super::negotiate::{self, ExportInfo, Negotiation, Outcome, TlsPolicy};
+use super::negotiate::{self, ExportInfo, Negotiation, Outcome, Session, TlsPolicy};
 use super::stream::{ClientReader, ReplySink, Stream};
 use super::tls::TlsConfig;
 use crate::error::{CryptoError, Error, Result};
@@ -354,6 +354,88 @@ impl Server {
         self.device.flush()?;
         info!("stopped after {accepted} connection(s); device flushed");
         Ok(ServeReport { connections: accepted })
+    }
+
+    /// Serves connections that are already past the handshake: the kernel's NBD client, which
+    /// `crypt-vfio open --nbd` hands the other ends of these sockets (the kernel never
+    /// negotiates; it sends requests at once and reads simple replies). Returns once every
+    /// connection has ended (the kernel disconnected) or the server was stopped, then flushes
+    /// the device.
+    pub fn serve_transmission(&self, sockets: Vec<UnixStream>) -> Result<()> {
+        budget::return_freed_buffers();
+        let shared = Arc::new(Shared {
+            export: self.export_info(),
+            limits: self.limits(),
+            memory: ServerMemory::new(self.config.max_memory),
+            tls: None,
+        });
+        let mut clients = Vec::new();
+        // A connection that cannot start stops the others, which are then ended and joined as
+        // on any stop: none is left running on a volume this returns from.
+        let mut setup_failed = None;
+        for (n, socket) in sockets.into_iter().enumerate() {
+            let stream = Stream::Unix(socket);
+            let peer = format!("kernel connection {n}");
+            let handle = match stream.try_clone() {
+                Ok(h) => h,
+                Err(e) => {
+                    setup_failed = Some(Error::os("duplicating a connection's socket", e));
+                    break;
+                }
+            };
+            let control = Arc::new(Control::new());
+            let (device, shared_, control_, stop) =
+                (Arc::clone(&self.device), Arc::clone(&shared), Arc::clone(&control), Arc::clone(&self.stop));
+            let peer_ = peer.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("nbd-kernel-{n}"))
+                .spawn(move || {
+                    let writer = match stream.prepare().and_then(|_| stream.try_clone()) {
+                        Ok(w) => w,
+                        Err(e) => return warn!("{peer_}: setting up the socket: {e}"),
+                    };
+                    let mut reader = ClientReader::new(stream, stop);
+                    let session = Session { structured: false, base_allocation: false };
+                    if control_.enter_transmission() {
+                        let end = connection::transmission(
+                            &mut reader,
+                            writer,
+                            &*device,
+                            &shared_.limits,
+                            &shared_.memory,
+                            &control_,
+                            (&peer_, session),
+                        );
+                        info!("{peer_}: transmission ended ({end:?})");
+                    }
+                })
+                .map_err(|e| Error::os("starting a connection thread", e));
+            match thread {
+                Ok(thread) => clients.push(Client { thread, socket: handle, control, peer }),
+                Err(e) => {
+                    setup_failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if setup_failed.is_some() {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        while clients.iter().any(|c| !c.thread.is_finished()) && !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(ACCEPT_POLL);
+        }
+        let grace_end = Instant::now() + self.config.stop_grace;
+        while clients.iter().any(|c| !c.thread.is_finished()) && Instant::now() < grace_end {
+            std::thread::sleep(ACCEPT_POLL / 2);
+        }
+        for c in clients.iter().filter(|c| !c.thread.is_finished()) {
+            info!("{}: still busy after {:?}; closing it", c.peer, self.config.stop_grace);
+            c.control.abandon();
+            c.socket.shutdown();
+        }
+        clients.into_iter().for_each(|c| join_client(c.thread));
+        self.device.flush()?;
+        setup_failed.map_or(Ok(()), Err)
     }
 
     fn export_info(&self) -> ExportInfo {
