@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The guest test: crypt-vfio on a real vfio-pci, in a QEMU guest, on Debian's own kernel.
+# The guest test: crypt-vfio on a real vfio-pci, in a QEMU guest, on Debian 12's own kernel.
 #
 # On a Debian 12 machine as root: takes what it needs from Debian's packages without installing
-# anything (see "Tools" below), builds crypt-vfio statically, builds a small initramfs (busybox,
+# anything (tools/guest/rig.sh, shared with tools/block-guest-test.sh), builds crypt-vfio statically, builds a small initramfs (busybox,
 # the kernel's VFIO modules, the binary), and boots QEMU (TCG) with an emulated Intel IOMMU and
 # QEMU's virtio-crypto-pci device behind it. Inside the guest it lists, binds and shows the
 # device (and sees a bind refused for a second one whose IOMMU group a host driver shares), runs
@@ -24,13 +24,14 @@
 # It leaves the machine's packages as it found them: it never installs, removes, upgrades or
 # downgrades a package (installing Debian 12's qemu-system-x86 next to qemu-utils 10 from backports
 # makes apt remove qemu-utils). A tool that is not installed is fetched with `apt-get download`
-# and unpacked with `dpkg -x` under target/. It records `dpkg -l` before and after and FAILs,
-# printing the difference, if they differ.
+# and unpacked with `dpkg -x` under target/vfio-guest. It records `dpkg -l` before and after and
+# FAILs, printing the difference, if they differ.
 #
-# Everything it keeps lives in target/: the unpacked packages (target/vfio-guest/pkgs, re-fetched
-# when Debian's versions change), the kernel (target/vfio-guest/kernel-*, re-fetched when Debian's
-# kernel changes), the static build (target/x86_64-unknown-linux-gnu) and the last guest log
-# (target/vfio-guest/guest.log). Running it twice reuses them.
+# Everything it keeps lives in the cargo target directory (target/, or CARGO_TARGET_DIR): the
+# unpacked packages (vfio-guest/pkgs, re-fetched when Debian's versions change), the kernel
+# (vfio-guest/kernel-*, re-fetched when Debian 12's kernel changes), the static build
+# (x86_64-unknown-linux-gnu) and the last guest log (vfio-guest/guest.log). Running it twice
+# reuses them.
 #
 # Environment:
 #   VFIO_GUEST_CORRUPT=1   flip one bit of one device result in the self-test: the run must FAIL
@@ -40,9 +41,11 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=$ROOT/target/vfio-guest
+RIG_NAME=vfio-guest-test
+RIG_WORK=${CARGO_TARGET_DIR:-$ROOT/target}/vfio-guest
+# shellcheck source=tools/guest/rig.sh
+. "$ROOT/tools/guest/rig.sh"
 TRIPLE=x86_64-unknown-linux-gnu
-BIN=$ROOT/target/$TRIPLE/release/crypt-vfio
 # The library's tests that need real functions (guest_tests), run in the guest.
 GUEST_TESTS=transport::vfio::guest_tests::functions_in_one_container_work_side_by_side_and_leave_one_by_one
 # The same harness: the kernel's unbind of a function crypt-vfio drives, beside another in its container.
@@ -57,181 +60,38 @@ UNPLUG_LIMIT=8
 # The hot-pluggable function: its QEMU id, and the root port (slot 6 of the root bus) it sits on.
 HP_ID=crypto-hp
 HP_PORT=0000:00:06.0
-# The modules vfio-pci needs, in load order (busybox insmod resolves no dependencies).
-MODULES="irqbypass vfio vfio_iommu_type1 vfio_virqfd vfio-pci-core vfio-pci"
 START=$(date +%s)
 
-fail() {
-    echo "vfio-guest-test: FAIL ($*)"
-    exit 1
-}
-say() { echo "vfio-guest-test: $*"; }
+# Root also for the guest test's own checks of root-only refusals.
+rig_begin
+rig_tools
+# Debian 12's kernel (6.1), whatever the host runs: the one this test was written against. vfio-pci
+# and the IOMMU backend it asks for by name; the rest (irqbypass, vfio, vfio_virqfd, vfio-pci-core)
+# come in as their dependencies.
+rig_kernel bookworm vfio_iommu_type1 vfio-pci
 
-[ "$(id -u)" = 0 ] || fail "must run as root (apt-get update, and the guest test's own checks of root-only refusals)"
-[ "$(uname -m)" = x86_64 ] || fail "needs an x86_64 machine"
-command -v apt-get >/dev/null && command -v dpkg >/dev/null || fail "needs a Debian machine (apt-get, dpkg)"
-mkdir -p "$WORK"
-
-# --- The machine's packages: the same after the test as before it --------------------------------
-dpkg -l >"$WORK/dpkg-before.txt"
-# Prints the difference and returns 1 when the installed packages changed since the start.
-packages_unchanged() {
-    dpkg -l >"$WORK/dpkg-after.txt"
-    if ! diff -u "$WORK/dpkg-before.txt" "$WORK/dpkg-after.txt" >"$WORK/dpkg.diff"; then
-        cat "$WORK/dpkg.diff"
-        return 1
-    fi
-}
-# On a failure path too: a changed package list is reported whatever else went wrong.
-on_exit() {
-    rc=$?
-    trap - EXIT
-    if [ $rc != 0 ] && ! packages_unchanged; then
-        echo "vfio-guest-test: FAIL (dpkg -l changed during the test; the difference is above)"
-    fi
-    exit $rc
-}
-trap on_exit EXIT
-
-# --- Tools: the installed ones, or Debian's packages unpacked under target/ (never installed) ------
-apt_updated=0
-apt_update() {
-    if [ $apt_updated = 0 ]; then
-        # Refreshes apt's package lists only; it changes no installed package.
-        apt-get update -q >"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log"; fail "apt-get update failed"; }
-        apt_updated=1
-    fi
-}
-installed() { [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
-PKGS=$WORK/pkgs
-PKGROOT=$PKGS/root
-LIBDIRS=$PKGROOT/lib/x86_64-linux-gnu:$PKGROOT/usr/lib/x86_64-linux-gnu
-# Runs a tool with the unpacked libraries first on its search path (harmless for installed tools:
-# only libraries that are not installed are unpacked).
-with_libs() { LD_LIBRARY_PATH=$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$@"; }
-# Where a tool is: installed (on PATH) or unpacked.
-tool_path() {
-    command -v "$1" 2>/dev/null ||
-        { for d in usr/bin bin usr/sbin sbin; do [ -x "$PKGROOT/$d/$1" ] && echo "$PKGROOT/$d/$1" && return; done; }
-}
-want=()
-command -v qemu-system-x86_64 >/dev/null || want+=(qemu-system-x86)
-# The initramfs needs a static busybox: Debian's busybox package is dynamically linked.
-installed busybox-static || want+=(busybox-static)
-command -v cpio >/dev/null || want+=(cpio)
-command -v xz >/dev/null || want+=(xz-utils)
-if [ ${#want[@]} -gt 0 ]; then
-    apt-cache show "${want[@]}" >/dev/null 2>&1 || apt_update
-    apt-cache show "${want[@]}" >/dev/null 2>&1 || fail "apt knows no package among ${want[*]}; cannot fetch them"
-    # Their whole dependency closure, less what is installed: the installed libraries are used
-    # as they are (ldd below checks that they suffice).
-    closure=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
-        --no-replaces --no-enhances "${want[@]}" | grep -v '^[ <]' | sort -u)
-    fetch=()
-    for p in $closure; do installed "$p" || fetch+=("$p"); done
-    [ ${#fetch[@]} -gt 0 ] || fail "${want[*]}: installed as packages, yet not on PATH"
-    # The .deb names carry the versions: the cache is reused while they are the same.
-    uris=$(apt-get download --print-uris "${fetch[@]}" 2>"$WORK/apt-download.log") ||
-        { cat "$WORK/apt-download.log"; fail "apt-get download --print-uris ${fetch[*]} failed"; }
-    stamp=$(echo "$uris" | awk '{ print $2 }' | sort)
-    if [ "$stamp" != "$(cat "$PKGS/fetched" 2>/dev/null)" ]; then
-        say "fetching ${want[*]} and ${#fetch[@]} packages they need into $PKGS (nothing is installed)"
-        rm -rf "$PKGS" && mkdir -p "$PKGS/debs" "$PKGROOT"
-        (cd "$PKGS/debs" && apt-get download "${fetch[@]}" >"$PKGS/download.log" 2>&1) ||
-            { apt_update; (cd "$PKGS/debs" && apt-get download "${fetch[@]}" >"$PKGS/download.log" 2>&1); } ||
-            { tail -20 "$PKGS/download.log"; fail "apt-get download ${fetch[*]} failed"; }
-        for deb in "$PKGS"/debs/*.deb; do
-            dpkg -x "$deb" "$PKGROOT" || fail "dpkg -x $deb failed"
-        done
-        rm -rf "$PKGS/debs"
-        echo "$stamp" >"$PKGS/fetched"
-    fi
-fi
-QEMU=$(tool_path qemu-system-x86_64) || true
-[ -n "$QEMU" ] || fail "no qemu-system-x86_64, installed or in $PKGROOT"
-CPIO=$(tool_path cpio) || true
-[ -n "$CPIO" ] || fail "no cpio, installed or in $PKGROOT"
-XZ=$(tool_path xz) || true
-[ -n "$XZ" ] || fail "no xz, installed or in $PKGROOT"
-if installed busybox-static; then BUSYBOX=/bin/busybox; else BUSYBOX=$PKGROOT/bin/busybox; fi
-[ -x "$BUSYBOX" ] || fail "no static busybox at $BUSYBOX"
-for t in "$QEMU" "$CPIO" "$XZ"; do
-    missing=$(with_libs ldd "$t" 2>&1 | grep "not found" || true)
-    [ -z "$missing" ] || { echo "$missing"; fail "$t lacks libraries (above)"; }
-done
-# An unpacked QEMU finds its firmware (-L) and its modules (TCG is one) under target/, not /usr.
-QEMU_DIRS=()
-case $QEMU in
-    "$PKGROOT"/*)
-        for d in usr/share/qemu usr/share/seabios usr/lib/ipxe/qemu; do QEMU_DIRS+=(-L "$PKGROOT/$d"); done
-        export QEMU_MODULE_DIR=$PKGROOT/usr/lib/x86_64-linux-gnu/qemu
-        ;;
-esac
-QEMU_VERSION=$(with_libs "$QEMU" --version | head -1) || fail "$QEMU does not run"
-
-# --- Debian's kernel: the uncompressed image and the VFIO modules --------------------------------
-kernel_package() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'; }
-KPKG=$(kernel_package)
-if [ -z "$KPKG" ]; then
-    apt_update
-    KPKG=$(kernel_package)
-fi
-[ -n "$KPKG" ] || fail "cannot tell which kernel linux-image-amd64 depends on (apt-cache depends linux-image-amd64)"
-KVER=${KPKG#linux-image-}
-KDIR=$WORK/kernel-$KVER
-if [ ! -s "$KDIR/vmlinux" ]; then
-    say "fetching $KPKG"
-    rm -rf "$WORK"/kernel-* && mkdir -p "$KDIR/x" "$KDIR/modules"
-    (cd "$KDIR" && apt-get download "$KPKG" >"$KDIR/download.log" 2>&1) ||
-        { apt_update; (cd "$KDIR" && apt-get download "$KPKG" >"$KDIR/download.log" 2>&1); } ||
-        { cat "$KDIR/download.log"; fail "apt-get download $KPKG failed"; }
-    dpkg-deb --fsys-tarfile "$KDIR"/*.deb | tar -x -C "$KDIR/x" --wildcards "./boot/vmlinuz-$KVER" \
-        "./lib/modules/$KVER/kernel/drivers/vfio/*" "./lib/modules/$KVER/kernel/virt/lib/*"
-    for m in $MODULES; do
-        ko=$(find "$KDIR/x" \( -name "$m.ko" -o -name "$m.ko.xz" \) | head -1)
-        [ -n "$ko" ] || fail "$KPKG has no module $m"
-        case $ko in
-            *.xz) with_libs "$XZ" -dc "$ko" >"$KDIR/modules/$m.ko" ;;
-            *) cp "$ko" "$KDIR/modules/$m.ko" ;;
-        esac
-    done
-    # Booting the uncompressed kernel saves seconds under TCG: the bzImage carries an XZ stream
-    # (magic FD 37 7A 58 5A 00); xz complains about the bytes after it, which are not ours to read.
-    vmlinuz=$KDIR/x/boot/vmlinuz-$KVER
-    off=$(LC_ALL=C grep -obUaP '\xFD7zXZ\x00' "$vmlinuz" | head -1 | cut -d: -f1)
-    [ -n "$off" ] || fail "no XZ stream in $vmlinuz"
-    tail -c +$((off + 1)) "$vmlinuz" | with_libs "$XZ" -dc >"$KDIR/vmlinux.tmp" 2>/dev/null || true
-    [ "$(head -c 4 "$KDIR/vmlinux.tmp" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] ||
-        fail "decompressing $vmlinuz did not give an ELF kernel"
-    mv "$KDIR/vmlinux.tmp" "$KDIR/vmlinux"
-    rm -rf "$KDIR/x" "$KDIR"/*.deb
-fi
-
-# --- The static binary ----------------------------------------------------------------------
-say "building crypt-vfio statically (target/$TRIPLE)"
-(cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target $TRIPLE \
-    --bin crypt-vfio >"$WORK/build.log" 2>&1) || { tail -30 "$WORK/build.log"; fail "cargo build of the static binary failed"; }
-ldd "$BIN" 2>&1 | grep -qE "not a dynamic executable|statically linked" || fail "$BIN is not statically linked"
-say "building the library's guest tests statically"
+# --- The static binary and test harness ----------------------------------------------------
+rig_say "building crypt-vfio statically ($TRIPLE)"
+rig_static_build "$ROOT" "$RIG_WORK/build.log"
+rig_say "building the library's guest tests statically"
 (cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static" cargo test --release --locked --target $TRIPLE --lib \
-    --no-run --message-format=json >"$WORK/tests-build.json" 2>"$WORK/tests-build.log") ||
-    { tail -30 "$WORK/tests-build.log"; fail "cargo build of the static test harness failed"; }
-TESTBIN=$(grep -o '"executable":"[^"]*/deps/crypt_vfio-[^"]*"' "$WORK/tests-build.json" | tail -1 | cut -d'"' -f4)
-[ -x "$TESTBIN" ] || fail "cargo did not name the library's test harness (see $WORK/tests-build.json)"
-ldd "$TESTBIN" 2>&1 | grep -qE "not a dynamic executable|statically linked" || fail "$TESTBIN is not statically linked"
+    --no-run --message-format=json >"$RIG_WORK/tests-build.json" 2>"$RIG_WORK/tests-build.log") ||
+    { tail -30 "$RIG_WORK/tests-build.log"; rig_fail "cargo build of the static test harness failed"; }
+TESTBIN=$(grep -o '"executable":"[^"]*/deps/crypt_vfio-[^"]*"' "$RIG_WORK/tests-build.json" | tail -1 | cut -d'"' -f4)
+[ -x "$TESTBIN" ] || rig_fail "cargo did not name the library's test harness (see $RIG_WORK/tests-build.json)"
+ldd "$TESTBIN" 2>&1 | grep -qE "not a dynamic executable|statically linked" || rig_fail "$TESTBIN is not statically linked"
 
 # --- The initramfs ----------------------------------------------------------------------------
-INITRD=$WORK/initramfs
-rm -rf "$INITRD" && mkdir -p "$INITRD"/{bin,dev,etc,proc,sys,tmp,lib/modules}
+INITRD=$RIG_WORK/initramfs
+rm -rf "$INITRD" && mkdir -p "$INITRD"/{bin,etc}
 # An unprivileged user, to see the permission errors.
 printf 'root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n' >"$INITRD/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$INITRD/etc/group"
-cp "$BUSYBOX" "$INITRD/bin/busybox"
-cp "$BIN" "$INITRD/bin/crypt-vfio"
+cp "$RIG_BIN" "$INITRD/bin/crypt-vfio"
 # The harness carries line tables; the guest needs none of them (nor the initramfs their size).
 cp "$TESTBIN" "$INITRD/bin/crypt-vfio-tests"
 if command -v strip >/dev/null; then strip "$INITRD/bin/crypt-vfio-tests"; fi
-cp "$KDIR"/modules/*.ko "$INITRD/lib/modules/"
+cp "$ROOT/tools/guest/steps.sh" "$INITRD/steps.sh"
 selftest_extra=""
 [ "$CORRUPT" = 1 ] && selftest_extra="--corrupt-one"
 unplug_extra=""
@@ -244,49 +104,18 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+# step, refused, failed, verdict.
+. /steps.sh
+# vfio-ioctls could not take a group out of its container: the function was still held (a BAR
+# mapping outliving the device, say), so the kernel could not have it back.
+STEP_FORBID="Could not unbind VFIO group"
+STEP_FORBID_WHY="a VFIO group was not released on close"
+# The self-test's own verdict says which result was wrong; crypt-vfio's last line does not.
+STEP_WHY="^selftest: FAIL"
 # Huge pages make each DMA region physically contiguous. QEMU 7.2's virtio behind its emulated
 # IOMMU misreads a descriptor table that spans non-contiguous pages (a 1024-entry table is 16 KiB),
 # which real devices do not; userspace drivers use huge pages anyway.
 echo 128 >/proc/sys/vm/nr_hugepages
-result=PASS
-reason=
-failed() {
-    echo "=== \$1: FAILED (\$2)"
-    if [ \$result = PASS ]; then reason="\$1: \$2"; fi
-    result=FAIL
-}
-# step NAME COMMAND...: the command must succeed; on failure its first error line is the reason.
-step() {
-    name=\$1
-    shift
-    echo "=== \$name: \$*"
-    "\$@" >/tmp/out 2>&1
-    rc=\$?
-    cat /tmp/out
-    if [ \$rc = 0 ] && grep -q "Could not unbind VFIO group" /tmp/out; then
-        # vfio-ioctls could not take the group out of its container: the function was still
-        # held (a BAR mapping outliving the device, say), so the kernel could not have it back.
-        failed "\$name" "a VFIO group was not released on close"
-    elif [ \$rc = 0 ]; then
-        echo "=== \$name: ok"
-    else
-        why=\$(grep -E "^selftest: FAIL|^crypt-vfio: " /tmp/out | head -1)
-        failed "\$name" "\${why:-exit status \$rc}"
-    fi
-}
-# refused NAME TEXT COMMAND...: the command must fail and say TEXT.
-refused() {
-    name=\$1
-    text=\$2
-    shift 2
-    echo "=== \$name: \$*"
-    out=\$("\$@" 2>&1)
-    rc=\$?
-    echo "\$out"
-    if [ \$rc = 0 ]; then failed "\$name" "succeeded, should have been refused"
-    elif ! echo "\$out" | grep -q "\$text"; then failed "\$name" "refused without saying '\$text'"
-    else echo "=== \$name: refused as it should be"; fi
-}
 # unplug: a long job on the hot-pluggable function, which the host removes (device_del) when it
 # sees the marker. Prints the timeline (the job's log lines carry CLOCK_MONOTONIC, as dmesg does).
 unplug() {
@@ -380,7 +209,7 @@ unplug() {
         else echo "=== unplug: ok"; fi
     fi
 }
-for m in $MODULES; do
+for m in \$(cat /lib/modules/order); do
     insmod /lib/modules/\$m.ko || failed insmod "insmod \$m failed"
 done
 # The device under test sits on the root bus, and so does a second one (each in an IOMMU group
@@ -453,23 +282,22 @@ else
         failed iommu "\$faults IOMMU faults: the device touched memory that was not mapped for it"
     fi
 fi
-echo "crypt-vfio-guest: \$result\${reason:+: \$reason}"
-poweroff -f
+verdict crypt-vfio-guest
 EOF
 chmod +x "$INITRD/init"
-(cd "$INITRD" && find . | with_libs "$CPIO" -o -H newc --quiet) >"$WORK/initrd.cpio"
+rig_initramfs "$INITRD" "$RIG_WORK/initrd.cpio"
 
 # --- The guest ----------------------------------------------------------------------------------
-LOG=$WORK/guest.log
-QMP_SOCK=$WORK/qmp.sock
-QMP_LOG=$WORK/qmp.log
+LOG=$RIG_WORK/guest.log
+QMP_SOCK=$RIG_WORK/qmp.sock
+QMP_LOG=$RIG_WORK/qmp.log
+# Removed here, not only by rig_qemu: the loop below must not find the last run's marker.
 rm -f "$LOG" "$QMP_SOCK" "$QMP_LOG"
-say "booting $KPKG under $QEMU_VERSION (TCG)"
+rig_say "booting $RIG_KPKG under $RIG_QEMU_VERSION (TCG)"
 boot_start=$(date +%s)
 set +e
-timeout "$TIMEOUT" env LD_LIBRARY_PATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$QEMU" "${QEMU_DIRS[@]}" -accel tcg -cpu max -machine q35 -m 1G -smp 2 \
-    -nodefaults -display none -no-reboot -serial "file:$LOG" \
-    -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd.cpio" \
+# In the background: the host's half of the unplug runs beside it.
+rig_qemu "$TIMEOUT" "$LOG" "$RIG_WORK/initrd.cpio" -m 1G -smp 2 \
     -append "console=ttyS0 panic=-1 quiet intel_iommu=on" \
     -device intel-iommu,intremap=on,device-iotlb=off \
     -object cryptodev-backend-builtin,id=cryptodev0 \
@@ -482,8 +310,7 @@ timeout "$TIMEOUT" env LD_LIBRARY_PATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_
     -device pcie-root-port,id=rp-hp,bus=pcie.0,chassis=1,slot=1,addr=0x6 \
     -object cryptodev-backend-builtin,id=cdhp \
     -device virtio-crypto-pci,id=$HP_ID,bus=rp-hp,cryptodev=cdhp,iommu_platform=on,disable-legacy=on \
-    -qmp "unix:$QMP_SOCK,server=on,wait=off" \
-    </dev/null >"$WORK/qemu.log" 2>&1 &
+    -qmp "unix:$QMP_SOCK,server=on,wait=off" &
 qemu_pid=$!
 # The host's half of the unplug: when the guest prints the marker, remove the function.
 unplugged=0
@@ -504,7 +331,7 @@ qemu_rc=$?
 set -e
 guest_s=$(($(date +%s) - boot_start))
 sed 's/^/  guest| /' "$LOG" 2>/dev/null | tr -d '\r' || true
-[ -s "$WORK/qemu.log" ] && sed 's/^/  qemu| /' "$WORK/qemu.log"
+[ -s "$LOG.qemu" ] && sed 's/^/  qemu| /' "$LOG.qemu"
 [ -s "$QMP_LOG" ] && sed 's/^/  host| /' "$QMP_LOG"
 verdict=$(tr -d '\r' <"$LOG" 2>/dev/null | grep -a "^crypt-vfio-guest: " | tail -1 || true)
 total_s=$(($(date +%s) - START))
@@ -524,17 +351,17 @@ else
 fi
 case $verdict in
     "crypt-vfio-guest: PASS"*)
-        [ "$qmp_ok" = yes ] || fail "$qmp_why"
-        packages_unchanged || fail "dpkg -l changed during the test; the difference is above"
-        say "PASS (guest $KVER, $QEMU_VERSION; guest ran ${guest_s} s, whole test ${total_s} s; dpkg -l unchanged)"
+        [ "$qmp_ok" = yes ] || rig_fail "$qmp_why"
+        rig_packages_unchanged || rig_fail "dpkg -l changed during the test; the difference is above"
+        rig_say "PASS (guest $RIG_KVER, $RIG_QEMU_VERSION; guest ran ${guest_s} s, whole test ${total_s} s; dpkg -l unchanged)"
         ;;
     "crypt-vfio-guest: FAIL"*)
-        fail "in the guest, ${verdict#crypt-vfio-guest: FAIL: }"
+        rig_fail "in the guest, ${verdict#crypt-vfio-guest: FAIL: }"
         ;;
     *)
         if [ $qemu_rc = 124 ]; then
-            fail "the guest did not finish within ${TIMEOUT} s"
+            rig_fail "the guest did not finish within ${TIMEOUT} s"
         fi
-        fail "the guest did not boot or did not finish (QEMU exit status $qemu_rc); see $LOG"
+        rig_fail "the guest did not boot or did not finish (QEMU exit status $qemu_rc); see $LOG"
         ;;
 esac

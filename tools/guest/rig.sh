@@ -159,6 +159,11 @@ rig_apt_suite() {
     fi
 }
 
+# The kernel package SUITE's linux-image-amd64 depends on (RIG_APT chooses the suite).
+rig_kernel_package() {
+    apt-cache "${RIG_APT[@]}" depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
+}
+
 # rig_kernel SUITE MODULE...: Debian SUITE's kernel as an uncompressed ELF (RIG_KDIR/vmlinux, booted
 # through its PVH note), and the named modules plus every module they depend on, decompressed into
 # RIG_KDIR/modules; RIG_MODULES lists them in an order busybox insmod can load them.
@@ -166,8 +171,13 @@ rig_kernel() {
     local suite=$1 kpkg deb vmlinuz off m
     shift
     rig_apt_suite "$suite"
-    kpkg=$(apt-cache "${RIG_APT[@]}" depends linux-image-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+    kpkg=$(rig_kernel_package)
+    # The host's own suite is read from the host's lists, which may be missing or stale (a kernel
+    # point release replaces the old package).
+    if [ -z "$kpkg" ] && [ ${#RIG_APT[@]} = 0 ]; then
+        rig_apt_update
+        kpkg=$(rig_kernel_package)
+    fi
     [ -n "$kpkg" ] || rig_fail "cannot tell which kernel $suite's linux-image-amd64 depends on"
     RIG_KPKG=$kpkg
     RIG_KVER=${kpkg#linux-image-}
@@ -177,6 +187,8 @@ rig_kernel() {
         rig_say "fetching $kpkg ($suite)"
         rm -rf "$RIG_WORK"/kernel-* && mkdir -p "$RIG_KDIR/x" "$RIG_KDIR/modules"
         (cd "$RIG_KDIR" && apt-get "${RIG_APT[@]}" download "$kpkg" >"$RIG_KDIR/download.log" 2>&1) ||
+            { [ ${#RIG_APT[@]} = 0 ] && rig_apt_update &&
+                (cd "$RIG_KDIR" && apt-get download "$kpkg" >"$RIG_KDIR/download.log" 2>&1); } ||
             { cat "$RIG_KDIR/download.log"; rig_fail "apt-get download $kpkg failed"; }
         deb=$(ls "$RIG_KDIR"/*.deb)
         # Merged /usr (trixie) or not (bookworm): the modules are under either.

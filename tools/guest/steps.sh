@@ -12,6 +12,9 @@ failed() {
     result=FAIL
 }
 # step NAME COMMAND...: the command must succeed; on failure its last error line is the reason.
+# Where the init sets STEP_FORBID (a grep pattern), a step that prints it fails too, for the
+# reason STEP_FORBID_WHY; where it sets STEP_WHY (a grep -E pattern), the first line that matches
+# it is the reason before the last error line.
 step() {
     name=$1
     shift
@@ -19,10 +22,15 @@ step() {
     "$@" >/tmp/out 2>&1
     rc=$?
     cat /tmp/out
-    if [ $rc = 0 ]; then
+    if [ $rc = 0 ] && [ -n "${STEP_FORBID:-}" ] && grep -q "$STEP_FORBID" /tmp/out; then
+        failed "$name" "$STEP_FORBID_WHY"
+        rc=1
+    elif [ $rc = 0 ]; then
         echo "=== $name: ok [$(uptime_s) s]"
     else
-        why=$(grep -E "^crypt-vfio: |rror" /tmp/out | tail -1)
+        why=
+        [ -z "${STEP_WHY:-}" ] || why=$(grep -E "$STEP_WHY" /tmp/out | head -1)
+        [ -n "$why" ] || why=$(grep -E "^crypt-vfio: |rror" /tmp/out | tail -1)
         failed "$name" "${why:-exit status $rc}"
     fi
     return $rc
