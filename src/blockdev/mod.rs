@@ -35,8 +35,8 @@ pub fn open_exclusive(dev: &Path) -> std::io::Result<std::fs::File> {
 
 /// Waits for `stop` (SIGTERM) unless `done` comes first, then detaches the device at `path` with `detach` as `close` does:
 /// exclusively opened (so nothing mounts it meanwhile) and flushed. While the device is in use
-/// (mounted, or held exclusively) the stop is refused and forgotten: stopping a mounted device
-/// would fail the filesystem's writeback.
+/// (mounted, or held exclusively), or cannot be opened here to find out, the stop is refused and
+/// forgotten: stopping a mounted device would fail the filesystem's writeback.
 pub fn stop_when_unused(
     stop: &AtomicBool,
     done: &AtomicBool,
@@ -58,11 +58,19 @@ pub fn stop_when_unused(
                 );
                 stop.store(false, Ordering::Release);
             }
-            held => {
-                if let Ok(f) = &held {
-                    if let Err(e) = f.sync_all() {
-                        log::warn!("flushing {}: {e}", path.display());
-                    }
+            // Not held, so not known to be unused: a private /dev, a missing node or a
+            // permission error says nothing about a mount elsewhere.
+            Err(e) => {
+                log::warn!(
+                    "cannot open {} exclusively ({e}), so cannot tell whether it is mounted: not \
+                     stopping it; use `crypt-vfio close` where the device node is visible",
+                    path.display()
+                );
+                stop.store(false, Ordering::Release);
+            }
+            Ok(held) => {
+                if let Err(e) = held.sync_all() {
+                    log::warn!("flushing {}: {e}", path.display());
                 }
                 if let Err(e) = detach() {
                     log::error!("detaching {}: {e}", path.display());
@@ -72,5 +80,40 @@ pub fn stop_when_unused(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    /// A device node this process cannot open (here: one that is not there, as in a container
+    /// with its own /dev) may still be mounted elsewhere, so a stop must not detach it.
+    #[test]
+    fn a_device_that_cannot_be_opened_is_not_detached() {
+        let stop = Arc::new(AtomicBool::new(true));
+        let done = Arc::new(AtomicBool::new(false));
+        let detached = Arc::new(AtomicUsize::new(0));
+        let path = std::env::temp_dir().join(format!("crypt-vfio-no-such-dev-{}", std::process::id()));
+        let t = {
+            let (stop, done, detached) = (Arc::clone(&stop), Arc::clone(&done), Arc::clone(&detached));
+            std::thread::spawn(move || {
+                stop_when_unused(&stop, &done, &path, || {
+                    detached.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                })
+            })
+        };
+        // The refusal forgets the stop; then the server ends for another reason.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while stop.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        done.store(true, Ordering::Release);
+        t.join().unwrap();
+        assert_eq!(detached.load(Ordering::SeqCst), 0, "a device it could not hold was detached");
+        assert!(!stop.load(Ordering::Acquire), "the refused stop was not forgotten");
     }
 }
