@@ -192,6 +192,9 @@ impl VfioBar {
 /// `ptr..ptr + len` must be a mapping the caller owns, reached by nobody through references
 /// (volatile accesses through raw pointers only).
 pub(super) unsafe fn revoke_mapping(ptr: *mut u8, len: usize, what: &str) {
+    // The fallback is made ready first: once mremap has failed, the old mapping may already be
+    // gone, and every moment spent preparing then is a moment a reader would fault.
+    let fallback = ones_file(len);
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
     // SAFETY: a fresh anonymous mapping; the result is checked.
@@ -212,20 +215,21 @@ pub(super) unsafe fn revoke_mapping(ptr: *mut u8, len: usize, what: &str) {
         unsafe { libc::munmap(tmp, len) };
         e
     };
-    log::warn!("revoking {what}: moving all ones over it: {e}; mapping a file of ones over it instead");
     // SAFETY: as this function's.
-    if let Err(e) = unsafe { map_ones_over(ptr, len) } {
-        log::error!("revoking {what}: mapping a file of ones over it: {e}; it may be a hole now, aborting");
-        std::process::abort();
+    let mapped = fallback.and_then(|file| unsafe { map_file_over(ptr, len, &file) });
+    match mapped {
+        Ok(()) => {
+            log::warn!("revoking {what}: moving all ones over it: {e}; mapped a file of ones over it instead")
+        }
+        Err(f) => {
+            log::error!("revoking {what}: moving all ones over it: {e}; a file of ones: {f}; it may be a hole now, aborting");
+            std::process::abort();
+        }
     }
 }
 
-/// The fallback of [`revoke_mapping`]: a private mapping of a file filled with ones before it
-/// is mapped, so that it reads all ones from the first moment.
-///
-/// # Safety
-/// As [`revoke_mapping`].
-unsafe fn map_ones_over(ptr: *mut u8, len: usize) -> std::io::Result<()> {
+/// The fallback of [`revoke_mapping`]: a file of `len` bytes of ones, made before it is needed.
+fn ones_file(len: usize) -> std::io::Result<std::fs::File> {
     use std::io::Write;
     use std::os::fd::FromRawFd;
     // SAFETY: a new memfd; the result is checked.
@@ -233,7 +237,7 @@ unsafe fn map_ones_over(ptr: *mut u8, len: usize) -> std::io::Result<()> {
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: fd is ours and open; File takes it over (and closes it: the mapping keeps the
+    // SAFETY: fd is ours and open; File takes it over (and closes it: a mapping keeps the
     // memory).
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
     let ones = [0xffu8; 4096];
@@ -243,6 +247,15 @@ unsafe fn map_ones_over(ptr: *mut u8, len: usize) -> std::io::Result<()> {
         file.write_all(&ones[..n])?;
         left -= n;
     }
+    Ok(file)
+}
+
+/// Maps `file` (filled with ones) privately over `ptr`, so it reads all ones from the first
+/// moment.
+///
+/// # Safety
+/// As [`revoke_mapping`].
+unsafe fn map_file_over(ptr: *mut u8, len: usize, file: &std::fs::File) -> std::io::Result<()> {
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     // SAFETY: replaces the caller's mapping at ptr with a private one of the same size, of a
     // file of len bytes; writes to it stay in this process.
@@ -339,10 +352,11 @@ mod tests {
                     }
                 }
             });
+            let ones = ones_file(len).unwrap();
             started.wait();
             std::thread::sleep(std::time::Duration::from_millis(5));
             // SAFETY: p..p+len is our mapping, reached only through raw pointers.
-            unsafe { map_ones_over(p.cast(), len) }.unwrap();
+            unsafe { map_file_over(p.cast(), len, &ones) }.unwrap();
             let seen = reader.join().unwrap();
             assert!(seen.iter().all(|&v| v == 0x5a5a_5a5a || v == u32::MAX), "the reader saw {seen:x?}");
         });
