@@ -2,15 +2,16 @@
 //! ([`Delivery`]), submit/reap/promote around a data queue's [`Backlog`] (one request at a time
 //! and in batches), the async API's handling of a `Promoted` that races with its `Backlogged`,
 //! and the sleep gate of adaptive waiting ([`SleepGate`]: announce the sleep, re-check, park; the
-//! doorbell fences and checks), and two of the engine pool's hand-offs. Those two model the
+//! doorbell fences and checks), and three of the engine pool's hand-offs. Those three model the
 //! pool, they do not run it: the pool's own [`Credit`](crypt_vfio::testing::Credit) and the real
 //! [`Backlog`] (with its re-run lane) are under loom, but the member ring, the member's reaper
 //! and the pool queue's completion handler (`PoolQueueShared::member_completed`) are stand-ins
 //! written here with the same steps (take a credit, place; free, give back; on NotRun, re-run
-//! under the queue lock and promote). The pool queue itself (its `Mutex`, member handles and
-//! monitor) is too large for loom; its lock discipline is what keeps it out: the pool has no
-//! lock-free stage/flush step, members are called under the pool queue's lock, and their
-//! callbacks take it and are never called under it.
+//! under the queue lock and promote; the kicker's pass against a completion on another pool
+//! queue). The pool queue itself (its `Mutex`, member handles and monitor) is too large for
+//! loom; its lock discipline is what keeps it out: the pool has no lock-free stage/flush step,
+//! members are called under the pool queue's lock, and their callbacks take it and are never
+//! called under it.
 //!
 //! Run with `cargo test --features loom-model --test loom_models` (the feature builds the
 //! engine's synchronisation on loom's types; see `src/engine/sync.rs`). With
@@ -528,4 +529,68 @@ fn a_rerun_after_a_member_failure_keeps_the_contract() {
         assert!(report.violations.is_empty(), "{:?}", report.violations);
         assert_eq!(report.completed, 3);
     });
+}
+
+/// The pool kicker's pass against a member completion on another pool queue (a stand-in of
+/// `monitor::spawn_kicker` and the end of `PoolQueueShared::on_member_events`, with the same
+/// orderings and fences): queue 0 waits for a slot of a member queue it shares with queue 1, and queue 1's
+/// completion gives one back while the kicker is in its pass with `waiting` cleared. Afterwards
+/// queue 0 has its slot, or the kicker has been woken to look again; never neither (a stall
+/// until the kicker's idle look). With `recheck` off (the pass without its look at the
+/// completion count) loom finds that interleaving.
+fn kicker_pass_model(recheck: bool) {
+    use loom::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::atomic::Ordering::SeqCst;
+    loom::model(move || {
+        let slots = Arc::new(AtomicUsize::new(0));
+        let q0_waits = Arc::new(AtomicBool::new(true));
+        let waiting = Arc::new(AtomicBool::new(true));
+        let completions = Arc::new(AtomicU64::new(0));
+        let woken = Arc::new(AtomicBool::new(false));
+        let completion = {
+            let (slots, waiting, completions, woken) =
+                (slots.clone(), waiting.clone(), completions.clone(), woken.clone());
+            thread::spawn(move || {
+                slots.fetch_add(1, SeqCst);
+                completions.fetch_add(1, SeqCst);
+                loom::sync::atomic::fence(SeqCst);
+                if waiting.load(SeqCst) {
+                    woken.store(true, SeqCst);
+                }
+            })
+        };
+        loop {
+            let seen = completions.load(SeqCst);
+            waiting.store(false, SeqCst);
+            if q0_waits.load(SeqCst) && slots.load(SeqCst) > 0 {
+                slots.fetch_sub(1, SeqCst);
+                q0_waits.store(false, SeqCst);
+            }
+            if !q0_waits.load(SeqCst) {
+                break;
+            }
+            waiting.store(true, SeqCst);
+            loom::sync::atomic::fence(SeqCst);
+            if !recheck || completions.load(SeqCst) == seen {
+                break;
+            }
+        }
+        completion.join().unwrap();
+        assert!(
+            !q0_waits.load(SeqCst) || woken.load(SeqCst),
+            "queue 0 waits with a free slot and nobody will move it"
+        );
+    });
+}
+
+#[test]
+fn the_pool_kicker_never_leaves_a_freed_slot_unused() {
+    kicker_pass_model(true);
+}
+
+/// The model finds the stall when the kicker does not look again (so the model can fail).
+#[test]
+#[should_panic(expected = "nobody will move it")]
+fn without_its_recheck_the_pool_kicker_can_stall() {
+    kicker_pass_model(false);
 }

@@ -195,6 +195,26 @@ impl Member {
         MemberState::from_u8(self.state.load(Ordering::Acquire))
     }
 
+    /// Up to Down, in one step: the monitor may have found it lost or released meanwhile, and
+    /// that must not be overwritten by a Down it would then bring back. Whether it was Up.
+    fn down_if_up(&self, why: &str) -> bool {
+        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        let was_up = self
+            .state
+            .compare_exchange(
+                MemberState::Up as u8,
+                MemberState::Down as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if was_up {
+            let since = down.as_ref().map_or_else(Instant::now, |d| d.0);
+            *down = Some((since, why.to_string()));
+        }
+        was_up
+    }
+
     pub(crate) fn is_up(&self) -> bool {
         self.state.load(Ordering::Acquire) == MemberState::Up as u8
     }
@@ -258,6 +278,10 @@ pub(crate) struct Shared {
     /// so while this is set a completion wakes the monitor to move the others' waiting requests
     /// (rather than leaving them to the next poll, or the monitor's idle look a second later).
     pub(crate) waiting: AtomicBool,
+    /// Member completions so far (each may have given a member queue's slots back). The kicker
+    /// reads it around its pass: slots freed while it looked, after it had seen `waiting`
+    /// cleared, would otherwise wait for its idle look (see `monitor::spawn_kicker`).
+    pub(crate) completions: std::sync::atomic::AtomicU64,
     pub(crate) options: PoolOptions,
     pub(crate) max_request_len: usize,
     /// Every device member delivers events on its own thread.
@@ -272,9 +296,8 @@ impl Shared {
         if member.software {
             return;
         }
-        if member.state() == MemberState::Up {
+        if member.down_if_up(why) {
             log::warn!("pool member {} failed ({why}); its requests move to the other members", member.name);
-            member.set(MemberState::Down, Some(why.to_string()));
         }
         self.signal.wake();
     }
@@ -397,6 +420,7 @@ impl PoolEngine {
             closing: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             waiting: AtomicBool::new(false),
+            completions: std::sync::atomic::AtomicU64::new(0),
             options,
             delivers,
         });

@@ -143,14 +143,25 @@ pub(crate) fn spawn_kicker(
     queues: Arc<Vec<Arc<PoolQueueShared>>>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("crypt-vfio-pool-kick".into()).spawn(move || {
+        use std::sync::atomic::Ordering::SeqCst;
         while shared.kick.wait(IDLE_POLL) {
-            // Cleared before the look, so that a queue that backlogs meanwhile sets it again.
-            shared.waiting.store(false, std::sync::atomic::Ordering::Release);
-            for q in queues.iter() {
-                q.kick();
-            }
-            if queues.iter().any(|q| q.has_waiting()) {
-                shared.waiting.store(true, std::sync::atomic::Ordering::Release);
+            loop {
+                let seen = shared.completions.load(SeqCst);
+                // Cleared before the look, so that a queue that backlogs meanwhile sets it again.
+                shared.waiting.store(false, SeqCst);
+                for q in queues.iter() {
+                    q.kick();
+                }
+                if !queues.iter().any(|q| q.has_waiting()) {
+                    break;
+                }
+                shared.waiting.store(true, SeqCst);
+                std::sync::atomic::fence(SeqCst);
+                // A completion while `waiting` was clear did not wake us: its freed slots may be
+                // what a queue we already passed waits for.
+                if shared.completions.load(SeqCst) == seen {
+                    break;
+                }
             }
         }
     })

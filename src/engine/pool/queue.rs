@@ -269,7 +269,12 @@ impl PoolQueueShared {
             self.note_waiting(&st);
         }
         self.run_software();
-        if self.shared.waiting.load(Ordering::Acquire) {
+        // The fence pairs with the kicker's, between its store of `waiting` and its load of this
+        // count: either this sees `waiting` set, or the kicker sees the count move and looks
+        // again (loom model `the_pool_kicker_never_leaves_a_freed_slot_unused`).
+        self.shared.completions.fetch_add(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.shared.waiting.load(Ordering::SeqCst) {
             // Slots this queue's member queues got back may be what another pool queue waits for.
             self.shared.kick.wake();
         }
