@@ -54,8 +54,10 @@ pub fn run(args: CloseArgs) -> anyhow::Result<()> {
             backend.trim()
         );
     }
-    let held = flush_unless_busy(&args.device)?;
+    // Pinned before the flush, which may take long: a server that dies meanwhile must not have
+    // its pid taken by another process that close would then wait for.
     let server = pid.map(ServerProcess::pin);
+    let held = flush_unless_busy(&args.device)?;
     let mut nl = NbdNetlink::open()?;
     nl.disconnect(index).with_context(|| format!("disconnecting {name}"))?;
     // Held across the disconnect: nothing mounts the device between the check and the detach.
@@ -80,6 +82,8 @@ fn close_ublk(args: &CloseArgs, id: u32) -> anyhow::Result<()> {
     // A live device whose server is dead is one the driver has not quiesced yet: nothing would
     // serve a flush (it would wait for a recovery that may never come).
     let live = u32::from(info.state) == libublk::sys::UBLK_S_DEV_LIVE && alive(info.ublksrv_pid);
+    // Pinned before the flush, as for NBD.
+    let server = live.then(|| ServerProcess::pin(info.ublksrv_pid));
     let held = if live {
         flush_unless_busy(&args.device)?
     } else {
@@ -91,7 +95,6 @@ fn close_ublk(args: &CloseArgs, id: u32) -> anyhow::Result<()> {
             _ => anyhow::anyhow!("opening {name}: {e}"),
         })?
     };
-    let server = live.then(|| ServerProcess::pin(info.ublksrv_pid));
     let stopped = ublk::checked(ctrl.stop_dev());
     // Held across the stop (nothing mounts it in between), and not after: the server's delete
     // waits for the device to be released.
