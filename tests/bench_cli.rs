@@ -103,6 +103,29 @@ fn a_sweep_draws_a_plot_and_wait_each_keeps_one_in_flight() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Every request checked, through a pool one of whose members is unplugged (given back at its
+/// owner's request) under it: the run ends on the other with every result equal to the AES
+/// core's.
+#[test]
+fn every_request_can_be_checked_through_an_unplug() {
+    let out = ok(&bench(&[
+        "--device",
+        "emulated,emulated",
+        "--device-fault",
+        "unplug@50ms:0",
+        "--check-every",
+        "1",
+        "--count",
+        "20000",
+        "--qd",
+        "32",
+        "--size",
+        "4096",
+    ]));
+    let gone = out.lines().find(|l| l.contains("member emulated#0")).unwrap_or_default();
+    assert!(gone.contains("released"), "{out}");
+}
+
 #[test]
 fn bad_arguments_are_refused_by_name() {
     for (args, words) in [
@@ -113,6 +136,7 @@ fn bad_arguments_are_refused_by_name() {
         (&["--qd", "0"][..], "at least 1"),
         (&["--batch", "0"][..], "a batch of no requests submits nothing"),
         (&["--batch", "5000"][..], "more than the 4096 allowed"),
+        (&["--check-every", "0"][..], "--check-every"),
     ] {
         let o = bench(args);
         assert!(!o.status.success(), "{args:?} accepted");

@@ -132,9 +132,9 @@ unplug() {
     else
         echo "=== pool-shares: ok"
     fi
-    echo "=== unplug: crypt-vfio bench --device \$BDF,\$HP for 25 s; the host unplugs $HP_ID meanwhile"
+    echo "=== unplug: crypt-vfio bench --device \$BDF,\$HP for 25 s, every result checked; the host unplugs $HP_ID meanwhile"
     RUST_LOG=crypt_vfio=info crypt-vfio bench --device \$BDF,\$HP --mode irq --alg aes-256-cbc --size 4096 --qd 32 \
-        --duration 25s $unplug_extra >/tmp/job 2>&1 &
+        --check-every 1 --duration 25s $unplug_extra >/tmp/job 2>&1 &
     job=\$!
     # The device is open once the driver says it is up.
     n=0

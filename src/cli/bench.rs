@@ -6,8 +6,8 @@
 //! `Backlogged` it waits for that request's `Promoted`; completions recycle buffers. With
 //! `--batch N` (the default) it submits up to N requests per `submit_batch` call and takes its
 //! events in runs; `--batch 1` submits and takes events one at a time, for comparison. Every
-//! 256th request is checked against the AES core called directly, so a fast wrong answer fails
-//! the run instead of being reported.
+//! 256th request (`--check-every`; 1 checks them all) is checked against the AES core called
+//! directly, so a fast wrong answer fails the run instead of being reported.
 //!
 //! Every option that could make a run measure nothing, never end or exhaust memory is refused
 //! with its reason before anything runs or is allocated: durations take units (a bare number is
@@ -200,6 +200,10 @@ pub struct BenchArgs {
     /// Submit one request and wait for it before the next (the 2015 dm-crypt behaviour).
     #[arg(long)]
     wait_each: bool,
+    /// Check one request in N against the AES core called directly (1: every request, as a
+    /// test that runs through failures and unplugs does; each check copies its input).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    check_every: u64,
     /// Requests per submit call, with events taken in runs (1 to 4096); 1 submits and takes
     /// events one at a time.
     #[arg(long, default_value = "32", value_parser = parse_batch)]
@@ -728,7 +732,6 @@ impl<S> Inbox<S> {
 
 /// A request whose result is checked against the AES core called directly.
 struct Sample {
-    slot: usize,
     input: Vec<u8>,
     iv: Iv,
 }
@@ -825,8 +828,8 @@ fn worker<E: Engine>(
         in_flight: 0,
         promoted: 0,
         blocked: None,
-        sample: None,
-        check: !(args.device.device_null && args.engine != "software"),
+        samples: (0..qd).map(|_| None).collect(),
+        check_every: if args.device.device_null && args.engine != "software" { 0 } else { args.check_every },
         mode,
         batch: VecDeque::with_capacity(batch),
         ids: Vec::with_capacity(batch),
@@ -889,7 +892,7 @@ fn worker<E: Engine>(
                     c.result.with_context(|| format!("request on queue {queue} failed"))?;
                     let _ =
                         lat.record(now.saturating_duration_since(st.submitted_at[slot]).as_nanos() as u64);
-                    if let Some(s) = st.sample.take_if(|s| s.slot == slot) {
+                    if let Some(s) = st.samples[slot].take() {
                         let mut expect = s.input;
                         let mut tag = [0u8; 16];
                         let t: &mut [u8] = if mode.is_aead() { &mut tag } else { &mut [] };
@@ -923,9 +926,10 @@ struct Submitter<S> {
     promoted: u64,
     /// The backlogged request whose `Promoted` the thread waits for before submitting more.
     blocked: Option<u64>,
-    sample: Option<Sample>,
-    /// Whether results are checked (a null device does no AES by design).
-    check: bool,
+    /// The checked requests in flight, by buffer.
+    samples: Vec<Option<Sample>>,
+    /// One request in this many is checked; 0: none (a null device does no AES by design).
+    check_every: u64,
     mode: Mode,
     batch: VecDeque<Request<S>>,
     /// The ids of the batch being submitted, in order.
@@ -940,8 +944,8 @@ impl<S: Clone> Submitter<S> {
     #[inline]
     fn request(&mut self, session: &S, slot: usize, data: Buf, now: Instant) -> Request<S> {
         let iv = iv_for(self.mode, self.seq);
-        if self.check && self.seq % 256 == 0 && self.sample.is_none() {
-            self.sample = Some(Sample { slot, input: data.as_slice().to_vec(), iv });
+        if self.check_every != 0 && self.seq % self.check_every == 0 {
+            self.samples[slot] = Some(Sample { input: data.as_slice().to_vec(), iv });
         }
         self.submitted_at[slot] = now;
         self.seq += 1;
@@ -953,15 +957,13 @@ impl<S: Clone> Submitter<S> {
         self.slots[slot].take().ok_or_else(|| anyhow!("buffer {slot} missing"))
     }
 
-    /// A refused request's buffer goes back to the free list (and stops being the sample).
+    /// A refused request's buffer goes back to the free list (and stops being checked).
     fn refused(&mut self, request: Request<S>) {
         let slot = request.user_data as usize;
         self.slots[slot] = Some(request.data);
         self.free.push(slot);
         self.seq -= 1;
-        if self.sample.as_ref().is_some_and(|s| s.slot == slot) {
-            self.sample = None;
-        }
+        self.samples[slot] = None;
     }
 
     /// Submits one request with `submit`; returns whether to go on submitting.
