@@ -224,11 +224,10 @@ pub(crate) fn check_units(mode: Mode, unit: usize, len: usize) -> Result<(), (us
     mode.check_data_len(unit).map_err(|e| (0, e))
 }
 
-/// Builds a keyed context of `mode` on the core `kind`.
-///
-/// XTS keys whose two halves are equal are refused by both cores (aws-lc refuses them, and a
-/// device must answer the same whichever core it runs).
-pub fn new_cipher(kind: CoreKind, mode: Mode, key: &[u8]) -> Result<Box<dyn CipherCore>, CoreError> {
+/// Whether `key` is one [`new_cipher`] takes for `mode`: of a length the mode allows, and for
+/// XTS without two equal halves. Engines that key something else (a device) check with it too,
+/// so that every engine refuses the same keys with the same errors.
+pub fn check_key(mode: Mode, key: &[u8]) -> Result<(), CoreError> {
     let expected = mode.key_lengths();
     if !expected.contains(&key.len()) {
         return Err(CoreError::KeyLength { mode, len: key.len(), expected });
@@ -239,6 +238,15 @@ pub fn new_cipher(kind: CoreKind, mode: Mode, key: &[u8]) -> Result<Box<dyn Ciph
             return Err(CoreError::KeyRejected { mode, reason: "the two key halves are equal" });
         }
     }
+    Ok(())
+}
+
+/// Builds a keyed context of `mode` on the core `kind`.
+///
+/// XTS keys whose two halves are equal are refused by both cores (aws-lc refuses them, and a
+/// device must answer the same whichever core it runs).
+pub fn new_cipher(kind: CoreKind, mode: Mode, key: &[u8]) -> Result<Box<dyn CipherCore>, CoreError> {
+    check_key(mode, key)?;
     match kind {
         CoreKind::Reference => reference::new_cipher(mode, key),
         CoreKind::Fast => fast::new_cipher(mode, key),

@@ -507,15 +507,7 @@ impl Engine for VirtioCrypto {
     fn create_session(&self, mode: Mode, key: &[u8]) -> Result<DeviceSession> {
         // The same key checks as the software cores, so both engines refuse the same keys with
         // the same typed errors before the device sees them.
-        let expected = mode.key_lengths();
-        if !expected.contains(&key.len()) {
-            return Err(Error::Crypto(CryptoError::KeyLength { mode, len: key.len(), expected }));
-        }
-        if mode == Mode::Xts && key[..key.len() / 2] == key[key.len() / 2..] {
-            return Err(Error::Crypto(CryptoError::KeyRejected(format!(
-                "{mode} key rejected: the two key halves are equal"
-            ))));
-        }
+        crypt_vfio_cores::check_key(mode, key)?;
         let core = &self.core;
         let mut ctl = core.working_control()?;
         // Registered while the control queue is held, so that a recovery (which takes it

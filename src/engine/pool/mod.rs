@@ -524,15 +524,7 @@ impl Engine for PoolEngine {
     fn create_session(&self, mode: Mode, key: &[u8]) -> Result<PoolSession> {
         // The checks every member makes, so that a bad key gets the same error as from one
         // engine even when no member is up to make them.
-        let expected = mode.key_lengths();
-        if !expected.contains(&key.len()) {
-            return Err(Error::Crypto(CryptoError::KeyLength { mode, len: key.len(), expected }));
-        }
-        if mode == Mode::Xts && key[..key.len() / 2] == key[key.len() / 2..] {
-            return Err(Error::Crypto(CryptoError::KeyRejected(format!(
-                "{mode} key rejected: the two key halves are equal"
-            ))));
-        }
+        crypt_vfio_cores::check_key(mode, key)?;
         let state = Arc::new(SessionState::new(mode, key, self.engines.len()));
         // Registered first: a member that rejoins meanwhile gets the session from the monitor.
         self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&state));
