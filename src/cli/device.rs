@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use crypt_vfio::engine::software::SoftwareEngine;
-use crypt_vfio::engine::{AnyEngine, PoolEngine, PoolOptions};
+use crypt_vfio::engine::{AnyEngine, Engine, PoolEngine, PoolOptions};
 use crypt_vfio::pci_sysfs::{Bdf, PciFunction, Sysfs};
 use crypt_vfio::transport::emulated::{EmulatedConfig, EmulatedFault, EmulatedTransport};
 use crypt_vfio::transport::vfio::VfioTransport;

@@ -287,7 +287,7 @@ fn run_checks<E: Engine>(dev: &E, corrupt_one: bool) -> anyhow::Result<Tally> {
         let mut any = false;
         for &key_len in mode.key_lengths() {
             let alg = alg_name(mode, key_len);
-            if !probe(dev, mode, key_len).with_context(|| format!("probing {alg}"))? {
+            if !dev.probe(mode, key_len).with_context(|| format!("probing {alg}"))? {
                 println!("  {alg:<12} not accepted by the device");
                 continue;
             }
@@ -329,25 +329,6 @@ fn run_checks<E: Engine>(dev: &E, corrupt_one: bool) -> anyhow::Result<Tally> {
         bail!("the device accepts none of the algorithms");
     }
     Ok(tally)
-}
-
-/// Whether `dev` accepts a session of `mode` with a key of `key_len` bytes, found by creating
-/// and destroying one (devices accept more than they advertise, or less).
-fn probe<E: Engine>(dev: &E, mode: Mode, key_len: usize) -> crypt_vfio::Result<bool> {
-    let key: Vec<u8> = (0..key_len).map(|i| i as u8 ^ 0x5c).collect();
-    match dev.create_session(mode, &key) {
-        Ok(s) => {
-            dev.destroy_session(&s)?;
-            Ok(true)
-        }
-        Err(
-            Error::Crypto(CryptoError::NotSupported(_))
-            | Error::Crypto(CryptoError::KeyLength { .. })
-            | Error::Crypto(CryptoError::KeyRejected(_))
-            | Error::Crypto(CryptoError::Status(_)),
-        ) => Ok(false),
-        Err(e) => Err(e),
-    }
 }
 
 /// Runs the self-test. Prints one `selftest: PASS` or `selftest: FAIL` line at the end and

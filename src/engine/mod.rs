@@ -53,6 +53,25 @@ pub trait Engine: Send + Sync {
     /// [`CryptoError::InvalidSession`].
     fn destroy_session(&self, session: &Self::Session) -> Result<()>;
 
+    /// Whether the engine accepts a session of `mode` with a key of `key_len` bytes, found by
+    /// creating and destroying one (devices accept more than they advertise, or less).
+    fn probe(&self, mode: Mode, key_len: usize) -> Result<bool> {
+        let key: Vec<u8> = (0..key_len).map(|i| i as u8 ^ 0x5c).collect();
+        match self.create_session(mode, &key) {
+            Ok(s) => {
+                self.destroy_session(&s)?;
+                Ok(true)
+            }
+            Err(
+                Error::Crypto(CryptoError::NotSupported(_))
+                | Error::Crypto(CryptoError::KeyLength { .. })
+                | Error::Crypto(CryptoError::KeyRejected(_))
+                | Error::Crypto(CryptoError::Status(_)),
+            ) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// How many independent submission queues the engine has.
     fn queue_count(&self) -> usize;
 

@@ -432,25 +432,6 @@ impl VirtioCrypto {
             q.fail_all(&mut scratch);
         }
     }
-
-    /// Whether the device accepts a session of `mode` with a key of `key_len` bytes, found by
-    /// creating and destroying one (devices accept more than they advertise, or less).
-    pub fn probe(&self, mode: Mode, key_len: usize) -> Result<bool> {
-        let key: Vec<u8> = (0..key_len).map(|i| i as u8 ^ 0x5c).collect();
-        match self.create_session(mode, &key) {
-            Ok(s) => {
-                self.destroy_session(&s)?;
-                Ok(true)
-            }
-            Err(
-                Error::Crypto(CryptoError::NotSupported(_))
-                | Error::Crypto(CryptoError::KeyLength { .. })
-                | Error::Crypto(CryptoError::KeyRejected(_))
-                | Error::Crypto(CryptoError::Status(_)),
-            ) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
 }
 
 /// How long a session call waits for a recovery in progress before it fails.
