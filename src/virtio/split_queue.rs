@@ -101,6 +101,18 @@ impl SplitQueue {
         self.write_descs(index, &encode_desc(addr, len, flags, next));
     }
 
+    /// Makes descriptor `index` say what is given, storing only if the table says something
+    /// else. A slot's head descriptor (its indirect table) is the same for every request of
+    /// one shape, and a store to a line the device has read takes that line from the device's
+    /// cache (the next read of it misses on the other core), where a load leaves it shared: the
+    /// store dominated the driver's cost per request. The table is read back, not a copy of it
+    /// kept, so a device that scribbled on it gets it rewritten.
+    pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let want = encode_desc(addr, len, flags, next);
+        let off = usize::from(index % self.size) * ring::DESC_SIZE as usize;
+        update_descs(&self.mem, off, &want);
+    }
+
     /// Writes encoded descriptors into the table from `first` on; they must not wrap past the
     /// end of the table.
     pub fn write_descs(&self, first: u16, descs: &[u8]) {
@@ -109,9 +121,14 @@ impl SplitQueue {
     }
 
     /// Queues head `head` in the available ring; it becomes visible at [`publish`](Self::publish).
+    /// The entry is stored only if it holds another head: a driver that reuses its heads in
+    /// ring order finds the same head there every lap, and leaves the line in the device's
+    /// cache (see [`set_desc`](Self::set_desc)).
     pub fn push_avail(&mut self, head: u16) {
         let slot = self.avail_off + ring::AVAIL_RING as usize + 2 * usize::from(self.avail_idx % self.size);
-        self.store16(slot, head, Ordering::Relaxed);
+        if self.load16(slot, Ordering::Relaxed) != head {
+            self.store16(slot, head, Ordering::Relaxed);
+        }
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
 
@@ -212,4 +229,15 @@ pub fn encode_desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; ring::DES
 pub fn write_descs(table: &DmaBuffer, off: usize, descs: &[u8]) {
     let r = table.volatile().write_slice(descs, off);
     debug_assert!(r.is_ok(), "descriptor write out of bounds");
+}
+
+/// [`write_descs`], skipped when `table` already holds exactly `descs` (a slot's indirect table
+/// for a request of the same shape on the same buffer): see [`SplitQueue::set_desc`] for why
+/// a store the device would notice is worth a load.
+pub fn update_descs(table: &DmaBuffer, off: usize, descs: &[u8]) {
+    let mut have = [0u8; 8 * ring::DESC_SIZE as usize];
+    let have = &mut have[..descs.len().min(8 * ring::DESC_SIZE as usize)];
+    if have.len() < descs.len() || table.volatile().read_slice(have, off).is_err() || have != descs {
+        write_descs(table, off, descs);
+    }
 }

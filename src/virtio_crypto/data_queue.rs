@@ -79,7 +79,9 @@ struct RingState {
     vq: SplitQueue,
     slot_mem: DmaBuffer,
     slots: Vec<Slot>,
-    free: Vec<u16>,
+    /// Free slots, reused oldest first: with completions in order, slot `k` then always sits
+    /// at available-ring position `k`, so the ring's entries stay as they are (`push_avail`).
+    free: VecDeque<u16>,
     indirect: bool,
     pool: DmaPool,
     in_flight: usize,
@@ -169,7 +171,7 @@ impl DataQueueShared {
             vq,
             slot_mem,
             slots: (0..nslots).map(|_| Slot::new(Instant::now())).collect(),
-            free: (0..nslots as u16).rev().collect(),
+            free: (0..nslots as u16).collect(),
             indirect: s.indirect,
             pool: pool.clone(),
             in_flight: 0,
@@ -471,7 +473,7 @@ impl DataQueueShared {
         let r = &mut st.ring;
         let (index, size, vector) = (self.index, self.size, self.msix_vector);
         r.vq.restart(|rings| pci.setup_queue(index, size, rings, vector))?;
-        r.free = (0..r.slots.len() as u16).rev().collect();
+        r.free = (0..r.slots.len() as u16).collect();
         r.in_flight = 0;
         st.polls = 0;
         Ok(())
@@ -610,7 +612,7 @@ impl RingState {
     fn finish(&mut self, i: usize, written: u32) -> Option<Result<()>> {
         let slot = self.slots.get_mut(i)?;
         let req = slot.req.as_mut()?;
-        self.free.push(i as u16);
+        self.free.push_back(i as u16);
         self.in_flight -= 1;
         let base = i * SLOT_STRIDE;
         let v = self.slot_mem.volatile();
@@ -664,7 +666,7 @@ impl Ring<Pending> for RingState {
     // argument slot on its way to the ring slot.
     #[inline(always)]
     fn push(&mut self, p: Pending) -> Result<(), (Pending, Error)> {
-        let Some(i) = self.free.pop() else {
+        let Some(i) = self.free.pop_front() else {
             return Err((p, Error::Crypto(CryptoError::InvalidRequest("ring full".into()))));
         };
         match self.place(usize::from(i), &p.req) {
@@ -680,7 +682,7 @@ impl Ring<Pending> for RingState {
                 Ok(())
             }
             Err(e) => {
-                self.free.push(i);
+                self.free.push_front(i);
                 Err((p, e))
             }
         }
@@ -763,8 +765,8 @@ impl RingState {
         let mut table = [0u8; MAX_DESCS * DESC_SIZE as usize];
         let head = if self.indirect {
             let n = plan.segments.encode(1, &mut table);
-            crate::virtio::split_queue::write_descs(&self.slot_mem, base + INDIRECT, &table[..n]);
-            self.vq.write_desc(i as u16, slot_iova + INDIRECT as u64, n as u32, DESC_F_INDIRECT, 0);
+            crate::virtio::split_queue::update_descs(&self.slot_mem, base + INDIRECT, &table[..n]);
+            self.vq.set_desc(i as u16, slot_iova + INDIRECT as u64, n as u32, DESC_F_INDIRECT, 0);
             i as u16
         } else {
             let head = (i * MAX_DESCS) as u16;
