@@ -281,3 +281,36 @@ fn an_async_queue_opened_on_any_engine_leaves_delivery_to_an_interrupt_device() 
         .unwrap();
     assert!(done.data.as_slice() == expect.as_slice());
 }
+
+#[test]
+fn a_volume_hands_reaping_back_to_the_completion_thread_after_each_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.path().join("v.img"))
+        .unwrap();
+    f.set_len(256 << 10).unwrap();
+    let params = VolumeParams { sector_size: 512, ..VolumeParams::plain("aes-xts-plain64".parse().unwrap()) };
+    let key: Vec<u8> = (0..64u8).collect();
+    let (dev, _t) = common::device_with(EmulatedConfig { data_queues: 1, ..Default::default() }, &adaptive());
+    let dev = Arc::new(dev);
+    let v = Volume::open(dev.clone(), f, true, &key, params).unwrap();
+    let data: Vec<u8> = (0..128 << 10).map(|i: u32| (i * 7) as u8).collect();
+    v.write_at(0, &data).unwrap();
+    // Blocking I/Os of a few sectors (the op polls the device queue while it waits) and of many
+    // (it sleeps at first, then polls for the last ones).
+    for (i, len) in [4096usize, 512, 128 << 10, 8192, 4096].into_iter().cycle().take(25).enumerate() {
+        let mut back = vec![0u8; len];
+        v.read_at(0, &mut back).unwrap();
+        assert!(back == data[..len], "read {i}: wrong plaintext");
+    }
+    // Another handle on the same device queue, whose caller never polls: its completions come
+    // only if the volume's last op gave the reaping back to the completion thread.
+    let (inbox, mut q) = inbox_queue(&dev);
+    let session = dev.create_session(Mode::Ctr, &KEY).unwrap();
+    submit_batch(&mut *q, &session, 0, 8);
+    check(inbox.wait_for(8));
+}

@@ -36,6 +36,7 @@
 //! nonce). At most [`SECTOR_TRIES`] runs per sector, under the same watchdog; a re-run the
 //! engine refuses ends the op with that error at once.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
@@ -43,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use crypt_vfio_wait::SpinBudget;
 
-use crate::engine::{Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, Submitted, TAG_LEN};
+use crate::engine::{BatchSink, Buf, Direction, Engine, Event, Iv, Queue, Request, SubmitErrorKind, TAG_LEN};
 use crate::error::{CryptoError, DeviceError, Error, Result, VolumeError};
 use crate::virtio_crypto::ADAPTIVE_MAX_SPIN;
 
@@ -52,6 +53,10 @@ use super::iv::IvGenerator;
 /// How many sector requests one op keeps in flight (ring plus backlog). Enough to fill any ring
 /// and exercise the backlog, while bounding the DMA memory a lane holds.
 pub const WINDOW: usize = 1024;
+
+/// Most sector requests per submit call: a device engine takes its queue lock, publishes its
+/// ring and rings its doorbell once per call, not once per sector.
+const SUBMIT_BATCH: usize = 32;
 
 /// Sector buffers an idle lane keeps.
 const SPARE_BUFFERS: usize = 128;
@@ -70,6 +75,8 @@ pub struct Lane<S> {
     queue: Box<dyn Queue<S>>,
     inbox: Arc<Inbox<S>>,
     scratch: Vec<Event<S>>,
+    /// Requests being gathered for one submit call (kept for its allocation).
+    staged: VecDeque<Request<S>>,
     free: Vec<Buf>,
     buf_len: usize,
     io_seq: u32,
@@ -91,16 +98,25 @@ impl<S: Send + 'static> Lane<S> {
     ) -> Result<Self> {
         let inbox = Arc::new(Inbox { events: Mutex::new(Vec::new()), waker: Mutex::new(None) });
         let sink_inbox = inbox.clone();
-        let sink = Arc::new(move |ev: Event<S>| {
-            sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner()).push(ev);
-            if let Some(w) = sink_inbox.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                w.wake();
+        // Events come in runs (every completion one reap found): one lock and one wake-up per
+        // run, not per sector.
+        let sink: BatchSink<S> = Arc::new(move |events: &mut dyn Iterator<Item = Event<S>>| {
+            let mut inbox = sink_inbox.events.lock().unwrap_or_else(|e| e.into_inner());
+            let before = inbox.len();
+            inbox.extend(events);
+            let arrived = inbox.len() > before;
+            drop(inbox);
+            if arrived {
+                if let Some(w) = sink_inbox.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    w.wake();
+                }
             }
         });
         Ok(Self {
-            queue: engine.open_queue(index, sink)?,
+            queue: engine.open_batch_queue(index, sink)?,
             inbox,
             scratch: Vec::new(),
+            staged: VecDeque::with_capacity(SUBMIT_BATCH),
             free: Vec::new(),
             buf_len,
             io_seq: 0,
@@ -385,6 +401,8 @@ where
         let mut events = std::mem::take(&mut self.lane.scratch);
         std::mem::swap(&mut events, &mut *self.lane.inbox.events.lock().unwrap_or_else(|e| e.into_inner()));
         let ss = self.ctx.sector_size;
+        // The watchdog's clock is read once per drain that saw progress, not once per event.
+        let mut progressed = false;
         for ev in events.drain(..) {
             match ev {
                 Event::Promoted { user_data } => {
@@ -404,7 +422,7 @@ where
                     if self.blocked_on == Some(i) {
                         self.blocked_on = None;
                     }
-                    self.last_progress = Instant::now();
+                    progressed = true;
                 }
                 Event::Completed(c) => {
                     let Some(i) = self.submitted_sector(c.request.user_data) else {
@@ -433,7 +451,7 @@ where
                     }
                     self.finished[i] = true;
                     self.completed += 1;
-                    self.last_progress = Instant::now();
+                    progressed = true;
                     match c.result {
                         Ok(()) if c.request.data.len() != ss => {
                             let sector = self.first_sector + i as u64;
@@ -470,6 +488,9 @@ where
             }
         }
         self.lane.scratch = events;
+        if progressed {
+            self.last_progress = Instant::now();
+        }
     }
 
     fn request(&mut self, index: usize) -> Result<Request<E::Session>> {
@@ -494,68 +515,114 @@ where
         Ok(Request::new(self.ctx.session.clone(), self.direction, Iv::from(iv), buf, user_data))
     }
 
-    /// Submits what the contract allows now.
+    /// Submits what the contract allows now, in batches of up to [`SUBMIT_BATCH`]: a request
+    /// refused as busy first, then sectors to run again, then new sectors in order. After a
+    /// batch with backlogged requests it submits nothing more until the last of them is
+    /// promoted (the backlog promotes in order, so the earlier ones are promoted by then).
     fn submit_some(&mut self) {
-        while self.error.is_none() && self.blocked_on.is_none() && self.next - self.completed < WINDOW {
-            let req = match self.retry.take() {
-                Some(r) => r,
-                None if !self.reruns.is_empty() => {
+        let mut staged = std::mem::take(&mut self.lane.staged);
+        while self.error.is_none() && self.blocked_on.is_none() {
+            let limit = SUBMIT_BATCH.min(WINDOW.saturating_sub(self.next - self.completed));
+            if limit == 0 {
+                break;
+            }
+            let mut indices = [0usize; SUBMIT_BATCH];
+            // The next new sector to stage (a busy-refused new sector is `next` itself).
+            let mut upcoming = self.next;
+            if let Some(r) = self.retry.take() {
+                let index = (r.user_data & 0xffff_ffff) as usize;
+                upcoming += usize::from(index == self.next);
+                indices[0] = index;
+                staged.push_back(r);
+            }
+            while staged.len() < limit {
+                let (index, made) = if !self.reruns.is_empty() {
                     let i = self.reruns.remove(0);
-                    match self.request(i) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            self.give_up_rerun(i, e);
-                            return;
-                        }
+                    (i, self.request(i))
+                } else if upcoming < self.count {
+                    upcoming += 1;
+                    (upcoming - 1, self.request(upcoming - 1))
+                } else {
+                    break;
+                };
+                match made {
+                    Ok(r) => {
+                        indices[staged.len()] = index;
+                        staged.push_back(r);
+                    }
+                    // What is staged still goes; nothing more is staged after a failure.
+                    Err(e) if index < self.next => {
+                        self.give_up_rerun(index, e);
+                        break;
+                    }
+                    Err(e) => {
+                        self.fail(index, e);
+                        break;
                     }
                 }
-                None if self.next < self.count => match self.request(self.next) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.fail(self.next, e);
-                        return;
-                    }
-                },
-                None => return,
-            };
-            let index = (req.user_data & 0xffff_ffff) as usize;
-            // A sector below `next` was submitted before: this is its re-run.
-            let fresh = usize::from(index == self.next);
-            match self.lane.queue.submit(req, true) {
-                Ok(Submitted::InProgress) => self.next += fresh,
-                Ok(Submitted::Backlogged) => {
-                    self.next += fresh;
-                    self.last_progress = Instant::now();
-                    // Promoted may have come already through another thread's poll.
-                    self.drain_events();
+            }
+            if staged.is_empty() {
+                break;
+            }
+            let r = self.lane.queue.submit_batch(&mut staged, true);
+            let taken = r.in_progress + r.backlogged;
+            for &index in &indices[..taken] {
+                // New sectors are staged in order from `next`; the others are re-runs.
+                self.next += usize::from(index == self.next);
+            }
+            if r.backlogged > 0 {
+                self.last_progress = Instant::now();
+                // Promoted may have come already through another thread's poll.
+                self.drain_events();
+                for &index in &indices[r.in_progress..taken] {
                     if self.finished[index] && !self.promoted[index] {
                         let sector = self.first_sector + index as u64;
                         self.violation(format!(
                             "sector {sector} was backlogged and completed without Promoted"
                         ));
-                    } else if !self.promoted[index] {
-                        self.blocked_on = Some(index);
+                    } else if !self.promoted[index] && !self.backlogged.contains(&index) {
                         self.backlogged.push(index);
                     }
                 }
-                Err(e) => match e.kind {
-                    SubmitErrorKind::Busy => {
-                        // The backlog is at its limit: wait for a completion, then resubmit.
-                        self.retry = Some(e.request);
-                        return;
-                    }
-                    SubmitErrorKind::Rejected(err) => {
-                        self.lane.free.push(e.request.data);
-                        if fresh == 0 {
+                let last = indices[taken - 1];
+                if !self.promoted[last] && !self.finished[last] {
+                    self.blocked_on = Some(last);
+                }
+            }
+            let busy = match r.refused {
+                Some(SubmitErrorKind::Busy) => {
+                    // The backlog is at its limit: wait for a completion, then resubmit.
+                    self.retry = staged.pop_front();
+                    true
+                }
+                Some(SubmitErrorKind::Rejected(err)) => {
+                    if let Some(req) = staged.pop_front() {
+                        let index = (req.user_data & 0xffff_ffff) as usize;
+                        self.lane.free.push(req.data);
+                        if index < self.next {
                             self.give_up_rerun(index, err);
                         } else {
                             self.fail(index, err);
                         }
-                        return;
                     }
-                },
+                    false
+                }
+                None => false,
+            };
+            // Requests behind a refusal (or after a backlogged one) go back: re-runs to the
+            // front of their list, in order; new sectors are staged again from `next`.
+            while let Some(req) = staged.pop_back() {
+                let index = (req.user_data & 0xffff_ffff) as usize;
+                if index < self.next {
+                    self.reruns.insert(0, index);
+                }
+                self.lane.free.push(req.data);
+            }
+            if busy {
+                break;
             }
         }
+        self.lane.staged = staged;
     }
 
     /// Sector `i`, which was to run again, cannot: it is finished, with `error` (the op's
@@ -629,12 +696,14 @@ where
     /// Runs the op to the end on this thread.
     pub fn run(mut self) -> Result<()> {
         let mut waiter = EventWaiter::new();
-        loop {
+        let result = loop {
             match self.step() {
-                Poll::Ready(r) => return r,
+                Poll::Ready(r) => break r,
                 Poll::Pending => waiter.wait(&mut self),
             }
-        }
+        };
+        stop_polling(self.lane.queue.as_mut());
+        result
     }
 }
 
@@ -656,9 +725,11 @@ impl EventWaiter {
 
     /// A polled engine delivers nothing unless this thread polls: spin briefly (completions
     /// usually come within microseconds), then yield. An engine that delivers on its own thread
-    /// is waited for as in its adaptive mode: poll it for the budget, then sleep until the
-    /// inbox's waker (registered before the last look, so an event in between unparks at once)
-    /// or, at the latest, the watchdog's next look.
+    /// is waited for as in its adaptive mode: poll it for the budget, its completion thread kept
+    /// asleep meanwhile ([`Queue::begin_polling`]: a wake-up per coalesced interrupt cost more
+    /// than the sectors' AES), then sleep until the inbox's waker (registered before the last
+    /// look, so an event in between unparks at once) or, at the latest, the watchdog's next
+    /// look.
     fn wait<E: Engine>(&mut self, op: &mut CryptOp<'_, '_, E>) {
         if op.lane.self_driven {
             self.idle += 1;
@@ -669,16 +740,41 @@ impl EventWaiter {
             }
             return;
         }
+        // With everything submitted and many sectors still on the device, no single event lets
+        // the op go on: spinning for them would only take the CPU from the device (on a small
+        // machine, the emulated device's worker). Sleep at once; the engine's interrupts are
+        // coalesced, so the op wakes a few times per I/O rather than per sector.
+        let long_wait = op.next == op.count
+            && op.retry.is_none()
+            && op.reruns.is_empty()
+            && op.next - op.completed > SUBMIT_BATCH;
         let (inbox, queue) = (&op.lane.inbox, &mut op.lane.queue);
         let start = Instant::now();
         let has_event = || !inbox.events.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
-        if !self.spin.spin(|| queue.poll() > 0 || has_event()) {
-            op.set_waker(&self.wake);
-            if !has_event() {
+        if long_wait
+            || !{
+                queue.begin_polling();
+                self.spin.spin(|| queue.poll() > 0 || has_event())
+            }
+        {
+            *inbox.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.wake.clone());
+            // `false`: completions already wait on the ring and no interrupt will come for
+            // them; the next step reaps them.
+            if queue.end_polling() && !has_event() {
                 std::thread::park_timeout(op.lane.watchdog.min(Duration::from_millis(100)));
             }
             self.spin.record(start.elapsed());
         }
+    }
+}
+
+/// Hands the reaping of `queue` back to its engine's completion thread. Until the engine says it
+/// will deliver on its own (its interrupt armed with the ring seen empty), what is already on
+/// the ring is reaped here: it may be another lane's on a shared queue, and nobody else would.
+fn stop_polling<S>(queue: &mut dyn Queue<S>) {
+    while !queue.end_polling() {
+        queue.begin_polling();
+        queue.poll();
     }
 }
 

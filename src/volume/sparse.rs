@@ -99,6 +99,8 @@ fn runs_and_data(file: &File, start: u64, end: u64, max_runs: usize) -> Result<(
 #[derive(Debug, Default)]
 pub struct KnownData {
     state: std::sync::Mutex<Known>,
+    /// Signalled when a lookup ends.
+    looked: std::sync::Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +108,10 @@ struct Known {
     /// Bumped by every `forget`: an answer the filesystem gave before it is not kept.
     generation: u64,
     data: Option<Span>,
+    /// A lookup is asking the filesystem. Others wait for its answer instead of asking too:
+    /// the walks serialize on the inode lock anyway, and the first reads of a server's
+    /// workers (all at once, nothing known yet) each walked the whole dense file.
+    looking: bool,
 }
 
 impl KnownData {
@@ -122,12 +128,28 @@ impl KnownData {
     /// else from the filesystem (and then the data run at `start` is remembered).
     pub fn runs(&self, file: &File, start: u64, end: u64) -> Result<Vec<Run>> {
         let generation = {
-            let k = self.lock();
-            if k.data.is_some_and(|(a, b)| a <= start && end <= b) {
-                return Ok(vec![Run { start, end, hole: false }]);
+            let mut k = self.lock();
+            loop {
+                if k.data.is_some_and(|(a, b)| a <= start && end <= b) {
+                    return Ok(vec![Run { start, end, hole: false }]);
+                }
+                if !k.looking {
+                    break;
+                }
+                k = self.looked.wait(k).unwrap_or_else(|p| p.into_inner());
             }
+            k.looking = true;
             k.generation
         };
+        // Ends the lookup also if it fails or unwinds, so waiters do not wait forever.
+        struct Looked<'a>(&'a KnownData);
+        impl Drop for Looked<'_> {
+            fn drop(&mut self) {
+                self.0.lock().looking = false;
+                self.0.looked.notify_all();
+            }
+        }
+        let _looked = Looked(self);
         let (out, found) = runs_and_data(file, start, end, usize::MAX)?;
         if let Some(found) = found {
             self.remember(generation, found);
@@ -218,6 +240,22 @@ mod tests {
         known.forget();
         known.remember(generation, (0, 1 << 20));
         assert!(known.lock().data.is_none());
+    }
+
+    #[test]
+    fn a_failed_lookup_lets_the_next_one_ask_again() {
+        // A pipe cannot seek: every lookup fails. A lookup that failed must not stay "in
+        // flight", or the next caller would wait for its answer forever.
+        let (r, _w) = std::io::pipe().unwrap();
+        let f = File::from(std::os::fd::OwnedFd::from(r));
+        let known = std::sync::Arc::new(KnownData::new());
+        assert!(known.runs(&f, 0, 4096).is_err());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let k = known.clone();
+        // Not joined: if it hangs, the test fails rather than hangs with it.
+        std::thread::spawn(move || tx.send(k.runs(&f, 0, 4096).is_err()));
+        let second = rx.recv_timeout(std::time::Duration::from_secs(30));
+        assert_eq!(second, Ok(true), "the second lookup waited for the failed first one");
     }
 
     #[test]
