@@ -187,3 +187,18 @@ fn the_key_from_standard_input_is_read_before_the_daemon_forks() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("the key does not open this volume"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_plain_volume_key_from_standard_input_is_read_before_the_daemon_forks() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("plain.img");
+    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    // A key of the wrong length: the daemon must refuse these 7 bytes, not the 0 bytes of
+    // the /dev/null its standard input becomes.
+    let o = crypt_vfio_fed(
+        &["open", "--plain", "--volume-key-file", "-", "--device", "software", img.to_str().unwrap()],
+        &[0x11u8; 7],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("holds 7 bytes"), "{}", stderr(&o));
+}

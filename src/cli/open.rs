@@ -132,9 +132,11 @@ pub fn run(args: OpenArgs) -> anyhow::Result<()> {
     // Device names are checked first: a typo is named before a key is asked for.
     args.nbd.as_deref().map(parse_nbd_device).transpose()?;
     args.recover.as_deref().map(parse_ublk_device).transpose()?;
-    // The secret is read before the daemon's standard input becomes /dev/null (`--key-file -`).
-    let secret = match (&args.key_file, args.plain.plain) {
-        (Some(path), false) => Some(read_key_file(path)?),
+    // The secret is read before the daemon's standard input becomes /dev/null (`--key-file -`,
+    // `--plain --volume-key-file -`).
+    let secret = match (&args.key_file, args.plain.plain, &args.plain.volume_key_file) {
+        (Some(path), false, _) => Some(read_key_file(path)?),
+        (_, true, Some(path)) => Some(read_key_file(path)?),
         _ => None,
     };
     let ready = if args.foreground {

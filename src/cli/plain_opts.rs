@@ -37,10 +37,25 @@ impl PlainArgs {
         cipher: &str,
         sector_size: u32,
     ) -> anyhow::Result<(Zeroizing<Vec<u8>>, VolumeParams)> {
+        self.volume_with(None, cipher, sector_size)
+    }
+
+    /// [`volume`](Self::volume) with the key file's bytes already read (`open` reads them
+    /// before it forks: after, standard input is /dev/null and `--volume-key-file -` would
+    /// read nothing).
+    pub fn volume_with(
+        &self,
+        key: Option<Zeroizing<Vec<u8>>>,
+        cipher: &str,
+        sector_size: u32,
+    ) -> anyhow::Result<(Zeroizing<Vec<u8>>, VolumeParams)> {
         let Some(path) = &self.volume_key_file else {
             bail!("--plain needs --volume-key-file (the raw key)");
         };
-        let key = read_key_file(path)?;
+        let key = match key {
+            Some(k) => k,
+            None => read_key_file(path)?,
+        };
         let spec: CipherSpec = cipher.parse()?;
         spec.check_key_len(key.len())
             .with_context(|| format!("the volume key file {} holds {} bytes", path.display(), key.len()))?;

@@ -248,8 +248,9 @@ fn key_material(key: &[u8], shape: &impl std::fmt::Debug) -> KeyMaterial {
     m
 }
 
-/// [`open_export`] with the secret of `--key-file` already read (`open` reads it before it
-/// forks, as standard input is gone after), and the volume's [`KeyMaterial`].
+/// [`open_export`] with the secret already read (`open` reads it before it forks, as standard
+/// input is gone after): `--key-file`'s, or with `--plain` `--volume-key-file`'s; and the
+/// volume's [`KeyMaterial`].
 pub fn open_export_with(
     args: &ExportOptions<'_>,
     secret: Option<Zeroizing<Vec<u8>>>,
@@ -262,7 +263,8 @@ pub fn open_export_with(
     let unlock = if args.plain.plain {
         // The key and every plain option are checked before the device is opened, and all of it
         // before anything listens.
-        let (key, params) = args.plain.volume(&args.plain_shape.cipher, args.plain_shape.sector_size)?;
+        let (key, params) =
+            args.plain.volume_with(secret, &args.plain_shape.cipher, args.plain_shape.sector_size)?;
         Unlock::Plain(key, params)
     } else {
         if args.plain.volume_key_file.is_some() {
