@@ -301,6 +301,27 @@ fn an_engine_that_always_backlogs_is_pipelined_correctly() {
 }
 
 #[test]
+fn a_backlogged_sector_promoted_and_failed_before_submit_returns_runs_again() {
+    // Promoted and MemberFailed arrive before `submit` returns Backlogged: the sector must be
+    // run again, not waited for as still backlogged (which only the watchdog would end).
+    let engine = Arc::new(Wrapped::new(SoftwareEngine::new(CoreKind::Fast), Behaviour::PromoteAndFailOnce));
+    let backlogged = engine.backlogged.clone();
+    let dir = scratch();
+    let mut v =
+        Volume::open(engine, backing(dir.path(), 1 << 20), true, &KEY64, params("aes-xts-plain64", 512))
+            .unwrap();
+    v.set_watchdog(Duration::from_secs(20));
+    let start = Instant::now();
+    let data = pattern(256 << 10, 9);
+    v.write_at(4096, &data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    v.read_at(4096, &mut back).unwrap();
+    assert!(back == data, "the re-run sectors came back wrong");
+    assert!(backlogged.load(Ordering::Relaxed) >= 1024, "every sector failed once and ran again");
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}: a watchdog ended a wait", start.elapsed());
+}
+
+#[test]
 fn the_watchdog_fails_an_io_whose_backlogged_request_is_never_promoted() {
     let engine =
         Arc::new(Wrapped::new(SoftwareEngine::new(CoreKind::Fast), Behaviour::DropBacklogged { ring: 16 }));

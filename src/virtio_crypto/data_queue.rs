@@ -814,7 +814,12 @@ impl Drop for DeviceQueue {
         // A caller that stops polling by going away must not leave the interrupt unarmed for
         // the queue's other handles.
         if self.polling {
-            self.shared.end_polling();
+            // `false`: completions are on the ring with the interrupt unarmed, and the
+            // completion thread would find them only at its next timeout: reap them here.
+            while !self.shared.end_polling() {
+                self.shared.begin_polling();
+                self.shared.poll(&mut self.scratch);
+            }
         }
     }
 }

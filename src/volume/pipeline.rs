@@ -561,10 +561,12 @@ where
                     }
                 }
             }
-            if staged.is_empty() {
-                break;
-            }
-            let r = self.lane.queue.submit_batch(&mut staged, true);
+            // After a failure nothing more is submitted: what was staged goes back below.
+            let r = if staged.is_empty() || self.error.is_some() {
+                Default::default()
+            } else {
+                self.lane.queue.submit_batch(&mut staged, true)
+            };
             let taken = r.in_progress + r.backlogged;
             for &index in &indices[..taken] {
                 // New sectors are staged in order from `next`; the others are re-runs.
@@ -572,22 +574,15 @@ where
             }
             if r.backlogged > 0 {
                 self.last_progress = Instant::now();
-                // Promoted may have come already through another thread's poll.
-                self.drain_events();
+                // Recorded before the events are looked at: Promoted (and even a completion)
+                // may have come already through another thread's poll, and the drain below
+                // must find these sectors backlogged to take them off (or to see a completion
+                // without Promoted for what it is).
                 for &index in &indices[r.in_progress..taken] {
-                    if self.finished[index] && !self.promoted[index] {
-                        let sector = self.first_sector + index as u64;
-                        self.violation(format!(
-                            "sector {sector} was backlogged and completed without Promoted"
-                        ));
-                    } else if !self.promoted[index] && !self.backlogged.contains(&index) {
-                        self.backlogged.push(index);
-                    }
+                    self.backlogged.push(index);
                 }
-                let last = indices[taken - 1];
-                if !self.promoted[last] && !self.finished[last] {
-                    self.blocked_on = Some(last);
-                }
+                self.blocked_on = Some(indices[taken - 1]);
+                self.drain_events();
             }
             let busy = match r.refused {
                 Some(SubmitErrorKind::Busy) => {
@@ -618,7 +613,7 @@ where
                 }
                 self.lane.free.push(req.data);
             }
-            if busy {
+            if busy || taken == 0 {
                 break;
             }
         }
@@ -758,12 +753,19 @@ impl EventWaiter {
             }
         {
             *inbox.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.wake.clone());
-            // `false`: completions already wait on the ring and no interrupt will come for
-            // them; the next step reaps them.
-            if queue.end_polling() && !has_event() {
-                std::thread::park_timeout(op.lane.watchdog.min(Duration::from_millis(100)));
+            if queue.end_polling() {
+                if !has_event() {
+                    std::thread::park_timeout(op.lane.watchdog.min(Duration::from_millis(100)));
+                }
+            } else {
+                // Completions already wait on the ring, and with the interrupt unarmed no one
+                // else will take them: stay the queue's poller, and the next step reaps them.
+                queue.begin_polling();
             }
-            self.spin.record(start.elapsed());
+            // A sleep taken without spinning says nothing of how long a spin would have waited.
+            if !long_wait {
+                self.spin.record(start.elapsed());
+            }
         }
     }
 }

@@ -127,19 +127,22 @@ impl KnownData {
     /// [`runs`] of `[start, end)` of `file`, from what is known when that covers the range,
     /// else from the filesystem (and then the data run at `start` is remembered).
     pub fn runs(&self, file: &File, start: u64, end: u64) -> Result<Vec<Run>> {
-        let generation = {
+        let (generation, first) = {
             let mut k = self.lock();
             loop {
                 if k.data.is_some_and(|(a, b)| a <= start && end <= b) {
                     return Ok(vec![Run { start, end, hole: false }]);
                 }
-                if !k.looking {
+                // Only a lookup with nothing known yet is waited for (the first reads of a
+                // server's workers, all at once); later ones (reads of holes) run side by side.
+                if !k.looking || k.data.is_some() {
                     break;
                 }
                 k = self.looked.wait(k).unwrap_or_else(|p| p.into_inner());
             }
-            k.looking = true;
-            k.generation
+            let first = k.data.is_none();
+            k.looking |= first;
+            (k.generation, first)
         };
         // Ends the lookup also if it fails or unwinds, so waiters do not wait forever.
         struct Looked<'a>(&'a KnownData);
@@ -149,7 +152,7 @@ impl KnownData {
                 self.0.looked.notify_all();
             }
         }
-        let _looked = Looked(self);
+        let _looked = first.then_some(Looked(self));
         let (out, found) = runs_and_data(file, start, end, usize::MAX)?;
         if let Some(found) = found {
             self.remember(generation, found);

@@ -31,6 +31,11 @@ pub enum Behaviour {
     /// Every request is backlogged and passed on at the next poll without a `Promoted`: a
     /// backlogged request completes unannounced (a broken engine).
     CompleteBackloggedUnpromoted,
+    /// The first submit of each request (by user data) is answered `Backlogged`, after its
+    /// `Promoted` and a `MemberFailed` completion went out from inside `submit`: a pool whose
+    /// member failed under the request while another thread's poll promoted it. Its re-run
+    /// goes to the engine. A correct engine.
+    PromoteAndFailOnce,
 }
 
 /// An engine whose queues answer according to a [`Behaviour`].
@@ -102,6 +107,7 @@ impl<E: Engine> Engine for Wrapped<E> {
             deferred: None,
             duplicated: false,
             pending: VecDeque::new(),
+            failed_once: HashSet::new(),
             behaviour: self.behaviour,
             backlogged: self.backlogged.clone(),
             impatient: self.impatient.clone(),
@@ -128,6 +134,8 @@ struct WrappedQueue<S> {
     deferred: Option<Event<S>>,
     duplicated: bool,
     pending: VecDeque<Request<S>>,
+    /// Requests (by user data) already failed once (PromoteAndFailOnce).
+    failed_once: HashSet<u64>,
     behaviour: Behaviour,
     backlogged: Arc<AtomicUsize>,
     impatient: Arc<AtomicUsize>,
@@ -224,6 +232,23 @@ impl<S: Send + Clone> Queue<S> for WrappedQueue<S> {
                 Ok(Submitted::Backlogged)
             }
             Behaviour::DuplicateFirstHoldLast => self.inner.submit(request, may_backlog),
+            Behaviour::PromoteAndFailOnce => {
+                if !may_backlog || !self.failed_once.insert(request.user_data) {
+                    return self.inner.submit(request, may_backlog);
+                }
+                let user_data = request.user_data;
+                (self.sink)(Event::Promoted { user_data });
+                let source = Box::new(crypt_vfio::Error::Device(crypt_vfio::DeviceError::Failed(
+                    "test wrapper: member failed".into(),
+                )));
+                let result = Err(crypt_vfio::Error::Device(crypt_vfio::DeviceError::MemberFailed {
+                    member: "test#0".into(),
+                    source,
+                }));
+                (self.sink)(Event::Completed(Completion { request, result }));
+                self.backlogged.fetch_add(1, Ordering::Relaxed);
+                Ok(Submitted::Backlogged)
+            }
             Behaviour::AlwaysBacklog | Behaviour::CompleteBackloggedUnpromoted => {
                 if !may_backlog {
                     return Err(SubmitError::busy(request));
