@@ -202,3 +202,24 @@ fn a_plain_volume_key_from_standard_input_is_read_before_the_daemon_forks() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("holds 7 bytes"), "{}", stderr(&o));
 }
+
+#[test]
+fn the_daemon_works_from_the_root_and_still_finds_relative_paths() {
+    // The daemon changes to / (it must keep no file system busy); the image and the pidfile,
+    // named relative to where `open` ran, must still be found there.
+    let dir = tempfile::tempdir().unwrap();
+    plain_image(dir.path());
+    // `sub` is a file: the pidfile cannot be written, which ends the open before any device
+    // and shows the path the daemon used.
+    std::fs::write(dir.path().join("sub"), b"").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_crypt-vfio"))
+        .current_dir(dir.path())
+        .args(["open", "--pidfile", "sub/pid"])
+        .args(plain_args("plain.img", "vk.bin"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    let want = format!("writing the pidfile {}", dir.path().join("sub/pid").display());
+    assert!(err.contains(&want), "the daemon lost its relative paths: {err}");
+}

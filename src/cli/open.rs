@@ -128,7 +128,7 @@ impl Ready {
 }
 
 /// `crypt-vfio open`.
-pub fn run(args: OpenArgs) -> anyhow::Result<()> {
+pub fn run(mut args: OpenArgs) -> anyhow::Result<()> {
     // Device names are checked first: a typo is named before a key is asked for.
     args.nbd.as_deref().map(parse_nbd_device).transpose()?;
     args.recover.as_deref().map(parse_ublk_device).transpose()?;
@@ -139,6 +139,13 @@ pub fn run(args: OpenArgs) -> anyhow::Result<()> {
         (_, true, Some(path)) => Some(read_key_file(path)?),
         _ => None,
     };
+    // The daemon works from `/` (it must not keep the caller's file system busy: an unmount
+    // would fail with "target is busy" for as long as the device exists), so the paths it
+    // still uses are made absolute first.
+    if !args.foreground {
+        args.image = absolute(&args.image)?;
+        args.pidfile = args.pidfile.as_deref().map(absolute).transpose()?;
+    }
     let ready = if args.foreground {
         Ready { pipe: None, pidfile: args.pidfile.clone(), pidfile_written: false }
     } else {
@@ -208,7 +215,12 @@ fn daemonize(log_file: Option<&std::path::Path>) -> anyhow::Result<Option<File>>
         libc::dup2(null.as_raw_fd(), 1);
         libc::dup2(err_to.as_raw_fd(), 2);
     }
+    std::env::set_current_dir("/").context("changing to /")?;
     Ok(Some(File::from(w)))
+}
+
+fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("making {} an absolute path", path.display()))
 }
 
 /// Opens the volume and serves it as a block device until it is closed.

@@ -160,9 +160,13 @@ step b-term sh -c "test ! -e $dev && test ! -e /sys/block/$b"
 cat /run/b-recover.log
 
 # --- ublk read-only, and close after the server died (nothing to recover) ---------------------
-step c-open crypt-vfio open --read-only --key-file /key --device software --pidfile /run/c.pid $B_IMG
+# From the image's directory, by a relative name: the daemon works from / (so that it keeps no
+# file system busy) and must still find its image.
+step c-open sh -c "cd ${B_IMG%/*} && crypt-vfio open --read-only --key-file /key --device software \
+    --pidfile /run/c.pid ${B_IMG##*/}"
 dev=$(tail -1 /tmp/out)
 b=${dev##*/}
+step c-cwd sh -c "test \$(readlink /proc/\$(cat /run/c.pid)/cwd) = /"
 step c-ro sh -c "test \$(cat /sys/block/$b/ro) = 1"
 step c-read sh -c "mount -t ext4 -o ro $dev /mnt/b && diff -r /tree /mnt/b/t2 && umount /mnt/b"
 old=$(cat /run/c.pid)
