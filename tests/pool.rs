@@ -801,3 +801,56 @@ fn a_volume_whose_reruns_are_refused_ends_with_the_pools_error() {
         assert!(text.contains("emulated#"), "round {round}: {text}");
     }
 }
+
+/// Idle spells longer than every timeout the pool and its members have (the request timeout,
+/// the member wait, the device's and the completion thread's spin and sleep): after each, requests
+/// complete without the caller polling, through the devices, and no member was taken for failed
+/// or recovered meanwhile.
+#[test]
+fn a_pool_serves_after_idle_spells_longer_than_every_timeout() {
+    let options = DeviceOptions {
+        request_timeout: Duration::from_millis(100),
+        ..device_options(CompletionMode::Adaptive, Duration::from_millis(100), 1)
+    };
+    let p =
+        pool(2, true, options, PoolOptions { member_wait: Duration::from_millis(200), ..Default::default() });
+    let session = p.engine.create_session(Mode::Ctr, &KEY).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = Mutex::new(tx);
+    let mut q = p.engine.open_queue(0, Arc::new(move |ev| drop(tx.lock().unwrap().send(ev)))).unwrap();
+    let mut id = 0;
+    for round in 0..4 {
+        std::thread::sleep(Duration::from_millis(400));
+        let first = id;
+        for _ in 0..24 {
+            assert!(matches!(
+                q.submit(request(&session, id), true),
+                Ok(Submitted::InProgress | Submitted::Backlogged)
+            ));
+            id += 1;
+        }
+        // No poll: the completions come by themselves.
+        let mut done = 0;
+        while done < id - first {
+            match rx.recv_timeout(PATIENCE) {
+                Ok(Event::Completed(c)) => {
+                    let rid = c.request.user_data;
+                    c.result.unwrap_or_else(|e| panic!("round {round}, request {rid}: {e}"));
+                    assert!(*c.request.data.as_slice() == *expected(rid), "request {rid}: wrong data");
+                    done += 1;
+                }
+                Ok(Event::Promoted { .. }) => {}
+                Err(_) => {
+                    panic!("round {round}: {} of {} completions came after the idle spell", done, id - first)
+                }
+            }
+        }
+        for m in p.pool().member_stats() {
+            assert_eq!(m.state, MemberState::Up, "round {round}: {m:?}");
+            assert_eq!(m.recoveries, 0, "an idle member was taken for failed: {m:?}");
+        }
+    }
+    let devices: u64 =
+        p.pool().member_stats().iter().filter(|m| m.name != "software").map(|m| m.requests).sum();
+    assert!(devices > 0, "the devices ran nothing: {:?}", p.pool().member_stats());
+}
