@@ -21,8 +21,10 @@ pub enum Direction {
 pub enum Buf {
     /// Ordinary memory.
     Host(Vec<u8>),
-    /// Device-visible memory from [`Engine::alloc_buffer`](super::Engine::alloc_buffer).
-    Dma(DmaBuffer),
+    /// Device-visible memory from [`Engine::alloc_buffer`](super::Engine::alloc_buffer). Boxed:
+    /// a request moves through queues, slots and events whole, and the buffer's handle is
+    /// larger than everything else in it.
+    Dma(Box<DmaBuffer>),
 }
 
 impl Buf {

@@ -565,7 +565,7 @@ impl Engine for VirtioCrypto {
         if self.core.health.is_leaving() {
             return Err(self.core.health.error());
         }
-        Ok(Buf::Dma(self.core.pool.alloc(len)?))
+        Ok(Buf::Dma(Box::new(self.core.pool.alloc(len)?)))
     }
 }
 
