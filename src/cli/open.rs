@@ -215,8 +215,13 @@ fn daemonize(log_file: Option<&std::path::Path>) -> anyhow::Result<Option<File>>
         libc::dup2(null.as_raw_fd(), 1);
         libc::dup2(err_to.as_raw_fd(), 2);
     }
-    std::env::set_current_dir("/").context("changing to /")?;
-    Ok(Some(File::from(w)))
+    let mut w = File::from(w);
+    if let Err(e) = std::env::set_current_dir("/") {
+        // Told to the caller, who would otherwise only see the server exit.
+        let _ = writeln!(w, "ERR changing the server's directory to /: {e}");
+        return Err(e).context("changing to /");
+    }
+    Ok(Some(w))
 }
 
 fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {

@@ -121,9 +121,9 @@ impl SplitQueue {
     }
 
     /// Queues head `head` in the available ring; it becomes visible at [`publish`](Self::publish).
-    /// The entry is stored only if it holds another head: a driver that reuses its heads in
-    /// ring order finds the same head there every lap, and leaves the line in the device's
-    /// cache (see [`set_desc`](Self::set_desc)).
+    /// The entry is stored only if it holds another head (a lap of the ring that placed the same
+    /// head at the same position, as the control queue always does): a load leaves the line in
+    /// the device's cache (see [`set_desc`](Self::set_desc)).
     pub fn push_avail(&mut self, head: u16) {
         let slot = self.avail_off + ring::AVAIL_RING as usize + 2 * usize::from(self.avail_idx % self.size);
         if self.load16(slot, Ordering::Relaxed) != head {

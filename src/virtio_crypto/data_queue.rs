@@ -543,7 +543,15 @@ impl DataQueueShared {
     fn end_polling(&self) -> bool {
         let mut st = self.lock();
         st.pollers = st.pollers.saturating_sub(1);
-        st.pollers > 0 || Self::arm(&st)
+        let armed = st.pollers > 0 || Self::arm(&st);
+        if !armed {
+            // The caller is told to reap; should it not (a handle going away), the completion
+            // thread must not wait for its timeout to find them: wake it now.
+            if let Some(irq) = &self.irq {
+                let _ = irq.signal();
+            }
+        }
+        armed
     }
 
     /// Arms the interrupt (coalesced to half of what is in flight) and re-checks the ring; with
@@ -816,12 +824,10 @@ impl Drop for DeviceQueue {
         // A caller that stops polling by going away must not leave the interrupt unarmed for
         // the queue's other handles.
         if self.polling {
-            // `false`: completions are on the ring with the interrupt unarmed, and the
-            // completion thread would find them only at its next timeout: reap them here.
-            while !self.shared.end_polling() {
-                self.shared.begin_polling();
-                self.shared.poll(&mut self.scratch);
-            }
+            // Completions already on the ring (`false`) are the completion thread's: the
+            // shared end wakes it for them. Not reaped here, where a sink could be waiting for
+            // something the dropping thread holds.
+            self.shared.end_polling();
         }
     }
 }

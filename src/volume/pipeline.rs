@@ -770,14 +770,19 @@ impl EventWaiter {
     }
 }
 
-/// Hands the reaping of `queue` back to its engine's completion thread. Until the engine says it
-/// will deliver on its own (its interrupt armed with the ring seen empty), what is already on
-/// the ring is reaped here: it may be another lane's on a shared queue, and nobody else would.
+/// Hands the reaping of `queue` back to its engine's completion thread. What is already on the
+/// ring (it may be another lane's on a shared queue) is reaped here while the engine says so,
+/// a few times at most: a device queue also wakes its completion thread for them, so a
+/// delivery another thread holds up cannot keep this one here.
 fn stop_polling<S>(queue: &mut dyn Queue<S>) {
-    while !queue.end_polling() {
+    for _ in 0..3 {
+        if queue.end_polling() {
+            return;
+        }
         queue.begin_polling();
         queue.poll();
     }
+    queue.end_polling();
 }
 
 /// Wakes the thread running a blocking op.
