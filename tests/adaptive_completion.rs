@@ -211,21 +211,30 @@ impl Wake for CountingWaker {
     }
 }
 
-#[test]
-fn a_volume_future_waits_for_its_waker_instead_of_waking_itself() {
-    let dir = tempfile::tempdir().unwrap();
+/// A plain aes-xts-plain64 volume of `len` bytes in `dir`, with 512-byte sectors, on `dev`.
+fn xts_volume(
+    dev: Arc<crypt_vfio::virtio_crypto::VirtioCrypto>,
+    dir: &std::path::Path,
+    len: u64,
+) -> Volume<crypt_vfio::virtio_crypto::VirtioCrypto> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(dir.path().join("v.img"))
+        .open(dir.join("v.img"))
         .unwrap();
-    f.set_len(64 << 10).unwrap();
+    f.set_len(len).unwrap();
     let params = VolumeParams { sector_size: 512, ..VolumeParams::plain("aes-xts-plain64".parse().unwrap()) };
     let key: Vec<u8> = (0..64u8).collect();
+    Volume::open(dev, f, true, &key, params).unwrap()
+}
+
+#[test]
+fn a_volume_future_waits_for_its_waker_instead_of_waking_itself() {
+    let dir = tempfile::tempdir().unwrap();
     let (dev, t) = common::device_with(EmulatedConfig { data_queues: 1, ..Default::default() }, &adaptive());
-    let v = Volume::open(Arc::new(dev), f, true, &key, params).unwrap();
+    let v = xts_volume(Arc::new(dev), dir.path(), 64 << 10);
     let data = vec![0x5au8; 4096];
     v.write_at(0, &data).unwrap();
 
@@ -285,19 +294,9 @@ fn an_async_queue_opened_on_any_engine_leaves_delivery_to_an_interrupt_device() 
 #[test]
 fn a_volume_hands_reaping_back_to_the_completion_thread_after_each_io() {
     let dir = tempfile::tempdir().unwrap();
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.path().join("v.img"))
-        .unwrap();
-    f.set_len(256 << 10).unwrap();
-    let params = VolumeParams { sector_size: 512, ..VolumeParams::plain("aes-xts-plain64".parse().unwrap()) };
-    let key: Vec<u8> = (0..64u8).collect();
     let (dev, _t) = common::device_with(EmulatedConfig { data_queues: 1, ..Default::default() }, &adaptive());
     let dev = Arc::new(dev);
-    let v = Volume::open(dev.clone(), f, true, &key, params).unwrap();
+    let v = xts_volume(dev.clone(), dir.path(), 256 << 10);
     let data: Vec<u8> = (0..128 << 10).map(|i: u32| (i * 7) as u8).collect();
     v.write_at(0, &data).unwrap();
     // Blocking I/Os of a few sectors (the op polls the device queue while it waits) and of many
