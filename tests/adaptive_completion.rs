@@ -313,3 +313,22 @@ fn a_volume_hands_reaping_back_to_the_completion_thread_after_each_io() {
     submit_batch(&mut *q, &session, 0, 8);
     check(inbox.wait_for(8));
 }
+
+#[test]
+fn a_blocking_volume_io_sleeps_through_a_device_that_answers_late() {
+    // 128 sectors on the device at once: the op sleeps (its long wait) while the device holds
+    // them longer than every park and spin of the driver, and still gets every sector back.
+    let dir = tempfile::tempdir().unwrap();
+    let (dev, t) = common::device_with(EmulatedConfig { data_queues: 1, ..Default::default() }, &adaptive());
+    let v = xts_volume(Arc::new(dev), dir.path(), 256 << 10);
+    let data: Vec<u8> = (0..64 << 10).map(|i: u32| (i * 13) as u8).collect();
+    v.write_at(0, &data).unwrap();
+    t.inject(EmulatedFault::AnswerAfter(Duration::from_millis(300)));
+    for round in 0..3 {
+        let mut back = vec![0u8; data.len()];
+        v.read_at(0, &mut back).unwrap();
+        assert!(back == data, "round {round}: wrong plaintext");
+        std::thread::sleep(IDLE_GAP);
+    }
+    t.clear_faults();
+}
