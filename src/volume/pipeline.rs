@@ -355,6 +355,13 @@ where
         (u64::from(self.lane.io_seq) << 32) | index as u64
     }
 
+    /// The sector index a request of this op carries in its user data (see [`user_data`]).
+    ///
+    /// [`user_data`]: Self::user_data
+    fn index_of(request: &Request<E::Session>) -> usize {
+        (request.user_data & 0xffff_ffff) as usize
+    }
+
     /// The index of our sector an event is about, if it is ours (a poisoned-then-dropped op's
     /// late events carry another sequence number).
     fn ours(&self, user_data: u64) -> Option<usize> {
@@ -530,7 +537,7 @@ where
             // The next new sector to stage (a busy-refused new sector is `next` itself).
             let mut upcoming = self.next;
             if let Some(r) = self.retry.take() {
-                let index = (r.user_data & 0xffff_ffff) as usize;
+                let index = Self::index_of(&r);
                 upcoming += usize::from(index == self.next);
                 indices[0] = index;
                 staged.push_back(r);
@@ -592,7 +599,7 @@ where
                 }
                 Some(SubmitErrorKind::Rejected(err)) => {
                     if let Some(req) = staged.pop_front() {
-                        let index = (req.user_data & 0xffff_ffff) as usize;
+                        let index = Self::index_of(&req);
                         self.lane.free.push(req.data);
                         if index < self.next {
                             self.give_up_rerun(index, err);
@@ -607,7 +614,7 @@ where
             // Requests behind a refusal (or after a backlogged one) go back: re-runs to the
             // front of their list, in order; new sectors are staged again from `next`.
             while let Some(req) = staged.pop_back() {
-                let index = (req.user_data & 0xffff_ffff) as usize;
+                let index = Self::index_of(&req);
                 if index < self.next {
                     self.reruns.insert(0, index);
                 }
@@ -634,8 +641,7 @@ where
         // After a failure, sectors waiting to run again (in `reruns`, or a re-run refused as
         // busy in `retry`) are given up with the I/O.
         let given_up = if self.error.is_some() {
-            let retried_rerun =
-                self.retry.as_ref().is_some_and(|r| ((r.user_data & 0xffff_ffff) as usize) < self.next);
+            let retried_rerun = self.retry.as_ref().is_some_and(|r| Self::index_of(r) < self.next);
             self.reruns.len() + usize::from(retried_rerun)
         } else {
             0

@@ -108,9 +108,9 @@ struct Known {
     /// Bumped by every `forget`: an answer the filesystem gave before it is not kept.
     generation: u64,
     data: Option<Span>,
-    /// A lookup is asking the filesystem. Others wait for its answer instead of asking too:
-    /// the walks serialize on the inode lock anyway, and the first reads of a server's
-    /// workers (all at once, nothing known yet) each walked the whole dense file.
+    /// The first lookup (nothing known yet) is asking the filesystem: others wait for its
+    /// answer instead of asking too, as the first reads of a server's workers (all at once)
+    /// each walked the whole dense file on tmpfs.
     looking: bool,
 }
 
@@ -141,7 +141,9 @@ impl KnownData {
                 k = self.looked.wait(k).unwrap_or_else(|p| p.into_inner());
             }
             let first = k.data.is_none();
-            k.looking |= first;
+            if first {
+                k.looking = true;
+            }
             (k.generation, first)
         };
         // Ends the lookup also if it fails or unwinds, so waiters do not wait forever.
